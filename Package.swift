@@ -1,0 +1,84 @@
+// swift-tools-version:6.1
+import PackageDescription
+
+let grpcCore = Target.Dependency.product(name: "GRPCCore", package: "grpc-swift-2")
+let grpcProtobuf = Target.Dependency.product(name: "GRPCProtobuf", package: "grpc-swift-protobuf")
+let grpcHTTP2 = Target.Dependency.product(
+  name: "GRPCNIOTransportHTTP2", package: "grpc-swift-nio-transport")
+let swiftProtobuf = Target.Dependency.product(name: "SwiftProtobuf", package: "swift-protobuf")
+let logging = Target.Dependency.product(name: "Logging", package: "swift-log")
+let argumentParser = Target.Dependency.product(
+  name: "ArgumentParser", package: "swift-argument-parser")
+let serviceLifecycle = Target.Dependency.product(
+  name: "ServiceLifecycle", package: "swift-service-lifecycle")
+
+let package = Package(
+  name: "fpga-agent",
+  platforms: [.macOS(.v15)],
+  products: [
+    .executable(name: "fpga-agent", targets: ["fpga-agent"]),
+    .executable(name: "fpgactl", targets: ["fpgactl"]),
+    .executable(name: "fpga-agent-bench", targets: ["FPGAAgentBenchmarks"]),
+  ],
+  dependencies: [
+    .package(url: "https://github.com/grpc/grpc-swift-2.git", exact: "2.4.3"),
+    .package(url: "https://github.com/grpc/grpc-swift-nio-transport.git", exact: "2.9.2"),
+    .package(url: "https://github.com/grpc/grpc-swift-protobuf.git", exact: "2.4.1"),
+    .package(url: "https://github.com/apple/swift-protobuf.git", exact: "1.39.0"),
+    .package(url: "https://github.com/apple/swift-log.git", exact: "1.16.2"),
+    .package(url: "https://github.com/apple/swift-argument-parser.git", exact: "1.8.2"),
+    .package(url: "https://github.com/swift-server/swift-service-lifecycle.git", exact: "2.13.0"),
+    .package(url: "https://github.com/jpsim/Yams.git", exact: "6.2.2"),
+  ],
+  targets: [
+    // The domain: inventory, allocation rules, revisions, kernel rules. No I/O.
+    .target(name: "FPGACore"),
+    // The simulated node: cards, PFs, VFs under the kernel's SR-IOV rules.
+    .target(name: "FPGASimulator", dependencies: ["FPGACore"]),
+    // Generated code and the gRPC services of the node API and health.
+    .target(
+      name: "FPGAAgentAPI",
+      dependencies: ["FPGACore", grpcCore, grpcProtobuf, swiftProtobuf, logging]
+    ),
+    // The daemon's wiring: configuration, logging, servers in one ServiceGroup.
+    .target(
+      name: "FPGAAgentRuntime",
+      dependencies: [
+        "FPGACore", "FPGASimulator", "FPGAAgentAPI", grpcCore, grpcHTTP2, logging,
+        serviceLifecycle, argumentParser, .product(name: "Yams", package: "Yams"),
+      ]
+    ),
+    // fpgactl's subcommands, as a library so tests run them on their exact output.
+    .target(
+      name: "FPGACtlCommands",
+      dependencies: ["FPGAAgentAPI", grpcCore, grpcHTTP2, argumentParser, swiftProtobuf]
+    ),
+    .executableTarget(name: "fpga-agent", dependencies: ["FPGAAgentRuntime"]),
+    .executableTarget(name: "fpgactl", dependencies: ["FPGACtlCommands"]),
+    .executableTarget(
+      name: "FPGAAgentBenchmarks",
+      dependencies: [
+        "FPGACore", "FPGASimulator", "FPGAAgentAPI", "FPGAAgentRuntime", grpcCore, grpcHTTP2,
+        grpcProtobuf, swiftProtobuf, logging,
+      ],
+      path: "Benchmarks/FPGAAgentBenchmarks"
+    ),
+    .testTarget(name: "FPGACoreTests", dependencies: ["FPGACore", "FPGASimulator"]),
+    .testTarget(name: "FPGASimulatorTests", dependencies: ["FPGACore", "FPGASimulator"]),
+    .testTarget(
+      name: "FPGAAgentAPITests",
+      dependencies: [
+        "FPGACore", "FPGASimulator", "FPGAAgentAPI", "FPGAAgentRuntime", grpcCore, grpcHTTP2,
+        logging,
+      ]
+    ),
+    .testTarget(
+      name: "FPGACtlTests",
+      dependencies: ["FPGACtlCommands", "FPGAAgentRuntime", "FPGAAgentAPI", grpcCore, logging]
+    ),
+    .testTarget(
+      name: "FPGAAgentRuntimeTests",
+      dependencies: ["FPGAAgentRuntime", "FPGACore", logging]
+    ),
+  ]
+)

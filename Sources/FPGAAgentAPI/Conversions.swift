@@ -1,0 +1,219 @@
+import FPGACore
+import SwiftProtobuf
+
+/// Core values to their wire form. One direction only: requests are parsed in the services,
+/// where each field is validated.
+extension Google_Protobuf_Timestamp {
+  init(_ time: WallTime) {
+    self.init(seconds: time.seconds, nanos: time.nanoseconds)
+  }
+}
+
+extension Google_Protobuf_Duration {
+  init(_ duration: Duration) {
+    let (seconds, attoseconds) = duration.components
+    self.init(seconds: seconds, nanos: Int32(attoseconds / 1_000_000_000))
+  }
+}
+
+extension Fpga_Agent_V1_VFState {
+  init(_ state: VFState) {
+    switch state {
+    case .free: self = .free
+    case .allocated: self = .allocated
+    case .attached: self = .attached
+    case .detaching: self = .detaching
+    case .unhealthy: self = .unhealthy
+    }
+  }
+}
+
+extension Fpga_Agent_V1_Card {
+  init(_ card: Card) {
+    self.init()
+    id = card.id
+    model = card.model
+    numaNode = Int32(card.numaNode)
+    draining = card.draining
+  }
+}
+
+extension Fpga_Agent_V1_PhysicalFunction {
+  init(_ pf: PhysicalFunction, draining: Bool) {
+    self.init()
+    bdf = pf.address.description
+    cardID = pf.cardID
+    vendorID = UInt32(pf.vendorID)
+    deviceID = UInt32(pf.deviceID)
+    vfDeviceID = UInt32(pf.vfDeviceID)
+    totalVfs = UInt32(pf.totalVFs)
+    numVfs = UInt32(pf.numVFs)
+    vfOffset = UInt32(pf.vfOffset)
+    vfStride = UInt32(pf.vfStride)
+    driversAutoprobe = pf.driversAutoprobe
+    driver = pf.driver ?? ""
+    numaNode = Int32(pf.numaNode)
+    qmax = UInt32(pf.qmax)
+    self.draining = draining
+  }
+}
+
+extension Fpga_Agent_V1_VirtualFunction {
+  init(_ view: VFView) {
+    self.init()
+    let vf = view.function
+    bdf = vf.address.description
+    pfBdf = vf.pfAddress.description
+    index = UInt32(vf.index)
+    vendorID = UInt32(vf.vendorID)
+    deviceID = UInt32(vf.deviceID)
+    iommuGroup = Int32(vf.iommuGroup)
+    numaNode = Int32(vf.numaNode)
+    driver = vf.driver ?? ""
+    driverOverride = vf.driverOverride ?? ""
+    state = .init(view.state)
+    allocationID = view.allocationID ?? ""
+    vm = view.vm ?? ""
+    vfioDevice = vf.vfioDevice ?? ""
+  }
+}
+
+extension Fpga_Agent_V1_Allocation {
+  init(_ allocation: Allocation) {
+    self.init()
+    id = allocation.id
+    vfBdf = allocation.vf.description
+    pfBdf = allocation.pf.description
+    cardID = allocation.cardID
+    owner = allocation.owner
+    vm = allocation.vm ?? ""
+    idempotencyKey = allocation.idempotencyKey ?? ""
+    createdAt = .init(allocation.createdAt)
+    numaNode = Int32(allocation.numaNode)
+    iommuGroup = Int32(allocation.iommuGroup)
+    attached = allocation.attached
+  }
+}
+
+extension Fpga_Agent_V1_Inventory {
+  init(_ snapshot: InventorySnapshot) {
+    self.init()
+    revision = snapshot.revision
+    nodeID = snapshot.nodeID
+    cards = snapshot.cards.map { cardView in
+      var card = Fpga_Agent_V1_Card(cardView.card)
+      card.pfs = cardView.pfs.map { pfView in
+        var pf = Fpga_Agent_V1_PhysicalFunction(pfView.function, draining: pfView.draining)
+        pf.vfs = pfView.vfs.map(Fpga_Agent_V1_VirtualFunction.init)
+        return pf
+      }
+      return card
+    }
+    allocations = snapshot.allocations.map(Fpga_Agent_V1_Allocation.init)
+  }
+}
+
+extension Fpga_Agent_V1_InventoryChange {
+  init(_ change: InventoryChange) {
+    self.init()
+    switch change {
+    case .cardUpdated(let card): cardUpdated = .init(card)
+    case .cardRemoved(let id): cardRemoved = id
+    case .pfUpdated(let pf, let draining): pfUpdated = .init(pf, draining: draining)
+    case .pfRemoved(let address): pfRemoved = address.description
+    case .vfUpdated(let view): vfUpdated = .init(view)
+    case .vfRemoved(let address): vfRemoved = address.description
+    case .allocationUpdated(let allocation): allocationUpdated = .init(allocation)
+    case .allocationRemoved(let id): allocationRemoved = id
+    }
+  }
+}
+
+extension Fpga_Agent_V1_InventoryEvent {
+  init(_ event: InventoryEvent) {
+    self.init()
+    revision = event.revision
+    switch event {
+    case .snapshot(let snapshot, let resync):
+      self.snapshot = .init(snapshot)
+      self.resync = resync
+    case .delta(_, let changes):
+      delta = .with { $0.changes = changes.map(Fpga_Agent_V1_InventoryChange.init) }
+    }
+  }
+}
+
+extension Fpga_Agent_V1_NodeStatus {
+  init(_ status: NodeStatusValue, hostname: String, agentVersion: String) {
+    self.init()
+    nodeID = status.nodeID
+    self.hostname = hostname
+    self.agentVersion = agentVersion
+    switch status.health {
+    case .serving: health = .serving
+    case .degraded: health = .degraded
+    case .notServing: health = .notServing
+    }
+    problems = status.capabilities.problems
+    capabilities = .with {
+      $0.platform = status.capabilities.platform
+      $0.iommu = status.capabilities.iommu
+      $0.vfioPci = status.capabilities.vfioPCI
+      $0.qdmaDriver = status.capabilities.qdmaDriver ?? ""
+      $0.vfioPause = status.capabilities.vfioPause
+    }
+    revision = status.revision
+    startedAt = .init(status.startedAt)
+    uptime = .init(status.now.since(status.startedAt))
+    cards = UInt32(status.counts.cards)
+    pfs = UInt32(status.counts.pfs)
+    vfsTotal = UInt32(status.counts.vfsTotal)
+    vfsEnabled = UInt32(status.counts.vfsEnabled)
+    vfsAllocated = UInt32(status.counts.vfsAllocated)
+    vfsFree = UInt32(status.counts.vfsFree)
+    orchestratorEpoch = status.orchestratorEpoch
+  }
+}
+
+extension Fpga_Agent_V1_OperationState {
+  init(_ state: OperationRecord.State) {
+    switch state {
+    case .pending: self = .pending
+    case .running: self = .running
+    case .succeeded: self = .succeeded
+    case .failed: self = .failed
+    case .planned: self = .planned
+    }
+  }
+}
+
+extension Fpga_Agent_V1_Operation {
+  init(_ record: OperationRecord) {
+    self.init()
+    id = record.id
+    kind = record.kind
+    target = record.target
+    state = .init(record.state)
+    steps = record.steps.map { step in
+      .with {
+        $0.description_p = step.description
+        $0.state = .init(step.state)
+        $0.error = step.error ?? ""
+        if let started = step.startedAt { $0.startedAt = .init(started) }
+        if let finished = step.finishedAt { $0.finishedAt = .init(finished) }
+      }
+    }
+    impacts = record.impacts.map { impact in
+      .with {
+        $0.allocationID = impact.allocationID
+        $0.vfBdf = impact.vf.description
+        $0.vm = impact.vm ?? ""
+        $0.outcome = impact.outcome
+        $0.guestSees = impact.guestSees
+      }
+    }
+    error = record.error ?? ""
+    createdAt = .init(record.createdAt)
+    if let finished = record.finishedAt { finishedAt = .init(finished) }
+  }
+}

@@ -1,0 +1,275 @@
+import FPGACore
+import GRPCCore
+import Logging
+import Synchronization
+
+/// The node API (`fpga.agent.v1.NodeAgent`): parses and validates requests, calls the engine,
+/// converts results. It holds no state of its own beyond a cache of the encoded inventory.
+public struct NodeAgentService: Fpga_Agent_V1_NodeAgent.SimpleServiceProtocol {
+  let engine: NodeEngine
+  let hostname: String
+  let agentVersion: String
+  let logger: Logger
+  private let inventoryCache = InventoryCache()
+
+  public init(engine: NodeEngine, hostname: String, agentVersion: String, logger: Logger) {
+    self.engine = engine
+    self.hostname = hostname
+    self.agentVersion = agentVersion
+    self.logger = logger
+  }
+
+  // MARK: Status and inventory
+
+  public func getNodeStatus(
+    request: Fpga_Agent_V1_GetNodeStatusRequest, context: ServerContext
+  ) async throws -> Fpga_Agent_V1_NodeStatus {
+    Fpga_Agent_V1_NodeStatus(await engine.status(), hostname: hostname, agentVersion: agentVersion)
+  }
+
+  public func getInventory(
+    request: Fpga_Agent_V1_GetInventoryRequest, context: ServerContext
+  ) async throws -> Fpga_Agent_V1_Inventory {
+    let cardID = try Validate.cardID(request.cardID)
+    if cardID == nil, let cached = inventoryCache.get(revision: await engine.revision) {
+      return cached
+    }
+    let inventory = Fpga_Agent_V1_Inventory(try await engine.snapshot(cardID: cardID))
+    if cardID == nil { inventoryCache.set(inventory) }
+    return inventory
+  }
+
+  public func watchInventory(
+    request: Fpga_Agent_V1_WatchInventoryRequest,
+    response: RPCWriter<Fpga_Agent_V1_InventoryEvent>,
+    context: ServerContext
+  ) async throws {
+    var from = request.fromRevision
+    let current = Mutex<InventorySubscription?>(nil)
+    try await withRPCCancellationHandler {
+      // A watcher that falls behind is cut off by the engine; it resumes here from the last
+      // revision it was sent, as a reconnecting client would.
+      while !context.cancellation.isCancelled {
+        let subscription = await engine.watch(from: from)
+        current.withLock { $0 = subscription }
+        if context.cancellation.isCancelled { subscription.cancel() }
+        for await event in subscription.events {
+          try await response.write(Fpga_Agent_V1_InventoryEvent(event))
+          from = event.revision
+        }
+        guard subscription.wasLagged else { return }
+        logger.debug("inventory watcher fell behind; resuming", metadata: ["fpga.revision": "\(from)"])
+      }
+    } onCancelRPC: {
+      current.withLock { $0?.cancel() }
+    }
+  }
+
+  // MARK: Allocation
+
+  public func allocateVF(
+    request: Fpga_Agent_V1_AllocateVFRequest, context: ServerContext
+  ) async throws -> Fpga_Agent_V1_AllocateVFResponse {
+    let constraints = request.constraints
+    let command = AllocateRequest(
+      meta: try RequestMeta(request.meta),
+      owner: try Validate.owner(request.owner),
+      vm: try Validate.vmName(request.vm),
+      constraints: AllocationConstraints(
+        cardID: try Validate.cardID(constraints.cardID, field: "constraints.card_id"),
+        pf: constraints.pfBdf.isEmpty
+          ? nil : try PCIAddress.parse(constraints.pfBdf, field: "constraints.pf_bdf"),
+        numaNode: constraints.hasNumaNode ? try numaNode(constraints.numaNode) : nil))
+    let result = try await engine.allocate(command)
+    if !result.replayed {
+      logger.info(
+        "allocated VF",
+        metadata: [
+          "fpga.alloc": "\(result.allocation.id)", "fpga.vf": "\(result.allocation.vf)",
+          "fpga.owner": "\(result.allocation.owner)",
+        ])
+    }
+    return .with {
+      $0.allocation = .init(result.allocation)
+      $0.vf = .init(result.vf)
+      $0.replayed = result.replayed
+      $0.revision = result.revision
+    }
+  }
+
+  public func releaseVF(
+    request: Fpga_Agent_V1_ReleaseVFRequest, context: ServerContext
+  ) async throws -> Fpga_Agent_V1_ReleaseVFResponse {
+    let command = ReleaseRequest(
+      meta: try RequestMeta(request.meta),
+      allocationID: try Validate.id(request.allocationID, field: "allocation_id", prefix: "alloc-"))
+    let result = try await engine.release(command)
+    if !result.replayed {
+      logger.info(
+        "released VF",
+        metadata: ["fpga.alloc": "\(result.allocation.id)", "fpga.vf": "\(result.allocation.vf)"])
+    }
+    return .with {
+      $0.allocation = .init(result.allocation)
+      $0.replayed = result.replayed
+      $0.revision = result.revision
+    }
+  }
+
+  // MARK: Attachment (QEMU)
+
+  public func attachVF(
+    request: Fpga_Agent_V1_AttachVFRequest, context: ServerContext
+  ) async throws -> Fpga_Agent_V1_AttachVFResponse {
+    _ = try RequestMeta(request.meta)
+    _ = try Validate.id(request.allocationID, field: "allocation_id", prefix: "alloc-")
+    _ = try Validate.vmName(request.vm)
+    throw Unbuilt.qemu("AttachVF")
+  }
+
+  public func detachVF(
+    request: Fpga_Agent_V1_DetachVFRequest, context: ServerContext
+  ) async throws -> Fpga_Agent_V1_DetachVFResponse {
+    _ = try RequestMeta(request.meta)
+    _ = try Validate.id(request.allocationID, field: "allocation_id", prefix: "alloc-")
+    throw Unbuilt.qemu("DetachVF")
+  }
+
+  // MARK: Reconfiguration and operations
+
+  public func reconfigure(
+    request: Fpga_Agent_V1_ReconfigureRequest, context: ServerContext
+  ) async throws -> Fpga_Agent_V1_Operation {
+    _ = try RequestMeta(request.meta)
+    _ = try PCIAddress.parse(request.pfBdf, field: "pf_bdf")
+    throw AgentError(
+      .unimplemented,
+      "Reconfigure needs the journaled reconfiguration state machine, which this build does not have yet; "
+        + "change VF counts on the host meanwhile")
+  }
+
+  public func getOperation(
+    request: Fpga_Agent_V1_GetOperationRequest, context: ServerContext
+  ) async throws -> Fpga_Agent_V1_Operation {
+    let id = try Validate.id(request.id, field: "id", prefix: "op-")
+    return .init(try await engine.operation(id))
+  }
+
+  public func watchOperation(
+    request: Fpga_Agent_V1_WatchOperationRequest,
+    response: RPCWriter<Fpga_Agent_V1_Operation>,
+    context: ServerContext
+  ) async throws {
+    let id = try Validate.id(request.id, field: "id", prefix: "op-")
+    let updates = try await engine.watchOperation(id)
+    try await withRPCCancellationHandler {
+      for await record in updates {
+        try await response.write(.init(record))
+      }
+    } onCancelRPC: {
+      // The stream's buffer is small and the operation ends; nothing else holds the handler.
+    }
+  }
+
+  // MARK: Draining
+
+  public func drainDevice(
+    request: Fpga_Agent_V1_DrainDeviceRequest, context: ServerContext
+  ) async throws -> Fpga_Agent_V1_Operation {
+    let meta = try RequestMeta(request.meta)
+    let target = try NodeEngine.DrainTarget.parse(request.device, field: "device")
+    let record = try await engine.drain(target, releaseUnattached: request.releaseUnattached, meta: meta)
+    logger.info("drained", metadata: ["fpga.device": "\(request.device)", "fpga.op": "\(record.id)"])
+    return .init(record)
+  }
+
+  public func undrainDevice(
+    request: Fpga_Agent_V1_UndrainDeviceRequest, context: ServerContext
+  ) async throws -> Fpga_Agent_V1_UndrainDeviceResponse {
+    let meta = try RequestMeta(request.meta)
+    let target = try NodeEngine.DrainTarget.parse(request.device, field: "device")
+    let revision = try await engine.undrain(target, meta: meta)
+    return .with { $0.revision = revision }
+  }
+
+  // MARK: Contexts and sharing
+
+  public func registerContext(
+    request: Fpga_Agent_V1_RegisterContextRequest, context: ServerContext
+  ) async throws -> Fpga_Agent_V1_RegisterContextResponse {
+    throw Unbuilt.contexts("RegisterContext")
+  }
+
+  public func listContexts(
+    request: Fpga_Agent_V1_ListContextsRequest, context: ServerContext
+  ) async throws -> Fpga_Agent_V1_ListContextsResponse {
+    throw Unbuilt.contexts("ListContexts")
+  }
+
+  public func deleteContext(
+    request: Fpga_Agent_V1_DeleteContextRequest, context: ServerContext
+  ) async throws -> Fpga_Agent_V1_DeleteContextResponse {
+    throw Unbuilt.contexts("DeleteContext")
+  }
+
+  public func switchContext(
+    request: Fpga_Agent_V1_SwitchContextRequest, context: ServerContext
+  ) async throws -> Fpga_Agent_V1_SwitchContextResponse {
+    throw Unbuilt.contexts("SwitchContext")
+  }
+
+  public func setSharingPolicy(
+    request: Fpga_Agent_V1_SetSharingPolicyRequest, context: ServerContext
+  ) async throws -> Fpga_Agent_V1_SetSharingPolicyResponse {
+    throw Unbuilt.contexts("SetSharingPolicy")
+  }
+
+  private func numaNode(_ value: Int32) throws(AgentError) -> Int {
+    guard (0...1023).contains(value) else {
+      throw AgentError(
+        .invalidArgument, "constraints.numa_node \(value) is out of range: NUMA nodes are 0-1023")
+    }
+    return Int(value)
+  }
+}
+
+/// Capabilities that belong to parts of the agent not built yet: refused with UNIMPLEMENTED and
+/// a message that says what is missing.
+enum Unbuilt {
+  static func qemu(_ rpc: String) -> AgentError {
+    AgentError(
+      .unimplemented,
+      "\(rpc) needs the QEMU (QMP) integration, which this build does not have yet; "
+        + "hand the VF's BDF to the VMM yourself meanwhile (see the allocation's vf_bdf)")
+  }
+
+  static func contexts(_ rpc: String) -> AgentError {
+    AgentError(
+      .unimplemented,
+      "\(rpc) needs accelerator contexts and the time-sharing scheduler, which this build does not have yet")
+  }
+}
+
+extension RequestMeta {
+  init(_ meta: Fpga_Agent_V1_RequestMeta) throws(AgentError) {
+    self.init(
+      idempotencyKey: try Validate.idempotencyKey(meta.idempotencyKey),
+      orchestratorEpoch: meta.orchestratorEpoch)
+  }
+}
+
+/// The encoded full inventory of the latest revision, so repeated GetInventory calls at the
+/// same revision cost one conversion.
+final class InventoryCache: Sendable {
+  private let cached = Mutex<Fpga_Agent_V1_Inventory?>(nil)
+
+  func get(revision: UInt64) -> Fpga_Agent_V1_Inventory? {
+    cached.withLock { $0?.revision == revision ? $0 : nil }
+  }
+
+  func set(_ inventory: Fpga_Agent_V1_Inventory) {
+    cached.withLock { current in
+      if (current?.revision ?? 0) <= inventory.revision { current = inventory }
+    }
+  }
+}

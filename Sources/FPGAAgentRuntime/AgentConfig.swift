@@ -1,0 +1,133 @@
+import FPGACore
+import FPGASimulator
+
+/// The agent's configuration: one struct of nested structs. Read from a YAML file, then the
+/// environment (`FPGA_AGENT_*`), then flags; each later source overrides the earlier. Validated
+/// at start with messages that name the key.
+public struct AgentConfig: Hashable, Sendable {
+  /// Where the node API is served.
+  public struct Server: Hashable, Sendable {
+    /// `HOST:PORT` for TCP (`[::1]:50051` for IPv6); empty disables TCP.
+    public var listen = "127.0.0.1:50051"
+    /// Path of the Unix socket; empty disables it.
+    public var unixSocket = AgentConfig.defaultUnixSocket
+  }
+
+  /// Logging.
+  public struct Log: Hashable, Sendable {
+    /// trace, debug, info, notice, warning, error, critical.
+    public var level = "info"
+    /// text or json (one JSON object per line).
+    public var format = "text"
+  }
+
+  /// The simulated platform.
+  public struct Simulator: Hashable, Sendable {
+    /// The simulated cards; the default is two QDMA cards with some VFs enabled.
+    public var cards = SimulatorConfig.default.cards
+  }
+
+  public var server = Server()
+  public var log = Log()
+  /// `simulated` (the default) or `linux`.
+  public var platform = "simulated"
+  /// Directory for the agent's durable state (node id, later its database).
+  public var stateDir = AgentConfig.defaultStateDir
+  /// The node's id; empty: the one kept in the state directory, or a new one.
+  public var nodeID = ""
+  /// Seconds between platform rescans; 0 disables periodic rescans.
+  public var rescanIntervalSeconds = 30
+  public var simulator = Simulator()
+
+  public init() {}
+
+  static var isRoot: Bool { SystemCalls.effectiveUserID() == 0 }
+
+  static var defaultUnixSocket: String {
+    if isRoot { return "/run/fpga-agent/agent.sock" }
+    if let runtime = SystemCalls.environment("XDG_RUNTIME_DIR"), !runtime.isEmpty {
+      return runtime + "/fpga-agent.sock"
+    }
+    return "/tmp/fpga-agent-\(SystemCalls.effectiveUserID()).sock"
+  }
+
+  static var defaultStateDir: String {
+    if isRoot { return "/var/lib/fpga-agent" }
+    if let home = SystemCalls.environment("HOME"), !home.isEmpty {
+      return home + "/.local/state/fpga-agent"
+    }
+    return "/tmp/fpga-agent-\(SystemCalls.effectiveUserID())-state"
+  }
+
+  /// Checks every value; throws a `ConfigError` listing each bad key.
+  public func validate() throws(ConfigError) {
+    var problems: [String] = []
+    if server.listen.isEmpty && server.unixSocket.isEmpty {
+      problems.append("server.listen and server.unix_socket are both empty: the agent would serve nothing")
+    }
+    if !server.listen.isEmpty, ListenAddress(server.listen) == nil {
+      problems.append("server.listen \(quoted(server.listen)) is not HOST:PORT (e.g. 127.0.0.1:50051 or [::1]:50051)")
+    }
+    if !server.unixSocket.isEmpty {
+      if !server.unixSocket.hasPrefix("/") {
+        problems.append("server.unix_socket \(quoted(server.unixSocket)) must be an absolute path")
+      } else if server.unixSocket.utf8.count > 107 {
+        problems.append("server.unix_socket is \(server.unixSocket.utf8.count) bytes; Unix socket paths are limited to 107")
+      }
+    }
+    if !["simulated", "linux"].contains(platform) {
+      problems.append("platform \(quoted(platform)) is not one of: simulated, linux")
+    }
+    if stateDir.isEmpty || !stateDir.hasPrefix("/") {
+      problems.append("state_dir \(quoted(stateDir)) must be an absolute path")
+    }
+    if !nodeID.isEmpty, (try? Validate.vmName(nodeID, field: "node_id")) == nil {
+      problems.append("node_id \(quoted(nodeID)) must be 1-64 of A-Z a-z 0-9 . _ -")
+    }
+    if !["trace", "debug", "info", "notice", "warning", "error", "critical"].contains(log.level) {
+      problems.append("log.level \(quoted(log.level)) is not one of: trace, debug, info, notice, warning, error, critical")
+    }
+    if !["text", "json"].contains(log.format) {
+      problems.append("log.format \(quoted(log.format)) is not one of: text, json")
+    }
+    if rescanIntervalSeconds < 0 {
+      problems.append("rescan_interval_seconds must be 0 (off) or more")
+    }
+    problems += SimulatorConfig(cards: simulator.cards).problems()
+    if !problems.isEmpty { throw ConfigError(problems: problems) }
+  }
+}
+
+/// An invalid configuration: each problem names its key.
+public struct ConfigError: Error, Hashable, Sendable, CustomStringConvertible {
+  public var problems: [String]
+
+  public var description: String {
+    "invalid configuration:\n" + problems.map { "  - " + $0 }.joined(separator: "\n")
+  }
+}
+
+/// A parsed `HOST:PORT`.
+public struct ListenAddress: Hashable, Sendable {
+  public var host: String
+  public var port: Int
+  public var isIPv6: Bool
+
+  public init?(_ text: String) {
+    if text.hasPrefix("[") {
+      guard let close = text.firstIndex(of: "]") else { return nil }
+      host = String(text[text.index(after: text.startIndex)..<close])
+      let rest = text[text.index(after: close)...]
+      guard rest.hasPrefix(":"), let port = Int(rest.dropFirst()) else { return nil }
+      self.port = port
+      isIPv6 = true
+    } else {
+      guard let colon = text.lastIndex(of: ":") else { return nil }
+      host = String(text[..<colon])
+      guard let port = Int(text[text.index(after: colon)...]), !host.contains(":") else { return nil }
+      self.port = port
+      isIPv6 = false
+    }
+    guard !host.isEmpty, (0...65535).contains(port) else { return nil }
+  }
+}

@@ -1,0 +1,216 @@
+import FPGAAgentAPI
+import FPGACore
+import FPGASimulator
+import GRPCCore
+import GRPCNIOTransportHTTP2
+import Logging
+import ServiceLifecycle
+
+/// The daemon: the engine on its platform, the node API and health served over TCP and a Unix
+/// socket, and the periodic rescan, all in one ServiceGroup that shuts down in reverse order.
+public final class AgentRuntime: Sendable {
+  public static let version = "0.1.0"
+
+  public let config: AgentConfig
+  public let engine: NodeEngine
+  public let health: HealthService
+  public let logger: Logger
+  /// The simulated node, when the platform is `simulated` (tests drive it).
+  public let simulatedNode: SimulatedNode?
+  private let tcpServer: GRPCServer<HTTP2ServerTransport.Posix>?
+  private let unixServer: GRPCServer<HTTP2ServerTransport.Posix>?
+  private let group: ServiceGroup
+
+  /// Builds everything; serves nothing until `run`.
+  public init(
+    config: AgentConfig, logger: Logger, clock: any WallClock = SystemWallClock(),
+    handleSignals: Bool = false
+  ) throws {
+    try config.validate()
+    self.config = config
+    self.logger = logger
+
+    try SystemCalls.makeDirectories(config.stateDir, mode: 0o700)
+    let nodeID = try Self.nodeID(config: config)
+
+    let platform: any NodePlatform
+    switch config.platform {
+    case "simulated":
+      let node = SimulatedNode(config: SimulatorConfig(cards: config.simulator.cards))
+      simulatedNode = node
+      platform = SimulatedPlatform(node: node)
+    default:
+      throw ConfigError(problems: [
+        "platform \(quoted(config.platform)): the Linux sysfs platform is not part of this build yet; use platform: simulated"
+      ])
+    }
+    engine = NodeEngine(nodeID: nodeID, platform: platform, clock: clock)
+    health = HealthService(services: [Fpga_Agent_V1_NodeAgent.descriptor.fullyQualifiedService])
+
+    let services: [any RegistrableRPCService] = [
+      NodeAgentService(
+        engine: engine, hostname: SystemCalls.hostname(), agentVersion: Self.version, logger: logger),
+      health,
+    ]
+    var transportConfig = HTTP2ServerTransport.Posix.Config.defaults
+    transportConfig.compression.enabledAlgorithms = .all
+
+    if let listen = ListenAddress(config.server.listen) {
+      let address: GRPCNIOTransportCore.SocketAddress =
+        listen.isIPv6 ? .ipv6(host: listen.host, port: listen.port) : .ipv4(host: listen.host, port: listen.port)
+      tcpServer = GRPCServer(
+        transport: .http2NIOPosix(address: address, transportSecurity: .plaintext, config: transportConfig),
+        services: services)
+    } else {
+      tcpServer = nil
+    }
+    if !config.server.unixSocket.isEmpty {
+      let directory = String(config.server.unixSocket.prefix(upTo: config.server.unixSocket.lastIndex(of: "/")!))
+      if !directory.isEmpty { try SystemCalls.makeDirectories(directory) }
+      try SystemCalls.prepareUnixSocketPath(config.server.unixSocket)
+      unixServer = GRPCServer(
+        transport: .http2NIOPosix(
+          address: .unixDomainSocket(path: config.server.unixSocket), transportSecurity: .plaintext,
+          config: transportConfig),
+        services: services)
+    } else {
+      unixServer = nil
+    }
+
+    var serviceList: [any Service] = []
+    if let tcpServer { serviceList.append(ServerService(server: tcpServer, name: "tcp")) }
+    if let unixServer {
+      serviceList.append(ServerService(server: unixServer, name: "unix", socketPath: config.server.unixSocket))
+    }
+    serviceList.append(
+      NodeService(
+        engine: engine, health: health, logger: logger,
+        rescanInterval: config.rescanIntervalSeconds > 0 ? .seconds(config.rescanIntervalSeconds) : nil))
+    var groupConfig = ServiceGroupConfiguration(services: serviceList, logger: logger)
+    if handleSignals {
+      groupConfig.gracefulShutdownSignals = [.sigterm, .sigint]
+    }
+    group = ServiceGroup(configuration: groupConfig)
+  }
+
+  /// Scans the platform, then serves until a shutdown signal or `shutdown()`.
+  public func run() async throws {
+    try await engine.rescan()
+    let status = await engine.status()
+    logger.info(
+      "node scanned",
+      metadata: [
+        "fpga.node": "\(status.nodeID)", "fpga.platform": "\(status.capabilities.platform)",
+        "fpga.cards": "\(status.counts.cards)", "fpga.pfs": "\(status.counts.pfs)",
+        "fpga.vfs": "\(status.counts.vfsEnabled)", "fpga.revision": "\(status.revision)",
+      ])
+    for problem in status.capabilities.problems { logger.warning("\(problem)") }
+    try await group.run()
+  }
+
+  /// Begins a graceful shutdown: NOT_SERVING, watch streams end, servers close.
+  public func shutdown() async {
+    await group.triggerGracefulShutdown()
+  }
+
+  /// The TCP address actually bound (useful with port 0), once listening.
+  public func tcpPort() async throws -> Int? {
+    guard let tcpServer else { return nil }
+    guard let address = try await tcpServer.listeningAddress else { return nil }
+    return address.ipv4?.port ?? address.ipv6?.port
+  }
+
+  /// Waits until the Unix socket server listens.
+  public func unixSocketReady() async throws {
+    _ = try await unixServer?.listeningAddress
+  }
+
+  /// The id in `node_id`, else the one kept in the state directory, else a new one (kept).
+  static func nodeID(config: AgentConfig) throws -> String {
+    if !config.nodeID.isEmpty { return config.nodeID }
+    let path = config.stateDir + "/node-id"
+    if let stored = try SystemCalls.readFile(path)?.split(separator: "\n").first.map(String.init),
+      let valid = try? Validate.vmName(stored, field: "node-id")
+    {
+      return valid
+    }
+    let host = SystemCalls.hostname().split(separator: ".").first.map(String.init) ?? "node"
+    var generator = SystemRandomNumberGenerator()
+    let base = (try? Validate.vmName(host)) ?? "node"
+    let id = String(base.prefix(50)) + "-" + hex(Int(generator.next() & 0xffffff), width: 6)
+    try SystemCalls.writeFileAtomically(path, id + "\n")
+    return id
+  }
+}
+
+/// A gRPC server as a lifecycle service.
+struct ServerService: Service {
+  let server: GRPCServer<HTTP2ServerTransport.Posix>
+  let name: String
+  var socketPath: String? = nil
+
+  func run() async throws {
+    defer { socketPath.map(SystemCalls.removeSocket) }
+    try await withGracefulShutdownHandler {
+      try await server.serve()
+    } onGracefulShutdown: {
+      server.beginGracefulShutdown()
+    }
+  }
+}
+
+/// Node upkeep: marks the node SERVING, rescans periodically, and on shutdown marks it
+/// NOT_SERVING and ends every watch stream before the servers close.
+struct NodeService: Service {
+  let engine: NodeEngine
+  let health: HealthService
+  let logger: Logger
+  let rescanInterval: Duration?
+
+  func run() async throws {
+    await updateHealth()
+    if let rescanInterval {
+      for await _ in PeriodicTicks(interval: rescanInterval).cancelOnGracefulShutdown() {
+        do {
+          let before = await engine.revision
+          let after = try await engine.rescan()
+          if after != before { logger.info("rescan found changes", metadata: ["fpga.revision": "\(after)"]) }
+        } catch {
+          logger.error("rescan failed", metadata: ["fpga.error": "\(error)"])
+        }
+        await updateHealth()
+      }
+    } else {
+      try? await gracefulShutdown()
+    }
+    logger.info("shutting down: health NOT_SERVING, ending watch streams")
+    health.setAll(.notServing)
+    health.finishWatches()
+    await engine.close()
+  }
+
+  private func updateHealth() async {
+    let status = await engine.status()
+    let serving: HealthService.Status = status.health == .notServing ? .notServing : .serving
+    health.setAll(serving)
+  }
+}
+
+/// Ticks every `interval` until cancelled.
+struct PeriodicTicks: AsyncSequence, Sendable {
+  let interval: Duration
+
+  struct AsyncIterator: AsyncIteratorProtocol {
+    let interval: Duration
+    mutating func next() async -> Void? {
+      do {
+        try await Task.sleep(for: interval)
+        return ()
+      } catch {
+        return nil
+      }
+    }
+  }
+
+  func makeAsyncIterator() -> AsyncIterator { AsyncIterator(interval: interval) }
+}

@@ -1,0 +1,184 @@
+import FPGACore
+import FPGASimulator
+import Yams
+
+/// Builds an `AgentConfig` from its sources, in order: defaults, YAML file, environment.
+/// (Flags are applied last by the command.) Unknown keys and ill-typed values are errors that
+/// name the key.
+public enum ConfigLoader {
+  /// The environment variables read, each overriding one key.
+  public static let environmentKeys: [(variable: String, key: String)] = [
+    ("FPGA_AGENT_LISTEN", "server.listen"),
+    ("FPGA_AGENT_UNIX_SOCKET", "server.unix_socket"),
+    ("FPGA_AGENT_PLATFORM", "platform"),
+    ("FPGA_AGENT_STATE_DIR", "state_dir"),
+    ("FPGA_AGENT_NODE_ID", "node_id"),
+    ("FPGA_AGENT_RESCAN_INTERVAL_SECONDS", "rescan_interval_seconds"),
+    ("FPGA_AGENT_LOG_LEVEL", "log.level"),
+    ("FPGA_AGENT_LOG_FORMAT", "log.format"),
+  ]
+
+  /// Reads `yaml` (a file's text) over `config`.
+  public static func apply(yaml: String, source: String, to config: inout AgentConfig) throws(ConfigError) {
+    let root: Any?
+    do {
+      root = try Yams.load(yaml: yaml)
+    } catch {
+      throw ConfigError(problems: ["\(source) is not valid YAML: \(error)"])
+    }
+    guard let root else { return }
+    guard let top = root as? [String: Any] else {
+      throw ConfigError(problems: ["\(source): the top level must be a mapping of keys"])
+    }
+    var problems: [String] = []
+    let reader = Reader(problems: [])
+    for (key, value) in top.sorted(by: { $0.key < $1.key }) {
+      switch key {
+      case "server":
+        reader.mapping(value, "server") { key, value, path in
+          switch key {
+          case "listen": reader.string(value, path).map { config.server.listen = $0 }
+          case "unix_socket": reader.string(value, path).map { config.server.unixSocket = $0 }
+          default: reader.unknown(path)
+          }
+        }
+      case "log":
+        reader.mapping(value, "log") { key, value, path in
+          switch key {
+          case "level": reader.string(value, path).map { config.log.level = $0 }
+          case "format": reader.string(value, path).map { config.log.format = $0 }
+          default: reader.unknown(path)
+          }
+        }
+      case "platform": reader.string(value, key).map { config.platform = $0 }
+      case "state_dir": reader.string(value, key).map { config.stateDir = $0 }
+      case "node_id": reader.string(value, key).map { config.nodeID = $0 }
+      case "rescan_interval_seconds": reader.int(value, key).map { config.rescanIntervalSeconds = $0 }
+      case "simulator":
+        reader.mapping(value, "simulator") { key, value, path in
+          switch key {
+          case "cards": reader.cards(value, path).map { config.simulator.cards = $0 }
+          default: reader.unknown(path)
+          }
+        }
+      default: reader.unknown(key)
+      }
+    }
+    problems += reader.problems
+    if !problems.isEmpty {
+      throw ConfigError(problems: problems.map { "\(source): \($0)" })
+    }
+  }
+
+  /// Applies the `FPGA_AGENT_*` variables found in `environment` over `config`.
+  public static func apply(environment: [String: String], to config: inout AgentConfig) throws(ConfigError) {
+    var problems: [String] = []
+    for (variable, key) in environmentKeys {
+      guard let value = environment[variable] else { continue }
+      switch key {
+      case "server.listen": config.server.listen = value
+      case "server.unix_socket": config.server.unixSocket = value
+      case "platform": config.platform = value
+      case "state_dir": config.stateDir = value
+      case "node_id": config.nodeID = value
+      case "log.level": config.log.level = value
+      case "log.format": config.log.format = value
+      case "rescan_interval_seconds":
+        if let seconds = Int(value) {
+          config.rescanIntervalSeconds = seconds
+        } else {
+          problems.append("\(variable) (rescan_interval_seconds) \(quoted(value)) is not a whole number")
+        }
+      default: break
+      }
+    }
+    if !problems.isEmpty { throw ConfigError(problems: problems) }
+  }
+}
+
+/// Walks YAML values, collecting a problem per bad key instead of stopping at the first.
+private final class Reader {
+  var problems: [String]
+
+  init(problems: [String]) { self.problems = problems }
+
+  func unknown(_ path: String) {
+    problems.append("unknown key \(path)")
+  }
+
+  func mapping(_ value: Any, _ path: String, _ body: (String, Any, String) -> Void) {
+    guard let map = value as? [String: Any] else {
+      problems.append("\(path) must be a mapping")
+      return
+    }
+    for (key, value) in map.sorted(by: { $0.key < $1.key }) { body(key, value, path + "." + key) }
+  }
+
+  func string(_ value: Any, _ path: String) -> String? {
+    if let text = value as? String { return text }
+    if let number = value as? Int { return String(number) }
+    problems.append("\(path) must be a string")
+    return nil
+  }
+
+  func int(_ value: Any, _ path: String) -> Int? {
+    if let number = value as? Int { return number }
+    if let text = value as? String, let number = Int(text) { return number }
+    problems.append("\(path) must be a whole number")
+    return nil
+  }
+
+  func bool(_ value: Any, _ path: String) -> Bool? {
+    if let flag = value as? Bool { return flag }
+    problems.append("\(path) must be true or false")
+    return nil
+  }
+
+  func ints(_ value: Any, _ path: String) -> [Int]? {
+    guard let list = value as? [Any] else {
+      problems.append("\(path) must be a list of whole numbers")
+      return nil
+    }
+    let numbers = list.enumerated().compactMap { int($1, "\(path)[\($0)]") }
+    return numbers.count == list.count ? numbers : nil
+  }
+
+  /// A bus number: an integer, or a hex string like "3b" / "0x3b".
+  func hexByte(_ value: Any, _ path: String, limit: Int) -> Int? {
+    var number: Int?
+    if let int = value as? Int { number = int }
+    if let text = value as? String {
+      number = Int(text.hasPrefix("0x") ? String(text.dropFirst(2)) : text, radix: 16)
+    }
+    guard let number, (0...limit).contains(number) else {
+      problems.append("\(path) must be a number from 0 to \(limit) (or hex text like \"3b\")")
+      return nil
+    }
+    return number
+  }
+
+  func cards(_ value: Any, _ path: String) -> [SimulatorConfig.Card]? {
+    guard let list = value as? [Any] else {
+      problems.append("\(path) must be a list of cards")
+      return nil
+    }
+    var cards: [SimulatorConfig.Card] = []
+    for (index, item) in list.enumerated() {
+      var card = SimulatorConfig.Card(bus: UInt8(truncatingIfNeeded: 0x3b + index * 0x20), numaNode: 0)
+      mapping(item, "\(path)[\(index)]") { key, value, path in
+        switch key {
+        case "bus": hexByte(value, path, limit: 0xff).map { card.bus = UInt8($0) }
+        case "domain": hexByte(value, path, limit: 0xffff).map { card.domain = UInt16($0) }
+        case "numa_node": int(value, path).map { card.numaNode = $0 }
+        case "total_vfs": ints(value, path).map { card.totalVFs = $0 }
+        case "enabled_vfs": ints(value, path).map { card.enabledVFs = $0 }
+        case "bind_to_vfio": bool(value, path).map { card.bindToVFIO = $0 }
+        case "mailbox": bool(value, path).map { card.mailbox = $0 }
+        default: unknown(path)
+        }
+      }
+      cards.append(card)
+    }
+    return cards
+  }
+}

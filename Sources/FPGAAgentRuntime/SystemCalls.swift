@@ -1,0 +1,168 @@
+#if canImport(Glibc)
+  @preconcurrency import Glibc
+#elseif canImport(Darwin)
+  import Darwin
+#endif
+import FPGACore
+
+/// Every system call the daemon's wiring makes, in one place. Each failure carries its errno.
+public enum SystemCalls {
+  public struct Failure: Error, CustomStringConvertible {
+    public var operation: String
+    public var path: String
+    public var errno: Int32
+
+    public var description: String {
+      "\(operation) \(path): \(String(cString: strerror(errno))) (errno \(errno))"
+    }
+  }
+
+  public static func effectiveUserID() -> UInt32 { UInt32(geteuid()) }
+
+  public static func environment(_ name: String) -> String? {
+    getenv(name).map { String(cString: $0) }
+  }
+
+  /// The whole environment, as a dictionary.
+  public static func environment() -> [String: String] {
+    var result: [String: String] = [:]
+    var pointer = environ
+    while let entry = pointer.pointee {
+      let text = String(cString: entry)
+      if let equals = text.firstIndex(of: "=") {
+        result[String(text[..<equals])] = String(text[text.index(after: equals)...])
+      }
+      pointer += 1
+    }
+    return result
+  }
+
+  public static func hostname() -> String {
+    var buffer = [CChar](repeating: 0, count: 256)
+    guard gethostname(&buffer, buffer.count - 1) == 0 else { return "localhost" }
+    return buffer.withUnsafeBufferPointer { String(cString: $0.baseAddress!) }
+  }
+
+  /// `mkdir -p` with `mode` for the directories it creates.
+  public static func makeDirectories(_ path: String, mode: mode_t = 0o755) throws(Failure) {
+    var current = path.hasPrefix("/") ? "" : "."
+    for component in path.split(separator: "/") {
+      current += "/" + component
+      if mkdir(current, mode) != 0 && errno != EEXIST {
+        throw Failure(operation: "mkdir", path: current, errno: errno)
+      }
+    }
+    var info = stat()
+    guard stat(path, &info) == 0 else { throw Failure(operation: "stat", path: path, errno: errno) }
+    guard (info.st_mode & S_IFMT) == S_IFDIR else { throw Failure(operation: "mkdir", path: path, errno: ENOTDIR) }
+  }
+
+  /// The file's contents, nil when it does not exist.
+  public static func readFile(_ path: String) throws(Failure) -> String? {
+    let fd = open(path, O_RDONLY | O_CLOEXEC)
+    if fd < 0 {
+      if errno == ENOENT { return nil }
+      throw Failure(operation: "open", path: path, errno: errno)
+    }
+    defer { close(fd) }
+    var bytes: [UInt8] = []
+    var buffer = [UInt8](repeating: 0, count: 4096)
+    while true {
+      let count = read(fd, &buffer, buffer.count)
+      if count < 0 {
+        if errno == EINTR { continue }
+        throw Failure(operation: "read", path: path, errno: errno)
+      }
+      if count == 0 { break }
+      bytes += buffer[0..<count]
+    }
+    return String(decoding: bytes, as: UTF8.self)
+  }
+
+  /// Writes `contents` to a temporary file beside `path`, syncs it, and renames it over `path`.
+  public static func writeFileAtomically(_ path: String, _ contents: String, mode: mode_t = 0o644) throws(Failure) {
+    let temporary = path + ".tmp"
+    let fd = open(temporary, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, mode)
+    guard fd >= 0 else { throw Failure(operation: "open", path: temporary, errno: errno) }
+    var bytes = Array(contents.utf8)
+    var written = 0
+    while written < bytes.count {
+      let count = bytes.withUnsafeMutableBytes { write(fd, $0.baseAddress! + written, $0.count - written) }
+      if count < 0 {
+        if errno == EINTR { continue }
+        let failure = Failure(operation: "write", path: temporary, errno: errno)
+        close(fd)
+        unlink(temporary)
+        throw failure
+      }
+      written += count
+    }
+    bytes.removeAll()
+    guard fsync(fd) == 0 else {
+      let failure = Failure(operation: "fsync", path: temporary, errno: errno)
+      close(fd)
+      throw failure
+    }
+    close(fd)
+    guard rename(temporary, path) == 0 else { throw Failure(operation: "rename", path: path, errno: errno) }
+  }
+
+  /// Before binding a Unix socket: removes a stale socket file at `path` (nobody accepts on it);
+  /// refuses when another process serves there or when the path is not a socket.
+  public static func prepareUnixSocketPath(_ path: String) throws(Failure) {
+    var info = stat()
+    if lstat(path, &info) != 0 {
+      if errno == ENOENT { return }
+      throw Failure(operation: "lstat", path: path, errno: errno)
+    }
+    guard (info.st_mode & S_IFMT) == S_IFSOCK else {
+      throw Failure(operation: "bind (path exists and is not a socket)", path: path, errno: EEXIST)
+    }
+    if unixSocketAcceptsConnections(path) {
+      throw Failure(operation: "bind (another process is serving there)", path: path, errno: EADDRINUSE)
+    }
+    unlink(path)
+  }
+
+  /// Removes the socket file after shutdown.
+  public static func removeSocket(_ path: String) {
+    var info = stat()
+    if lstat(path, &info) == 0, (info.st_mode & S_IFMT) == S_IFSOCK { unlink(path) }
+  }
+
+  static func unixSocketAcceptsConnections(_ path: String) -> Bool {
+    let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+    guard fd >= 0 else { return false }
+    defer { close(fd) }
+    var address = sockaddr_un()
+    address.sun_family = sa_family_t(AF_UNIX)
+    let bytes = Array(path.utf8)
+    guard bytes.count < MemoryLayout.size(ofValue: address.sun_path) else { return false }
+    withUnsafeMutableBytes(of: &address.sun_path) { raw in
+      for (index, byte) in bytes.enumerated() { raw[index] = byte }
+    }
+    let result = withUnsafePointer(to: &address) {
+      $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+        connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size))
+      }
+    }
+    return result == 0
+  }
+
+  /// Makes standard error and output line-buffered, so logs survive a kill.
+  public static func lineBufferOutput() {
+    setvbuf(stdout, nil, _IOLBF, 0)
+    setvbuf(stderr, nil, _IOLBF, 0)
+  }
+}
+
+/// The real wall clock (CLOCK_REALTIME).
+public struct SystemWallClock: WallClock {
+  public init() {}
+
+  public func now() -> WallTime {
+    var spec = timespec()
+    clock_gettime(CLOCK_REALTIME, &spec)
+    return WallTime(seconds: Int64(spec.tv_sec), nanoseconds: Int32(spec.tv_nsec))
+  }
+}

@@ -1,0 +1,240 @@
+/// The domain model: what the agent knows of the node's cards, functions and allocations.
+
+/// A wall-clock instant, as seconds and nanoseconds since the Unix epoch.
+public struct WallTime: Hashable, Comparable, Sendable {
+  public var seconds: Int64
+  public var nanoseconds: Int32
+
+  public init(seconds: Int64, nanoseconds: Int32 = 0) {
+    self.seconds = seconds
+    self.nanoseconds = nanoseconds
+  }
+
+  public static func < (lhs: WallTime, rhs: WallTime) -> Bool {
+    (lhs.seconds, lhs.nanoseconds) < (rhs.seconds, rhs.nanoseconds)
+  }
+
+  /// The duration from `earlier` to this instant.
+  public func since(_ earlier: WallTime) -> Duration {
+    .seconds(seconds - earlier.seconds) + .nanoseconds(Int64(nanoseconds) - Int64(earlier.nanoseconds))
+  }
+}
+
+/// Tells the wall-clock time; injected so tests control it.
+public protocol WallClock: Sendable {
+  func now() -> WallTime
+}
+
+/// The agent's view of a VF.
+public enum VFState: String, Hashable, Sendable, CaseIterable {
+  case free, allocated, attached, detaching, unhealthy
+}
+
+/// Card-level grouping of PFs: the functions of one board share a PCI bus.
+public struct Card: Hashable, Sendable {
+  /// `card-DDDD:BB`.
+  public var id: String
+  public var model: String
+  public var numaNode: Int
+  public var draining: Bool
+
+  public init(id: String, model: String, numaNode: Int, draining: Bool = false) {
+    self.id = id
+    self.model = model
+    self.numaNode = numaNode
+    self.draining = draining
+  }
+
+  /// The id of the card whose PFs sit on `address`'s bus.
+  public static func id(for address: PCIAddress) -> String { "card-" + address.busID }
+}
+
+/// What the platform reports of a PF: the sysfs attributes the agent relies on.
+public struct PhysicalFunction: Hashable, Sendable {
+  public var address: PCIAddress
+  public var vendorID: UInt16
+  public var deviceID: UInt16
+  public var vfDeviceID: UInt16
+  public var totalVFs: Int
+  public var numVFs: Int
+  public var vfOffset: Int
+  public var vfStride: Int
+  public var driversAutoprobe: Bool
+  /// Bound driver, nil when none.
+  public var driver: String?
+  /// -1 when unknown.
+  public var numaNode: Int
+  /// QDMA queues of the function; 0 when not QDMA.
+  public var qmax: Int
+
+  public init(
+    address: PCIAddress, vendorID: UInt16, deviceID: UInt16, vfDeviceID: UInt16, totalVFs: Int,
+    numVFs: Int, vfOffset: Int, vfStride: Int, driversAutoprobe: Bool, driver: String?,
+    numaNode: Int, qmax: Int
+  ) {
+    self.address = address
+    self.vendorID = vendorID
+    self.deviceID = deviceID
+    self.vfDeviceID = vfDeviceID
+    self.totalVFs = totalVFs
+    self.numVFs = numVFs
+    self.vfOffset = vfOffset
+    self.vfStride = vfStride
+    self.driversAutoprobe = driversAutoprobe
+    self.driver = driver
+    self.numaNode = numaNode
+    self.qmax = qmax
+  }
+
+  public var cardID: String { Card.id(for: address) }
+
+  /// The address of VF `index`, derived from offset and stride as the kernel does
+  /// (`pci_iov_virtfn_bus/devfn`): routing id = PF's + offset + stride × index.
+  public func vfAddress(index: Int) -> PCIAddress? {
+    PCIAddress(domain: address.domain, routingID: address.routingID + vfOffset + vfStride * index)
+  }
+}
+
+/// What the platform reports of a VF.
+public struct VirtualFunction: Hashable, Sendable {
+  public var address: PCIAddress
+  public var pfAddress: PCIAddress
+  public var index: Int
+  public var vendorID: UInt16
+  public var deviceID: UInt16
+  /// -1 when the host has no IOMMU.
+  public var iommuGroup: Int
+  public var numaNode: Int
+  public var driver: String?
+  public var driverOverride: String?
+  /// `/dev/vfio/N` when it exists.
+  public var vfioDevice: String?
+
+  public init(
+    address: PCIAddress, pfAddress: PCIAddress, index: Int, vendorID: UInt16, deviceID: UInt16,
+    iommuGroup: Int, numaNode: Int, driver: String?, driverOverride: String?, vfioDevice: String?
+  ) {
+    self.address = address
+    self.pfAddress = pfAddress
+    self.index = index
+    self.vendorID = vendorID
+    self.deviceID = deviceID
+    self.iommuGroup = iommuGroup
+    self.numaNode = numaNode
+    self.driver = driver
+    self.driverOverride = driverOverride
+    self.vfioDevice = vfioDevice
+  }
+
+  /// A VF can be handed to a VM only through an IOMMU group.
+  public var isPassthroughCapable: Bool { iommuGroup >= 0 }
+}
+
+/// A VF as the agent presents it: the platform's facts plus who holds it.
+public struct VFView: Hashable, Sendable {
+  public var function: VirtualFunction
+  public var state: VFState
+  public var allocationID: String?
+  public var vm: String?
+}
+
+/// A reservation of one VF for an owner.
+public struct Allocation: Hashable, Sendable {
+  public var id: String
+  public var vf: PCIAddress
+  public var pf: PCIAddress
+  public var owner: String
+  public var vm: String?
+  public var idempotencyKey: String?
+  public var createdAt: WallTime
+  public var numaNode: Int
+  public var iommuGroup: Int
+  public var attached: Bool
+
+  public init(
+    id: String, vf: PCIAddress, pf: PCIAddress, owner: String, vm: String?,
+    idempotencyKey: String?, createdAt: WallTime, numaNode: Int, iommuGroup: Int,
+    attached: Bool = false
+  ) {
+    self.id = id
+    self.vf = vf
+    self.pf = pf
+    self.owner = owner
+    self.vm = vm
+    self.idempotencyKey = idempotencyKey
+    self.createdAt = createdAt
+    self.numaNode = numaNode
+    self.iommuGroup = iommuGroup
+    self.attached = attached
+  }
+
+  public var cardID: String { Card.id(for: pf) }
+}
+
+/// A PF with its VFs, as discovered by a platform.
+public struct DiscoveredPF: Hashable, Sendable {
+  public var function: PhysicalFunction
+  public var vfs: [VirtualFunction]
+
+  public init(function: PhysicalFunction, vfs: [VirtualFunction]) {
+    self.function = function
+    self.vfs = vfs
+  }
+}
+
+/// Everything a platform found on one scan.
+public struct DiscoveredNode: Hashable, Sendable {
+  public var pfs: [DiscoveredPF]
+
+  public init(pfs: [DiscoveredPF]) { self.pfs = pfs }
+}
+
+/// What the platform under the agent can do, and what is wrong with it.
+public struct PlatformCapabilities: Hashable, Sendable {
+  public var platform: String
+  public var iommu: Bool
+  public var vfioPCI: Bool
+  public var qdmaDriver: String?
+  public var vfioPause: Bool
+  /// Sentences saying what is wrong and what to do.
+  public var problems: [String]
+
+  public init(
+    platform: String, iommu: Bool, vfioPCI: Bool, qdmaDriver: String?, vfioPause: Bool = false,
+    problems: [String] = []
+  ) {
+    self.platform = platform
+    self.iommu = iommu
+    self.vfioPCI = vfioPCI
+    self.qdmaDriver = qdmaDriver
+    self.vfioPause = vfioPause
+    self.problems = problems
+  }
+}
+
+/// The seam between the core and the machine: the simulated node, or Linux sysfs.
+public protocol NodePlatform: Sendable {
+  /// Scans the node: every managed PF with its enabled VFs.
+  func discover() async throws(AgentError) -> DiscoveredNode
+  /// What the platform can do now.
+  func capabilities() async -> PlatformCapabilities
+}
+
+/// A human-readable model name for a QDMA PF device id (`0x9PGL`: PF P, Gen G, lanes L).
+public func qdmaModelName(vendorID: UInt16, deviceID: UInt16) -> String {
+  guard vendorID == 0x10ee else {
+    return "PCI device \(hex(Int(vendorID), width: 4)):\(hex(Int(deviceID), width: 4))"
+  }
+  let generation = Int((deviceID >> 4) & 0xf)
+  let lanes: String
+  switch deviceID & 0xf {
+  case 0x1: lanes = "x1"
+  case 0x2: lanes = "x2"
+  case 0x4: lanes = "x4"
+  case 0x8: lanes = "x8"
+  case 0xf: lanes = "x16"
+  default: lanes = "x?"
+  }
+  if (deviceID >> 12) == 0x9 { return "Xilinx QDMA Gen\(generation) \(lanes)" }
+  return "Xilinx device \(hex(Int(deviceID), width: 4))"
+}

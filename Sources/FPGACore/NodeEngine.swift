@@ -1,0 +1,297 @@
+/// The node's single source of truth: the inventory, allocations, idempotency and fencing. The
+/// API layer turns requests into calls on it; platforms report what they find into it.
+public actor NodeEngine {
+  public let nodeID: String
+  public let startedAt: WallTime
+  private let platform: any NodePlatform
+  let clock: any WallClock
+  var state: InventoryState
+  var ledger = IdempotencyLedger<Outcome>()
+  private let broadcaster = InventoryBroadcaster()
+  var operations: [String: OperationRecord] = [:]
+  private var operationOrder: [String] = []
+  private var operationWatchers: [String: [UInt64: AsyncStream<OperationRecord>.Continuation]] = [:]
+  private var nextOperationWatcher: UInt64 = 0
+  /// Finished operations kept for GetOperation.
+  let operationHistory = 1024
+  private var capabilities: PlatformCapabilities
+  public private(set) var highestEpoch: UInt64 = 0
+  private let watchBufferLimit: Int
+
+  /// The results that an idempotency key replays.
+  enum Outcome: Sendable {
+    case allocated(AllocationResult)
+    case released(ReleaseResult)
+    case operation(String)
+  }
+
+  public init(
+    nodeID: String, platform: any NodePlatform, clock: any WallClock,
+    changeLogCapacity: Int = 4096, watchBufferLimit: Int = 4096
+  ) {
+    self.nodeID = nodeID
+    self.platform = platform
+    self.clock = clock
+    self.startedAt = clock.now()
+    self.state = InventoryState(changeLogCapacity: changeLogCapacity)
+    self.capabilities = PlatformCapabilities(platform: "unknown", iommu: false, vfioPCI: false, qdmaDriver: nil)
+    self.watchBufferLimit = watchBufferLimit
+  }
+
+  // MARK: Discovery
+
+  /// Scans the platform and folds what it found into the inventory; returns the revision.
+  @discardableResult
+  public func rescan() async throws(AgentError) -> UInt64 {
+    let node = try await platform.discover()
+    capabilities = await platform.capabilities()
+    return publish(state.apply(node))
+  }
+
+  // MARK: Reading
+
+  public func snapshot(cardID: String? = nil) throws(AgentError) -> InventorySnapshot {
+    if let cardID, state.card(cardID) == nil {
+      throw AgentError(.notFound, "card \(quoted(cardID)) is not on this node; `fpgactl inventory` lists the cards")
+    }
+    return state.snapshot(nodeID: nodeID, cardID: cardID)
+  }
+
+  public var revision: UInt64 { state.revision }
+
+  public func status() -> NodeStatusValue {
+    NodeStatusValue(
+      nodeID: nodeID, startedAt: startedAt, now: clock.now(), revision: state.revision,
+      counts: state.counts, capabilities: capabilities, orchestratorEpoch: highestEpoch,
+      watchers: broadcaster.watcherCount)
+  }
+
+  /// Starts a watch: a snapshot (revision 0 or too old) or the missed deltas, then every change.
+  public func watch(from revision: UInt64) -> InventorySubscription {
+    let initial: [InventoryEvent]
+    if revision == 0 {
+      initial = [.snapshot(state.snapshot(nodeID: nodeID), resync: false)]
+    } else if let deltas = state.deltas(after: revision) {
+      initial = deltas
+    } else {
+      initial = [.snapshot(state.snapshot(nodeID: nodeID), resync: true)]
+    }
+    return broadcaster.subscribe(initial: initial, bufferLimit: watchBufferLimit)
+  }
+
+  // MARK: Allocation
+
+  public func allocate(_ request: AllocateRequest) throws(AgentError) -> AllocationResult {
+    try fence(request.meta)
+    let fingerprint = request.fingerprint
+    if let key = request.meta.idempotencyKey,
+      case .allocated(var result)? = try ledger.lookup(scope: "AllocateVF", key: key, fingerprint: fingerprint)
+    {
+      result.replayed = true
+      return result
+    }
+    let vf = try state.chooseVF(request.constraints)
+    let allocation = Allocation(
+      id: Self.makeID(prefix: "alloc-"), vf: vf.address, pf: vf.pfAddress, owner: request.owner,
+      vm: request.vm, idempotencyKey: request.meta.idempotencyKey, createdAt: clock.now(),
+      numaNode: vf.numaNode, iommuGroup: vf.iommuGroup)
+    let revision = publish(state.insert(allocation))
+    let result = AllocationResult(
+      allocation: allocation, vf: state.view(of: vf), replayed: false, revision: revision)
+    if let key = request.meta.idempotencyKey {
+      ledger.record(scope: "AllocateVF", key: key, fingerprint: fingerprint, result: .allocated(result))
+    }
+    return result
+  }
+
+  public func release(_ request: ReleaseRequest) throws(AgentError) -> ReleaseResult {
+    try fence(request.meta)
+    let fingerprint = request.allocationID
+    if let key = request.meta.idempotencyKey,
+      case .released(var result)? = try ledger.lookup(scope: "ReleaseVF", key: key, fingerprint: fingerprint)
+    {
+      result.replayed = true
+      return result
+    }
+    guard let allocation = state.allocations[request.allocationID] else {
+      throw AgentError(
+        .notFound,
+        "allocation \(request.allocationID) does not exist (already released, or never made); `fpgactl inventory` lists the allocations"
+      )
+    }
+    if allocation.attached {
+      throw AgentError(
+        .failedPrecondition,
+        "allocation \(allocation.id) is attached to VM \(allocation.vm ?? "?"): detach it first (`fpgactl detach \(allocation.id)`)"
+      )
+    }
+    guard let (removed, changes) = state.remove(allocation: allocation.id) else {
+      throw AgentError(.internal, "allocation \(allocation.id) vanished while being released")
+    }
+    let result = ReleaseResult(allocation: removed, replayed: false, revision: publish(changes))
+    if let key = request.meta.idempotencyKey {
+      ledger.record(scope: "ReleaseVF", key: key, fingerprint: fingerprint, result: .released(result))
+    }
+    return result
+  }
+
+  // MARK: Shutdown
+
+  /// Ends every watch stream, for a graceful shutdown.
+  public func close() {
+    broadcaster.close()
+    for watchers in operationWatchers.values {
+      for continuation in watchers.values { continuation.finish() }
+    }
+    operationWatchers = [:]
+  }
+
+  // MARK: Operations
+
+  public func operation(_ id: String) throws(AgentError) -> OperationRecord {
+    guard let record = operations[id] else {
+      throw AgentError(
+        .notFound, "operation \(id) is not known: it never existed or ended more than \(operationHistory) operations ago")
+    }
+    return record
+  }
+
+  /// The operation now, then after every change, ending once it is finished.
+  public func watchOperation(_ id: String) throws(AgentError) -> AsyncStream<OperationRecord> {
+    let record = try operation(id)
+    let (stream, continuation) = AsyncStream.makeStream(of: OperationRecord.self, bufferingPolicy: .bufferingNewest(64))
+    continuation.yield(record)
+    if record.state.isTerminal {
+      continuation.finish()
+    } else {
+      let watcher = nextOperationWatcher
+      nextOperationWatcher += 1
+      operationWatchers[id, default: [:]][watcher] = continuation
+      continuation.onTermination = { _ in Task { await self.dropOperationWatcher(id, watcher) } }
+    }
+    return stream
+  }
+
+  private func dropOperationWatcher(_ id: String, _ watcher: UInt64) {
+    operationWatchers[id]?[watcher] = nil
+  }
+
+  /// Stores a new or changed operation and tells its watchers.
+  func remember(_ record: OperationRecord) {
+    if operations.updateValue(record, forKey: record.id) == nil {
+      operationOrder.append(record.id)
+      if operationOrder.count > operationHistory {
+        let old = operationOrder.removeFirst()
+        if operations[old]?.state.isTerminal == true { operations[old] = nil }
+      }
+    }
+    for continuation in (operationWatchers[record.id] ?? [:]).values {
+      continuation.yield(record)
+      if record.state.isTerminal { continuation.finish() }
+    }
+    if record.state.isTerminal { operationWatchers[record.id] = nil }
+  }
+
+  // MARK: Internals
+
+  /// Refuses requests from an orchestrator epoch older than the highest seen.
+  func fence(_ meta: RequestMeta) throws(AgentError) {
+    guard meta.orchestratorEpoch > 0 else { return }
+    if meta.orchestratorEpoch < highestEpoch {
+      throw AgentError(
+        .failedPrecondition,
+        "orchestrator epoch \(meta.orchestratorEpoch) is stale: this node has seen epoch \(highestEpoch); a newer orchestrator leader is in charge"
+      )
+    }
+    highestEpoch = meta.orchestratorEpoch
+  }
+
+  @discardableResult
+  func publish(_ changes: [InventoryChange]) -> UInt64 {
+    guard !changes.isEmpty else { return state.revision }
+    let revision = state.commit(changes)
+    broadcaster.publish(.delta(revision: revision, changes: changes))
+    return revision
+  }
+
+  static func makeID(prefix: String) -> String {
+    var generator = SystemRandomNumberGenerator()
+    return prefix + hex(Int(generator.next() & 0xffff_ffff_ffff), width: 12)
+  }
+}
+
+/// Idempotency and fencing of a mutating request.
+public struct RequestMeta: Hashable, Sendable {
+  public var idempotencyKey: String?
+  public var orchestratorEpoch: UInt64
+
+  public init(idempotencyKey: String? = nil, orchestratorEpoch: UInt64 = 0) {
+    self.idempotencyKey = idempotencyKey
+    self.orchestratorEpoch = orchestratorEpoch
+  }
+}
+
+public struct AllocateRequest: Hashable, Sendable {
+  public var meta: RequestMeta
+  public var owner: String
+  public var vm: String?
+  public var constraints: AllocationConstraints
+
+  public init(meta: RequestMeta = .init(), owner: String, vm: String? = nil, constraints: AllocationConstraints = .init()) {
+    self.meta = meta
+    self.owner = owner
+    self.vm = vm
+    self.constraints = constraints
+  }
+
+  var fingerprint: String {
+    [
+      owner, vm ?? "", constraints.cardID ?? "", constraints.pf?.description ?? "",
+      constraints.numaNode.map(String.init) ?? "",
+    ].joined(separator: "\u{0}")
+  }
+}
+
+public struct AllocationResult: Hashable, Sendable {
+  public var allocation: Allocation
+  public var vf: VFView
+  public var replayed: Bool
+  public var revision: UInt64
+}
+
+public struct ReleaseRequest: Hashable, Sendable {
+  public var meta: RequestMeta
+  public var allocationID: String
+
+  public init(meta: RequestMeta = .init(), allocationID: String) {
+    self.meta = meta
+    self.allocationID = allocationID
+  }
+}
+
+public struct ReleaseResult: Hashable, Sendable {
+  public var allocation: Allocation
+  public var replayed: Bool
+  public var revision: UInt64
+}
+
+/// What GetNodeStatus reports.
+public struct NodeStatusValue: Hashable, Sendable {
+  public var nodeID: String
+  public var startedAt: WallTime
+  public var now: WallTime
+  public var revision: UInt64
+  public var counts: InventoryState.Counts
+  public var capabilities: PlatformCapabilities
+  public var orchestratorEpoch: UInt64
+  public var watchers: Int
+
+  /// Serving when nothing is wrong, degraded when the platform reports problems but devices
+  /// are managed, not serving when no device can be managed.
+  public var health: Health {
+    if capabilities.problems.isEmpty { return .serving }
+    return counts.pfs > 0 ? .degraded : .notServing
+  }
+
+  public enum Health: String, Hashable, Sendable { case serving, degraded, notServing = "not-serving" }
+}

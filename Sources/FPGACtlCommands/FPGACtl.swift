@@ -1,0 +1,275 @@
+import ArgumentParser
+import FPGAAgentAPI
+import GRPCCore
+
+/// `fpgactl`: the command line of the node API.
+public struct FPGACtl: AsyncParsableCommand {
+  public static let configuration = CommandConfiguration(
+    commandName: "fpgactl",
+    abstract: "Command line for fpga-agent: inventory, allocations, drains, operations.",
+    version: "0.1.0",
+    subcommands: [
+      Status.self, Inventory.self, Allocate.self, Release.self, Watch.self, Drain.self,
+      Undrain.self, OperationCommand.self,
+    ])
+
+  public init() {}
+
+  /// Parses and runs `arguments`, reporting errors on the console; returns the exit code
+  /// (0 ok, 1 the agent refused, 2 usage, 3 the agent is unreachable).
+  public static func execute(_ arguments: [String]) async -> Int32 {
+    do {
+      var command = try parseAsRoot(hoistGlobalOptions(arguments))
+      if var asyncCommand = command as? any AsyncParsableCommand {
+        try await asyncCommand.run()
+      } else {
+        try command.run()
+      }
+      return 0
+    } catch let error as CtlError {
+      switch error {
+      case .usage(let message):
+        complain("error: \(message)")
+        return 2
+      case .unreachable(let address, let detail):
+        complain(
+          "error: cannot reach the agent at \(address): is fpga-agent running there? "
+            + "(start it with `swift run fpga-agent`, or point --server / FPGACTL_SERVER at it; detail: \(detail))")
+        return 3
+      }
+    } catch let error as RPCError {
+      complain("error: \(statusName(error.code)): \(error.message)")
+      return 1
+    } catch {
+      let message = fullMessage(for: error)
+      let code = exitCode(for: error).rawValue
+      if code == 0 { say(message) } else { complain(message) }
+      return code
+    }
+  }
+}
+
+/// Moves `--server X` and `--timeout N` written before the subcommand to after it, so both
+/// `fpgactl --server X status` and `fpgactl status --server X` work.
+func hoistGlobalOptions(_ arguments: [String]) -> [String] {
+  var global: [String] = []
+  var rest: [String] = []
+  var index = 0
+  var seenSubcommand = false
+  while index < arguments.count {
+    let argument = arguments[index]
+    if !seenSubcommand, argument == "--server" || argument == "--timeout", index + 1 < arguments.count {
+      global += [argument, arguments[index + 1]]
+      index += 2
+      continue
+    }
+    if !seenSubcommand, argument.hasPrefix("--server=") || argument.hasPrefix("--timeout=") {
+      global.append(argument)
+    } else {
+      if !argument.hasPrefix("-") { seenSubcommand = true }
+      rest.append(argument)
+    }
+    index += 1
+  }
+  guard !global.isEmpty, let first = rest.first, !first.hasPrefix("-") else { return rest + global }
+  return [first] + global + rest.dropFirst()
+}
+
+func statusName(_ code: RPCError.Code) -> String {
+  switch code {
+  case .invalidArgument: "INVALID_ARGUMENT"
+  case .notFound: "NOT_FOUND"
+  case .failedPrecondition: "FAILED_PRECONDITION"
+  case .resourceExhausted: "RESOURCE_EXHAUSTED"
+  case .aborted: "ABORTED"
+  case .unavailable: "UNAVAILABLE"
+  case .unimplemented: "UNIMPLEMENTED"
+  case .deadlineExceeded: "DEADLINE_EXCEEDED"
+  case .alreadyExists: "ALREADY_EXISTS"
+  case .permissionDenied: "PERMISSION_DENIED"
+  case .internalError: "INTERNAL"
+  case .cancelled: "CANCELLED"
+  default: "\(code)"
+  }
+}
+
+func requestMeta(key: String?, epoch: UInt64?) -> Fpga_Agent_V1_RequestMeta {
+  .with {
+    $0.idempotencyKey = key ?? ""
+    $0.orchestratorEpoch = epoch ?? 0
+  }
+}
+
+struct Status: AsyncParsableCommand {
+  static let configuration = CommandConfiguration(abstract: "Show the node's health, capabilities and counters.")
+
+  @OptionGroup var options: ServerOptions
+  @Flag(help: "Print JSON.") var json = false
+
+  func run() async throws {
+    let status = try await options.withAgent { try await $0.getNodeStatus(.init(), options: options.callOptions) }
+    if json { return say(try status.jsonString()) }
+    Render.status(status).forEach(say)
+  }
+}
+
+struct Inventory: AsyncParsableCommand {
+  static let configuration = CommandConfiguration(abstract: "List cards, PFs and allocations.")
+
+  @OptionGroup var options: ServerOptions
+  @Option(help: "Only this card (card-DDDD:BB).") var card: String?
+  @Flag(help: "Also list every enabled VF.") var vfs = false
+  @Flag(help: "Print JSON.") var json = false
+
+  func run() async throws {
+    let inventory = try await options.withAgent { client in
+      try await client.getInventory(.with { $0.cardID = card ?? "" }, options: options.callOptions)
+    }
+    if json { return say(try inventory.jsonString()) }
+    Render.inventory(inventory, withVFs: vfs).forEach(say)
+  }
+}
+
+struct Allocate: AsyncParsableCommand {
+  static let configuration = CommandConfiguration(abstract: "Allocate a free VF.")
+
+  @OptionGroup var options: ServerOptions
+  @Option(help: "Only from this card.") var card: String?
+  @Option(help: "Only from this PF (DDDD:BB:DD.F).") var pf: String?
+  @Option(help: "Only from this NUMA node.") var numa: Int32?
+  @Option(help: "Who the VF is for.") var owner: String = "fpgactl"
+  @Option(help: "The VM the VF is meant for.") var vm: String?
+  @Option(help: "Idempotency key: a retry with the same key returns the same allocation.") var key: String?
+  @Option(help: "Orchestrator epoch (fencing).") var epoch: UInt64?
+  @Flag(help: "Print JSON.") var json = false
+
+  func run() async throws {
+    let response = try await options.withAgent { client in
+      try await client.allocateVF(
+        .with {
+          $0.meta = requestMeta(key: key, epoch: epoch)
+          $0.owner = owner
+          $0.vm = vm ?? ""
+          $0.constraints = .with {
+            $0.cardID = card ?? ""
+            $0.pfBdf = pf ?? ""
+            if let numa { $0.numaNode = numa }
+          }
+        }, options: options.callOptions)
+    }
+    if json { return say(try response.jsonString()) }
+    let allocation = response.allocation
+    say(
+      "\(response.replayed ? "already allocated" : "allocated") \(allocation.id): VF \(allocation.vfBdf) "
+        + "(PF \(allocation.pfBdf), NUMA \(allocation.numaNode), IOMMU group \(allocation.iommuGroup)) "
+        + "for \(allocation.owner)")
+  }
+}
+
+struct Release: AsyncParsableCommand {
+  static let configuration = CommandConfiguration(abstract: "Release an allocation.")
+
+  @OptionGroup var options: ServerOptions
+  @Argument(help: "The allocation id (alloc-…).") var id: String
+  @Option(help: "Idempotency key.") var key: String?
+  @Option(help: "Orchestrator epoch (fencing).") var epoch: UInt64?
+
+  func run() async throws {
+    let response = try await options.withAgent { client in
+      try await client.releaseVF(
+        .with {
+          $0.meta = requestMeta(key: key, epoch: epoch)
+          $0.allocationID = id
+        }, options: options.callOptions)
+    }
+    say("\(response.replayed ? "already released" : "released") \(response.allocation.id): VF \(response.allocation.vfBdf) is free")
+  }
+}
+
+struct Watch: AsyncParsableCommand {
+  static let configuration = CommandConfiguration(abstract: "Stream inventory changes.")
+
+  @OptionGroup var options: ServerOptions
+  @Option(help: "Resume after this revision (0: start with a snapshot).") var from: UInt64 = 0
+  @Option(help: "Stop after this many events.") var count: Int?
+  @Flag(help: "Print each event as JSON.") var json = false
+
+  func run() async throws {
+    var callOptions = options.callOptions
+    callOptions.timeout = nil
+    let (json, count, from) = (self.json, self.count, self.from)
+    try await options.withAgent { client in
+      try await client.watchInventory(.with { $0.fromRevision = from }, options: callOptions) { response in
+        var seen = 0
+        for try await event in response.messages {
+          if json {
+            say(try event.jsonString())
+          } else {
+            Render.event(event).forEach(say)
+          }
+          seen += 1
+          if let count, seen >= count { return }
+        }
+      }
+    }
+  }
+}
+
+struct Drain: AsyncParsableCommand {
+  static let configuration = CommandConfiguration(abstract: "Stop new allocations on a PF or card.")
+
+  @OptionGroup var options: ServerOptions
+  @Argument(help: "A PF (DDDD:BB:DD.F) or a card (card-DDDD:BB).") var device: String
+  @Flag(name: .customLong("release-unattached"), help: "Also release allocations not attached to a VM.")
+  var releaseUnattached = false
+  @Option(help: "Idempotency key.") var key: String?
+
+  func run() async throws {
+    let operation = try await options.withAgent { client in
+      try await client.drainDevice(
+        .with {
+          $0.meta = requestMeta(key: key, epoch: nil)
+          $0.device = device
+          $0.releaseUnattached = releaseUnattached
+        }, options: options.callOptions)
+    }
+    Render.operation(operation).forEach(say)
+  }
+}
+
+struct Undrain: AsyncParsableCommand {
+  static let configuration = CommandConfiguration(abstract: "Accept allocations on a PF or card again.")
+
+  @OptionGroup var options: ServerOptions
+  @Argument(help: "A PF (DDDD:BB:DD.F) or a card (card-DDDD:BB).") var device: String
+
+  func run() async throws {
+    let response = try await options.withAgent { client in
+      try await client.undrainDevice(.with { $0.device = device }, options: options.callOptions)
+    }
+    say("\(device) accepts allocations (revision \(response.revision))")
+  }
+}
+
+struct OperationCommand: AsyncParsableCommand {
+  static let configuration = CommandConfiguration(
+    commandName: "operation", abstract: "Show a long-running operation.")
+
+  @OptionGroup var options: ServerOptions
+  @Argument(help: "The operation id (op-…).") var id: String
+  @Flag(help: "Follow its progress until it ends.") var watch = false
+
+  func run() async throws {
+    var callOptions = options.callOptions
+    if watch { callOptions.timeout = nil }
+    try await options.withAgent { client in
+      if watch {
+        try await client.watchOperation(.with { $0.id = id }, options: callOptions) { response in
+          for try await operation in response.messages { Render.operation(operation).forEach(say) }
+        }
+      } else {
+        Render.operation(try await client.getOperation(.with { $0.id = id }, options: callOptions)).forEach(say)
+      }
+    }
+  }
+}

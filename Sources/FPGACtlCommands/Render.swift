@@ -1,0 +1,177 @@
+import FPGAAgentAPI
+
+/// Human-readable renderings of the API's messages. Stable: tests compare them exactly.
+enum Render {
+  static func status(_ status: Fpga_Agent_V1_NodeStatus) -> [String] {
+    let capabilities = status.capabilities
+    let health: String
+    switch status.health {
+    case .serving: health = "SERVING"
+    case .degraded: health = "DEGRADED"
+    case .notServing: health = "NOT_SERVING"
+    default: health = "UNKNOWN"
+    }
+    let rows = [
+      ["node", "\(status.nodeID) on \(status.hostname)"],
+      ["health", health],
+      [
+        "platform",
+        "\(capabilities.platform) (IOMMU \(yesNo(capabilities.iommu)), vfio-pci \(yesNo(capabilities.vfioPci)), "
+          + "QDMA driver \(capabilities.qdmaDriver.isEmpty ? "none" : capabilities.qdmaDriver), "
+          + "VFIO pause \(yesNo(capabilities.vfioPause)))",
+      ],
+      ["version", "\(status.agentVersion), up \(duration(seconds: status.uptime.seconds))"],
+      ["revision", "\(status.revision)"],
+      [
+        "devices",
+        "\(status.cards) cards, \(status.pfs) PFs, \(status.vfsEnabled)/\(status.vfsTotal) VFs enabled, "
+          + "\(status.vfsAllocated) allocated, \(status.vfsFree) free",
+      ],
+      ["epoch", "\(status.orchestratorEpoch)"],
+    ]
+    let problems = status.problems.isEmpty ? [["problems", "none"]] : status.problems.map { ["problem", $0] }
+    return table(["", ""], rows + problems).dropFirst().map { $0 }
+  }
+
+  static func inventory(_ inventory: Fpga_Agent_V1_Inventory, withVFs: Bool) -> [String] {
+    var lines: [String] = []
+    let cards = inventory.cards.map { card in
+      [
+        card.id, card.model, "\(card.numaNode)", "\(card.pfs.count)",
+        "\(card.pfs.reduce(0) { $0 + Int($1.numVfs) })/\(card.pfs.reduce(0) { $0 + Int($1.totalVfs) })",
+        yesNo(card.draining),
+      ]
+    }
+    lines += table(["CARD", "MODEL", "NUMA", "PFS", "VFS", "DRAINING"], cards)
+    lines.append("")
+    var pfRows: [[String]] = []
+    for card in inventory.cards {
+      for pf in card.pfs {
+        let free = pf.vfs.filter { $0.state == .free }.count
+        let allocated = pf.vfs.filter { $0.state == .allocated || $0.state == .attached }.count
+        pfRows.append([
+          pf.bdf, card.id, pciID(pf.vendorID, pf.deviceID), pf.driver.isEmpty ? "-" : pf.driver,
+          "\(pf.numVfs)/\(pf.totalVfs)", "\(free)", "\(allocated)", "\(pf.numaNode)", "\(pf.qmax)",
+          yesNo(pf.draining),
+        ])
+      }
+    }
+    lines += table(
+      ["PF", "CARD", "DEVICE", "DRIVER", "VFS", "FREE", "ALLOCATED", "NUMA", "QMAX", "DRAINING"], pfRows)
+    if withVFs {
+      lines.append("")
+      var vfRows: [[String]] = []
+      for card in inventory.cards {
+        for pf in card.pfs {
+          for vf in pf.vfs {
+            vfRows.append([
+              vf.bdf, vf.pfBdf, "\(vf.index)", pciID(vf.vendorID, vf.deviceID),
+              vf.driver.isEmpty ? "-" : vf.driver, "\(vf.iommuGroup)", vfState(vf.state),
+              vf.allocationID.isEmpty ? "-" : vf.allocationID,
+            ])
+          }
+        }
+      }
+      lines += table(["VF", "PF", "INDEX", "DEVICE", "DRIVER", "IOMMU", "STATE", "ALLOCATION"], vfRows)
+    }
+    lines.append("")
+    if inventory.allocations.isEmpty {
+      lines.append("no allocations (revision \(inventory.revision))")
+    } else {
+      let rows = inventory.allocations.map { allocation in
+        [
+          allocation.id, allocation.vfBdf, allocation.pfBdf, allocation.owner,
+          allocation.vm.isEmpty ? "-" : allocation.vm, "\(allocation.numaNode)",
+          "\(allocation.iommuGroup)", yesNo(allocation.attached),
+        ]
+      }
+      lines += table(["ALLOCATION", "VF", "PF", "OWNER", "VM", "NUMA", "IOMMU", "ATTACHED"], rows)
+      lines.append("\(inventory.allocations.count) allocations (revision \(inventory.revision))")
+    }
+    return lines
+  }
+
+  static func event(_ event: Fpga_Agent_V1_InventoryEvent) -> [String] {
+    switch event.event {
+    case .snapshot(let snapshot):
+      let pfs = snapshot.cards.reduce(0) { $0 + $1.pfs.count }
+      let vfs = snapshot.cards.reduce(0) { $0 + $1.pfs.reduce(0) { $0 + $1.vfs.count } }
+      return [
+        "revision \(event.revision): \(event.resync ? "resync " : "")snapshot of \(snapshot.cards.count) cards, "
+          + "\(pfs) PFs, \(vfs) VFs, \(snapshot.allocations.count) allocations"
+      ]
+    case .delta(let delta):
+      return delta.changes.map { "revision \(event.revision): " + change($0) }
+    case nil:
+      return ["revision \(event.revision): (empty event)"]
+    }
+  }
+
+  static func change(_ change: Fpga_Agent_V1_InventoryChange) -> String {
+    switch change.change {
+    case .cardUpdated(let card): "card \(card.id) updated (draining \(yesNo(card.draining)))"
+    case .cardRemoved(let id): "card \(id) removed"
+    case .pfUpdated(let pf): "PF \(pf.bdf) updated (\(pf.numVfs)/\(pf.totalVfs) VFs, draining \(yesNo(pf.draining)))"
+    case .pfRemoved(let bdf): "PF \(bdf) removed"
+    case .vfUpdated(let vf): "VF \(vf.bdf) \(vfState(vf.state))\(vf.allocationID.isEmpty ? "" : " by \(vf.allocationID)")"
+    case .vfRemoved(let bdf): "VF \(bdf) removed"
+    case .allocationUpdated(let allocation):
+      "allocation \(allocation.id) holds VF \(allocation.vfBdf) for \(allocation.owner)"
+    case .allocationRemoved(let id): "allocation \(id) ended"
+    case nil: "(empty change)"
+    }
+  }
+
+  static func operation(_ operation: Fpga_Agent_V1_Operation) -> [String] {
+    var lines = ["operation \(operation.id) (\(operation.kind) \(operation.target)): \(opState(operation.state))"]
+    for (index, step) in operation.steps.enumerated() {
+      let error = step.error.isEmpty ? "" : ": \(step.error)"
+      lines.append("  \(index + 1). [\(opState(step.state))] \(step.description_p)\(error)")
+    }
+    for impact in operation.impacts {
+      let vm = impact.vm.isEmpty ? "" : " in VM \(impact.vm)"
+      lines.append("  allocation \(impact.allocationID) (VF \(impact.vfBdf)\(vm)): \(impact.outcome), guest sees \(impact.guestSees)")
+    }
+    if !operation.error.isEmpty { lines.append("  error: \(operation.error)") }
+    return lines
+  }
+
+  static func vfState(_ state: Fpga_Agent_V1_VFState) -> String {
+    switch state {
+    case .free: "free"
+    case .allocated: "allocated"
+    case .attached: "attached"
+    case .detaching: "detaching"
+    case .unhealthy: "unhealthy"
+    default: "unknown"
+    }
+  }
+
+  static func opState(_ state: Fpga_Agent_V1_OperationState) -> String {
+    switch state {
+    case .pending: "pending"
+    case .running: "running"
+    case .succeeded: "succeeded"
+    case .failed: "failed"
+    case .planned: "planned"
+    default: "unknown"
+    }
+  }
+
+  static func yesNo(_ flag: Bool) -> String { flag ? "yes" : "no" }
+
+  static func pciID(_ vendor: UInt32, _ device: UInt32) -> String {
+    hex4(vendor) + ":" + hex4(device)
+  }
+
+  static func hex4(_ value: UInt32) -> String {
+    let digits = String(value, radix: 16)
+    return String(repeating: "0", count: max(0, 4 - digits.count)) + digits
+  }
+
+  static func duration(seconds: Int64) -> String {
+    if seconds < 60 { return "\(seconds)s" }
+    if seconds < 3600 { return "\(seconds / 60)m\(seconds % 60)s" }
+    return "\(seconds / 3600)h\(seconds % 3600 / 60)m"
+  }
+}

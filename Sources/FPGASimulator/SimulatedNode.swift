@@ -1,0 +1,287 @@
+import FPGACore
+import Synchronization
+
+/// A simulated node that behaves like the kernel's SR-IOV and VFIO sysfs interface: every
+/// operation is a sysfs write with the kernel's errno answers (drivers/pci/iov.c, the QDMA
+/// driver, vfio-pci), so tests of the agent meet the rules they will meet on a real host.
+public final class SimulatedNode: Sendable {
+  struct PF: Sendable {
+    var deviceID: UInt16
+    var vfDeviceID: UInt16
+    var totalVFs: Int
+    var numVFs = 0
+    var offset: Int
+    var stride = 1
+    var autoprobe = true
+    var driver: String? = "qdma-pf"
+    var mailbox = true
+    var numaNode: Int
+    var qmax = 0
+  }
+
+  struct VF: Sendable {
+    var pf: PCIAddress
+    var index: Int
+    var driver: String?
+    var driverOverride: String?
+    var iommuGroup: Int
+    /// Who holds the VF's /dev/vfio/N open (a VM name), nil when nobody.
+    var holder: String?
+  }
+
+  struct State: Sendable {
+    var pfs: [PCIAddress: PF] = [:]
+    var vfs: [PCIAddress: VF] = [:]
+    var nextGroup: Int
+    var loadedDrivers: Set<String> = ["qdma-pf", "qdma-vf", "vfio-pci"]
+    /// Writes of 0 waiting for held VFs to be released.
+    var blockedWrites: [CheckedContinuation<Void, Never>] = []
+    var writes: [String] = []
+  }
+
+  static let vendorID: UInt16 = 0x10ee
+  static let queueLimit = 2048
+
+  private let state: Mutex<State>
+
+  public init(config: SimulatorConfig = .default) {
+    var state = State(nextGroup: config.firstIOMMUGroup)
+    for card in config.cards {
+      var routing = 0
+      for (index, total) in card.totalVFs.enumerated() {
+        // PFs take functions 0..3; PF p's VFs follow the VFs of PFs 0..p-1 on the same bus.
+        let pfCount = card.totalVFs.count
+        let offset = pfCount - index + routing
+        routing += total
+        let address = PCIAddress(domain: card.domain, bus: card.bus, device: 0, function: UInt8(index))!
+        state.pfs[address] = PF(
+          deviceID: 0x903f + UInt16(index) * 0x100, vfDeviceID: 0xa03f + UInt16(index) * 0x100,
+          totalVFs: total, offset: offset, mailbox: card.mailbox, numaNode: card.numaNode)
+        let enabled = index < card.enabledVFs.count ? card.enabledVFs[index] : 0
+        if enabled > 0 {
+          state.pfs[address]!.autoprobe = !card.bindToVFIO
+          Self.enable(&state, pf: address, count: enabled)
+          if card.bindToVFIO {
+            for vf in Self.vfAddresses(state, of: address) {
+              state.vfs[vf]!.driverOverride = "vfio-pci"
+              state.vfs[vf]!.driver = "vfio-pci"
+            }
+          }
+        }
+      }
+    }
+    self.state = Mutex(state)
+  }
+
+  // MARK: Reading (what sysfs shows)
+
+  /// Every PF with its VFs, as a platform scan sees them.
+  public func scan() -> DiscoveredNode {
+    state.withLock { state in
+      let pfs = state.pfs.keys.sorted().map { address in
+        let pf = state.pfs[address]!
+        let function = PhysicalFunction(
+          address: address, vendorID: Self.vendorID, deviceID: pf.deviceID, vfDeviceID: pf.vfDeviceID,
+          totalVFs: pf.totalVFs, numVFs: pf.numVFs, vfOffset: pf.offset, vfStride: pf.stride,
+          driversAutoprobe: pf.autoprobe, driver: pf.driver, numaNode: pf.numaNode, qmax: pf.qmax)
+        let vfs = Self.vfAddresses(state, of: address).map { vfAddress in
+          let vf = state.vfs[vfAddress]!
+          return VirtualFunction(
+            address: vfAddress, pfAddress: address, index: vf.index, vendorID: Self.vendorID,
+            deviceID: pf.vfDeviceID, iommuGroup: vf.iommuGroup, numaNode: pf.numaNode,
+            driver: vf.driver, driverOverride: vf.driverOverride,
+            vfioDevice: vf.driver == "vfio-pci" ? "/dev/vfio/\(vf.iommuGroup)" : nil)
+        }
+        return DiscoveredPF(function: function, vfs: vfs)
+      }
+      return DiscoveredNode(pfs: pfs)
+    }
+  }
+
+  /// The drivers currently loaded.
+  public var loadedDrivers: Set<String> { state.withLock { $0.loadedDrivers } }
+
+  /// Every write made, as `path=value` (oldest first), for tests.
+  public var writeLog: [String] { state.withLock { $0.writes } }
+
+  // MARK: Writing (what sysfs accepts)
+
+  /// `echo VALUE > /sys/bus/pci/devices/PF/sriov_numvfs`. A write of 0 blocks, like vfio-pci's
+  /// remove path, while a VF of the PF is held open by a VM.
+  public func writeNumVFs(pf address: PCIAddress, _ value: String) async throws(KernelErrno) {
+    while true {
+      let outcome: Result<Bool, KernelErrno> = state.withLock { state in
+        state.writes.append("\(address)/sriov_numvfs=\(value)")
+        guard let pf = state.pfs[address] else { return .failure(.ENOENT) }
+        guard let count = Int(value), count >= 0 else { return .failure(.EINVAL) }
+        if count > pf.totalVFs { return .failure(.ERANGE) }
+        if count == pf.numVFs { return .success(true) }
+        guard let driver = pf.driver, state.loadedDrivers.contains(driver) else { return .failure(.ENOENT) }
+        if !pf.mailbox { return .failure(.EPERM) }
+        if count != 0 && pf.numVFs != 0 { return .failure(.EBUSY) }
+        if count == 0 {
+          if Self.vfAddresses(state, of: address).contains(where: { state.vfs[$0]?.holder != nil }) {
+            state.writes.removeLast()  // the write is retried when a holder lets go
+            return .success(false)
+          }
+          for vf in Self.vfAddresses(state, of: address) { state.vfs[vf] = nil }
+          state.pfs[address]!.numVFs = 0
+        } else {
+          Self.enable(&state, pf: address, count: count)
+        }
+        return .success(true)
+      }
+      switch outcome {
+      case .failure(let errno): throw errno
+      case .success(true): return
+      case .success(false):
+        await withCheckedContinuation { continuation in
+          state.withLock { $0.blockedWrites.append(continuation) }
+        }
+      }
+    }
+  }
+
+  /// `echo 0|1 > sriov_drivers_autoprobe`.
+  public func writeAutoprobe(pf address: PCIAddress, _ value: String) throws(KernelErrno) {
+    try state.withLock { (state) throws(KernelErrno) in
+      state.writes.append("\(address)/sriov_drivers_autoprobe=\(value)")
+      guard state.pfs[address] != nil else { throw .ENOENT }
+      switch value {
+      case "0": state.pfs[address]!.autoprobe = false
+      case "1": state.pfs[address]!.autoprobe = true
+      default: throw .EINVAL
+      }
+    }
+  }
+
+  /// `echo NAME > driver_override` of a VF; an empty write clears it.
+  public func writeDriverOverride(vf address: PCIAddress, _ value: String) throws(KernelErrno) {
+    try state.withLock { (state) throws(KernelErrno) in
+      state.writes.append("\(address)/driver_override=\(value)")
+      guard state.vfs[address] != nil else { throw .ENOENT }
+      guard value.utf8.count < 4096 else { throw .EINVAL }
+      state.vfs[address]!.driverOverride = value.isEmpty ? nil : value
+    }
+  }
+
+  /// `echo BDF > driver/unbind` of a VF. ENOENT when no driver is bound (the file is absent).
+  public func unbind(vf address: PCIAddress) throws(KernelErrno) {
+    try state.withLock { (state) throws(KernelErrno) in
+      state.writes.append("\(address)/driver/unbind")
+      guard let vf = state.vfs[address], vf.driver != nil else { throw .ENOENT }
+      if vf.holder != nil { throw .EBUSY }
+      state.vfs[address]!.driver = nil
+    }
+  }
+
+  /// `echo BDF > /sys/bus/pci/drivers_probe`: binds the VF to its override driver, or to
+  /// qdma-vf when there is none; nothing when already bound or the override is `none`.
+  public func probe(vf address: PCIAddress) throws(KernelErrno) {
+    try state.withLock { (state) throws(KernelErrno) in
+      state.writes.append("drivers_probe=\(address)")
+      guard let vf = state.vfs[address] else { throw .ENODEV }
+      guard vf.driver == nil else { return }
+      let wanted = vf.driverOverride ?? "qdma-vf"
+      guard wanted != "none", state.loadedDrivers.contains(wanted) else { return }
+      state.vfs[address]!.driver = wanted
+    }
+  }
+
+  /// `echo N > qdma/qmax` of a PF. The QDMA soft IP has 2048 queue sets per card.
+  public func writeQmax(pf address: PCIAddress, _ value: String) throws(KernelErrno) {
+    try state.withLock { (state) throws(KernelErrno) in
+      state.writes.append("\(address)/qdma/qmax=\(value)")
+      guard state.pfs[address] != nil else { throw .ENOENT }
+      guard let qmax = Int(value), qmax >= 0 else { throw .EINVAL }
+      let others = state.pfs.filter { $0.key.busID == address.busID && $0.key != address }
+        .reduce(0) { $0 + $1.value.qmax }
+      guard others + qmax <= Self.queueLimit else { throw .EINVAL }
+      state.pfs[address]!.qmax = qmax
+    }
+  }
+
+  // MARK: What VMs and modules do (test controls)
+
+  /// A VM opens the VF's /dev/vfio/N. Only possible when bound to vfio-pci.
+  public func hold(vf address: PCIAddress, by vm: String) throws(KernelErrno) {
+    try state.withLock { (state) throws(KernelErrno) in
+      guard let vf = state.vfs[address] else { throw .ENODEV }
+      guard vf.driver == "vfio-pci" else { throw .ENODEV }
+      guard vf.holder == nil else { throw .EBUSY }
+      state.vfs[address]!.holder = vm
+    }
+  }
+
+  /// The VM closes the VF; blocked writes of 0 go on.
+  public func release(vf address: PCIAddress) {
+    let waiting = state.withLock { state in
+      state.vfs[address]?.holder = nil
+      defer { state.blockedWrites = [] }
+      return state.blockedWrites
+    }
+    for continuation in waiting { continuation.resume() }
+  }
+
+  /// `modprobe -r` / `modprobe` of a driver.
+  public func setDriverLoaded(_ driver: String, _ loaded: Bool) {
+    state.withLock { state in
+      if loaded {
+        state.loadedDrivers.insert(driver)
+      } else {
+        state.loadedDrivers.remove(driver)
+        for (address, pf) in state.pfs where pf.driver == driver { state.pfs[address]!.driver = nil }
+        for (address, vf) in state.vfs where vf.driver == driver { state.vfs[address]!.driver = nil }
+      }
+    }
+  }
+
+  /// Binds or unbinds a PF's driver (`nil`: no driver).
+  public func setPFDriver(_ pf: PCIAddress, _ driver: String?) {
+    state.withLock { $0.pfs[pf]?.driver = driver }
+  }
+
+  // MARK: Kernel internals
+
+  private static func vfAddresses(_ state: State, of pf: PCIAddress) -> [PCIAddress] {
+    guard let entry = state.pfs[pf] else { return [] }
+    return (0..<entry.numVFs).compactMap {
+      PCIAddress(domain: pf.domain, routingID: pf.routingID + entry.offset + entry.stride * $0)
+    }
+  }
+
+  /// pci_enable_sriov: creates VFs 0..count-1, each in its own IOMMU group, probed by qdma-vf
+  /// when autoprobe is on.
+  private static func enable(_ state: inout State, pf address: PCIAddress, count: Int) {
+    state.pfs[address]!.numVFs = count
+    let autoprobe = state.pfs[address]!.autoprobe
+    for (index, vf) in vfAddresses(state, of: address).enumerated() {
+      let driver = autoprobe && state.loadedDrivers.contains("qdma-vf") ? "qdma-vf" : nil
+      state.vfs[vf] = VF(pf: address, index: index, driver: driver, iommuGroup: state.nextGroup)
+      state.nextGroup += 1
+    }
+  }
+}
+
+/// The simulated node as the agent's platform.
+public struct SimulatedPlatform: NodePlatform {
+  public let node: SimulatedNode
+
+  public init(node: SimulatedNode) { self.node = node }
+
+  public func discover() async throws(AgentError) -> DiscoveredNode { node.scan() }
+
+  public func capabilities() async -> PlatformCapabilities {
+    let drivers = node.loadedDrivers
+    var problems: [String] = []
+    if !drivers.contains("vfio-pci") {
+      problems.append("vfio-pci is not loaded: VFs cannot be passed to VMs (modprobe vfio-pci)")
+    }
+    if !drivers.contains("qdma-pf") {
+      problems.append("qdma-pf is not loaded: VF counts cannot change (modprobe qdma-pf)")
+    }
+    return PlatformCapabilities(
+      platform: "simulated", iommu: true, vfioPCI: drivers.contains("vfio-pci"),
+      qdmaDriver: drivers.contains("qdma-pf") ? "qdma-pf" : nil, vfioPause: false, problems: problems)
+  }
+}

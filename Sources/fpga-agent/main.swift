@@ -1,0 +1,3 @@
+import FPGAAgentRuntime
+
+await AgentCommand.execute(Array(CommandLine.arguments.dropFirst()))

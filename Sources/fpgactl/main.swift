@@ -1,0 +1,7 @@
+import FPGACtlCommands
+
+#if canImport(Glibc)
+  import Glibc
+#endif
+
+exit(await FPGACtl.execute(Array(CommandLine.arguments.dropFirst())))
