@@ -63,18 +63,26 @@ let package = Package(
       ],
       path: "Benchmarks/FPGAAgentBenchmarks"
     ),
+    // Helpers shared by the test targets: a running agent on loopback, a fixed clock.
+    .target(
+      name: "FPGATestSupport",
+      dependencies: ["FPGACore", "FPGAAgentRuntime", "FPGAAgentAPI", grpcCore, grpcHTTP2, logging],
+      path: "Tests/FPGATestSupport"
+    ),
     .testTarget(name: "FPGACoreTests", dependencies: ["FPGACore", "FPGASimulator"]),
     .testTarget(name: "FPGASimulatorTests", dependencies: ["FPGACore", "FPGASimulator"]),
     .testTarget(
       name: "FPGAAgentAPITests",
       dependencies: [
-        "FPGACore", "FPGASimulator", "FPGAAgentAPI", "FPGAAgentRuntime", grpcCore, grpcHTTP2,
-        logging,
+        "FPGACore", "FPGASimulator", "FPGAAgentAPI", "FPGAAgentRuntime", "FPGATestSupport", grpcCore,
+        grpcHTTP2, logging,
       ]
     ),
     .testTarget(
       name: "FPGACtlTests",
-      dependencies: ["FPGACtlCommands", "FPGAAgentRuntime", "FPGAAgentAPI", grpcCore, logging]
+      dependencies: [
+        "FPGACtlCommands", "FPGAAgentRuntime", "FPGAAgentAPI", "FPGATestSupport", grpcCore, logging,
+      ]
     ),
     .testTarget(
       name: "FPGAAgentRuntimeTests",

@@ -1,0 +1,85 @@
+import FPGAAgentAPI
+import FPGAAgentRuntime
+import FPGACore
+import FPGASimulator
+import Foundation
+import GRPCCore
+import GRPCNIOTransportHTTP2
+import Logging
+import Synchronization
+
+/// A wall clock that stands still unless a test moves it.
+public final class FixedClock: WallClock {
+  private let time: Mutex<WallTime>
+
+  public init(_ time: WallTime = WallTime(seconds: 1_800_000_000)) { self.time = Mutex(time) }
+
+  public func now() -> WallTime { time.withLock { $0 } }
+
+  public func advance(seconds: Int64) { time.withLock { $0.seconds += seconds } }
+}
+
+/// A real agent (runtime, servers, simulated node) on a free loopback port and a Unix socket
+/// in a temporary directory.
+public struct TestAgent: Sendable {
+  public let runtime: AgentRuntime
+  public let port: Int
+  public let socketPath: String
+  public let directory: String
+  public let clock: FixedClock
+
+  public var node: SimulatedNode { runtime.simulatedNode! }
+  public var engine: NodeEngine { runtime.engine }
+
+  /// Starts an agent, runs `body` against it, then shuts it down gracefully.
+  public static func with<Result: Sendable>(
+    cards: [SimulatorConfig.Card] = SimulatorConfig.default.cards,
+    nodeID: String = "node-test",
+    _ body: (TestAgent) async throws -> Result
+  ) async throws -> Result {
+    let directory = NSTemporaryDirectory() + "fpga-agent-test-" + UUID().uuidString.prefix(8)
+    var config = AgentConfig()
+    config.server.listen = "127.0.0.1:0"
+    config.server.unixSocket = directory + "/agent.sock"
+    config.stateDir = directory + "/state"
+    config.nodeID = nodeID
+    config.rescanIntervalSeconds = 0
+    config.simulator.cards = cards
+    var logger = Logger(label: "fpga-agent-test")
+    logger.logLevel = .critical
+    let clock = FixedClock()
+    let runtime = try AgentRuntime(config: config, logger: logger, clock: clock)
+    return try await withThrowingTaskGroup(of: Void.self) { group in
+      group.addTask { try await runtime.run() }
+      defer { try? FileManager.default.removeItem(atPath: directory) }
+      do {
+        let port = try await runtime.tcpPort() ?? 0
+        try await runtime.unixSocketReady()
+        let agent = TestAgent(
+          runtime: runtime, port: port, socketPath: config.server.unixSocket, directory: directory, clock: clock)
+        let result = try await body(agent)
+        await runtime.shutdown()
+        try await group.waitForAll()
+        return result
+      } catch {
+        await runtime.shutdown()
+        try? await group.waitForAll()
+        throw error
+      }
+    }
+  }
+
+  /// Runs `body` with a client of the node API over TCP (or the Unix socket).
+  public func withClient<Result: Sendable>(
+    unixSocket: Bool = false,
+    _ body: (Fpga_Agent_V1_NodeAgent.Client<HTTP2ClientTransport.Posix>, GRPCClient<HTTP2ClientTransport.Posix>) async throws -> Result
+  ) async throws -> Result {
+    let target: any ResolvableTarget =
+      unixSocket ? .unixDomainSocket(path: socketPath) : .ipv4(address: "127.0.0.1", port: port)
+    return try await withGRPCClient(
+      transport: try .http2NIOPosix(target: target, transportSecurity: .plaintext)
+    ) { client in
+      try await body(Fpga_Agent_V1_NodeAgent.Client(wrapping: client), client)
+    }
+  }
+}
