@@ -86,7 +86,7 @@ let package = Package(
     ),
     .testTarget(
       name: "FPGAAgentRuntimeTests",
-      dependencies: ["FPGAAgentRuntime", "FPGACore", logging]
+      dependencies: ["FPGAAgentRuntime", "FPGACore", "FPGATestSupport", logging]
     ),
   ]
 )

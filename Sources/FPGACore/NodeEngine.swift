@@ -1,8 +1,8 @@
 /// The node's single source of truth: the inventory, allocations, idempotency and fencing. The
 /// API layer turns requests into calls on it; platforms report what they find into it.
 public actor NodeEngine {
-  public let nodeID: String
-  public let startedAt: WallTime
+  public nonisolated let nodeID: String
+  public nonisolated let startedAt: WallTime
   private let platform: any NodePlatform
   let clock: any WallClock
   var state: InventoryState

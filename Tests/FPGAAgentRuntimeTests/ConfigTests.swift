@@ -1,0 +1,100 @@
+import FPGAAgentRuntime
+import FPGACore
+import Foundation
+import Testing
+
+@Suite struct ConfigTests {
+  @Test func defaultsAreValid() throws {
+    let config = AgentConfig()
+    try config.validate()
+    #expect(config.server.listen == "127.0.0.1:50051")
+    #expect(config.platform == "simulated")
+    #expect(config.simulator.cards.count == 2)
+  }
+
+  @Test func fileThenEnvironmentThenFlags() throws {
+    let directory = NSTemporaryDirectory() + "fpga-config-" + UUID().uuidString.prefix(8)
+    try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+    defer { try? FileManager.default.removeItem(atPath: directory) }
+    let path = directory + "/agent.yaml"
+    try """
+      server:
+        listen: 0.0.0.0:6000
+        unix_socket: /run/x/agent.sock
+      state_dir: /var/lib/x
+      log:
+        level: debug
+      simulator:
+        cards:
+          - bus: "5e"
+            numa_node: 1
+            total_vfs: [8, 8]
+            enabled_vfs: [2, 0]
+      """.write(toFile: path, atomically: true, encoding: .utf8)
+    let command = try AgentCommand.parse(["--config", path, "--listen", "127.0.0.1:7000"])
+    let config = try command.resolvedConfig(environment: ["FPGA_AGENT_LOG_FORMAT": "json", "FPGA_AGENT_LISTEN": "127.0.0.1:6500"])
+    #expect(config.server.listen == "127.0.0.1:7000", "the flag wins over env and file")
+    #expect(config.server.unixSocket == "/run/x/agent.sock")
+    #expect(config.stateDir == "/var/lib/x")
+    #expect(config.log.level == "debug" && config.log.format == "json")
+    #expect(config.simulator.cards.count == 1)
+    #expect(config.simulator.cards[0].bus == 0x5e && config.simulator.cards[0].totalVFs == [8, 8])
+
+    let fromEnv = try AgentCommand.parse(["--config", path]).resolvedConfig(environment: ["FPGA_AGENT_LISTEN": "127.0.0.1:6500"])
+    #expect(fromEnv.server.listen == "127.0.0.1:6500", "env wins over the file")
+  }
+
+  @Test func unknownKeysAndBadValuesAreNamed() {
+    var config = AgentConfig()
+    do {
+      try ConfigLoader.apply(
+        yaml: """
+          server:
+            listn: 1
+          platfrom: linux
+          rescan_interval_seconds: soon
+          simulator:
+            cards:
+              - bus: zz
+          """, source: "agent.yaml", to: &config)
+      Issue.record("expected a ConfigError")
+    } catch {
+      #expect(Set(error.problems) == [
+        "agent.yaml: unknown key platfrom",
+        "agent.yaml: rescan_interval_seconds must be a whole number",
+        "agent.yaml: unknown key server.listn",
+        "agent.yaml: simulator.cards[0].bus must be a number from 0 to 255 (or hex text like \"3b\")",
+      ])
+    }
+  }
+
+  @Test func validationNamesEachKey() {
+    var config = AgentConfig()
+    config.server.listen = "localhost"
+    config.server.unixSocket = "relative.sock"
+    config.platform = "windows"
+    config.stateDir = "state"
+    config.log.level = "loud"
+    do {
+      try config.validate()
+      Issue.record("expected a ConfigError")
+    } catch {
+      #expect(error.problems == [
+        "server.listen \"localhost\" is not HOST:PORT (e.g. 127.0.0.1:50051 or [::1]:50051)",
+        "server.unix_socket \"relative.sock\" must be an absolute path",
+        "platform \"windows\" is not one of: simulated, linux",
+        "state_dir \"state\" must be an absolute path",
+        "log.level \"loud\" is not one of: trace, debug, info, notice, warning, error, critical",
+      ])
+    }
+  }
+
+  @Test func listenAddresses() {
+    #expect(ListenAddress("127.0.0.1:50051") == ListenAddress("127.0.0.1:50051"))
+    #expect(ListenAddress("[::1]:50051")?.isIPv6 == true)
+    #expect(ListenAddress("[::1]:50051")?.host == "::1")
+    #expect(ListenAddress("127.0.0.1:70000") == nil)
+    #expect(ListenAddress("::1:50051") == nil)
+    #expect(ListenAddress(":50051") == nil)
+  }
+}

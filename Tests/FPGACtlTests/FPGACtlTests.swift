@@ -1,0 +1,135 @@
+import FPGAAgentRuntime
+import FPGACtlCommands
+import FPGATestSupport
+import Synchronization
+import Testing
+
+/// Runs fpgactl in-process and captures what it prints.
+func fpgactl(_ arguments: [String]) async -> (code: Int32, out: String, err: String) {
+  let out = Mutex<[String]>([])
+  let err = Mutex<[String]>([])
+  let console = Console(
+    out: { line in out.withLock { $0.append(line) } }, err: { line in err.withLock { $0.append(line) } })
+  let code = await Console.$current.withValue(console) { await FPGACtl.execute(arguments) }
+  return (code, out.withLock { $0.joined(separator: "\n") }, err.withLock { $0.joined(separator: "\n") })
+}
+
+@Suite struct FPGACtlTests {
+  @Test func inventoryTable() async throws {
+    try await TestAgent.with { agent in
+      let result = await fpgactl(["inventory", "--server", "127.0.0.1:\(agent.port)"])
+      #expect(result.code == 0)
+      #expect(result.out == """
+        CARD          MODEL                 NUMA  PFS  VFS     DRAINING
+        card-0000:3b  Xilinx QDMA Gen3 x16  0     4    28/252  no
+        card-0000:d8  Xilinx QDMA Gen3 x16  1     4    24/252  no
+
+        PF            CARD          DEVICE     DRIVER   VFS    FREE  ALLOCATED  NUMA  QMAX  DRAINING
+        0000:3b:00.0  card-0000:3b  10ee:903f  qdma-pf  16/64  16    0          0     0     no
+        0000:3b:00.1  card-0000:3b  10ee:913f  qdma-pf  8/60   8     0          0     0     no
+        0000:3b:00.2  card-0000:3b  10ee:923f  qdma-pf  0/60   0     0          0     0     no
+        0000:3b:00.3  card-0000:3b  10ee:933f  qdma-pf  4/68   4     0          0     0     no
+        0000:d8:00.0  card-0000:d8  10ee:903f  qdma-pf  16/64  16    0          1     0     no
+        0000:d8:00.1  card-0000:d8  10ee:913f  qdma-pf  8/60   8     0          1     0     no
+        0000:d8:00.2  card-0000:d8  10ee:923f  qdma-pf  0/60   0     0          1     0     no
+        0000:d8:00.3  card-0000:d8  10ee:933f  qdma-pf  0/68   0     0          1     0     no
+
+        no allocations (revision 1)
+        """)
+      #expect(result.err.isEmpty)
+    }
+  }
+
+  @Test func allocateReleaseAndTheAllocationTable() async throws {
+    try await TestAgent.with { agent in
+      let server = "unix:\(agent.socketPath)"
+      let allocated = await fpgactl([
+        "--server", server, "allocate", "--pf", "0000:d8:00.1", "--owner", "tenant-a", "--vm", "vm-7", "--key", "k1",
+      ])
+      #expect(allocated.code == 0)
+      let id = try #require(allocated.out.split(separator: " ").dropFirst().first.map { String($0.dropLast()) })
+      #expect(allocated.out == "allocated \(id): VF 0000:d8:08.4 (PF 0000:d8:00.1, NUMA 1, IOMMU group 144) for tenant-a")
+      let replay = await fpgactl([
+        "--server", server, "allocate", "--pf", "0000:d8:00.1", "--owner", "tenant-a", "--vm", "vm-7", "--key", "k1",
+      ])
+      #expect(replay.out == "already allocated \(id): VF 0000:d8:08.4 (PF 0000:d8:00.1, NUMA 1, IOMMU group 144) for tenant-a")
+
+      let inventory = await fpgactl(["inventory", "--server", server])
+      let tail = inventory.out.split(separator: "\n", omittingEmptySubsequences: false).suffix(3).joined(separator: "\n")
+      #expect(tail == """
+        ALLOCATION          VF            PF            OWNER     VM    NUMA  IOMMU  ATTACHED
+        \(id)  0000:d8:08.4  0000:d8:00.1  tenant-a  vm-7  1     144    no
+        1 allocations (revision 2)
+        """)
+
+      let released = await fpgactl(["release", id, "--server", server])
+      #expect(released == (0, "released \(id): VF 0000:d8:08.4 is free", ""))
+      let twice = await fpgactl(["release", id, "--server", server])
+      #expect(twice.code == 1)
+      #expect(twice.err == "error: NOT_FOUND: allocation \(id) does not exist (already released, or never made); `fpgactl inventory` lists the allocations")
+    }
+  }
+
+  @Test func statusAndErrors() async throws {
+    try await TestAgent.with { agent in
+      let status = await fpgactl(["status", "--server", "127.0.0.1:\(agent.port)"])
+      #expect(status.out == """
+        node      node-test on \(SystemCalls.hostname())
+        health    SERVING
+        platform  simulated (IOMMU yes, vfio-pci yes, QDMA driver qdma-pf, VFIO pause no)
+        version   0.1.0, up 0s
+        revision  1
+        devices   2 cards, 8 PFs, 52/504 VFs enabled, 0 allocated, 52 free
+        epoch     0
+        problems  none
+        """)
+      let exhausted = await fpgactl(["allocate", "--pf", "0000:3b:00.2", "--server", "127.0.0.1:\(agent.port)"])
+      #expect(exhausted.code == 1)
+      #expect(exhausted.err == "error: RESOURCE_EXHAUSTED: no enabled VF matching PF 0000:3b:00.2: enable VFs with `fpgactl reconfigure PF N` or relax the constraints")
+      let malformed = await fpgactl(["allocate", "--pf", "3b:00.2", "--server", "127.0.0.1:\(agent.port)"])
+      #expect(malformed.err == "error: INVALID_ARGUMENT: constraints.pf_bdf \"3b:00.2\" is not a PCI address: expected DDDD:BB:DD.F in hex, e.g. 0000:3b:00.4")
+    }
+  }
+
+  @Test func watchPrintsASnapshotThenChanges() async throws {
+    try await TestAgent.with { agent in
+      async let watched = fpgactl(["watch", "--count", "2", "--server", "127.0.0.1:\(agent.port)"])
+      while await agent.engine.status().watchers == 0 { await Task.yield() }
+      let allocation = await fpgactl(["allocate", "--owner", "w", "--server", "127.0.0.1:\(agent.port)"])
+      let id = allocation.out.split(separator: " ")[1].dropLast()
+      let result = await watched
+      #expect(result.code == 0)
+      #expect(result.out == """
+        revision 1: snapshot of 2 cards, 8 PFs, 52 VFs, 0 allocations
+        revision 2: allocation \(id) holds VF 0000:3b:00.4 for w
+        revision 2: VF 0000:3b:00.4 allocated by \(id)
+        """)
+    }
+  }
+
+  @Test func drainAndOperation() async throws {
+    try await TestAgent.with { agent in
+      let server = "127.0.0.1:\(agent.port)"
+      let drained = await fpgactl(["drain", "0000:3b:00.3", "--server", server])
+      #expect(drained.code == 0)
+      let opID = drained.out.split(separator: " ")[1]
+      #expect(drained.out == """
+        operation \(opID) (drain 0000:3b:00.3): succeeded
+          1. [succeeded] stop new allocations on PF 0000:3b:00.3
+        """)
+      let shown = await fpgactl(["operation", String(opID), "--server", server])
+      #expect(shown.out == drained.out)
+      let undrained = await fpgactl(["undrain", "0000:3b:00.3", "--server", server])
+      #expect(undrained.out == "0000:3b:00.3 accepts allocations (revision 3)")
+    }
+  }
+
+  @Test func anUnreachableAgentIsSaidPlainly() async throws {
+    let result = await fpgactl(["status", "--server", "unix:/nonexistent/fpga-agent.sock"])
+    #expect(result.code == 3)
+    #expect(result.err.hasPrefix("error: cannot reach the agent at unix:/nonexistent/fpga-agent.sock: is fpga-agent running there?"))
+    let usage = await fpgactl(["status", "--server", "host:notaport"])
+    #expect(usage.code == 2)
+    #expect(usage.err == "error: --server host:notaport: expected HOST:PORT or unix:PATH")
+  }
+}
