@@ -1,0 +1,178 @@
+"""Python grpcio calls the Swift agent: the node API, its stream, health, over TCP and Unix."""
+import json
+import os
+import signal
+import subprocess
+import tempfile
+import threading
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2 as independent_health_pb2
+from grpc_health.v1 import health_pb2_grpc as independent_health_grpc
+
+from conftest import BIN, start_agent
+from fpga.agent.v1 import agent_pb2 as pb
+from fpga.agent.v1 import agent_pb2_grpc as rpc
+
+
+def stub(target):
+    return rpc.NodeAgentStub(grpc.insecure_channel(target))
+
+
+@pytest.mark.parametrize("transport", ["tcp", "unix"])
+def test_allocate_and_release(agent, transport):
+    node = stub(getattr(agent, transport))
+    status = node.GetNodeStatus(pb.GetNodeStatusRequest(), timeout=10)
+    assert status.node_id == "interop"
+    assert status.health == pb.NODE_HEALTH_SERVING
+    assert (status.cards, status.pfs, status.vfs_enabled) == (2, 8, 52)
+
+    request = pb.AllocateVFRequest(
+        meta=pb.RequestMeta(idempotency_key="py-1"), owner="python", vm="vm-py",
+        constraints=pb.AllocationConstraints(numa_node=1))
+    first = node.AllocateVF(request, timeout=10)
+    assert first.allocation.vf_bdf == "0000:d8:00.4"
+    assert first.vf.state == pb.VF_STATE_ALLOCATED
+    retry = node.AllocateVF(request, timeout=10)
+    assert retry.replayed and retry.allocation.id == first.allocation.id
+
+    inventory = node.GetInventory(pb.GetInventoryRequest(), timeout=10)
+    assert [a.id for a in inventory.allocations] == [first.allocation.id]
+    assert inventory.revision == first.revision
+
+    released = node.ReleaseVF(pb.ReleaseVFRequest(allocation_id=first.allocation.id), timeout=10)
+    assert released.allocation.id == first.allocation.id
+    assert released.revision == first.revision + 1
+
+
+def test_errors_have_precise_codes(agent):
+    node = stub(agent.tcp)
+    cases = [
+        (pb.AllocateVFRequest(owner=""), grpc.StatusCode.INVALID_ARGUMENT, "owner is required"),
+        (pb.AllocateVFRequest(owner="o", constraints=pb.AllocationConstraints(pf_bdf="../../sys")),
+         grpc.StatusCode.INVALID_ARGUMENT, "is not a PCI address"),
+        (pb.AllocateVFRequest(owner="o", constraints=pb.AllocationConstraints(pf_bdf="0000:99:00.0")),
+         grpc.StatusCode.NOT_FOUND, "not managed by this node"),
+        (pb.AllocateVFRequest(owner="o", constraints=pb.AllocationConstraints(pf_bdf="0000:3b:00.2")),
+         grpc.StatusCode.RESOURCE_EXHAUSTED, "no enabled VF"),
+    ]
+    for request, code, text in cases:
+        with pytest.raises(grpc.RpcError) as caught:
+            node.AllocateVF(request, timeout=10)
+        assert caught.value.code() == code
+        assert text in caught.value.details()
+    with pytest.raises(grpc.RpcError) as caught:
+        node.ReleaseVF(pb.ReleaseVFRequest(allocation_id="alloc-0123456789ab"), timeout=10)
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.RpcError) as caught:
+        node.AttachVF(pb.AttachVFRequest(allocation_id="alloc-0123456789ab", vm="vm1"), timeout=10)
+    assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert "QEMU" in caught.value.details()
+
+
+@pytest.mark.parametrize("transport", ["tcp", "unix"])
+def test_watch_inventory_stream(agent, transport):
+    node = stub(getattr(agent, transport))
+    stream = node.WatchInventory(pb.WatchInventoryRequest(), timeout=30)
+    first = next(stream)
+    assert first.WhichOneof("event") == "snapshot"
+    assert len(first.snapshot.cards) == 2 and not first.resync
+    allocated = node.AllocateVF(pb.AllocateVFRequest(owner="watcher"), timeout=10)
+    delta = next(stream)
+    assert delta.revision == first.revision + 1
+    kinds = [change.WhichOneof("change") for change in delta.delta.changes]
+    assert kinds[0] == "allocation_updated"
+    assert delta.delta.changes[0].allocation_updated.id == allocated.allocation.id
+    assert "vf_updated" in kinds
+    stream.cancel()
+
+    resumed = node.WatchInventory(pb.WatchInventoryRequest(from_revision=first.revision), timeout=30)
+    assert next(resumed) == delta
+    resumed.cancel()
+
+
+@pytest.mark.parametrize("transport", ["tcp", "unix"])
+def test_health_with_the_independent_client(agent, transport):
+    channel = grpc.insecure_channel(getattr(agent, transport))
+    health = independent_health_grpc.HealthStub(channel)
+    for service in ["", "fpga.agent.v1.NodeAgent"]:
+        reply = health.Check(independent_health_pb2.HealthCheckRequest(service=service), timeout=10)
+        assert reply.status == independent_health_pb2.HealthCheckResponse.SERVING
+    with pytest.raises(grpc.RpcError) as caught:
+        health.Check(independent_health_pb2.HealthCheckRequest(service="nope"), timeout=10)
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    watch = health.Watch(independent_health_pb2.HealthCheckRequest(), timeout=30)
+    assert next(watch).status == independent_health_pb2.HealthCheckResponse.SERVING
+    watch.cancel()
+
+
+def test_sigterm_ends_watches_reports_not_serving_and_removes_the_socket(agent):
+    channel = grpc.insecure_channel(agent.tcp)
+    health = independent_health_grpc.HealthStub(channel).Watch(
+        independent_health_pb2.HealthCheckRequest(), timeout=60)
+    assert next(health).status == independent_health_pb2.HealthCheckResponse.SERVING
+    events = stub(agent.tcp).WatchInventory(pb.WatchInventoryRequest(), timeout=60)
+    assert next(events).WhichOneof("event") == "snapshot"
+
+    agent.process.send_signal(signal.SIGTERM)
+    assert next(health).status == independent_health_pb2.HealthCheckResponse.NOT_SERVING
+    assert list(events) == []  # the stream ends cleanly
+    assert agent.process.wait(timeout=30) == 0
+    assert not os.path.exists(agent.socket_path)
+    log = open(os.path.join(agent.directory, "agent.log")).read()
+    assert "fpga-agent stopped" in log
+
+
+def test_gzip_requests_are_accepted(agent):
+    channel = grpc.insecure_channel(agent.tcp, compression=grpc.Compression.Gzip)
+    reply = rpc.NodeAgentStub(channel).GetInventory(pb.GetInventoryRequest(), timeout=10)
+    assert len(reply.cards) == 2
+
+
+def test_concurrent_allocations_never_share_a_vf(agent):
+    node = stub(agent.tcp)
+    results, errors = [], []
+
+    def worker(index):
+        try:
+            for n in range(5):
+                reply = node.AllocateVF(pb.AllocateVFRequest(owner=f"w{index}"), timeout=10)
+                results.append(reply.allocation.vf_bdf)
+        except grpc.RpcError as error:
+            errors.append(error)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    assert len(results) == 40 and len(set(results)) == 40
+
+
+def test_fpgactl_binary_against_the_agent(agent):
+    out = subprocess.run([str(BIN / "fpgactl"), "--server", agent.unix, "inventory", "--json"],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    inventory = json.loads(out.stdout)
+    assert [card["id"] for card in inventory["cards"]] == ["card-0000:3b", "card-0000:d8"]
+    unreachable = subprocess.run([str(BIN / "fpgactl"), "--server", "127.0.0.1:1", "status"],
+                                 capture_output=True, text=True, timeout=30)
+    assert unreachable.returncode == 3
+    assert "cannot reach the agent at 127.0.0.1:1" in unreachable.stderr
+
+
+def test_invalid_configuration_is_refused_naming_the_key():
+    with tempfile.TemporaryDirectory() as directory:
+        config = os.path.join(directory, "agent.yaml")
+        with open(config, "w") as f:
+            f.write("server:\n  listen: nowhere\nplatfrom: simulated\n")
+        out = subprocess.run([str(BIN / "fpga-agent"), "--config", config, "--state-dir", directory],
+                             capture_output=True, text=True, timeout=30)
+        assert out.returncode != 0
+        assert "unknown key platfrom" in out.stderr
+        out = subprocess.run([str(BIN / "fpga-agent"), "--platform", "windows", "--state-dir", directory],
+                             capture_output=True, text=True, timeout=30)
+        assert out.returncode != 0
+        assert 'platform "windows" is not one of: simulated, linux' in out.stderr
