@@ -31,11 +31,15 @@ public struct NodeAgentService: Fpga_Agent_V1_NodeAgent.SimpleServiceProtocol {
     request: Fpga_Agent_V1_GetInventoryRequest, context: ServerContext
   ) async throws -> Fpga_Agent_V1_Inventory {
     let cardID = try Validate.cardID(request.cardID)
-    if cardID == nil, let cached = inventoryCache.get(revision: await engine.revision) {
-      return cached
+    guard cardID == nil else { return Fpga_Agent_V1_Inventory(try await engine.snapshot(cardID: cardID)) }
+    if let cached = inventoryCache.get(revision: await engine.revision) { return cached }
+    if let from = inventoryCache.revision, let events = await engine.deltas(after: from),
+      let updated = inventoryCache.apply(events, from: from)
+    {
+      return updated
     }
-    let inventory = Fpga_Agent_V1_Inventory(try await engine.snapshot(cardID: cardID))
-    if cardID == nil { inventoryCache.set(inventory) }
+    let inventory = Fpga_Agent_V1_Inventory(try await engine.snapshot())
+    inventoryCache.set(inventory)
     return inventory
   }
 
@@ -258,18 +262,82 @@ extension RequestMeta {
   }
 }
 
-/// The encoded full inventory of the latest revision, so repeated GetInventory calls at the
-/// same revision cost one conversion.
+/// The full inventory in wire form, kept current by applying the engine's deltas to it, so a
+/// GetInventory after a change converts only what changed instead of the whole node.
 final class InventoryCache: Sendable {
-  private let cached = Mutex<Fpga_Agent_V1_Inventory?>(nil)
-
-  func get(revision: UInt64) -> Fpga_Agent_V1_Inventory? {
-    cached.withLock { $0?.revision == revision ? $0 : nil }
+  private struct State {
+    var inventory: Fpga_Agent_V1_Inventory
+    /// VF BDF → (card, PF, VF) positions in `inventory`.
+    var vfPositions: [String: (Int, Int, Int)]
   }
 
+  private let state = Mutex<State?>(nil)
+
+  /// The inventory at `revision` when the cache has it.
+  func get(revision: UInt64) -> Fpga_Agent_V1_Inventory? {
+    state.withLock { $0?.inventory.revision == revision ? $0?.inventory : nil }
+  }
+
+  var revision: UInt64? { state.withLock { $0?.inventory.revision } }
+
+  /// Replaces the cache with a full inventory (unless it already holds a newer one).
   func set(_ inventory: Fpga_Agent_V1_Inventory) {
-    cached.withLock { current in
-      if (current?.revision ?? 0) <= inventory.revision { current = inventory }
+    state.withLock { current in
+      guard (current?.inventory.revision ?? 0) <= inventory.revision else { return }
+      var positions: [String: (Int, Int, Int)] = [:]
+      for (c, card) in inventory.cards.enumerated() {
+        for (p, pf) in card.pfs.enumerated() {
+          for (v, vf) in pf.vfs.enumerated() { positions[vf.bdf] = (c, p, v) }
+        }
+      }
+      current = State(inventory: inventory, vfPositions: positions)
+    }
+  }
+
+  /// Applies `events` (deltas following the cached revision); returns the result, or nil when a
+  /// change reshapes the tree (cards, PFs, VFs coming or going) and a full conversion is needed.
+  func apply(_ events: [InventoryEvent], from revision: UInt64) -> Fpga_Agent_V1_Inventory? {
+    state.withLock { current -> Fpga_Agent_V1_Inventory? in
+      guard var cached = current, cached.inventory.revision == revision else { return nil }
+      for event in events {
+        guard case .delta(let eventRevision, let changes) = event else { return nil }
+        for change in changes {
+          switch change {
+          case .vfUpdated(let view):
+            guard let (c, p, v) = cached.vfPositions[view.function.address.description] else { return nil }
+            cached.inventory.cards[c].pfs[p].vfs[v] = .init(view)
+          case .allocationUpdated(let allocation):
+            let message = Fpga_Agent_V1_Allocation(allocation)
+            if let index = cached.inventory.allocations.firstIndex(where: { $0.id == allocation.id }) {
+              cached.inventory.allocations[index] = message
+            } else {
+              let index = cached.inventory.allocations.firstIndex { $0.id > allocation.id }
+              cached.inventory.allocations.insert(message, at: index ?? cached.inventory.allocations.endIndex)
+            }
+          case .allocationRemoved(let id):
+            cached.inventory.allocations.removeAll { $0.id == id }
+          case .pfUpdated(let pf, let draining):
+            let bdf = pf.address.description
+            guard let c = cached.inventory.cards.firstIndex(where: { $0.id == pf.cardID }),
+              let p = cached.inventory.cards[c].pfs.firstIndex(where: { $0.bdf == bdf }),
+              Int(cached.inventory.cards[c].pfs[p].numVfs) == pf.numVFs
+            else { return nil }
+            let vfs = cached.inventory.cards[c].pfs[p].vfs
+            cached.inventory.cards[c].pfs[p] = .init(pf, draining: draining)
+            cached.inventory.cards[c].pfs[p].vfs = vfs
+          case .cardUpdated(let card):
+            guard let c = cached.inventory.cards.firstIndex(where: { $0.id == card.id }) else { return nil }
+            let pfs = cached.inventory.cards[c].pfs
+            cached.inventory.cards[c] = .init(card)
+            cached.inventory.cards[c].pfs = pfs
+          case .vfRemoved, .pfRemoved, .cardRemoved:
+            return nil
+          }
+        }
+        cached.inventory.revision = eventRevision
+      }
+      current = cached
+      return cached.inventory
     }
   }
 }

@@ -59,6 +59,9 @@ public actor NodeEngine {
 
   public var revision: UInt64 { state.revision }
 
+  /// The deltas after `revision`, nil when the change log no longer has them all.
+  public func deltas(after revision: UInt64) -> [InventoryEvent]? { state.deltas(after: revision) }
+
   public func status() -> NodeStatusValue {
     NodeStatusValue(
       nodeID: nodeID, startedAt: startedAt, now: clock.now(), revision: state.revision,

@@ -98,3 +98,17 @@ import Testing
     #expect(ListenAddress(":50051") == nil)
   }
 }
+
+@Suite struct ShippedConfigTests {
+  static let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+    .deletingLastPathComponent()
+
+  @Test func theExampleConfigurationIsValid() throws {
+    let path = Self.root.appendingPathComponent("deploy/fpga-agent.yaml").path
+    let command = try AgentCommand.parse(["--config", path])
+    let config = try command.resolvedConfig(environment: [:])
+    #expect(config.server.unixSocket == "/run/fpga-agent/agent.sock")
+    #expect(config.simulator.cards.map(\.bus) == [0x3b, 0xd8])
+    #expect(config.log.format == "json")
+  }
+}
