@@ -35,6 +35,8 @@ let package = Package(
     .target(name: "FPGACore"),
     // The simulated node: cards, PFs, VFs under the kernel's SR-IOV rules.
     .target(name: "FPGASimulator", dependencies: ["FPGACore"]),
+    // The Linux platform: sysfs SR-IOV, QDMA and VFIO behind narrow protocols.
+    .target(name: "FPGALinux", dependencies: ["FPGACore"]),
     // Generated code and the gRPC services of the node API and health.
     .target(
       name: "FPGAAgentAPI",
@@ -44,7 +46,7 @@ let package = Package(
     .target(
       name: "FPGAAgentRuntime",
       dependencies: [
-        "FPGACore", "FPGASimulator", "FPGAAgentAPI", grpcCore, grpcHTTP2, logging,
+        "FPGACore", "FPGASimulator", "FPGALinux", "FPGAAgentAPI", grpcCore, grpcHTTP2, logging,
         serviceLifecycle, argumentParser, .product(name: "Yams", package: "Yams"),
       ]
     ),
@@ -66,11 +68,14 @@ let package = Package(
     // Helpers shared by the test targets: a running agent on loopback, a fixed clock.
     .target(
       name: "FPGATestSupport",
-      dependencies: ["FPGACore", "FPGAAgentRuntime", "FPGAAgentAPI", grpcCore, grpcHTTP2, logging],
+      dependencies: [
+        "FPGACore", "FPGALinux", "FPGAAgentRuntime", "FPGAAgentAPI", grpcCore, grpcHTTP2, logging,
+      ],
       path: "Tests/FPGATestSupport"
     ),
     .testTarget(name: "FPGACoreTests", dependencies: ["FPGACore", "FPGASimulator"]),
     .testTarget(name: "FPGASimulatorTests", dependencies: ["FPGACore", "FPGASimulator"]),
+    .testTarget(name: "FPGALinuxTests", dependencies: ["FPGACore", "FPGALinux", "FPGATestSupport"]),
     .testTarget(
       name: "FPGAAgentAPITests",
       dependencies: [

@@ -1,5 +1,6 @@
 import ArgumentParser
 import FPGACore
+import FPGALinux
 import Logging
 
 /// `fpga-agent`: runs the node agent. Configuration comes from `--config FILE`, then the
@@ -38,6 +39,20 @@ public struct AgentCommand: AsyncParsableCommand {
   @Option(name: .customLong("log-format"), help: "text or json.")
   var logFormat: String?
 
+  @Option(name: .customLong("sysfs-root"), help: "Where sysfs is mounted (linux platform; default /sys).")
+  var sysfsRoot: String?
+
+  @Option(name: .customLong("dev-root"), help: "Where device nodes are (linux platform; default /dev).")
+  var devRoot: String?
+
+  @Option(
+    name: .customLong("selector"),
+    help: "Which PCI functions to manage, repeatable: vendor=10ee,device=903f,driver=qdma-pf,address=0000:3b:00.0 (replaces the config's selectors).")
+  var selectors: [String] = []
+
+  @Flag(name: .customLong("dry-run"), help: "Discover, print what would be managed, write nothing, and exit.")
+  var dryRun = false
+
   @Flag(name: .customLong("check-config"), help: "Validate the configuration, print it, and exit.")
   var checkConfig = false
 
@@ -60,6 +75,9 @@ public struct AgentCommand: AsyncParsableCommand {
     if let nodeID { resolved.nodeID = nodeID }
     if let logLevel { resolved.log.level = logLevel }
     if let logFormat { resolved.log.format = logFormat }
+    if let sysfsRoot { resolved.linux.sysfsRoot = sysfsRoot }
+    if let devRoot { resolved.linux.devRoot = devRoot }
+    if !selectors.isEmpty { resolved.linux.selectors = try selectors.map(Self.parseSelector) }
     try resolved.validate()
     return resolved
   }
@@ -75,6 +93,14 @@ public struct AgentCommand: AsyncParsableCommand {
     if checkConfig {
       print("configuration is valid:")
       print(resolved.summary)
+      return
+    }
+    if dryRun {
+      do {
+        print(try await DryRun.report(resolved))
+      } catch let error as ConfigError {
+        throw ValidationError(error.description)
+      }
       return
     }
     let level = Logger.Level(rawValue: resolved.log.level) ?? .info
@@ -99,6 +125,36 @@ public struct AgentCommand: AsyncParsableCommand {
       ])
     try await runtime.run()
     logger.info("fpga-agent stopped")
+  }
+}
+
+extension AgentCommand {
+  /// `vendor=10ee,device=903f,driver=qdma-pf,address=0000:3b:00.0` (each part optional).
+  static func parseSelector(_ text: String) throws -> PFSelector {
+    var selector = PFSelector()
+    for part in text.split(separator: ",") {
+      let pieces = part.split(separator: "=", maxSplits: 1).map(String.init)
+      guard pieces.count == 2 else {
+        throw ConfigError(problems: ["--selector \(quoted(text)): \(quoted(String(part))) is not key=value"])
+      }
+      let value = pieces[1].hasPrefix("0x") ? String(pieces[1].dropFirst(2)) : pieces[1]
+      switch pieces[0] {
+      case "vendor", "device":
+        guard let number = UInt16(value, radix: 16) else {
+          throw ConfigError(problems: ["--selector \(quoted(text)): \(pieces[0]) must be 4 hex digits"])
+        }
+        if pieces[0] == "vendor" { selector.vendors.append(number) } else { selector.devices.append(number) }
+      case "driver": selector.drivers.append(pieces[1])
+      case "address":
+        guard let address = PCIAddress(pieces[1]) else {
+          throw ConfigError(problems: ["--selector \(quoted(text)): address must be DDDD:BB:DD.F"])
+        }
+        selector.pciAddresses.append(address)
+      default:
+        throw ConfigError(problems: ["--selector \(quoted(text)): unknown key \(quoted(pieces[0])) (vendor, device, driver, address)"])
+      }
+    }
+    return selector
   }
 }
 

@@ -1,4 +1,5 @@
 import FPGACore
+import FPGALinux
 import FPGASimulator
 
 /// The agent's configuration: one struct of nested structs. Read from a YAML file, then the
@@ -27,7 +28,20 @@ public struct AgentConfig: Hashable, Sendable {
     public var cards = SimulatorConfig.default.cards
   }
 
+  /// The Linux platform.
+  public struct Linux: Hashable, Sendable {
+    /// Where sysfs is mounted (a test tree's `sys/` folder in tests).
+    public var sysfsRoot = "/sys"
+    /// Where device nodes are (`/dev/vfio/N`).
+    public var devRoot = "/dev"
+    /// Seconds a VF count write may block before the agent reports it (the write goes on).
+    public var watchdogSeconds = 15
+    /// Which PCI functions are managed; the default matches Xilinx/AMD QDMA PFs.
+    public var selectors: [PFSelector] = [.qdma]
+  }
+
   public var server = Server()
+  public var linux = Linux()
   public var log = Log()
   /// `simulated` (the default) or `linux`.
   public var platform = "simulated"
@@ -94,6 +108,10 @@ public struct AgentConfig: Hashable, Sendable {
       problems.append("rescan_interval_seconds must be 0 (off) or more")
     }
     problems += SimulatorConfig(cards: simulator.cards).problems()
+    if !linux.sysfsRoot.hasPrefix("/") { problems.append("linux.sysfs_root \(quoted(linux.sysfsRoot)) must be an absolute path") }
+    if !linux.devRoot.hasPrefix("/") { problems.append("linux.dev_root \(quoted(linux.devRoot)) must be an absolute path") }
+    if linux.watchdogSeconds < 1 { problems.append("linux.watchdog_seconds must be at least 1") }
+    if linux.selectors.isEmpty { problems.append("linux.selectors is empty: the agent would manage nothing") }
     if !problems.isEmpty { throw ConfigError(problems: problems) }
   }
 }

@@ -1,5 +1,6 @@
 import FPGAAgentAPI
 import FPGACore
+import FPGALinux
 import FPGASimulator
 import GRPCCore
 import GRPCNIOTransportHTTP2
@@ -40,9 +41,8 @@ public final class AgentRuntime: Sendable {
       simulatedNode = node
       platform = SimulatedPlatform(node: node)
     default:
-      throw ConfigError(problems: [
-        "platform \(quoted(config.platform)): the Linux sysfs platform is not part of this build yet; use platform: simulated"
-      ])
+      simulatedNode = nil
+      platform = try Self.linuxPlatform(config.linux)
     }
     engine = NodeEngine(nodeID: nodeID, platform: platform, clock: clock)
     health = HealthService(services: [Fpga_Agent_V1_NodeAgent.descriptor.fullyQualifiedService])
@@ -123,6 +123,17 @@ public final class AgentRuntime: Sendable {
   /// Waits until the Unix socket server listens.
   public func unixSocketReady() async throws {
     _ = try await unixServer?.listeningAddress
+  }
+
+  /// The Linux platform on the configured roots.
+  public static func linuxPlatform(_ linux: AgentConfig.Linux) throws -> LinuxPlatform {
+    let sysfs: LinuxSysfs
+    do {
+      sysfs = try LinuxSysfs(root: linux.sysfsRoot, devRoot: linux.devRoot)
+    } catch {
+      throw ConfigError(problems: ["linux.sysfs_root \(quoted(linux.sysfsRoot)) cannot be opened: \(error)"])
+    }
+    return LinuxPlatform(sysfs: sysfs, selectors: linux.selectors, watchdog: .seconds(linux.watchdogSeconds))
   }
 
   /// The id in `node_id`, else the one kept in the state directory, else a new one (kept).

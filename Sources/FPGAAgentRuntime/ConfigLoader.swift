@@ -1,4 +1,5 @@
 import FPGACore
+import FPGALinux
 import FPGASimulator
 import Yams
 
@@ -16,6 +17,8 @@ public enum ConfigLoader {
     ("FPGA_AGENT_RESCAN_INTERVAL_SECONDS", "rescan_interval_seconds"),
     ("FPGA_AGENT_LOG_LEVEL", "log.level"),
     ("FPGA_AGENT_LOG_FORMAT", "log.format"),
+    ("FPGA_AGENT_SYSFS_ROOT", "linux.sysfs_root"),
+    ("FPGA_AGENT_DEV_ROOT", "linux.dev_root"),
   ]
 
   /// Reads `yaml` (a file's text) over `config`.
@@ -54,6 +57,16 @@ public enum ConfigLoader {
       case "state_dir": reader.string(value, key).map { config.stateDir = $0 }
       case "node_id": reader.string(value, key).map { config.nodeID = $0 }
       case "rescan_interval_seconds": reader.int(value, key).map { config.rescanIntervalSeconds = $0 }
+      case "linux":
+        reader.mapping(value, "linux") { key, value, path in
+          switch key {
+          case "sysfs_root": reader.string(value, path).map { config.linux.sysfsRoot = $0 }
+          case "dev_root": reader.string(value, path).map { config.linux.devRoot = $0 }
+          case "watchdog_seconds": reader.int(value, path).map { config.linux.watchdogSeconds = $0 }
+          case "selectors": reader.selectors(value, path).map { config.linux.selectors = $0 }
+          default: reader.unknown(path)
+          }
+        }
       case "simulator":
         reader.mapping(value, "simulator") { key, value, path in
           switch key {
@@ -83,6 +96,8 @@ public enum ConfigLoader {
       case "node_id": config.nodeID = value
       case "log.level": config.log.level = value
       case "log.format": config.log.format = value
+      case "linux.sysfs_root": config.linux.sysfsRoot = value
+      case "linux.dev_root": config.linux.devRoot = value
       case "rescan_interval_seconds":
         if let seconds = Int(value) {
           config.rescanIntervalSeconds = seconds
@@ -143,7 +158,7 @@ private final class Reader {
     return numbers.count == list.count ? numbers : nil
   }
 
-  /// A bus number: an integer, or a hex string like "3b" / "0x3b".
+  /// A number given as an integer, or as hex text like "3b" / "0x3b".
   func hexByte(_ value: Any, _ path: String, limit: Int) -> Int? {
     var number: Int?
     if let int = value as? Int { number = int }
@@ -155,6 +170,37 @@ private final class Reader {
       return nil
     }
     return number
+  }
+
+  func selectors(_ value: Any, _ path: String) -> [PFSelector]? {
+    guard let list = value as? [Any] else {
+      problems.append("\(path) must be a list of selectors")
+      return nil
+    }
+    var selectors: [PFSelector] = []
+    for (index, item) in list.enumerated() {
+      var selector = PFSelector()
+      mapping(item, "\(path)[\(index)]") { key, value, path in
+        let items = (value as? [Any]) ?? [value]
+        switch key {
+        case "vendors": selector.vendors = items.enumerated().compactMap { hexByte($1, "\(path)[\($0)]", limit: 0xffff).map(UInt16.init) }
+        case "devices": selector.devices = items.enumerated().compactMap { hexByte($1, "\(path)[\($0)]", limit: 0xffff).map(UInt16.init) }
+        case "drivers": selector.drivers = items.enumerated().compactMap { string($1, "\(path)[\($0)]") }
+        case "pci_addresses":
+          selector.pciAddresses = items.enumerated().compactMap { offset, item in
+            guard let text = string(item, "\(path)[\(offset)]") else { return nil }
+            guard let address = PCIAddress(text) else {
+              problems.append("\(path)[\(offset)] \(quoted(text)) is not a PCI address (DDDD:BB:DD.F)")
+              return nil
+            }
+            return address
+          }
+        default: unknown(path)
+        }
+      }
+      selectors.append(selector)
+    }
+    return selectors
   }
 
   func cards(_ value: Any, _ path: String) -> [SimulatorConfig.Card]? {

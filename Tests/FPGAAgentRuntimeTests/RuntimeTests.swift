@@ -46,12 +46,18 @@ import Testing
     #expect(FileManager.default.fileExists(atPath: directory + "/agent.sock"))
   }
 
-  @Test func theLinuxPlatformIsRefusedClearlyUntilBuilt() throws {
+  @Test func aMissingSysfsRootIsRefusedNamingTheKey() throws {
     let directory = try temporaryDirectory()
     defer { try? FileManager.default.removeItem(atPath: directory) }
     var linux = config(in: directory)
     linux.platform = "linux"
-    #expect(throws: ConfigError.self) { try AgentRuntime(config: linux, logger: Logger(label: "t")) }
+    linux.linux.sysfsRoot = directory + "/no-such-sys"
+    do {
+      _ = try AgentRuntime(config: linux, logger: Logger(label: "t"))
+      Issue.record("expected a ConfigError")
+    } catch let error as ConfigError {
+      #expect(error.problems.first?.hasPrefix("linux.sysfs_root \"\(directory)/no-such-sys\" cannot be opened") == true)
+    }
   }
 
   @Test func gracefulShutdownRemovesTheSocket() async throws {

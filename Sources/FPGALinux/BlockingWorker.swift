@@ -1,0 +1,59 @@
+import Foundation
+import Synchronization
+
+/// Runs a blocking system call on a thread of its own, never on one that serves requests, and
+/// gives up waiting after a watchdog delay. A write of `sriov_numvfs` that blocks in the kernel
+/// cannot be interrupted (not even by a signal): the thread goes on waiting, the caller is told,
+/// and `isBusy` stays true until the call returns.
+public final class BlockingWorker: Sendable {
+  public enum Outcome<Value: Sendable>: Sendable {
+    case finished(Value)
+    /// Still blocked when the watchdog fired; `completion` resolves when it returns.
+    case stillBlocked(completion: Task<Value, Never>)
+  }
+
+  private let running = Mutex<Set<String>>([])
+
+  public init() {}
+
+  /// Keys of calls still in flight (e.g. a PF whose write is blocked).
+  public func isBusy(_ key: String) -> Bool { running.withLock { $0.contains(key) } }
+
+  public func run<Value: Sendable>(
+    key: String, watchdog: Duration, _ body: @escaping @Sendable () -> Value
+  ) async -> Outcome<Value> {
+    running.withLock { _ = $0.insert(key) }
+    let completion = Task<Value, Never> {
+      let value = await withCheckedContinuation { continuation in
+        let thread = Thread {
+          continuation.resume(returning: body())
+        }
+        thread.name = "fpga-agent blocking \(key)"
+        thread.start()
+      }
+      self.running.withLock { _ = $0.remove(key) }
+      return value
+    }
+    // Whichever comes first, the call's return or the watchdog, answers; the other is ignored.
+    // (A task group would wait for the blocked call before returning.)
+    let answered = Mutex(false)
+    let first: Value? = await withCheckedContinuation { continuation in
+      let answer: @Sendable (Value?) -> Void = { value in
+        if !answered.withLock({ answered in defer { answered = true }; return answered }) {
+          continuation.resume(returning: value)
+        }
+      }
+      let watchdogTask = Task {
+        try? await Task.sleep(for: watchdog)
+        answer(nil)
+      }
+      Task {
+        let value = await completion.value
+        watchdogTask.cancel()
+        answer(value)
+      }
+    }
+    if let first { return .finished(first) }
+    return .stillBlocked(completion: completion)
+  }
+}

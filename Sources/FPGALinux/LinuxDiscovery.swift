@@ -1,0 +1,83 @@
+import FPGACore
+
+/// Reads the PFs that the selectors match, with their SR-IOV attributes and enabled VFs, from
+/// sysfs alone: `sriov_*`, `virtfnN` links, each VF's driver, `driver_override`, IOMMU group,
+/// `/dev/vfio/N`, NUMA node, and QDMA's `qdma/qmax`.
+public struct LinuxDiscovery: Sendable {
+  public let sysfs: any Sysfs
+  public let selectors: [PFSelector]
+
+  public init(sysfs: any Sysfs, selectors: [PFSelector]) {
+    self.sysfs = sysfs
+    self.selectors = selectors
+  }
+
+  public func discover() throws(SysfsError) -> DiscoveredNode {
+    var pfs: [DiscoveredPF] = []
+    for name in try sysfs.list(.devices) {
+      guard let address = PCIAddress(name) else { continue }
+      // VFs are listed too; they are found through their PF.
+      if sysfs.exists(.device(address, "physfn")) { continue }
+      guard let vendor = try? hexValue(.device(address, "vendor")),
+        let device = try? hexValue(.device(address, "device"))
+      else { continue }
+      let driver = try sysfs.linkName(.device(address, "driver"))
+      guard selectors.contains(where: { $0.matches(address: address, vendor: UInt16(vendor), device: UInt16(device), driver: driver) })
+      else { continue }
+      pfs.append(try readPF(address, vendor: UInt16(vendor), device: UInt16(device), driver: driver))
+    }
+    return DiscoveredNode(pfs: pfs)
+  }
+
+  func readPF(_ address: PCIAddress, vendor: UInt16, device: UInt16, driver: String?) throws(SysfsError) -> DiscoveredPF {
+    let sriov = sysfs.exists(.device(address, "sriov_totalvfs"))
+    let function = PhysicalFunction(
+      address: address, vendorID: vendor, deviceID: device,
+      vfDeviceID: sriov ? UInt16(try hexValue(.device(address, "sriov_vf_device"))) : 0,
+      totalVFs: sriov ? try intValue(.device(address, "sriov_totalvfs")) : 0,
+      numVFs: sriov ? try intValue(.device(address, "sriov_numvfs")) : 0,
+      vfOffset: sriov ? try intValue(.device(address, "sriov_offset")) : 0,
+      vfStride: sriov ? try intValue(.device(address, "sriov_stride")) : 0,
+      driversAutoprobe: sriov ? try intValue(.device(address, "sriov_drivers_autoprobe")) != 0 : false,
+      driver: driver, numaNode: (try? intValue(.device(address, "numa_node"))) ?? -1,
+      qmax: (try? intValue(.device(address, "qdma", "qmax"))) ?? 0)
+    var vfs: [VirtualFunction] = []
+    for entry in try sysfs.list(.device(address)) where entry.hasPrefix("virtfn") {
+      guard let index = Int(entry.dropFirst(6)), let name = try sysfs.linkName(.device(address, entry)),
+        let vfAddress = PCIAddress(name)
+      else { continue }
+      vfs.append(try readVF(vfAddress, pf: address, index: index))
+    }
+    return DiscoveredPF(function: function, vfs: vfs.sorted { $0.index < $1.index })
+  }
+
+  func readVF(_ address: PCIAddress, pf: PCIAddress, index: Int) throws(SysfsError) -> VirtualFunction {
+    let driver = try sysfs.linkName(.device(address, "driver"))
+    let override = (try? sysfs.read(.device(address, "driver_override"))).flatMap { $0.isEmpty || $0 == "(null)" ? nil : $0 }
+    let group = try sysfs.linkName(.device(address, "iommu_group")).flatMap { Int($0) } ?? -1
+    let vfio = group >= 0 && driver == "vfio-pci" && sysfs.deviceNodeExists("vfio/\(group)") ? "/dev/vfio/\(group)" : nil
+    return VirtualFunction(
+      address: address, pfAddress: pf, index: index,
+      vendorID: UInt16(try hexValue(.device(address, "vendor"))),
+      deviceID: UInt16(try hexValue(.device(address, "device"))),
+      iommuGroup: group, numaNode: (try? intValue(.device(address, "numa_node"))) ?? -1,
+      driver: driver, driverOverride: override, vfioDevice: vfio)
+  }
+
+  func hexValue(_ path: SysfsPath) throws(SysfsError) -> Int {
+    let text = try sysfs.read(path)
+    let digits = text.hasPrefix("0x") ? text.dropFirst(2) : Substring(text)
+    guard let value = Int(digits, radix: 16), (0...0xffff).contains(value) else {
+      throw SysfsError(operation: "parse hex \"\(text)\" of", path: path.description, errno: 22)
+    }
+    return value
+  }
+
+  func intValue(_ path: SysfsPath) throws(SysfsError) -> Int {
+    let text = try sysfs.read(path)
+    guard let value = Int(text) else {
+      throw SysfsError(operation: "parse number \"\(text)\" of", path: path.description, errno: 22)
+    }
+    return value
+  }
+}

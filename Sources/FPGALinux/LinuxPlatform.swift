@@ -1,0 +1,188 @@
+import FPGACore
+
+/// The agent's platform on a Linux host: discovery and operations on sysfs.
+public struct LinuxPlatform: NodePlatform {
+  public let sysfs: any Sysfs
+  public let selectors: [PFSelector]
+  public let watchdog: Duration
+  public let worker = BlockingWorker()
+  /// QDMA PF driver names, newest first.
+  static let qdmaDrivers = ["qdma-pf", "qdma"]
+
+  public init(sysfs: any Sysfs, selectors: [PFSelector] = [.qdma], watchdog: Duration = .seconds(15)) {
+    self.sysfs = sysfs
+    self.selectors = selectors
+    self.watchdog = watchdog
+  }
+
+  public func discover() async throws(AgentError) -> DiscoveredNode {
+    do {
+      return try LinuxDiscovery(sysfs: sysfs, selectors: selectors).discover()
+    } catch {
+      throw AgentError(.unavailable, "cannot read the PCI devices from sysfs", cause: error.description)
+    }
+  }
+
+  public func capabilities() async -> PlatformCapabilities {
+    let groups = (try? sysfs.list(.iommuGroups)) ?? []
+    let vfio = sysfs.exists(.driver("vfio-pci"))
+    let qdma = Self.qdmaDrivers.first { sysfs.exists(.driver($0)) }
+    var problems: [String] = []
+    if groups.isEmpty {
+      problems.append(
+        "no IOMMU groups in sysfs (kernel/iommu_groups is empty): VFIO passthrough is impossible; "
+          + "enable VT-d/AMD-Vi in the firmware and boot with intel_iommu=on or amd_iommu=on")
+    }
+    if !vfio {
+      problems.append("vfio-pci is not loaded (no bus/pci/drivers/vfio-pci): run `modprobe vfio-pci`")
+    }
+    if let node = try? LinuxDiscovery(sysfs: sysfs, selectors: selectors).discover() {
+      for pf in node.pfs where pf.function.driver == nil && pf.function.totalVFs > 0 {
+        problems.append(
+          "PF \(pf.function.address) has no driver bound: its VF count cannot change (load and bind qdma-pf)")
+      }
+    }
+    return PlatformCapabilities(
+      platform: "linux", iommu: !groups.isEmpty, vfioPCI: vfio, qdmaDriver: qdma, vfioPause: false,
+      problems: problems)
+  }
+
+  // MARK: Operations
+
+  /// Sets a PF's VF count the way the kernel requires: autoprobe off before enabling, through 0
+  /// when a different non-zero count is enabled, each write in a worker under the watchdog, and
+  /// the count re-read afterwards (QDMA may report success with fewer VFs).
+  public func setVFCount(pf: PCIAddress, to count: Int) async throws(AgentError) {
+    let key = pf.description
+    if worker.isBusy(key) {
+      throw AgentError(
+        .failedPrecondition,
+        "PF \(pf): an earlier VF count write is still blocked in the kernel (a VM still holds one of its VFs)")
+    }
+    let total = try readInt(.device(pf, "sriov_totalvfs"), pf: pf, what: "sriov_totalvfs (is it an SR-IOV PF?)")
+    let current = try readInt(.device(pf, "sriov_numvfs"), pf: pf, what: "sriov_numvfs")
+    guard count != current else { return }
+    guard (0...total).contains(count) else {
+      throw SRIOVErrors.numVFsWrite(.ERANGE, pf: pf, requested: count, current: current, total: total)
+    }
+    if count > 0 {
+      try writeAttribute(.device(pf, "sriov_drivers_autoprobe"), "0", pf: pf)
+    }
+    if current != 0 {
+      try await writeNumVFs(pf: pf, value: 0, current: current, total: total)
+    }
+    if count > 0 {
+      try await writeNumVFs(pf: pf, value: count, current: 0, total: total)
+    }
+    let after = try readInt(.device(pf, "sriov_numvfs"), pf: pf, what: "sriov_numvfs")
+    guard after == count else {
+      throw AgentError(
+        .internal,
+        "PF \(pf): the driver enabled \(after) VFs instead of \(count) (the kernel log says why; QDMA reports success when pci_enable_sriov fails)")
+    }
+  }
+
+  private func writeNumVFs(pf: PCIAddress, value: Int, current: Int, total: Int) async throws(AgentError) {
+    let sysfs = self.sysfs
+    let outcome = await worker.run(key: pf.description, watchdog: watchdog) { () -> SysfsError? in
+      do throws(SysfsError) {
+        try sysfs.write(.device(pf, "sriov_numvfs"), String(value))
+        return nil
+      } catch {
+        return error
+      }
+    }
+    switch outcome {
+    case .finished(nil): return
+    case .finished(let error?):
+      throw SRIOVErrors.numVFsWrite(
+        error.kernelErrno ?? .EIO, pf: pf, requested: value, current: current, total: total)
+    case .stillBlocked:
+      throw SRIOVErrors.numVFsWrite(.ETIMEDOUT, pf: pf, requested: value, current: current, total: total)
+    }
+  }
+
+  /// Binds a VF to vfio-pci: driver_override, unbind from its current driver, drivers_probe,
+  /// verify the driver link (drivers_probe succeeds even when the probe fails), wait for
+  /// `/dev/vfio/N`. Returns the device node.
+  @discardableResult
+  public func bindToVFIO(vf: PCIAddress, clock: any Clock<Duration> = ContinuousClock()) async throws(AgentError) -> String {
+    guard sysfs.exists(.device(vf, "physfn")) else {
+      throw AgentError(.failedPrecondition, "\(vf) is not a VF (it has no physfn link); only VFs are bound to vfio-pci")
+    }
+    guard sysfs.exists(.driver("vfio-pci")) else {
+      throw AgentError(.failedPrecondition, "vfio-pci is not loaded: run `modprobe vfio-pci`")
+    }
+    let current = try link(.device(vf, "driver"), vf)
+    if current != "vfio-pci" {
+      try writeAttribute(.device(vf, "driver_override"), "vfio-pci", pf: vf)
+      if let current {
+        try writeAttribute(.driver(current, "unbind"), vf.description, pf: vf)
+      }
+      try writeAttribute(.driversProbe, vf.description, pf: vf)
+      let bound = try link(.device(vf, "driver"), vf)
+      guard bound == "vfio-pci" else {
+        throw AgentError(
+          .failedPrecondition,
+          "VF \(vf) did not bind to vfio-pci (driver now: \(bound ?? "none")): vfio-pci refused it; its IOMMU group may not be viable",
+          cause: "driver link after drivers_probe")
+      }
+    }
+    guard let group = try link(.device(vf, "iommu_group"), vf).flatMap({ Int($0) }) else {
+      throw AgentError(.failedPrecondition, "VF \(vf) has no IOMMU group: the host has no IOMMU enabled")
+    }
+    for _ in 0..<100 {
+      if sysfs.deviceNodeExists("vfio/\(group)") { return "/dev/vfio/\(group)" }
+      try? await clock.sleep(for: .milliseconds(20))
+    }
+    throw AgentError(.unavailable, "VF \(vf) is bound to vfio-pci but /dev/vfio/\(group) did not appear within 2 s")
+  }
+
+  /// Unbinds a VF from its driver and clears driver_override.
+  public func unbind(vf: PCIAddress) throws(AgentError) {
+    if let current = try link(.device(vf, "driver"), vf) {
+      try writeAttribute(.driver(current, "unbind"), vf.description, pf: vf)
+    }
+    try writeAttribute(.device(vf, "driver_override"), "\n", pf: vf)
+  }
+
+  /// Sets a QDMA function's queue count (`qdma/qmax`).
+  public func setQmax(pf: PCIAddress, to qmax: Int) throws(AgentError) {
+    guard sysfs.exists(.device(pf, "qdma", "qmax")) else {
+      throw AgentError(.failedPrecondition, "\(pf) has no qdma/qmax: it is not bound to the QDMA driver")
+    }
+    try writeAttribute(.device(pf, "qdma", "qmax"), String(qmax), pf: pf)
+  }
+
+  // MARK: Helpers
+
+  private func readInt(_ path: SysfsPath, pf: PCIAddress, what: String) throws(AgentError) -> Int {
+    let text: String
+    do {
+      text = try sysfs.read(path)
+    } catch {
+      if error.errno == 2 { throw AgentError(.notFound, "\(pf) has no \(what)", cause: error.description) }
+      throw AgentError(.unavailable, "cannot read \(what) of \(pf)", cause: error.description)
+    }
+    guard let value = Int(text) else { throw AgentError(.internal, "\(pf): \(what) is \(quoted(text)), not a number") }
+    return value
+  }
+
+  private func link(_ path: SysfsPath, _ device: PCIAddress) throws(AgentError) -> String? {
+    do {
+      return try sysfs.linkName(path)
+    } catch {
+      throw AgentError(.unavailable, "cannot read \(path.components.last ?? "") of \(device)", cause: error.description)
+    }
+  }
+
+  private func writeAttribute(_ path: SysfsPath, _ value: String, pf: PCIAddress) throws(AgentError) {
+    do {
+      try sysfs.write(path, value)
+    } catch {
+      throw AgentError(
+        error.errno == 2 ? .notFound : .failedPrecondition, "\(pf): writing \(path.components.last ?? "") failed",
+        cause: error.description)
+    }
+  }
+}
