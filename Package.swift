@@ -79,8 +79,8 @@ let package = Package(
     .testTarget(
       name: "FPGAAgentAPITests",
       dependencies: [
-        "FPGACore", "FPGASimulator", "FPGAAgentAPI", "FPGAAgentRuntime", "FPGATestSupport", grpcCore,
-        grpcHTTP2, logging,
+        "FPGACore", "FPGASimulator", "FPGALinux", "FPGAAgentAPI", "FPGAAgentRuntime", "FPGATestSupport",
+        grpcCore, grpcHTTP2, logging,
       ]
     ),
     .testTarget(

@@ -3,18 +3,26 @@ import FPGACore
 import FPGALinux
 import Logging
 
-/// `fpga-agent`: runs the node agent. Configuration comes from `--config FILE`, then the
-/// `FPGA_AGENT_*` environment, then these flags.
+/// `fpga-agent`: runs the node agent (`serve`, the default), or one-shot host commands on the
+/// same platform code (`sriov`).
 public struct AgentCommand: AsyncParsableCommand {
   public static let configuration = CommandConfiguration(
     commandName: "fpga-agent",
     abstract: "Per-node agent for PCIe FPGA cards: SR-IOV VFs for VMs, over gRPC.",
     discussion: """
-      With no arguments it serves a simulated node (two QDMA cards) on 127.0.0.1:50051 and a
+      With no arguments it serves a simulated node (two QDMA cards) on 127.0.0.1:50051 and a \
       Unix socket. Each flag overrides the config file and the FPGA_AGENT_* environment.
       """,
-    version: AgentRuntime.version)
+    version: AgentRuntime.version,
+    subcommands: [Serve.self, SRIOVCommand.self],
+    defaultSubcommand: Serve.self)
 
+  public init() {}
+}
+
+/// The configuration flags shared by every subcommand. Configuration comes from `--config FILE`,
+/// then the `FPGA_AGENT_*` environment, then these flags.
+public struct ConfigOptions: ParsableArguments {
   @Option(name: .long, help: "YAML configuration file (env FPGA_AGENT_CONFIG).")
   var config: String?
 
@@ -50,12 +58,6 @@ public struct AgentCommand: AsyncParsableCommand {
     help: "Which PCI functions to manage, repeatable: vendor=10ee,device=903f,driver=qdma-pf,address=0000:3b:00.0 (replaces the config's selectors).")
   var selectors: [String] = []
 
-  @Flag(name: .customLong("dry-run"), help: "Discover, print what would be managed, write nothing, and exit.")
-  var dryRun = false
-
-  @Flag(name: .customLong("check-config"), help: "Validate the configuration, print it, and exit.")
-  var checkConfig = false
-
   public init() {}
 
   /// The configuration from every source, validated.
@@ -77,19 +79,36 @@ public struct AgentCommand: AsyncParsableCommand {
     if let logFormat { resolved.log.format = logFormat }
     if let sysfsRoot { resolved.linux.sysfsRoot = sysfsRoot }
     if let devRoot { resolved.linux.devRoot = devRoot }
-    if !selectors.isEmpty { resolved.linux.selectors = try selectors.map(Self.parseSelector) }
+    if !selectors.isEmpty { resolved.linux.selectors = try selectors.map(AgentCommand.parseSelector) }
     try resolved.validate()
     return resolved
   }
 
-  public func run() async throws {
-    SystemCalls.lineBufferOutput()
-    let resolved: AgentConfig
+  /// The resolved configuration, or a usage error listing every bad key.
+  func resolvedOrExit() throws -> AgentConfig {
     do {
-      resolved = try resolvedConfig(environment: SystemCalls.environment())
+      return try resolvedConfig(environment: SystemCalls.environment())
     } catch let error as ConfigError {
       throw ValidationError(error.description)
     }
+  }
+}
+
+/// `fpga-agent serve` (the default): runs the daemon.
+struct Serve: AsyncParsableCommand {
+  static let configuration = CommandConfiguration(abstract: "Serve the node API (the default).")
+
+  @OptionGroup var options: ConfigOptions
+
+  @Flag(name: .customLong("dry-run"), help: "Discover, print what would be managed, write nothing, and exit.")
+  var dryRun = false
+
+  @Flag(name: .customLong("check-config"), help: "Validate the configuration, print it, and exit.")
+  var checkConfig = false
+
+  func run() async throws {
+    SystemCalls.lineBufferOutput()
+    let resolved = try options.resolvedOrExit()
     if checkConfig {
       print("configuration is valid:")
       print(resolved.summary)
@@ -190,8 +209,8 @@ extension AgentCommand {
   public static func execute(_ arguments: [String]) async {
     do {
       var command = try parseAsRoot(arguments)
-      if var agent = command as? AgentCommand {
-        try await agent.run()
+      if var asyncCommand = command as? any AsyncParsableCommand {
+        try await asyncCommand.run()
       } else {
         try command.run()
       }

@@ -166,3 +166,7 @@ public struct SystemWallClock: WallClock {
     return WallTime(seconds: Int64(spec.tv_sec), nanoseconds: Int32(spec.tv_nsec))
   }
 }
+
+extension SystemCalls {
+  public static func writeStandardError(_ text: String) { fputs(text, stderr) }
+}

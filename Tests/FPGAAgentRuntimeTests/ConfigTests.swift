@@ -31,7 +31,7 @@ import Testing
             total_vfs: [8, 8]
             enabled_vfs: [2, 0]
       """.write(toFile: path, atomically: true, encoding: .utf8)
-    let command = try AgentCommand.parse(["--config", path, "--listen", "127.0.0.1:7000"])
+    let command = try ConfigOptions.parse(["--config", path, "--listen", "127.0.0.1:7000"])
     let config = try command.resolvedConfig(environment: ["FPGA_AGENT_LOG_FORMAT": "json", "FPGA_AGENT_LISTEN": "127.0.0.1:6500"])
     #expect(config.server.listen == "127.0.0.1:7000", "the flag wins over env and file")
     #expect(config.server.unixSocket == "/run/x/agent.sock")
@@ -40,7 +40,7 @@ import Testing
     #expect(config.simulator.cards.count == 1)
     #expect(config.simulator.cards[0].bus == 0x5e && config.simulator.cards[0].totalVFs == [8, 8])
 
-    let fromEnv = try AgentCommand.parse(["--config", path]).resolvedConfig(environment: ["FPGA_AGENT_LISTEN": "127.0.0.1:6500"])
+    let fromEnv = try ConfigOptions.parse(["--config", path]).resolvedConfig(environment: ["FPGA_AGENT_LISTEN": "127.0.0.1:6500"])
     #expect(fromEnv.server.listen == "127.0.0.1:6500", "env wins over the file")
   }
 
@@ -105,7 +105,7 @@ import Testing
 
   @Test func theExampleConfigurationIsValid() throws {
     let path = Self.root.appendingPathComponent("deploy/fpga-agent.yaml").path
-    let command = try AgentCommand.parse(["--config", path])
+    let command = try ConfigOptions.parse(["--config", path])
     let config = try command.resolvedConfig(environment: [:])
     #expect(config.server.unixSocket == "/run/fpga-agent/agent.sock")
     #expect(config.simulator.cards.map(\.bus) == [0x3b, 0xd8])

@@ -35,6 +35,7 @@ public struct TestAgent: Sendable {
   public static func with<Result: Sendable>(
     cards: [SimulatorConfig.Card] = SimulatorConfig.default.cards,
     nodeID: String = "node-test",
+    configure: (inout AgentConfig) -> Void = { _ in },
     _ body: (TestAgent) async throws -> Result
   ) async throws -> Result {
     let directory = NSTemporaryDirectory() + "fpga-agent-test-" + UUID().uuidString.prefix(8)
@@ -45,6 +46,7 @@ public struct TestAgent: Sendable {
     config.nodeID = nodeID
     config.rescanIntervalSeconds = 0
     config.simulator.cards = cards
+    configure(&config)
     var logger = Logger(label: "fpga-agent-test")
     logger.logLevel = .critical
     let clock = FixedClock()
