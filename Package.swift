@@ -86,7 +86,8 @@ let package = Package(
     .testTarget(
       name: "FPGACtlTests",
       dependencies: [
-        "FPGACtlCommands", "FPGAAgentRuntime", "FPGAAgentAPI", "FPGATestSupport", grpcCore, logging,
+        "FPGACtlCommands", "FPGAAgentRuntime", "FPGAAgentAPI", "FPGACore", "FPGATestSupport", grpcCore,
+        logging,
       ]
     ),
     .testTarget(

@@ -69,6 +69,18 @@ public struct NodeAgentService: Fpga_Agent_V1_NodeAgent.SimpleServiceProtocol {
     }
   }
 
+  public func rescan(
+    request: Fpga_Agent_V1_RescanRequest, context: ServerContext
+  ) async throws -> Fpga_Agent_V1_RescanResponse {
+    let before = await engine.revision
+    let after = try await engine.rescan()
+    if after != before { logger.info("rescan found changes", metadata: ["fpga.revision": "\(after)"]) }
+    return .with {
+      $0.revision = after
+      $0.changed = after != before
+    }
+  }
+
   // MARK: Allocation
 
   public func allocateVF(

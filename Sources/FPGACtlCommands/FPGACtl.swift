@@ -9,7 +9,7 @@ public struct FPGACtl: AsyncParsableCommand {
     abstract: "Command line for fpga-agent: inventory, allocations, drains, operations.",
     version: "0.1.0",
     subcommands: [
-      Status.self, Inventory.self, Allocate.self, Release.self, Watch.self, Drain.self,
+      Status.self, Inventory.self, Rescan.self, Allocate.self, Release.self, Watch.self, Drain.self,
       Undrain.self, OperationCommand.self,
     ])
 
@@ -127,6 +127,17 @@ struct Inventory: AsyncParsableCommand {
     }
     if json { return say(try inventory.jsonString()) }
     Render.inventory(inventory, withVFs: vfs).forEach(say)
+  }
+}
+
+struct Rescan: AsyncParsableCommand {
+  static let configuration = CommandConfiguration(abstract: "Make the agent scan its platform now.")
+
+  @OptionGroup var options: ServerOptions
+
+  func run() async throws {
+    let response = try await options.withAgent { try await $0.rescan(.init(), options: options.callOptions) }
+    say(response.changed ? "rescanned: changes found (revision \(response.revision))" : "rescanned: no changes (revision \(response.revision))")
   }
 }
 

@@ -77,6 +77,19 @@ public enum Fpga_Agent_V1_NodeAgent: Sendable {
                 type: .serverStreaming
             )
         }
+        /// Namespace for "Rescan" metadata.
+        public enum Rescan: Sendable {
+            /// Request type for "Rescan".
+            public typealias Input = Fpga_Agent_V1_RescanRequest
+            /// Response type for "Rescan".
+            public typealias Output = Fpga_Agent_V1_RescanResponse
+            /// Descriptor for "Rescan".
+            public static let descriptor = GRPCCore.MethodDescriptor(
+                service: GRPCCore.ServiceDescriptor(fullyQualifiedService: "fpga.agent.v1.NodeAgent"),
+                method: "Rescan",
+                type: .unary
+            )
+        }
         /// Namespace for "AllocateVF" metadata.
         public enum AllocateVF: Sendable {
             /// Request type for "AllocateVF".
@@ -264,6 +277,7 @@ public enum Fpga_Agent_V1_NodeAgent: Sendable {
             GetNodeStatus.descriptor,
             GetInventory.descriptor,
             WatchInventory.descriptor,
+            Rescan.descriptor,
             AllocateVF.descriptor,
             ReleaseVF.descriptor,
             AttachVF.descriptor,
@@ -362,6 +376,25 @@ extension Fpga_Agent_V1_NodeAgent {
             request: GRPCCore.StreamingServerRequest<Fpga_Agent_V1_WatchInventoryRequest>,
             context: GRPCCore.ServerContext
         ) async throws -> GRPCCore.StreamingServerResponse<Fpga_Agent_V1_InventoryEvent>
+
+        /// Handle the "Rescan" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Scans the platform now (sysfs on Linux) and folds what changed into the inventory; the
+        /// > agent also rescans periodically (rescan_interval_seconds).
+        ///
+        /// - Parameters:
+        ///   - request: A streaming request of `Fpga_Agent_V1_RescanRequest` messages.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A streaming response of `Fpga_Agent_V1_RescanResponse` messages.
+        func rescan(
+            request: GRPCCore.StreamingServerRequest<Fpga_Agent_V1_RescanRequest>,
+            context: GRPCCore.ServerContext
+        ) async throws -> GRPCCore.StreamingServerResponse<Fpga_Agent_V1_RescanResponse>
 
         /// Handle the "AllocateVF" method.
         ///
@@ -685,6 +718,25 @@ extension Fpga_Agent_V1_NodeAgent {
             context: GRPCCore.ServerContext
         ) async throws -> GRPCCore.StreamingServerResponse<Fpga_Agent_V1_InventoryEvent>
 
+        /// Handle the "Rescan" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Scans the platform now (sysfs on Linux) and folds what changed into the inventory; the
+        /// > agent also rescans periodically (rescan_interval_seconds).
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Fpga_Agent_V1_RescanRequest` message.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A response containing a single `Fpga_Agent_V1_RescanResponse` message.
+        func rescan(
+            request: GRPCCore.ServerRequest<Fpga_Agent_V1_RescanRequest>,
+            context: GRPCCore.ServerContext
+        ) async throws -> GRPCCore.ServerResponse<Fpga_Agent_V1_RescanResponse>
+
         /// Handle the "AllocateVF" method.
         ///
         /// > Source IDL Documentation:
@@ -1006,6 +1058,25 @@ extension Fpga_Agent_V1_NodeAgent {
             context: GRPCCore.ServerContext
         ) async throws
 
+        /// Handle the "Rescan" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Scans the platform now (sysfs on Linux) and folds what changed into the inventory; the
+        /// > agent also rescans periodically (rescan_interval_seconds).
+        ///
+        /// - Parameters:
+        ///   - request: A `Fpga_Agent_V1_RescanRequest` message.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A `Fpga_Agent_V1_RescanResponse` to respond with.
+        func rescan(
+            request: Fpga_Agent_V1_RescanRequest,
+            context: GRPCCore.ServerContext
+        ) async throws -> Fpga_Agent_V1_RescanResponse
+
         /// Handle the "AllocateVF" method.
         ///
         /// > Source IDL Documentation:
@@ -1301,6 +1372,17 @@ extension Fpga_Agent_V1_NodeAgent.StreamingServiceProtocol {
             }
         )
         router.registerHandler(
+            forMethod: Fpga_Agent_V1_NodeAgent.Method.Rescan.descriptor,
+            deserializer: GRPCProtobuf.ProtobufDeserializer<Fpga_Agent_V1_RescanRequest>(),
+            serializer: GRPCProtobuf.ProtobufSerializer<Fpga_Agent_V1_RescanResponse>(),
+            handler: { request, context in
+                try await self.rescan(
+                    request: request,
+                    context: context
+                )
+            }
+        )
+        router.registerHandler(
             forMethod: Fpga_Agent_V1_NodeAgent.Method.AllocateVF.descriptor,
             deserializer: GRPCProtobuf.ProtobufDeserializer<Fpga_Agent_V1_AllocateVFRequest>(),
             serializer: GRPCProtobuf.ProtobufSerializer<Fpga_Agent_V1_AllocateVFResponse>(),
@@ -1491,6 +1573,17 @@ extension Fpga_Agent_V1_NodeAgent.ServiceProtocol {
             context: context
         )
         return response
+    }
+
+    public func rescan(
+        request: GRPCCore.StreamingServerRequest<Fpga_Agent_V1_RescanRequest>,
+        context: GRPCCore.ServerContext
+    ) async throws -> GRPCCore.StreamingServerResponse<Fpga_Agent_V1_RescanResponse> {
+        let response = try await self.rescan(
+            request: GRPCCore.ServerRequest(stream: request),
+            context: context
+        )
+        return GRPCCore.StreamingServerResponse(single: response)
     }
 
     public func allocateVF(
@@ -1691,6 +1784,19 @@ extension Fpga_Agent_V1_NodeAgent.SimpleServiceProtocol {
                 )
                 return [:]
             }
+        )
+    }
+
+    public func rescan(
+        request: GRPCCore.ServerRequest<Fpga_Agent_V1_RescanRequest>,
+        context: GRPCCore.ServerContext
+    ) async throws -> GRPCCore.ServerResponse<Fpga_Agent_V1_RescanResponse> {
+        return GRPCCore.ServerResponse<Fpga_Agent_V1_RescanResponse>(
+            message: try await self.rescan(
+                request: request.message,
+                context: context
+            ),
+            metadata: [:]
         )
     }
 
@@ -1962,6 +2068,30 @@ extension Fpga_Agent_V1_NodeAgent {
             deserializer: some GRPCCore.MessageDeserializer<Fpga_Agent_V1_InventoryEvent>,
             options: GRPCCore.CallOptions,
             onResponse handleResponse: @Sendable @escaping (GRPCCore.StreamingClientResponse<Fpga_Agent_V1_InventoryEvent>) async throws -> Result
+        ) async throws -> Result where Result: Sendable
+
+        /// Call the "Rescan" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Scans the platform now (sysfs on Linux) and folds what changed into the inventory; the
+        /// > agent also rescans periodically (rescan_interval_seconds).
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Fpga_Agent_V1_RescanRequest` message.
+        ///   - serializer: A serializer for `Fpga_Agent_V1_RescanRequest` messages.
+        ///   - deserializer: A deserializer for `Fpga_Agent_V1_RescanResponse` messages.
+        ///   - options: Options to apply to this RPC.
+        ///   - handleResponse: A closure which handles the response and returns its result to
+        ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+        ///       already finished.
+        /// - Returns: The result of `handleResponse`.
+        func rescan<Result>(
+            request: GRPCCore.ClientRequest<Fpga_Agent_V1_RescanRequest>,
+            serializer: some GRPCCore.MessageSerializer<Fpga_Agent_V1_RescanRequest>,
+            deserializer: some GRPCCore.MessageDeserializer<Fpga_Agent_V1_RescanResponse>,
+            options: GRPCCore.CallOptions,
+            onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Fpga_Agent_V1_RescanResponse>) async throws -> Result
         ) async throws -> Result where Result: Sendable
 
         /// Call the "AllocateVF" method.
@@ -2403,6 +2533,41 @@ extension Fpga_Agent_V1_NodeAgent {
             try await self.client.serverStreaming(
                 request: request,
                 descriptor: Fpga_Agent_V1_NodeAgent.Method.WatchInventory.descriptor,
+                serializer: serializer,
+                deserializer: deserializer,
+                options: options,
+                onResponse: handleResponse
+            )
+        }
+
+        /// Call the "Rescan" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Scans the platform now (sysfs on Linux) and folds what changed into the inventory; the
+        /// > agent also rescans periodically (rescan_interval_seconds).
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Fpga_Agent_V1_RescanRequest` message.
+        ///   - serializer: A serializer for `Fpga_Agent_V1_RescanRequest` messages.
+        ///   - deserializer: A deserializer for `Fpga_Agent_V1_RescanResponse` messages.
+        ///   - options: Options to apply to this RPC.
+        ///   - handleResponse: A closure which handles the response and returns its result to
+        ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+        ///       already finished.
+        /// - Returns: The result of `handleResponse`.
+        public func rescan<Result>(
+            request: GRPCCore.ClientRequest<Fpga_Agent_V1_RescanRequest>,
+            serializer: some GRPCCore.MessageSerializer<Fpga_Agent_V1_RescanRequest>,
+            deserializer: some GRPCCore.MessageDeserializer<Fpga_Agent_V1_RescanResponse>,
+            options: GRPCCore.CallOptions = .defaults,
+            onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Fpga_Agent_V1_RescanResponse>) async throws -> Result = { response in
+                try response.message
+            }
+        ) async throws -> Result where Result: Sendable {
+            try await self.client.unary(
+                request: request,
+                descriptor: Fpga_Agent_V1_NodeAgent.Method.Rescan.descriptor,
                 serializer: serializer,
                 deserializer: deserializer,
                 options: options,
@@ -2977,6 +3142,36 @@ extension Fpga_Agent_V1_NodeAgent.ClientProtocol {
         )
     }
 
+    /// Call the "Rescan" method.
+    ///
+    /// > Source IDL Documentation:
+    /// >
+    /// > Scans the platform now (sysfs on Linux) and folds what changed into the inventory; the
+    /// > agent also rescans periodically (rescan_interval_seconds).
+    ///
+    /// - Parameters:
+    ///   - request: A request containing a single `Fpga_Agent_V1_RescanRequest` message.
+    ///   - options: Options to apply to this RPC.
+    ///   - handleResponse: A closure which handles the response and returns its result to
+    ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+    ///       already finished.
+    /// - Returns: The result of `handleResponse`.
+    public func rescan<Result>(
+        request: GRPCCore.ClientRequest<Fpga_Agent_V1_RescanRequest>,
+        options: GRPCCore.CallOptions = .defaults,
+        onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Fpga_Agent_V1_RescanResponse>) async throws -> Result = { response in
+            try response.message
+        }
+    ) async throws -> Result where Result: Sendable {
+        try await self.rescan(
+            request: request,
+            serializer: GRPCProtobuf.ProtobufSerializer<Fpga_Agent_V1_RescanRequest>(),
+            deserializer: GRPCProtobuf.ProtobufDeserializer<Fpga_Agent_V1_RescanResponse>(),
+            options: options,
+            onResponse: handleResponse
+        )
+    }
+
     /// Call the "AllocateVF" method.
     ///
     /// > Source IDL Documentation:
@@ -3479,6 +3674,40 @@ extension Fpga_Agent_V1_NodeAgent.ClientProtocol {
             metadata: metadata
         )
         return try await self.watchInventory(
+            request: request,
+            options: options,
+            onResponse: handleResponse
+        )
+    }
+
+    /// Call the "Rescan" method.
+    ///
+    /// > Source IDL Documentation:
+    /// >
+    /// > Scans the platform now (sysfs on Linux) and folds what changed into the inventory; the
+    /// > agent also rescans periodically (rescan_interval_seconds).
+    ///
+    /// - Parameters:
+    ///   - message: request message to send.
+    ///   - metadata: Additional metadata to send, defaults to empty.
+    ///   - options: Options to apply to this RPC, defaults to `.defaults`.
+    ///   - handleResponse: A closure which handles the response and returns its result to
+    ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+    ///       already finished.
+    /// - Returns: The result of `handleResponse`.
+    public func rescan<Result>(
+        _ message: Fpga_Agent_V1_RescanRequest,
+        metadata: GRPCCore.Metadata = [:],
+        options: GRPCCore.CallOptions = .defaults,
+        onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Fpga_Agent_V1_RescanResponse>) async throws -> Result = { response in
+            try response.message
+        }
+    ) async throws -> Result where Result: Sendable {
+        let request = GRPCCore.ClientRequest<Fpga_Agent_V1_RescanRequest>(
+            message: message,
+            metadata: metadata
+        )
+        return try await self.rescan(
             request: request,
             options: options,
             onResponse: handleResponse
