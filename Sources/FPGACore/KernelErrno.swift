@@ -49,7 +49,7 @@ public enum SRIOVErrors {
         cause: cause)
     case .ENOENT:
       return AgentError(
-        .failedPrecondition, "PF \(pf) has no driver bound: load and bind qdma-pf before enabling VFs",
+        .failedPrecondition, "PF \(pf) has no driver bound: bind its PF driver (qdma-pf on QDMA cards) before changing its VF count",
         cause: cause)
     case .EPERM:
       return AgentError(

@@ -63,7 +63,9 @@ public struct LinuxPlatform: NodePlatform {
     let current = try readInt(.device(pf, "sriov_numvfs"), pf: pf, what: "sriov_numvfs")
     guard count != current else { return }
     guard (0...total).contains(count) else {
-      throw SRIOVErrors.numVFsWrite(.ERANGE, pf: pf, requested: count, current: current, total: total)
+      var error = SRIOVErrors.numVFsWrite(.ERANGE, pf: pf, requested: count, current: current, total: total)
+      error.cause = "checked against sriov_totalvfs=\(total) before writing anything"
+      throw error
     }
     if count > 0 {
       try writeAttribute(.device(pf, "sriov_drivers_autoprobe"), "0", pf: pf)
