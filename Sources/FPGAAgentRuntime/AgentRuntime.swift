@@ -133,7 +133,9 @@ public final class AgentRuntime: Sendable {
     } catch {
       throw ConfigError(problems: ["linux.sysfs_root \(quoted(linux.sysfsRoot)) cannot be opened: \(error)"])
     }
-    return LinuxPlatform(sysfs: sysfs, selectors: linux.selectors, watchdog: .seconds(linux.watchdogSeconds))
+    return LinuxPlatform(
+      sysfs: sysfs, selectors: linux.selectors, watchdog: .seconds(linux.watchdogSeconds),
+      holders: ProcVFIOHolders(procRoot: "/proc", devRoot: linux.devRoot))
   }
 
   /// The id in `node_id`, else the one kept in the state directory, else a new one (kept).

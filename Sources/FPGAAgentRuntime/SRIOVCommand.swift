@@ -7,7 +7,7 @@ import FPGALinux
 struct SRIOVCommand: AsyncParsableCommand {
   static let configuration = CommandConfiguration(
     commandName: "sriov", abstract: "One-shot SR-IOV operations on this host (linux platform).",
-    subcommands: [Discover.self, SetVFs.self, BindVFIO.self, Unbind.self])
+    subcommands: [Discover.self, SetVFs.self, BindVFIO.self, Unbind.self, SetQmax.self])
 
   /// The Linux platform from the resolved configuration.
   static func platform(_ options: ConfigOptions) throws -> LinuxPlatform {
@@ -78,6 +78,26 @@ struct SRIOVCommand: AsyncParsableCommand {
       } catch {
         throw SRIOVCommand.fail(error)
       }
+    }
+  }
+
+  struct SetQmax: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+      commandName: "set-qmax", abstract: "Set a QDMA function's queue count (qdma/qmax).")
+    @OptionGroup var options: ConfigOptions
+    @Argument(help: "The function (DDDD:BB:DD.F).") var function: String
+    @Argument(help: "Queues, 0-2048.") var qmax: Int
+
+    func run() async throws {
+      let platform = try SRIOVCommand.platform(options)
+      let address = try SRIOVCommand.address(function, "function")
+      guard (0...2048).contains(qmax) else { throw ValidationError("qmax must be 0-2048 (QDMA has 2048 queue sets)") }
+      do {
+        try platform.setQmax(pf: address, to: qmax)
+      } catch {
+        throw SRIOVCommand.fail(error)
+      }
+      print("\(address) has qmax \(qmax)")
     }
   }
 

@@ -6,11 +6,16 @@ public struct LinuxPlatform: NodePlatform {
   public let selectors: [PFSelector]
   public let watchdog: Duration
   public let worker = BlockingWorker()
+  public let holders: any VFIOHolderFinding
   /// QDMA PF driver names, newest first.
   static let qdmaDrivers = ["qdma-pf", "qdma"]
 
-  public init(sysfs: any Sysfs, selectors: [PFSelector] = [.qdma], watchdog: Duration = .seconds(15)) {
+  public init(
+    sysfs: any Sysfs, selectors: [PFSelector] = [.qdma], watchdog: Duration = .seconds(15),
+    holders: any VFIOHolderFinding = ProcVFIOHolders()
+  ) {
     self.sysfs = sysfs
+    self.holders = holders
     self.selectors = selectors
     self.watchdog = watchdog
   }
@@ -140,8 +145,10 @@ public struct LinuxPlatform: NodePlatform {
     throw AgentError(.unavailable, "VF \(vf) is bound to vfio-pci but /dev/vfio/\(group) did not appear within 2 s")
   }
 
-  /// Unbinds a VF from its driver and clears driver_override.
+  /// Unbinds a VF from its driver and clears driver_override; refused while a process (a VMM)
+  /// holds its VFIO group open.
   public func unbind(vf: PCIAddress) throws(AgentError) {
+    try refuseIfHeld(vf)
     if let current = try link(.device(vf, "driver"), vf) {
       try writeAttribute(.driver(current, "unbind"), vf.description, pf: vf)
     }
@@ -154,6 +161,19 @@ public struct LinuxPlatform: NodePlatform {
       throw AgentError(.failedPrecondition, "\(pf) has no qdma/qmax: it is not bound to the QDMA driver")
     }
     try writeAttribute(.device(pf, "qdma", "qmax"), String(qmax), pf: pf)
+  }
+
+  /// Throws FAILED_PRECONDITION naming the holders when a process has the VF's group open.
+  public func refuseIfHeld(_ vf: PCIAddress) throws(AgentError) {
+    guard let group = try link(.device(vf, "iommu_group"), vf).flatMap({ Int($0) }),
+      try link(.device(vf, "driver"), vf) == "vfio-pci"
+    else { return }
+    let users = holders.holders(ofGroup: group)
+    guard users.isEmpty else {
+      throw AgentError(
+        .failedPrecondition,
+        "VF \(vf) is in use: /dev/vfio/\(group) is held open by \(users.joined(separator: ", ")); detach it from its VM first")
+    }
   }
 
   // MARK: Helpers

@@ -178,6 +178,51 @@ import Testing
     }
   }
 
+  @Test func aVFInUseByAVMIsNeverUnbound() async throws {
+    let tree = try FakeKernelSysfs(pfs: Self.qdmaCard())
+    let platform = LinuxPlatform(sysfs: tree, holders: ProcVFIOHolders(procRoot: tree.procRoot, devRoot: tree.devRoot))
+    try await platform.setVFCount(pf: pf0, to: 1)
+    let vf = PCIAddress("0000:3b:00.4")!
+    let node = try await platform.bindToVFIO(vf: vf)
+    tree.hold("0000:3b:00.4")
+    let group = node.split(separator: "/").last!
+    #expect(throws: AgentError(
+      .failedPrecondition,
+      "VF 0000:3b:00.4 is in use: /dev/vfio/\(group) is held open by qemu-system-x86 (pid \(4242 + Int(group)!)); detach it from its VM first")) {
+      try platform.unbind(vf: vf)
+    }
+    #expect(try tree.linkName(.device(vf, "driver")) == "vfio-pci")
+    // Binding it again is a no-op: nothing is written.
+    let before = tree.writes.count
+    _ = try await platform.bindToVFIO(vf: vf)
+    #expect(tree.writes.count == before)
+    tree.release("0000:3b:00.4")
+    try platform.unbind(vf: vf)
+    #expect(try tree.linkName(.device(vf, "driver")) == nil)
+  }
+
+  @Test func overrideNoneOptsOutOfBinding() async throws {
+    let tree = try FakeKernelSysfs(pfs: Self.qdmaCard())
+    try tree.write(.device(pf0, "sriov_numvfs"), "1")
+    let vf = PCIAddress("0000:3b:00.4")!
+    try tree.write(.driver("qdma-vf", "unbind"), vf.description)
+    try tree.write(.device(vf, "driver_override"), "none")
+    try tree.write(.driversProbe, vf.description)
+    #expect(try tree.linkName(.device(vf, "driver")) == nil)
+    #expect(try tree.read(.device(vf, "driver_override")) == "none")
+    try tree.write(.device(vf, "driver_override"), "")
+    #expect(try tree.read(.device(vf, "driver_override")) == "(null)", "an empty write clears it")
+  }
+
+  @Test func drivers_probeSucceedsEvenWhenTheProbeFails() throws {
+    let tree = try FakeKernelSysfs(pfs: Self.qdmaCard())
+    try tree.write(.device(pf0, "sriov_numvfs"), "2")
+    try tree.write(.driver("qdma-pf", "unbind"), pf0.description)
+    try tree.write(.device(pf0, "driver_override"), "vfio-pci")
+    try tree.write(.driversProbe, pf0.description)  // no error...
+    #expect(try tree.linkName(.device(pf0, "driver")) == nil, "...and no driver: only the link tells")
+  }
+
   @Test func startupChecksSayWhatIsMissing() async throws {
     let tree = try FakeKernelSysfs(pfs: Self.qdmaCard(), drivers: ["qdma-pf"], iommu: false)
     let capabilities = await LinuxPlatform(sysfs: tree).capabilities()

@@ -51,6 +51,8 @@ public final class FakeKernelSysfs: Sysfs, @unchecked Sendable {
   public let directory: String
   public let sysRoot: String
   public let devRoot: String
+  /// A fake `/proc` where holders of `/dev/vfio/N` appear (see `hold`).
+  public let procRoot: String
   private let reader: LinuxSysfs
   private let model = Mutex(Model())
   private let released = NSCondition()
@@ -59,6 +61,7 @@ public final class FakeKernelSysfs: Sysfs, @unchecked Sendable {
     directory = NSTemporaryDirectory() + "fake-sysfs-" + UUID().uuidString.prefix(8)
     sysRoot = directory + "/sys"
     devRoot = directory + "/dev"
+    procRoot = directory + "/proc"
     for folder in ["sys/bus/pci/devices", "sys/bus/pci/drivers", "sys/kernel/iommu_groups", "sys/devices/pci0000:00", "dev/vfio"] {
       try FileManager.default.createDirectory(atPath: directory + "/" + folder, withIntermediateDirectories: true)
     }
@@ -122,6 +125,8 @@ public final class FakeKernelSysfs: Sysfs, @unchecked Sendable {
         _ = function
         let wanted = model.override[device] ?? (model.vfPF[device] != nil ? "qdma-vf" : nil)
         guard let wanted, wanted != "none", reader.exists(.driver(wanted)) else { return }
+        // "vfio-pci: Cannot bind to PF with SR-IOV enabled": the probe fails, the write succeeds.
+        if wanted == "vfio-pci", (model.numVFs[device] ?? 0) > 0 { return }
         try wrap { try bind(device, to: wanted, model: &model) }
       }
     case (6, "qmax"):
@@ -134,11 +139,23 @@ public final class FakeKernelSysfs: Sysfs, @unchecked Sendable {
 
   // MARK: What VMs, modules and the kernel do (test controls)
 
-  /// A VM opens the VF's /dev/vfio/N.
-  public func hold(_ vf: String) { model.withLock { _ = $0.held.insert(PCIAddress(vf)!) } }
+  /// A VM (`qemu-system-x86`, pid 4242 + group) opens the VF's /dev/vfio/N: it shows in the fake
+  /// /proc as an open file descriptor.
+  public func hold(_ vf: String) {
+    let group = model.withLock { model in
+      _ = model.held.insert(PCIAddress(vf)!)
+      return model.groups[PCIAddress(vf)!] ?? -1
+    }
+    let process = procRoot + "/\(4242 + group)"
+    try? FileManager.default.createDirectory(atPath: process + "/fd", withIntermediateDirectories: true)
+    try? "qemu-system-x86\n".write(toFile: process + "/comm", atomically: false, encoding: .utf8)
+    try? FileManager.default.createSymbolicLink(atPath: process + "/fd/7", withDestinationPath: devRoot + "/vfio/\(group)")
+  }
 
   /// The VM lets go; a blocked `sriov_numvfs` write of 0 goes on.
   public func release(_ vf: String) {
+    let group = model.withLock { $0.groups[PCIAddress(vf)!] ?? -1 }
+    try? FileManager.default.removeItem(atPath: procRoot + "/\(4242 + group)")
     released.lock()
     model.withLock { _ = $0.held.remove(PCIAddress(vf)!) }
     released.broadcast()
