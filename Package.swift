@@ -37,6 +37,8 @@ let package = Package(
     .target(name: "FPGASimulator", dependencies: ["FPGACore"]),
     // The Linux platform: sysfs SR-IOV, QDMA and VFIO behind narrow protocols.
     .target(name: "FPGALinux", dependencies: ["FPGACore"]),
+    // A client of the QEMU Machine Protocol, usable on its own.
+    .target(name: "FPGAQMP"),
     // Generated code and the gRPC services of the node API and health.
     .target(
       name: "FPGAAgentAPI",
@@ -75,6 +77,7 @@ let package = Package(
     ),
     .testTarget(name: "FPGACoreTests", dependencies: ["FPGACore", "FPGASimulator"]),
     .testTarget(name: "FPGASimulatorTests", dependencies: ["FPGACore", "FPGASimulator"]),
+    .testTarget(name: "FPGAQMPTests", dependencies: ["FPGAQMP", "FPGATestSupport"]),
     .testTarget(name: "FPGALinuxTests", dependencies: ["FPGACore", "FPGALinux", "FPGATestSupport"]),
     .testTarget(
       name: "FPGAAgentAPITests",
