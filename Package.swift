@@ -39,6 +39,8 @@ let package = Package(
     .target(name: "FPGALinux", dependencies: ["FPGACore"]),
     // A client of the QEMU Machine Protocol, usable on its own.
     .target(name: "FPGAQMP"),
+    // VMs as the core's Hypervisor: QEMU over QMP.
+    .target(name: "FPGAQEMU", dependencies: ["FPGACore", "FPGAQMP"]),
     // Generated code and the gRPC services of the node API and health.
     .target(
       name: "FPGAAgentAPI",
@@ -48,8 +50,8 @@ let package = Package(
     .target(
       name: "FPGAAgentRuntime",
       dependencies: [
-        "FPGACore", "FPGASimulator", "FPGALinux", "FPGAAgentAPI", grpcCore, grpcHTTP2, logging,
-        serviceLifecycle, argumentParser, .product(name: "Yams", package: "Yams"),
+        "FPGACore", "FPGASimulator", "FPGALinux", "FPGAQEMU", "FPGAAgentAPI", grpcCore, grpcHTTP2,
+        logging, serviceLifecycle, argumentParser, .product(name: "Yams", package: "Yams"),
       ]
     ),
     // fpgactl's subcommands, as a library so tests run them on their exact output.
@@ -71,7 +73,7 @@ let package = Package(
     .target(
       name: "FPGATestSupport",
       dependencies: [
-        "FPGACore", "FPGALinux", "FPGAAgentRuntime", "FPGAAgentAPI", grpcCore, grpcHTTP2, logging,
+        "FPGACore", "FPGALinux", "FPGAQMP", "FPGAAgentRuntime", "FPGAAgentAPI", grpcCore, grpcHTTP2, logging,
       ],
       path: "Tests/FPGATestSupport"
     ),
@@ -82,8 +84,8 @@ let package = Package(
     .testTarget(
       name: "FPGAAgentAPITests",
       dependencies: [
-        "FPGACore", "FPGASimulator", "FPGALinux", "FPGAAgentAPI", "FPGAAgentRuntime", "FPGATestSupport",
-        grpcCore, grpcHTTP2, logging,
+        "FPGACore", "FPGASimulator", "FPGALinux", "FPGAQMP", "FPGAAgentAPI", "FPGAAgentRuntime",
+        "FPGATestSupport", grpcCore, grpcHTTP2, logging,
       ]
     ),
     .testTarget(

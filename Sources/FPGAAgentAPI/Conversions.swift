@@ -92,6 +92,23 @@ extension Fpga_Agent_V1_Allocation {
     numaNode = Int32(allocation.numaNode)
     iommuGroup = Int32(allocation.iommuGroup)
     attached = allocation.attached
+    deviceID = allocation.deviceID ?? ""
+    rootPort = allocation.rootPort ?? ""
+    detaching = allocation.detaching
+  }
+}
+
+extension Fpga_Agent_V1_VirtualMachine {
+  init(_ vm: VirtualMachineInfo) {
+    self.init()
+    name = vm.name
+    state = vm.state.rawValue
+    qemuStatus = vm.qemuStatus
+    qmpSocket = vm.qmpSocket
+    rootPorts = UInt32(vm.rootPorts)
+    freeRootPorts = UInt32(vm.freeRootPorts)
+    vfioPause = vm.vfioPause
+    error = vm.error ?? ""
   }
 }
 
@@ -110,6 +127,7 @@ extension Fpga_Agent_V1_Inventory {
       return card
     }
     allocations = snapshot.allocations.map(Fpga_Agent_V1_Allocation.init)
+    vms = snapshot.vms.map(Fpga_Agent_V1_VirtualMachine.init)
   }
 }
 
@@ -125,6 +143,8 @@ extension Fpga_Agent_V1_InventoryChange {
     case .vfRemoved(let address): vfRemoved = address.description
     case .allocationUpdated(let allocation): allocationUpdated = .init(allocation)
     case .allocationRemoved(let id): allocationRemoved = id
+    case .vmUpdated(let vm): vmUpdated = .init(vm)
+    case .vmRemoved(let name): vmRemoved = name
     }
   }
 }

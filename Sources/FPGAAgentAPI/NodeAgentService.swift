@@ -10,9 +10,14 @@ public struct NodeAgentService: Fpga_Agent_V1_NodeAgent.SimpleServiceProtocol {
   let hostname: String
   let agentVersion: String
   let logger: Logger
+  let defaultDetachTimeout: Duration
   private let inventoryCache = InventoryCache()
 
-  public init(engine: NodeEngine, hostname: String, agentVersion: String, logger: Logger) {
+  public init(
+    engine: NodeEngine, hostname: String, agentVersion: String, logger: Logger,
+    defaultDetachTimeout: Duration = .seconds(10)
+  ) {
+    self.defaultDetachTimeout = defaultDetachTimeout
     self.engine = engine
     self.hostname = hostname
     self.agentVersion = agentVersion
@@ -137,18 +142,51 @@ public struct NodeAgentService: Fpga_Agent_V1_NodeAgent.SimpleServiceProtocol {
   public func attachVF(
     request: Fpga_Agent_V1_AttachVFRequest, context: ServerContext
   ) async throws -> Fpga_Agent_V1_AttachVFResponse {
-    _ = try RequestMeta(request.meta)
-    _ = try Validate.id(request.allocationID, field: "allocation_id", prefix: "alloc-")
-    _ = try Validate.vmName(request.vm)
-    throw Unbuilt.qemu("AttachVF")
+    guard let vm = try Validate.vmName(request.vm) else {
+      throw AgentError(.invalidArgument, "vm is required: the VM to plug the VF into (`fpgactl vms` lists them)")
+    }
+    let command = AttachRequest(
+      meta: try RequestMeta(request.meta),
+      allocationID: try Validate.id(request.allocationID, field: "allocation_id", prefix: "alloc-"), vm: vm)
+    let result = try await engine.attach(command)
+    if !result.replayed {
+      logger.info(
+        "attached VF",
+        metadata: [
+          "fpga.alloc": "\(result.allocation.id)", "fpga.vf": "\(result.allocation.vf)", "fpga.vm": "\(vm)",
+          "fpga.port": "\(result.rootPort)",
+        ])
+    }
+    return .with {
+      $0.allocation = .init(result.allocation)
+      $0.deviceID = result.deviceID
+      $0.rootPort = result.rootPort
+      $0.replayed = result.replayed
+    }
   }
 
   public func detachVF(
     request: Fpga_Agent_V1_DetachVFRequest, context: ServerContext
   ) async throws -> Fpga_Agent_V1_DetachVFResponse {
-    _ = try RequestMeta(request.meta)
-    _ = try Validate.id(request.allocationID, field: "allocation_id", prefix: "alloc-")
-    throw Unbuilt.qemu("DetachVF")
+    var timeout = defaultDetachTimeout
+    if request.hasTimeout {
+      let seconds = Double(request.timeout.seconds) + Double(request.timeout.nanos) / 1e9
+      guard seconds > 0, seconds <= 600 else {
+        throw AgentError(.invalidArgument, "timeout must be between 0 and 600 seconds")
+      }
+      timeout = .milliseconds(Int64(seconds * 1000))
+    }
+    let command = DetachRequest(
+      meta: try RequestMeta(request.meta),
+      allocationID: try Validate.id(request.allocationID, field: "allocation_id", prefix: "alloc-"), timeout: timeout)
+    let result = try await engine.detach(command)
+    if !result.replayed {
+      logger.info("detached VF", metadata: ["fpga.alloc": "\(result.allocation.id)", "fpga.vf": "\(result.allocation.vf)"])
+    }
+    return .with {
+      $0.allocation = .init(result.allocation)
+      $0.replayed = result.replayed
+    }
   }
 
   // MARK: Reconfiguration and operations
@@ -252,13 +290,6 @@ public struct NodeAgentService: Fpga_Agent_V1_NodeAgent.SimpleServiceProtocol {
 /// Capabilities that belong to parts of the agent not built yet: refused with UNIMPLEMENTED and
 /// a message that says what is missing.
 enum Unbuilt {
-  static func qemu(_ rpc: String) -> AgentError {
-    AgentError(
-      .unimplemented,
-      "\(rpc) needs the QEMU (QMP) integration, which this build does not have yet; "
-        + "hand the VF's BDF to the VMM yourself meanwhile (see the allocation's vf_bdf)")
-  }
-
   static func contexts(_ rpc: String) -> AgentError {
     AgentError(
       .unimplemented,
@@ -342,6 +373,16 @@ final class InventoryCache: Sendable {
             let pfs = cached.inventory.cards[c].pfs
             cached.inventory.cards[c] = .init(card)
             cached.inventory.cards[c].pfs = pfs
+          case .vmUpdated(let vm):
+            let message = Fpga_Agent_V1_VirtualMachine(vm)
+            if let index = cached.inventory.vms.firstIndex(where: { $0.name == vm.name }) {
+              cached.inventory.vms[index] = message
+            } else {
+              let index = cached.inventory.vms.firstIndex { $0.name > vm.name }
+              cached.inventory.vms.insert(message, at: index ?? cached.inventory.vms.endIndex)
+            }
+          case .vmRemoved(let name):
+            cached.inventory.vms.removeAll { $0.name == name }
           case .vfRemoved, .pfRemoved, .cardRemoved:
             return nil
           }

@@ -58,6 +58,15 @@ public struct ConfigOptions: ParsableArguments {
     help: "Which PCI functions to manage, repeatable: vendor=10ee,device=903f,driver=qdma-pf,address=0000:3b:00.0 (replaces the config's selectors).")
   var selectors: [String] = []
 
+  @Option(name: .customLong("qmp-socket"), help: "A VM's QMP socket, NAME=PATH (repeatable).")
+  var qmpSockets: [String] = []
+
+  @Option(name: .customLong("qmp-dir"), help: "A directory whose Unix sockets are VMs' QMP sockets.")
+  var qmpDir: String?
+
+  @Option(name: .customLong("vf-device-model"), help: "QEMU device model for VFs (default vfio-pci; edu in tests).")
+  var vfDeviceModel: String?
+
   public init() {}
 
   /// The configuration from every source, validated.
@@ -79,6 +88,14 @@ public struct ConfigOptions: ParsableArguments {
     if let logFormat { resolved.log.format = logFormat }
     if let sysfsRoot { resolved.linux.sysfsRoot = sysfsRoot }
     if let devRoot { resolved.linux.devRoot = devRoot }
+    for entry in qmpSockets {
+      guard let equals = entry.firstIndex(of: "="), equals != entry.startIndex else {
+        throw ConfigError(problems: ["--qmp-socket \(quoted(entry)) is not NAME=PATH"])
+      }
+      resolved.qemu.sockets[String(entry[..<equals])] = String(entry[entry.index(after: equals)...])
+    }
+    if let qmpDir { resolved.qemu.socketDir = qmpDir }
+    if let vfDeviceModel { resolved.qemu.deviceModel = vfDeviceModel }
     if !selectors.isEmpty { resolved.linux.selectors = try selectors.map(AgentCommand.parseSelector) }
     try resolved.validate()
     return resolved

@@ -40,8 +40,25 @@ public struct AgentConfig: Hashable, Sendable {
     public var selectors: [PFSelector] = [.qdma]
   }
 
+  /// VMs reached over QMP.
+  public struct QEMU: Hashable, Sendable {
+    /// VM name → QMP socket path.
+    public var sockets: [String: String] = [:]
+    /// A directory whose Unix sockets are VMs' QMP sockets (NAME.sock, NAME.qmp or NAME).
+    public var socketDir = ""
+    /// The QEMU device model VFs are plugged in as (`vfio-pci`; an emulated stand-in like `edu` in tests).
+    public var deviceModel = "vfio-pci"
+    /// QMP commands that pause/resume a VFIO device (a patched QEMU); detected with query-commands.
+    public var pauseCommands = ["x-vfio-pause", "x-vfio-resume"]
+    /// How long DetachVF waits for the guest to acknowledge an unplug, unless the request says.
+    public var detachTimeoutSeconds = 10
+
+    var isConfigured: Bool { !sockets.isEmpty || !socketDir.isEmpty }
+  }
+
   public var server = Server()
   public var linux = Linux()
+  public var qemu = QEMU()
   public var log = Log()
   /// `simulated` (the default) or `linux`.
   public var platform = "simulated"
@@ -111,6 +128,21 @@ public struct AgentConfig: Hashable, Sendable {
     if !linux.sysfsRoot.hasPrefix("/") { problems.append("linux.sysfs_root \(quoted(linux.sysfsRoot)) must be an absolute path") }
     if !linux.devRoot.hasPrefix("/") { problems.append("linux.dev_root \(quoted(linux.devRoot)) must be an absolute path") }
     if linux.watchdogSeconds < 1 { problems.append("linux.watchdog_seconds must be at least 1") }
+    for (name, path) in qemu.sockets.sorted(by: { $0.key < $1.key }) {
+      if (try? Validate.vmName(name)) == nil {
+        problems.append("qemu.sockets: VM name \(quoted(name)) must be 1-64 of A-Z a-z 0-9 . _ -, not starting with . or -")
+      }
+      if !path.hasPrefix("/") { problems.append("qemu.sockets.\(name) \(quoted(path)) must be an absolute path") }
+    }
+    if !qemu.socketDir.isEmpty && !qemu.socketDir.hasPrefix("/") {
+      problems.append("qemu.socket_dir \(quoted(qemu.socketDir)) must be an absolute path")
+    }
+    if qemu.deviceModel.isEmpty || !qemu.deviceModel.allSatisfy({ $0.isLetter || $0.isNumber || $0 == "-" || $0 == "_" }) {
+      problems.append("qemu.device_model \(quoted(qemu.deviceModel)) is not a QEMU device model name")
+    }
+    if !(1...600).contains(qemu.detachTimeoutSeconds) {
+      problems.append("qemu.detach_timeout_seconds must be 1-600")
+    }
     if linux.selectors.isEmpty { problems.append("linux.selectors is empty: the agent would manage nothing") }
     if !problems.isEmpty { throw ConfigError(problems: problems) }
   }

@@ -1,6 +1,7 @@
 import FPGAAgentAPI
 import FPGACore
 import FPGALinux
+import FPGAQEMU
 import FPGASimulator
 import GRPCCore
 import GRPCNIOTransportHTTP2
@@ -44,12 +45,22 @@ public final class AgentRuntime: Sendable {
       simulatedNode = nil
       platform = try Self.linuxPlatform(config.linux)
     }
-    engine = NodeEngine(nodeID: nodeID, platform: platform, clock: clock)
+    var hypervisor: QEMUHypervisor?
+    if config.qemu.isConfigured {
+      var settings = QEMUHypervisor.Settings()
+      settings.sockets = config.qemu.sockets
+      settings.socketDirectory = config.qemu.socketDir.isEmpty ? nil : config.qemu.socketDir
+      settings.deviceModel = config.qemu.deviceModel
+      settings.pauseCommands = config.qemu.pauseCommands
+      hypervisor = QEMUHypervisor(settings: settings)
+    }
+    engine = NodeEngine(nodeID: nodeID, platform: platform, clock: clock, hypervisor: hypervisor)
     health = HealthService(services: [Fpga_Agent_V1_NodeAgent.descriptor.fullyQualifiedService])
 
     let services: [any RegistrableRPCService] = [
       NodeAgentService(
-        engine: engine, hostname: SystemCalls.hostname(), agentVersion: Self.version, logger: logger),
+        engine: engine, hostname: SystemCalls.hostname(), agentVersion: Self.version, logger: logger,
+        defaultDetachTimeout: .seconds(config.qemu.detachTimeoutSeconds)),
       health,
     ]
     var transportConfig = HTTP2ServerTransport.Posix.Config.defaults
@@ -96,6 +107,11 @@ public final class AgentRuntime: Sendable {
   /// Scans the platform, then serves until a shutdown signal or `shutdown()`.
   public func run() async throws {
     try await engine.rescan()
+    for device in await engine.recoverAttachments() {
+      logger.info(
+        "found a VF plugged into a VM",
+        metadata: ["fpga.vm": "\(device.vm)", "fpga.alloc": "\(device.deviceID)", "fpga.vf": "\(device.host?.description ?? "unknown")"])
+    }
     let status = await engine.status()
     logger.info(
       "node scanned",

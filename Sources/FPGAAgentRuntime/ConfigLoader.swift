@@ -19,6 +19,7 @@ public enum ConfigLoader {
     ("FPGA_AGENT_LOG_FORMAT", "log.format"),
     ("FPGA_AGENT_SYSFS_ROOT", "linux.sysfs_root"),
     ("FPGA_AGENT_DEV_ROOT", "linux.dev_root"),
+    ("FPGA_AGENT_QMP_DIR", "qemu.socket_dir"),
   ]
 
   /// Reads `yaml` (a file's text) over `config`.
@@ -67,6 +68,22 @@ public enum ConfigLoader {
           default: reader.unknown(path)
           }
         }
+      case "qemu":
+        reader.mapping(value, "qemu") { key, value, path in
+          switch key {
+          case "sockets":
+            reader.mapping(value, path) { name, value, path in
+              reader.string(value, path).map { config.qemu.sockets[name] = $0 }
+            }
+          case "socket_dir": reader.string(value, path).map { config.qemu.socketDir = $0 }
+          case "device_model": reader.string(value, path).map { config.qemu.deviceModel = $0 }
+          case "detach_timeout_seconds": reader.int(value, path).map { config.qemu.detachTimeoutSeconds = $0 }
+          case "pause_commands":
+            let items = (value as? [Any]) ?? [value]
+            config.qemu.pauseCommands = items.enumerated().compactMap { reader.string($1, "\(path)[\($0)]") }
+          default: reader.unknown(path)
+          }
+        }
       case "simulator":
         reader.mapping(value, "simulator") { key, value, path in
           switch key {
@@ -98,6 +115,7 @@ public enum ConfigLoader {
       case "log.format": config.log.format = value
       case "linux.sysfs_root": config.linux.sysfsRoot = value
       case "linux.dev_root": config.linux.devRoot = value
+      case "qemu.socket_dir": config.qemu.socketDir = value
       case "rescan_interval_seconds":
         if let seconds = Int(value) {
           config.rescanIntervalSeconds = seconds

@@ -17,6 +17,7 @@ public struct InventorySnapshot: Hashable, Sendable {
   public var nodeID: String
   public var cards: [CardView]
   public var allocations: [Allocation]
+  public var vms: [VirtualMachineInfo] = []
 }
 
 /// One change to the inventory; a revision is a list of them.
@@ -30,6 +31,8 @@ public enum InventoryChange: Hashable, Sendable {
   case vfRemoved(PCIAddress)
   case allocationUpdated(Allocation)
   case allocationRemoved(String)
+  case vmUpdated(VirtualMachineInfo)
+  case vmRemoved(String)
 }
 
 /// An event of an inventory watch.

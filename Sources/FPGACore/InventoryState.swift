@@ -15,6 +15,7 @@ public struct InventoryState: Sendable {
   private(set) var vfIndex: [PCIAddress: PCIAddress] = [:]
   public private(set) var allocations: [String: Allocation] = [:]
   private(set) var allocationByVF: [PCIAddress: String] = [:]
+  public private(set) var vms: [String: VirtualMachineInfo] = [:]
   private var log: ChangeLog
 
   public init(changeLogCapacity: Int = 4096) {
@@ -42,7 +43,7 @@ public struct InventoryState: Sendable {
     let allocation = allocationByVF[vf.address].flatMap { allocations[$0] }
     let state: VFState
     if let allocation {
-      state = allocation.attached ? .attached : .allocated
+      state = allocation.detaching ? .detaching : allocation.attached ? .attached : .allocated
     } else {
       state = vf.isPassthroughCapable ? .free : .unhealthy
     }
@@ -71,7 +72,8 @@ public struct InventoryState: Sendable {
       .filter { cardID == nil || $0.cardID == cardID }
       .sorted { $0.id < $1.id }
     return InventorySnapshot(
-      revision: revision, nodeID: nodeID, cards: cards, allocations: allocations)
+      revision: revision, nodeID: nodeID, cards: cards, allocations: allocations,
+      vms: vms.values.sorted { $0.name < $1.name })
   }
 
   public struct Counts: Hashable, Sendable {
@@ -194,6 +196,30 @@ public struct InventoryState: Sendable {
     var changes: [InventoryChange] = [.allocationRemoved(id)]
     if let vf = vf(allocation.vf) { changes.append(.vfUpdated(view(of: vf))) }
     return (allocation, changes)
+  }
+
+  /// Replaces an existing allocation (attachment changes); returns the changes.
+  public mutating func update(_ allocation: Allocation) -> [InventoryChange] {
+    guard allocations[allocation.id] != nil else { return [] }
+    allocations[allocation.id] = allocation
+    var changes: [InventoryChange] = [.allocationUpdated(allocation)]
+    if let vf = vf(allocation.vf) { changes.append(.vfUpdated(view(of: vf))) }
+    return changes
+  }
+
+  /// Brings the VMs in line with what the hypervisor reports.
+  public mutating func apply(vms found: [VirtualMachineInfo]) -> [InventoryChange] {
+    var changes: [InventoryChange] = []
+    let byName = Dictionary(found.map { ($0.name, $0) }, uniquingKeysWith: { a, _ in a })
+    for vm in found.sorted(by: { $0.name < $1.name }) where vms[vm.name] != vm {
+      vms[vm.name] = vm
+      changes.append(.vmUpdated(vm))
+    }
+    for name in vms.keys.sorted() where byName[name] == nil {
+      vms[name] = nil
+      changes.append(.vmRemoved(name))
+    }
+    return changes
   }
 
   /// Sets a PF's drain flag.

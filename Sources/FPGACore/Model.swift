@@ -150,12 +150,21 @@ public struct Allocation: Hashable, Sendable {
   public var numaNode: Int
   public var iommuGroup: Int
   public var attached: Bool
+  /// The QEMU device id while attached (the allocation's id).
+  public var deviceID: String?
+  /// The root port the VF was plugged into.
+  public var rootPort: String?
+  /// An unplug was requested and the guest has not acknowledged it yet.
+  public var detaching: Bool
 
   public init(
     id: String, vf: PCIAddress, pf: PCIAddress, owner: String, vm: String?,
     idempotencyKey: String?, createdAt: WallTime, numaNode: Int, iommuGroup: Int,
-    attached: Bool = false
+    attached: Bool = false, deviceID: String? = nil, rootPort: String? = nil, detaching: Bool = false
   ) {
+    self.deviceID = deviceID
+    self.rootPort = rootPort
+    self.detaching = detaching
     self.id = id
     self.vf = vf
     self.pf = pf

@@ -4,6 +4,9 @@ public actor NodeEngine {
   public nonisolated let nodeID: String
   public nonisolated let startedAt: WallTime
   private let platform: any NodePlatform
+  let hypervisor: (any Hypervisor)?
+  /// Allocations with an attach or detach under way.
+  var inFlight: Set<String> = []
   let clock: any WallClock
   var state: InventoryState
   var ledger = IdempotencyLedger<Outcome>()
@@ -23,14 +26,17 @@ public actor NodeEngine {
     case allocated(AllocationResult)
     case released(ReleaseResult)
     case operation(String)
+    case attached(AttachResult)
+    case detached(Allocation)
   }
 
   public init(
-    nodeID: String, platform: any NodePlatform, clock: any WallClock,
+    nodeID: String, platform: any NodePlatform, clock: any WallClock, hypervisor: (any Hypervisor)? = nil,
     changeLogCapacity: Int = 4096, watchBufferLimit: Int = 4096
   ) {
     self.nodeID = nodeID
     self.platform = platform
+    self.hypervisor = hypervisor
     self.clock = clock
     self.startedAt = clock.now()
     self.state = InventoryState(changeLogCapacity: changeLogCapacity)
@@ -44,8 +50,16 @@ public actor NodeEngine {
   @discardableResult
   public func rescan() async throws(AgentError) -> UInt64 {
     let node = try await platform.discover()
-    capabilities = await platform.capabilities()
-    return publish(state.apply(node))
+    var found = await platform.capabilities()
+    var changes = state.apply(node)
+    if let hypervisor {
+      let vms = await hypervisor.machines()
+      found.vfioPause = !vms.isEmpty && vms.allSatisfy { $0.vfioPause || $0.state == .unreachable }
+        && vms.contains { $0.vfioPause }
+      changes += state.apply(vms: vms)
+    }
+    capabilities = found
+    return publish(changes)
   }
 
   // MARK: Reading
@@ -121,6 +135,10 @@ public actor NodeEngine {
         .notFound,
         "allocation \(request.allocationID) does not exist (already released, or never made); `fpgactl inventory` lists the allocations"
       )
+    }
+    if inFlight.contains(allocation.id) {
+      throw AgentError(
+        .aborted, "allocation \(allocation.id) is being attached or detached right now; retry when that ends")
     }
     if allocation.attached {
       throw AgentError(

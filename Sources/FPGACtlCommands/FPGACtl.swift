@@ -10,7 +10,7 @@ public struct FPGACtl: AsyncParsableCommand {
     version: "0.1.0",
     subcommands: [
       Status.self, Inventory.self, Rescan.self, Allocate.self, Release.self, Watch.self, Drain.self,
-      Undrain.self, OperationCommand.self,
+      Undrain.self, OperationCommand.self, VMs.self, Attach.self, Detach.self,
     ])
 
   public init() {}
@@ -223,6 +223,64 @@ struct Watch: AsyncParsableCommand {
         }
       }
     }
+  }
+}
+
+struct VMs: AsyncParsableCommand {
+  static let configuration = CommandConfiguration(commandName: "vms", abstract: "List the VMs the agent can plug VFs into.")
+
+  @OptionGroup var options: ServerOptions
+
+  func run() async throws {
+    let inventory = try await options.withAgent { try await $0.getInventory(.init(), options: options.callOptions) }
+    Render.vms(inventory).forEach(say)
+  }
+}
+
+struct Attach: AsyncParsableCommand {
+  static let configuration = CommandConfiguration(abstract: "Hot-plug an allocated VF into a running VM.")
+
+  @OptionGroup var options: ServerOptions
+  @Argument(help: "The allocation id (alloc-…).") var id: String
+  @Argument(help: "The VM (see `fpgactl vms`).") var vm: String
+  @Option(help: "Idempotency key.") var key: String?
+
+  func run() async throws {
+    let response = try await options.withAgent { client in
+      try await client.attachVF(
+        .with {
+          $0.meta = requestMeta(key: key, epoch: nil)
+          $0.allocationID = id
+          $0.vm = vm
+        }, options: options.callOptions)
+    }
+    say(
+      "\(response.replayed ? "already attached" : "attached") \(response.allocation.id): VF \(response.allocation.vfBdf) "
+        + "is device \(response.deviceID) in VM \(vm), root port \(response.rootPort)")
+  }
+}
+
+struct Detach: AsyncParsableCommand {
+  static let configuration = CommandConfiguration(abstract: "Hot-unplug an attached VF from its VM.")
+
+  @OptionGroup var options: ServerOptions
+  @Argument(help: "The allocation id (alloc-…).") var id: String
+  @Option(name: .customLong("wait"), help: "Seconds to wait for the guest to acknowledge (default: the agent's).")
+  var wait: Int?
+  @Option(help: "Idempotency key.") var key: String?
+
+  func run() async throws {
+    var callOptions = options.callOptions
+    callOptions.timeout = .seconds(max(options.timeout, (wait ?? 10) + 10))
+    let response = try await options.withAgent { client in
+      try await client.detachVF(
+        .with {
+          $0.meta = requestMeta(key: key, epoch: nil)
+          $0.allocationID = id
+          if let wait { $0.timeout = .with { $0.seconds = Int64(wait) } }
+        }, options: callOptions)
+    }
+    say("\(response.replayed ? "already detached" : "detached") \(response.allocation.id): VF \(response.allocation.vfBdf) left its VM")
   }
 }
 

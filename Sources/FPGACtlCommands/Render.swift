@@ -118,6 +118,8 @@ enum Render {
     case .allocationUpdated(let allocation):
       "allocation \(allocation.id) holds VF \(allocation.vfBdf) for \(allocation.owner)"
     case .allocationRemoved(let id): "allocation \(id) ended"
+    case .vmUpdated(let vm): "VM \(vm.name) \(vm.state) (\(vm.freeRootPorts)/\(vm.rootPorts) root ports free)"
+    case .vmRemoved(let name): "VM \(name) removed"
     case nil: "(empty change)"
     }
   }
@@ -134,6 +136,21 @@ enum Render {
     }
     if !operation.error.isEmpty { lines.append("  error: \(operation.error)") }
     return lines
+  }
+
+  static func vms(_ inventory: Fpga_Agent_V1_Inventory) -> [String] {
+    guard !inventory.vms.isEmpty else {
+      return ["no VMs are configured (start the agent with --qmp-socket NAME=PATH or --qmp-dir DIR)"]
+    }
+    let attached = Dictionary(grouping: inventory.allocations.filter(\.attached), by: \.vm)
+    let rows = inventory.vms.map { vm in
+      [
+        vm.name, vm.state, "\(vm.freeRootPorts)/\(vm.rootPorts)", yesNo(vm.vfioPause),
+        attached[vm.name].map { $0.map { "\($0.vfBdf)\($0.detaching ? " (detaching)" : "")" }.joined(separator: ",") } ?? "-",
+        vm.error.isEmpty ? vm.qmpSocket : vm.error,
+      ]
+    }
+    return table(["VM", "STATE", "FREE PORTS", "VFIO PAUSE", "VFS", "QMP SOCKET / ERROR"], rows)
   }
 
   static func vfState(_ state: Fpga_Agent_V1_VFState) -> String {

@@ -188,11 +188,6 @@ import Testing
   @Test func capabilitiesOfLaterPartsSayWhatIsMissing() async throws {
     try await TestAgent.with { agent in
       try await agent.withClient { nodeAgent, _ in
-        let attach = await failure {
-          _ = try await nodeAgent.attachVF(.with { $0.allocationID = "alloc-000000000001"; $0.vm = "vm1" })
-        }
-        #expect(attach?.0 == .unimplemented)
-        #expect(attach?.1.contains("QEMU (QMP) integration") == true)
         let reconfigure = await failure { _ = try await nodeAgent.reconfigure(.with { $0.pfBdf = "0000:3b:00.0"; $0.vfCount = 4 }) }
         #expect(reconfigure?.0 == .unimplemented)
         #expect(reconfigure?.1.contains("journaled reconfiguration") == true)

@@ -2,6 +2,7 @@ import FPGAAgentRuntime
 import FPGACore
 import FPGACtlCommands
 import FPGATestSupport
+import Foundation
 import Synchronization
 import Testing
 
@@ -135,5 +136,34 @@ func fpgactl(_ arguments: [String]) async -> (code: Int32, out: String, err: Str
     let usage = await fpgactl(["status", "--server", "host:notaport"])
     #expect(usage.code == 2)
     #expect(usage.err == "error: --server host:notaport: expected HOST:PORT or unix:PATH")
+  }
+}
+
+@Suite(.enabled(if: QEMUProcess.isAvailable, "qemu-system-x86_64 is not installed: real-QEMU tests NOT RUN"))
+struct FPGACtlQEMUTests {
+  @Test func vmsAttachDetach() async throws {
+    let qemu = try QEMUProcess(rootPorts: 2)
+    try await TestAgent.with(configure: { config in
+      config.qemu.sockets = ["vm1": qemu.socketPath]
+      config.qemu.deviceModel = "edu"
+    }) { agent in
+      let server = "127.0.0.1:\(agent.port)"
+      #expect(await fpgactl(["vms", "--server", server]).out == """
+        VM   STATE      FREE PORTS  VFIO PAUSE  VFS  QMP SOCKET / ERROR
+        vm1  prelaunch  2/2         no          -    \(qemu.socketPath)
+        """)
+      let allocated = await fpgactl(["allocate", "--server", server])
+      let id = String(allocated.out.split(separator: " ")[1].dropLast())
+      let attached = await fpgactl(["attach", id, "vm1", "--server", server])
+      #expect(attached == (0, "attached \(id): VF 0000:3b:00.4 is device \(id) in VM vm1, root port rp1", ""))
+      #expect(await fpgactl(["vms", "--server", server]).out == """
+        VM   STATE      FREE PORTS  VFIO PAUSE  VFS           QMP SOCKET / ERROR
+        vm1  prelaunch  1/2         no          0000:3b:00.4  \(qemu.socketPath)
+        """)
+      let detached = await fpgactl(["detach", id, "--server", server])
+      #expect(detached == (0, "detached \(id): VF 0000:3b:00.4 left its VM", ""))
+      let notAttached = await fpgactl(["detach", id, "--server", server])
+      #expect(notAttached.err == "error: FAILED_PRECONDITION: allocation \(id) is not attached to a VM")
+    }
   }
 }

@@ -4,6 +4,8 @@ import Foundation
 /// PCIe root ports, QMP on a Unix socket in a temporary folder.
 public final class QEMUProcess: @unchecked Sendable {
   public let socketPath: String
+  /// A second QMP monitor for the test's own inspection (a QMP socket serves one client at a time).
+  public let inspectionSocketPath: String
   public let directory: String
   public let process: Process
 
@@ -23,6 +25,7 @@ public final class QEMUProcess: @unchecked Sendable {
     directory = NSTemporaryDirectory() + "qemu-" + UUID().uuidString.prefix(8)
     try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
     socketPath = directory + "/qmp.sock"
+    inspectionSocketPath = directory + "/inspect.sock"
     process = Process()
     process.executableURL = URL(fileURLWithPath: Self.executable ?? "/usr/bin/qemu-system-x86_64")
     var arguments = [
@@ -32,12 +35,14 @@ public final class QEMUProcess: @unchecked Sendable {
     for port in 1...max(rootPorts, 1) where rootPorts > 0 {
       arguments += ["-device", "pcie-root-port,id=rp\(port),chassis=\(port),slot=\(port)"]
     }
-    arguments += extra + ["-qmp", "unix:\(socketPath),server=on,wait=off"]
+    arguments += extra + [
+      "-qmp", "unix:\(socketPath),server=on,wait=off", "-qmp", "unix:\(inspectionSocketPath),server=on,wait=off",
+    ]
     process.arguments = arguments
     process.standardOutput = FileHandle.nullDevice
     process.standardError = FileHandle(forWritingAtPath: "/dev/null")
     try process.run()
-    for _ in 0..<500 where !FileManager.default.fileExists(atPath: socketPath) {
+    for _ in 0..<500 where !FileManager.default.fileExists(atPath: inspectionSocketPath) {
       usleep(10_000)
     }
   }

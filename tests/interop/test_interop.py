@@ -66,9 +66,9 @@ def test_errors_have_precise_codes(agent):
         node.ReleaseVF(pb.ReleaseVFRequest(allocation_id="alloc-0123456789ab"), timeout=10)
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
     with pytest.raises(grpc.RpcError) as caught:
-        node.AttachVF(pb.AttachVFRequest(allocation_id="alloc-0123456789ab", vm="vm1"), timeout=10)
+        node.Reconfigure(pb.ReconfigureRequest(pf_bdf="0000:3b:00.0", vf_count=4), timeout=10)
     assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
-    assert "QEMU" in caught.value.details()
+    assert "journaled reconfiguration" in caught.value.details()
 
 
 @pytest.mark.parametrize("transport", ["tcp", "unix"])

@@ -510,11 +510,55 @@ public nonisolated struct Fpga_Agent_V1_Allocation: Sendable {
   /// True while the VF is plugged into a VM.
   public var attached: Bool = false
 
+  /// The QEMU device id of the VF while attached (the allocation's id).
+  public var deviceID: String = String()
+
+  /// The root port of the VM the VF is plugged into.
+  public var rootPort: String = String()
+
+  /// True while an unplug waits for the guest's acknowledgement.
+  public var detaching: Bool = false
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
 
   fileprivate var _createdAt: SwiftProtobuf.Google_Protobuf_Timestamp? = nil
+}
+
+/// A VM the agent can plug VFs into (a QEMU reached over its QMP socket).
+public nonisolated struct Fpga_Agent_V1_VirtualMachine: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  /// The name given in the configuration (--qmp-socket NAME=PATH) or the socket's file name.
+  public var name: String = String()
+
+  /// "running", "paused", "prelaunch", "shutdown", "unreachable", or "other".
+  public var state: String = String()
+
+  /// The run state as QEMU names it (query-status).
+  public var qemuStatus: String = String()
+
+  /// Path of its QMP socket.
+  public var qmpSocket: String = String()
+
+  /// Hot-pluggable root ports (pcie-root-port devices).
+  public var rootPorts: UInt32 = 0
+
+  /// Root ports with no device in them.
+  public var freeRootPorts: UInt32 = 0
+
+  /// This QEMU can pause a VFIO device (the configured pause commands exist).
+  public var vfioPause: Bool = false
+
+  /// Why it is unreachable, when it is.
+  public var error: String = String()
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
 }
 
 /// The node's devices and allocations at one revision.
@@ -534,6 +578,9 @@ public nonisolated struct Fpga_Agent_V1_Inventory: Sendable {
 
   /// Every live allocation, ordered by id.
   public var allocations: [Fpga_Agent_V1_Allocation] = []
+
+  /// The VMs known to the agent, ordered by name.
+  public var vms: [Fpga_Agent_V1_VirtualMachine] = []
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
@@ -652,6 +699,24 @@ public nonisolated struct Fpga_Agent_V1_InventoryChange: Sendable {
     set {change = .cardRemoved(newValue)}
   }
 
+  /// A VM appeared or changed state.
+  public var vmUpdated: Fpga_Agent_V1_VirtualMachine {
+    get {
+      if case .vmUpdated(let v)? = change {return v}
+      return Fpga_Agent_V1_VirtualMachine()
+    }
+    set {change = .vmUpdated(newValue)}
+  }
+
+  /// A VM is no longer known (its name).
+  public var vmRemoved: String {
+    get {
+      if case .vmRemoved(let v)? = change {return v}
+      return String()
+    }
+    set {change = .vmRemoved(newValue)}
+  }
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   /// What changed.
@@ -673,6 +738,10 @@ public nonisolated struct Fpga_Agent_V1_InventoryChange: Sendable {
     case cardUpdated(Fpga_Agent_V1_Card)
     /// A card vanished (its id).
     case cardRemoved(String)
+    /// A VM appeared or changed state.
+    case vmUpdated(Fpga_Agent_V1_VirtualMachine)
+    /// A VM is no longer known (its name).
+    case vmRemoved(String)
 
   }
 
@@ -1069,32 +1138,38 @@ public nonisolated struct Fpga_Agent_V1_ReleaseVFRequest: Sendable {
 }
 
 /// The allocation that ended.
-public nonisolated struct Fpga_Agent_V1_ReleaseVFResponse: Sendable {
+public nonisolated struct Fpga_Agent_V1_ReleaseVFResponse: @unchecked Sendable {
   // SwiftProtobuf.Message conformance is added in an extension below. See the
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
   // methods supported on all messages.
 
   /// The allocation as it was when released.
   public var allocation: Fpga_Agent_V1_Allocation {
-    get {_allocation ?? Fpga_Agent_V1_Allocation()}
-    set {_allocation = newValue}
+    get {_storage._allocation ?? Fpga_Agent_V1_Allocation()}
+    set {_uniqueStorage()._allocation = newValue}
   }
   /// Returns true if `allocation` has been explicitly set.
-  public var hasAllocation: Bool {self._allocation != nil}
+  public var hasAllocation: Bool {_storage._allocation != nil}
   /// Clears the value of `allocation`. Subsequent reads from it will return its default value.
-  public mutating func clearAllocation() {self._allocation = nil}
+  public mutating func clearAllocation() {_uniqueStorage()._allocation = nil}
 
   /// True when this answer repeats the result of an earlier request with the same key.
-  public var replayed: Bool = false
+  public var replayed: Bool {
+    get {_storage._replayed}
+    set {_uniqueStorage()._replayed = newValue}
+  }
 
   /// Inventory revision after the change.
-  public var revision: UInt64 = 0
+  public var revision: UInt64 {
+    get {_storage._revision}
+    set {_uniqueStorage()._revision = newValue}
+  }
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
 
-  fileprivate var _allocation: Fpga_Agent_V1_Allocation? = nil
+  fileprivate var _storage = _StorageClass.defaultInstance
 }
 
 /// Plugs an allocated VF into a running VM.
@@ -1127,35 +1202,44 @@ public nonisolated struct Fpga_Agent_V1_AttachVFRequest: Sendable {
 }
 
 /// Where the VF went.
-public nonisolated struct Fpga_Agent_V1_AttachVFResponse: Sendable {
+public nonisolated struct Fpga_Agent_V1_AttachVFResponse: @unchecked Sendable {
   // SwiftProtobuf.Message conformance is added in an extension below. See the
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
   // methods supported on all messages.
 
   /// The allocation, now attached.
   public var allocation: Fpga_Agent_V1_Allocation {
-    get {_allocation ?? Fpga_Agent_V1_Allocation()}
-    set {_allocation = newValue}
+    get {_storage._allocation ?? Fpga_Agent_V1_Allocation()}
+    set {_uniqueStorage()._allocation = newValue}
   }
   /// Returns true if `allocation` has been explicitly set.
-  public var hasAllocation: Bool {self._allocation != nil}
+  public var hasAllocation: Bool {_storage._allocation != nil}
   /// Clears the value of `allocation`. Subsequent reads from it will return its default value.
-  public mutating func clearAllocation() {self._allocation = nil}
+  public mutating func clearAllocation() {_uniqueStorage()._allocation = nil}
 
   /// The QEMU device id given to the VF.
-  public var deviceID: String = String()
+  public var deviceID: String {
+    get {_storage._deviceID}
+    set {_uniqueStorage()._deviceID = newValue}
+  }
 
   /// The root port it was plugged into.
-  public var rootPort: String = String()
+  public var rootPort: String {
+    get {_storage._rootPort}
+    set {_uniqueStorage()._rootPort = newValue}
+  }
 
   /// True when this answer repeats an earlier result.
-  public var replayed: Bool = false
+  public var replayed: Bool {
+    get {_storage._replayed}
+    set {_uniqueStorage()._replayed = newValue}
+  }
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
 
-  fileprivate var _allocation: Fpga_Agent_V1_Allocation? = nil
+  fileprivate var _storage = _StorageClass.defaultInstance
 }
 
 /// Unplugs an attached VF.
@@ -2086,7 +2170,7 @@ nonisolated extension Fpga_Agent_V1_VirtualFunction: SwiftProtobuf.Message, Swif
 
 nonisolated extension Fpga_Agent_V1_Allocation: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".Allocation"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}id\0\u{3}vf_bdf\0\u{3}pf_bdf\0\u{3}card_id\0\u{1}owner\0\u{1}vm\0\u{3}idempotency_key\0\u{3}created_at\0\u{3}numa_node\0\u{3}iommu_group\0\u{1}attached\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}id\0\u{3}vf_bdf\0\u{3}pf_bdf\0\u{3}card_id\0\u{1}owner\0\u{1}vm\0\u{3}idempotency_key\0\u{3}created_at\0\u{3}numa_node\0\u{3}iommu_group\0\u{1}attached\0\u{3}device_id\0\u{3}root_port\0\u{1}detaching\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -2105,6 +2189,9 @@ nonisolated extension Fpga_Agent_V1_Allocation: SwiftProtobuf.Message, SwiftProt
       case 9: try { try decoder.decodeSingularInt32Field(value: &self.numaNode) }()
       case 10: try { try decoder.decodeSingularInt32Field(value: &self.iommuGroup) }()
       case 11: try { try decoder.decodeSingularBoolField(value: &self.attached) }()
+      case 12: try { try decoder.decodeSingularStringField(value: &self.deviceID) }()
+      case 13: try { try decoder.decodeSingularStringField(value: &self.rootPort) }()
+      case 14: try { try decoder.decodeSingularBoolField(value: &self.detaching) }()
       default: break
       }
     }
@@ -2148,6 +2235,15 @@ nonisolated extension Fpga_Agent_V1_Allocation: SwiftProtobuf.Message, SwiftProt
     if self.attached != false {
       try visitor.visitSingularBoolField(value: self.attached, fieldNumber: 11)
     }
+    if !self.deviceID.isEmpty {
+      try visitor.visitSingularStringField(value: self.deviceID, fieldNumber: 12)
+    }
+    if !self.rootPort.isEmpty {
+      try visitor.visitSingularStringField(value: self.rootPort, fieldNumber: 13)
+    }
+    if self.detaching != false {
+      try visitor.visitSingularBoolField(value: self.detaching, fieldNumber: 14)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -2163,6 +2259,74 @@ nonisolated extension Fpga_Agent_V1_Allocation: SwiftProtobuf.Message, SwiftProt
     if lhs.numaNode != rhs.numaNode {return false}
     if lhs.iommuGroup != rhs.iommuGroup {return false}
     if lhs.attached != rhs.attached {return false}
+    if lhs.deviceID != rhs.deviceID {return false}
+    if lhs.rootPort != rhs.rootPort {return false}
+    if lhs.detaching != rhs.detaching {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Fpga_Agent_V1_VirtualMachine: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".VirtualMachine"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}name\0\u{1}state\0\u{3}qemu_status\0\u{3}qmp_socket\0\u{3}root_ports\0\u{3}free_root_ports\0\u{3}vfio_pause\0\u{1}error\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularStringField(value: &self.name) }()
+      case 2: try { try decoder.decodeSingularStringField(value: &self.state) }()
+      case 3: try { try decoder.decodeSingularStringField(value: &self.qemuStatus) }()
+      case 4: try { try decoder.decodeSingularStringField(value: &self.qmpSocket) }()
+      case 5: try { try decoder.decodeSingularUInt32Field(value: &self.rootPorts) }()
+      case 6: try { try decoder.decodeSingularUInt32Field(value: &self.freeRootPorts) }()
+      case 7: try { try decoder.decodeSingularBoolField(value: &self.vfioPause) }()
+      case 8: try { try decoder.decodeSingularStringField(value: &self.error) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.name.isEmpty {
+      try visitor.visitSingularStringField(value: self.name, fieldNumber: 1)
+    }
+    if !self.state.isEmpty {
+      try visitor.visitSingularStringField(value: self.state, fieldNumber: 2)
+    }
+    if !self.qemuStatus.isEmpty {
+      try visitor.visitSingularStringField(value: self.qemuStatus, fieldNumber: 3)
+    }
+    if !self.qmpSocket.isEmpty {
+      try visitor.visitSingularStringField(value: self.qmpSocket, fieldNumber: 4)
+    }
+    if self.rootPorts != 0 {
+      try visitor.visitSingularUInt32Field(value: self.rootPorts, fieldNumber: 5)
+    }
+    if self.freeRootPorts != 0 {
+      try visitor.visitSingularUInt32Field(value: self.freeRootPorts, fieldNumber: 6)
+    }
+    if self.vfioPause != false {
+      try visitor.visitSingularBoolField(value: self.vfioPause, fieldNumber: 7)
+    }
+    if !self.error.isEmpty {
+      try visitor.visitSingularStringField(value: self.error, fieldNumber: 8)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Fpga_Agent_V1_VirtualMachine, rhs: Fpga_Agent_V1_VirtualMachine) -> Bool {
+    if lhs.name != rhs.name {return false}
+    if lhs.state != rhs.state {return false}
+    if lhs.qemuStatus != rhs.qemuStatus {return false}
+    if lhs.qmpSocket != rhs.qmpSocket {return false}
+    if lhs.rootPorts != rhs.rootPorts {return false}
+    if lhs.freeRootPorts != rhs.freeRootPorts {return false}
+    if lhs.vfioPause != rhs.vfioPause {return false}
+    if lhs.error != rhs.error {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
@@ -2170,7 +2334,7 @@ nonisolated extension Fpga_Agent_V1_Allocation: SwiftProtobuf.Message, SwiftProt
 
 nonisolated extension Fpga_Agent_V1_Inventory: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".Inventory"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}revision\0\u{3}node_id\0\u{1}cards\0\u{1}allocations\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}revision\0\u{3}node_id\0\u{1}cards\0\u{1}allocations\0\u{1}vms\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -2182,6 +2346,7 @@ nonisolated extension Fpga_Agent_V1_Inventory: SwiftProtobuf.Message, SwiftProto
       case 2: try { try decoder.decodeSingularStringField(value: &self.nodeID) }()
       case 3: try { try decoder.decodeRepeatedMessageField(value: &self.cards) }()
       case 4: try { try decoder.decodeRepeatedMessageField(value: &self.allocations) }()
+      case 5: try { try decoder.decodeRepeatedMessageField(value: &self.vms) }()
       default: break
       }
     }
@@ -2200,6 +2365,9 @@ nonisolated extension Fpga_Agent_V1_Inventory: SwiftProtobuf.Message, SwiftProto
     if !self.allocations.isEmpty {
       try visitor.visitRepeatedMessageField(value: self.allocations, fieldNumber: 4)
     }
+    if !self.vms.isEmpty {
+      try visitor.visitRepeatedMessageField(value: self.vms, fieldNumber: 5)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -2208,6 +2376,7 @@ nonisolated extension Fpga_Agent_V1_Inventory: SwiftProtobuf.Message, SwiftProto
     if lhs.nodeID != rhs.nodeID {return false}
     if lhs.cards != rhs.cards {return false}
     if lhs.allocations != rhs.allocations {return false}
+    if lhs.vms != rhs.vms {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
@@ -2275,7 +2444,7 @@ nonisolated extension Fpga_Agent_V1_WatchInventoryRequest: SwiftProtobuf.Message
 
 nonisolated extension Fpga_Agent_V1_InventoryChange: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".InventoryChange"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}pf_updated\0\u{3}pf_removed\0\u{3}vf_updated\0\u{3}vf_removed\0\u{3}allocation_updated\0\u{3}allocation_removed\0\u{3}card_updated\0\u{3}card_removed\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}pf_updated\0\u{3}pf_removed\0\u{3}vf_updated\0\u{3}vf_removed\0\u{3}allocation_updated\0\u{3}allocation_removed\0\u{3}card_updated\0\u{3}card_removed\0\u{3}vm_updated\0\u{3}vm_removed\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -2367,6 +2536,27 @@ nonisolated extension Fpga_Agent_V1_InventoryChange: SwiftProtobuf.Message, Swif
           self.change = .cardRemoved(v)
         }
       }()
+      case 9: try {
+        var v: Fpga_Agent_V1_VirtualMachine?
+        var hadOneofValue = false
+        if let current = self.change {
+          hadOneofValue = true
+          if case .vmUpdated(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.change = .vmUpdated(v)
+        }
+      }()
+      case 10: try {
+        var v: String?
+        try decoder.decodeSingularStringField(value: &v)
+        if let v = v {
+          if self.change != nil {try decoder.handleConflictingOneOf()}
+          self.change = .vmRemoved(v)
+        }
+      }()
       default: break
       }
     }
@@ -2409,6 +2599,14 @@ nonisolated extension Fpga_Agent_V1_InventoryChange: SwiftProtobuf.Message, Swif
     case .cardRemoved?: try {
       guard case .cardRemoved(let v)? = self.change else { preconditionFailure() }
       try visitor.visitSingularStringField(value: v, fieldNumber: 8)
+    }()
+    case .vmUpdated?: try {
+      guard case .vmUpdated(let v)? = self.change else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 9)
+    }()
+    case .vmRemoved?: try {
+      guard case .vmRemoved(let v)? = self.change else { preconditionFailure() }
+      try visitor.visitSingularStringField(value: v, fieldNumber: 10)
     }()
     case nil: break
     }
@@ -3054,41 +3252,81 @@ nonisolated extension Fpga_Agent_V1_ReleaseVFResponse: SwiftProtobuf.Message, Sw
   public static let protoMessageName: String = _protobuf_package + ".ReleaseVFResponse"
   public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}allocation\0\u{1}replayed\0\u{1}revision\0")
 
+  fileprivate class _StorageClass {
+    var _allocation: Fpga_Agent_V1_Allocation? = nil
+    var _replayed: Bool = false
+    var _revision: UInt64 = 0
+
+      // This property is used as the initial default value for new instances of the type.
+      // The type itself is protecting the reference to its storage via CoW semantics.
+      // This will force a copy to be made of this reference when the first mutation occurs;
+      // hence, it is safe to mark this as `nonisolated(unsafe)`.
+      static nonisolated(unsafe) let defaultInstance = _StorageClass()
+
+    private init() {}
+
+    init(copying source: _StorageClass) {
+      _allocation = source._allocation
+      _replayed = source._replayed
+      _revision = source._revision
+    }
+  }
+
+  fileprivate mutating func _uniqueStorage() -> _StorageClass {
+    if !isKnownUniquelyReferenced(&_storage) {
+      _storage = _StorageClass(copying: _storage)
+    }
+    return _storage
+  }
+
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
-    while let fieldNumber = try decoder.nextFieldNumber() {
-      // The use of inline closures is to circumvent an issue where the compiler
-      // allocates stack space for every case branch when no optimizations are
-      // enabled. https://github.com/apple/swift-protobuf/issues/1034
-      switch fieldNumber {
-      case 1: try { try decoder.decodeSingularMessageField(value: &self._allocation) }()
-      case 2: try { try decoder.decodeSingularBoolField(value: &self.replayed) }()
-      case 3: try { try decoder.decodeSingularUInt64Field(value: &self.revision) }()
-      default: break
+    _ = _uniqueStorage()
+    try withExtendedLifetime(_storage) { (_storage: _StorageClass) in
+      while let fieldNumber = try decoder.nextFieldNumber() {
+        // The use of inline closures is to circumvent an issue where the compiler
+        // allocates stack space for every case branch when no optimizations are
+        // enabled. https://github.com/apple/swift-protobuf/issues/1034
+        switch fieldNumber {
+        case 1: try { try decoder.decodeSingularMessageField(value: &_storage._allocation) }()
+        case 2: try { try decoder.decodeSingularBoolField(value: &_storage._replayed) }()
+        case 3: try { try decoder.decodeSingularUInt64Field(value: &_storage._revision) }()
+        default: break
+        }
       }
     }
   }
 
   public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
-    // The use of inline closures is to circumvent an issue where the compiler
-    // allocates stack space for every if/case branch local when no optimizations
-    // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
-    // https://github.com/apple/swift-protobuf/issues/1182
-    try { if let v = self._allocation {
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 1)
-    } }()
-    if self.replayed != false {
-      try visitor.visitSingularBoolField(value: self.replayed, fieldNumber: 2)
-    }
-    if self.revision != 0 {
-      try visitor.visitSingularUInt64Field(value: self.revision, fieldNumber: 3)
+    try withExtendedLifetime(_storage) { (_storage: _StorageClass) in
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every if/case branch local when no optimizations
+      // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
+      // https://github.com/apple/swift-protobuf/issues/1182
+      try { if let v = _storage._allocation {
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 1)
+      } }()
+      if _storage._replayed != false {
+        try visitor.visitSingularBoolField(value: _storage._replayed, fieldNumber: 2)
+      }
+      if _storage._revision != 0 {
+        try visitor.visitSingularUInt64Field(value: _storage._revision, fieldNumber: 3)
+      }
     }
     try unknownFields.traverse(visitor: &visitor)
   }
 
   public static func ==(lhs: Fpga_Agent_V1_ReleaseVFResponse, rhs: Fpga_Agent_V1_ReleaseVFResponse) -> Bool {
-    if lhs._allocation != rhs._allocation {return false}
-    if lhs.replayed != rhs.replayed {return false}
-    if lhs.revision != rhs.revision {return false}
+    if lhs._storage !== rhs._storage {
+      let storagesAreEqual: Bool = withExtendedLifetime((lhs._storage, rhs._storage)) { (_args: (_StorageClass, _StorageClass)) in
+        let _storage = _args.0
+        let rhs_storage = _args.1
+        if _storage._allocation != rhs_storage._allocation {return false}
+        if _storage._replayed != rhs_storage._replayed {return false}
+        if _storage._revision != rhs_storage._revision {return false}
+        return true
+      }
+      if !storagesAreEqual {return false}
+    }
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
@@ -3142,46 +3380,88 @@ nonisolated extension Fpga_Agent_V1_AttachVFResponse: SwiftProtobuf.Message, Swi
   public static let protoMessageName: String = _protobuf_package + ".AttachVFResponse"
   public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}allocation\0\u{3}device_id\0\u{3}root_port\0\u{1}replayed\0")
 
+  fileprivate class _StorageClass {
+    var _allocation: Fpga_Agent_V1_Allocation? = nil
+    var _deviceID: String = String()
+    var _rootPort: String = String()
+    var _replayed: Bool = false
+
+      // This property is used as the initial default value for new instances of the type.
+      // The type itself is protecting the reference to its storage via CoW semantics.
+      // This will force a copy to be made of this reference when the first mutation occurs;
+      // hence, it is safe to mark this as `nonisolated(unsafe)`.
+      static nonisolated(unsafe) let defaultInstance = _StorageClass()
+
+    private init() {}
+
+    init(copying source: _StorageClass) {
+      _allocation = source._allocation
+      _deviceID = source._deviceID
+      _rootPort = source._rootPort
+      _replayed = source._replayed
+    }
+  }
+
+  fileprivate mutating func _uniqueStorage() -> _StorageClass {
+    if !isKnownUniquelyReferenced(&_storage) {
+      _storage = _StorageClass(copying: _storage)
+    }
+    return _storage
+  }
+
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
-    while let fieldNumber = try decoder.nextFieldNumber() {
-      // The use of inline closures is to circumvent an issue where the compiler
-      // allocates stack space for every case branch when no optimizations are
-      // enabled. https://github.com/apple/swift-protobuf/issues/1034
-      switch fieldNumber {
-      case 1: try { try decoder.decodeSingularMessageField(value: &self._allocation) }()
-      case 2: try { try decoder.decodeSingularStringField(value: &self.deviceID) }()
-      case 3: try { try decoder.decodeSingularStringField(value: &self.rootPort) }()
-      case 4: try { try decoder.decodeSingularBoolField(value: &self.replayed) }()
-      default: break
+    _ = _uniqueStorage()
+    try withExtendedLifetime(_storage) { (_storage: _StorageClass) in
+      while let fieldNumber = try decoder.nextFieldNumber() {
+        // The use of inline closures is to circumvent an issue where the compiler
+        // allocates stack space for every case branch when no optimizations are
+        // enabled. https://github.com/apple/swift-protobuf/issues/1034
+        switch fieldNumber {
+        case 1: try { try decoder.decodeSingularMessageField(value: &_storage._allocation) }()
+        case 2: try { try decoder.decodeSingularStringField(value: &_storage._deviceID) }()
+        case 3: try { try decoder.decodeSingularStringField(value: &_storage._rootPort) }()
+        case 4: try { try decoder.decodeSingularBoolField(value: &_storage._replayed) }()
+        default: break
+        }
       }
     }
   }
 
   public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
-    // The use of inline closures is to circumvent an issue where the compiler
-    // allocates stack space for every if/case branch local when no optimizations
-    // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
-    // https://github.com/apple/swift-protobuf/issues/1182
-    try { if let v = self._allocation {
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 1)
-    } }()
-    if !self.deviceID.isEmpty {
-      try visitor.visitSingularStringField(value: self.deviceID, fieldNumber: 2)
-    }
-    if !self.rootPort.isEmpty {
-      try visitor.visitSingularStringField(value: self.rootPort, fieldNumber: 3)
-    }
-    if self.replayed != false {
-      try visitor.visitSingularBoolField(value: self.replayed, fieldNumber: 4)
+    try withExtendedLifetime(_storage) { (_storage: _StorageClass) in
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every if/case branch local when no optimizations
+      // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
+      // https://github.com/apple/swift-protobuf/issues/1182
+      try { if let v = _storage._allocation {
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 1)
+      } }()
+      if !_storage._deviceID.isEmpty {
+        try visitor.visitSingularStringField(value: _storage._deviceID, fieldNumber: 2)
+      }
+      if !_storage._rootPort.isEmpty {
+        try visitor.visitSingularStringField(value: _storage._rootPort, fieldNumber: 3)
+      }
+      if _storage._replayed != false {
+        try visitor.visitSingularBoolField(value: _storage._replayed, fieldNumber: 4)
+      }
     }
     try unknownFields.traverse(visitor: &visitor)
   }
 
   public static func ==(lhs: Fpga_Agent_V1_AttachVFResponse, rhs: Fpga_Agent_V1_AttachVFResponse) -> Bool {
-    if lhs._allocation != rhs._allocation {return false}
-    if lhs.deviceID != rhs.deviceID {return false}
-    if lhs.rootPort != rhs.rootPort {return false}
-    if lhs.replayed != rhs.replayed {return false}
+    if lhs._storage !== rhs._storage {
+      let storagesAreEqual: Bool = withExtendedLifetime((lhs._storage, rhs._storage)) { (_args: (_StorageClass, _StorageClass)) in
+        let _storage = _args.0
+        let rhs_storage = _args.1
+        if _storage._allocation != rhs_storage._allocation {return false}
+        if _storage._deviceID != rhs_storage._deviceID {return false}
+        if _storage._rootPort != rhs_storage._rootPort {return false}
+        if _storage._replayed != rhs_storage._replayed {return false}
+        return true
+      }
+      if !storagesAreEqual {return false}
+    }
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }

@@ -1,0 +1,59 @@
+/// What the agent knows of a VM it can plug VFs into.
+public struct VirtualMachineInfo: Hashable, Sendable {
+  public enum State: String, Hashable, Sendable {
+    case running, paused, prelaunch, shutdown, unreachable, other
+  }
+
+  public var name: String
+  public var state: State
+  /// The QEMU run state as QEMU names it (`running`, `paused`, `prelaunch`, …).
+  public var qemuStatus: String
+  public var qmpSocket: String
+  public var rootPorts: Int
+  public var freeRootPorts: Int
+  public var vfioPause: Bool
+  /// Why it is unreachable, when it is.
+  public var error: String?
+
+  public init(
+    name: String, state: State, qemuStatus: String = "", qmpSocket: String, rootPorts: Int = 0, freeRootPorts: Int = 0,
+    vfioPause: Bool = false, error: String? = nil
+  ) {
+    self.name = name
+    self.state = state
+    self.qemuStatus = qemuStatus
+    self.qmpSocket = qmpSocket
+    self.rootPorts = rootPorts
+    self.freeRootPorts = freeRootPorts
+    self.vfioPause = vfioPause
+    self.error = error
+  }
+}
+
+/// A device found plugged into a VM (for rebuilding the VF → VM map at start-up).
+public struct PluggedDevice: Hashable, Sendable {
+  public var vm: String
+  public var deviceID: String
+  /// The host VF, when the device model says (vfio-pci's `host`).
+  public var host: PCIAddress?
+  public var rootPort: String?
+
+  public init(vm: String, deviceID: String, host: PCIAddress?, rootPort: String?) {
+    self.vm = vm
+    self.deviceID = deviceID
+    self.host = host
+    self.rootPort = rootPort
+  }
+}
+
+/// The seam between the core and the VMMs (QEMU over QMP).
+public protocol Hypervisor: Sendable {
+  /// Every configured VM with its state now.
+  func machines() async -> [VirtualMachineInfo]
+  /// Plugs `vf` into a free hot-pluggable root port of `vm` as device `deviceID`; returns the port.
+  func attach(vf: PCIAddress, to vm: String, deviceID: String) async throws(AgentError) -> String
+  /// Unplugs device `deviceID` from `vm` and waits until the VMM confirms (`DEVICE_DELETED`).
+  func detach(deviceID: String, from vm: String, timeout: Duration) async throws(AgentError)
+  /// Devices the agent plugged (ids starting with `alloc-`), per VM.
+  func pluggedDevices() async -> [PluggedDevice]
+}

@@ -1,0 +1,167 @@
+/// Attaching allocated VFs to running VMs and detaching them, through the hypervisor seam.
+extension NodeEngine {
+  public func attach(_ request: AttachRequest) async throws(AgentError) -> AttachResult {
+    try fence(request.meta)
+    let fingerprint = request.allocationID + "\u{0}" + request.vm
+    if let key = request.meta.idempotencyKey,
+      case .attached(var result)? = try ledger.lookup(scope: "AttachVF", key: key, fingerprint: fingerprint)
+    {
+      result.replayed = true
+      return result
+    }
+    let hypervisor = try requireHypervisor()
+    var allocation = try heldAllocation(request.allocationID)
+    guard let vm = state.vms[request.vm] else {
+      throw AgentError(
+        .notFound, "VM \(request.vm) is not known to this agent; `fpgactl vms` lists them (configure --qmp-socket NAME=PATH)")
+    }
+    if allocation.attached {
+      if allocation.vm == request.vm, let port = allocation.rootPort, !allocation.detaching {
+        return AttachResult(allocation: allocation, deviceID: allocation.deviceID ?? allocation.id, rootPort: port, replayed: true)
+      }
+      throw AgentError(
+        .failedPrecondition,
+        "allocation \(allocation.id) is attached to VM \(allocation.vm ?? "?"); detach it first (`fpgactl detach \(allocation.id)`)")
+    }
+    if let intended = allocation.vm, intended != request.vm {
+      throw AgentError(
+        .failedPrecondition, "allocation \(allocation.id) was made for VM \(intended), not \(request.vm); allocate another VF for \(request.vm)")
+    }
+    guard vm.state != .unreachable else {
+      throw AgentError(.unavailable, "VM \(vm.name) is unreachable: \(vm.error ?? "its QMP socket does not answer")")
+    }
+    inFlight.insert(allocation.id)
+    defer { inFlight.remove(allocation.id) }
+    let port = try await hypervisor.attach(vf: allocation.vf, to: vm.name, deviceID: allocation.id)
+    allocation.attached = true
+    allocation.vm = vm.name
+    allocation.deviceID = allocation.id
+    allocation.rootPort = port
+    allocation.detaching = false
+    var changes = state.update(allocation)
+    changes += state.apply(vms: await hypervisor.machines())
+    publish(changes)
+    let result = AttachResult(allocation: allocation, deviceID: allocation.id, rootPort: port, replayed: false)
+    if let key = request.meta.idempotencyKey {
+      ledger.record(scope: "AttachVF", key: key, fingerprint: fingerprint, result: .attached(result))
+    }
+    return result
+  }
+
+  public func detach(_ request: DetachRequest) async throws(AgentError) -> DetachResult {
+    try fence(request.meta)
+    if let key = request.meta.idempotencyKey,
+      case .detached(let allocation)? = try ledger.lookup(scope: "DetachVF", key: key, fingerprint: request.allocationID)
+    {
+      return DetachResult(allocation: allocation, replayed: true)
+    }
+    let hypervisor = try requireHypervisor()
+    var allocation = try heldAllocation(request.allocationID)
+    guard allocation.attached, let vm = allocation.vm else {
+      throw AgentError(.failedPrecondition, "allocation \(allocation.id) is not attached to a VM")
+    }
+    inFlight.insert(allocation.id)
+    defer { inFlight.remove(allocation.id) }
+    if !allocation.detaching {
+      allocation.detaching = true
+      publish(state.update(allocation))
+    }
+    do {
+      try await hypervisor.detach(deviceID: allocation.deviceID ?? allocation.id, from: vm, timeout: request.timeout)
+    } catch {
+      // The device may still be in the guest: it stays "detaching", visibly, until a retry
+      // sees the unplug through.
+      publish(state.apply(vms: await hypervisor.machines()))
+      throw error
+    }
+    allocation.attached = false
+    allocation.detaching = false
+    allocation.deviceID = nil
+    allocation.rootPort = nil
+    var changes = state.update(allocation)
+    changes += state.apply(vms: await hypervisor.machines())
+    publish(changes)
+    if let key = request.meta.idempotencyKey {
+      ledger.record(scope: "DetachVF", key: key, fingerprint: request.allocationID, result: .detached(allocation))
+    }
+    return DetachResult(allocation: allocation, replayed: false)
+  }
+
+  /// At start-up: devices the agent plugged earlier (ids `alloc-…` with a `host` VF) become
+  /// attached allocations again, so no VF in a VM is handed out twice. Returns what was found.
+  @discardableResult
+  public func recoverAttachments() async -> [PluggedDevice] {
+    guard let hypervisor else { return [] }
+    let plugged = await hypervisor.pluggedDevices()
+    var changes: [InventoryChange] = []
+    for device in plugged {
+      guard let host = device.host, let vf = state.vf(host), state.view(of: vf).allocationID == nil,
+        state.allocations[device.deviceID] == nil
+      else { continue }
+      let allocation = Allocation(
+        id: device.deviceID, vf: host, pf: vf.pfAddress, owner: "recovered", vm: device.vm, idempotencyKey: nil,
+        createdAt: clock.now(), numaNode: vf.numaNode, iommuGroup: vf.iommuGroup, attached: true,
+        deviceID: device.deviceID, rootPort: device.rootPort)
+      changes += state.insert(allocation)
+    }
+    publish(changes)
+    return plugged
+  }
+
+  public var virtualMachines: [VirtualMachineInfo] { state.vms.values.sorted { $0.name < $1.name } }
+
+  private func requireHypervisor() throws(AgentError) -> any Hypervisor {
+    guard let hypervisor else {
+      throw AgentError(
+        .failedPrecondition,
+        "no VMs are configured on this agent: start it with --qmp-socket NAME=PATH (repeatable) or --qmp-dir DIR")
+    }
+    return hypervisor
+  }
+
+  private func heldAllocation(_ id: String) throws(AgentError) -> Allocation {
+    guard let allocation = state.allocations[id] else {
+      throw AgentError(.notFound, "allocation \(id) does not exist; `fpgactl inventory` lists the allocations")
+    }
+    if inFlight.contains(id) {
+      throw AgentError(.aborted, "allocation \(id) is being attached or detached right now; retry when that ends")
+    }
+    return allocation
+  }
+}
+
+public struct AttachRequest: Hashable, Sendable {
+  public var meta: RequestMeta
+  public var allocationID: String
+  public var vm: String
+
+  public init(meta: RequestMeta = .init(), allocationID: String, vm: String) {
+    self.meta = meta
+    self.allocationID = allocationID
+    self.vm = vm
+  }
+}
+
+public struct AttachResult: Hashable, Sendable {
+  public var allocation: Allocation
+  public var deviceID: String
+  public var rootPort: String
+  public var replayed: Bool
+}
+
+public struct DetachRequest: Hashable, Sendable {
+  public var meta: RequestMeta
+  public var allocationID: String
+  public var timeout: Duration
+
+  public init(meta: RequestMeta = .init(), allocationID: String, timeout: Duration = .seconds(10)) {
+    self.meta = meta
+    self.allocationID = allocationID
+    self.timeout = timeout
+  }
+}
+
+public struct DetachResult: Hashable, Sendable {
+  public var allocation: Allocation
+  public var replayed: Bool
+}

@@ -1,0 +1,187 @@
+import FPGAAgentAPI
+import FPGAAgentRuntime
+import FPGACore
+import FPGAQMP
+import FPGATestSupport
+import Foundation
+import GRPCCore
+import Testing
+
+/// allocate → attach → detach → release through the gRPC API against a real QEMU (q35, TCG,
+/// native PCIe hot-plug, empty root ports), with QEMU's `edu` device standing in for a VF.
+@Suite(.enabled(if: QEMUProcess.isAvailable, "qemu-system-x86_64 is not installed: real-QEMU tests NOT RUN"))
+struct QEMUEndToEndTests {
+  static func withVM(_ qemu: QEMUProcess, name: String = "vm1") -> (inout AgentConfig) -> Void {
+    { config in
+      config.qemu.sockets = [name: qemu.socketPath]
+      config.qemu.deviceModel = "edu"
+      config.qemu.detachTimeoutSeconds = 5
+    }
+  }
+
+  func failure(_ body: () async throws -> Void) async -> (RPCError.Code, String)? {
+    do {
+      try await body()
+      return nil
+    } catch let error as RPCError {
+      return (error.code, error.message)
+    } catch {
+      return (.unknown, "\(error)")
+    }
+  }
+
+  @Test func allocateAttachDetachRelease() async throws {
+    let qemu = try QEMUProcess(rootPorts: 2)
+    try await TestAgent.with(configure: Self.withVM(qemu)) { agent in
+      try await agent.withClient { nodeAgent, _ in
+        let vms = try await nodeAgent.getInventory(.init()).vms
+        #expect(vms.map(\.name) == ["vm1"])
+        #expect(vms.first?.state == "prelaunch" && vms.first?.rootPorts == 2 && vms.first?.freeRootPorts == 2)
+
+        let allocation = try await nodeAgent.allocateVF(.with { $0.owner = "t"; $0.vm = "vm1" }).allocation
+        let attached = try await nodeAgent.attachVF(.with { $0.allocationID = allocation.id; $0.vm = "vm1" })
+        #expect(attached.rootPort == "rp1" && attached.deviceID == allocation.id)
+        #expect(attached.allocation.attached && attached.allocation.rootPort == "rp1")
+
+        // QEMU really has it, on rp1.
+        let client = try await QMPClient.connect(path: qemu.inspectionSocketPath)
+        let bus = try await client.execute("qom-get", ["path": .string("/machine/peripheral/\(allocation.id)"), "property": "parent_bus"])
+        #expect(bus.stringValue == "/machine/peripheral/rp1/rp1")
+
+        let inventory = try await nodeAgent.getInventory(.init())
+        #expect(inventory.vms.first?.freeRootPorts == 1)
+        let vf = inventory.cards.flatMap(\.pfs).flatMap(\.vfs).first { $0.bdf == allocation.vfBdf }
+        #expect(vf?.state == .attached && vf?.vm == "vm1")
+
+        let releaseAttached = await failure { _ = try await nodeAgent.releaseVF(.with { $0.allocationID = allocation.id }) }
+        #expect(releaseAttached?.0 == .failedPrecondition)
+
+        let detached = try await nodeAgent.detachVF(.with { $0.allocationID = allocation.id })
+        #expect(!detached.allocation.attached && detached.allocation.rootPort.isEmpty)
+        let peripherals = try await client.execute("qom-list", ["path": "/machine/peripheral"])
+        #expect(peripherals.arrayValue?.contains { $0["name"]?.stringValue == allocation.id } == false)
+        _ = try await nodeAgent.releaseVF(.with { $0.allocationID = allocation.id })
+      }
+    }
+  }
+
+  @Test func aVMWithoutAFreeRootPort() async throws {
+    let qemu = try QEMUProcess(rootPorts: 1)
+    try await TestAgent.with(configure: Self.withVM(qemu)) { agent in
+      try await agent.withClient { nodeAgent, _ in
+        let first = try await nodeAgent.allocateVF(.with { $0.owner = "t" }).allocation
+        let second = try await nodeAgent.allocateVF(.with { $0.owner = "t" }).allocation
+        _ = try await nodeAgent.attachVF(.with { $0.allocationID = first.id; $0.vm = "vm1" })
+        let full = await failure { _ = try await nodeAgent.attachVF(.with { $0.allocationID = second.id; $0.vm = "vm1" }) }
+        #expect(full?.0 == .resourceExhausted)
+        #expect(full?.1 == "VM vm1 has no free hot-pluggable root port (1 ports, all occupied): start it with more empty pcie-root-port devices")
+        let unknownVM = await failure { _ = try await nodeAgent.attachVF(.with { $0.allocationID = second.id; $0.vm = "vm9" }) }
+        #expect(unknownVM?.0 == .notFound)
+        #expect(unknownVM?.1 == "VM vm9 is not known to this agent; `fpgactl vms` lists them (configure --qmp-socket NAME=PATH)")
+        let twice = await failure { _ = try await nodeAgent.attachVF(.with { $0.allocationID = first.id; $0.vm = "vm1" }) }
+        #expect(twice == nil, "attaching again where it already is answers with the attachment")
+      }
+    }
+  }
+
+  @Test func anUnplugTheGuestNeverAcknowledgesStaysVisiblyDetaching() async throws {
+    let qemu = try QEMUProcess(rootPorts: 2, nativeHotplug: false)
+    try await TestAgent.with(configure: Self.withVM(qemu)) { agent in
+      try await agent.withClient { nodeAgent, _ in
+        let allocation = try await nodeAgent.allocateVF(.with { $0.owner = "t" }).allocation
+        _ = try await nodeAgent.attachVF(.with { $0.allocationID = allocation.id; $0.vm = "vm1" })
+        let stuck = await failure {
+          _ = try await nodeAgent.detachVF(.with { $0.allocationID = allocation.id; $0.timeout = .with { $0.nanos = 500_000_000 } })
+        }
+        #expect(stuck?.0 == .unavailable)
+        #expect(stuck?.1 == "VM vm1 has not acknowledged the unplug of \(allocation.id) within 0.5 seconds: the device stays in the guest, state detaching; the guest OS must handle PCIe hot-unplug (retry DetachVF to keep waiting)")
+        let inventory = try await nodeAgent.getInventory(.init())
+        let held = inventory.allocations.first { $0.id == allocation.id }
+        #expect(held?.attached == true && held?.detaching == true)
+        #expect(inventory.cards.flatMap(\.pfs).flatMap(\.vfs).first { $0.bdf == allocation.vfBdf }?.state == .detaching)
+        // A retry keeps waiting instead of failing on QEMU's "already in the process of unplug".
+        let retry = await failure {
+          _ = try await nodeAgent.detachVF(.with { $0.allocationID = allocation.id; $0.timeout = .with { $0.nanos = 300_000_000 } })
+        }
+        #expect(retry?.0 == .unavailable)
+      }
+    }
+  }
+
+  @Test func qemuKilledMidOperation() async throws {
+    let qemu = try QEMUProcess(rootPorts: 2, nativeHotplug: false)
+    try await TestAgent.with(configure: Self.withVM(qemu)) { agent in
+      try await agent.withClient { nodeAgent, _ in
+        let allocation = try await nodeAgent.allocateVF(.with { $0.owner = "t" }).allocation
+        _ = try await nodeAgent.attachVF(.with { $0.allocationID = allocation.id; $0.vm = "vm1" })
+        async let detach = failure {
+          _ = try await nodeAgent.detachVF(.with { $0.allocationID = allocation.id; $0.timeout = .with { $0.seconds = 30 } })
+        }
+        try await Task.sleep(for: .milliseconds(300))
+        qemu.kill()
+        let error = await detach
+        #expect(error?.0 == .unavailable)
+        #expect(error?.1.hasPrefix("the QEMU of VM vm1 went away during device_del of \(allocation.id)") == true)
+        let vm = try await nodeAgent.getInventory(.init()).vms.first
+        #expect(vm?.state == "unreachable")
+        #expect(vm?.error.hasPrefix("VM vm1 is unreachable: cannot connect to QMP socket") == true)
+        let other = try await nodeAgent.allocateVF(.with { $0.owner = "t" }).allocation
+        let unreachable = await failure { _ = try await nodeAgent.attachVF(.with { $0.allocationID = other.id; $0.vm = "vm1" }) }
+        #expect(unreachable?.0 == .unavailable)
+      }
+    }
+  }
+}
+
+/// Paths a stock QEMU cannot show, against an in-process fake QMP server.
+@Suite struct FakeQMPEndToEndTests {
+  @Test func aPauseCapableQEMUAndAttachmentsRecoveredAtStartUp() async throws {
+    let directory = NSTemporaryDirectory() + "fake-qmp-" + UUID().uuidString.prefix(8)
+    try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+    defer { try? FileManager.default.removeItem(atPath: directory) }
+    let server = try FakeQMPServer(path: directory + "/vm7.sock") { command, arguments in
+      switch command {
+      case "query-status": .success(["status": "running", "running": true])
+      case "query-commands":
+        .success(.array(["device_add", "device_del", "qom-list", "x-vfio-pause", "x-vfio-resume"].map { ["name": .string($0)] }))
+      case "qom-list": .success([["name": "rp1", "type": "child<pcie-root-port>"], ["name": "alloc-00000000beef", "type": "child<vfio-pci>"]])
+      case "qom-get":
+        arguments?["property"]?.stringValue == "host"
+          ? .success("0000:3b:00.5") : .success("/machine/peripheral/rp1/rp1")
+      default: .failure(QMPError(.commandFailed, "The command \(command) has not been found", errorClass: "CommandNotFound"))
+      }
+    }
+    defer { server.stop() }
+    try await TestAgent.with(configure: { $0.qemu.socketDir = directory }) { agent in
+      try await agent.withClient { nodeAgent, _ in
+        let status = try await nodeAgent.getNodeStatus(.init())
+        #expect(status.capabilities.vfioPause)
+        let inventory = try await nodeAgent.getInventory(.init())
+        #expect(inventory.vms.map(\.name) == ["vm7"])
+        #expect(inventory.vms.first?.vfioPause == true && inventory.vms.first?.freeRootPorts == 0)
+        let recovered = inventory.allocations.first { $0.id == "alloc-00000000beef" }
+        #expect(recovered?.vfBdf == "0000:3b:00.5" && recovered?.vm == "vm7" && recovered?.attached == true)
+        #expect(recovered?.rootPort == "rp1" && recovered?.owner == "recovered")
+        // The recovered VF is not handed out again.
+        var handedOut: [String] = []
+        for _ in 0..<15 { handedOut.append(try await nodeAgent.allocateVF(.with { $0.owner = "t"; $0.constraints.pfBdf = "0000:3b:00.0" }).allocation.vfBdf) }
+        #expect(!handedOut.contains("0000:3b:00.5"))
+      }
+    }
+  }
+
+  @Test func withoutVMsAttachSaysHowToConfigureThem() async throws {
+    try await TestAgent.with { agent in
+      try await agent.withClient { nodeAgent, _ in
+        let allocation = try await nodeAgent.allocateVF(.with { $0.owner = "t" }).allocation
+        do {
+          _ = try await nodeAgent.attachVF(.with { $0.allocationID = allocation.id; $0.vm = "vm1" })
+          Issue.record("expected FAILED_PRECONDITION")
+        } catch let error as RPCError {
+          #expect(error.code == .failedPrecondition)
+          #expect(error.message == "no VMs are configured on this agent: start it with --qmp-socket NAME=PATH (repeatable) or --qmp-dir DIR")
+        }
+      }
+    }
+  }
+}
