@@ -64,8 +64,8 @@ let package = Package(
     .executableTarget(
       name: "FPGAAgentBenchmarks",
       dependencies: [
-        "FPGACore", "FPGASimulator", "FPGAAgentAPI", "FPGAAgentRuntime", grpcCore, grpcHTTP2,
-        grpcProtobuf, swiftProtobuf, logging,
+        "FPGACore", "FPGASimulator", "FPGAAgentAPI", "FPGAAgentRuntime", "FPGAQEMU", "FPGAQMP", grpcCore,
+        grpcHTTP2, grpcProtobuf, swiftProtobuf, logging,
       ],
       path: "Benchmarks/FPGAAgentBenchmarks"
     ),

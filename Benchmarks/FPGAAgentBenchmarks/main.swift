@@ -15,6 +15,7 @@ struct Options {
   var seconds = 3.0
   var concurrency = 16
   var rounds = 3
+  var attachCycles = 20
 
   init(_ arguments: [String]) {
     var iterator = arguments.makeIterator()
@@ -23,6 +24,7 @@ struct Options {
       case "--seconds": seconds = iterator.next().flatMap(Double.init) ?? seconds
       case "--concurrency": concurrency = iterator.next().flatMap(Int.init) ?? concurrency
       case "--rounds": rounds = iterator.next().flatMap(Int.init) ?? rounds
+      case "--attach-cycles": attachCycles = iterator.next().flatMap(Int.init) ?? attachCycles
       default: print("unknown argument \(argument)")
       }
     }
@@ -193,3 +195,5 @@ try await withThrowingDiscardingTaskGroup { group in
   }
   server.beginGracefulShutdown()
 }
+
+try await AttachBenchmark.run(cycles: options.attachCycles, rounds: options.rounds, logger: logger)

@@ -21,6 +21,8 @@ public actor QEMUHypervisor: Hypervisor {
 
   private let settings: Settings
   private var clients: [String: QMPClient] = [:]
+  /// The commands each connected QEMU offers (they do not change while connected).
+  private var commandCache: [ObjectIdentifier: Set<String>] = [:]
   /// Ports with an attach in progress, per VM.
   private var reserved: [String: Set<String>] = [:]
 
@@ -162,6 +164,7 @@ public actor QEMUHypervisor: Hypervisor {
     }
     do {
       let client = try await QMPClient.connect(path: path, timeout: settings.commandTimeout)
+      if let old = clients[vm] { commandCache[ObjectIdentifier(old)] = nil }
       clients[vm] = client
       return client
     } catch {
@@ -207,8 +210,11 @@ public actor QEMUHypervisor: Hypervisor {
   }
 
   private func commandNames(_ client: QMPClient) async throws(QMPError) -> Set<String> {
+    if let cached = commandCache[ObjectIdentifier(client)] { return cached }
     let list = try await client.execute("query-commands", timeout: settings.commandTimeout)
-    return Set((list.arrayValue ?? []).compactMap { $0["name"]?.stringValue })
+    let names = Set((list.arrayValue ?? []).compactMap { $0["name"]?.stringValue })
+    commandCache[ObjectIdentifier(client)] = names
+    return names
   }
 
   /// QEMU's answers as the agent's errors: unreachable QEMU is UNAVAILABLE, a refusal is

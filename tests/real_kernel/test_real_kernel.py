@@ -1,4 +1,5 @@
-"""The agent's Linux platform against a real Linux kernel's SR-IOV and VFIO.
+"""The agent's Linux platform against a real Linux kernel's SR-IOV and VFIO, and a real VF
+plugged into a nested QEMU through vfio-pci.
 
 A Debian kernel boots under QEMU (TCG) with an emulated Intel IOMMU and QEMU's NVMe controller as
 an SR-IOV PF (tests/real_kernel/tools/run-in-guest.sh); guest-agent.sh runs the agent's binaries
@@ -24,8 +25,14 @@ def bin_dir():
     return Path(out.stdout.strip())
 
 
-@pytest.fixture(scope="module")
-def scenario():
+# Host files a nested QEMU (L2) needs inside the guest.
+NESTED_QEMU_FILES = [
+    "/usr/bin/qemu-system-x86_64", "/usr/lib/x86_64-linux-gnu/qemu/accel-tcg-x86_64.so",
+    "/usr/share/seabios/bios-256k.bin", "/usr/share/qemu/kvmvapic.bin",
+]
+
+
+def run_scenario(guest_script, extra_files=()):
     if shutil.which("qemu-system-x86_64") is None:
         pytest.skip("qemu-system-x86_64 is not installed (apt-get install qemu-system-x86): real-kernel test NOT RUN")
     with tempfile.TemporaryDirectory(prefix="fpga-real-kernel-") as work:
@@ -39,16 +46,29 @@ def scenario():
             else:
                 shutil.copy(source, target)
         script = Path(work) / "guest.sh"
-        script.write_text((HERE / "guest-agent.sh").read_text().replace("AGENT_BIN", str(binaries)))
+        script.write_text((HERE / guest_script).read_text().replace("AGENT_BIN", str(binaries)))
         env = dict(os.environ, MEM="1024", QEMU_TIMEOUT="600")
         result = subprocess.run(
             ["bash", str(HERE / "tools" / "run-in-guest.sh"), str(script), str(binaries / "fpga-agent"),
-             str(binaries / "fpgactl")],
+             str(binaries / "fpgactl"), *extra_files],
             capture_output=True, text=True, timeout=900, env=env)
         output = result.stdout
-        print(output[output.find("== discover"):])
+        print(output[output.find("\n== "):])
         assert result.returncode == 0, result.stderr[-3000:] + output[-3000:]
-        yield output
+        return output
+
+
+@pytest.fixture(scope="module")
+def scenario():
+    return run_scenario("guest-agent.sh")
+
+
+@pytest.fixture(scope="module")
+def nested():
+    missing = [path for path in NESTED_QEMU_FILES if not os.path.exists(path)]
+    if missing:
+        pytest.skip(f"nested QEMU files missing ({', '.join(missing)}): nested real-VF test NOT RUN")
+    return run_scenario("guest-nested-agent.sh", NESTED_QEMU_FILES)
 
 
 def section(output, title):
@@ -101,3 +121,17 @@ def test_the_daemon_serves_the_real_inventory(scenario):
     assert "nvme    1/4" in rescan
     assert "AGENT-EXIT=0" in rescan
     assert "END-OF-SCENARIO" in scenario
+
+
+def test_a_real_vf_is_attached_to_a_nested_qemu_through_vfio_pci(nested):
+    assert "VF 0000:01:00.1 is bound to vfio-pci: /dev/vfio/" in section(nested, "prepare")
+    attach = section(nested, "attach")
+    assert "is device alloc-" in attach and "in VM l2, root port rp1" in attach
+    assert "l2  prelaunch  0/1         no          0000:01:00.1  /tmp/l2.sock" in attach
+    refused = section(nested, "unbind refused while held")
+    assert "VF 0000:01:00.1 is in use: /dev/vfio/" in refused and "held open by qemu-system-x86" in refused
+    detach = section(nested, "detach")
+    assert "left its VM" in detach
+    assert "l2  prelaunch  1/1         no          -    /tmp/l2.sock" in detach
+    assert "is free" in detach and "AGENT-EXIT=0" in detach
+    assert "END-OF-SCENARIO" in nested
