@@ -30,7 +30,10 @@ enum AttachBenchmark {
     qemu.standardOutput = FileHandle.nullDevice
     qemu.standardError = FileHandle.nullDevice
     try qemu.run()
-    defer { qemu.terminate(); qemu.waitUntilExit() }
+    defer {
+      kill(qemu.processIdentifier, SIGKILL)
+      for _ in 0..<500 where qemu.isRunning { usleep(10_000) }
+    }
     for _ in 0..<500 where !FileManager.default.fileExists(atPath: directory + "/raw.sock") { usleep(10_000) }
 
     var settings = QEMUHypervisor.Settings()
@@ -84,5 +87,6 @@ enum AttachBenchmark {
       }
       server.beginGracefulShutdown()
     }
+
   }
 }

@@ -5,6 +5,7 @@ import GRPCCore
 import GRPCNIOTransportHTTP2
 import Logging
 import Synchronization
+import Foundation
 
 // fpga-agent-bench: throughput and latency of the node API against an echo baseline served by
 // the same server stack, in the same process and the same run. Build with -c release.
@@ -197,3 +198,5 @@ try await withThrowingDiscardingTaskGroup { group in
 }
 
 try await AttachBenchmark.run(cycles: options.attachCycles, rounds: options.rounds, logger: logger)
+fflush(nil)
+exit(0)

@@ -50,7 +50,8 @@ public final class QEMUProcess: @unchecked Sendable {
   /// SIGKILL, as a crash would.
   public func kill() {
     if process.isRunning { Foundation.kill(process.processIdentifier, SIGKILL) }
-    process.waitUntilExit()
+    // Foundation's waitUntilExit can hang on Linux; poll instead (the child is reaped by Process).
+    for _ in 0..<500 where process.isRunning { usleep(10_000) }
   }
 
   deinit {
