@@ -48,6 +48,8 @@ public struct PluggedDevice: Hashable, Sendable {
 
 /// The seam between the core and the VMMs (QEMU over QMP).
 public protocol Hypervisor: Sendable {
+  /// True when VFs are plugged in as vfio-pci devices (they must be bound to vfio-pci first).
+  var passesThroughVFIO: Bool { get }
   /// Every configured VM with its state now.
   func machines() async -> [VirtualMachineInfo]
   /// Plugs `vf` into a free hot-pluggable root port of `vm` as device `deviceID`; returns the port.

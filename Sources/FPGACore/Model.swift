@@ -227,6 +227,9 @@ public protocol NodePlatform: Sendable {
   func discover() async throws(AgentError) -> DiscoveredNode
   /// What the platform can do now.
   func capabilities() async -> PlatformCapabilities
+  /// Makes a VF ready to be handed to a VM: bound to vfio-pci with its /dev/vfio/N present.
+  /// Returns the device node. Never rebinds a VF that a process holds.
+  func prepareForPassthrough(vf: PCIAddress) async throws(AgentError) -> String
 }
 
 /// A human-readable model name for a QDMA PF device id (`0x9PGL`: PF P, Gen G, lanes L).

@@ -3,7 +3,7 @@
 public actor NodeEngine {
   public nonisolated let nodeID: String
   public nonisolated let startedAt: WallTime
-  private let platform: any NodePlatform
+  let platform: any NodePlatform
   let hypervisor: (any Hypervisor)?
   /// Allocations with an attach or detach under way.
   var inFlight: Set<String> = []

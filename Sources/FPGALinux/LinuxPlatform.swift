@@ -54,6 +54,10 @@ public struct LinuxPlatform: NodePlatform {
 
   // MARK: Operations
 
+  public func prepareForPassthrough(vf: PCIAddress) async throws(AgentError) -> String {
+    try await bindToVFIO(vf: vf)
+  }
+
   /// Sets a PF's VF count the way the kernel requires: autoprobe off before enabling, through 0
   /// when a different non-zero count is enabled, each write in a worker under the watchdog, and
   /// the count re-read afterwards (QDMA may report success with fewer VFs).

@@ -30,20 +30,21 @@ public actor QEMUHypervisor: Hypervisor {
     self.settings = settings
   }
 
+  public nonisolated var passesThroughVFIO: Bool { settings.deviceModel == "vfio-pci" }
+
   // MARK: Hypervisor
 
   public func machines() async -> [VirtualMachineInfo] {
     var result: [VirtualMachineInfo] = []
     for (name, path) in vmSockets().sorted(by: { $0.key < $1.key }) {
       do throws(AgentError) {
-        let client = try await client(name)
-        let status: String
+        let (client, reply) = try await queryStatus(name)
+        let status = reply["status"]?.stringValue ?? "?"
         let commands: Set<String>
         do {
-          status = try await client.execute("query-status", timeout: settings.commandTimeout)["status"]?.stringValue ?? "?"
           commands = try await commandNames(client)
         } catch {
-          throw map(error, vm: name, doing: "query-status")
+          throw map(error, vm: name, doing: "query-commands")
         }
         let ports = try await rootPorts(client)
         let state: VirtualMachineInfo.State =
@@ -137,6 +138,24 @@ public actor QEMUHypervisor: Hypervisor {
   }
 
   // MARK: Connections
+
+  /// `query-status`, over a fresh connection once if QEMU restarted since the last use.
+  private func queryStatus(_ name: String) async throws(AgentError) -> (QMPClient, JSONValue) {
+    let cached = try await client(name)
+    do {
+      return (cached, try await cached.execute("query-status", timeout: settings.commandTimeout))
+    } catch where error.kind == .disconnected {
+      clients[name] = nil
+    } catch {
+      throw map(error, vm: name, doing: "query-status")
+    }
+    let fresh = try await client(name)
+    do {
+      return (fresh, try await fresh.execute("query-status", timeout: settings.commandTimeout))
+    } catch {
+      throw map(error, vm: name, doing: "query-status")
+    }
+  }
 
   /// The VMs and their sockets: configured ones, then those found in the directory.
   nonisolated func vmSockets() -> [String: String] {

@@ -109,7 +109,9 @@ fileprivate final class Connection: Sendable {
   let fd: Int32
   let path: String
   private let state = Mutex(State())
-  private let writeLock = Mutex(())
+  /// True while `fd` is ours. Every use of the descriptor (send, shutdown, close) happens under
+  /// this lock, so a closed descriptor number, reused by someone else, is never touched.
+  private let descriptorOpen = Mutex(true)
 
   private init(fd: Int32, path: String) {
     self.fd = fd
@@ -214,8 +216,9 @@ fileprivate final class Connection: Sendable {
   }
 
   private func send(_ data: Data) -> Bool {
-    writeLock.withLock { _ in
-      data.withUnsafeBytes { raw -> Bool in
+    descriptorOpen.withLock { open in
+      guard open else { return false }
+      return data.withUnsafeBytes { raw -> Bool in
         var offset = 0
         while offset < raw.count {
           let count = Glibc.send(fd, raw.baseAddress! + offset, raw.count - offset, Int32(MSG_NOSIGNAL))
@@ -296,7 +299,9 @@ fileprivate final class Connection: Sendable {
   }
 
   func shutdown() {
-    Glibc.shutdown(fd, Int32(SHUT_RDWR))
+    descriptorOpen.withLock { open in
+      if open { _ = Glibc.shutdown(fd, Int32(SHUT_RDWR)) }
+    }
   }
 
   // MARK: Reading
@@ -316,7 +321,10 @@ fileprivate final class Connection: Sendable {
         dispatch(Data(line))
       }
     }
-    close(fd)
+    descriptorOpen.withLock { open in
+      open = false
+      close(fd)
+    }
     closed()
   }
 

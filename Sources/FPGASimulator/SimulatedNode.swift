@@ -271,6 +271,28 @@ public struct SimulatedPlatform: NodePlatform {
 
   public func discover() async throws(AgentError) -> DiscoveredNode { node.scan() }
 
+  /// The same sequence as on Linux: driver_override, unbind, drivers_probe, verify.
+  public func prepareForPassthrough(vf: PCIAddress) async throws(AgentError) -> String {
+    guard let found = node.scan().pfs.flatMap(\.vfs).first(where: { $0.address == vf }) else {
+      throw AgentError(.notFound, "VF \(vf) does not exist")
+    }
+    if found.driver != "vfio-pci" {
+      do {
+        try node.writeDriverOverride(vf: vf, "vfio-pci")
+        if found.driver != nil { try node.unbind(vf: vf) }
+        try node.probe(vf: vf)
+      } catch {
+        throw AgentError(.failedPrecondition, "VF \(vf) could not be bound to vfio-pci", cause: error.description)
+      }
+    }
+    guard let bound = node.scan().pfs.flatMap(\.vfs).first(where: { $0.address == vf }), bound.driver == "vfio-pci",
+      let device = bound.vfioDevice
+    else {
+      throw AgentError(.failedPrecondition, "VF \(vf) did not bind to vfio-pci: is vfio-pci loaded?")
+    }
+    return device
+  }
+
   public func capabilities() async -> PlatformCapabilities {
     let drivers = node.loadedDrivers
     var problems: [String] = []

@@ -133,6 +133,33 @@ struct QEMUEndToEndTests {
   }
 }
 
+extension QEMUEndToEndTests {
+  @Test func theAgentReconnectsWhenQEMURestarts() async throws {
+    let first = try QEMUProcess(rootPorts: 2)
+    first.keepDirectory = true
+    let directory = first.directory
+    try await TestAgent.with(configure: Self.withVM(first)) { agent in
+      try await agent.withClient { nodeAgent, _ in
+        let allocation = try await nodeAgent.allocateVF(.with { $0.owner = "t" }).allocation
+        _ = try await nodeAgent.attachVF(.with { $0.allocationID = allocation.id; $0.vm = "vm1" })
+        _ = try await nodeAgent.detachVF(.with { $0.allocationID = allocation.id })
+        first.kill()
+        _ = try await nodeAgent.rescan(.init())
+        #expect(try await nodeAgent.getInventory(.init()).vms.first?.state == "unreachable")
+        // The same VM comes back on the same socket path.
+        try? FileManager.default.removeItem(atPath: first.socketPath)
+        try? FileManager.default.removeItem(atPath: first.inspectionSocketPath)
+        let second = try QEMUProcess(rootPorts: 2, directory: directory)
+        _ = try await nodeAgent.rescan(.init())
+        #expect(try await nodeAgent.getInventory(.init()).vms.first?.state == "prelaunch")
+        let attached = try await nodeAgent.attachVF(.with { $0.allocationID = allocation.id; $0.vm = "vm1" })
+        #expect(attached.rootPort == "rp1")
+        second.kill()
+      }
+    }
+  }
+}
+
 /// Paths a stock QEMU cannot show, against an in-process fake QMP server.
 @Suite struct FakeQMPEndToEndTests {
   @Test func aPauseCapableQEMUAndAttachmentsRecoveredAtStartUp() async throws {

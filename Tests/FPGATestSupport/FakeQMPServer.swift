@@ -34,16 +34,21 @@ public final class FakeQMPServer: @unchecked Sendable {
   /// The commands received, oldest first.
   public var commands: [String] { log.withLock { $0 } }
 
+  /// Stops accepting. The accept thread closes the listener itself, so its descriptor number is
+  /// never used again after someone else may have been given it.
   public func stop() {
     shutdown(listener, Int32(SHUT_RDWR))
-    close(listener)
     unlink(path)
   }
 
   private func acceptLoop() {
     while true {
       let client = accept(listener, nil, nil)
-      guard client >= 0 else { return }
+      guard client >= 0 else {
+        if errno == EINTR { continue }
+        close(listener)
+        return
+      }
       let thread = Thread { [self] in self.serve(client) }
       thread.start()
     }

@@ -21,11 +21,11 @@ public final class QEMUProcess: @unchecked Sendable {
   ///   - rootPorts: empty hot-pluggable root ports, named rp1, rp2, …
   ///   - nativeHotplug: native PCIe hot-plug (unplug completes at once on an unpowered slot);
   ///     false keeps q35's ACPI hot-plug, where an unplug waits for a guest that never answers.
-  public init(rootPorts: Int = 2, nativeHotplug: Bool = true, extra: [String] = []) throws {
-    directory = NSTemporaryDirectory() + "qemu-" + UUID().uuidString.prefix(8)
-    try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
-    socketPath = directory + "/qmp.sock"
-    inspectionSocketPath = directory + "/inspect.sock"
+  public init(rootPorts: Int = 2, nativeHotplug: Bool = true, extra: [String] = [], directory: String? = nil) throws {
+    self.directory = directory ?? NSTemporaryDirectory() + "qemu-" + UUID().uuidString.prefix(8)
+    try FileManager.default.createDirectory(atPath: self.directory, withIntermediateDirectories: true)
+    socketPath = self.directory + "/qmp.sock"
+    inspectionSocketPath = self.directory + "/inspect.sock"
     process = Process()
     process.executableURL = URL(fileURLWithPath: Self.executable ?? "/usr/bin/qemu-system-x86_64")
     var arguments = [
@@ -42,7 +42,7 @@ public final class QEMUProcess: @unchecked Sendable {
     process.standardOutput = FileHandle.nullDevice
     process.standardError = FileHandle(forWritingAtPath: "/dev/null")
     try process.run()
-    for _ in 0..<500 where !FileManager.default.fileExists(atPath: inspectionSocketPath) {
+    for _ in 0..<500 where !FileManager.default.fileExists(atPath: inspectionSocketPath) || !process.isRunning {
       usleep(10_000)
     }
   }
@@ -54,8 +54,11 @@ public final class QEMUProcess: @unchecked Sendable {
     for _ in 0..<500 where process.isRunning { usleep(10_000) }
   }
 
+  /// Keeps the folder when another QEMU will reuse it.
+  public var keepDirectory = false
+
   deinit {
     kill()
-    try? FileManager.default.removeItem(atPath: directory)
+    if !keepDirectory { try? FileManager.default.removeItem(atPath: directory) }
   }
 }

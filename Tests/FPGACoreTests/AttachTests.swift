@@ -1,0 +1,90 @@
+import FPGACore
+import FPGASimulator
+import Synchronization
+import Testing
+
+/// A hand-written hypervisor that records what it is asked and fails on demand.
+final class RecordingHypervisor: Hypervisor {
+  let passesThroughVFIO = true
+  let calls = Mutex<[String]>([])
+  let failDetach = Mutex<AgentError?>(nil)
+
+  func machines() async -> [VirtualMachineInfo] {
+    ["vm1", "vm2"].map {
+      VirtualMachineInfo(name: $0, state: .running, qemuStatus: "running", qmpSocket: "/x", rootPorts: 2, freeRootPorts: 2)
+    }
+  }
+
+  func attach(vf: PCIAddress, to vm: String, deviceID: String) async throws(AgentError) -> String {
+    calls.withLock { $0.append("attach \(vf) \(vm) \(deviceID)") }
+    return "rp1"
+  }
+
+  func detach(deviceID: String, from vm: String, timeout: Duration) async throws(AgentError) {
+    calls.withLock { $0.append("detach \(deviceID) \(vm)") }
+    if let error = failDetach.withLock({ $0 }) { throw error }
+  }
+
+  func pluggedDevices() async -> [PluggedDevice] { [] }
+}
+
+@Suite struct AttachTests {
+  func engine(_ hypervisor: RecordingHypervisor) async throws -> (NodeEngine, SimulatedNode) {
+    let node = SimulatedNode(config: SimulatorConfig(cards: [
+      .init(bus: 0x3b, numaNode: 0, enabledVFs: [2, 0, 0, 0], bindToVFIO: false)
+    ]))
+    let engine = NodeEngine(nodeID: "n", platform: SimulatedPlatform(node: node), clock: StillClock(), hypervisor: hypervisor)
+    try await engine.rescan()
+    return (engine, node)
+  }
+
+  @Test func attachBindsTheVFToVFIOFirst() async throws {
+    let hypervisor = RecordingHypervisor()
+    let (engine, node) = try await engine(hypervisor)
+    let allocation = try await engine.allocate(AllocateRequest(owner: "o")).allocation
+    #expect(node.scan().pfs[0].vfs[0].driver == "qdma-vf")
+    let result = try await engine.attach(AttachRequest(allocationID: allocation.id, vm: "vm1"))
+    #expect(result.rootPort == "rp1" && result.allocation.attached)
+    #expect(node.scan().pfs[0].vfs[0].driver == "vfio-pci")
+    #expect(node.writeLog.suffix(3) == [
+      "0000:3b:00.4/driver_override=vfio-pci", "0000:3b:00.4/driver/unbind", "drivers_probe=0000:3b:00.4",
+    ])
+    #expect(hypervisor.calls.withLock { $0 } == ["attach 0000:3b:00.4 vm1 \(allocation.id)"])
+    let view = try await engine.snapshot().cards[0].pfs[0].vfs[0]
+    #expect(view.state == .attached && view.vm == "vm1" && view.function.driver == "vfio-pci")
+  }
+
+  @Test func aFailedDetachLeavesTheAllocationDetaching() async throws {
+    let hypervisor = RecordingHypervisor()
+    let (engine, _) = try await engine(hypervisor)
+    let allocation = try await engine.allocate(AllocateRequest(owner: "o")).allocation
+    _ = try await engine.attach(AttachRequest(allocationID: allocation.id, vm: "vm1"))
+    hypervisor.failDetach.withLock { $0 = AgentError(.unavailable, "no acknowledgement") }
+    await #expect(throws: AgentError(.unavailable, "no acknowledgement")) {
+      try await engine.detach(DetachRequest(allocationID: allocation.id))
+    }
+    let held = try await engine.snapshot().allocations.first
+    #expect(held?.attached == true && held?.detaching == true)
+    #expect(try await engine.snapshot().cards[0].pfs[0].vfs[0].state == .detaching)
+    hypervisor.failDetach.withLock { $0 = nil }
+    let detached = try await engine.detach(DetachRequest(allocationID: allocation.id))
+    #expect(!detached.allocation.attached && !detached.allocation.detaching)
+    _ = try await engine.release(ReleaseRequest(allocationID: allocation.id))
+  }
+
+  @Test func attachIsIdempotentAndGuarded() async throws {
+    let hypervisor = RecordingHypervisor()
+    let (engine, _) = try await engine(hypervisor)
+    let allocation = try await engine.allocate(AllocateRequest(owner: "o", vm: "vm1")).allocation
+    let request = AttachRequest(meta: RequestMeta(idempotencyKey: "a1"), allocationID: allocation.id, vm: "vm1")
+    _ = try await engine.attach(request)
+    #expect(try await engine.attach(request).replayed)
+    await #expect(throws: AgentError.self) { try await engine.attach(AttachRequest(allocationID: allocation.id, vm: "vm2")) }
+    let other = try await engine.allocate(AllocateRequest(owner: "o", vm: "vm1")).allocation
+    await #expect(throws: AgentError(
+      .failedPrecondition, "allocation \(other.id) was made for VM vm1, not vm2; allocate another VF for vm2")) {
+      try await engine.attach(AttachRequest(allocationID: other.id, vm: "vm2"))
+    }
+    #expect(hypervisor.calls.withLock { $0.count } == 1)
+  }
+}
