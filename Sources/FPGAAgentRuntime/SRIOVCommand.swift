@@ -27,6 +27,20 @@ struct SRIOVCommand: AsyncParsableCommand {
     }
   }
 
+  /// Runs `body` on the platform and the parsed address; an agent error is printed and exits 1.
+  static func perform(
+    _ options: ConfigOptions, _ text: String, _ field: String,
+    _ body: (LinuxPlatform, PCIAddress) async throws(AgentError) -> String
+  ) async throws {
+    let platform = try platform(options)
+    let address = try address(text, field)
+    do {
+      print(try await body(platform, address))
+    } catch {
+      throw fail(error)
+    }
+  }
+
   /// Prints an agent error as the daemon would report it and exits 1.
   static func fail(_ error: AgentError) -> ExitCode {
     printError("error: \(error.code.rawValue): \(error.message)\(error.cause.map { " (\($0))" } ?? "")")
@@ -52,14 +66,10 @@ struct SRIOVCommand: AsyncParsableCommand {
     @Argument(help: "The VF count wanted.") var count: Int
 
     func run() async throws {
-      let platform = try SRIOVCommand.platform(options)
-      let address = try SRIOVCommand.address(pf, "PF")
-      do {
+      try await SRIOVCommand.perform(options, pf, "PF") { (platform, address) throws(AgentError) in
         try await platform.setVFCount(pf: address, to: count)
-      } catch {
-        throw SRIOVCommand.fail(error)
+        return "PF \(address) has \(count) VFs"
       }
-      print("PF \(address) has \(count) VFs")
     }
   }
 
@@ -70,13 +80,8 @@ struct SRIOVCommand: AsyncParsableCommand {
     @Argument(help: "The VF (DDDD:BB:DD.F).") var vf: String
 
     func run() async throws {
-      let platform = try SRIOVCommand.platform(options)
-      let address = try SRIOVCommand.address(vf, "VF")
-      do {
-        let node = try await platform.bindToVFIO(vf: address)
-        print("VF \(address) is bound to vfio-pci: \(node)")
-      } catch {
-        throw SRIOVCommand.fail(error)
+      try await SRIOVCommand.perform(options, vf, "VF") { (platform, address) throws(AgentError) in
+        "VF \(address) is bound to vfio-pci: \(try await platform.bindToVFIO(vf: address))"
       }
     }
   }
@@ -89,15 +94,11 @@ struct SRIOVCommand: AsyncParsableCommand {
     @Argument(help: "Queues, 0-2048.") var qmax: Int
 
     func run() async throws {
-      let platform = try SRIOVCommand.platform(options)
-      let address = try SRIOVCommand.address(function, "function")
       guard (0...2048).contains(qmax) else { throw ValidationError("qmax must be 0-2048 (QDMA has 2048 queue sets)") }
-      do {
+      try await SRIOVCommand.perform(options, function, "function") { (platform, address) throws(AgentError) in
         try platform.setQmax(pf: address, to: qmax)
-      } catch {
-        throw SRIOVCommand.fail(error)
+        return "\(address) has qmax \(qmax)"
       }
-      print("\(address) has qmax \(qmax)")
     }
   }
 
@@ -107,14 +108,10 @@ struct SRIOVCommand: AsyncParsableCommand {
     @Argument(help: "The VF (DDDD:BB:DD.F).") var vf: String
 
     func run() async throws {
-      let platform = try SRIOVCommand.platform(options)
-      let address = try SRIOVCommand.address(vf, "VF")
-      do {
+      try await SRIOVCommand.perform(options, vf, "VF") { (platform, address) throws(AgentError) in
         try platform.unbind(vf: address)
-      } catch {
-        throw SRIOVCommand.fail(error)
+        return "VF \(address) is unbound"
       }
-      print("VF \(address) is unbound")
     }
   }
 }

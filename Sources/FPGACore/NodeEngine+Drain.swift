@@ -52,7 +52,9 @@ extension NodeEngine {
     var impacts: [OperationRecord.Impact] = []
     let held = state.allocations.values.filter { pfs.contains($0.pf) }.sorted { $0.id < $1.id }
     for allocation in held {
-      if releaseUnattached && !allocation.attached, let (_, removed) = state.remove(allocation: allocation.id) {
+      if releaseUnattached && !allocation.attached && !inFlight.contains(allocation.id),
+        let (_, removed) = state.remove(allocation: allocation.id)
+      {
         changes += removed
         steps.append(.init(description: "release unattached allocation \(allocation.id) (VF \(allocation.vf))", state: .succeeded, startedAt: now, finishedAt: now))
         impacts.append(.init(allocationID: allocation.id, vf: allocation.vf, vm: allocation.vm, outcome: "lost", guestSees: "nothing"))

@@ -223,6 +223,17 @@ import Testing
     #expect(try tree.linkName(.device(pf0, "driver")) == nil, "...and no driver: only the link tells")
   }
 
+  @Test func qmaxIsSetOnQDMAFunctionsOnly() async throws {
+    let tree = try FakeKernelSysfs(pfs: Self.qdmaCard())
+    let platform = LinuxPlatform(sysfs: tree)
+    try platform.setQmax(pf: pf0, to: 1024)
+    #expect(try await platform.discover().pfs[0].function.qmax == 1024)
+    try tree.unbindPFDriver("0000:3b:00.0")
+    #expect(throws: AgentError(.failedPrecondition, "0000:3b:00.0 has no qdma/qmax: it is not bound to the QDMA driver")) {
+      try platform.setQmax(pf: pf0, to: 8)
+    }
+  }
+
   @Test func startupChecksSayWhatIsMissing() async throws {
     let tree = try FakeKernelSysfs(pfs: Self.qdmaCard(), drivers: ["qdma-pf"], iommu: false)
     let capabilities = await LinuxPlatform(sysfs: tree).capabilities()
