@@ -32,17 +32,6 @@ import Testing
     }
   }
 
-  func code(_ body: () async throws -> Void) async -> RPCError.Code? {
-    do {
-      try await body()
-      return nil
-    } catch let error as RPCError {
-      return error.code
-    } catch {
-      return .unknown
-    }
-  }
-
   @Test func inventoryAllocationAndErrorsOnATreeTheAgentHasNeverSeen() async throws {
     let tree = try Self.tree()
     try await TestAgent.with(configure: Self.onTree(tree)) { agent in
@@ -71,10 +60,10 @@ import Testing
         let third = try await nodeAgent.allocateVF(.with { $0.owner = "t" })
         #expect(third.allocation.vfBdf == "0000:3b:00.4")
 
-        #expect(await code { _ = try await nodeAgent.allocateVF(.with { $0.owner = "t"; $0.constraints.pfBdf = "0000:3b:00.1" }) } == .resourceExhausted)
-        #expect(await code { _ = try await nodeAgent.allocateVF(.with { $0.owner = "t"; $0.constraints.pfBdf = "0000:3b:00.0/../x" }) } == .invalidArgument)
-        #expect(await code { _ = try await nodeAgent.allocateVF(.with { $0.owner = "t"; $0.constraints.pfBdf = "0000:01:00.0" }) } == .notFound)
-        #expect(await code { _ = try await nodeAgent.releaseVF(.with { $0.allocationID = "alloc-ffffffffffff" }) } == .notFound)
+        #expect(await rpcFailure { _ = try await nodeAgent.allocateVF(.with { $0.owner = "t"; $0.constraints.pfBdf = "0000:3b:00.1" }) }?.0 == .resourceExhausted)
+        #expect(await rpcFailure { _ = try await nodeAgent.allocateVF(.with { $0.owner = "t"; $0.constraints.pfBdf = "0000:3b:00.0/../x" }) }?.0 == .invalidArgument)
+        #expect(await rpcFailure { _ = try await nodeAgent.allocateVF(.with { $0.owner = "t"; $0.constraints.pfBdf = "0000:01:00.0" }) }?.0 == .notFound)
+        #expect(await rpcFailure { _ = try await nodeAgent.releaseVF(.with { $0.allocationID = "alloc-ffffffffffff" }) }?.0 == .notFound)
         #expect(tree.writes.count == 6, "serving and allocating wrote nothing to sysfs")
       }
     }

@@ -6,18 +6,6 @@ import Testing
 
 /// Every implemented RPC through a real server on loopback, success and error paths.
 @Suite struct NodeAgentEndToEndTests {
-  /// The status code and message of a failed call.
-  func failure(_ body: () async throws -> Void) async -> (RPCError.Code, String)? {
-    do {
-      try await body()
-      return nil
-    } catch let error as RPCError {
-      return (error.code, error.message)
-    } catch {
-      return (.unknown, "\(error)")
-    }
-  }
-
   @Test func statusDescribesTheSimulatedNode() async throws {
     try await TestAgent.with { agent in
       try await agent.withClient { nodeAgent, _ in
@@ -52,10 +40,10 @@ import Testing
         let one = try await nodeAgent.getInventory(.with { $0.cardID = "card-0000:d8" })
         #expect(one.cards.map(\.id) == ["card-0000:d8"])
 
-        let malformed = await failure { _ = try await nodeAgent.getInventory(.with { $0.cardID = "3b" }) }
+        let malformed = await rpcFailure { _ = try await nodeAgent.getInventory(.with { $0.cardID = "3b" }) }
         #expect(malformed?.0 == .invalidArgument)
         #expect(malformed?.1 == "card_id \"3b\" is not a card id: expected card-DDDD:BB, e.g. card-0000:3b")
-        let unknown = await failure { _ = try await nodeAgent.getInventory(.with { $0.cardID = "card-0000:99" }) }
+        let unknown = await rpcFailure { _ = try await nodeAgent.getInventory(.with { $0.cardID = "card-0000:99" }) }
         #expect(unknown?.0 == .notFound)
       }
     }
@@ -82,7 +70,7 @@ import Testing
 
         let released = try await nodeAgent.releaseVF(.with { $0.allocationID = first.allocation.id })
         #expect(released.allocation.id == first.allocation.id && released.revision == first.revision + 1)
-        let again = await failure { _ = try await nodeAgent.releaseVF(.with { $0.allocationID = first.allocation.id }) }
+        let again = await rpcFailure { _ = try await nodeAgent.releaseVF(.with { $0.allocationID = first.allocation.id }) }
         #expect(again?.0 == .notFound)
         #expect(again?.1.hasPrefix("allocation \(first.allocation.id) does not exist") == true)
         #expect(try await nodeAgent.getNodeStatus(.init()).vfsAllocated == 0)
@@ -108,11 +96,11 @@ import Testing
            "constraints.card_id \"card-zz\" is not a card id: expected card-DDDD:BB, e.g. card-0000:3b"),
         ]
         for (request, message) in cases {
-          let error = await failure { _ = try await nodeAgent.allocateVF(request) }
+          let error = await rpcFailure { _ = try await nodeAgent.allocateVF(request) }
           #expect(error?.0 == .invalidArgument)
           #expect(error?.1 == message)
         }
-        let badID = await failure { _ = try await nodeAgent.releaseVF(.with { $0.allocationID = "alloc-../../x" }) }
+        let badID = await rpcFailure { _ = try await nodeAgent.releaseVF(.with { $0.allocationID = "alloc-../../x" }) }
         #expect(badID?.0 == .invalidArgument)
         #expect(try await nodeAgent.getNodeStatus(.init()).revision == revision)
       }
@@ -122,25 +110,25 @@ import Testing
   @Test func statesAndResourcesMapToTheirCodes() async throws {
     try await TestAgent.with { agent in
       try await agent.withClient { nodeAgent, _ in
-        let unknownPF = await failure {
+        let unknownPF = await rpcFailure {
           _ = try await nodeAgent.allocateVF(.with { $0.owner = "o"; $0.constraints.pfBdf = "0000:99:00.0" })
         }
         #expect(unknownPF?.0 == .notFound)
-        let empty = await failure {
+        let empty = await rpcFailure {
           _ = try await nodeAgent.allocateVF(.with { $0.owner = "o"; $0.constraints.pfBdf = "0000:3b:00.2" })
         }
         #expect(empty?.0 == .resourceExhausted)
         #expect(empty?.1 == "no enabled VF matching PF 0000:3b:00.2: enable VFs with `fpgactl reconfigure PF N` or relax the constraints")
 
         _ = try await nodeAgent.drainDevice(.with { $0.device = "0000:3b:00.0" })
-        let draining = await failure {
+        let draining = await rpcFailure {
           _ = try await nodeAgent.allocateVF(.with { $0.owner = "o"; $0.constraints.pfBdf = "0000:3b:00.0" })
         }
         #expect(draining?.0 == .failedPrecondition)
         #expect(draining?.1 == "PF 0000:3b:00.0 is draining; undrain it (`fpgactl undrain 0000:3b:00.0`) first")
 
         _ = try await nodeAgent.allocateVF(.with { $0.owner = "o"; $0.meta.orchestratorEpoch = 9 })
-        let stale = await failure {
+        let stale = await rpcFailure {
           _ = try await nodeAgent.allocateVF(.with { $0.owner = "o"; $0.meta.orchestratorEpoch = 8 })
         }
         #expect(stale?.0 == .failedPrecondition)
@@ -175,11 +163,11 @@ import Testing
         _ = try await nodeAgent.undrainDevice(.with { $0.device = "card-0000:d8" })
         #expect(try await !nodeAgent.getInventory(.init()).cards[1].draining)
 
-        let unknownOp = await failure { _ = try await nodeAgent.getOperation(.with { $0.id = "op-000000000000" }) }
+        let unknownOp = await rpcFailure { _ = try await nodeAgent.getOperation(.with { $0.id = "op-000000000000" }) }
         #expect(unknownOp?.0 == .notFound)
-        let badDevice = await failure { _ = try await nodeAgent.drainDevice(.with { $0.device = "/sys/bus" }) }
+        let badDevice = await rpcFailure { _ = try await nodeAgent.drainDevice(.with { $0.device = "/sys/bus" }) }
         #expect(badDevice?.0 == .invalidArgument)
-        let unknownPF = await failure { _ = try await nodeAgent.undrainDevice(.with { $0.device = "0000:01:00.0" }) }
+        let unknownPF = await rpcFailure { _ = try await nodeAgent.undrainDevice(.with { $0.device = "0000:01:00.0" }) }
         #expect(unknownPF?.0 == .notFound)
       }
     }
@@ -188,13 +176,13 @@ import Testing
   @Test func capabilitiesOfLaterPartsSayWhatIsMissing() async throws {
     try await TestAgent.with { agent in
       try await agent.withClient { nodeAgent, _ in
-        let reconfigure = await failure { _ = try await nodeAgent.reconfigure(.with { $0.pfBdf = "0000:3b:00.0"; $0.vfCount = 4 }) }
+        let reconfigure = await rpcFailure { _ = try await nodeAgent.reconfigure(.with { $0.pfBdf = "0000:3b:00.0"; $0.vfCount = 4 }) }
         #expect(reconfigure?.0 == .unimplemented)
         #expect(reconfigure?.1.contains("journaled reconfiguration") == true)
-        let contexts = await failure { _ = try await nodeAgent.listContexts(.init()) }
+        let contexts = await rpcFailure { _ = try await nodeAgent.listContexts(.init()) }
         #expect(contexts?.0 == .unimplemented)
         // Malformed input is still refused as such.
-        let malformed = await failure { _ = try await nodeAgent.reconfigure(.with { $0.pfBdf = "x" }) }
+        let malformed = await rpcFailure { _ = try await nodeAgent.reconfigure(.with { $0.pfBdf = "x" }) }
         #expect(malformed?.0 == .invalidArgument)
       }
     }

@@ -19,17 +19,6 @@ struct QEMUEndToEndTests {
     }
   }
 
-  func failure(_ body: () async throws -> Void) async -> (RPCError.Code, String)? {
-    do {
-      try await body()
-      return nil
-    } catch let error as RPCError {
-      return (error.code, error.message)
-    } catch {
-      return (.unknown, "\(error)")
-    }
-  }
-
   @Test func allocateAttachDetachRelease() async throws {
     let qemu = try QEMUProcess(rootPorts: 2)
     try await TestAgent.with(configure: Self.withVM(qemu)) { agent in
@@ -53,7 +42,7 @@ struct QEMUEndToEndTests {
         let vf = inventory.cards.flatMap(\.pfs).flatMap(\.vfs).first { $0.bdf == allocation.vfBdf }
         #expect(vf?.state == .attached && vf?.vm == "vm1")
 
-        let releaseAttached = await failure { _ = try await nodeAgent.releaseVF(.with { $0.allocationID = allocation.id }) }
+        let releaseAttached = await rpcFailure { _ = try await nodeAgent.releaseVF(.with { $0.allocationID = allocation.id }) }
         #expect(releaseAttached?.0 == .failedPrecondition)
 
         let detached = try await nodeAgent.detachVF(.with { $0.allocationID = allocation.id })
@@ -72,13 +61,13 @@ struct QEMUEndToEndTests {
         let first = try await nodeAgent.allocateVF(.with { $0.owner = "t" }).allocation
         let second = try await nodeAgent.allocateVF(.with { $0.owner = "t" }).allocation
         _ = try await nodeAgent.attachVF(.with { $0.allocationID = first.id; $0.vm = "vm1" })
-        let full = await failure { _ = try await nodeAgent.attachVF(.with { $0.allocationID = second.id; $0.vm = "vm1" }) }
+        let full = await rpcFailure { _ = try await nodeAgent.attachVF(.with { $0.allocationID = second.id; $0.vm = "vm1" }) }
         #expect(full?.0 == .resourceExhausted)
         #expect(full?.1 == "VM vm1 has no free hot-pluggable root port (1 ports, all occupied): start it with more empty pcie-root-port devices")
-        let unknownVM = await failure { _ = try await nodeAgent.attachVF(.with { $0.allocationID = second.id; $0.vm = "vm9" }) }
+        let unknownVM = await rpcFailure { _ = try await nodeAgent.attachVF(.with { $0.allocationID = second.id; $0.vm = "vm9" }) }
         #expect(unknownVM?.0 == .notFound)
         #expect(unknownVM?.1 == "VM vm9 is not known to this agent; `fpgactl vms` lists them (configure --qmp-socket NAME=PATH)")
-        let twice = await failure { _ = try await nodeAgent.attachVF(.with { $0.allocationID = first.id; $0.vm = "vm1" }) }
+        let twice = await rpcFailure { _ = try await nodeAgent.attachVF(.with { $0.allocationID = first.id; $0.vm = "vm1" }) }
         #expect(twice == nil, "attaching again where it already is answers with the attachment")
       }
     }
@@ -90,7 +79,7 @@ struct QEMUEndToEndTests {
       try await agent.withClient { nodeAgent, _ in
         let allocation = try await nodeAgent.allocateVF(.with { $0.owner = "t" }).allocation
         _ = try await nodeAgent.attachVF(.with { $0.allocationID = allocation.id; $0.vm = "vm1" })
-        let stuck = await failure {
+        let stuck = await rpcFailure {
           _ = try await nodeAgent.detachVF(.with { $0.allocationID = allocation.id; $0.timeout = .with { $0.nanos = 500_000_000 } })
         }
         #expect(stuck?.0 == .unavailable)
@@ -100,7 +89,7 @@ struct QEMUEndToEndTests {
         #expect(held?.attached == true && held?.detaching == true)
         #expect(inventory.cards.flatMap(\.pfs).flatMap(\.vfs).first { $0.bdf == allocation.vfBdf }?.state == .detaching)
         // A retry keeps waiting instead of failing on QEMU's "already in the process of unplug".
-        let retry = await failure {
+        let retry = await rpcFailure {
           _ = try await nodeAgent.detachVF(.with { $0.allocationID = allocation.id; $0.timeout = .with { $0.nanos = 300_000_000 } })
         }
         #expect(retry?.0 == .unavailable)
@@ -114,7 +103,7 @@ struct QEMUEndToEndTests {
       try await agent.withClient { nodeAgent, _ in
         let allocation = try await nodeAgent.allocateVF(.with { $0.owner = "t" }).allocation
         _ = try await nodeAgent.attachVF(.with { $0.allocationID = allocation.id; $0.vm = "vm1" })
-        async let detach = failure {
+        async let detach = rpcFailure {
           _ = try await nodeAgent.detachVF(.with { $0.allocationID = allocation.id; $0.timeout = .with { $0.seconds = 30 } })
         }
         try await Task.sleep(for: .milliseconds(300))
@@ -126,7 +115,7 @@ struct QEMUEndToEndTests {
         #expect(vm?.state == "unreachable")
         #expect(vm?.error.hasPrefix("VM vm1 is unreachable: cannot connect to QMP socket") == true)
         let other = try await nodeAgent.allocateVF(.with { $0.owner = "t" }).allocation
-        let unreachable = await failure { _ = try await nodeAgent.attachVF(.with { $0.allocationID = other.id; $0.vm = "vm1" }) }
+        let unreachable = await rpcFailure { _ = try await nodeAgent.attachVF(.with { $0.allocationID = other.id; $0.vm = "vm1" }) }
         #expect(unreachable?.0 == .unavailable)
       }
     }

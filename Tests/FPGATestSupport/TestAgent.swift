@@ -85,3 +85,15 @@ public struct TestAgent: Sendable {
     }
   }
 }
+
+/// The status code and message of a call that failed, nil when it succeeded.
+public func rpcFailure(_ body: () async throws -> Void) async -> (RPCError.Code, String)? {
+  do {
+    try await body()
+    return nil
+  } catch let error as RPCError {
+    return (error.code, error.message)
+  } catch {
+    return (.unknown, "\(error)")
+  }
+}
