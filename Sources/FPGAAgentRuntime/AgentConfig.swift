@@ -26,6 +26,8 @@ public struct AgentConfig: Hashable, Sendable {
   public struct Simulator: Hashable, Sendable {
     /// The simulated cards; the default is two QDMA cards with some VFs enabled.
     public var cards = SimulatorConfig.default.cards
+    /// Simulated VMs, used when no QEMU is configured (qemu.sockets / qemu.socket_dir).
+    public var vms = SimulatedHypervisor.defaultVMs
   }
 
   /// The Linux platform.
@@ -125,6 +127,14 @@ public struct AgentConfig: Hashable, Sendable {
       problems.append("rescan_interval_seconds must be 0 (off) or more")
     }
     problems += SimulatorConfig(cards: simulator.cards).problems()
+    var vmNames = Set<String>()
+    for (index, vm) in simulator.vms.enumerated() {
+      if (try? Validate.vmName(vm.name)) == nil {
+        problems.append("simulator.vms[\(index)].name \(quoted(vm.name)) must be 1-64 of A-Z a-z 0-9 . _ -")
+      }
+      if !vmNames.insert(vm.name).inserted { problems.append("simulator.vms[\(index)].name \(vm.name) is used twice") }
+      if !(0...32).contains(vm.rootPorts) { problems.append("simulator.vms[\(index)].root_ports must be 0-32") }
+    }
     if !linux.sysfsRoot.hasPrefix("/") { problems.append("linux.sysfs_root \(quoted(linux.sysfsRoot)) must be an absolute path") }
     if !linux.devRoot.hasPrefix("/") { problems.append("linux.dev_root \(quoted(linux.devRoot)) must be an absolute path") }
     if linux.watchdogSeconds < 1 { problems.append("linux.watchdog_seconds must be at least 1") }

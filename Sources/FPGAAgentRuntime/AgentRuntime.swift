@@ -45,7 +45,10 @@ public final class AgentRuntime: Sendable {
       simulatedNode = nil
       platform = try Self.linuxPlatform(config.linux)
     }
-    var hypervisor: QEMUHypervisor?
+    var hypervisor: (any Hypervisor)?
+    if !config.qemu.isConfigured, let simulatedNode, !config.simulator.vms.isEmpty {
+      hypervisor = SimulatedHypervisor(node: simulatedNode, vms: config.simulator.vms)
+    }
     if config.qemu.isConfigured {
       var settings = QEMUHypervisor.Settings()
       settings.sockets = config.qemu.sockets

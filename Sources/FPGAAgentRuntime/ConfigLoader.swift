@@ -88,6 +88,7 @@ public enum ConfigLoader {
         reader.mapping(value, "simulator") { key, value, path in
           switch key {
           case "cards": reader.cards(value, path).map { config.simulator.cards = $0 }
+          case "vms": reader.vms(value, path).map { config.simulator.vms = $0 }
           default: reader.unknown(path)
           }
         }
@@ -219,6 +220,26 @@ private final class Reader {
       selectors.append(selector)
     }
     return selectors
+  }
+
+  func vms(_ value: Any, _ path: String) -> [SimulatedHypervisor.VM]? {
+    guard let list = value as? [Any] else {
+      problems.append("\(path) must be a list of VMs")
+      return nil
+    }
+    return list.enumerated().map { index, item in
+      var vm = SimulatedHypervisor.VM(name: "vm-\(index + 1)")
+      mapping(item, "\(path)[\(index)]") { key, value, path in
+        switch key {
+        case "name": string(value, path).map { vm.name = $0 }
+        case "root_ports": int(value, path).map { vm.rootPorts = $0 }
+        case "vfio_pause": bool(value, path).map { vm.vfioPause = $0 }
+        case "acknowledges_unplug": bool(value, path).map { vm.acknowledgesUnplug = $0 }
+        default: unknown(path)
+        }
+      }
+      return vm
+    }
   }
 
   func cards(_ value: Any, _ path: String) -> [SimulatorConfig.Card]? {

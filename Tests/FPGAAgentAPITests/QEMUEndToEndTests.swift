@@ -187,7 +187,7 @@ extension QEMUEndToEndTests {
   }
 
   @Test func withoutVMsAttachSaysHowToConfigureThem() async throws {
-    try await TestAgent.with { agent in
+    try await TestAgent.with(configure: { $0.simulator.vms = [] }) { agent in
       try await agent.withClient { nodeAgent, _ in
         let allocation = try await nodeAgent.allocateVF(.with { $0.owner = "t" }).allocation
         do {

@@ -169,3 +169,32 @@ struct FPGACtlQEMUTests {
     }
   }
 }
+
+/// The embedded default: simulated VMs that hold their VFs like QEMU does.
+@Suite struct SimulatedVMTests {
+  @Test func attachAndDetachOnTheDefaultNode() async throws {
+    try await TestAgent.with { agent in
+      let server = "127.0.0.1:\(agent.port)"
+      #expect(await fpgactl(["vms", "--server", server]).out == """
+        VM    STATE    FREE PORTS  VFIO PAUSE  VFS  QMP SOCKET / ERROR
+        vm-1  running  4/4         yes         -    (simulated)
+        vm-2  running  2/2         no          -    (simulated)
+        """)
+      let allocated = await fpgactl(["allocate", "--pf", "0000:3b:00.3", "--server", server])
+      let id = String(allocated.out.split(separator: " ")[1].dropLast())
+      let attached = await fpgactl(["attach", id, "vm-2", "--server", server])
+      #expect(attached.out == "attached \(id): VF 0000:3b:17.4 is device \(id) in VM vm-2, root port rp1")
+      // PF 0000:3b:00.3's VFs came up on qdma-vf; attach bound this one to vfio-pci first.
+      let vf = agent.node.scan().pfs.first { $0.function.address.description == "0000:3b:00.3" }!.vfs[0]
+      #expect(vf.driver == "vfio-pci")
+      // The VM holds the VF: the kernel's write of 0 blocks until the detach lets it go.
+      let write = Task { try await agent.node.writeNumVFs(pf: PCIAddress("0000:3b:00.3")!, "0") }
+      for _ in 0..<50 { await Task.yield() }
+      #expect(agent.node.scan().pfs.first { $0.function.address.description == "0000:3b:00.3" }!.vfs.count == 4)
+      let detached = await fpgactl(["detach", id, "--server", server])
+      #expect(detached.out == "detached \(id): VF 0000:3b:17.4 left its VM")
+      try await write.value
+      #expect(agent.node.scan().pfs.first { $0.function.address.description == "0000:3b:00.3" }!.vfs.isEmpty)
+    }
+  }
+}
