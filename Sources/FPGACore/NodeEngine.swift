@@ -77,9 +77,16 @@ public actor NodeEngine {
   public func deltas(after revision: UInt64) -> [InventoryEvent]? { state.deltas(after: revision) }
 
   public func status() -> NodeStatusValue {
-    NodeStatusValue(
+    var found = capabilities
+    // An SR-IOV PF without a driver cannot change its VF count (the kernel answers ENOENT).
+    for address in state.pfAddresses {
+      guard let pf = state.pf(address), pf.driver == nil, pf.totalVFs > 0 else { continue }
+      found.problems.append(
+        "PF \(address) has no driver bound: its VF count cannot change (bind its PF driver, qdma-pf on QDMA cards)")
+    }
+    return NodeStatusValue(
       nodeID: nodeID, startedAt: startedAt, now: clock.now(), revision: state.revision,
-      counts: state.counts, capabilities: capabilities, orchestratorEpoch: highestEpoch,
+      counts: state.counts, capabilities: found, orchestratorEpoch: highestEpoch,
       watchers: broadcaster.watcherCount)
   }
 

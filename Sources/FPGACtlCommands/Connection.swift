@@ -16,7 +16,7 @@ public struct ServerOptions: ParsableArguments {
   public init() {}
 
   var address: String {
-    server ?? Environment.value("FPGACTL_SERVER") ?? "127.0.0.1:50051"
+    server ?? environmentValue("FPGACTL_SERVER") ?? "127.0.0.1:50051"
   }
 
   func target() throws -> any ResolvableTarget {
@@ -73,14 +73,4 @@ public struct ServerOptions: ParsableArguments {
 enum CtlError: Error {
   case usage(String)
   case unreachable(address: String, detail: String)
-}
-
-enum Environment {
-  static func value(_ name: String) -> String? {
-    #if canImport(Glibc) || canImport(Darwin)
-      return getenvString(name)
-    #else
-      return nil
-    #endif
-  }
 }

@@ -4,8 +4,7 @@
   import Darwin
 #endif
 
-func getenvString(_ name: String) -> String? {
+/// The value of an environment variable.
+func environmentValue(_ name: String) -> String? {
   getenv(name).map { String(cString: $0) }
 }
-
-func exitProcess(_ code: Int32) -> Never { exit(code) }

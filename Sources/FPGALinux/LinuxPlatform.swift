@@ -41,12 +41,6 @@ public struct LinuxPlatform: NodePlatform {
     if !vfio {
       problems.append("vfio-pci is not loaded (no bus/pci/drivers/vfio-pci): run `modprobe vfio-pci`")
     }
-    if let node = try? LinuxDiscovery(sysfs: sysfs, selectors: selectors).discover() {
-      for pf in node.pfs where pf.function.driver == nil && pf.function.totalVFs > 0 {
-        problems.append(
-          "PF \(pf.function.address) has no driver bound: its VF count cannot change (load and bind qdma-pf)")
-      }
-    }
     return PlatformCapabilities(
       platform: "linux", iommu: !groups.isEmpty, vfioPCI: vfio, qdmaDriver: qdma, vfioPause: false,
       problems: problems)

@@ -142,3 +142,17 @@ import Testing
     #expect(ledger.count == 2)
   }
 }
+
+@Suite struct NodeStatusTests {
+  @Test func aPFWithoutADriverIsAProblemAndTheNodeDegraded() async throws {
+    let (engine, node) = try await makeEngine()
+    #expect(await engine.status().health == .serving)
+    node.setPFDriver(address("0000:3b:00.2"), nil)
+    try await engine.rescan()
+    let status = await engine.status()
+    #expect(status.capabilities.problems == [
+      "PF 0000:3b:00.2 has no driver bound: its VF count cannot change (bind its PF driver, qdma-pf on QDMA cards)"
+    ])
+    #expect(status.health == .degraded)
+  }
+}

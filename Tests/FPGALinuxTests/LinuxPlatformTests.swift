@@ -125,10 +125,7 @@ import Testing
     }
     try tree.unbindPFDriver("0000:3b:00.1")
     await #expect(throws: AgentError.self) { try await platform.setVFCount(pf: PCIAddress("0000:3b:00.1")!, to: 4) }
-    let capabilities = await platform.capabilities()
-    #expect(capabilities.problems == [
-      "PF 0000:3b:00.1 has no driver bound: its VF count cannot change (load and bind qdma-pf)"
-    ])
+    #expect(await platform.capabilities().problems.isEmpty, "driverless PFs are the core's finding, from the inventory")
   }
 
   @Test func aWriteBlockedByAHeldVFTripsTheWatchdogAndFinishesWhenReleased() async throws {
