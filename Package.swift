@@ -29,6 +29,7 @@ let package = Package(
     .package(url: "https://github.com/apple/swift-argument-parser.git", exact: "1.8.2"),
     .package(url: "https://github.com/swift-server/swift-service-lifecycle.git", exact: "2.13.0"),
     .package(url: "https://github.com/jpsim/Yams.git", exact: "6.2.2"),
+    .package(url: "https://github.com/groue/GRDB.swift.git", exact: "7.10.0"),
   ],
   targets: [
     // The domain: inventory, allocation rules, revisions, kernel rules. No I/O.
@@ -37,6 +38,8 @@ let package = Package(
     .target(name: "FPGASimulator", dependencies: ["FPGACore"]),
     // The Linux platform: sysfs SR-IOV, QDMA and VFIO behind narrow protocols.
     .target(name: "FPGALinux", dependencies: ["FPGACore"]),
+    // The durable state: allocations, idempotency keys, epoch, journal, in SQLite.
+    .target(name: "FPGAStore", dependencies: ["FPGACore", .product(name: "GRDB", package: "GRDB.swift")]),
     // A client of the QEMU Machine Protocol, usable on its own.
     .target(name: "FPGAQMP"),
     // VMs as the core's Hypervisor: QEMU over QMP.
@@ -50,7 +53,7 @@ let package = Package(
     .target(
       name: "FPGAAgentRuntime",
       dependencies: [
-        "FPGACore", "FPGASimulator", "FPGALinux", "FPGAQEMU", "FPGAAgentAPI", grpcCore, grpcHTTP2,
+        "FPGACore", "FPGASimulator", "FPGALinux", "FPGAQEMU", "FPGAAgentAPI", "FPGAStore", grpcCore, grpcHTTP2,
         logging, serviceLifecycle, argumentParser, .product(name: "Yams", package: "Yams"),
       ]
     ),
@@ -80,6 +83,7 @@ let package = Package(
     .testTarget(name: "FPGACoreTests", dependencies: ["FPGACore", "FPGASimulator"]),
     .testTarget(name: "FPGASimulatorTests", dependencies: ["FPGACore", "FPGASimulator"]),
     .testTarget(name: "FPGAQMPTests", dependencies: ["FPGAQMP", "FPGATestSupport"]),
+    .testTarget(name: "FPGAStoreTests", dependencies: ["FPGACore", "FPGAStore", "FPGASimulator"]),
     .testTarget(name: "FPGALinuxTests", dependencies: ["FPGACore", "FPGALinux", "FPGATestSupport"]),
     .testTarget(
       name: "FPGAAgentAPITests",

@@ -58,4 +58,9 @@ public protocol Hypervisor: Sendable {
   func detach(deviceID: String, from vm: String, timeout: Duration) async throws(AgentError)
   /// Devices the agent plugged (ids starting with `alloc-`), per VM.
   func pluggedDevices() async -> [PluggedDevice]
+  /// Closes the host side of VFIO device `deviceID` while the guest keeps its PCI device (a
+  /// VMM with the pause capability, `vfioPause`). Pausing a paused device succeeds.
+  func pause(deviceID: String, in vm: String) async throws(AgentError)
+  /// Re-opens the host VF of a paused device. Resuming a running device succeeds.
+  func resume(deviceID: String, in vm: String) async throws(AgentError)
 }

@@ -43,3 +43,9 @@ public struct IdempotencyLedger<Result: Sendable>: Sendable {
 
   public var count: Int { entries.count }
 }
+
+extension IdempotencyLedger where Result == IdempotentOutcome {
+  mutating func record(_ record: IdempotencyRecord) {
+    self.record(scope: record.scope, key: record.key, fingerprint: record.fingerprint, result: record.outcome)
+  }
+}

@@ -240,9 +240,24 @@ public struct InventoryState: Sendable {
 
   // MARK: Allocation rules
 
+  /// A PF and its VFs as last discovered.
+  public func discovered(_ address: PCIAddress) -> DiscoveredPF? {
+    pfs[address].map { DiscoveredPF(function: $0.function, vfs: $0.vfs) }
+  }
+
+  /// The VFs of a PF, by index.
+  public func vfs(of address: PCIAddress) -> [VirtualFunction] { pfs[address]?.vfs ?? [] }
+
   /// The VF an allocation with `constraints` gets: the first free, healthy VF (preferring
-  /// VFs already bound to vfio-pci) on a non-draining PF and card that satisfies them.
-  public func chooseVF(_ constraints: AllocationConstraints) throws(AgentError) -> VirtualFunction {
+  /// VFs already bound to vfio-pci) on a non-draining PF and card that satisfies them. PFs in
+  /// `busy` (under reconfiguration, with their operation) are skipped.
+  public func chooseVF(
+    _ constraints: AllocationConstraints, excluding busy: [PCIAddress: String] = [:]
+  ) throws(AgentError) -> VirtualFunction {
+    if let pf = constraints.pf, let operation = busy[pf] {
+      throw AgentError(
+        .unavailable, "PF \(pf) is being reconfigured (operation \(operation)); retry when it ends (`fpgactl operation \(operation) --watch`)")
+    }
     if let cardID = constraints.cardID, cards[cardID] == nil {
       throw AgentError(
         .notFound, "card \(quoted(cardID)) is not on this node; `fpgactl inventory` lists the cards")
@@ -271,7 +286,7 @@ public struct InventoryState: Sendable {
     var fallback: VirtualFunction?
     var considered = 0
     for address in pfOrder {
-      guard let entry = pfs[address], !entry.draining else { continue }
+      guard let entry = pfs[address], !entry.draining, busy[address] == nil else { continue }
       if let pf = constraints.pf, pf != address { continue }
       if let cardID = constraints.cardID, entry.function.cardID != cardID { continue }
       if cards[entry.function.cardID]?.draining == true { continue }

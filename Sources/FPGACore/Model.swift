@@ -1,7 +1,7 @@
 /// The domain model: what the agent knows of the node's cards, functions and allocations.
 
 /// A wall-clock instant, as seconds and nanoseconds since the Unix epoch.
-public struct WallTime: Hashable, Comparable, Sendable {
+public struct WallTime: Hashable, Comparable, Sendable, Codable {
   public var seconds: Int64
   public var nanoseconds: Int32
 
@@ -26,7 +26,7 @@ public protocol WallClock: Sendable {
 }
 
 /// The agent's view of a VF.
-public enum VFState: String, Hashable, Sendable, CaseIterable {
+public enum VFState: String, Hashable, Sendable, CaseIterable, Codable {
   case free, allocated, attached, detaching, unhealthy
 }
 
@@ -96,7 +96,7 @@ public struct PhysicalFunction: Hashable, Sendable {
 }
 
 /// What the platform reports of a VF.
-public struct VirtualFunction: Hashable, Sendable {
+public struct VirtualFunction: Hashable, Sendable, Codable {
   public var address: PCIAddress
   public var pfAddress: PCIAddress
   public var index: Int
@@ -131,7 +131,7 @@ public struct VirtualFunction: Hashable, Sendable {
 }
 
 /// A VF as the agent presents it: the platform's facts plus who holds it.
-public struct VFView: Hashable, Sendable {
+public struct VFView: Hashable, Sendable, Codable {
   public var function: VirtualFunction
   public var state: VFState
   public var allocationID: String?
@@ -139,7 +139,7 @@ public struct VFView: Hashable, Sendable {
 }
 
 /// A reservation of one VF for an owner.
-public struct Allocation: Hashable, Sendable {
+public struct Allocation: Hashable, Sendable, Codable {
   public var id: String
   public var vf: PCIAddress
   public var pf: PCIAddress
@@ -230,6 +230,12 @@ public protocol NodePlatform: Sendable {
   /// Makes a VF ready to be handed to a VM: bound to vfio-pci with its /dev/vfio/N present.
   /// Returns the device node. Never rebinds a VF that a process holds.
   func prepareForPassthrough(vf: PCIAddress) async throws(AgentError) -> String
+  /// Sets a PF's VF count the way the kernel requires (autoprobe off, through 0, re-read).
+  /// When the kernel blocks a write (a process holds a VF), calls `whileBlocked` with who holds
+  /// what, then keeps waiting for the write to return.
+  func setVFCount(
+    pf: PCIAddress, to count: Int, whileBlocked: @escaping @Sendable (String) async -> Void
+  ) async throws(AgentError)
 }
 
 /// A human-readable model name for a QDMA PF device id (`0x9PGL`: PF P, Gen G, lanes L).

@@ -42,13 +42,22 @@ extension NodeEngine {
     allocation.deviceID = allocation.id
     allocation.rootPort = port
     allocation.detaching = false
+    let result = AttachResult(allocation: allocation, deviceID: allocation.id, rootPort: port, replayed: false)
+    let record = request.meta.idempotencyKey.map {
+      IdempotencyRecord(scope: "AttachVF", key: $0, fingerprint: fingerprint, outcome: .attached(result))
+    }
+    do {
+      try store.commit([.putAllocation(allocation)] + (record.map { [.putIdempotency($0)] } ?? []))
+    } catch {
+      // Unrecorded, the attachment is undone so that nothing changed.
+      try? await hypervisor.detach(deviceID: allocation.id, from: vm.name, timeout: .seconds(10))
+      publish(state.apply(vms: await hypervisor.machines()))
+      throw error
+    }
     var changes = state.update(allocation)
     changes += state.apply(vms: await hypervisor.machines())
     publish(changes)
-    let result = AttachResult(allocation: allocation, deviceID: allocation.id, rootPort: port, replayed: false)
-    if let key = request.meta.idempotencyKey {
-      ledger.record(scope: "AttachVF", key: key, fingerprint: fingerprint, result: .attached(result))
-    }
+    if let record { ledger.record(record) }
     return result
   }
 
@@ -68,6 +77,7 @@ extension NodeEngine {
     defer { inFlight.remove(allocation.id) }
     if !allocation.detaching {
       allocation.detaching = true
+      try store.commit([.putAllocation(allocation)])
       publish(state.update(allocation))
     }
     do {
@@ -82,12 +92,23 @@ extension NodeEngine {
     allocation.detaching = false
     allocation.deviceID = nil
     allocation.rootPort = nil
+    let record = request.meta.idempotencyKey.map {
+      IdempotencyRecord(scope: "DetachVF", key: $0, fingerprint: request.allocationID, outcome: .detached(allocation))
+    }
+    // The device is out of the guest whatever the store says: memory follows the VM. A failed
+    // write is reconciled at the next start (the VM no longer has the device).
+    let written: AgentError?
+    do {
+      try store.commit([.putAllocation(allocation)] + (record.map { [.putIdempotency($0)] } ?? []))
+      written = nil
+    } catch {
+      written = error
+    }
     var changes = state.update(allocation)
     changes += state.apply(vms: await hypervisor.machines())
     publish(changes)
-    if let key = request.meta.idempotencyKey {
-      ledger.record(scope: "DetachVF", key: key, fingerprint: request.allocationID, result: .detached(allocation))
-    }
+    if let written { throw written }
+    if let record { ledger.record(record) }
     return DetachResult(allocation: allocation, replayed: false)
   }
 
@@ -106,6 +127,12 @@ extension NodeEngine {
         id: device.deviceID, vf: host, pf: vf.pfAddress, owner: "recovered", vm: device.vm, idempotencyKey: nil,
         createdAt: clock.now(), numaNode: vf.numaNode, iommuGroup: vf.iommuGroup, attached: true,
         deviceID: device.deviceID, rootPort: device.rootPort)
+      do {
+        try store.commit([.putAllocation(allocation)])
+      } catch {
+        noteDiscrepancy("device \(device.deviceID) in VM \(device.vm) holds VF \(host) but could not be recorded: \(error.message)")
+      }
+      noteDiscrepancy("VM \(device.vm) holds VF \(host) as device \(device.deviceID), which no allocation recorded: adopted as allocation \(device.deviceID) (owner \"recovered\")")
       changes += state.insert(allocation)
     }
     publish(changes)
@@ -146,7 +173,7 @@ public struct AttachRequest: Hashable, Sendable {
   }
 }
 
-public struct AttachResult: Hashable, Sendable {
+public struct AttachResult: Hashable, Sendable, Codable {
   public var allocation: Allocation
   public var deviceID: String
   public var rootPort: String

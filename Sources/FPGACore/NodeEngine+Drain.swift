@@ -21,7 +21,7 @@ extension NodeEngine {
       }
     }
 
-    var text: String {
+    public var text: String {
       switch self {
       case .pf(let address): address.description
       case .card(let id): id
@@ -43,33 +43,41 @@ extension NodeEngine {
     let pfs = try pfs(of: target)
     let now = clock.now()
     var steps: [OperationRecord.Step] = []
-    var changes: [InventoryChange] = []
-    switch target {
-    case .pf(let address): changes += state.setDraining(pf: address, true)
-    case .card(let id): changes += state.setDraining(card: id, true)
-    }
+    var writes: [StoreChange] = [.setDrain(target.text, true)]
     steps.append(.init(description: "stop new allocations on \(target.name)", state: .succeeded, startedAt: now, finishedAt: now))
     var impacts: [OperationRecord.Impact] = []
+    var released: [String] = []
     let held = state.allocations.values.filter { pfs.contains($0.pf) }.sorted { $0.id < $1.id }
     for allocation in held {
-      if releaseUnattached && !allocation.attached && !inFlight.contains(allocation.id),
-        let (_, removed) = state.remove(allocation: allocation.id)
-      {
-        changes += removed
+      if releaseUnattached && !allocation.attached && !inFlight.contains(allocation.id) {
+        released.append(allocation.id)
+        writes.append(.deleteAllocation(allocation.id))
         steps.append(.init(description: "release unattached allocation \(allocation.id) (VF \(allocation.vf))", state: .succeeded, startedAt: now, finishedAt: now))
         impacts.append(.init(allocationID: allocation.id, vf: allocation.vf, vm: allocation.vm, outcome: "lost", guestSees: "nothing"))
       } else {
         impacts.append(.init(allocationID: allocation.id, vf: allocation.vf, vm: allocation.vm, outcome: "kept", guestSees: "nothing"))
       }
     }
-    publish(changes)
     let record = OperationRecord(
       id: Self.makeID(prefix: "op-"), kind: "drain", target: target.text, state: .succeeded,
       steps: steps, impacts: impacts, createdAt: now, finishedAt: clock.now())
-    remember(record)
-    if let key = meta.idempotencyKey {
-      ledger.record(scope: "DrainDevice", key: key, fingerprint: fingerprint, result: .operation(record.id))
+    writes.append(.putOperation(StoredOperation(record: record, journal: nil)))
+    let idempotency = meta.idempotencyKey.map {
+      IdempotencyRecord(scope: "DrainDevice", key: $0, fingerprint: fingerprint, outcome: .operation(record.id))
     }
+    if let idempotency { writes.append(.putIdempotency(idempotency)) }
+    try store.commit(writes)
+    var changes: [InventoryChange] = []
+    switch target {
+    case .pf(let address): changes += state.setDraining(pf: address, true)
+    case .card(let id): changes += state.setDraining(card: id, true)
+    }
+    for id in released {
+      if let (_, removed) = state.remove(allocation: id) { changes += removed }
+    }
+    publish(changes)
+    remember(record)
+    if let idempotency { ledger.record(idempotency) }
     return record
   }
 
@@ -77,6 +85,8 @@ extension NodeEngine {
   public func undrain(_ target: DrainTarget, meta: RequestMeta) throws(AgentError) -> UInt64 {
     try fence(meta)
     _ = try pfs(of: target)
+    try store.commit([.setDrain(target.text, false)])
+    pendingDrains.remove(target.text)
     switch target {
     case .pf(let address): return publish(state.setDraining(pf: address, false))
     case .card(let id): return publish(state.setDraining(card: id, false))

@@ -9,7 +9,21 @@ public actor NodeEngine {
   var inFlight: Set<String> = []
   let clock: any WallClock
   var state: InventoryState
-  var ledger = IdempotencyLedger<Outcome>()
+  var ledger = IdempotencyLedger<IdempotentOutcome>()
+  let store: any StateStore
+  /// PFs under reconfiguration, with the operation's id.
+  var reconfiguring: [PCIAddress: String] = [:]
+  /// Drain flags restored from the store, applied once their PF or card is discovered.
+  var pendingDrains: Set<String> = []
+  /// What a restart found that disagreed with the records (for status and logs).
+  public private(set) var discrepancies: [String] = []
+  /// Test hook: crash or fail at a named reconfiguration step.
+  let faults: FaultInjection?
+  /// Journals of the reconfigurations under way, by operation id.
+  var journals: [String: ReconfigureJournal] = [:]
+  var runningOperations: [String: Task<Void, Never>] = [:]
+  /// How long a reconfiguration waits for a guest to acknowledge an unplug.
+  let detachTimeout: Duration
   private let broadcaster = InventoryBroadcaster()
   var operations: [String: OperationRecord] = [:]
   private var operationOrder: [String] = []
@@ -21,19 +35,14 @@ public actor NodeEngine {
   public private(set) var highestEpoch: UInt64 = 0
   private let watchBufferLimit: Int
 
-  /// The results that an idempotency key replays.
-  enum Outcome: Sendable {
-    case allocated(AllocationResult)
-    case released(ReleaseResult)
-    case operation(String)
-    case attached(AttachResult)
-    case detached(Allocation)
-  }
-
   public init(
     nodeID: String, platform: any NodePlatform, clock: any WallClock, hypervisor: (any Hypervisor)? = nil,
+    store: any StateStore = MemoryStateStore(), faults: FaultInjection? = nil, detachTimeout: Duration = .seconds(30),
     changeLogCapacity: Int = 4096, watchBufferLimit: Int = 4096
   ) {
+    self.store = store
+    self.faults = faults
+    self.detachTimeout = detachTimeout
     self.nodeID = nodeID
     self.platform = platform
     self.hypervisor = hypervisor
@@ -49,9 +58,14 @@ public actor NodeEngine {
   /// Scans the platform and folds what it found into the inventory; returns the revision.
   @discardableResult
   public func rescan() async throws(AgentError) -> UInt64 {
-    let node = try await platform.discover()
+    var node = try await platform.discover()
     var found = await platform.capabilities()
+    // A PF under reconfiguration keeps its recorded VFs until the operation verifies the new layout.
+    for (index, pf) in node.pfs.enumerated() where reconfiguring[pf.function.address] != nil {
+      if let kept = state.discovered(pf.function.address) { node.pfs[index] = kept }
+    }
     var changes = state.apply(node)
+    changes += applyPendingDrains()
     if let hypervisor {
       let vms = await hypervisor.machines()
       found.vfioPause = !vms.isEmpty && vms.allSatisfy { $0.vfioPause || $0.state == .unreachable }
@@ -59,6 +73,19 @@ public actor NodeEngine {
       changes += state.apply(vms: vms)
     }
     capabilities = found
+    // Allocations whose VF vanished under the agent end; the store follows.
+    let ended = changes.compactMap { change -> String? in
+      if case .allocationRemoved(let id) = change { return id }
+      return nil
+    }
+    if !ended.isEmpty {
+      for id in ended { noteDiscrepancy("allocation \(id) ended: its VF vanished from the platform") }
+      do {
+        try store.commit(ended.map { .deleteAllocation($0) })
+      } catch {
+        noteDiscrepancy("ended allocations could not be recorded (\(error.message)); the next start reconciles them")
+      }
+    }
     return publish(changes)
   }
 
@@ -114,17 +141,24 @@ public actor NodeEngine {
       result.replayed = true
       return result
     }
-    let vf = try state.chooseVF(request.constraints)
+    let vf = try state.chooseVF(request.constraints, excluding: reconfiguring)
     let allocation = Allocation(
       id: Self.makeID(prefix: "alloc-"), vf: vf.address, pf: vf.pfAddress, owner: request.owner,
       vm: request.vm, idempotencyKey: request.meta.idempotencyKey, createdAt: clock.now(),
       numaNode: vf.numaNode, iommuGroup: vf.iommuGroup)
-    let revision = publish(state.insert(allocation))
-    let result = AllocationResult(
-      allocation: allocation, vf: state.view(of: vf), replayed: false, revision: revision)
-    if let key = request.meta.idempotencyKey {
-      ledger.record(scope: "AllocateVF", key: key, fingerprint: fingerprint, result: .allocated(result))
+    var view = state.view(of: vf)
+    view.state = .allocated
+    view.allocationID = allocation.id
+    view.vm = allocation.vm
+    let result = AllocationResult(allocation: allocation, vf: view, replayed: false, revision: state.revision + 1)
+    var writes: [StoreChange] = [.putAllocation(allocation)]
+    let record = request.meta.idempotencyKey.map {
+      IdempotencyRecord(scope: "AllocateVF", key: $0, fingerprint: fingerprint, outcome: .allocated(result))
     }
+    if let record { writes.append(.putIdempotency(record)) }
+    try store.commit(writes)
+    publish(state.insert(allocation))
+    if let record { ledger.record(record) }
     return result
   }
 
@@ -153,13 +187,15 @@ public actor NodeEngine {
         "allocation \(allocation.id) is attached to VM \(allocation.vm ?? "?"): detach it first (`fpgactl detach \(allocation.id)`)"
       )
     }
-    guard let (removed, changes) = state.remove(allocation: allocation.id) else {
-      throw AgentError(.internal, "allocation \(allocation.id) vanished while being released")
+    let result = ReleaseResult(allocation: allocation, replayed: false, revision: state.revision + 1)
+    var writes: [StoreChange] = [.deleteAllocation(allocation.id)]
+    let record = request.meta.idempotencyKey.map {
+      IdempotencyRecord(scope: "ReleaseVF", key: $0, fingerprint: fingerprint, outcome: .released(result))
     }
-    let result = ReleaseResult(allocation: removed, replayed: false, revision: publish(changes))
-    if let key = request.meta.idempotencyKey {
-      ledger.record(scope: "ReleaseVF", key: key, fingerprint: fingerprint, result: .released(result))
-    }
+    if let record { writes.append(.putIdempotency(record)) }
+    try store.commit(writes)
+    if let (_, changes) = state.remove(allocation: allocation.id) { publish(changes) }
+    if let record { ledger.record(record) }
     return result
   }
 
@@ -206,6 +242,7 @@ public actor NodeEngine {
 
   /// Stores a new or changed operation and tells its watchers.
   func remember(_ record: OperationRecord) {
+
     if operations.updateValue(record, forKey: record.id) == nil {
       operationOrder.append(record.id)
       if operationOrder.count > operationHistory {
@@ -231,7 +268,51 @@ public actor NodeEngine {
         "orchestrator epoch \(meta.orchestratorEpoch) is stale: this node has seen epoch \(highestEpoch); a newer orchestrator leader is in charge"
       )
     }
-    highestEpoch = meta.orchestratorEpoch
+    if meta.orchestratorEpoch > highestEpoch {
+      try store.commit([.setEpoch(meta.orchestratorEpoch)])
+      highestEpoch = meta.orchestratorEpoch
+    }
+  }
+
+  // MARK: Restart
+
+  /// Takes back what the store kept: allocations, idempotency keys, the epoch, drain flags and
+  /// operations. Called once, before the first scan; unfinished operations are finished by
+  /// `recover()` after it.
+  public func restore() throws(AgentError) -> PersistedState {
+    let persisted = try store.load()
+    var changes: [InventoryChange] = []
+    for allocation in persisted.allocations where state.allocations[allocation.id] == nil {
+      changes += state.insert(allocation)
+    }
+    for record in persisted.idempotency { ledger.record(record) }
+    highestEpoch = max(highestEpoch, persisted.epoch)
+    pendingDrains = persisted.drains
+    for operation in persisted.operations.suffix(operationHistory) {
+      remember(operation.record)
+    }
+    publish(changes)
+    return persisted
+  }
+
+  /// Applies drain flags kept in the store to the PFs and cards now known.
+  func applyPendingDrains() -> [InventoryChange] {
+    var changes: [InventoryChange] = []
+    for target in pendingDrains.sorted() {
+      if let address = PCIAddress(target), state.pf(address) != nil {
+        changes += state.setDraining(pf: address, true)
+        pendingDrains.remove(target)
+      } else if state.card(target) != nil {
+        changes += state.setDraining(card: target, true)
+        pendingDrains.remove(target)
+      }
+    }
+    return changes
+  }
+
+  func noteDiscrepancy(_ text: String) {
+    discrepancies.append(text)
+    if discrepancies.count > 256 { discrepancies.removeFirst(discrepancies.count - 256) }
   }
 
   @discardableResult
@@ -280,7 +361,7 @@ public struct AllocateRequest: Hashable, Sendable {
   }
 }
 
-public struct AllocationResult: Hashable, Sendable {
+public struct AllocationResult: Hashable, Sendable, Codable {
   public var allocation: Allocation
   public var vf: VFView
   public var replayed: Bool
@@ -297,7 +378,7 @@ public struct ReleaseRequest: Hashable, Sendable {
   }
 }
 
-public struct ReleaseResult: Hashable, Sendable {
+public struct ReleaseResult: Hashable, Sendable, Codable {
   public var allocation: Allocation
   public var replayed: Bool
   public var revision: UInt64

@@ -1,11 +1,11 @@
 /// A long-running change (drain, reconfiguration) and its steps, as clients see it.
-public struct OperationRecord: Hashable, Sendable {
-  public enum State: String, Hashable, Sendable {
+public struct OperationRecord: Hashable, Sendable, Codable {
+  public enum State: String, Hashable, Sendable, Codable {
     case pending, running, succeeded, failed, planned
     public var isTerminal: Bool { self == .succeeded || self == .failed || self == .planned }
   }
 
-  public struct Step: Hashable, Sendable {
+  public struct Step: Hashable, Sendable, Codable {
     public var description: String
     public var state: State
     public var error: String?
@@ -24,7 +24,7 @@ public struct OperationRecord: Hashable, Sendable {
     }
   }
 
-  public struct Impact: Hashable, Sendable {
+  public struct Impact: Hashable, Sendable, Codable {
     public var allocationID: String
     public var vf: PCIAddress
     public var vm: String?

@@ -56,6 +56,20 @@ public struct LinuxPlatform: NodePlatform {
   /// when a different non-zero count is enabled, each write in a worker under the watchdog, and
   /// the count re-read afterwards (QDMA may report success with fewer VFs).
   public func setVFCount(pf: PCIAddress, to count: Int) async throws(AgentError) {
+    try await setVFCount(pf: pf, to: count, whileBlocked: nil)
+  }
+
+  public func setVFCount(
+    pf: PCIAddress, to count: Int, whileBlocked: @escaping @Sendable (String) async -> Void
+  ) async throws(AgentError) {
+    try await setVFCount(pf: pf, to: count, whileBlocked: Optional(whileBlocked))
+  }
+
+  /// Without `whileBlocked`, a write still blocked when the watchdog fires fails with ETIMEDOUT
+  /// (it goes on in the kernel); with it, the holders are reported and the write awaited.
+  private func setVFCount(
+    pf: PCIAddress, to count: Int, whileBlocked: (@Sendable (String) async -> Void)?
+  ) async throws(AgentError) {
     let key = pf.description
     if worker.isBusy(key) {
       throw AgentError(
@@ -74,10 +88,10 @@ public struct LinuxPlatform: NodePlatform {
       try writeAttribute(.device(pf, "sriov_drivers_autoprobe"), "0", pf: pf)
     }
     if current != 0 {
-      try await writeNumVFs(pf: pf, value: 0, current: current, total: total)
+      try await writeNumVFs(pf: pf, value: 0, current: current, total: total, whileBlocked: whileBlocked)
     }
     if count > 0 {
-      try await writeNumVFs(pf: pf, value: count, current: 0, total: total)
+      try await writeNumVFs(pf: pf, value: count, current: 0, total: total, whileBlocked: whileBlocked)
     }
     let after = try readInt(.device(pf, "sriov_numvfs"), pf: pf, what: "sriov_numvfs")
     guard after == count else {
@@ -87,7 +101,9 @@ public struct LinuxPlatform: NodePlatform {
     }
   }
 
-  private func writeNumVFs(pf: PCIAddress, value: Int, current: Int, total: Int) async throws(AgentError) {
+  private func writeNumVFs(
+    pf: PCIAddress, value: Int, current: Int, total: Int, whileBlocked: (@Sendable (String) async -> Void)?
+  ) async throws(AgentError) {
     let sysfs = self.sysfs
     let outcome = await worker.run(key: pf.description, watchdog: watchdog) { () -> SysfsError? in
       do throws(SysfsError) {
@@ -97,14 +113,32 @@ public struct LinuxPlatform: NodePlatform {
         return error
       }
     }
+    let result: SysfsError?
     switch outcome {
-    case .finished(nil): return
-    case .finished(let error?):
-      throw SRIOVErrors.numVFsWrite(
-        error.kernelErrno ?? .EIO, pf: pf, requested: value, current: current, total: total)
-    case .stillBlocked:
-      throw SRIOVErrors.numVFsWrite(.ETIMEDOUT, pf: pf, requested: value, current: current, total: total)
+    case .finished(let error): result = error
+    case .stillBlocked(let completion):
+      guard let whileBlocked else {
+        throw SRIOVErrors.numVFsWrite(.ETIMEDOUT, pf: pf, requested: value, current: current, total: total)
+      }
+      await whileBlocked(
+        "the kernel blocks the write of \(value) to sriov_numvfs of \(pf) until its VFs are released: "
+          + holdersDescription(pf: pf))
+      result = await completion.value
     }
+    if let result {
+      throw SRIOVErrors.numVFsWrite(result.kernelErrno ?? .EIO, pf: pf, requested: value, current: current, total: total)
+    }
+  }
+
+  /// Which processes hold which of the PF's VFs, e.g. "VF 0000:00:03.1 held by qemu (pid 812)".
+  func holdersDescription(pf: PCIAddress) -> String {
+    var held: [String] = []
+    let node = try? LinuxDiscovery(sysfs: sysfs, selectors: selectors).discover()
+    for vf in node?.pfs.first(where: { $0.function.address == pf })?.vfs ?? [] where vf.iommuGroup >= 0 {
+      let users = holders.holders(ofGroup: vf.iommuGroup)
+      if !users.isEmpty { held.append("VF \(vf.address) held by \(users.joined(separator: ", "))") }
+    }
+    return held.isEmpty ? "no holder found in /proc (the write waits in the driver)" : held.joined(separator: "; ")
   }
 
   /// Binds a VF to vfio-pci: driver_override, unbind from its current driver, drivers_probe,

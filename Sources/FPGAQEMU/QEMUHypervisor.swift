@@ -120,6 +120,34 @@ public actor QEMUHypervisor: Hypervisor {
     }
   }
 
+  public func pause(deviceID: String, in vm: String) async throws(AgentError) {
+    try await pauseCommand(settings.pauseCommands.first, deviceID: deviceID, vm: vm, doing: "pause")
+  }
+
+  public func resume(deviceID: String, in vm: String) async throws(AgentError) {
+    try await pauseCommand(settings.pauseCommands.last, deviceID: deviceID, vm: vm, doing: "resume")
+  }
+
+  private func pauseCommand(_ command: String?, deviceID: String, vm: String, doing: String) async throws(AgentError) {
+    let client = try await client(vm)
+    let commands: Set<String>
+    do {
+      commands = try await commandNames(client)
+    } catch {
+      throw map(error, vm: vm, doing: "query-commands")
+    }
+    guard settings.pauseCommands.count == 2, let command, commands.contains(command) else {
+      throw AgentError(
+        .failedPrecondition,
+        "QEMU of VM \(vm) cannot \(doing) a VFIO device (no \(command ?? "pause") command); use the detach-reattach strategy")
+    }
+    do {
+      _ = try await client.execute(command, ["id": .string(deviceID)], timeout: settings.commandTimeout)
+    } catch {
+      throw map(error, vm: vm, doing: "\(command) of \(deviceID)")
+    }
+  }
+
   public func pluggedDevices() async -> [PluggedDevice] {
     var devices: [PluggedDevice] = []
     for name in vmSockets().keys.sorted() {

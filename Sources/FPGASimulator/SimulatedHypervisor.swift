@@ -31,6 +31,8 @@ public actor SimulatedHypervisor: Hypervisor {
   private var vms: [String: VM]
   /// vm → port → (device id, VF).
   private var plugged: [String: [String: (id: String, vf: PCIAddress)]] = [:]
+  /// Devices whose host VF is closed (paused), by device id.
+  private var paused: Set<String> = []
 
   public init(node: SimulatedNode, vms: [VM] = SimulatedHypervisor.defaultVMs) {
     self.node = node
@@ -77,7 +79,37 @@ public actor SimulatedHypervisor: Hypervisor {
           + "state detaching; the guest OS must handle PCIe hot-unplug (retry DetachVF to keep waiting)")
     }
     plugged[name]?[port] = nil
+    if paused.remove(deviceID) == nil { node.release(vf: device.vf) }
+  }
+
+  /// Like the patched QEMU: the host VF is closed, the guest keeps its device.
+  public func pause(deviceID: String, in name: String) async throws(AgentError) {
+    let device = try pausable(deviceID, name)
+    guard !paused.contains(deviceID) else { return }
     node.release(vf: device.vf)
+    paused.insert(deviceID)
+  }
+
+  /// Re-opens the VF (re-created and bound to vfio-pci by then).
+  public func resume(deviceID: String, in name: String) async throws(AgentError) {
+    let device = try pausable(deviceID, name)
+    guard paused.contains(deviceID) else { return }
+    do {
+      try node.hold(vf: device.vf, by: name)
+    } catch {
+      throw AgentError(.failedPrecondition, "the VMM of VM \(name) cannot re-open VF \(device.vf) for \(deviceID): \(error)")
+    }
+    paused.remove(deviceID)
+  }
+
+  private func pausable(_ deviceID: String, _ name: String) throws(AgentError) -> (id: String, vf: PCIAddress) {
+    guard let vm = vms[name], let device = plugged[name]?.values.first(where: { $0.id == deviceID }) else {
+      throw AgentError(.notFound, "VM \(name) has no device \(deviceID)")
+    }
+    guard vm.vfioPause else {
+      throw AgentError(.failedPrecondition, "the VMM of VM \(name) cannot pause VFIO devices; use the detach-reattach strategy")
+    }
+    return device
   }
 
   public func pluggedDevices() async -> [PluggedDevice] {

@@ -213,6 +213,13 @@ public final class SimulatedNode: Sendable {
     }
   }
 
+  /// Who holds which VF of `pf` open.
+  public func holders(of pf: PCIAddress) -> [(vf: PCIAddress, vm: String)] {
+    state.withLock { state in
+      Self.vfAddresses(state, of: pf).compactMap { vf in state.vfs[vf]?.holder.map { (vf, $0) } }
+    }
+  }
+
   /// The VM closes the VF; blocked writes of 0 go on.
   public func release(vf address: PCIAddress) {
     let waiting = state.withLock { state in
@@ -266,8 +273,13 @@ public final class SimulatedNode: Sendable {
 /// The simulated node as the agent's platform.
 public struct SimulatedPlatform: NodePlatform {
   public let node: SimulatedNode
+  /// How long a blocked VF count write waits before it is reported.
+  public var blockReportDelay: Duration
 
-  public init(node: SimulatedNode) { self.node = node }
+  public init(node: SimulatedNode, blockReportDelay: Duration = .milliseconds(200)) {
+    self.node = node
+    self.blockReportDelay = blockReportDelay
+  }
 
   public func discover() async throws(AgentError) -> DiscoveredNode { node.scan() }
 
@@ -291,6 +303,57 @@ public struct SimulatedPlatform: NodePlatform {
       throw AgentError(.failedPrecondition, "VF \(vf) did not bind to vfio-pci: is vfio-pci loaded?")
     }
     return device
+  }
+
+  /// Autoprobe off, through 0, re-read: the Linux platform's sequence. A write the simulated
+  /// kernel blocks is reported after `blockReportDelay`, then awaited.
+  public func setVFCount(
+    pf: PCIAddress, to count: Int, whileBlocked: @escaping @Sendable (String) async -> Void
+  ) async throws(AgentError) {
+    guard let found = node.scan().pfs.first(where: { $0.function.address == pf })?.function else {
+      throw AgentError(.notFound, "PF \(pf) does not exist")
+    }
+    guard count != found.numVFs else { return }
+    guard (0...found.totalVFs).contains(count) else {
+      throw SRIOVErrors.numVFsWrite(.ERANGE, pf: pf, requested: count, current: found.numVFs, total: found.totalVFs)
+    }
+    do throws(KernelErrno) {
+      if count > 0 { try node.writeAutoprobe(pf: pf, "0") }
+    } catch {
+      throw SRIOVErrors.numVFsWrite(error, pf: pf, requested: count, current: found.numVFs, total: found.totalVFs)
+    }
+    if found.numVFs != 0 { try await write(pf: pf, 0, current: found.numVFs, total: found.totalVFs, whileBlocked) }
+    if count > 0 { try await write(pf: pf, count, current: 0, total: found.totalVFs, whileBlocked) }
+    let after = node.scan().pfs.first { $0.function.address == pf }?.function.numVFs ?? 0
+    guard after == count else {
+      throw AgentError(.internal, "PF \(pf): the driver enabled \(after) VFs instead of \(count)")
+    }
+  }
+
+  private func write(
+    pf: PCIAddress, _ value: Int, current: Int, total: Int, _ whileBlocked: @escaping @Sendable (String) async -> Void
+  ) async throws(AgentError) {
+    let node = self.node
+    let write = Task { () -> KernelErrno? in
+      do throws(KernelErrno) {
+        try await node.writeNumVFs(pf: pf, String(value))
+        return nil
+      } catch {
+        return error
+      }
+    }
+    let reporter = Task {
+      try await Task.sleep(for: blockReportDelay)
+      let held = node.holders(of: pf).map { "VF \($0.vf) held by VM \($0.vm)" }
+      await whileBlocked(
+        "the kernel blocks the write of \(value) to sriov_numvfs of \(pf) until its VFs are released: "
+          + held.joined(separator: "; "))
+    }
+    let errno = await write.value
+    reporter.cancel()
+    if let errno {
+      throw SRIOVErrors.numVFsWrite(errno, pf: pf, requested: value, current: current, total: total)
+    }
   }
 
   public func capabilities() async -> PlatformCapabilities {

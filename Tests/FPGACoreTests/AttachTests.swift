@@ -26,6 +26,14 @@ final class RecordingHypervisor: Hypervisor {
   }
 
   func pluggedDevices() async -> [PluggedDevice] { [] }
+
+  func pause(deviceID: String, in vm: String) async throws(AgentError) {
+    calls.withLock { $0.append("pause \(deviceID) \(vm)") }
+  }
+
+  func resume(deviceID: String, in vm: String) async throws(AgentError) {
+    calls.withLock { $0.append("resume \(deviceID) \(vm)") }
+  }
 }
 
 @Suite struct AttachTests {

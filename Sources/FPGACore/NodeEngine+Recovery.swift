@@ -1,0 +1,69 @@
+/// After a restart: the records against what sysfs and the VMs report.
+extension NodeEngine {
+  /// Compares the allocations with the platform and the VMs, fixes the records to match what
+  /// is really there, and reports each discrepancy (returned, and kept for `discrepancies`):
+  /// allocations whose VF vanished end; attachments the VM no longer has become unattached;
+  /// devices found in a VM that no allocation records are adopted.
+  @discardableResult
+  public func reconcile() async -> [String] {
+    let before = discrepancies.count
+    var writes: [StoreChange] = []
+    var edits: [AllocationEdit] = []
+    for allocation in state.allocations.values.sorted(by: { $0.id < $1.id })
+    where reconfiguring[allocation.pf] == nil && !inFlight.contains(allocation.id) {
+      if state.vf(allocation.vf) == nil {
+        noteDiscrepancy(
+          "allocation \(allocation.id) (owner \(allocation.owner)) was on VF \(allocation.vf), which no longer exists: ended")
+        writes.append(.deleteAllocation(allocation.id))
+        edits.append(.remove(allocation))
+      }
+    }
+    if let hypervisor {
+      let plugged = await hypervisor.pluggedDevices()
+      let reachable = Set(state.vms.values.filter { $0.state != .unreachable }.map(\.name))
+      for allocation in state.allocations.values.sorted(by: { $0.id < $1.id })
+      where allocation.attached && reconfiguring[allocation.pf] == nil && !inFlight.contains(allocation.id)
+        && !edits.contains(where: { if case .remove(let gone) = $0 { gone.id == allocation.id } else { false } })
+      {
+        let deviceID = allocation.deviceID ?? allocation.id
+        if let found = plugged.first(where: { $0.deviceID == deviceID }) {
+          if found.vm != allocation.vm || (found.rootPort != nil && found.rootPort != allocation.rootPort) || allocation.detaching {
+            var fixed = allocation
+            fixed.vm = found.vm
+            fixed.rootPort = found.rootPort ?? allocation.rootPort
+            fixed.detaching = false
+            noteDiscrepancy("allocation \(allocation.id) is plugged into VM \(found.vm) at \(fixed.rootPort ?? "?"): record updated")
+            writes.append(.putAllocation(fixed))
+            edits.append(.update(fixed))
+          }
+        } else if let vm = allocation.vm, reachable.contains(vm) {
+          var fixed = allocation
+          fixed.attached = false
+          fixed.detaching = false
+          fixed.deviceID = nil
+          fixed.rootPort = nil
+          noteDiscrepancy(
+            "allocation \(allocation.id) was recorded as attached to VM \(vm), which does not have device \(deviceID): now unattached")
+          writes.append(.putAllocation(fixed))
+          edits.append(.update(fixed))
+        }
+      }
+    }
+    do {
+      try store.commit(writes)
+      var changes: [InventoryChange] = []
+      for edit in edits {
+        switch edit {
+        case .update(let allocation): changes += state.update(allocation)
+        case .remove(let allocation):
+          if let (_, removed) = state.remove(allocation: allocation.id) { changes += removed }
+        }
+      }
+      publish(changes)
+    } catch {
+      noteDiscrepancy("the fixes above could not be recorded: \(error.message)")
+    }
+    await recoverAttachments()
+    return Array(discrepancies.suffix(from: min(before, discrepancies.count)))
+  }
+}

@@ -1,0 +1,134 @@
+import Synchronization
+
+/// Where the agent keeps what must survive a restart: allocations and attachments, idempotency
+/// keys with their results, the orchestrator epoch, drain flags and the operation journal.
+/// The engine writes before it changes its memory, so a failed write changes nothing.
+public protocol StateStore: Sendable {
+  /// Everything kept, read once at start-up.
+  func load() throws(AgentError) -> PersistedState
+  /// Applies `changes` in one transaction: all of them or none.
+  func commit(_ changes: [StoreChange]) throws(AgentError)
+}
+
+/// What a state store holds.
+public struct PersistedState: Hashable, Sendable {
+  public var allocations: [Allocation] = []
+  /// Oldest first.
+  public var idempotency: [IdempotencyRecord] = []
+  public var epoch: UInt64 = 0
+  /// Drained PFs (BDF) and cards (`card-…`).
+  public var drains: Set<String> = []
+  /// Oldest first; unfinished ones carry their journal.
+  public var operations: [StoredOperation] = []
+
+  public init() {}
+
+  /// Applies `changes` as a store does.
+  public mutating func apply(_ changes: [StoreChange]) {
+    for change in changes {
+      switch change {
+      case .putAllocation(let allocation):
+        if let index = allocations.firstIndex(where: { $0.id == allocation.id }) {
+          allocations[index] = allocation
+        } else {
+          allocations.append(allocation)
+        }
+      case .deleteAllocation(let id): allocations.removeAll { $0.id == id }
+      case .putIdempotency(let record):
+        idempotency.removeAll { $0.scope == record.scope && $0.key == record.key }
+        idempotency.append(record)
+      case .setEpoch(let value): epoch = max(epoch, value)
+      case .setDrain(let target, let on):
+        if on { drains.insert(target) } else { drains.remove(target) }
+      case .putOperation(let operation):
+        if let index = operations.firstIndex(where: { $0.record.id == operation.record.id }) {
+          operations[index] = operation
+        } else {
+          operations.append(operation)
+        }
+      }
+    }
+  }
+}
+
+/// One change to the store.
+public enum StoreChange: Hashable, Sendable {
+  case putAllocation(Allocation)
+  case deleteAllocation(String)
+  case putIdempotency(IdempotencyRecord)
+  /// Raises the highest orchestrator epoch seen.
+  case setEpoch(UInt64)
+  /// Sets or clears the drain flag of a PF (BDF) or card (`card-…`).
+  case setDrain(String, Bool)
+  /// Adds or replaces an operation; `journal` is nil once it has ended.
+  case putOperation(StoredOperation)
+}
+
+/// The result an idempotency key replays.
+public enum IdempotentOutcome: Hashable, Sendable, Codable {
+  case allocated(AllocationResult)
+  case released(ReleaseResult)
+  case operation(String)
+  case attached(AttachResult)
+  case detached(Allocation)
+}
+
+/// An idempotency key and the result of its request.
+public struct IdempotencyRecord: Hashable, Sendable, Codable {
+  public var scope: String
+  public var key: String
+  public var fingerprint: String
+  public var outcome: IdempotentOutcome
+
+  public init(scope: String, key: String, fingerprint: String, outcome: IdempotentOutcome) {
+    self.scope = scope
+    self.key = key
+    self.fingerprint = fingerprint
+    self.outcome = outcome
+  }
+}
+
+/// An operation as kept: what clients see, and the journal that lets a restart finish it.
+public struct StoredOperation: Hashable, Sendable, Codable {
+  public var record: OperationRecord
+  /// Present while the operation has not ended.
+  public var journal: ReconfigureJournal?
+
+  public init(record: OperationRecord, journal: ReconfigureJournal?) {
+    self.record = record
+    self.journal = journal
+  }
+}
+
+/// A store in memory: the default for tests and `--no-state`-like uses; it can be told to fail
+/// its next writes, as a full disk would.
+public final class MemoryStateStore: StateStore {
+  private let state: Mutex<(persisted: PersistedState, failures: Int, commits: Int)>
+
+  public init(_ persisted: PersistedState = PersistedState()) {
+    state = Mutex((persisted, 0, 0))
+  }
+
+  public func load() throws(AgentError) -> PersistedState { state.withLock { $0.persisted } }
+
+  public func commit(_ changes: [StoreChange]) throws(AgentError) {
+    let failed = state.withLock { state -> Bool in
+      if state.failures > 0 {
+        state.failures -= 1
+        return true
+      }
+      state.persisted.apply(changes)
+      state.commits += 1
+      return false
+    }
+    if failed {
+      throw AgentError(.resourceExhausted, "the state store could not record the change (disk full); nothing changed")
+    }
+  }
+
+  /// The next `count` commits fail.
+  public func failNext(_ count: Int) { state.withLock { $0.failures = count } }
+
+  public var persisted: PersistedState { state.withLock { $0.persisted } }
+  public var commits: Int { state.withLock { $0.commits } }
+}

@@ -1,0 +1,194 @@
+import FPGACore
+import FPGASimulator
+import FPGAStore
+import Foundation
+import GRDB
+import Synchronization
+import Testing
+
+final class StillClock: WallClock {
+  func now() -> WallTime { WallTime(seconds: 1_800_000_000) }
+}
+
+func temporaryDirectory() throws -> String {
+  let path = NSTemporaryDirectory() + "fpga-store-\(UUID().uuidString)"
+  try FileManager.default.createDirectory(atPath: path, withIntermediateDirectories: true)
+  return path
+}
+
+func allocation(_ id: String, vf: String, attached: Bool = false) -> Allocation {
+  Allocation(
+    id: id, vf: PCIAddress(vf)!, pf: PCIAddress("0000:3b:00.0")!, owner: "team-a", vm: attached ? "vm-1" : nil,
+    idempotencyKey: nil, createdAt: WallTime(seconds: 1_800_000_000, nanoseconds: 5), numaNode: 0, iommuGroup: 7,
+    attached: attached, deviceID: attached ? id : nil, rootPort: attached ? "rp1" : nil)
+}
+
+@Suite struct StoreTests {
+  @Test func everythingCommittedIsThereAfterReopening() throws {
+    let directory = try temporaryDirectory()
+    let path = directory + "/state.sqlite"
+    let record = OperationRecord(
+      id: "op-1", kind: "reconfigure", target: "0000:3b:00.0", state: .running,
+      steps: [.init(description: "plan", state: .succeeded)], createdAt: WallTime(seconds: 1))
+    let journal = ReconfigureJournal(
+      pf: PCIAddress("0000:3b:00.0")!, from: 4, to: 2, strategy: .detachReattach,
+      actions: [.init(kind: .plan), .init(kind: .writeZero)])
+    do {
+      let store = try SQLiteStateStore(path: path)
+      try store.commit([
+        .putAllocation(allocation("alloc-1", vf: "0000:3b:00.4")),
+        .putAllocation(allocation("alloc-2", vf: "0000:3b:00.5", attached: true)),
+        .setEpoch(7), .setDrain("card-0000:d8", true),
+        .putOperation(StoredOperation(record: record, journal: journal)),
+      ])
+      try store.commit([.deleteAllocation("alloc-1"), .setEpoch(3), .setDrain("0000:3b:00.1", true)])
+    }
+    let reopened = try SQLiteStateStore(path: path)
+    let state = try reopened.load()
+    #expect(state.allocations == [allocation("alloc-2", vf: "0000:3b:00.5", attached: true)])
+    #expect(state.epoch == 7)  // the epoch only rises
+    #expect(state.drains == ["card-0000:d8", "0000:3b:00.1"])
+    #expect(state.operations == [StoredOperation(record: record, journal: journal)])
+    #expect(try reopened.appliedMigrations() == ["v1", "v2"])
+  }
+
+  @Test func aStoreOfTheFirstSchemaIsMigratedWithItsRecords() throws {
+    let directory = try temporaryDirectory()
+    let path = directory + "/state.sqlite"
+    let kept = allocation("alloc-old", vf: "0000:3b:00.4")
+    do {
+      let queue = try DatabaseQueue(path: path)
+      try SQLiteStateStore.migrator(upTo: "v1").migrate(queue)
+      let body = String(decoding: try JSONEncoder().encode(kept), as: UTF8.self)
+      let outcome = String(decoding: try JSONEncoder().encode(IdempotentOutcome.operation("op-9")), as: UTF8.self)
+      try queue.write { db in
+        try db.execute(
+          sql: "INSERT INTO allocations (id, vf, pf, owner, vm, attached, body) VALUES (?, ?, ?, ?, NULL, 0, ?)",
+          arguments: [kept.id, kept.vf.description, kept.pf.description, kept.owner, body])
+        try db.execute(
+          sql: "INSERT INTO idempotency (scope, key, fingerprint, outcome) VALUES ('DrainDevice', 'k1', '\"f\"', ?)",
+          arguments: [outcome])
+        try db.execute(sql: "INSERT INTO settings (name, value) VALUES ('epoch', '12')")
+      }
+      #expect(try queue.read { db in try db.tableExists("operations") } == false)
+    }
+    let store = try SQLiteStateStore(path: path)
+    #expect(try store.appliedMigrations() == ["v1", "v2"])
+    let state = try store.load()
+    #expect(state.allocations == [kept])
+    #expect(state.idempotency == [IdempotencyRecord(scope: "DrainDevice", key: "k1", fingerprint: "f", outcome: .operation("op-9"))])
+    #expect(state.epoch == 12)
+    try store.commit([.setDrain("0000:3b:00.0", true)])  // the new tables work
+    #expect(try store.load().drains == ["0000:3b:00.0"])
+  }
+
+  @Test func aCorruptFileStopsTheAgentAndIsLeftAlone() throws {
+    let directory = try temporaryDirectory()
+    let path = directory + "/state.sqlite"
+    let garbage = Data(repeating: 0x5a, count: 8192)
+    try garbage.write(to: URL(fileURLWithPath: path))
+    #expect {
+      _ = try SQLiteStateStore(path: path)
+    } throws: { error in
+      let error = error as! AgentError
+      return error.code == .internal && error.message.contains("is corrupt or not an SQLite database")
+        && error.message.contains("Move it aside")
+    }
+    #expect(try Data(contentsOf: URL(fileURLWithPath: path)) == garbage)
+  }
+
+  @Test func aStoreFromANewerAgentIsRefused() throws {
+    let directory = try temporaryDirectory()
+    let path = directory + "/state.sqlite"
+    _ = try SQLiteStateStore(path: path)
+    let queue = try DatabaseQueue(path: path)
+    try queue.write { db in try db.execute(sql: "INSERT INTO grdb_migrations (identifier) VALUES ('v9')") }
+    #expect {
+      _ = try SQLiteStateStore(path: path)
+    } throws: { error in
+      (error as! AgentError).message.contains("written by a newer fpga-agent")
+    }
+  }
+
+  @Test func anUnwritableDirectoryIsNamed() throws {
+    #expect {
+      _ = try SQLiteStateStore(path: "/proc/fpga-agent-no-such-dir/state.sqlite")
+    } throws: { error in
+      (error as! AgentError).message.contains("cannot be opened for writing")
+    }
+  }
+
+  /// A store capped at a few pages meets SQLITE_FULL like a full disk: the failed transaction
+  /// leaves nothing behind, and the engine changes nothing either.
+  @Test func aFullDiskFailsTheWholeTransactionAndTheRequest() async throws {
+    let directory = try temporaryDirectory()
+    let path = directory + "/state.sqlite"
+    let store = try SQLiteStateStore(path: path, maxPageCount: 40)
+    let padding = String(repeating: "x", count: 3000)
+    var committed = 0
+    var failure: AgentError?
+    for index in 0..<200 {
+      var record = allocation("alloc-\(index)", vf: "0000:3b:\(String(format: "%02x", index % 32)).\(index / 32)")
+      record.owner = padding
+      do {
+        try store.commit([.putAllocation(record), .setDrain("d\(index)", true)])
+        committed += 1
+      } catch {
+        failure = error
+        break
+      }
+    }
+    #expect(failure?.code == .resourceExhausted)
+    #expect(failure?.message.contains("disk (or the store) is full: nothing changed") == true)
+    let state = try store.load()
+    #expect(state.allocations.count == committed)
+    #expect(state.drains.count == committed)  // the failed transaction's other write is gone too
+
+    let node = SimulatedNode()
+    let engine = NodeEngine(nodeID: "n", platform: SimulatedPlatform(node: node), clock: StillClock(), store: store)
+    _ = try await engine.restore()
+    try await engine.rescan()
+    let before = try await engine.snapshot()
+    await #expect(throws: AgentError.self) {
+      _ = try await engine.allocate(AllocateRequest(owner: padding))
+    }
+    let after = try await engine.snapshot()
+    #expect(after == before)
+  }
+}
+
+@Suite struct RestartTests {
+  @Test func allocationsKeysEpochAndDrainsSurviveARestart() async throws {
+    let directory = try temporaryDirectory()
+    let path = directory + "/state.sqlite"
+    let node = SimulatedNode()
+    let first: AllocationResult
+    do {
+      let engine = NodeEngine(
+        nodeID: "n", platform: SimulatedPlatform(node: node), clock: StillClock(), store: try SQLiteStateStore(path: path))
+      _ = try await engine.restore()
+      try await engine.rescan()
+      first = try await engine.allocate(
+        AllocateRequest(meta: RequestMeta(idempotencyKey: "k-1", orchestratorEpoch: 5), owner: "team-a", vm: "vm-1"))
+      let second = try await engine.allocate(AllocateRequest(owner: "team-b"))
+      _ = try await engine.release(ReleaseRequest(allocationID: second.allocation.id))
+      _ = try await engine.drain(.pf(PCIAddress("0000:d8:00.1")!), releaseUnattached: false, meta: .init())
+    }
+    let engine = NodeEngine(
+      nodeID: "n", platform: SimulatedPlatform(node: node), clock: StillClock(), store: try SQLiteStateStore(path: path))
+    _ = try await engine.restore()
+    try await engine.rescan()
+    let snapshot = try await engine.snapshot()
+    #expect(snapshot.allocations == [first.allocation])
+    let pf = snapshot.cards.flatMap(\.pfs).first { $0.function.address == PCIAddress("0000:d8:00.1")! }
+    #expect(pf?.draining == true)
+    let replay = try await engine.allocate(
+      AllocateRequest(meta: RequestMeta(idempotencyKey: "k-1", orchestratorEpoch: 5), owner: "team-a", vm: "vm-1"))
+    #expect(replay.replayed && replay.allocation == first.allocation)
+    await #expect {
+      _ = try await engine.allocate(AllocateRequest(meta: RequestMeta(orchestratorEpoch: 4), owner: "team-a"))
+    } throws: { error in
+      (error as! AgentError).code == .failedPrecondition
+    }
+  }
+}
