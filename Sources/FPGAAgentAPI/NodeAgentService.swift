@@ -194,12 +194,26 @@ public struct NodeAgentService: Fpga_Agent_V1_NodeAgent.SimpleServiceProtocol {
   public func reconfigure(
     request: Fpga_Agent_V1_ReconfigureRequest, context: ServerContext
   ) async throws -> Fpga_Agent_V1_Operation {
-    _ = try RequestMeta(request.meta)
-    _ = try PCIAddress.parse(request.pfBdf, field: "pf_bdf")
-    throw AgentError(
-      .unimplemented,
-      "Reconfigure needs the journaled reconfiguration state machine, which this build does not have yet; "
-        + "change VF counts on the host meanwhile")
+    let meta = try RequestMeta(request.meta)
+    let pf = try PCIAddress.parse(request.pfBdf, field: "pf_bdf")
+    let strategy: ReconfigureStrategy
+    switch request.strategy {
+    case .unspecified: strategy = .auto
+    case .pause: strategy = .pause
+    case .detachReattach: strategy = .detachReattach
+    case .refuseIfDisruptive: strategy = .refuseIfDisruptive
+    case .UNRECOGNIZED(let value):
+      throw AgentError(.invalidArgument, "strategy \(value) is not a known ReconfigureStrategy")
+    }
+    guard request.vfCount <= 4096 else {
+      throw AgentError(.invalidArgument, "vf_count \(request.vfCount) is beyond any PF's total_vfs")
+    }
+    let record = try await engine.reconfigure(
+      ReconfigureRequest(meta: meta, pf: pf, count: Int(request.vfCount), strategy: strategy, dryRun: request.dryRun))
+    logger.info(
+      request.dryRun ? "planned a reconfiguration" : "reconfiguration started",
+      metadata: ["fpga.pf": "\(pf)", "fpga.vfs": "\(request.vfCount)", "fpga.strategy": "\(strategy.rawValue)", "fpga.op": "\(record.id)"])
+    return .init(record)
   }
 
   public func getOperation(

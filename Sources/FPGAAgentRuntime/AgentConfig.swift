@@ -28,6 +28,9 @@ public struct AgentConfig: Hashable, Sendable {
     public var cards = SimulatorConfig.default.cards
     /// Simulated VMs, used when no QEMU is configured (qemu.sockets / qemu.socket_dir).
     public var vms = SimulatedHypervisor.defaultVMs
+    /// A file keeping the simulated cards' state across agent restarts (like real hardware,
+    /// which outlives the agent); empty: the cards start from `cards` at every start.
+    public var stateFile = ""
   }
 
   /// The Linux platform.
@@ -64,8 +67,14 @@ public struct AgentConfig: Hashable, Sendable {
   public var log = Log()
   /// `simulated` (the default) or `linux`.
   public var platform = "simulated"
-  /// Directory for the agent's durable state (node id, later its database).
+  /// Directory for the agent's durable state: `node-id` and `state.sqlite`.
   public var stateDir = AgentConfig.defaultStateDir
+  /// `process` (a commit survives the agent's crash) or `power` (each commit is flushed to the
+  /// disk before it is answered: survives power loss, costs an fsync per change).
+  public var stateDurability = "process"
+  /// Test setting: `crash-before:STEP`, `crash-after:STEP` or `fail:STEP` of a reconfiguration
+  /// (STEP: a step index or kind). Empty in production.
+  public var faultInjection = ""
   /// The node's id; empty: the one kept in the state directory, or a new one.
   public var nodeID = ""
   /// Seconds between platform rescans; 0 disables periodic rescans.
@@ -113,6 +122,19 @@ public struct AgentConfig: Hashable, Sendable {
     }
     if stateDir.isEmpty || !stateDir.hasPrefix("/") {
       problems.append("state_dir \(quoted(stateDir)) must be an absolute path")
+    }
+    if !["process", "power"].contains(stateDurability) {
+      problems.append("state_durability \(quoted(stateDurability)) is not one of: process, power")
+    }
+    if !faultInjection.isEmpty {
+      do throws(AgentError) {
+        _ = try FaultInjection.parse(faultInjection) { _ in fatalError("unused") }
+      } catch {
+        problems.append(error.message)
+      }
+    }
+    if !simulator.stateFile.isEmpty && !simulator.stateFile.hasPrefix("/") {
+      problems.append("simulator.state_file \(quoted(simulator.stateFile)) must be an absolute path")
     }
     if !nodeID.isEmpty, (try? Validate.vmName(nodeID, field: "node_id")) == nil {
       problems.append("node_id \(quoted(nodeID)) must be 1-64 of A-Z a-z 0-9 . _ -")

@@ -1,8 +1,10 @@
 import FPGAAgentAPI
+import Foundation
 import FPGACore
 import FPGALinux
 import FPGAQEMU
 import FPGASimulator
+import FPGAStore
 import GRPCCore
 import GRPCNIOTransportHTTP2
 import Logging
@@ -38,7 +40,7 @@ public final class AgentRuntime: Sendable {
     let platform: any NodePlatform
     switch config.platform {
     case "simulated":
-      let node = SimulatedNode(config: SimulatorConfig(cards: config.simulator.cards))
+      let node = try Self.simulatedNode(config.simulator)
       simulatedNode = node
       platform = SimulatedPlatform(node: node)
     default:
@@ -57,7 +59,14 @@ public final class AgentRuntime: Sendable {
       settings.pauseCommands = config.qemu.pauseCommands
       hypervisor = QEMUHypervisor(settings: settings)
     }
-    engine = NodeEngine(nodeID: nodeID, platform: platform, clock: clock, hypervisor: hypervisor)
+    let store = try SQLiteStateStore(
+      path: config.stateDir + "/" + SQLiteStateStore.fileName,
+      durability: config.stateDurability == "power" ? .power : .process)
+    let faults = config.faultInjection.isEmpty
+      ? nil : try FaultInjection.parse(config.faultInjection) { reason in SystemCalls.crash(reason) }
+    engine = NodeEngine(
+      nodeID: nodeID, platform: platform, clock: clock, hypervisor: hypervisor, store: store, faults: faults,
+      detachTimeout: .seconds(config.qemu.detachTimeoutSeconds))
     health = HealthService(services: [Fpga_Agent_V1_NodeAgent.descriptor.fullyQualifiedService])
 
     let services: [any RegistrableRPCService] = [
@@ -109,11 +118,13 @@ public final class AgentRuntime: Sendable {
 
   /// Scans the platform, then serves until a shutdown signal or `shutdown()`.
   public func run() async throws {
+    let persisted = try await engine.restore()
     try await engine.rescan()
-    for device in await engine.recoverAttachments() {
-      logger.info(
-        "found a VF plugged into a VM",
-        metadata: ["fpga.vm": "\(device.vm)", "fpga.alloc": "\(device.deviceID)", "fpga.vf": "\(device.host?.description ?? "unknown")"])
+    for id in await engine.recover(from: persisted) {
+      logger.warning("taking up an operation left unfinished by the last run", metadata: ["fpga.operation": "\(id)"])
+    }
+    for discrepancy in await engine.reconcile() {
+      logger.warning("records and node disagreed: \(discrepancy)")
     }
     let status = await engine.status()
     logger.info(
@@ -155,6 +166,25 @@ public final class AgentRuntime: Sendable {
     return LinuxPlatform(
       sysfs: sysfs, selectors: linux.selectors, watchdog: .seconds(linux.watchdogSeconds),
       holders: ProcVFIOHolders(procRoot: "/proc", devRoot: linux.devRoot))
+  }
+
+  /// The simulated node, its cards kept in `simulator.state_file` when one is set.
+  static func simulatedNode(_ simulator: AgentConfig.Simulator) throws -> SimulatedNode {
+    let config = SimulatorConfig(cards: simulator.cards)
+    guard !simulator.stateFile.isEmpty else { return SimulatedNode(config: config) }
+    let path = simulator.stateFile
+    var hardware: SimulatedNode.Hardware?
+    if let text = try SystemCalls.readFile(path) {
+      do {
+        hardware = try JSONDecoder().decode(SimulatedNode.Hardware.self, from: Data(text.utf8))
+      } catch {
+        throw ConfigError(problems: ["simulator.state_file \(path) cannot be read (\(error)); delete it to start from simulator.cards"])
+      }
+    }
+    return SimulatedNode(config: config, hardware: hardware) { hardware in
+      guard let data = try? JSONEncoder().encode(hardware) else { return }
+      try? SystemCalls.writeFileAtomically(path, String(decoding: data, as: UTF8.self))
+    }
   }
 
   /// The id in `node_id`, else the one kept in the state directory, else a new one (kept).

@@ -20,6 +20,9 @@ public enum ConfigLoader {
     ("FPGA_AGENT_SYSFS_ROOT", "linux.sysfs_root"),
     ("FPGA_AGENT_DEV_ROOT", "linux.dev_root"),
     ("FPGA_AGENT_QMP_DIR", "qemu.socket_dir"),
+    ("FPGA_AGENT_STATE_DURABILITY", "state_durability"),
+    ("FPGA_AGENT_FAULT_INJECTION", "fault_injection"),
+    ("FPGA_AGENT_SIMULATOR_STATE_FILE", "simulator.state_file"),
   ]
 
   /// Reads `yaml` (a file's text) over `config`.
@@ -56,6 +59,8 @@ public enum ConfigLoader {
         }
       case "platform": reader.string(value, key).map { config.platform = $0 }
       case "state_dir": reader.string(value, key).map { config.stateDir = $0 }
+      case "state_durability": reader.string(value, key).map { config.stateDurability = $0 }
+      case "fault_injection": reader.string(value, key).map { config.faultInjection = $0 }
       case "node_id": reader.string(value, key).map { config.nodeID = $0 }
       case "rescan_interval_seconds": reader.int(value, key).map { config.rescanIntervalSeconds = $0 }
       case "linux":
@@ -89,6 +94,7 @@ public enum ConfigLoader {
           switch key {
           case "cards": reader.cards(value, path).map { config.simulator.cards = $0 }
           case "vms": reader.vms(value, path).map { config.simulator.vms = $0 }
+          case "state_file": reader.string(value, path).map { config.simulator.stateFile = $0 }
           default: reader.unknown(path)
           }
         }
@@ -117,6 +123,9 @@ public enum ConfigLoader {
       case "linux.sysfs_root": config.linux.sysfsRoot = value
       case "linux.dev_root": config.linux.devRoot = value
       case "qemu.socket_dir": config.qemu.socketDir = value
+      case "state_durability": config.stateDurability = value
+      case "fault_injection": config.faultInjection = value
+      case "simulator.state_file": config.simulator.stateFile = value
       case "rescan_interval_seconds":
         if let seconds = Int(value) {
           config.rescanIntervalSeconds = seconds

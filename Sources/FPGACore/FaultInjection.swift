@@ -1,6 +1,7 @@
 /// A documented test setting: crash the agent (exit without cleanup) right before or after a
 /// reconfiguration step, or make the step's adapter fail. The step is named by its kind
-/// (`write-zero`, the first such step) or by its index in the operation (`3`).
+/// (`write-zero`, the first such step) or by its number in the operation, counted from 1 as
+/// `fpgactl operation` shows the steps (`3`).
 ///
 /// Spec: `crash-before:STEP`, `crash-after:STEP` or `fail:STEP`.
 public struct FaultInjection: Sendable {
@@ -28,15 +29,15 @@ public struct FaultInjection: Sendable {
         .invalidArgument,
         "fault_injection \(quoted(spec)) is not crash-before:STEP, crash-after:STEP or fail:STEP (STEP: a step index or one of \(kinds))")
     }
-    if let index = Int(parts[1]), index >= 0 { return FaultInjection(effect: effect, index: index, crash: crash) }
+    if let index = Int(parts[1]), index >= 1 { return FaultInjection(effect: effect, index: index, crash: crash) }
     guard let kind = ReconfigureAction.Kind(rawValue: parts[1]) else {
-      throw AgentError(.invalidArgument, "fault_injection step \(quoted(parts[1])) is not a step index or one of \(kinds)")
+      throw AgentError(.invalidArgument, "fault_injection step \(quoted(parts[1])) is not a step number (from 1) or one of \(kinds)")
     }
     return FaultInjection(effect: effect, kind: kind, crash: crash)
   }
 
   func matches(_ action: ReconfigureAction, at index: Int, in actions: [ReconfigureAction]) -> Bool {
-    if let wanted = self.index { return wanted == index }
+    if let wanted = self.index { return wanted == index + 1 }
     guard let kind else { return false }
     return actions.firstIndex { $0.kind == kind } == index
   }

@@ -85,9 +85,9 @@ extension NodeEngine {
   /// At start-up, after `restore()` and the first scan: finishes every operation a crash left
   /// unfinished. Before any VF count write began, the change is rolled back (paused devices
   /// resumed, detached ones re-attached); after, it is rolled forward to the planned layout.
-  /// Returns the ids of the operations taken up.
+  /// Returns the ids of the operations taken up (they run on; `waitForOperation` awaits one).
   @discardableResult
-  public func recover(from persisted: PersistedState) async -> [String] {
+  public func recover(from persisted: PersistedState) -> [String] {
     var taken: [String] = []
     for stored in persisted.operations {
       guard var journal = stored.journal, !stored.record.state.isTerminal else { continue }
@@ -115,7 +115,6 @@ extension NodeEngine {
       begin(record, journal, faultsApply: false)
       taken.append(record.id)
     }
-    for id in taken { await waitForOperation(id) }
     return taken
   }
 
@@ -127,14 +126,14 @@ extension NodeEngine {
     {
       let action = journal.actions[index]
       let fault = faultsApply ? faults.flatMap { $0.matches(action, at: index, in: journal.actions) ? $0 : nil } : nil
-      if let fault, fault.effect == .crashBefore { fault.crash("injected crash before step \(index) (\(action.kind.rawValue))") }
+      if let fault, fault.effect == .crashBefore { fault.crash("injected crash before step \(index + 1) (\(action.kind.rawValue))") }
       record.steps[index].state = .running
       record.steps[index].startedAt = clock.now()
       record.steps[index].error = nil
       guard save(record, journal) else { return }
       do throws(AgentError) {
         if let fault, fault.effect == .fail {
-          throw AgentError(.internal, "injected failure at step \(index) (\(action.kind.rawValue))")
+          throw AgentError(.internal, "injected failure at step \(index + 1) (\(action.kind.rawValue))")
         }
         let edits = try await perform(action, journal: journal, operation: id)
         record = operations[id] ?? record
@@ -156,18 +155,18 @@ extension NodeEngine {
           // An undo of a step that may never have happened.
         } else if !journal.rollingBack && !journal.countWriteBegan(record, failedAt: index) {
           journal.rollingBack = true
-          record.error = "step \(index) failed: \(error.message); rolled back"
+          record.error = "step \(index + 1) failed: \(error.message); rolled back"
           append(journal.rollbackBeforeCountWrite(record), to: &record, &journal, pf: journal.pf)
         } else if !journal.rollingBack && action.kind.isCountChange {
           journal.rollingBack = true
-          record.error = "step \(index) failed: \(error.message); restoring \(journal.from) VFs"
+          record.error = "step \(index + 1) failed: \(error.message); restored \(journal.from) VFs"
           append(journal.rollbackAfterCountWrite(record), to: &record, &journal, pf: journal.pf)
         } else if record.error == nil {
-          record.error = "step \(index) failed: \(error.message)"
+          record.error = "step \(index + 1) failed: \(error.message)"
         }
         guard save(record, journal) else { return }
       }
-      if let fault, fault.effect == .crashAfter { fault.crash("injected crash after step \(index) (\(action.kind.rawValue))") }
+      if let fault, fault.effect == .crashAfter { fault.crash("injected crash after step \(index + 1) (\(action.kind.rawValue))") }
     }
     finish(id)
   }

@@ -73,4 +73,6 @@ public struct ServerOptions: ParsableArguments {
 enum CtlError: Error {
   case usage(String)
   case unreachable(address: String, detail: String)
+  /// A long-running operation ended in failure (already shown).
+  case operationFailed(String)
 }

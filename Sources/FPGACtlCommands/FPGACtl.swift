@@ -10,7 +10,7 @@ public struct FPGACtl: AsyncParsableCommand {
     version: "0.1.0",
     subcommands: [
       Status.self, Inventory.self, Rescan.self, Allocate.self, Release.self, Watch.self, Drain.self,
-      Undrain.self, OperationCommand.self, VMs.self, Attach.self, Detach.self,
+      Undrain.self, Reconfigure.self, OperationCommand.self, VMs.self, Attach.self, Detach.self,
     ])
 
   public init() {}
@@ -31,6 +31,9 @@ public struct FPGACtl: AsyncParsableCommand {
       case .usage(let message):
         complain("error: \(message)")
         return 2
+      case .operationFailed(let id):
+        complain("error: operation \(id) failed (`fpgactl operation \(id)` shows it again)")
+        return 1
       case .unreachable(let address, let detail):
         complain(
           "error: cannot reach the agent at \(address): is fpga-agent running there? "
@@ -317,6 +320,64 @@ struct Undrain: AsyncParsableCommand {
       try await client.undrainDevice(.with { $0.device = device }, options: options.callOptions)
     }
     say("\(device) accepts allocations (revision \(response.revision))")
+  }
+}
+
+struct Reconfigure: AsyncParsableCommand {
+  static let configuration = CommandConfiguration(
+    abstract: "Change a PF's VF count while VMs hold its VFs; shows a line per step.",
+    discussion: """
+      Strategies: auto (pause where the VM's QEMU can, otherwise detach and re-attach), pause \
+      (refused unless every affected VM can pause), detach-reattach (announced unplug and replug), \
+      refuse-if-disruptive (refused when any guest would see an unplug). --dry-run prints the \
+      plan: the steps, what each guest sees, which allocations are kept or lost.
+      """)
+
+  @OptionGroup var options: ServerOptions
+  @Argument(help: "The PF (DDDD:BB:DD.F).") var pf: String
+  @Argument(help: "The VF count wanted (0 to the PF's total).") var count: UInt32
+  @Option(help: "auto, pause, detach-reattach or refuse-if-disruptive.") var strategy = "auto"
+  @Flag(name: .customLong("dry-run"), help: "Only show the plan.") var dryRun = false
+  @Flag(name: .customLong("no-wait"), help: "Print the operation id and return at once.") var noWait = false
+  @Option(help: "Idempotency key.") var key: String?
+
+  func run() async throws {
+    let strategies: [String: Fpga_Agent_V1_ReconfigureStrategy] = [
+      "auto": .unspecified, "pause": .pause, "detach-reattach": .detachReattach,
+      "refuse-if-disruptive": .refuseIfDisruptive,
+    ]
+    guard let wanted = strategies[strategy] else {
+      throw CtlError.usage("--strategy \(strategy): expected auto, pause, detach-reattach or refuse-if-disruptive")
+    }
+    var watchOptions = options.callOptions
+    watchOptions.timeout = nil
+    let final = try await options.withAgent { client -> Fpga_Agent_V1_Operation in
+      let started = try await client.reconfigure(
+        .with {
+          $0.meta = requestMeta(key: key, epoch: nil)
+          $0.pfBdf = pf
+          $0.vfCount = count
+          $0.strategy = wanted
+          $0.dryRun = dryRun
+        }, options: options.callOptions)
+      if dryRun || noWait || started.state == .succeeded || started.state == .failed {
+        Render.operation(started).forEach(say)
+        return started
+      }
+      say("operation \(started.id): reconfiguring \(started.target) to \(count) VFs (strategy \(strategy))")
+      let last = try await client.watchOperation(.with { $0.id = started.id }, options: watchOptions) { response in
+        var progress = Render.Progress()
+        var last = started
+        for try await operation in response.messages {
+          progress.lines(for: operation).forEach(say)
+          last = operation
+        }
+        return last
+      }
+      Render.outcome(last).forEach(say)
+      return last
+    }
+    if final.state == .failed { throw CtlError.operationFailed(final.id) }
   }
 }
 

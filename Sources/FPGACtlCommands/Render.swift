@@ -138,6 +138,35 @@ enum Render {
     return lines
   }
 
+  /// A line per step each time one starts, waits, or ends.
+  struct Progress {
+    private var seen: [Int: (Fpga_Agent_V1_OperationState, String)] = [:]
+
+    mutating func lines(for operation: Fpga_Agent_V1_Operation) -> [String] {
+      var lines: [String] = []
+      for (index, step) in operation.steps.enumerated() {
+        let now = (step.state, step.error)
+        if let before = seen[index], before == now { continue }
+        if seen[index] == nil && step.state == .pending { continue }
+        seen[index] = now
+        let error = step.error.isEmpty ? "" : ": \(step.error)"
+        lines.append("  \(index + 1)/\(operation.steps.count) [\(opState(step.state))] \(step.description_p)\(error)")
+      }
+      return lines
+    }
+  }
+
+  /// How an operation ended, with what happened to each allocation.
+  static func outcome(_ operation: Fpga_Agent_V1_Operation) -> [String] {
+    var lines = ["operation \(operation.id) \(opState(operation.state))"]
+    for impact in operation.impacts {
+      let vm = impact.vm.isEmpty ? "" : " in VM \(impact.vm)"
+      lines.append("  allocation \(impact.allocationID) (VF \(impact.vfBdf)\(vm)): \(impact.outcome), guest sees \(impact.guestSees)")
+    }
+    if !operation.error.isEmpty { lines.append("  error: \(operation.error)") }
+    return lines
+  }
+
   static func vms(_ inventory: Fpga_Agent_V1_Inventory) -> [String] {
     guard !inventory.vms.isEmpty else {
       return ["no VMs are configured (start the agent with --qmp-socket NAME=PATH or --qmp-dir DIR)"]

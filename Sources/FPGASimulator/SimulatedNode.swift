@@ -5,7 +5,7 @@ import Synchronization
 /// operation is a sysfs write with the kernel's errno answers (drivers/pci/iov.c, the QDMA
 /// driver, vfio-pci), so tests of the agent meet the rules they will meet on a real host.
 public final class SimulatedNode: Sendable {
-  struct PF: Sendable {
+  struct PF: Sendable, Codable, Hashable {
     var deviceID: UInt16
     var vfDeviceID: UInt16
     var totalVFs: Int
@@ -19,7 +19,7 @@ public final class SimulatedNode: Sendable {
     var qmax = 0
   }
 
-  struct VF: Sendable {
+  struct VF: Sendable, Codable, Hashable {
     var pf: PCIAddress
     var index: Int
     var driver: String?
@@ -43,8 +43,46 @@ public final class SimulatedNode: Sendable {
   static let queueLimit = 2048
 
   private let state: Mutex<State>
+  /// Called with the hardware's state after every accepted write (to keep it in a file, so the
+  /// simulated cards outlive the agent's process like real ones).
+  private let onChange: (@Sendable (Hardware) -> Void)?
 
-  public init(config: SimulatorConfig = .default) {
+  /// What the simulated cards are now: kept across agent restarts with `simulator.state_file`.
+  public struct Hardware: Sendable, Codable, Hashable {
+    var pfs: [PCIAddress: PF]
+    var vfs: [PCIAddress: VF]
+    var nextGroup: Int
+    var loadedDrivers: Set<String>
+  }
+
+  /// A node whose cards are in `hardware` (from an earlier run), or built from `config`.
+  public convenience init(
+    config: SimulatorConfig = .default, hardware: Hardware?, onChange: @escaping @Sendable (Hardware) -> Void
+  ) {
+    self.init(config: config, onChange: onChange)
+    if let hardware {
+      state.withLock { state in
+        state.pfs = hardware.pfs
+        state.vfs = hardware.vfs.mapValues { var vf = $0; vf.holder = nil; return vf }
+        state.nextGroup = hardware.nextGroup
+        state.loadedDrivers = hardware.loadedDrivers
+      }
+    }
+    save()
+  }
+
+  public var hardware: Hardware {
+    state.withLock { Hardware(pfs: $0.pfs, vfs: $0.vfs, nextGroup: $0.nextGroup, loadedDrivers: $0.loadedDrivers) }
+  }
+
+  private func save() { onChange?(hardware) }
+
+  public convenience init(config: SimulatorConfig = .default) {
+    self.init(config: config, onChange: nil)
+  }
+
+  private init(config: SimulatorConfig, onChange: (@Sendable (Hardware) -> Void)?) {
+    self.onChange = onChange
     var state = State(nextGroup: config.firstIOMMUGroup)
     for card in config.cards {
       var routing = 0
@@ -133,7 +171,9 @@ public final class SimulatedNode: Sendable {
       }
       switch outcome {
       case .failure(let errno): throw errno
-      case .success(true): return
+      case .success(true):
+        save()
+        return
       case .success(false):
         await withCheckedContinuation { continuation in
           state.withLock { $0.blockedWrites.append(continuation) }
@@ -144,6 +184,7 @@ public final class SimulatedNode: Sendable {
 
   /// `echo 0|1 > sriov_drivers_autoprobe`.
   public func writeAutoprobe(pf address: PCIAddress, _ value: String) throws(KernelErrno) {
+    defer { save() }
     try state.withLock { (state) throws(KernelErrno) in
       state.writes.append("\(address)/sriov_drivers_autoprobe=\(value)")
       guard state.pfs[address] != nil else { throw .ENOENT }
@@ -157,6 +198,7 @@ public final class SimulatedNode: Sendable {
 
   /// `echo NAME > driver_override` of a VF; an empty write clears it.
   public func writeDriverOverride(vf address: PCIAddress, _ value: String) throws(KernelErrno) {
+    defer { save() }
     try state.withLock { (state) throws(KernelErrno) in
       state.writes.append("\(address)/driver_override=\(value)")
       guard state.vfs[address] != nil else { throw .ENOENT }
@@ -167,6 +209,7 @@ public final class SimulatedNode: Sendable {
 
   /// `echo BDF > driver/unbind` of a VF. ENOENT when no driver is bound (the file is absent).
   public func unbind(vf address: PCIAddress) throws(KernelErrno) {
+    defer { save() }
     try state.withLock { (state) throws(KernelErrno) in
       state.writes.append("\(address)/driver/unbind")
       guard let vf = state.vfs[address], vf.driver != nil else { throw .ENOENT }
@@ -178,6 +221,7 @@ public final class SimulatedNode: Sendable {
   /// `echo BDF > /sys/bus/pci/drivers_probe`: binds the VF to its override driver, or to
   /// qdma-vf when there is none; nothing when already bound or the override is `none`.
   public func probe(vf address: PCIAddress) throws(KernelErrno) {
+    defer { save() }
     try state.withLock { (state) throws(KernelErrno) in
       state.writes.append("drivers_probe=\(address)")
       guard let vf = state.vfs[address] else { throw .ENODEV }
@@ -190,6 +234,7 @@ public final class SimulatedNode: Sendable {
 
   /// `echo N > qdma/qmax` of a PF. The QDMA soft IP has 2048 queue sets per card.
   public func writeQmax(pf address: PCIAddress, _ value: String) throws(KernelErrno) {
+    defer { save() }
     try state.withLock { (state) throws(KernelErrno) in
       state.writes.append("\(address)/qdma/qmax=\(value)")
       guard state.pfs[address] != nil else { throw .ENOENT }
