@@ -173,17 +173,49 @@ import Testing
     }
   }
 
-  @Test func capabilitiesOfLaterPartsSayWhatIsMissing() async throws {
+  @Test func reconfigureThroughTheAPIPlansRunsAndReportsEachStep() async throws {
     try await TestAgent.with { agent in
       try await agent.withClient { nodeAgent, _ in
-        let reconfigure = await rpcFailure { _ = try await nodeAgent.reconfigure(.with { $0.pfBdf = "0000:3b:00.0"; $0.vfCount = 4 }) }
-        #expect(reconfigure?.0 == .unimplemented)
-        #expect(reconfigure?.1.contains("journaled reconfiguration") == true)
-        let contexts = await rpcFailure { _ = try await nodeAgent.listContexts(.init()) }
-        #expect(contexts?.0 == .unimplemented)
-        // Malformed input is still refused as such.
+        var ids: [String] = []
+        for vm in ["vm-1", "vm-2"] {
+          let allocation = try await nodeAgent.allocateVF(.with {
+            $0.owner = "team"
+            $0.constraints.pfBdf = "0000:3b:00.0"
+          }).allocation
+          _ = try await nodeAgent.attachVF(.with { $0.allocationID = allocation.id; $0.vm = vm })
+          ids.append(allocation.id)
+        }
+        let plan = try await nodeAgent.reconfigure(.with { $0.pfBdf = "0000:3b:00.0"; $0.vfCount = 4; $0.dryRun = true })
+        #expect(plan.state == .planned)
+        #expect(plan.impacts.map(\.guestSees) == ["pause", "unplug and replug"])
+        #expect(try await nodeAgent.getInventory(.init()).cards[0].pfs[0].numVfs == 16)
+
+        let refused = await rpcFailure {
+          _ = try await nodeAgent.reconfigure(.with { $0.pfBdf = "0000:3b:00.0"; $0.vfCount = 4; $0.strategy = .pause })
+        }
+        #expect(refused?.0 == .failedPrecondition)
+        #expect(refused?.1.contains("VM vm-2 holds \(ids[1])") == true)
+        let tooMany = await rpcFailure { _ = try await nodeAgent.reconfigure(.with { $0.pfBdf = "0000:3b:00.0"; $0.vfCount = 65 }) }
+        #expect(tooMany?.0 == .invalidArgument)
+        let unknown = await rpcFailure { _ = try await nodeAgent.reconfigure(.with { $0.pfBdf = "0000:77:00.0"; $0.vfCount = 1 }) }
+        #expect(unknown?.0 == .notFound)
         let malformed = await rpcFailure { _ = try await nodeAgent.reconfigure(.with { $0.pfBdf = "x" }) }
         #expect(malformed?.0 == .invalidArgument)
+
+        let started = try await nodeAgent.reconfigure(.with { $0.pfBdf = "0000:3b:00.0"; $0.vfCount = 4 })
+        let states = try await nodeAgent.watchOperation(.with { $0.id = started.id }) { response in
+          var seen: [Fpga_Agent_V1_OperationState] = []
+          for try await operation in response.messages { seen.append(operation.state) }
+          return seen
+        }
+        #expect(states.last == .succeeded)
+        let done = try await nodeAgent.getOperation(.with { $0.id = started.id })
+        #expect(done.steps.allSatisfy { $0.state == .succeeded })
+        let inventory = try await nodeAgent.getInventory(.init())
+        #expect(inventory.cards[0].pfs[0].numVfs == 4)
+        #expect(inventory.allocations.filter(\.attached).map(\.id).sorted() == ids.sorted())
+        let contexts = await rpcFailure { _ = try await nodeAgent.listContexts(.init()) }
+        #expect(contexts?.0 == .unimplemented)
       }
     }
   }
