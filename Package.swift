@@ -67,7 +67,7 @@ let package = Package(
     .executableTarget(
       name: "FPGAAgentBenchmarks",
       dependencies: [
-        "FPGACore", "FPGASimulator", "FPGAAgentAPI", "FPGAAgentRuntime", "FPGAQEMU", "FPGAQMP", grpcCore,
+        "FPGACore", "FPGASimulator", "FPGAAgentAPI", "FPGAAgentRuntime", "FPGAQEMU", "FPGAQMP", "FPGAStore", grpcCore,
         grpcHTTP2, grpcProtobuf, swiftProtobuf, logging,
       ],
       path: "Benchmarks/FPGAAgentBenchmarks"

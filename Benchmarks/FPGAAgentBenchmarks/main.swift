@@ -1,6 +1,7 @@
 import FPGAAgentAPI
 import FPGACore
 import FPGASimulator
+import FPGAStore
 import GRPCCore
 import GRPCNIOTransportHTTP2
 import Logging
@@ -122,8 +123,11 @@ var logger = Logger(label: "bench")
 logger.logLevel = .critical
 
 // A node of 4 full cards (4 × 252 VFs), as in the foundation issue's inventory figure.
+// Every mutation is durable: the engine writes to SQLite (WAL, synchronous=NORMAL) as the agent does.
 let node = SimulatedNode(config: .full(cards: 4))
-let engine = NodeEngine(nodeID: "bench", platform: SimulatedPlatform(node: node), clock: WallClockNow())
+let engine = NodeEngine(
+  nodeID: "bench", platform: SimulatedPlatform(node: node), clock: WallClockNow(),
+  store: try SQLiteStateStore(path: try DurabilityBenchmark.directory() + "/state.sqlite"))
 try await engine.rescan()
 let service = NodeAgentService(engine: engine, hostname: "bench", agentVersion: "bench", logger: logger)
 let server = GRPCServer(
@@ -161,7 +165,7 @@ try await withThrowingDiscardingTaskGroup { group in
     }
     print("")
     print(row("echo pair (2 x Echo.Get)", echoPairs))
-    print(row("AllocateVF + ReleaseVF pair", allocPairs))
+    print(row("AllocateVF + ReleaseVF (durable)", allocPairs))
     print("ratio: throughput \(format(allocPairs.throughput / echoPairs.throughput))x echo (target >= 0.8), "
       + "p99 \(format(allocPairs.percentile(0.99) / echoPairs.percentile(0.99)))x echo (target <= 2)")
 
@@ -197,6 +201,7 @@ try await withThrowingDiscardingTaskGroup { group in
   server.beginGracefulShutdown()
 }
 
+try await DurabilityBenchmark.run(rounds: options.rounds)
 try await AttachBenchmark.run(cycles: options.attachCycles, rounds: options.rounds, logger: logger)
 fflush(nil)
 exit(0)

@@ -236,6 +236,8 @@ public protocol NodePlatform: Sendable {
   func setVFCount(
     pf: PCIAddress, to count: Int, whileBlocked: @escaping @Sendable (String) async -> Void
   ) async throws(AgentError)
+  /// Who holds each of the PF's VFs open now (`/dev/vfio/N`), as "VF → holder" texts.
+  func vfHolders(pf: PCIAddress) async -> [PCIAddress: String]
 }
 
 /// A human-readable model name for a QDMA PF device id (`0x9PGL`: PF P, Gen G, lanes L).

@@ -35,11 +35,23 @@ extension NodeEngine {
       pf: pf, vfs: state.vfs(of: pf.address), allocations: allocations, vms: state.vms, count: request.count,
       strategy: request.strategy
     ).plan()
+    // VFs held open by something the plan does not release (a VM the agent does not manage, a
+    // cold-plugged device): the kernel will block the write of 0 until they let go.
+    let released = Set(plan.actions.filter { $0.kind == .pause || $0.kind == .detach }.compactMap(\.vf))
+    let blockers = request.count == pf.numVFs ? [:] : await platform.vfHolders(pf: pf.address).filter { !released.contains($0.key) }
+    var warning = ""
+    if !blockers.isEmpty {
+      warning = "; the kernel will block it until "
+        + blockers.sorted { $0.key < $1.key }.map { "VF \($0.key) is released by \($0.value)" }.joined(separator: " and ")
+        + ", which no allocation of this agent attaches"
+    }
     let now = clock.now()
     var record = OperationRecord(
       id: Self.makeID(prefix: "op-"), kind: "reconfigure", target: pf.address.description,
       state: request.dryRun ? .planned : .running,
-      steps: plan.actions.map { .init(description: $0.description(pf: pf.address), state: .pending) },
+      steps: plan.actions.map {
+        .init(description: $0.description(pf: pf.address) + ($0.kind == .writeZero ? warning : ""), state: .pending)
+      },
       impacts: plan.impacts, createdAt: now)
     record.steps[0].state = .succeeded
     record.steps[0].startedAt = now
@@ -139,6 +151,7 @@ extension NodeEngine {
         record = operations[id] ?? record
         record.steps[index].state = .succeeded
         record.steps[index].finishedAt = clock.now()
+        record.steps[index].error = nil
         if action.kind == .commit {
           record.state = journal.rollingBack || record.steps.contains { $0.state == .failed } ? .failed : .succeeded
           record.finishedAt = clock.now()

@@ -394,9 +394,17 @@ struct OperationCommand: AsyncParsableCommand {
     if watch { callOptions.timeout = nil }
     try await options.withAgent { client in
       if watch {
-        try await client.watchOperation(.with { $0.id = id }, options: callOptions) { response in
-          for try await operation in response.messages { Render.operation(operation).forEach(say) }
+        let last = try await client.watchOperation(.with { $0.id = id }, options: callOptions) { response in
+          var progress = Render.Progress()
+          var last: Fpga_Agent_V1_Operation?
+          for try await operation in response.messages {
+            if last == nil { say("operation \(operation.id) (\(operation.kind) \(operation.target))") }
+            progress.lines(for: operation).forEach(say)
+            last = operation
+          }
+          return last
         }
+        if let last { Render.outcome(last).forEach(say) }
       } else {
         Render.operation(try await client.getOperation(.with { $0.id = id }, options: callOptions)).forEach(say)
       }

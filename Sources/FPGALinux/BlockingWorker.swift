@@ -19,6 +19,9 @@ public final class BlockingWorker: Sendable {
   /// Keys of calls still in flight (e.g. a PF whose write is blocked).
   public func isBusy(_ key: String) -> Bool { running.withLock { $0.contains(key) } }
 
+  /// Every key with a call in flight.
+  public var busyKeys: Set<String> { running.withLock { $0 } }
+
   public func run<Value: Sendable>(
     key: String, watchdog: Duration, _ body: @escaping @Sendable () -> Value
   ) async -> Outcome<Value> {

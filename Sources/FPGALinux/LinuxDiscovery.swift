@@ -12,10 +12,20 @@ public struct LinuxDiscovery: Sendable {
     self.selectors = selectors
   }
 
-  public func discover() throws(SysfsError) -> DiscoveredNode {
+  /// Reads every matching PF, except those in `skipping`: a PF with a `sriov_numvfs` write in
+  /// flight holds its device lock, and reading its `sriov_numvfs` would block the reader in the
+  /// kernel until the write ends (`sriov_numvfs_show` takes the lock). They are returned as
+  /// `cached` has them.
+  public func discover(
+    skipping busy: Set<PCIAddress> = [], cached: [PCIAddress: DiscoveredPF] = [:]
+  ) throws(SysfsError) -> DiscoveredNode {
     var pfs: [DiscoveredPF] = []
     for name in try sysfs.list(.devices) {
       guard let address = PCIAddress(name) else { continue }
+      if busy.contains(address) {
+        if let known = cached[address] { pfs.append(known) }
+        continue
+      }
       // VFs are listed too; they are found through their PF.
       if sysfs.exists(.device(address, "physfn")) { continue }
       guard let vendor = try? hexValue(.device(address, "vendor")),
@@ -27,6 +37,18 @@ public struct LinuxDiscovery: Sendable {
       pfs.append(try readPF(address, vendor: UInt16(vendor), device: UInt16(device), driver: driver))
     }
     return DiscoveredNode(pfs: pfs)
+  }
+
+  /// A PF's VFs with their IOMMU groups, from links only (no attribute that takes a lock).
+  public func vfGroups(of pf: PCIAddress) -> [(vf: PCIAddress, group: Int)] {
+    var found: [(vf: PCIAddress, group: Int)] = []
+    for entry in (try? sysfs.list(.device(pf))) ?? [] where entry.hasPrefix("virtfn") {
+      guard let name = try? sysfs.linkName(.device(pf, entry)), let vf = PCIAddress(name),
+        let group = (try? sysfs.linkName(.device(vf, "iommu_group"))).flatMap({ $0.flatMap { Int($0) } })
+      else { continue }
+      found.append((vf, group))
+    }
+    return found.sorted { $0.vf < $1.vf }
   }
 
   func readPF(_ address: PCIAddress, vendor: UInt16, device: UInt16, driver: String?) throws(SysfsError) -> DiscoveredPF {

@@ -1,4 +1,5 @@
 import FPGACore
+import Synchronization
 
 /// The agent's platform on a Linux host: discovery and operations on sysfs.
 public struct LinuxPlatform: NodePlatform {
@@ -7,6 +8,8 @@ public struct LinuxPlatform: NodePlatform {
   public let watchdog: Duration
   public let worker = BlockingWorker()
   public let holders: any VFIOHolderFinding
+  /// The last scan of each PF, returned for a PF whose VF count write is in flight.
+  private let lastScan = LastScan()
   /// QDMA PF driver names, newest first.
   static let qdmaDrivers = ["qdma-pf", "qdma"]
 
@@ -21,8 +24,14 @@ public struct LinuxPlatform: NodePlatform {
   }
 
   public func discover() async throws(AgentError) -> DiscoveredNode {
+    let busy = Set(worker.busyKeys.compactMap { PCIAddress($0) })
     do {
-      return try LinuxDiscovery(sysfs: sysfs, selectors: selectors).discover()
+      let node = try LinuxDiscovery(sysfs: sysfs, selectors: selectors).discover(
+        skipping: busy, cached: lastScan.pfs.withLock { $0 })
+      lastScan.pfs.withLock { cache in
+        for pf in node.pfs where !busy.contains(pf.function.address) { cache[pf.function.address] = pf }
+      }
+      return node
     } catch {
       throw AgentError(.unavailable, "cannot read the PCI devices from sysfs", cause: error.description)
     }
@@ -87,11 +96,14 @@ public struct LinuxPlatform: NodePlatform {
     if count > 0 {
       try writeAttribute(.device(pf, "sriov_drivers_autoprobe"), "0", pf: pf)
     }
+    // The VFs and their groups, read now: while a write of 0 is blocked the kernel has already
+    // removed the virtfn links, yet the VFs are still held.
+    let known = LinuxDiscovery(sysfs: sysfs, selectors: selectors).vfGroups(of: pf)
     if current != 0 {
-      try await writeNumVFs(pf: pf, value: 0, current: current, total: total, whileBlocked: whileBlocked)
+      try await writeNumVFs(pf: pf, value: 0, current: current, total: total, known: known, whileBlocked: whileBlocked)
     }
     if count > 0 {
-      try await writeNumVFs(pf: pf, value: count, current: 0, total: total, whileBlocked: whileBlocked)
+      try await writeNumVFs(pf: pf, value: count, current: 0, total: total, known: [], whileBlocked: whileBlocked)
     }
     let after = try readInt(.device(pf, "sriov_numvfs"), pf: pf, what: "sriov_numvfs")
     guard after == count else {
@@ -102,7 +114,8 @@ public struct LinuxPlatform: NodePlatform {
   }
 
   private func writeNumVFs(
-    pf: PCIAddress, value: Int, current: Int, total: Int, whileBlocked: (@Sendable (String) async -> Void)?
+    pf: PCIAddress, value: Int, current: Int, total: Int, known: [(vf: PCIAddress, group: Int)],
+    whileBlocked: (@Sendable (String) async -> Void)?
   ) async throws(AgentError) {
     let sysfs = self.sysfs
     let outcome = await worker.run(key: pf.description, watchdog: watchdog) { () -> SysfsError? in
@@ -122,7 +135,7 @@ public struct LinuxPlatform: NodePlatform {
       }
       await whileBlocked(
         "the kernel blocks the write of \(value) to sriov_numvfs of \(pf) until its VFs are released: "
-          + holdersDescription(pf: pf))
+          + holdersDescription(known))
       result = await completion.value
     }
     if let result {
@@ -130,15 +143,24 @@ public struct LinuxPlatform: NodePlatform {
     }
   }
 
-  /// Which processes hold which of the PF's VFs, e.g. "VF 0000:00:03.1 held by qemu (pid 812)".
-  func holdersDescription(pf: PCIAddress) -> String {
-    var held: [String] = []
-    let node = try? LinuxDiscovery(sysfs: sysfs, selectors: selectors).discover()
-    for vf in node?.pfs.first(where: { $0.function.address == pf })?.vfs ?? [] where vf.iommuGroup >= 0 {
-      let users = holders.holders(ofGroup: vf.iommuGroup)
-      if !users.isEmpty { held.append("VF \(vf.address) held by \(users.joined(separator: ", "))") }
-    }
+  /// Which processes hold which of `vfs`, e.g. "VF 0000:00:03.1 held by qemu (pid 812)".
+  func holdersDescription(_ vfs: [(vf: PCIAddress, group: Int)]) -> String {
+    let held = heldVFs(vfs).sorted { $0.key < $1.key }.map { "VF \($0.key) held by \($0.value)" }
     return held.isEmpty ? "no holder found in /proc (the write waits in the driver)" : held.joined(separator: "; ")
+  }
+
+  public func vfHolders(pf: PCIAddress) async -> [PCIAddress: String] {
+    heldVFs(LinuxDiscovery(sysfs: sysfs, selectors: selectors).vfGroups(of: pf))
+  }
+
+  /// Never reads a lock-taking attribute: it runs while a write may hold the PF's lock.
+  private func heldVFs(_ vfs: [(vf: PCIAddress, group: Int)]) -> [PCIAddress: String] {
+    var held: [PCIAddress: String] = [:]
+    for (vf, group) in vfs {
+      let users = holders.holders(ofGroup: group)
+      if !users.isEmpty { held[vf] = users.joined(separator: ", ") }
+    }
+    return held
   }
 
   /// Binds a VF to vfio-pci: driver_override, unbind from its current driver, drivers_probe,
@@ -239,4 +261,9 @@ public struct LinuxPlatform: NodePlatform {
         cause: error.description)
     }
   }
+}
+
+/// The last scan of each PF (shared by copies of the platform).
+final class LastScan: Sendable {
+  let pfs = Mutex<[PCIAddress: DiscoveredPF]>([:])
 }

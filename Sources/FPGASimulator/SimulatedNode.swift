@@ -401,6 +401,10 @@ public struct SimulatedPlatform: NodePlatform {
     }
   }
 
+  public func vfHolders(pf: PCIAddress) async -> [PCIAddress: String] {
+    Dictionary(node.holders(of: pf).map { ($0.vf, "VM \($0.vm)") }, uniquingKeysWith: { a, _ in a })
+  }
+
   public func capabilities() async -> PlatformCapabilities {
     let drivers = node.loadedDrivers
     var problems: [String] = []

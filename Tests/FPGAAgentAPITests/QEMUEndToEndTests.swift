@@ -5,6 +5,7 @@ import FPGAQMP
 import FPGATestSupport
 import Foundation
 import GRPCCore
+import Synchronization
 import Testing
 
 /// allocate → attach → detach → release through the gRPC API against a real QEMU (q35, TCG,
@@ -197,6 +198,49 @@ extension QEMUEndToEndTests {
           #expect(error.code == .failedPrecondition)
           #expect(error.message == "no VMs are configured on this agent: start it with --qmp-socket NAME=PATH (repeatable) or --qmp-dir DIR")
         }
+      }
+    }
+  }
+}
+
+/// The pause path of a reconfiguration, against a fake QEMU that has the VFIO pause commands:
+/// the guest keeps its device (no device_del, no device_add), the host VF is closed and re-opened.
+@Suite struct PauseReconfigurationTests {
+  @Test func thePauseStrategyPausesAndResumesWithoutUnplug() async throws {
+    let directory = NSTemporaryDirectory() + "fake-qmp-" + UUID().uuidString.prefix(8)
+    try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+    defer { try? FileManager.default.removeItem(atPath: directory) }
+    let calls = Mutex<[String]>([])
+    let server = try FakeQMPServer(path: directory + "/vm7.sock") { command, arguments in
+      switch command {
+      case "query-status": return .success(["status": "running", "running": true])
+      case "query-commands":
+        return .success(.array(["device_add", "device_del", "qom-list", "x-vfio-pause", "x-vfio-resume"].map { ["name": .string($0)] }))
+      case "qom-list": return .success([["name": "rp1", "type": "child<pcie-root-port>"], ["name": "alloc-00000000beef", "type": "child<vfio-pci>"]])
+      case "qom-get":
+        return arguments?["property"]?.stringValue == "host" ? .success("0000:3b:00.5") : .success("/machine/peripheral/rp1/rp1")
+      case "x-vfio-pause", "x-vfio-resume", "device_del", "device_add":
+        calls.withLock { $0.append("\(command) \(arguments?["id"]?.stringValue ?? "?")") }
+        return .success([:])
+      default: return .failure(QMPError(.commandFailed, "The command \(command) has not been found", errorClass: "CommandNotFound"))
+      }
+    }
+    defer { server.stop() }
+    try await TestAgent.with(configure: { $0.qemu.socketDir = directory }) { agent in
+      try await agent.withClient { nodeAgent, _ in
+        let plan = try await nodeAgent.reconfigure(.with {
+          $0.pfBdf = "0000:3b:00.0"; $0.vfCount = 4; $0.strategy = .pause; $0.dryRun = true
+        })
+        #expect(plan.impacts.map { "\($0.allocationID) \($0.outcome) \($0.guestSees)" } == ["alloc-00000000beef kept-paused pause"])
+        let started = try await nodeAgent.reconfigure(.with { $0.pfBdf = "0000:3b:00.0"; $0.vfCount = 4; $0.strategy = .pause })
+        await agent.engine.waitForOperation(started.id)
+        let done = try await nodeAgent.getOperation(.with { $0.id = started.id })
+        #expect(done.state == .succeeded, "\(done)")
+        #expect(calls.withLock { $0 } == ["x-vfio-pause alloc-00000000beef", "x-vfio-resume alloc-00000000beef"])
+        let inventory = try await nodeAgent.getInventory(.init())
+        #expect(inventory.cards[0].pfs[0].numVfs == 4)
+        let kept = inventory.allocations.first { $0.id == "alloc-00000000beef" }
+        #expect(kept?.attached == true && kept?.vm == "vm7")
       }
     }
   }

@@ -143,6 +143,8 @@ import Testing
     let cold = node.scan().pfs.first { $0.function.address == pf }!.vfs[5].address
     _ = try await SimulatedPlatform(node: node).prepareForPassthrough(vf: cold)
     try node.hold(vf: cold, by: "cold-vm")
+    let plan = try await engine.reconfigure(ReconfigureRequest(pf: pf, count: 1, dryRun: true))
+    #expect(plan.steps.contains { $0.description.contains("the kernel will block it until VF \(cold) is released by VM cold-vm") })
     let started = try await engine.reconfigure(ReconfigureRequest(pf: pf, count: 1))
     var waiting: String?
     for _ in 0..<500 where waiting == nil {

@@ -132,6 +132,7 @@ import Testing
     let tree = try FakeKernelSysfs(pfs: Self.qdmaCard())
     let platform = LinuxPlatform(sysfs: tree, watchdog: .milliseconds(200))
     try await platform.setVFCount(pf: pf0, to: 2)
+    _ = try await platform.discover()
     tree.hold("0000:3b:00.5")
     do {
       try await platform.setVFCount(pf: pf0, to: 0)
@@ -142,7 +143,8 @@ import Testing
     }
     #expect(platform.worker.isBusy("0000:3b:00.0"))
     await #expect(throws: AgentError.self) { try await platform.setVFCount(pf: pf0, to: 0) }
-    // The agent still answers: discovery works while the write hangs.
+    // The agent still answers: discovery works while the write hangs, and gives the PF as last
+    // seen (reading its sriov_numvfs would block: the kernel's show takes the device lock).
     #expect(try await platform.discover().pfs[0].vfs.count == 2)
     tree.release("0000:3b:00.5")
     while platform.worker.isBusy("0000:3b:00.0") { try await Task.sleep(for: .milliseconds(10)) }

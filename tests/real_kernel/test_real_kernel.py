@@ -133,5 +133,38 @@ def test_a_real_vf_is_attached_to_a_nested_qemu_through_vfio_pci(nested):
     detach = section(nested, "detach")
     assert "left its VM" in detach
     assert "l2  prelaunch  1/1         no          -    /tmp/l2.sock" in detach
-    assert "is free" in detach and "AGENT-EXIT=0" in detach
     assert "END-OF-SCENARIO" in nested
+
+
+def test_reconfiguring_a_pf_whose_vf_a_nested_qemu_holds(nested):
+    """detach-reattach on a hot-plugged VF: unplugged, VFs re-created, rebound, replugged; the
+    dry run said so, and said that strategy pause must refuse (no pause in a stock QEMU)."""
+    plan = section(nested, "reconfigure detach-reattach: dry run")
+    assert "(VF 0000:01:00.1 in VM l2): kept-reattached, guest sees unplug and replug" in plan
+    assert "strategy pause refuses this reconfiguration of PF 0000:01:00.0: VM l2 holds" in plan
+    run = section(nested, "reconfigure detach-reattach")
+    for step in ["2/8 [succeeded] detach", "3/8 [succeeded] write 0", "4/8 [succeeded] write 3",
+                 "6/8 [succeeded] bind VF 0000:01:00.1 to vfio-pci", "7/8 [succeeded] re-attach", "8/8 [succeeded] commit"]:
+        assert step in run, step
+    assert "succeeded" in run.split("operation op-")[-1]
+    assert "sriov_numvfs=3" in run and "driver of 0000:01:00.1: vfio-pci" in run
+    assert "vfio fds of L2: 2" in run
+    assert "l2  prelaunch  0/1         no          0000:01:00.1  /tmp/l2.sock" in run
+
+
+def test_a_cold_plugged_holder_blocks_the_write_and_the_agent_reports_it(nested):
+    """A VF on an unmanaged QEMU's command line: the dry run names it, the kernel blocks the
+    write of 0, the agent keeps answering and says who holds what, and finishes once it exits."""
+    plan = section(nested, "cold-plugged holder: dry run")
+    assert "the kernel will block it until VF 0000:01:00.2 is released by qemu-system-x86 (pid" in plan
+    blocked = section(nested, "cold-plugged holder: the write blocks")
+    assert "[running] write 0 to sriov_numvfs of 0000:01:00.0" in blocked
+    assert "waiting: the kernel blocks the write of 0 to sriov_numvfs of 0000:01:00.0 until its VFs are released: " \
+        "VF 0000:01:00.2 held by qemu-system-x86 (pid" in blocked
+    assert "health    SERVING" in blocked  # still answering while the write is blocked
+    assert "agent process: State:\tS (sleeping)" in blocked
+    done = section(nested, "cold-plugged holder lets go")
+    assert "[succeeded] commit" in done and "operation op-" in done and "succeeded" in done.split("[succeeded] commit")[-1]
+    assert "sriov_numvfs=1" in done
+    assert "l2  prelaunch  0/1         no          0000:01:00.1  /tmp/l2.sock" in done
+    assert "is free" in done and "AGENT-EXIT=0" in done
