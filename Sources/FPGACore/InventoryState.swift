@@ -102,6 +102,12 @@ public struct InventoryState: Sendable {
 
   // MARK: Changing
 
+  /// Moves the revision counter forward to `revision` (at start-up: revisions of an earlier run
+  /// must never be mistaken for this run's).
+  public mutating func skipRevisions(to revision: UInt64) {
+    self.revision = max(self.revision, revision)
+  }
+
   /// Makes one revision of `changes`; returns the new revision (unchanged when empty).
   @discardableResult
   public mutating func commit(_ changes: [InventoryChange]) -> UInt64 {

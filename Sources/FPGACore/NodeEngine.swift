@@ -281,6 +281,10 @@ public actor NodeEngine {
   /// `recover()` after it.
   public func restore() throws(AgentError) -> PersistedState {
     let persisted = try store.load()
+    // This run's revisions start above every revision an earlier run handed out, so a watcher
+    // resuming from one of those gets a resync snapshot, never another run's deltas.
+    try store.commit([.setStarts(persisted.starts + 1)])
+    state.skipRevisions(to: persisted.starts << 32)
     var changes: [InventoryChange] = []
     for allocation in persisted.allocations where state.allocations[allocation.id] == nil {
       changes += state.insert(allocation)

@@ -16,6 +16,8 @@ public struct PersistedState: Hashable, Sendable {
   /// Oldest first.
   public var idempotency: [IdempotencyRecord] = []
   public var epoch: UInt64 = 0
+  /// How many times an agent started on this store.
+  public var starts: UInt64 = 0
   /// Drained PFs (BDF) and cards (`card-…`).
   public var drains: Set<String> = []
   /// Oldest first; unfinished ones carry their journal.
@@ -38,6 +40,7 @@ public struct PersistedState: Hashable, Sendable {
         idempotency.removeAll { $0.scope == record.scope && $0.key == record.key }
         idempotency.append(record)
       case .setEpoch(let value): epoch = max(epoch, value)
+      case .setStarts(let value): starts = value
       case .setDrain(let target, let on):
         if on { drains.insert(target) } else { drains.remove(target) }
       case .putOperation(let operation):
@@ -58,6 +61,8 @@ public enum StoreChange: Hashable, Sendable {
   case putIdempotency(IdempotencyRecord)
   /// Raises the highest orchestrator epoch seen.
   case setEpoch(UInt64)
+  /// Counts agent starts (each start's revisions begin at starts << 32).
+  case setStarts(UInt64)
   /// Sets or clears the drain flag of a PF (BDF) or card (`card-…`).
   case setDrain(String, Bool)
   /// Adds or replaces an operation; `journal` is nil once it has ended.

@@ -138,6 +138,7 @@ public final class SQLiteStateStore: StateStore {
               outcome: try decoder.decode(IdempotentOutcome.self, from: Data(outcome.utf8))))
         }
         state.epoch = UInt64(try String.fetchOne(db, sql: "SELECT value FROM settings WHERE name = 'epoch'") ?? "0") ?? 0
+        state.starts = UInt64(try String.fetchOne(db, sql: "SELECT value FROM settings WHERE name = 'starts'") ?? "0") ?? 0
         state.drains = Set(try String.fetchAll(db, sql: "SELECT target FROM drains"))
         let operations = try String.fetchAll(
           db,
@@ -200,6 +201,10 @@ public final class SQLiteStateStore: StateStore {
           ON CONFLICT(name) DO UPDATE SET value = MAX(CAST(value AS INTEGER), CAST(excluded.value AS INTEGER))
           """,
         arguments: [String(epoch)])
+    case .setStarts(let starts):
+      try db.execute(
+        sql: "INSERT INTO settings (name, value) VALUES ('starts', ?) ON CONFLICT(name) DO UPDATE SET value = excluded.value",
+        arguments: [String(starts)])
     case .setDrain(let target, let on):
       if on {
         try db.execute(sql: "INSERT OR IGNORE INTO drains (target) VALUES (?)", arguments: [target])

@@ -178,6 +178,11 @@ func allocation(_ id: String, vf: String, attached: Bool = false) -> Allocation 
       nodeID: "n", platform: SimulatedPlatform(node: node), clock: StillClock(), store: try SQLiteStateStore(path: path))
     _ = try await engine.restore()
     try await engine.rescan()
+    // Revisions of the earlier run are never this run's: resuming from one gets a resync snapshot.
+    #expect(await engine.revision > first.revision + 1_000_000)
+    let watch = await engine.watch(from: first.revision)
+    var iterator = watch.events.makeAsyncIterator()
+    if case .snapshot(_, let resync)? = await iterator.next() { #expect(resync) } else { Issue.record("expected a snapshot") }
     let snapshot = try await engine.snapshot()
     #expect(snapshot.allocations == [first.allocation])
     let pf = snapshot.cards.flatMap(\.pfs).first { $0.function.address == PCIAddress("0000:d8:00.1")! }

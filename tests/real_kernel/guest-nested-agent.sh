@@ -49,7 +49,7 @@ run $C $S attach $ALLOC l2
 run $C $S reconfigure $PF 3 --strategy detach-reattach --dry-run
 run $C $S reconfigure $PF 3 --strategy pause --dry-run
 
-step "reconfigure detach-reattach"
+step "reconfigure detach-reattach: run"
 run $C $S reconfigure $PF 3 --strategy detach-reattach
 echo "sriov_numvfs=$(cat /sys/bus/pci/devices/$PF/sriov_numvfs)"
 echo "driver of $VF: $(basename $(readlink /sys/bus/pci/devices/$VF/driver))"

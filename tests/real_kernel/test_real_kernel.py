@@ -142,7 +142,7 @@ def test_reconfiguring_a_pf_whose_vf_a_nested_qemu_holds(nested):
     plan = section(nested, "reconfigure detach-reattach: dry run")
     assert "(VF 0000:01:00.1 in VM l2): kept-reattached, guest sees unplug and replug" in plan
     assert "strategy pause refuses this reconfiguration of PF 0000:01:00.0: VM l2 holds" in plan
-    run = section(nested, "reconfigure detach-reattach")
+    run = section(nested, "reconfigure detach-reattach: run")
     for step in ["2/8 [succeeded] detach", "3/8 [succeeded] write 0", "4/8 [succeeded] write 3",
                  "6/8 [succeeded] bind VF 0000:01:00.1 to vfio-pci", "7/8 [succeeded] re-attach", "8/8 [succeeded] commit"]:
         assert step in run, step
