@@ -70,7 +70,7 @@ enum DurabilityBenchmark {
     print("  1,000 allocations      \(format(median(stored), 1)) ms (+1,000 idempotency keys; target < 500 ms)")
 
     print("")
-    print("reconfiguration overhead (PF of 252 VFs, 252 -> 0 -> 252 as 2 operations, 4 VFs attached, detach-reattach)")
+    print("reconfiguration overhead (PF of 64 VFs, 64 -> 0 -> 64 as 2 operations, 4 VFs attached, detach-reattach)")
     var agent: [Double] = []
     var bare: [Double] = []
     for _ in 0..<rounds {
@@ -80,7 +80,7 @@ enum DurabilityBenchmark {
     let overhead = median(agent) - median(bare)
     print("  bare platform writes   \(format(median(bare), 2)) ms")
     print("  agent operations       \(format(median(agent), 2)) ms (journaled steps, SQLite, simulated VMs)")
-    print("  overhead               \(format(overhead / 504 * 1000, 1)) us per VF re-created")
+    print("  overhead               \(format(overhead / 128 * 1000, 1)) us per VF removed or created")
   }
 
   /// What `AgentRuntime.run` does before it serves, timed.
@@ -100,7 +100,7 @@ enum DurabilityBenchmark {
     return elapsed
   }
 
-  static let pf = PCIAddress("0000:3b:00.0")!
+  static let pf = PCIAddress("0000:10:00.0")!
 
   static func reconfigure() async throws -> Double {
     let node = SimulatedNode(config: .full(cards: 1))
@@ -115,7 +115,7 @@ enum DurabilityBenchmark {
     }
     let clock = ContinuousClock()
     let began = clock.now
-    for count in [0, 252] {
+    for count in [0, 64] {
       let operation = try await engine.reconfigure(ReconfigureRequest(pf: pf, count: count, strategy: .detachReattach))
       await engine.waitForOperation(operation.id)
       let state = try await engine.operation(operation.id).state
@@ -132,7 +132,7 @@ enum DurabilityBenchmark {
     let began = clock.now
     try await platform.setVFCount(pf: pf, to: 0) { _ in }
     _ = node.scan()
-    try await platform.setVFCount(pf: pf, to: 252) { _ in }
+    try await platform.setVFCount(pf: pf, to: 64) { _ in }
     _ = node.scan()
     for vf in node.scan().pfs[0].vfs.prefix(4) { _ = try await platform.prepareForPassthrough(vf: vf.address) }
     return seconds(clock.now - began) * 1000

@@ -1,7 +1,7 @@
 /// Attaching allocated VFs to running VMs and detaching them, through the hypervisor seam.
 extension NodeEngine {
   public func attach(_ request: AttachRequest) async throws(AgentError) -> AttachResult {
-    try fence(request.meta)
+    try await fence(request.meta)
     let fingerprint = request.allocationID + "\u{0}" + request.vm
     if let key = request.meta.idempotencyKey,
       case .attached(var result)? = try ledger.lookup(scope: "AttachVF", key: key, fingerprint: fingerprint)
@@ -47,7 +47,7 @@ extension NodeEngine {
       IdempotencyRecord(scope: "AttachVF", key: $0, fingerprint: fingerprint, outcome: .attached(result))
     }
     do {
-      try store.commit([.putAllocation(allocation)] + (record.map { [.putIdempotency($0)] } ?? []))
+      try await store.commit([.putAllocation(allocation)] + (record.map { [.putIdempotency($0)] } ?? []))
     } catch {
       // Unrecorded, the attachment is undone so that nothing changed.
       try? await hypervisor.detach(deviceID: allocation.id, from: vm.name, timeout: .seconds(10))
@@ -62,7 +62,7 @@ extension NodeEngine {
   }
 
   public func detach(_ request: DetachRequest) async throws(AgentError) -> DetachResult {
-    try fence(request.meta)
+    try await fence(request.meta)
     if let key = request.meta.idempotencyKey,
       case .detached(let allocation)? = try ledger.lookup(scope: "DetachVF", key: key, fingerprint: request.allocationID)
     {
@@ -77,7 +77,7 @@ extension NodeEngine {
     defer { inFlight.remove(allocation.id) }
     if !allocation.detaching {
       allocation.detaching = true
-      try store.commit([.putAllocation(allocation)])
+      try await store.commit([.putAllocation(allocation)])
       publish(state.update(allocation))
     }
     do {
@@ -99,7 +99,7 @@ extension NodeEngine {
     // write is reconciled at the next start (the VM no longer has the device).
     let written: AgentError?
     do {
-      try store.commit([.putAllocation(allocation)] + (record.map { [.putIdempotency($0)] } ?? []))
+      try await store.commit([.putAllocation(allocation)] + (record.map { [.putIdempotency($0)] } ?? []))
       written = nil
     } catch {
       written = error
@@ -128,7 +128,7 @@ extension NodeEngine {
         createdAt: clock.now(), numaNode: vf.numaNode, iommuGroup: vf.iommuGroup, attached: true,
         deviceID: device.deviceID, rootPort: device.rootPort)
       do {
-        try store.commit([.putAllocation(allocation)])
+        try await store.commit([.putAllocation(allocation)])
       } catch {
         noteDiscrepancy("device \(device.deviceID) in VM \(device.vm) holds VF \(host) but could not be recorded: \(error.message)")
       }

@@ -29,10 +29,10 @@ extension NodeEngine {
     }
   }
 
-  public func drain(_ target: DrainTarget, releaseUnattached: Bool, meta: RequestMeta) throws(AgentError)
+  public func drain(_ target: DrainTarget, releaseUnattached: Bool, meta: RequestMeta) async throws(AgentError)
     -> OperationRecord
   {
-    try fence(meta)
+    try await fence(meta)
     let fingerprint = "\(target.text)\u{0}\(releaseUnattached)"
     if let key = meta.idempotencyKey,
       case .operation(let id)? = try ledger.lookup(scope: "DrainDevice", key: key, fingerprint: fingerprint),
@@ -66,7 +66,13 @@ extension NodeEngine {
       IdempotencyRecord(scope: "DrainDevice", key: $0, fingerprint: fingerprint, outcome: .operation(record.id))
     }
     if let idempotency { writes.append(.putIdempotency(idempotency)) }
-    try store.commit(writes)
+    let claimed = try claim(idempotency)
+    for id in released { inFlight.insert(id) }
+    defer {
+      for id in released { inFlight.remove(id) }
+      releaseKey(claimed)
+    }
+    try await store.commit(writes)
     var changes: [InventoryChange] = []
     switch target {
     case .pf(let address): changes += state.setDraining(pf: address, true)
@@ -82,10 +88,10 @@ extension NodeEngine {
   }
 
   /// Accepts allocations again; returns the revision.
-  public func undrain(_ target: DrainTarget, meta: RequestMeta) throws(AgentError) -> UInt64 {
-    try fence(meta)
+  public func undrain(_ target: DrainTarget, meta: RequestMeta) async throws(AgentError) -> UInt64 {
+    try await fence(meta)
     _ = try pfs(of: target)
-    try store.commit([.setDrain(target.text, false)])
+    try await store.commit([.setDrain(target.text, false)])
     pendingDrains.remove(target.text)
     switch target {
     case .pf(let address): return publish(state.setDraining(pf: address, false))

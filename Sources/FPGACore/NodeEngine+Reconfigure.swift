@@ -3,7 +3,7 @@
 /// (before any VF count write began) or forward (after), and nothing is lost on the way.
 extension NodeEngine {
   public func reconfigure(_ request: ReconfigureRequest) async throws(AgentError) -> OperationRecord {
-    try fence(request.meta)
+    try await fence(request.meta)
     let fingerprint = "\(request.pf)\u{0}\(request.count)\u{0}\(request.strategy.rawValue)\u{0}\(request.dryRun)"
     if let key = request.meta.idempotencyKey,
       case .operation(let id)? = try ledger.lookup(scope: "Reconfigure", key: key, fingerprint: fingerprint),
@@ -69,7 +69,17 @@ extension NodeEngine {
       IdempotencyRecord(scope: "Reconfigure", key: $0, fingerprint: fingerprint, outcome: .operation(record.id))
     }
     if let idempotency { writes.append(.putIdempotency(idempotency)) }
-    try store.commit(writes)
+    // The PF is taken before the write, so a concurrent request cannot start a second change.
+    let claimed = try claim(idempotency)
+    defer { releaseKey(claimed) }
+    reconfiguring[pf.address] = record.id
+    for allocation in allocations { inFlight.insert(allocation.id) }
+    do {
+      try await store.commit(writes)
+    } catch {
+      releasePF(pf.address.description)
+      throw error
+    }
     if let idempotency { ledger.record(idempotency) }
     begin(record, journal, faultsApply: true)
     return record
@@ -99,7 +109,7 @@ extension NodeEngine {
   /// resumed, detached ones re-attached); after, it is rolled forward to the planned layout.
   /// Returns the ids of the operations taken up (they run on; `waitForOperation` awaits one).
   @discardableResult
-  public func recover(from persisted: PersistedState) -> [String] {
+  public func recover(from persisted: PersistedState) async -> [String] {
     var taken: [String] = []
     for stored in persisted.operations {
       guard var journal = stored.journal, !stored.record.state.isTerminal else { continue }
@@ -120,7 +130,7 @@ extension NodeEngine {
         "operation \(record.id) (\(record.kind) of \(record.target)) was unfinished at start-up: "
           + (journal.rollingBack ? "rolling back" : "rolling forward"))
       do {
-        try store.commit([.putOperation(StoredOperation(record: record, journal: journal))])
+        try await store.commit([.putOperation(StoredOperation(record: record, journal: journal))])
       } catch {
         noteDiscrepancy("operation \(record.id) could not be recorded: \(error.message)")
       }
@@ -142,7 +152,7 @@ extension NodeEngine {
       record.steps[index].state = .running
       record.steps[index].startedAt = clock.now()
       record.steps[index].error = nil
-      guard save(record, journal) else { return }
+      guard await save(record, journal) else { return }
       do throws(AgentError) {
         if let fault, fault.effect == .fail {
           throw AgentError(.internal, "injected failure at step \(index + 1) (\(action.kind.rawValue))")
@@ -156,7 +166,7 @@ extension NodeEngine {
           record.state = journal.rollingBack || record.steps.contains { $0.state == .failed } ? .failed : .succeeded
           record.finishedAt = clock.now()
         }
-        guard save(record, action.kind == .commit ? nil : journal, edits: edits) else { return }
+        guard await save(record, action.kind == .commit ? nil : journal, edits: edits) else { return }
         apply(edits)
       } catch {
         record = operations[id] ?? record
@@ -177,7 +187,7 @@ extension NodeEngine {
         } else if record.error == nil {
           record.error = "step \(index + 1) failed: \(error.message)"
         }
-        guard save(record, journal) else { return }
+        guard await save(record, journal) else { return }
       }
       if let fault, fault.effect == .crashAfter { fault.crash("injected crash after step \(index + 1) (\(action.kind.rawValue))") }
     }
@@ -201,7 +211,7 @@ extension NodeEngine {
 
   /// Records the operation (and `edits` to allocations) in one transaction; on failure the
   /// operation stops where it is, its journal intact for the next start.
-  private func save(_ record: OperationRecord, _ journal: ReconfigureJournal?, edits: [AllocationEdit] = []) -> Bool {
+  private func save(_ record: OperationRecord, _ journal: ReconfigureJournal?, edits: [AllocationEdit] = []) async -> Bool {
     var writes: [StoreChange] = edits.map {
       switch $0 {
       case .update(let allocation): .putAllocation(allocation)
@@ -210,13 +220,13 @@ extension NodeEngine {
     }
     writes.append(.putOperation(StoredOperation(record: record, journal: journal)))
     do {
-      try store.commit(writes)
+      try await store.commit(writes)
     } catch {
       var stopped = record
       stopped.error = "the state store failed (\(error.message)); the operation stops here and resumes at the next start"
       remember(stopped)
       journals[record.id] = nil
-      release(stopped.target)
+      releasePF(stopped.target)
       return false
     }
     if let journal { journals[record.id] = journal }
@@ -227,10 +237,10 @@ extension NodeEngine {
   private func finish(_ id: String) {
     journals[id] = nil
     runningOperations[id] = nil
-    if let record = operations[id] { release(record.target) }
+    if let record = operations[id] { releasePF(record.target) }
   }
 
-  private func release(_ target: String) {
+  private func releasePF(_ target: String) {
     guard let pf = PCIAddress(target) else { return }
     reconfiguring[pf] = nil
     for allocation in state.allocations.values where allocation.pf == pf { inFlight.remove(allocation.id) }
@@ -335,7 +345,7 @@ extension NodeEngine {
         }
       }
       // Records first (removals reach the store before the scan ends them in memory).
-      try store.commit(edits.map {
+      try await store.commit(edits.map {
         switch $0 {
         case .update(let allocation): .putAllocation(allocation)
         case .remove(let allocation): .deleteAllocation(allocation.id)

@@ -50,7 +50,7 @@ extension NodeEngine {
       }
     }
     do {
-      try store.commit(writes)
+      try await store.commit(writes)
       var changes: [InventoryChange] = []
       for edit in edits {
         switch edit {

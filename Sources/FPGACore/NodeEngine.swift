@@ -5,8 +5,10 @@ public actor NodeEngine {
   public nonisolated let startedAt: WallTime
   let platform: any NodePlatform
   let hypervisor: (any Hypervisor)?
-  /// Allocations with an attach or detach under way.
+  /// Allocations with an attach, detach, release or store write under way.
   var inFlight: Set<String> = []
+  /// Idempotency keys (scope NUL key) of requests under way.
+  var keysInFlight: Set<String> = []
   let clock: any WallClock
   var state: InventoryState
   var ledger = IdempotencyLedger<IdempotentOutcome>()
@@ -81,7 +83,7 @@ public actor NodeEngine {
     if !ended.isEmpty {
       for id in ended { noteDiscrepancy("allocation \(id) ended: its VF vanished from the platform") }
       do {
-        try store.commit(ended.map { .deleteAllocation($0) })
+        try await store.commit(ended.map { .deleteAllocation($0) })
       } catch {
         noteDiscrepancy("ended allocations could not be recorded (\(error.message)); the next start reconciles them")
       }
@@ -132,8 +134,8 @@ public actor NodeEngine {
 
   // MARK: Allocation
 
-  public func allocate(_ request: AllocateRequest) throws(AgentError) -> AllocationResult {
-    try fence(request.meta)
+  public func allocate(_ request: AllocateRequest) async throws(AgentError) -> AllocationResult {
+    try await fence(request.meta)
     let fingerprint = request.fingerprint
     if let key = request.meta.idempotencyKey,
       case .allocated(var result)? = try ledger.lookup(scope: "AllocateVF", key: key, fingerprint: fingerprint)
@@ -150,20 +152,33 @@ public actor NodeEngine {
     view.state = .allocated
     view.allocationID = allocation.id
     view.vm = allocation.vm
-    let result = AllocationResult(allocation: allocation, vf: view, replayed: false, revision: state.revision + 1)
+    // The VF is taken in memory at once (a concurrent request cannot choose it) and the
+    // allocation held in flight until the store has it; a failed write takes it back.
+    let revision = publish(state.insert(allocation))
+    let result = AllocationResult(allocation: allocation, vf: view, replayed: false, revision: revision)
     var writes: [StoreChange] = [.putAllocation(allocation)]
     let record = request.meta.idempotencyKey.map {
       IdempotencyRecord(scope: "AllocateVF", key: $0, fingerprint: fingerprint, outcome: .allocated(result))
     }
     if let record { writes.append(.putIdempotency(record)) }
-    try store.commit(writes)
-    publish(state.insert(allocation))
+    inFlight.insert(allocation.id)
+    let claimed = try claim(record)
+    defer {
+      inFlight.remove(allocation.id)
+      releaseKey(claimed)
+    }
+    do {
+      try await store.commit(writes)
+    } catch {
+      if let (_, changes) = state.remove(allocation: allocation.id) { publish(changes) }
+      throw error
+    }
     if let record { ledger.record(record) }
     return result
   }
 
-  public func release(_ request: ReleaseRequest) throws(AgentError) -> ReleaseResult {
-    try fence(request.meta)
+  public func release(_ request: ReleaseRequest) async throws(AgentError) -> ReleaseResult {
+    try await fence(request.meta)
     let fingerprint = request.allocationID
     if let key = request.meta.idempotencyKey,
       case .released(var result)? = try ledger.lookup(scope: "ReleaseVF", key: key, fingerprint: fingerprint)
@@ -187,15 +202,28 @@ public actor NodeEngine {
         "allocation \(allocation.id) is attached to VM \(allocation.vm ?? "?"): detach it first (`fpgactl detach \(allocation.id)`)"
       )
     }
-    let result = ReleaseResult(allocation: allocation, replayed: false, revision: state.revision + 1)
-    var writes: [StoreChange] = [.deleteAllocation(allocation.id)]
-    let record = request.meta.idempotencyKey.map {
-      IdempotencyRecord(scope: "ReleaseVF", key: $0, fingerprint: fingerprint, outcome: .released(result))
+    // The allocation stays (in flight) until the store no longer has it, so its VF is not
+    // handed out before the release is durable; a failed write leaves it as it was.
+    inFlight.insert(allocation.id)
+    var claimed: String?
+    do {
+      claimed = try claim(request.meta.idempotencyKey.map { "ReleaseVF\u{0}" + $0 })
+      try await store.commit(
+        [.deleteAllocation(allocation.id)]
+          + (request.meta.idempotencyKey.map { [.putIdempotency(IdempotencyRecord(scope: "ReleaseVF", key: $0, fingerprint: fingerprint, outcome: .released(ReleaseResult(allocation: allocation, replayed: false, revision: state.revision + 1))))] } ?? []))
+    } catch {
+      inFlight.remove(allocation.id)
+      releaseKey(claimed)
+      throw error
     }
-    if let record { writes.append(.putIdempotency(record)) }
-    try store.commit(writes)
-    if let (_, changes) = state.remove(allocation: allocation.id) { publish(changes) }
-    if let record { ledger.record(record) }
+    inFlight.remove(allocation.id)
+    releaseKey(claimed)
+    var revision = state.revision
+    if let (_, changes) = state.remove(allocation: allocation.id) { revision = publish(changes) }
+    let result = ReleaseResult(allocation: allocation, replayed: false, revision: revision)
+    if let key = request.meta.idempotencyKey {
+      ledger.record(IdempotencyRecord(scope: "ReleaseVF", key: key, fingerprint: fingerprint, outcome: .released(result)))
+    }
     return result
   }
 
@@ -260,7 +288,7 @@ public actor NodeEngine {
   // MARK: Internals
 
   /// Refuses requests from an orchestrator epoch older than the highest seen.
-  func fence(_ meta: RequestMeta) throws(AgentError) {
+  func fence(_ meta: RequestMeta) async throws(AgentError) {
     guard meta.orchestratorEpoch > 0 else { return }
     if meta.orchestratorEpoch < highestEpoch {
       throw AgentError(
@@ -269,9 +297,29 @@ public actor NodeEngine {
       )
     }
     if meta.orchestratorEpoch > highestEpoch {
-      try store.commit([.setEpoch(meta.orchestratorEpoch)])
+      // Raised at once (seen is seen), recorded before the request goes on.
       highestEpoch = meta.orchestratorEpoch
+      try await store.commit([.setEpoch(meta.orchestratorEpoch)])
     }
+  }
+
+  /// Marks an idempotency key as in use by a request under way: a concurrent request with the
+  /// same key is told to retry (it would otherwise act twice). Returns what `release` frees.
+  func claim(_ record: IdempotencyRecord?) throws(AgentError) -> String? {
+    try claim(record.map { $0.scope + "\u{0}" + $0.key })
+  }
+
+  func claim(_ scopedKey: String?) throws(AgentError) -> String? {
+    guard let scopedKey else { return nil }
+    guard keysInFlight.insert(scopedKey).inserted else {
+      throw AgentError(
+        .aborted, "a request with the same idempotency key is under way; retry it once that one has answered")
+    }
+    return scopedKey
+  }
+
+  func releaseKey(_ claimed: String?) {
+    if let claimed { keysInFlight.remove(claimed) }
   }
 
   // MARK: Restart
@@ -279,11 +327,11 @@ public actor NodeEngine {
   /// Takes back what the store kept: allocations, idempotency keys, the epoch, drain flags and
   /// operations. Called once, before the first scan; unfinished operations are finished by
   /// `recover()` after it.
-  public func restore() throws(AgentError) -> PersistedState {
+  public func restore() async throws(AgentError) -> PersistedState {
     let persisted = try store.load()
     // This run's revisions start above every revision an earlier run handed out, so a watcher
     // resuming from one of those gets a resync snapshot, never another run's deltas.
-    try store.commit([.setStarts(persisted.starts + 1)])
+    try await store.commit([.setStarts(persisted.starts + 1)])
     state.skipRevisions(to: persisted.starts << 32)
     var changes: [InventoryChange] = []
     for allocation in persisted.allocations where state.allocations[allocation.id] == nil {

@@ -2,12 +2,13 @@ import Synchronization
 
 /// Where the agent keeps what must survive a restart: allocations and attachments, idempotency
 /// keys with their results, the orchestrator epoch, drain flags and the operation journal.
-/// The engine writes before it changes its memory, so a failed write changes nothing.
+/// A request's changes are durable before it is answered; a failed write leaves nothing behind.
 public protocol StateStore: Sendable {
   /// Everything kept, read once at start-up.
   func load() throws(AgentError) -> PersistedState
-  /// Applies `changes` in one transaction: all of them or none.
-  func commit(_ changes: [StoreChange]) throws(AgentError)
+  /// Applies `changes` atomically: all of them or none. Returns once they are durable.
+  /// Concurrent commits may share a transaction (group commit); each stays all-or-nothing.
+  func commit(_ changes: [StoreChange]) async throws(AgentError)
 }
 
 /// What a state store holds.
@@ -116,7 +117,7 @@ public final class MemoryStateStore: StateStore {
 
   public func load() throws(AgentError) -> PersistedState { state.withLock { $0.persisted } }
 
-  public func commit(_ changes: [StoreChange]) throws(AgentError) {
+  public func commit(_ changes: [StoreChange]) async throws(AgentError) {
     let failed = state.withLock { state -> Bool in
       if state.failures > 0 {
         state.failures -= 1

@@ -78,8 +78,15 @@ public final class SQLiteStateStore: StateStore {
             pf TEXT NOT NULL,
             owner TEXT NOT NULL,
             vm TEXT,
+            idempotency_key TEXT,
+            created_s INTEGER NOT NULL,
+            created_ns INTEGER NOT NULL,
+            numa_node INTEGER NOT NULL,
+            iommu_group INTEGER NOT NULL,
             attached INTEGER NOT NULL,
-            body TEXT NOT NULL
+            device_id TEXT,
+            root_port TEXT,
+            detaching INTEGER NOT NULL
           );
           CREATE TABLE idempotency (
             seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -124,8 +131,8 @@ public final class SQLiteStateStore: StateStore {
     do {
       return try queue.read { db in
         var state = PersistedState()
-        for body in try String.fetchAll(db, sql: "SELECT body FROM allocations ORDER BY id") {
-          state.allocations.append(try decoder.decode(Allocation.self, from: Data(body.utf8)))
+        for row in try Row.fetchAll(db, sql: "SELECT * FROM allocations ORDER BY id") {
+          state.allocations.append(try Self.allocation(row))
         }
         let rows = try Row.fetchAll(db, sql: "SELECT scope, key, fingerprint, outcome FROM idempotency ORDER BY seq")
         state.idempotency.reserveCapacity(rows.count)
@@ -158,16 +165,74 @@ public final class SQLiteStateStore: StateStore {
     }
   }
 
-  public func commit(_ changes: [StoreChange]) throws(AgentError) {
+  /// Group commit: a request's changes join the batch of every commit waiting while the
+  /// previous transaction ran, and the whole batch is one transaction (one WAL append, one
+  /// fsync with `power`). Should it fail, each request's changes are retried in a transaction
+  /// of their own, so one request's failure is never another's.
+  public func commit(_ changes: [StoreChange]) async throws(AgentError) {
     guard !changes.isEmpty else { return }
-    do {
-      try queue.write { db in
-        for change in changes { try self.write(change, db) }
+    let failure: AgentError? = await withCheckedContinuation { continuation in
+      let startWriter = pending.withLock { pending -> Bool in
+        pending.batches.append(Batch(changes: changes, done: continuation))
+        if pending.writing { return false }
+        pending.writing = true
+        return true
       }
-    } catch let error as AgentError {
-      throw error
-    } catch {
-      throw Self.writeError(error, path: path)
+      if startWriter { writer.async { self.writeBatches() } }
+    }
+    if let failure { throw failure }
+  }
+
+  /// Commits waiting, with what each request learns.
+  private struct Batch {
+    var changes: [StoreChange]
+    var done: CheckedContinuation<AgentError?, Never>
+  }
+
+  private struct Pending {
+    var batches: [Batch] = []
+    var writing = false
+  }
+
+  private let pending = Mutex(Pending())
+  private let writer = DispatchQueue(label: "fpga-agent.state-writer")
+  /// Transactions and the commits they carried (for the benchmark's figures).
+  public let groupStatistics = Mutex((transactions: 0, commits: 0))
+
+  private func writeBatches() {
+    while true {
+      let batches = pending.withLock { pending -> [Batch]? in
+        if pending.batches.isEmpty {
+          pending.writing = false
+          return nil
+        }
+        defer { pending.batches.removeAll(keepingCapacity: true) }
+        return pending.batches
+      }
+      guard let batches else { return }
+      do {
+        try queue.write { db in
+          for batch in batches {
+            for change in batch.changes { try self.write(change, db) }
+          }
+        }
+        groupStatistics.withLock {
+          $0.transactions += 1
+          $0.commits += batches.count
+        }
+        for batch in batches { batch.done.resume(returning: nil) }
+      } catch {
+        for batch in batches {
+          do {
+            try queue.write { db in
+              for change in batch.changes { try self.write(change, db) }
+            }
+            batch.done.resume(returning: nil)
+          } catch {
+            batch.done.resume(returning: Self.writeError(error, path: path))
+          }
+        }
+      }
     }
   }
 
@@ -176,61 +241,79 @@ public final class SQLiteStateStore: StateStore {
   private func write(_ change: StoreChange, _ db: Database) throws {
     switch change {
     case .putAllocation(let allocation):
-      try db.execute(
-        sql: "INSERT OR REPLACE INTO allocations (id, vf, pf, owner, vm, attached, body) VALUES (?, ?, ?, ?, ?, ?, ?)",
+      try db.cachedStatement(
+        sql: """
+          INSERT OR REPLACE INTO allocations (id, vf, pf, owner, vm, idempotency_key, created_s, created_ns, numa_node,
+            iommu_group, attached, device_id, root_port, detaching) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+          """
+      ).execute(
         arguments: [
           allocation.id, allocation.vf.description, allocation.pf.description, allocation.owner, allocation.vm,
-          allocation.attached, try json(allocation),
+          allocation.idempotencyKey, allocation.createdAt.seconds, allocation.createdAt.nanoseconds, allocation.numaNode,
+          allocation.iommuGroup, allocation.attached, allocation.deviceID, allocation.rootPort, allocation.detaching,
         ])
     case .deleteAllocation(let id):
-      try db.execute(sql: "DELETE FROM allocations WHERE id = ?", arguments: [id])
+      try db.cachedStatement(sql: "DELETE FROM allocations WHERE id = ?").execute(arguments: [id])
     case .putIdempotency(let record):
-      try db.execute(
-        sql: "INSERT OR REPLACE INTO idempotency (scope, key, fingerprint, outcome) VALUES (?, ?, ?, ?)",
-        // Fingerprints hold NUL separators, which SQLite text does not keep: stored as JSON.
+      // Fingerprints hold NUL separators, which SQLite text does not keep: stored as JSON.
+      try db.cachedStatement(
+        sql: "INSERT OR REPLACE INTO idempotency (scope, key, fingerprint, outcome) VALUES (?, ?, ?, ?)").execute(
         arguments: [record.scope, record.key, try json(record.fingerprint), try json(record.outcome)])
       if idempotencyWrites.add(1, ordering: .relaxed).newValue % 512 == 0 {
-        try db.execute(
-          sql: "DELETE FROM idempotency WHERE seq <= (SELECT MAX(seq) FROM idempotency) - ?",
+        try db.cachedStatement(
+          sql: "DELETE FROM idempotency WHERE seq <= (SELECT MAX(seq) FROM idempotency) - ?").execute(
           arguments: [Self.idempotencyCapacity])
       }
     case .setEpoch(let epoch):
-      try db.execute(
+      try db.cachedStatement(
         sql: """
           INSERT INTO settings (name, value) VALUES ('epoch', ?)
           ON CONFLICT(name) DO UPDATE SET value = MAX(CAST(value AS INTEGER), CAST(excluded.value AS INTEGER))
-          """,
+          """).execute(
         arguments: [String(epoch)])
     case .setStarts(let starts):
-      try db.execute(
-        sql: "INSERT INTO settings (name, value) VALUES ('starts', ?) ON CONFLICT(name) DO UPDATE SET value = excluded.value",
+      try db.cachedStatement(
+        sql: "INSERT INTO settings (name, value) VALUES ('starts', ?) ON CONFLICT(name) DO UPDATE SET value = excluded.value").execute(
         arguments: [String(starts)])
     case .setDrain(let target, let on):
       if on {
-        try db.execute(sql: "INSERT OR IGNORE INTO drains (target) VALUES (?)", arguments: [target])
+        try db.cachedStatement(sql: "INSERT OR IGNORE INTO drains (target) VALUES (?)").execute(arguments: [target])
       } else {
-        try db.execute(sql: "DELETE FROM drains WHERE target = ?", arguments: [target])
+        try db.cachedStatement(sql: "DELETE FROM drains WHERE target = ?").execute(arguments: [target])
       }
     case .putOperation(let operation):
       let record = operation.record
-      try db.execute(
+      try db.cachedStatement(
         sql: """
           INSERT INTO operations (id, kind, target, state, unfinished, created, body) VALUES (?, ?, ?, ?, ?, ?, ?)
           ON CONFLICT(id) DO UPDATE SET state = excluded.state, unfinished = excluded.unfinished, body = excluded.body
-          """,
+          """).execute(
         arguments: [
           record.id, record.kind, record.target, record.state.rawValue, operation.journal != nil,
           record.createdAt.seconds, try json(operation),
         ])
       if operation.journal == nil {
-        try db.execute(
+        try db.cachedStatement(
           sql: """
             DELETE FROM operations WHERE unfinished = 0 AND rowid NOT IN
               (SELECT rowid FROM operations WHERE unfinished = 0 ORDER BY created DESC, rowid DESC LIMIT ?)
-            """,
+            """).execute(
           arguments: [Self.operationHistory])
       }
     }
+  }
+
+  static func allocation(_ row: Row) throws -> Allocation {
+    let vf: String = row["vf"]
+    let pf: String = row["pf"]
+    guard let vfAddress = PCIAddress(vf), let pfAddress = PCIAddress(pf) else {
+      throw DatabaseError(resultCode: .SQLITE_CORRUPT, message: "allocation \(row["id"] as String? ?? "?") has a bad address")
+    }
+    return Allocation(
+      id: row["id"], vf: vfAddress, pf: pfAddress, owner: row["owner"], vm: row["vm"],
+      idempotencyKey: row["idempotency_key"], createdAt: WallTime(seconds: row["created_s"], nanoseconds: row["created_ns"]),
+      numaNode: row["numa_node"], iommuGroup: row["iommu_group"], attached: row["attached"], deviceID: row["device_id"],
+      rootPort: row["root_port"], detaching: row["detaching"])
   }
 
   private func json(_ value: some Encodable) throws -> String {

@@ -187,7 +187,7 @@ import Testing
       detached[index].deviceID = nil
       detached[index].rootPort = nil
     }
-    try store.commit(
+    try await store.commit(
       detached.map { .putAllocation($0) } + [
         .putOperation(
           StoredOperation(

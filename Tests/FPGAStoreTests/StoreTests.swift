@@ -24,7 +24,7 @@ func allocation(_ id: String, vf: String, attached: Bool = false) -> Allocation 
 }
 
 @Suite struct StoreTests {
-  @Test func everythingCommittedIsThereAfterReopening() throws {
+  @Test func everythingCommittedIsThereAfterReopening() async throws {
     let directory = try temporaryDirectory()
     let path = directory + "/state.sqlite"
     let record = OperationRecord(
@@ -35,13 +35,13 @@ func allocation(_ id: String, vf: String, attached: Bool = false) -> Allocation 
       actions: [.init(kind: .plan), .init(kind: .writeZero)])
     do {
       let store = try SQLiteStateStore(path: path)
-      try store.commit([
+      try await store.commit([
         .putAllocation(allocation("alloc-1", vf: "0000:3b:00.4")),
         .putAllocation(allocation("alloc-2", vf: "0000:3b:00.5", attached: true)),
         .setEpoch(7), .setDrain("card-0000:d8", true),
         .putOperation(StoredOperation(record: record, journal: journal)),
       ])
-      try store.commit([.deleteAllocation("alloc-1"), .setEpoch(3), .setDrain("0000:3b:00.1", true)])
+      try await store.commit([.deleteAllocation("alloc-1"), .setEpoch(3), .setDrain("0000:3b:00.1", true)])
     }
     let reopened = try SQLiteStateStore(path: path)
     let state = try reopened.load()
@@ -52,25 +52,30 @@ func allocation(_ id: String, vf: String, attached: Bool = false) -> Allocation 
     #expect(try reopened.appliedMigrations() == ["v1", "v2"])
   }
 
-  @Test func aStoreOfTheFirstSchemaIsMigratedWithItsRecords() throws {
+  @Test func aStoreOfTheFirstSchemaIsMigratedWithItsRecords() async throws {
     let directory = try temporaryDirectory()
     let path = directory + "/state.sqlite"
     let kept = allocation("alloc-old", vf: "0000:3b:00.4")
     do {
       let queue = try DatabaseQueue(path: path)
       try SQLiteStateStore.migrator(upTo: "v1").migrate(queue)
-      let body = String(decoding: try JSONEncoder().encode(kept), as: UTF8.self)
       let outcome = String(decoding: try JSONEncoder().encode(IdempotentOutcome.operation("op-9")), as: UTF8.self)
-      try queue.write { db in
+      try await queue.write { db in
         try db.execute(
-          sql: "INSERT INTO allocations (id, vf, pf, owner, vm, attached, body) VALUES (?, ?, ?, ?, NULL, 0, ?)",
-          arguments: [kept.id, kept.vf.description, kept.pf.description, kept.owner, body])
+          sql: """
+            INSERT INTO allocations (id, vf, pf, owner, vm, idempotency_key, created_s, created_ns, numa_node, iommu_group,
+              attached, device_id, root_port, detaching) VALUES (?, ?, ?, ?, NULL, NULL, ?, ?, ?, ?, 0, NULL, NULL, 0)
+            """,
+          arguments: [
+            kept.id, kept.vf.description, kept.pf.description, kept.owner, kept.createdAt.seconds,
+            kept.createdAt.nanoseconds, kept.numaNode, kept.iommuGroup,
+          ])
         try db.execute(
           sql: "INSERT INTO idempotency (scope, key, fingerprint, outcome) VALUES ('DrainDevice', 'k1', '\"f\"', ?)",
           arguments: [outcome])
         try db.execute(sql: "INSERT INTO settings (name, value) VALUES ('epoch', '12')")
       }
-      #expect(try queue.read { db in try db.tableExists("operations") } == false)
+      #expect(try await queue.read { db in try db.tableExists("operations") } == false)
     }
     let store = try SQLiteStateStore(path: path)
     #expect(try store.appliedMigrations() == ["v1", "v2"])
@@ -78,7 +83,7 @@ func allocation(_ id: String, vf: String, attached: Bool = false) -> Allocation 
     #expect(state.allocations == [kept])
     #expect(state.idempotency == [IdempotencyRecord(scope: "DrainDevice", key: "k1", fingerprint: "f", outcome: .operation("op-9"))])
     #expect(state.epoch == 12)
-    try store.commit([.setDrain("0000:3b:00.0", true)])  // the new tables work
+    try await store.commit([.setDrain("0000:3b:00.0", true)])  // the new tables work
     #expect(try store.load().drains == ["0000:3b:00.0"])
   }
 
@@ -131,7 +136,7 @@ func allocation(_ id: String, vf: String, attached: Bool = false) -> Allocation 
       var record = allocation("alloc-\(index)", vf: "0000:3b:\(String(format: "%02x", index % 32)).\(index / 32)")
       record.owner = padding
       do {
-        try store.commit([.putAllocation(record), .setDrain("d\(index)", true)])
+        try await store.commit([.putAllocation(record), .setDrain("d\(index)", true)])
         committed += 1
       } catch {
         failure = error
@@ -152,8 +157,10 @@ func allocation(_ id: String, vf: String, attached: Bool = false) -> Allocation 
     await #expect(throws: AgentError.self) {
       _ = try await engine.allocate(AllocateRequest(owner: padding))
     }
+    // The VF was taken in memory and given back (two revisions); what is held is unchanged.
     let after = try await engine.snapshot()
-    #expect(after == before)
+    #expect(after.allocations == before.allocations)
+    #expect(after.cards == before.cards)
   }
 }
 
