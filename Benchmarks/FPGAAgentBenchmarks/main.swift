@@ -125,9 +125,8 @@ logger.logLevel = .critical
 // A node of 4 full cards (4 × 252 VFs), as in the foundation issue's inventory figure.
 // Every mutation is durable: the engine writes to SQLite (WAL, synchronous=NORMAL) as the agent does.
 let node = SimulatedNode(config: .full(cards: 4))
-let engine = NodeEngine(
-  nodeID: "bench", platform: SimulatedPlatform(node: node), clock: WallClockNow(),
-  store: try SQLiteStateStore(path: try DurabilityBenchmark.directory() + "/state.sqlite"))
+let store = try SQLiteStateStore(path: try DurabilityBenchmark.directory() + "/state.sqlite")
+let engine = NodeEngine(nodeID: "bench", platform: SimulatedPlatform(node: node), clock: WallClockNow(), store: store)
 try await engine.rescan()
 let service = NodeAgentService(engine: engine, hostname: "bench", agentVersion: "bench", logger: logger)
 let server = GRPCServer(
@@ -166,6 +165,9 @@ try await withThrowingDiscardingTaskGroup { group in
     print("")
     print(row("echo pair (2 x Echo.Get)", echoPairs))
     print(row("AllocateVF + ReleaseVF (durable)", allocPairs))
+    let groups = store.groupStatistics.withLock { $0 }
+    print("group commit: \(groups.commits) commits in \(groups.transactions) transactions "
+      + "(\(format(Double(groups.commits) / Double(max(groups.transactions, 1)), 1)) per transaction)")
     print("ratio: throughput \(format(allocPairs.throughput / echoPairs.throughput))x echo (target >= 0.8), "
       + "p99 \(format(allocPairs.percentile(0.99) / echoPairs.percentile(0.99)))x echo (target <= 2)")
 

@@ -334,7 +334,15 @@ public actor NodeEngine {
     try await store.commit([.setStarts(persisted.starts + 1)])
     state.skipRevisions(to: persisted.starts << 32)
     var changes: [InventoryChange] = []
+    var taken: [PCIAddress: String] = [:]
     for allocation in persisted.allocations where state.allocations[allocation.id] == nil {
+      // One VF, one allocation: a second record for a VF (never written by this agent) is
+      // reported and left out rather than trusted.
+      if let first = taken[allocation.vf] {
+        noteDiscrepancy("allocations \(first) and \(allocation.id) both name VF \(allocation.vf): \(allocation.id) left out")
+        continue
+      }
+      taken[allocation.vf] = allocation.id
       changes += state.insert(allocation)
     }
     for record in persisted.idempotency { ledger.record(record) }

@@ -74,7 +74,7 @@ public final class SQLiteStateStore: StateStore {
         sql: """
           CREATE TABLE allocations (
             id TEXT PRIMARY KEY NOT NULL,
-            vf TEXT NOT NULL UNIQUE,
+            vf TEXT NOT NULL,
             pf TEXT NOT NULL,
             owner TEXT NOT NULL,
             vm TEXT,
@@ -87,7 +87,7 @@ public final class SQLiteStateStore: StateStore {
             device_id TEXT,
             root_port TEXT,
             detaching INTEGER NOT NULL
-          );
+          ) WITHOUT ROWID;
           CREATE TABLE idempotency (
             seq INTEGER PRIMARY KEY AUTOINCREMENT,
             scope TEXT NOT NULL,

@@ -66,9 +66,27 @@ def test_errors_have_precise_codes(agent):
         node.ReleaseVF(pb.ReleaseVFRequest(allocation_id="alloc-0123456789ab"), timeout=10)
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
     with pytest.raises(grpc.RpcError) as caught:
-        node.Reconfigure(pb.ReconfigureRequest(pf_bdf="0000:3b:00.0", vf_count=4), timeout=10)
-    assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
-    assert "journaled reconfiguration" in caught.value.details()
+        node.Reconfigure(pb.ReconfigureRequest(pf_bdf="0000:3b:00.0", vf_count=65), timeout=10)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "vf_count 65 is out of range for PF 0000:3b:00.0: it supports 0 to 64 VFs" in caught.value.details()
+    with pytest.raises(grpc.RpcError) as caught:
+        node.Reconfigure(pb.ReconfigureRequest(pf_bdf="../sys", vf_count=1), timeout=10)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_reconfigure_dry_run_then_run(agent):
+    node = stub(agent.tcp)
+    allocation = node.AllocateVF(
+        pb.AllocateVFRequest(owner="py", constraints=pb.AllocationConstraints(pf_bdf="0000:3b:00.0")), timeout=10).allocation
+    plan = node.Reconfigure(pb.ReconfigureRequest(pf_bdf="0000:3b:00.0", vf_count=2, dry_run=True), timeout=10)
+    assert plan.state == pb.OPERATION_STATE_PLANNED
+    assert [(i.allocation_id, i.outcome, i.guest_sees) for i in plan.impacts] == [(allocation.id, "kept", "nothing")]
+    started = node.Reconfigure(pb.ReconfigureRequest(pf_bdf="0000:3b:00.0", vf_count=2), timeout=10)
+    states = [op.state for op in node.WatchOperation(pb.WatchOperationRequest(id=started.id), timeout=30)]
+    assert states[-1] == pb.OPERATION_STATE_SUCCEEDED
+    inventory = node.GetInventory(pb.GetInventoryRequest(), timeout=10)
+    pf = next(p for card in inventory.cards for p in card.pfs if p.bdf == "0000:3b:00.0")
+    assert pf.num_vfs == 2 and [a.id for a in inventory.allocations] == [allocation.id]
 
 
 @pytest.mark.parametrize("transport", ["tcp", "unix"])
