@@ -55,6 +55,38 @@ struct QEMUEndToEndTests {
     }
   }
 
+  /// A reconfiguration under a real QEMU that cannot pause: auto unplugs (DEVICE_DELETED) and
+  /// replugs the kept VF, ends the lost one (unplugged too), and refuse-if-disruptive refuses.
+  @Test func reconfigureUnplugsAndReplugsInARealQEMU() async throws {
+    let qemu = try QEMUProcess(rootPorts: 2)
+    try await TestAgent.with(configure: Self.withVM(qemu)) { agent in
+      try await agent.withClient { nodeAgent, _ in
+        var ids: [String] = []
+        for _ in 0..<2 {
+          let allocation = try await nodeAgent.allocateVF(.with { $0.owner = "t"; $0.constraints.pfBdf = "0000:3b:00.0" }).allocation
+          _ = try await nodeAgent.attachVF(.with { $0.allocationID = allocation.id; $0.vm = "vm1" })
+          ids.append(allocation.id)
+        }
+        let refused = await rpcFailure {
+          _ = try await nodeAgent.reconfigure(.with { $0.pfBdf = "0000:3b:00.0"; $0.vfCount = 1; $0.strategy = .refuseIfDisruptive })
+        }
+        #expect(refused?.0 == .failedPrecondition)
+        let started = try await nodeAgent.reconfigure(.with { $0.pfBdf = "0000:3b:00.0"; $0.vfCount = 1 })
+        #expect(started.impacts.map { "\($0.outcome)/\($0.guestSees)" } == ["kept-reattached/unplug and replug", "lost/unplug"])
+        await agent.engine.waitForOperation(started.id)
+        let done = try await nodeAgent.getOperation(.with { $0.id = started.id })
+        #expect(done.state == .succeeded, "\(done)")
+        let client = try await QMPClient.connect(path: qemu.inspectionSocketPath)
+        let peripherals = try await client.execute("qom-list", ["path": "/machine/peripheral"])
+        let names = Set(peripherals.arrayValue?.compactMap { $0["name"]?.stringValue } ?? [])
+        #expect(names.contains(ids[0]) && !names.contains(ids[1]))
+        let inventory = try await nodeAgent.getInventory(.init())
+        #expect(inventory.allocations.map(\.id) == [ids[0]] && inventory.allocations[0].attached)
+        #expect(inventory.cards[0].pfs[0].numVfs == 1)
+      }
+    }
+  }
+
   @Test func aVMWithoutAFreeRootPort() async throws {
     let qemu = try QEMUProcess(rootPorts: 1)
     try await TestAgent.with(configure: Self.withVM(qemu)) { agent in

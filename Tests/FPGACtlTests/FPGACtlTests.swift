@@ -131,6 +131,44 @@ func fpgactl(_ arguments: [String]) async -> (code: Int32, out: String, err: Str
     }
   }
 
+  @Test func reconfigureShowsThePlanThenALinePerStep() async throws {
+    try await TestAgent.with { agent in
+      let server = "127.0.0.1:\(agent.port)"
+      let allocated = await fpgactl(["allocate", "--owner", "w", "--pf", "0000:3b:00.3", "--server", server])
+      let id = String(allocated.out.split(separator: " ")[1].dropLast())
+      #expect(await fpgactl(["attach", id, "vm-2", "--server", server]).code == 0)
+      let plan = await fpgactl(["reconfigure", "0000:3b:00.3", "2", "--dry-run", "--server", server])
+      let planID = plan.out.split(separator: " ")[1]
+      #expect(plan.code == 0)
+      #expect(plan.out == """
+        operation \(planID) (reconfigure 0000:3b:00.3): planned
+          1. [succeeded] plan the new layout of PF 0000:3b:00.3
+          2. [planned] detach \(id) (VF 0000:3b:17.4) from VM vm-2: the guest sees an unplug
+          3. [planned] write 0 to sriov_numvfs of 0000:3b:00.3: its VFs are removed
+          4. [planned] write 2 to sriov_numvfs of 0000:3b:00.3 (autoprobe off)
+          5. [planned] verify that 0000:3b:00.3 has 2 VFs and record the new layout
+          6. [planned] bind VF 0000:3b:17.4 to vfio-pci
+          7. [planned] re-attach \(id) (VF 0000:3b:17.4) to VM vm-2
+          8. [planned] commit
+          allocation \(id) (VF 0000:3b:17.4 in VM vm-2): kept-reattached, guest sees unplug and replug
+        """)
+      let refused = await fpgactl(["reconfigure", "0000:3b:00.3", "2", "--strategy", "refuse-if-disruptive", "--server", server])
+      #expect(refused.code == 1)
+      #expect(refused.err.hasPrefix("error: FAILED_PRECONDITION: strategy refuse-if-disruptive refuses this reconfiguration of PF 0000:3b:00.3: VM vm-2 holds \(id)"))
+      let bad = await fpgactl(["reconfigure", "0000:3b:00.3", "2", "--strategy", "gentle", "--server", server])
+      #expect(bad.code == 2)
+      let run = await fpgactl(["reconfigure", "0000:3b:00.3", "2", "--server", server])
+      #expect(run.code == 0)
+      let lines = run.out.split(separator: "\n").map(String.init)
+      #expect(lines.first?.hasSuffix(": reconfiguring 0000:3b:00.3 to 2 VFs (strategy auto)") == true)
+      for step in 2...8 { #expect(lines.contains { $0.hasPrefix("  \(step)/8 [succeeded] ") }, "step \(step)") }
+      #expect(lines.suffix(2) == [
+        "operation \(lines[0].split(separator: " ")[1].dropLast()) succeeded",
+        "  allocation \(id) (VF 0000:3b:17.4 in VM vm-2): kept-reattached, guest sees unplug and replug",
+      ])
+    }
+  }
+
   @Test func anUnreachableAgentIsSaidPlainly() async throws {
     let result = await fpgactl(["status", "--server", "unix:/nonexistent/fpga-agent.sock"])
     #expect(result.code == 3)
