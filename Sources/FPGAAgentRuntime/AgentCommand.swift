@@ -203,6 +203,7 @@ extension AgentConfig {
       "  unix_socket: \(server.unixSocket)",
       "platform: \(platform)",
       "state_dir: \(stateDir)",
+      "state_durability: \(stateDurability)",
       "node_id: \(nodeID.isEmpty ? "(from state_dir)" : nodeID)",
       "rescan_interval_seconds: \(rescanIntervalSeconds)",
       "log:",
@@ -217,6 +218,8 @@ extension AgentConfig {
       lines.append("      total_vfs: \(card.totalVFs)")
       lines.append("      enabled_vfs: \(card.enabledVFs)")
     }
+    if !simulator.stateFile.isEmpty { lines.append("  state_file: \(simulator.stateFile)") }
+    if !faultInjection.isEmpty { lines.append("fault_injection: \(faultInjection)  # TEST SETTING") }
     return lines.joined(separator: "\n")
   }
 }

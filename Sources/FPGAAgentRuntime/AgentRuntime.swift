@@ -118,6 +118,11 @@ public final class AgentRuntime: Sendable {
 
   /// Scans the platform, then serves until a shutdown signal or `shutdown()`.
   public func run() async throws {
+    if !config.faultInjection.isEmpty {
+      logger.warning(
+        "fault injection is set (a test setting): the agent will exit at that reconfiguration step",
+        metadata: ["fpga.fault": "\(config.faultInjection)"])
+    }
     let persisted = try await engine.restore()
     try await engine.rescan()
     for id in await engine.recover(from: persisted) {

@@ -89,6 +89,30 @@ import Testing
     }
   }
 
+  @Test func durabilityAndFaultInjectionAreChecked() throws {
+    var config = AgentConfig()
+    try ConfigLoader.apply(
+      environment: [
+        "FPGA_AGENT_STATE_DURABILITY": "sometimes", "FPGA_AGENT_FAULT_INJECTION": "crash-during:write-zero",
+        "FPGA_AGENT_SIMULATOR_STATE_FILE": "hw.json",
+      ], to: &config)
+    do {
+      try config.validate()
+      Issue.record("expected a ConfigError")
+    } catch {
+      #expect(error.problems == [
+        "state_durability \"sometimes\" is not one of: process, power",
+        "fault_injection \"crash-during:write-zero\" is not crash-before:STEP, crash-after:STEP or fail:STEP (STEP: a step index or one of plan, pause, detach, write-zero, write-count, release, verify, bind, resume, reattach, commit)",
+        "simulator.state_file \"hw.json\" must be an absolute path",
+      ])
+    }
+    try ConfigLoader.apply(
+      yaml: "state_durability: power\nfault_injection: \"crash-after:4\"\n", source: "agent.yaml", to: &config)
+    config.simulator.stateFile = "/tmp/hw.json"
+    try config.validate()
+    #expect(config.stateDurability == "power" && config.faultInjection == "crash-after:4")
+  }
+
   @Test func listenAddresses() {
     #expect(ListenAddress("127.0.0.1:50051") == ListenAddress("127.0.0.1:50051"))
     #expect(ListenAddress("[::1]:50051")?.isIPv6 == true)

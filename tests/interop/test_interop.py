@@ -194,3 +194,46 @@ def test_invalid_configuration_is_refused_naming_the_key():
                              capture_output=True, text=True, timeout=30)
         assert out.returncode != 0
         assert 'platform "windows" is not one of: simulated, linux' in out.stderr
+
+
+def test_a_corrupt_state_store_stops_the_agent_and_is_left_alone():
+    with tempfile.TemporaryDirectory() as directory:
+        state = os.path.join(directory, "state")
+        os.makedirs(state)
+        garbage = os.urandom(8192)
+        with open(os.path.join(state, "state.sqlite"), "wb") as f:
+            f.write(garbage)
+        out = subprocess.run(
+            [str(BIN / "fpga-agent"), "--state-dir", state, "--listen", "127.0.0.1:0",
+             "--unix-socket", os.path.join(directory, "a.sock")],
+            capture_output=True, text=True, timeout=30)
+        assert out.returncode != 0
+        assert "is corrupt or not an SQLite database: the agent will not start on it and will not replace it" in out.stderr
+        with open(os.path.join(state, "state.sqlite"), "rb") as f:
+            assert f.read() == garbage
+
+
+def test_records_survive_a_restart_of_the_binary():
+    with tempfile.TemporaryDirectory(prefix="fpga-restart-") as directory:
+        agent = start_agent(directory)
+        node = stub(agent.tcp)
+        request = pb.AllocateVFRequest(meta=pb.RequestMeta(idempotency_key="restart-1", orchestrator_epoch=9), owner="py")
+        first = node.AllocateVF(request, timeout=10)
+        node.DrainDevice(pb.DrainDeviceRequest(device="0000:d8:00.1"), timeout=10)
+        agent.process.send_signal(signal.SIGTERM)
+        agent.process.wait(timeout=30)
+        agent = start_agent(directory)
+        try:
+            node = stub(agent.tcp)
+            again = node.AllocateVF(request, timeout=10)
+            assert again.replayed and again.allocation.id == first.allocation.id
+            inventory = node.GetInventory(pb.GetInventoryRequest(), timeout=10)
+            assert [a.id for a in inventory.allocations] == [first.allocation.id]
+            assert any(p.draining for c in inventory.cards for p in c.pfs if p.bdf == "0000:d8:00.1")
+            with pytest.raises(grpc.RpcError) as caught:
+                node.AllocateVF(pb.AllocateVFRequest(meta=pb.RequestMeta(orchestrator_epoch=8), owner="py"), timeout=10)
+            assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert node.GetNodeStatus(pb.GetNodeStatusRequest(), timeout=10).orchestrator_epoch == 9
+        finally:
+            agent.process.send_signal(signal.SIGTERM)
+            agent.process.wait(timeout=30)
