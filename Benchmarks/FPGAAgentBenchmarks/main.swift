@@ -11,13 +11,17 @@ import Foundation
 // fpga-agent-bench: throughput and latency of the node API against an echo baseline served by
 // the same server stack, in the same process and the same run. Build with -c release.
 //
-//   fpga-agent-bench [--seconds S] [--concurrency N] [--rounds R]
+//   fpga-agent-bench [--seconds S] [--concurrency N] [--rounds R] [--only rpc,durability,scheduler,attach]
 
 struct Options {
   var seconds = 3.0
   var concurrency = 16
   var rounds = 3
   var attachCycles = 20
+  /// Only these sections (rpc, durability, scheduler, attach); empty: all.
+  var only: Set<String> = []
+
+  func runs(_ section: String) -> Bool { only.isEmpty || only.contains(section) }
 
   init(_ arguments: [String]) {
     var iterator = arguments.makeIterator()
@@ -27,6 +31,7 @@ struct Options {
       case "--concurrency": concurrency = iterator.next().flatMap(Int.init) ?? concurrency
       case "--rounds": rounds = iterator.next().flatMap(Int.init) ?? rounds
       case "--attach-cycles": attachCycles = iterator.next().flatMap(Int.init) ?? attachCycles
+      case "--only": only.formUnion((iterator.next() ?? "").split(separator: ",").map(String.init))
       default: print("unknown argument \(argument)")
       }
     }
@@ -133,6 +138,7 @@ let server = GRPCServer(
   transport: .http2NIOPosix(address: .ipv4(host: "127.0.0.1", port: 0), transportSecurity: .plaintext),
   services: [service, EchoService()])
 
+if options.runs("rpc") {
 try await withThrowingDiscardingTaskGroup { group in
   group.addTask { try await server.serve() }
   guard let port = try await server.listeningAddress?.ipv4?.port else { fatalError("server did not start") }
@@ -203,7 +209,11 @@ try await withThrowingDiscardingTaskGroup { group in
   server.beginGracefulShutdown()
 }
 
-try await DurabilityBenchmark.run(rounds: options.rounds)
-try await AttachBenchmark.run(cycles: options.attachCycles, rounds: options.rounds, logger: logger)
+}
+if options.runs("durability") { try await DurabilityBenchmark.run(rounds: options.rounds) }
+if options.runs("scheduler") { try SchedulerBenchmark.run() }
+if options.runs("attach") {
+  try await AttachBenchmark.run(cycles: options.attachCycles, rounds: options.rounds, logger: logger)
+}
 fflush(nil)
 exit(0)
