@@ -128,6 +128,61 @@ extension Fpga_Agent_V1_Inventory {
     }
     allocations = snapshot.allocations.map(Fpga_Agent_V1_Allocation.init)
     vms = snapshot.vms.map(Fpga_Agent_V1_VirtualMachine.init)
+    accelerators = snapshot.accelerators.map(Fpga_Agent_V1_Accelerator.init)
+  }
+}
+
+extension Fpga_Agent_V1_SharingPolicy {
+  init(_ policy: TimeSharingScheduler.Policy, acceleratorID: String) {
+    self.init()
+    self.acceleratorID = acceleratorID
+    timeSlice = .init(policy.slice)
+    weights = policy.weights
+    overcommitLimit = UInt32(policy.overcommitLimit)
+  }
+}
+
+extension Fpga_Agent_V1_Accelerator {
+  init(_ view: AcceleratorView) {
+    self.init()
+    id = view.id
+    cardID = view.cardID
+    control = view.control
+    lastSwitchTime = .init(view.lastSwitchTime)
+    policy = .init(view.policy, acceleratorID: view.id)
+    guests = view.guests.map { share in
+      .with {
+        $0.guest = share.guest
+        $0.weight = share.weight
+        $0.share = share.share
+        $0.pending = .init(share.pending)
+      }
+    }
+    metrics = .with {
+      $0.utilization = view.metrics.utilization
+      $0.switchesPerSecond = view.metrics.switchesPerSecond
+      $0.meanSwitchTime = .init(view.metrics.meanSwitchTime)
+      $0.waitP50 = .init(view.metrics.waitP50)
+      $0.waitP99 = .init(view.metrics.waitP99)
+      $0.overcommitRatio = view.metrics.overcommitRatio
+      $0.switchOverhead = view.metrics.switchOverhead
+      $0.window = .init(view.metrics.window)
+    }
+    loadedGuest = view.loadedGuest ?? ""
+  }
+}
+
+extension Fpga_Agent_V1_Context {
+  init(_ record: ContextRecord, active: Bool) {
+    self.init()
+    id = record.id
+    acceleratorID = record.acceleratorID
+    guest = record.guest
+    function = record.function
+    parameters = record.parameters
+    savedStateBytes = record.savedStateBytes
+    weight = record.weight
+    self.active = active
   }
 }
 
@@ -145,6 +200,8 @@ extension Fpga_Agent_V1_InventoryChange {
     case .allocationRemoved(let id): allocationRemoved = id
     case .vmUpdated(let vm): vmUpdated = .init(vm)
     case .vmRemoved(let name): vmRemoved = name
+    case .acceleratorUpdated(let accelerator): acceleratorUpdated = .init(accelerator)
+    case .acceleratorRemoved(let id): acceleratorRemoved = id
     }
   }
 }

@@ -265,31 +265,73 @@ public struct NodeAgentService: Fpga_Agent_V1_NodeAgent.SimpleServiceProtocol {
   public func registerContext(
     request: Fpga_Agent_V1_RegisterContextRequest, context: ServerContext
   ) async throws -> Fpga_Agent_V1_RegisterContextResponse {
-    throw Unbuilt.contexts("RegisterContext")
+    let given = request.context
+    let (record, replayed) = try await engine.registerContext(
+      .init(
+        meta: try RequestMeta(request.meta), acceleratorID: given.acceleratorID, guest: given.guest,
+        function: given.function, parameters: given.parameters, savedStateBytes: given.savedStateBytes,
+        weight: given.weight))
+    if !replayed {
+      logger.info(
+        "context registered",
+        metadata: ["fpga.context": "\(record.id)", "fpga.accelerator": "\(record.acceleratorID)", "fpga.guest": "\(record.guest)"])
+    }
+    let active = await engine.listContexts(acceleratorID: record.acceleratorID, guest: record.guest).first?.active ?? false
+    return .with {
+      $0.context = .init(record, active: active)
+      $0.replayed = replayed
+    }
   }
 
   public func listContexts(
     request: Fpga_Agent_V1_ListContextsRequest, context: ServerContext
   ) async throws -> Fpga_Agent_V1_ListContextsResponse {
-    throw Unbuilt.contexts("ListContexts")
+    let guest = try Validate.vmName(request.guest, field: "guest")
+    let accelerator = request.acceleratorID.isEmpty ? nil : request.acceleratorID
+    let found = await engine.listContexts(acceleratorID: accelerator, guest: guest)
+    return .with { $0.contexts = found.map { Fpga_Agent_V1_Context($0.0, active: $0.active) } }
   }
 
   public func deleteContext(
     request: Fpga_Agent_V1_DeleteContextRequest, context: ServerContext
   ) async throws -> Fpga_Agent_V1_DeleteContextResponse {
-    throw Unbuilt.contexts("DeleteContext")
+    let id = try Validate.id(request.contextID, field: "context_id", prefix: "ctx-")
+    try await engine.deleteContext(id, meta: try RequestMeta(request.meta))
+    logger.info("context deleted", metadata: ["fpga.context": "\(id)"])
+    return .init()
   }
 
   public func switchContext(
     request: Fpga_Agent_V1_SwitchContextRequest, context: ServerContext
   ) async throws -> Fpga_Agent_V1_SwitchContextResponse {
-    throw Unbuilt.contexts("SwitchContext")
+    let id = try Validate.id(request.contextID, field: "context_id", prefix: "ctx-")
+    let now: Bool
+    switch request.timing {
+    case .unspecified, .nextSlice: now = false
+    case .now: now = true
+    case .UNRECOGNIZED(let value): throw AgentError(.invalidArgument, "timing \(value) is not a known SwitchTiming")
+    }
+    let time = try await engine.switchContext(id, now: now, meta: try RequestMeta(request.meta))
+    return .with {
+      $0.switched = time != nil
+      $0.switchTime = .init(time ?? .zero)
+    }
   }
 
   public func setSharingPolicy(
     request: Fpga_Agent_V1_SetSharingPolicyRequest, context: ServerContext
   ) async throws -> Fpga_Agent_V1_SetSharingPolicyResponse {
-    throw Unbuilt.contexts("SetSharingPolicy")
+    let given = request.policy
+    guard given.hasTimeSlice, given.timeSlice.seconds >= 0, given.timeSlice.nanos >= 0 else {
+      throw AgentError(.invalidArgument, "policy.time_slice is required (a positive duration, e.g. 10 ms)")
+    }
+    let slice = Duration.seconds(given.timeSlice.seconds) + .nanoseconds(Int64(given.timeSlice.nanos))
+    let policy = TimeSharingScheduler.Policy(
+      slice: slice, weights: given.weights, overcommitLimit: Int(min(given.overcommitLimit, 10_000)))
+    let applied = try await engine.setSharingPolicy(
+      acceleratorID: given.acceleratorID, policy: policy, meta: try RequestMeta(request.meta))
+    logger.info("sharing policy set", metadata: ["fpga.accelerator": "\(given.acceleratorID)"])
+    return .with { $0.policy = .init(applied, acceleratorID: given.acceleratorID) }
   }
 
   private func numaNode(_ value: Int32) throws(AgentError) -> Int {
@@ -303,14 +345,6 @@ public struct NodeAgentService: Fpga_Agent_V1_NodeAgent.SimpleServiceProtocol {
 
 /// Capabilities that belong to parts of the agent not built yet: refused with UNIMPLEMENTED and
 /// a message that says what is missing.
-enum Unbuilt {
-  static func contexts(_ rpc: String) -> AgentError {
-    AgentError(
-      .unimplemented,
-      "\(rpc) needs accelerator contexts and the time-sharing scheduler, which this build does not have yet")
-  }
-}
-
 extension RequestMeta {
   init(_ meta: Fpga_Agent_V1_RequestMeta) throws(AgentError) {
     self.init(
@@ -397,6 +431,16 @@ final class InventoryCache: Sendable {
             }
           case .vmRemoved(let name):
             cached.inventory.vms.removeAll { $0.name == name }
+          case .acceleratorUpdated(let accelerator):
+            let message = Fpga_Agent_V1_Accelerator(accelerator)
+            if let index = cached.inventory.accelerators.firstIndex(where: { $0.id == accelerator.id }) {
+              cached.inventory.accelerators[index] = message
+            } else {
+              let index = cached.inventory.accelerators.firstIndex { $0.id > accelerator.id }
+              cached.inventory.accelerators.insert(message, at: index ?? cached.inventory.accelerators.endIndex)
+            }
+          case .acceleratorRemoved(let id):
+            cached.inventory.accelerators.removeAll { $0.id == id }
           case .vfRemoved, .pfRemoved, .cardRemoved:
             return nil
           }

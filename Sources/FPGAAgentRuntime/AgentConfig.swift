@@ -31,6 +31,47 @@ public struct AgentConfig: Hashable, Sendable {
     /// A file keeping the simulated cards' state across agent restarts (like real hardware,
     /// which outlives the agent); empty: the cards start from `cards` at every start.
     public var stateFile = ""
+    /// Accelerator slots per simulated card (`card-DDDD:BB/acc0`, …).
+    public var acceleratorsPerCard = 2
+    /// Fixed part of a simulated context save or load, in microseconds.
+    public var acceleratorSwitchMicroseconds = 200
+    /// Bandwidth of a simulated context save or load, in MB/s.
+    public var acceleratorBandwidthMBps = 4096
+    /// Guests submitting jobs to simulated accelerators, so sharing can be watched live.
+    public var workloads: [Workload] = Workload.defaults
+  }
+
+  /// A guest of the workload generator: a job of `job_ms` every `interval_ms`.
+  public struct Workload: Hashable, Sendable {
+    public var guest: String
+    public var accelerator: String
+    public var function = "aes256-gcm"
+    public var weight = 1
+    public var intervalMilliseconds = 10
+    public var jobMilliseconds = 4
+    public var stateBytes = 64 << 20
+
+    public init(guest: String, accelerator: String, weight: Int = 1, intervalMilliseconds: Int = 10, jobMilliseconds: Int = 4) {
+      self.guest = guest
+      self.accelerator = accelerator
+      self.weight = weight
+      self.intervalMilliseconds = intervalMilliseconds
+      self.jobMilliseconds = jobMilliseconds
+    }
+
+    /// Two guests overcommitting the first card's first accelerator (1.6x its capacity).
+    public static let defaults = [
+      Workload(guest: "tenant-a", accelerator: "card-0000:3b/acc0", weight: 1),
+      Workload(guest: "tenant-b", accelerator: "card-0000:3b/acc0", weight: 2),
+    ]
+  }
+
+  /// Default sharing of every accelerator until SetSharingPolicy changes it.
+  public struct Sharing: Hashable, Sendable {
+    public var sliceMilliseconds = 10
+    public var overcommitLimit = 4
+    /// Seconds between accelerator figure updates in the inventory.
+    public var metricsIntervalSeconds = 2
   }
 
   /// The Linux platform.
@@ -80,6 +121,7 @@ public struct AgentConfig: Hashable, Sendable {
   /// Seconds between platform rescans; 0 disables periodic rescans.
   public var rescanIntervalSeconds = 30
   public var simulator = Simulator()
+  public var sharing = Sharing()
 
   public init() {}
 
@@ -133,6 +175,28 @@ public struct AgentConfig: Hashable, Sendable {
         problems.append(error.message)
       }
     }
+    if !(0...16).contains(simulator.acceleratorsPerCard) {
+      problems.append("simulator.accelerators_per_card must be 0-16")
+    }
+    if !(1...1_000_000).contains(simulator.acceleratorSwitchMicroseconds) {
+      problems.append("simulator.accelerator_switch_us must be 1-1000000")
+    }
+    if !(1...1_000_000).contains(simulator.acceleratorBandwidthMBps) {
+      problems.append("simulator.accelerator_bandwidth_mb_s must be 1-1000000")
+    }
+    for (index, workload) in simulator.workloads.enumerated() {
+      let key = "simulator.workloads[\(index)]"
+      if (try? Validate.vmName(workload.guest, field: "guest")) == nil || workload.guest.isEmpty {
+        problems.append("\(key).guest \(quoted(workload.guest)) must be 1-64 of A-Z a-z 0-9 . _ -")
+      }
+      if !(1...1000).contains(workload.weight) { problems.append("\(key).weight must be 1-1000") }
+      if !(1...60_000).contains(workload.intervalMilliseconds) { problems.append("\(key).interval_ms must be 1-60000") }
+      if !(1...60_000).contains(workload.jobMilliseconds) { problems.append("\(key).job_ms must be 1-60000") }
+      if workload.stateBytes < 0 { problems.append("\(key).state_bytes must be 0 or more") }
+    }
+    if !(1...10_000).contains(sharing.sliceMilliseconds) { problems.append("sharing.slice_ms must be 1-10000") }
+    if !(1...64).contains(sharing.overcommitLimit) { problems.append("sharing.overcommit_limit must be 1-64") }
+    if !(1...3600).contains(sharing.metricsIntervalSeconds) { problems.append("sharing.metrics_interval_seconds must be 1-3600") }
     if !simulator.stateFile.isEmpty && !simulator.stateFile.hasPrefix("/") {
       problems.append("simulator.state_file \(quoted(simulator.stateFile)) must be an absolute path")
     }

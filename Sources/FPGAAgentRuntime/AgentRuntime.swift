@@ -64,9 +64,10 @@ public final class AgentRuntime: Sendable {
       durability: config.stateDurability == "power" ? .power : .process)
     let faults = config.faultInjection.isEmpty
       ? nil : try FaultInjection.parse(config.faultInjection) { reason in SystemCalls.crash(reason) }
+    let runners = Self.accelerators(config)
     engine = NodeEngine(
       nodeID: nodeID, platform: platform, clock: clock, hypervisor: hypervisor, store: store, faults: faults,
-      detachTimeout: .seconds(config.qemu.detachTimeoutSeconds))
+      detachTimeout: .seconds(config.qemu.detachTimeoutSeconds), accelerators: runners)
     health = HealthService(services: [Fpga_Agent_V1_NodeAgent.descriptor.fullyQualifiedService])
 
     let services: [any RegistrableRPCService] = [
@@ -109,6 +110,12 @@ public final class AgentRuntime: Sendable {
       NodeService(
         engine: engine, health: health, logger: logger,
         rescanInterval: config.rescanIntervalSeconds > 0 ? .seconds(config.rescanIntervalSeconds) : nil))
+    if !runners.isEmpty {
+      serviceList.append(
+        AcceleratorService(
+          engine: engine, logger: logger, interval: .seconds(config.sharing.metricsIntervalSeconds),
+          workloads: config.platform == "simulated" ? config.simulator.workloads : []))
+    }
     var groupConfig = ServiceGroupConfiguration(services: serviceList, logger: logger)
     if handleSignals {
       groupConfig.gracefulShutdownSignals = [.sigterm, .sigint]
@@ -171,6 +178,25 @@ public final class AgentRuntime: Sendable {
     return LinuxPlatform(
       sysfs: sysfs, selectors: linux.selectors, watchdog: .seconds(linux.watchdogSeconds),
       holders: ProcVFIOHolders(procRoot: "/proc", devRoot: linux.devRoot))
+  }
+
+  /// The accelerators: slots of the simulated cards (the Linux platform has none configured yet).
+  static func accelerators(_ config: AgentConfig) -> [AcceleratorRunner] {
+    guard config.platform == "simulated" else { return [] }
+    let control = SimulatedAccelerator(
+      fixed: .microseconds(config.simulator.acceleratorSwitchMicroseconds),
+      bandwidth: UInt64(config.simulator.acceleratorBandwidthMBps) * 1_000_000)
+    let policy = TimeSharingScheduler.Policy(
+      slice: .milliseconds(config.sharing.sliceMilliseconds), overcommitLimit: config.sharing.overcommitLimit)
+    return config.simulator.cards.flatMap { card in
+      (0..<config.simulator.acceleratorsPerCard).map { slot in
+        let cardID = "card-" + hex(Int(card.domain), width: 4) + ":" + hex(Int(card.bus), width: 2)
+        return AcceleratorRunner(
+          spec: AcceleratorSpec(
+            id: "\(cardID)/acc\(slot)", cardID: cardID, nominalSwitchCost: control.fixed * 2, policy: policy),
+          control: control)
+      }
+    }
   }
 
   /// The simulated node, its cards kept in `simulator.state_file` when one is set.
@@ -280,4 +306,42 @@ struct PeriodicTicks: AsyncSequence, Sendable {
   }
 
   func makeAsyncIterator() -> AsyncIterator { AsyncIterator(interval: interval) }
+}
+
+/// Accelerator upkeep: the workload generator's guests (registered as contexts, then a job every
+/// interval) and the figures refreshed in the inventory every interval.
+struct AcceleratorService: Service {
+  let engine: NodeEngine
+  let logger: Logger
+  let interval: Duration
+  let workloads: [AgentConfig.Workload]
+
+  func run() async throws {
+    for workload in workloads {
+      do {
+        _ = try await engine.registerContext(
+          .init(
+            acceleratorID: workload.accelerator, guest: workload.guest, function: workload.function,
+            savedStateBytes: UInt64(workload.stateBytes), weight: UInt32(workload.weight)))
+      } catch {
+        logger.warning(
+          "workload guest not started", metadata: ["fpga.guest": "\(workload.guest)", "fpga.error": "\(error)"])
+      }
+    }
+    await withDiscardingTaskGroup { group in
+      for workload in workloads {
+        group.addTask {
+          for await _ in PeriodicTicks(interval: .milliseconds(workload.intervalMilliseconds)).cancelOnGracefulShutdown() {
+            await engine.submitWork(
+              guest: workload.guest, acceleratorID: workload.accelerator, work: .milliseconds(workload.jobMilliseconds))
+          }
+        }
+      }
+      group.addTask {
+        for await _ in PeriodicTicks(interval: interval).cancelOnGracefulShutdown() {
+          await engine.refreshAccelerators()
+        }
+      }
+    }
+  }
 }

@@ -95,6 +95,19 @@ public enum ConfigLoader {
           case "cards": reader.cards(value, path).map { config.simulator.cards = $0 }
           case "vms": reader.vms(value, path).map { config.simulator.vms = $0 }
           case "state_file": reader.string(value, path).map { config.simulator.stateFile = $0 }
+          case "accelerators_per_card": reader.int(value, path).map { config.simulator.acceleratorsPerCard = $0 }
+          case "accelerator_switch_us": reader.int(value, path).map { config.simulator.acceleratorSwitchMicroseconds = $0 }
+          case "accelerator_bandwidth_mb_s": reader.int(value, path).map { config.simulator.acceleratorBandwidthMBps = $0 }
+          case "workloads": reader.workloads(value, path).map { config.simulator.workloads = $0 }
+          default: reader.unknown(path)
+          }
+        }
+      case "sharing":
+        reader.mapping(value, "sharing") { key, value, path in
+          switch key {
+          case "slice_ms": reader.int(value, path).map { config.sharing.sliceMilliseconds = $0 }
+          case "overcommit_limit": reader.int(value, path).map { config.sharing.overcommitLimit = $0 }
+          case "metrics_interval_seconds": reader.int(value, path).map { config.sharing.metricsIntervalSeconds = $0 }
           default: reader.unknown(path)
           }
         }
@@ -229,6 +242,29 @@ private final class Reader {
       selectors.append(selector)
     }
     return selectors
+  }
+
+  func workloads(_ value: Any, _ path: String) -> [AgentConfig.Workload]? {
+    guard let list = value as? [Any] else {
+      problems.append("\(path) must be a list of workloads")
+      return nil
+    }
+    return list.enumerated().map { index, item in
+      var workload = AgentConfig.Workload(guest: "", accelerator: "")
+      mapping(item, "\(path)[\(index)]") { key, value, path in
+        switch key {
+        case "guest": string(value, path).map { workload.guest = $0 }
+        case "accelerator": string(value, path).map { workload.accelerator = $0 }
+        case "function": string(value, path).map { workload.function = $0 }
+        case "weight": int(value, path).map { workload.weight = $0 }
+        case "interval_ms": int(value, path).map { workload.intervalMilliseconds = $0 }
+        case "job_ms": int(value, path).map { workload.jobMilliseconds = $0 }
+        case "state_bytes": int(value, path).map { workload.stateBytes = $0 }
+        default: unknown(path)
+        }
+      }
+      return workload
+    }
   }
 
   func vms(_ value: Any, _ path: String) -> [SimulatedHypervisor.VM]? {

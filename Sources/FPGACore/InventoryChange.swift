@@ -18,6 +18,7 @@ public struct InventorySnapshot: Hashable, Sendable {
   public var cards: [CardView]
   public var allocations: [Allocation]
   public var vms: [VirtualMachineInfo] = []
+  public var accelerators: [AcceleratorView] = []
 }
 
 /// One change to the inventory; a revision is a list of them.
@@ -33,6 +34,8 @@ public enum InventoryChange: Hashable, Sendable {
   case allocationRemoved(String)
   case vmUpdated(VirtualMachineInfo)
   case vmRemoved(String)
+  case acceleratorUpdated(AcceleratorView)
+  case acceleratorRemoved(String)
 }
 
 /// An event of an inventory watch.

@@ -16,6 +16,7 @@ public struct InventoryState: Sendable {
   public private(set) var allocations: [String: Allocation] = [:]
   private(set) var allocationByVF: [PCIAddress: String] = [:]
   public private(set) var vms: [String: VirtualMachineInfo] = [:]
+  public private(set) var accelerators: [String: AcceleratorView] = [:]
   private var log: ChangeLog
 
   public init(changeLogCapacity: Int = 4096) {
@@ -73,7 +74,8 @@ public struct InventoryState: Sendable {
       .sorted { $0.id < $1.id }
     return InventorySnapshot(
       revision: revision, nodeID: nodeID, cards: cards, allocations: allocations,
-      vms: vms.values.sorted { $0.name < $1.name })
+      vms: vms.values.sorted { $0.name < $1.name },
+      accelerators: accelerators.values.filter { cardID == nil || $0.cardID == cardID }.sorted { $0.id < $1.id })
   }
 
   public struct Counts: Hashable, Sendable {
@@ -224,6 +226,21 @@ public struct InventoryState: Sendable {
     for name in vms.keys.sorted() where byName[name] == nil {
       vms[name] = nil
       changes.append(.vmRemoved(name))
+    }
+    return changes
+  }
+
+  /// Brings the accelerators in line with what their runners report.
+  public mutating func apply(accelerators found: [AcceleratorView]) -> [InventoryChange] {
+    var changes: [InventoryChange] = []
+    let byID = Dictionary(found.map { ($0.id, $0) }, uniquingKeysWith: { a, _ in a })
+    for accelerator in found.sorted(by: { $0.id < $1.id }) where accelerators[accelerator.id] != accelerator {
+      accelerators[accelerator.id] = accelerator
+      changes.append(.acceleratorUpdated(accelerator))
+    }
+    for id in accelerators.keys.sorted() where byID[id] == nil {
+      accelerators[id] = nil
+      changes.append(.acceleratorRemoved(id))
     }
     return changes
   }

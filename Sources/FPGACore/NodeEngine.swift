@@ -26,6 +26,10 @@ public actor NodeEngine {
   var runningOperations: [String: Task<Void, Never>] = [:]
   /// How long a reconfiguration waits for a guest to acknowledge an unplug.
   let detachTimeout: Duration
+  /// Accelerator runners by accelerator id.
+  let runners: [String: AcceleratorRunner]
+  /// Registered contexts by id.
+  var contexts: [String: ContextRecord] = [:]
   private let broadcaster = InventoryBroadcaster()
   var operations: [String: OperationRecord] = [:]
   private var operationOrder: [String] = []
@@ -40,8 +44,9 @@ public actor NodeEngine {
   public init(
     nodeID: String, platform: any NodePlatform, clock: any WallClock, hypervisor: (any Hypervisor)? = nil,
     store: any StateStore = MemoryStateStore(), faults: FaultInjection? = nil, detachTimeout: Duration = .seconds(30),
-    changeLogCapacity: Int = 4096, watchBufferLimit: Int = 4096
+    accelerators: [AcceleratorRunner] = [], changeLogCapacity: Int = 4096, watchBufferLimit: Int = 4096
   ) {
+    self.runners = Dictionary(accelerators.map { ($0.spec.id, $0) }, uniquingKeysWith: { a, _ in a })
     self.store = store
     self.faults = faults
     self.detachTimeout = detachTimeout
@@ -229,8 +234,9 @@ public actor NodeEngine {
 
   // MARK: Shutdown
 
-  /// Ends every watch stream, for a graceful shutdown.
-  public func close() {
+  /// Ends every watch stream and stops the accelerators, for a graceful shutdown.
+  public func close() async {
+    for runner in runners.values { await runner.stop() }
     broadcaster.close()
     for watchers in operationWatchers.values {
       for continuation in watchers.values { continuation.finish() }
@@ -352,6 +358,7 @@ public actor NodeEngine {
       remember(operation.record)
     }
     publish(changes)
+    await restoreAccelerators(persisted)
     return persisted
   }
 

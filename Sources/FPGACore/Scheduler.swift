@@ -8,7 +8,7 @@
 /// interval in which a set of guests stays backlogged, each one's service is proportional to
 /// its weight, within one slice.
 public struct TimeSharingScheduler: Sendable {
-  public struct Policy: Hashable, Sendable {
+  public struct Policy: Hashable, Sendable, Codable {
     /// Length of one slice.
     public var slice: Duration
     /// Weight per guest; absent guests weigh 1.

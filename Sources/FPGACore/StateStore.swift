@@ -23,6 +23,10 @@ public struct PersistedState: Hashable, Sendable {
   public var drains: Set<String> = []
   /// Oldest first; unfinished ones carry their journal.
   public var operations: [StoredOperation] = []
+  /// Registered contexts.
+  public var contexts: [ContextRecord] = []
+  /// Sharing policies set through the API, by accelerator.
+  public var policies: [String: TimeSharingScheduler.Policy] = [:]
 
   public init() {}
 
@@ -42,6 +46,11 @@ public struct PersistedState: Hashable, Sendable {
         idempotency.append(record)
       case .setEpoch(let value): epoch = max(epoch, value)
       case .setStarts(let value): starts = value
+      case .putContext(let record):
+        contexts.removeAll { $0.id == record.id }
+        contexts.append(record)
+      case .deleteContext(let id): contexts.removeAll { $0.id == id }
+      case .putPolicy(let id, let policy): policies[id] = policy
       case .setDrain(let target, let on):
         if on { drains.insert(target) } else { drains.remove(target) }
       case .putOperation(let operation):
@@ -68,6 +77,10 @@ public enum StoreChange: Hashable, Sendable {
   case setDrain(String, Bool)
   /// Adds or replaces an operation; `journal` is nil once it has ended.
   case putOperation(StoredOperation)
+  case putContext(ContextRecord)
+  case deleteContext(String)
+  /// An accelerator's sharing policy.
+  case putPolicy(String, TimeSharingScheduler.Policy)
 }
 
 /// The result an idempotency key replays.

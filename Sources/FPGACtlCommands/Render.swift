@@ -1,4 +1,5 @@
 import FPGAAgentAPI
+import SwiftProtobuf
 
 /// Human-readable renderings of the API's messages. Stable: tests compare them exactly.
 enum Render {
@@ -120,6 +121,10 @@ enum Render {
     case .allocationRemoved(let id): "allocation \(id) ended"
     case .vmUpdated(let vm): "VM \(vm.name) \(vm.state) (\(vm.freeRootPorts)/\(vm.rootPorts) root ports free)"
     case .vmRemoved(let name): "VM \(name) removed"
+    case .acceleratorUpdated(let accelerator):
+      "accelerator \(accelerator.id): \(accelerator.guests.count) guests, utilization \(percent(accelerator.metrics.utilization)), "
+        + "\(decimal(accelerator.metrics.switchesPerSecond)) switches/s"
+    case .acceleratorRemoved(let id): "accelerator \(id) removed"
     case nil: "(empty change)"
     }
   }
@@ -205,6 +210,19 @@ enum Render {
   }
 
   static func yesNo(_ flag: Bool) -> String { flag ? "yes" : "no" }
+
+  static func percent(_ value: Double) -> String { "\(decimal(value * 100))%" }
+
+  /// `value` with one decimal, without Foundation.
+  static func decimal(_ value: Double) -> String {
+    let tenths = Int((value * 10).rounded())
+    return "\(tenths / 10).\(abs(tenths % 10))"
+  }
+
+  /// A protobuf duration in milliseconds with one decimal, e.g. "0.5 ms".
+  static func millis(_ duration: Google_Protobuf_Duration) -> String {
+    decimal(Double(duration.seconds) * 1000 + Double(duration.nanos) / 1e6) + " ms"
+  }
 
   static func pciID(_ vendor: UInt32, _ device: UInt32) -> String {
     hex4(vendor) + ":" + hex4(device)

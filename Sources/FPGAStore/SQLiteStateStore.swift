@@ -117,6 +117,10 @@ public final class SQLiteStateStore: StateStore {
           CREATE TABLE contexts (id TEXT PRIMARY KEY NOT NULL, body TEXT NOT NULL);
           """)
     }
+    if last == "v2" { return migrator }
+    migrator.registerMigration("v3") { db in
+      try db.execute(sql: "CREATE TABLE policies (accelerator_id TEXT PRIMARY KEY NOT NULL, body TEXT NOT NULL)")
+    }
     return migrator
   }
 
@@ -153,6 +157,13 @@ public final class SQLiteStateStore: StateStore {
           arguments: [Self.operationHistory])
         let unfinished = try String.fetchAll(
           db, sql: "SELECT body FROM operations WHERE unfinished = 1 ORDER BY created, rowid")
+        for body in try String.fetchAll(db, sql: "SELECT body FROM contexts ORDER BY id") {
+          state.contexts.append(try decoder.decode(ContextRecord.self, from: Data(body.utf8)))
+        }
+        for row in try Row.fetchAll(db, sql: "SELECT accelerator_id, body FROM policies") {
+          let body: String = row["body"]
+          state.policies[row["accelerator_id"]] = try decoder.decode(TimeSharingScheduler.Policy.self, from: Data(body.utf8))
+        }
         var seen = Set<String>()
         for body in unfinished + operations {
           let operation = try decoder.decode(StoredOperation.self, from: Data(body.utf8))
@@ -275,6 +286,14 @@ public final class SQLiteStateStore: StateStore {
       try db.cachedStatement(
         sql: "INSERT INTO settings (name, value) VALUES ('starts', ?) ON CONFLICT(name) DO UPDATE SET value = excluded.value").execute(
         arguments: [String(starts)])
+    case .putContext(let record):
+      try db.cachedStatement(sql: "INSERT OR REPLACE INTO contexts (id, body) VALUES (?, ?)").execute(
+        arguments: [record.id, try json(record)])
+    case .deleteContext(let id):
+      try db.cachedStatement(sql: "DELETE FROM contexts WHERE id = ?").execute(arguments: [id])
+    case .putPolicy(let id, let policy):
+      try db.cachedStatement(sql: "INSERT OR REPLACE INTO policies (accelerator_id, body) VALUES (?, ?)").execute(
+        arguments: [id, try json(policy)])
     case .setDrain(let target, let on):
       if on {
         try db.cachedStatement(sql: "INSERT OR IGNORE INTO drains (target) VALUES (?)").execute(arguments: [target])

@@ -49,7 +49,7 @@ func allocation(_ id: String, vf: String, attached: Bool = false) -> Allocation 
     #expect(state.epoch == 7)  // the epoch only rises
     #expect(state.drains == ["card-0000:d8", "0000:3b:00.1"])
     #expect(state.operations == [StoredOperation(record: record, journal: journal)])
-    #expect(try reopened.appliedMigrations() == ["v1", "v2"])
+    #expect(try reopened.appliedMigrations() == ["v1", "v2", "v3"])
   }
 
   @Test func aStoreOfTheFirstSchemaIsMigratedWithItsRecords() async throws {
@@ -78,7 +78,7 @@ func allocation(_ id: String, vf: String, attached: Bool = false) -> Allocation 
       #expect(try await queue.read { db in try db.tableExists("operations") } == false)
     }
     let store = try SQLiteStateStore(path: path)
-    #expect(try store.appliedMigrations() == ["v1", "v2"])
+    #expect(try store.appliedMigrations() == ["v1", "v2", "v3"])
     let state = try store.load()
     #expect(state.allocations == [kept])
     #expect(state.idempotency == [IdempotencyRecord(scope: "DrainDevice", key: "k1", fingerprint: "f", outcome: .operation("op-9"))])

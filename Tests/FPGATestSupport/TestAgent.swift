@@ -46,6 +46,9 @@ public struct TestAgent: Sendable {
     config.nodeID = nodeID
     config.rescanIntervalSeconds = 0
     config.simulator.cards = cards
+    // No accelerators unless a test asks: their figures would add revisions to every test.
+    config.simulator.acceleratorsPerCard = 0
+    config.simulator.workloads = []
     configure(&config)
     var logger = Logger(label: "fpga-agent-test")
     logger.logLevel = .critical

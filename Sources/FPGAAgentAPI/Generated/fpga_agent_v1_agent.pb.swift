@@ -582,6 +582,9 @@ public nonisolated struct Fpga_Agent_V1_Inventory: Sendable {
   /// The VMs known to the agent, ordered by name.
   public var vms: [Fpga_Agent_V1_VirtualMachine] = []
 
+  /// The accelerators (slots of the cards' user logic) with their sharing figures, ordered by id.
+  public var accelerators: [Fpga_Agent_V1_Accelerator] = []
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
@@ -717,6 +720,24 @@ public nonisolated struct Fpga_Agent_V1_InventoryChange: Sendable {
     set {change = .vmRemoved(newValue)}
   }
 
+  /// An accelerator appeared, or its policy, guests or figures changed.
+  public var acceleratorUpdated: Fpga_Agent_V1_Accelerator {
+    get {
+      if case .acceleratorUpdated(let v)? = change {return v}
+      return Fpga_Agent_V1_Accelerator()
+    }
+    set {change = .acceleratorUpdated(newValue)}
+  }
+
+  /// An accelerator vanished (its id).
+  public var acceleratorRemoved: String {
+    get {
+      if case .acceleratorRemoved(let v)? = change {return v}
+      return String()
+    }
+    set {change = .acceleratorRemoved(newValue)}
+  }
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   /// What changed.
@@ -742,6 +763,10 @@ public nonisolated struct Fpga_Agent_V1_InventoryChange: Sendable {
     case vmUpdated(Fpga_Agent_V1_VirtualMachine)
     /// A VM is no longer known (its name).
     case vmRemoved(String)
+    /// An accelerator appeared, or its policy, guests or figures changed.
+    case acceleratorUpdated(Fpga_Agent_V1_Accelerator)
+    /// An accelerator vanished (its id).
+    case acceleratorRemoved(String)
 
   }
 
@@ -1562,6 +1587,178 @@ public nonisolated struct Fpga_Agent_V1_UndrainDeviceResponse: Sendable {
   public init() {}
 }
 
+/// One accelerator: a slot of a card's user logic that guests share in time slices.
+public nonisolated struct Fpga_Agent_V1_Accelerator: @unchecked Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  /// Id, e.g. "card-0000:3b/acc0".
+  public var id: String {
+    get {_storage._id}
+    set {_uniqueStorage()._id = newValue}
+  }
+
+  /// The card it belongs to.
+  public var cardID: String {
+    get {_storage._cardID}
+    set {_uniqueStorage()._cardID = newValue}
+  }
+
+  /// What controls it: "simulated" or "bar" (a register map in a PCI BAR).
+  public var control: String {
+    get {_storage._control}
+    set {_uniqueStorage()._control = newValue}
+  }
+
+  /// Measured cost of the last context switch (save + load).
+  public var lastSwitchTime: SwiftProtobuf.Google_Protobuf_Duration {
+    get {_storage._lastSwitchTime ?? SwiftProtobuf.Google_Protobuf_Duration()}
+    set {_uniqueStorage()._lastSwitchTime = newValue}
+  }
+  /// Returns true if `lastSwitchTime` has been explicitly set.
+  public var hasLastSwitchTime: Bool {_storage._lastSwitchTime != nil}
+  /// Clears the value of `lastSwitchTime`. Subsequent reads from it will return its default value.
+  public mutating func clearLastSwitchTime() {_uniqueStorage()._lastSwitchTime = nil}
+
+  /// The sharing policy in force.
+  public var policy: Fpga_Agent_V1_SharingPolicy {
+    get {_storage._policy ?? Fpga_Agent_V1_SharingPolicy()}
+    set {_uniqueStorage()._policy = newValue}
+  }
+  /// Returns true if `policy` has been explicitly set.
+  public var hasPolicy: Bool {_storage._policy != nil}
+  /// Clears the value of `policy`. Subsequent reads from it will return its default value.
+  public mutating func clearPolicy() {_uniqueStorage()._policy = nil}
+
+  /// Guests bound to it, ordered by name.
+  public var guests: [Fpga_Agent_V1_GuestShare] {
+    get {_storage._guests}
+    set {_uniqueStorage()._guests = newValue}
+  }
+
+  /// Figures over the last measurement window.
+  public var metrics: Fpga_Agent_V1_AcceleratorMetrics {
+    get {_storage._metrics ?? Fpga_Agent_V1_AcceleratorMetrics()}
+    set {_uniqueStorage()._metrics = newValue}
+  }
+  /// Returns true if `metrics` has been explicitly set.
+  public var hasMetrics: Bool {_storage._metrics != nil}
+  /// Clears the value of `metrics`. Subsequent reads from it will return its default value.
+  public mutating func clearMetrics() {_uniqueStorage()._metrics = nil}
+
+  /// The guest whose context is loaded, empty when none.
+  public var loadedGuest: String {
+    get {_storage._loadedGuest}
+    set {_uniqueStorage()._loadedGuest = newValue}
+  }
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+
+  fileprivate var _storage = _StorageClass.defaultInstance
+}
+
+/// A guest's share of an accelerator.
+public nonisolated struct Fpga_Agent_V1_GuestShare: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  /// The guest.
+  public var guest: String = String()
+
+  /// Its weight.
+  public var weight: UInt32 = 0
+
+  /// Its share of the accelerator's busy time in the window, 0..1.
+  public var share: Double = 0
+
+  /// Work submitted and not yet done.
+  public var pending: SwiftProtobuf.Google_Protobuf_Duration {
+    get {_pending ?? SwiftProtobuf.Google_Protobuf_Duration()}
+    set {_pending = newValue}
+  }
+  /// Returns true if `pending` has been explicitly set.
+  public var hasPending: Bool {self._pending != nil}
+  /// Clears the value of `pending`. Subsequent reads from it will return its default value.
+  public mutating func clearPending() {self._pending = nil}
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+
+  fileprivate var _pending: SwiftProtobuf.Google_Protobuf_Duration? = nil
+}
+
+/// What an orchestrator needs to decide how far to overcommit.
+public nonisolated struct Fpga_Agent_V1_AcceleratorMetrics: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  /// Busy time (useful work) over the window, 0..1.
+  public var utilization: Double = 0
+
+  /// Context switches per second.
+  public var switchesPerSecond: Double = 0
+
+  /// Mean switch time.
+  public var meanSwitchTime: SwiftProtobuf.Google_Protobuf_Duration {
+    get {_meanSwitchTime ?? SwiftProtobuf.Google_Protobuf_Duration()}
+    set {_meanSwitchTime = newValue}
+  }
+  /// Returns true if `meanSwitchTime` has been explicitly set.
+  public var hasMeanSwitchTime: Bool {self._meanSwitchTime != nil}
+  /// Clears the value of `meanSwitchTime`. Subsequent reads from it will return its default value.
+  public mutating func clearMeanSwitchTime() {self._meanSwitchTime = nil}
+
+  /// Time from runnable to running, median and 99th percentile.
+  public var waitP50: SwiftProtobuf.Google_Protobuf_Duration {
+    get {_waitP50 ?? SwiftProtobuf.Google_Protobuf_Duration()}
+    set {_waitP50 = newValue}
+  }
+  /// Returns true if `waitP50` has been explicitly set.
+  public var hasWaitP50: Bool {self._waitP50 != nil}
+  /// Clears the value of `waitP50`. Subsequent reads from it will return its default value.
+  public mutating func clearWaitP50() {self._waitP50 = nil}
+
+  public var waitP99: SwiftProtobuf.Google_Protobuf_Duration {
+    get {_waitP99 ?? SwiftProtobuf.Google_Protobuf_Duration()}
+    set {_waitP99 = newValue}
+  }
+  /// Returns true if `waitP99` has been explicitly set.
+  public var hasWaitP99: Bool {self._waitP99 != nil}
+  /// Clears the value of `waitP99`. Subsequent reads from it will return its default value.
+  public mutating func clearWaitP99() {self._waitP99 = nil}
+
+  /// Guests bound divided by the overcommit limit.
+  public var overcommitRatio: Double = 0
+
+  /// Switch time over the window, 0..1.
+  public var switchOverhead: Double = 0
+
+  /// The window's length.
+  public var window: SwiftProtobuf.Google_Protobuf_Duration {
+    get {_window ?? SwiftProtobuf.Google_Protobuf_Duration()}
+    set {_window = newValue}
+  }
+  /// Returns true if `window` has been explicitly set.
+  public var hasWindow: Bool {self._window != nil}
+  /// Clears the value of `window`. Subsequent reads from it will return its default value.
+  public mutating func clearWindow() {self._window = nil}
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+
+  fileprivate var _meanSwitchTime: SwiftProtobuf.Google_Protobuf_Duration? = nil
+  fileprivate var _waitP50: SwiftProtobuf.Google_Protobuf_Duration? = nil
+  fileprivate var _waitP99: SwiftProtobuf.Google_Protobuf_Duration? = nil
+  fileprivate var _window: SwiftProtobuf.Google_Protobuf_Duration? = nil
+}
+
 /// A guest's context on an accelerator.
 public nonisolated struct Fpga_Agent_V1_Context: Sendable {
   // SwiftProtobuf.Message conformance is added in an extension below. See the
@@ -2334,7 +2531,7 @@ nonisolated extension Fpga_Agent_V1_VirtualMachine: SwiftProtobuf.Message, Swift
 
 nonisolated extension Fpga_Agent_V1_Inventory: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".Inventory"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}revision\0\u{3}node_id\0\u{1}cards\0\u{1}allocations\0\u{1}vms\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}revision\0\u{3}node_id\0\u{1}cards\0\u{1}allocations\0\u{1}vms\0\u{1}accelerators\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -2347,6 +2544,7 @@ nonisolated extension Fpga_Agent_V1_Inventory: SwiftProtobuf.Message, SwiftProto
       case 3: try { try decoder.decodeRepeatedMessageField(value: &self.cards) }()
       case 4: try { try decoder.decodeRepeatedMessageField(value: &self.allocations) }()
       case 5: try { try decoder.decodeRepeatedMessageField(value: &self.vms) }()
+      case 6: try { try decoder.decodeRepeatedMessageField(value: &self.accelerators) }()
       default: break
       }
     }
@@ -2368,6 +2566,9 @@ nonisolated extension Fpga_Agent_V1_Inventory: SwiftProtobuf.Message, SwiftProto
     if !self.vms.isEmpty {
       try visitor.visitRepeatedMessageField(value: self.vms, fieldNumber: 5)
     }
+    if !self.accelerators.isEmpty {
+      try visitor.visitRepeatedMessageField(value: self.accelerators, fieldNumber: 6)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -2377,6 +2578,7 @@ nonisolated extension Fpga_Agent_V1_Inventory: SwiftProtobuf.Message, SwiftProto
     if lhs.cards != rhs.cards {return false}
     if lhs.allocations != rhs.allocations {return false}
     if lhs.vms != rhs.vms {return false}
+    if lhs.accelerators != rhs.accelerators {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
@@ -2444,7 +2646,7 @@ nonisolated extension Fpga_Agent_V1_WatchInventoryRequest: SwiftProtobuf.Message
 
 nonisolated extension Fpga_Agent_V1_InventoryChange: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".InventoryChange"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}pf_updated\0\u{3}pf_removed\0\u{3}vf_updated\0\u{3}vf_removed\0\u{3}allocation_updated\0\u{3}allocation_removed\0\u{3}card_updated\0\u{3}card_removed\0\u{3}vm_updated\0\u{3}vm_removed\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}pf_updated\0\u{3}pf_removed\0\u{3}vf_updated\0\u{3}vf_removed\0\u{3}allocation_updated\0\u{3}allocation_removed\0\u{3}card_updated\0\u{3}card_removed\0\u{3}vm_updated\0\u{3}vm_removed\0\u{3}accelerator_updated\0\u{3}accelerator_removed\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -2557,6 +2759,27 @@ nonisolated extension Fpga_Agent_V1_InventoryChange: SwiftProtobuf.Message, Swif
           self.change = .vmRemoved(v)
         }
       }()
+      case 11: try {
+        var v: Fpga_Agent_V1_Accelerator?
+        var hadOneofValue = false
+        if let current = self.change {
+          hadOneofValue = true
+          if case .acceleratorUpdated(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.change = .acceleratorUpdated(v)
+        }
+      }()
+      case 12: try {
+        var v: String?
+        try decoder.decodeSingularStringField(value: &v)
+        if let v = v {
+          if self.change != nil {try decoder.handleConflictingOneOf()}
+          self.change = .acceleratorRemoved(v)
+        }
+      }()
       default: break
       }
     }
@@ -2607,6 +2830,14 @@ nonisolated extension Fpga_Agent_V1_InventoryChange: SwiftProtobuf.Message, Swif
     case .vmRemoved?: try {
       guard case .vmRemoved(let v)? = self.change else { preconditionFailure() }
       try visitor.visitSingularStringField(value: v, fieldNumber: 10)
+    }()
+    case .acceleratorUpdated?: try {
+      guard case .acceleratorUpdated(let v)? = self.change else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 11)
+    }()
+    case .acceleratorRemoved?: try {
+      guard case .acceleratorRemoved(let v)? = self.change else { preconditionFailure() }
+      try visitor.visitSingularStringField(value: v, fieldNumber: 12)
     }()
     case nil: break
     }
@@ -3950,6 +4181,243 @@ nonisolated extension Fpga_Agent_V1_UndrainDeviceResponse: SwiftProtobuf.Message
 
   public static func ==(lhs: Fpga_Agent_V1_UndrainDeviceResponse, rhs: Fpga_Agent_V1_UndrainDeviceResponse) -> Bool {
     if lhs.revision != rhs.revision {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Fpga_Agent_V1_Accelerator: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".Accelerator"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}id\0\u{3}card_id\0\u{1}control\0\u{3}last_switch_time\0\u{1}policy\0\u{1}guests\0\u{1}metrics\0\u{3}loaded_guest\0")
+
+  fileprivate class _StorageClass {
+    var _id: String = String()
+    var _cardID: String = String()
+    var _control: String = String()
+    var _lastSwitchTime: SwiftProtobuf.Google_Protobuf_Duration? = nil
+    var _policy: Fpga_Agent_V1_SharingPolicy? = nil
+    var _guests: [Fpga_Agent_V1_GuestShare] = []
+    var _metrics: Fpga_Agent_V1_AcceleratorMetrics? = nil
+    var _loadedGuest: String = String()
+
+      // This property is used as the initial default value for new instances of the type.
+      // The type itself is protecting the reference to its storage via CoW semantics.
+      // This will force a copy to be made of this reference when the first mutation occurs;
+      // hence, it is safe to mark this as `nonisolated(unsafe)`.
+      static nonisolated(unsafe) let defaultInstance = _StorageClass()
+
+    private init() {}
+
+    init(copying source: _StorageClass) {
+      _id = source._id
+      _cardID = source._cardID
+      _control = source._control
+      _lastSwitchTime = source._lastSwitchTime
+      _policy = source._policy
+      _guests = source._guests
+      _metrics = source._metrics
+      _loadedGuest = source._loadedGuest
+    }
+  }
+
+  fileprivate mutating func _uniqueStorage() -> _StorageClass {
+    if !isKnownUniquelyReferenced(&_storage) {
+      _storage = _StorageClass(copying: _storage)
+    }
+    return _storage
+  }
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    _ = _uniqueStorage()
+    try withExtendedLifetime(_storage) { (_storage: _StorageClass) in
+      while let fieldNumber = try decoder.nextFieldNumber() {
+        // The use of inline closures is to circumvent an issue where the compiler
+        // allocates stack space for every case branch when no optimizations are
+        // enabled. https://github.com/apple/swift-protobuf/issues/1034
+        switch fieldNumber {
+        case 1: try { try decoder.decodeSingularStringField(value: &_storage._id) }()
+        case 2: try { try decoder.decodeSingularStringField(value: &_storage._cardID) }()
+        case 3: try { try decoder.decodeSingularStringField(value: &_storage._control) }()
+        case 4: try { try decoder.decodeSingularMessageField(value: &_storage._lastSwitchTime) }()
+        case 5: try { try decoder.decodeSingularMessageField(value: &_storage._policy) }()
+        case 6: try { try decoder.decodeRepeatedMessageField(value: &_storage._guests) }()
+        case 7: try { try decoder.decodeSingularMessageField(value: &_storage._metrics) }()
+        case 8: try { try decoder.decodeSingularStringField(value: &_storage._loadedGuest) }()
+        default: break
+        }
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    try withExtendedLifetime(_storage) { (_storage: _StorageClass) in
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every if/case branch local when no optimizations
+      // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
+      // https://github.com/apple/swift-protobuf/issues/1182
+      if !_storage._id.isEmpty {
+        try visitor.visitSingularStringField(value: _storage._id, fieldNumber: 1)
+      }
+      if !_storage._cardID.isEmpty {
+        try visitor.visitSingularStringField(value: _storage._cardID, fieldNumber: 2)
+      }
+      if !_storage._control.isEmpty {
+        try visitor.visitSingularStringField(value: _storage._control, fieldNumber: 3)
+      }
+      try { if let v = _storage._lastSwitchTime {
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 4)
+      } }()
+      try { if let v = _storage._policy {
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 5)
+      } }()
+      if !_storage._guests.isEmpty {
+        try visitor.visitRepeatedMessageField(value: _storage._guests, fieldNumber: 6)
+      }
+      try { if let v = _storage._metrics {
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 7)
+      } }()
+      if !_storage._loadedGuest.isEmpty {
+        try visitor.visitSingularStringField(value: _storage._loadedGuest, fieldNumber: 8)
+      }
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Fpga_Agent_V1_Accelerator, rhs: Fpga_Agent_V1_Accelerator) -> Bool {
+    if lhs._storage !== rhs._storage {
+      let storagesAreEqual: Bool = withExtendedLifetime((lhs._storage, rhs._storage)) { (_args: (_StorageClass, _StorageClass)) in
+        let _storage = _args.0
+        let rhs_storage = _args.1
+        if _storage._id != rhs_storage._id {return false}
+        if _storage._cardID != rhs_storage._cardID {return false}
+        if _storage._control != rhs_storage._control {return false}
+        if _storage._lastSwitchTime != rhs_storage._lastSwitchTime {return false}
+        if _storage._policy != rhs_storage._policy {return false}
+        if _storage._guests != rhs_storage._guests {return false}
+        if _storage._metrics != rhs_storage._metrics {return false}
+        if _storage._loadedGuest != rhs_storage._loadedGuest {return false}
+        return true
+      }
+      if !storagesAreEqual {return false}
+    }
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Fpga_Agent_V1_GuestShare: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".GuestShare"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}guest\0\u{1}weight\0\u{1}share\0\u{1}pending\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularStringField(value: &self.guest) }()
+      case 2: try { try decoder.decodeSingularUInt32Field(value: &self.weight) }()
+      case 3: try { try decoder.decodeSingularDoubleField(value: &self.share) }()
+      case 4: try { try decoder.decodeSingularMessageField(value: &self._pending) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    // The use of inline closures is to circumvent an issue where the compiler
+    // allocates stack space for every if/case branch local when no optimizations
+    // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
+    // https://github.com/apple/swift-protobuf/issues/1182
+    if !self.guest.isEmpty {
+      try visitor.visitSingularStringField(value: self.guest, fieldNumber: 1)
+    }
+    if self.weight != 0 {
+      try visitor.visitSingularUInt32Field(value: self.weight, fieldNumber: 2)
+    }
+    if self.share.bitPattern != 0 {
+      try visitor.visitSingularDoubleField(value: self.share, fieldNumber: 3)
+    }
+    try { if let v = self._pending {
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 4)
+    } }()
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Fpga_Agent_V1_GuestShare, rhs: Fpga_Agent_V1_GuestShare) -> Bool {
+    if lhs.guest != rhs.guest {return false}
+    if lhs.weight != rhs.weight {return false}
+    if lhs.share != rhs.share {return false}
+    if lhs._pending != rhs._pending {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Fpga_Agent_V1_AcceleratorMetrics: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".AcceleratorMetrics"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}utilization\0\u{3}switches_per_second\0\u{3}mean_switch_time\0\u{3}wait_p50\0\u{3}wait_p99\0\u{3}overcommit_ratio\0\u{3}switch_overhead\0\u{1}window\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularDoubleField(value: &self.utilization) }()
+      case 2: try { try decoder.decodeSingularDoubleField(value: &self.switchesPerSecond) }()
+      case 3: try { try decoder.decodeSingularMessageField(value: &self._meanSwitchTime) }()
+      case 4: try { try decoder.decodeSingularMessageField(value: &self._waitP50) }()
+      case 5: try { try decoder.decodeSingularMessageField(value: &self._waitP99) }()
+      case 6: try { try decoder.decodeSingularDoubleField(value: &self.overcommitRatio) }()
+      case 7: try { try decoder.decodeSingularDoubleField(value: &self.switchOverhead) }()
+      case 8: try { try decoder.decodeSingularMessageField(value: &self._window) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    // The use of inline closures is to circumvent an issue where the compiler
+    // allocates stack space for every if/case branch local when no optimizations
+    // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
+    // https://github.com/apple/swift-protobuf/issues/1182
+    if self.utilization.bitPattern != 0 {
+      try visitor.visitSingularDoubleField(value: self.utilization, fieldNumber: 1)
+    }
+    if self.switchesPerSecond.bitPattern != 0 {
+      try visitor.visitSingularDoubleField(value: self.switchesPerSecond, fieldNumber: 2)
+    }
+    try { if let v = self._meanSwitchTime {
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 3)
+    } }()
+    try { if let v = self._waitP50 {
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 4)
+    } }()
+    try { if let v = self._waitP99 {
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 5)
+    } }()
+    if self.overcommitRatio.bitPattern != 0 {
+      try visitor.visitSingularDoubleField(value: self.overcommitRatio, fieldNumber: 6)
+    }
+    if self.switchOverhead.bitPattern != 0 {
+      try visitor.visitSingularDoubleField(value: self.switchOverhead, fieldNumber: 7)
+    }
+    try { if let v = self._window {
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 8)
+    } }()
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Fpga_Agent_V1_AcceleratorMetrics, rhs: Fpga_Agent_V1_AcceleratorMetrics) -> Bool {
+    if lhs.utilization != rhs.utilization {return false}
+    if lhs.switchesPerSecond != rhs.switchesPerSecond {return false}
+    if lhs._meanSwitchTime != rhs._meanSwitchTime {return false}
+    if lhs._waitP50 != rhs._waitP50 {return false}
+    if lhs._waitP99 != rhs._waitP99 {return false}
+    if lhs.overcommitRatio != rhs.overcommitRatio {return false}
+    if lhs.switchOverhead != rhs.switchOverhead {return false}
+    if lhs._window != rhs._window {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }

@@ -1,0 +1,260 @@
+/// Accelerators (slots of a card's user logic) shared by guests in time slices: the control
+/// seam, the runner that drives the scheduler in real time, and what the inventory shows.
+
+/// Loads, saves and runs contexts on one accelerator: simulated, or registers in a PCI BAR.
+public protocol AcceleratorControl: Sendable {
+  /// "simulated" or "bar".
+  var kind: String { get }
+  /// Saves the loaded context `context` (its state, `stateBytes` long); returns the time taken.
+  func save(context: String, stateBytes: UInt64) async throws(AgentError) -> Duration
+  /// Loads `context`; returns the time taken.
+  func load(context: String, stateBytes: UInt64) async throws(AgentError) -> Duration
+  /// Lets the loaded context work for up to `duration`; returns the time it worked (less when
+  /// the task is cancelled: a preemption).
+  func run(context: String, for duration: Duration) async -> Duration
+}
+
+/// An accelerator as configured.
+public struct AcceleratorSpec: Hashable, Sendable {
+  /// `card-DDDD:BB/accN`.
+  public var id: String
+  public var cardID: String
+  /// The switch cost the scheduler plans with until one is measured.
+  public var nominalSwitchCost: Duration
+  public var policy: TimeSharingScheduler.Policy
+
+  public init(id: String, cardID: String, nominalSwitchCost: Duration, policy: TimeSharingScheduler.Policy = .init()) {
+    self.id = id
+    self.cardID = cardID
+    self.nominalSwitchCost = nominalSwitchCost
+    self.policy = policy
+  }
+}
+
+/// A guest's registered context.
+public struct ContextRecord: Hashable, Sendable, Codable {
+  public var id: String
+  public var acceleratorID: String
+  public var guest: String
+  public var function: String
+  public var parameters: [String: String]
+  public var savedStateBytes: UInt64
+  public var weight: UInt32
+
+  public init(
+    id: String, acceleratorID: String, guest: String, function: String, parameters: [String: String] = [:],
+    savedStateBytes: UInt64 = 0, weight: UInt32 = 1
+  ) {
+    self.id = id
+    self.acceleratorID = acceleratorID
+    self.guest = guest
+    self.function = function
+    self.parameters = parameters
+    self.savedStateBytes = savedStateBytes
+    self.weight = weight
+  }
+}
+
+/// An accelerator as the inventory shows it.
+public struct AcceleratorView: Hashable, Sendable {
+  public struct GuestShare: Hashable, Sendable {
+    public var guest: String
+    public var weight: UInt32
+    public var share: Double
+    public var pending: Duration
+  }
+
+  public struct Metrics: Hashable, Sendable {
+    public var utilization: Double = 0
+    public var switchesPerSecond: Double = 0
+    public var meanSwitchTime: Duration = .zero
+    public var waitP50: Duration = .zero
+    public var waitP99: Duration = .zero
+    public var overcommitRatio: Double = 0
+    public var switchOverhead: Double = 0
+    public var window: Duration = .zero
+  }
+
+  public var id: String
+  public var cardID: String
+  public var control: String
+  public var policy: TimeSharingScheduler.Policy
+  public var guests: [GuestShare]
+  public var metrics: Metrics
+  public var loadedGuest: String?
+  public var lastSwitchTime: Duration
+}
+
+/// Drives one accelerator: asks the scheduler who runs, switches contexts through the control
+/// (measuring each switch), lets the context work, and keeps the figures.
+public actor AcceleratorRunner {
+  public nonisolated let spec: AcceleratorSpec
+  private let control: any AcceleratorControl
+  private var scheduler: TimeSharingScheduler
+  private let clock = ContinuousClock()
+  private let origin: ContinuousClock.Instant
+  /// Guest → its context (id and state size).
+  private var contexts: [String: (id: String, stateBytes: UInt64)] = [:]
+  private var wake: CheckedContinuation<Void, Never>?
+  private var current: Task<Duration, Never>?
+  private var switchWaiters: [String: [CheckedContinuation<Duration, Never>]] = [:]
+  private var loop: Task<Void, Never>?
+  private var lastSwitch: Duration = .zero
+  /// Cumulative figures at the start of the current window.
+  private var windowStart: (at: Duration, busy: Duration, switches: Int, switchTime: Duration, served: [String: Duration])
+  private var published = AcceleratorView.Metrics()
+  private var publishedShares: [String: Double] = [:]
+
+  public init(spec: AcceleratorSpec, control: any AcceleratorControl) {
+    self.spec = spec
+    self.control = control
+    self.scheduler = TimeSharingScheduler(policy: spec.policy, switchCost: spec.nominalSwitchCost)
+    origin = clock.now
+    windowStart = (.zero, .zero, 0, .zero, [:])
+  }
+
+  private var now: Duration { clock.now - origin }
+
+  // MARK: Guests and policy
+
+  public func bind(guest: String, context: String, stateBytes: UInt64, weight: UInt32) throws(AgentError) {
+    var policy = scheduler.policy
+    policy.weights[guest] = weight
+    if scheduler.guestIDs.contains(guest) {
+      try scheduler.setPolicy(policy)
+    } else {
+      try scheduler.add(guest: guest)
+      try? scheduler.setPolicy(policy)
+    }
+    contexts[guest] = (context, stateBytes)
+  }
+
+  /// Unbinds a guest; returns its pending work.
+  @discardableResult
+  public func unbind(guest: String) -> Duration {
+    contexts[guest] = nil
+    for waiter in switchWaiters.removeValue(forKey: guest) ?? [] { waiter.resume(returning: .zero) }
+    return scheduler.remove(guest: guest)
+  }
+
+  public func setPolicy(_ policy: TimeSharingScheduler.Policy) throws(AgentError) {
+    var merged = policy
+    for (guest, weight) in scheduler.policy.weights where merged.weights[guest] == nil { merged.weights[guest] = weight }
+    try scheduler.setPolicy(merged)
+  }
+
+  public var policy: TimeSharingScheduler.Policy { scheduler.policy }
+
+  /// Work for `guest` (a job); wakes the runner when it idles.
+  public func submit(guest: String, work: Duration) {
+    scheduler.submit(guest: guest, work: work, at: now)
+    wakeUp()
+  }
+
+  /// Loads `guest`'s context: at once (preempting the running one) or at the next slice
+  /// boundary. With `now`, waits for the switch and returns its time.
+  public func switchTo(guest: String, now preempt: Bool) async throws(AgentError) -> Duration? {
+    try scheduler.requestSwitch(to: guest)
+    if scheduler.pending[guest] == .zero {
+      // Nothing to do yet: the switch is made with a token of work so the context is loaded.
+      scheduler.submit(guest: guest, work: .microseconds(1), at: now)
+    }
+    guard preempt else {
+      wakeUp()
+      return nil
+    }
+    current?.cancel()
+    wakeUp()
+    return await withCheckedContinuation { continuation in
+      switchWaiters[guest, default: []].append(continuation)
+    }
+  }
+
+  // MARK: Running
+
+  public func start() {
+    guard loop == nil else { return }
+    loop = Task { await self.runLoop() }
+  }
+
+  public func stop() {
+    loop?.cancel()
+    current?.cancel()
+    wakeUp()
+  }
+
+  private func wakeUp() {
+    wake?.resume()
+    wake = nil
+  }
+
+  private func runLoop() async {
+    while !Task.isCancelled {
+      switch scheduler.decide(at: now) {
+      case .idle:
+        await withCheckedContinuation { continuation in wake = continuation }
+      case .run(let guest, let duration, let plannedCost):
+        guard let context = contexts[guest] else {
+          scheduler.remove(guest: guest)
+          continue
+        }
+        var cost = Duration.zero
+        if plannedCost > .zero || scheduler.loaded != guest {
+          do {
+            if let loaded = scheduler.loaded, let previous = contexts[loaded] {
+              cost += try await control.save(context: previous.id, stateBytes: previous.stateBytes)
+            }
+            cost += try await control.load(context: context.id, stateBytes: context.stateBytes)
+          } catch {
+            // A control failure: the guest's work waits; try again after a slice.
+            try? await Task.sleep(for: scheduler.policy.slice)
+            continue
+          }
+          lastSwitch = cost
+          for waiter in switchWaiters.removeValue(forKey: guest) ?? [] { waiter.resume(returning: cost) }
+        }
+        let control = self.control
+        let work = Task { await control.run(context: context.id, for: duration) }
+        current = work
+        let ran = await work.value
+        current = nil
+        scheduler.ran(guest: guest, ran: ran, switchCost: cost, at: now)
+      }
+    }
+  }
+
+  // MARK: Figures
+
+  /// The accelerator now, with figures over the window since the last call that rolled it.
+  public func view(rollWindow: Bool) -> AcceleratorView {
+    let at = now
+    let stats = scheduler.statistics
+    let served = scheduler.served
+    let window = at - windowStart.at
+    let seconds = max(TimeSharingScheduler.seconds(window), 1e-9)
+    var metrics = AcceleratorView.Metrics()
+    let busy = stats.busy - windowStart.busy
+    let switches = stats.switches - windowStart.switches
+    let switchTime = stats.switchTime - windowStart.switchTime
+    metrics.utilization = min(1, TimeSharingScheduler.seconds(busy) / seconds)
+    metrics.switchesPerSecond = Double(switches) / seconds
+    metrics.meanSwitchTime = switches > 0 ? switchTime / switches : lastSwitch
+    metrics.switchOverhead = min(1, TimeSharingScheduler.seconds(switchTime) / seconds)
+    metrics.waitP50 = stats.wait(percentile: 0.5)
+    metrics.waitP99 = stats.wait(percentile: 0.99)
+    metrics.overcommitRatio = scheduler.overcommitRatio
+    metrics.window = window
+    let busySeconds = TimeSharingScheduler.seconds(busy)
+    let guests = scheduler.guestIDs.map { guest in
+      let delta = (served[guest] ?? .zero) - (windowStart.served[guest] ?? .zero)
+      return AcceleratorView.GuestShare(
+        guest: guest, weight: scheduler.policy.weight(of: guest),
+        share: busySeconds > 0 ? TimeSharingScheduler.seconds(delta) / busySeconds : 0,
+        pending: scheduler.pending[guest] ?? .zero)
+    }
+    if rollWindow { windowStart = (at, stats.busy, stats.switches, stats.switchTime, served) }
+    return AcceleratorView(
+      id: spec.id, cardID: spec.cardID, control: control.kind, policy: scheduler.policy, guests: guests,
+      metrics: metrics, loadedGuest: scheduler.loaded, lastSwitchTime: lastSwitch)
+  }
+}

@@ -1,0 +1,207 @@
+/// Accelerator contexts and time sharing: guests register contexts on accelerators, the runners
+/// share each accelerator among its guests, and the figures reach the inventory.
+extension NodeEngine {
+  public struct RegisterContextRequest: Hashable, Sendable {
+    public var meta: RequestMeta
+    public var acceleratorID: String
+    public var guest: String
+    public var function: String
+    public var parameters: [String: String]
+    public var savedStateBytes: UInt64
+    public var weight: UInt32
+
+    public init(
+      meta: RequestMeta = .init(), acceleratorID: String, guest: String, function: String,
+      parameters: [String: String] = [:], savedStateBytes: UInt64 = 0, weight: UInt32 = 0
+    ) {
+      self.meta = meta
+      self.acceleratorID = acceleratorID
+      self.guest = guest
+      self.function = function
+      self.parameters = parameters
+      self.savedStateBytes = savedStateBytes
+      self.weight = weight
+    }
+
+    var fingerprint: String {
+      ([acceleratorID, guest, function, String(savedStateBytes), String(weight)]
+        + parameters.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }).joined(separator: "\u{0}")
+    }
+  }
+
+  /// Registers a guest's context on an accelerator, binding the guest to it. One context per
+  /// guest and accelerator: registering the same again returns it; a different one is refused.
+  public func registerContext(_ request: RegisterContextRequest) async throws(AgentError) -> (ContextRecord, replayed: Bool) {
+    try await fence(request.meta)
+    let runner = try accelerator(request.acceleratorID)
+    guard let guest = try Validate.vmName(request.guest, field: "guest") else {
+      throw AgentError(.invalidArgument, "guest is required: the VM name or allocation id the context belongs to")
+    }
+    try Validate.functionName(request.function)
+    try Validate.parameters(request.parameters)
+    guard request.weight <= 1000 else {
+      throw AgentError(.invalidArgument, "weight \(request.weight) is out of range: 1-1000 (0 means 1)")
+    }
+    guard request.savedStateBytes <= 1 << 40 else {
+      throw AgentError(.invalidArgument, "saved_state_bytes \(request.savedStateBytes) is beyond 1 TiB")
+    }
+    if let existing = contexts.values.first(where: { $0.acceleratorID == request.acceleratorID && $0.guest == guest }) {
+      let same = existing.function == request.function && existing.parameters == request.parameters
+        && existing.savedStateBytes == request.savedStateBytes && existing.weight == max(1, request.weight)
+      guard same else {
+        throw AgentError(
+          .failedPrecondition,
+          "guest \(guest) already has context \(existing.id) on \(request.acceleratorID); delete it first (`fpgactl context delete \(existing.id)`)")
+      }
+      return (existing, true)
+    }
+    let record = ContextRecord(
+      id: Self.makeID(prefix: "ctx-"), acceleratorID: request.acceleratorID, guest: guest, function: request.function,
+      parameters: request.parameters, savedStateBytes: request.savedStateBytes, weight: max(1, request.weight))
+    try await runner.bind(guest: guest, context: record.id, stateBytes: record.savedStateBytes, weight: record.weight)
+    do {
+      try await store.commit([.putContext(record)])
+    } catch {
+      await runner.unbind(guest: guest)
+      throw error
+    }
+    contexts[record.id] = record
+    await refreshAccelerators(only: record.acceleratorID)
+    return (record, false)
+  }
+
+  /// Contexts, ordered by id; `active` when loaded on its accelerator now.
+  public func listContexts(acceleratorID: String? = nil, guest: String? = nil) -> [(ContextRecord, active: Bool)] {
+    contexts.values
+      .filter { (acceleratorID == nil || $0.acceleratorID == acceleratorID) && (guest == nil || $0.guest == guest) }
+      .sorted { $0.id < $1.id }
+      .map { ($0, state.accelerators[$0.acceleratorID]?.loadedGuest == $0.guest) }
+  }
+
+  /// Deletes a context; its guest leaves the accelerator (its pending work is dropped).
+  public func deleteContext(_ id: String, meta: RequestMeta) async throws(AgentError) {
+    try await fence(meta)
+    guard let record = contexts[id] else {
+      throw AgentError(.notFound, "context \(id) does not exist; `fpgactl contexts` lists them")
+    }
+    try await store.commit([.deleteContext(id)])
+    contexts[id] = nil
+    await runners[record.acceleratorID]?.unbind(guest: record.guest)
+    await refreshAccelerators(only: record.acceleratorID)
+  }
+
+  /// Loads a context now (preempting) or at the next slice boundary. Returns the switch time
+  /// when it happened now.
+  public func switchContext(_ id: String, now: Bool, meta: RequestMeta) async throws(AgentError) -> Duration? {
+    try await fence(meta)
+    guard let record = contexts[id] else {
+      throw AgentError(.notFound, "context \(id) does not exist; `fpgactl contexts` lists them")
+    }
+    let runner = try accelerator(record.acceleratorID)
+    let time = try await runner.switchTo(guest: record.guest, now: now)
+    await refreshAccelerators(only: record.acceleratorID)
+    return time
+  }
+
+  /// Replaces an accelerator's time slice, weights and overcommit limit.
+  public func setSharingPolicy(
+    acceleratorID: String, policy: TimeSharingScheduler.Policy, meta: RequestMeta
+  ) async throws(AgentError) -> TimeSharingScheduler.Policy {
+    try await fence(meta)
+    let runner = try accelerator(acceleratorID)
+    guard policy.slice >= .microseconds(100), policy.slice <= .seconds(10) else {
+      throw AgentError(.invalidArgument, "time_slice must be between 100 µs and 10 s")
+    }
+    guard (1...64).contains(policy.overcommitLimit) else {
+      throw AgentError(.invalidArgument, "overcommit_limit must be 1-64 guests")
+    }
+    for (guest, weight) in policy.weights {
+      _ = try Validate.vmName(guest, field: "weights key")
+      guard (1...1000).contains(weight) else { throw AgentError(.invalidArgument, "weight of \(guest) must be 1-1000") }
+    }
+    let previous = await runner.policy
+    try await runner.setPolicy(policy)
+    let applied = await runner.policy
+    do {
+      try await store.commit([.putPolicy(acceleratorID, applied)])
+    } catch {
+      try? await runner.setPolicy(previous)
+      throw error
+    }
+    await refreshAccelerators(only: acceleratorID)
+    return applied
+  }
+
+  /// Work for a guest on an accelerator (the workload generator; a VF driver's doorbell on
+  /// real hardware).
+  public func submitWork(guest: String, acceleratorID: String, work: Duration) async {
+    await runners[acceleratorID]?.submit(guest: guest, work: work)
+  }
+
+  /// Publishes each accelerator's figures (those that changed) and starts a new window.
+  public func refreshAccelerators(only: String? = nil) async {
+    var views: [AcceleratorView] = []
+    for id in runners.keys.sorted() {
+      guard let runner = runners[id] else { continue }
+      if let only, id != only, let kept = state.accelerators[id] {
+        views.append(kept)
+      } else {
+        views.append(await runner.view(rollWindow: only == nil))
+      }
+    }
+    publish(state.apply(accelerators: views))
+  }
+
+  /// At start: contexts and policies from the store, guests bound again, runners started.
+  func restoreAccelerators(_ persisted: PersistedState) async {
+    for (id, policy) in persisted.policies {
+      if let runner = runners[id] { try? await runner.setPolicy(policy) }
+    }
+    for record in persisted.contexts.sorted(by: { $0.id < $1.id }) {
+      guard let runner = runners[record.acceleratorID] else {
+        noteDiscrepancy("context \(record.id) of \(record.guest) is on accelerator \(record.acceleratorID), which this node no longer has: kept, inactive")
+        contexts[record.id] = record
+        continue
+      }
+      do {
+        try await runner.bind(guest: record.guest, context: record.id, stateBytes: record.savedStateBytes, weight: record.weight)
+      } catch {
+        noteDiscrepancy("context \(record.id) could not be bound again: \(error.message)")
+      }
+      contexts[record.id] = record
+    }
+    for runner in runners.values { await runner.start() }
+    await refreshAccelerators()
+  }
+
+  private func accelerator(_ id: String) throws(AgentError) -> AcceleratorRunner {
+    guard let runner = runners[id] else {
+      let known = runners.keys.sorted().joined(separator: ", ")
+      throw AgentError(
+        .notFound, "accelerator \(quoted(id)) is not on this node; it has: \(known.isEmpty ? "none" : known)")
+    }
+    return runner
+  }
+}
+
+extension Validate {
+  /// A function name: 1-64 of `[A-Za-z0-9._-]`.
+  static func functionName(_ text: String) throws(AgentError) {
+    guard (try? vmName(text, field: "function")) != nil, !text.isEmpty else {
+      throw AgentError(.invalidArgument, "function \(quoted(text)) must be 1-64 of A-Z a-z 0-9 . _ -")
+    }
+  }
+
+  /// Context parameters: at most 64, keys like function names, values ≤ 1,024 printable ASCII.
+  static func parameters(_ parameters: [String: String]) throws(AgentError) {
+    guard parameters.count <= 64 else { throw AgentError(.invalidArgument, "at most 64 parameters") }
+    for (key, value) in parameters {
+      guard (try? vmName(key, field: "parameter")) != nil, !key.isEmpty else {
+        throw AgentError(.invalidArgument, "parameter name \(quoted(key)) must be 1-64 of A-Z a-z 0-9 . _ -")
+      }
+      guard value.utf8.count <= 1024, value.utf8.allSatisfy({ $0 >= 0x20 && $0 < 0x7f }) else {
+        throw AgentError(.invalidArgument, "parameter \(key): the value must be at most 1,024 printable ASCII characters")
+      }
+    }
+  }
+}
