@@ -48,10 +48,10 @@ public struct AgentConfig: Hashable, Sendable {
     public var function = "aes256-gcm"
     public var weight = 1
     public var intervalMilliseconds = 10
-    public var jobMilliseconds = 4
-    public var stateBytes = 64 << 20
+    public var jobMilliseconds = 3
+    public var stateBytes = 1 << 20
 
-    public init(guest: String, accelerator: String, weight: Int = 1, intervalMilliseconds: Int = 10, jobMilliseconds: Int = 4) {
+    public init(guest: String, accelerator: String, weight: Int = 1, intervalMilliseconds: Int = 10, jobMilliseconds: Int = 3) {
       self.guest = guest
       self.accelerator = accelerator
       self.weight = weight
@@ -59,7 +59,8 @@ public struct AgentConfig: Hashable, Sendable {
       self.jobMilliseconds = jobMilliseconds
     }
 
-    /// Two guests overcommitting the first card's first accelerator (1.6x its capacity).
+    /// Two guests sharing the first card's first accelerator, each asking for 30% of it, with
+    /// 1 MiB of state to save and load at every switch.
     public static let defaults = [
       Workload(guest: "tenant-a", accelerator: "card-0000:3b/acc0", weight: 1),
       Workload(guest: "tenant-b", accelerator: "card-0000:3b/acc0", weight: 2),

@@ -11,6 +11,7 @@ public struct FPGACtl: AsyncParsableCommand {
     subcommands: [
       Status.self, Inventory.self, Rescan.self, Allocate.self, Release.self, Watch.self, Drain.self,
       Undrain.self, Reconfigure.self, OperationCommand.self, VMs.self, Attach.self, Detach.self,
+      Accelerators.self, Contexts.self, ContextCommand.self, Policy.self,
     ])
 
   public init() {}

@@ -172,6 +172,38 @@ enum Render {
     return lines
   }
 
+  static func accelerators(_ accelerators: [Fpga_Agent_V1_Accelerator]) -> [String] {
+    guard !accelerators.isEmpty else { return ["no accelerators on this node"] }
+    var lines = table(
+      ["ACCELERATOR", "CONTROL", "GUESTS", "LOADED", "UTIL", "SWITCH/S", "SWITCH", "OVERHEAD", "WAIT P50", "WAIT P99", "OVERCOMMIT"],
+      accelerators.map { accelerator in
+        let metrics = accelerator.metrics
+        return [
+          accelerator.id, accelerator.control, "\(accelerator.guests.count)/\(accelerator.policy.overcommitLimit)",
+          accelerator.loadedGuest.isEmpty ? "-" : accelerator.loadedGuest, percent(metrics.utilization),
+          decimal(metrics.switchesPerSecond), millis(metrics.meanSwitchTime), percent(metrics.switchOverhead),
+          millis(metrics.waitP50), millis(metrics.waitP99), decimal(metrics.overcommitRatio),
+        ]
+      })
+    let guests = accelerators.flatMap { accelerator in
+      accelerator.guests.map { [accelerator.id, $0.guest, "\($0.weight)", percent($0.share), millis($0.pending)] }
+    }
+    if !guests.isEmpty {
+      lines.append("")
+      lines += table(["ACCELERATOR", "GUEST", "WEIGHT", "SHARE", "PENDING"], guests)
+    }
+    return lines
+  }
+
+  static func contexts(_ contexts: [Fpga_Agent_V1_Context]) -> [String] {
+    guard !contexts.isEmpty else { return ["no contexts"] }
+    return table(
+      ["CONTEXT", "ACCELERATOR", "GUEST", "FUNCTION", "WEIGHT", "STATE", "ACTIVE"],
+      contexts.map {
+        [$0.id, $0.acceleratorID, $0.guest, $0.function, "\($0.weight)", "\($0.savedStateBytes) B", yesNo($0.active)]
+      })
+  }
+
   static func vms(_ inventory: Fpga_Agent_V1_Inventory) -> [String] {
     guard !inventory.vms.isEmpty else {
       return ["no VMs are configured (start the agent with --qmp-socket NAME=PATH or --qmp-dir DIR)"]
