@@ -85,6 +85,24 @@ public struct AgentConfig: Hashable, Sendable {
     public var watchdogSeconds = 15
     /// Which PCI functions are managed; the default matches Xilinx/AMD QDMA PFs.
     public var selectors: [PFSelector] = [.qdma]
+    /// Accelerator slots reached through a PF's BAR (register map in docs/accelerator-registers.md).
+    public var accelerators: [BARAccelerator] = []
+  }
+
+  /// An accelerator slot in a PCI BAR: `sysfs_root/bus/pci/devices/PF/resourceBAR`, window `slot`.
+  public struct BARAccelerator: Hashable, Sendable {
+    public var pf = ""
+    public var bar = 2
+    public var slot = 0
+
+    public init(pf: String = "", bar: Int = 2, slot: Int = 0) {
+      self.pf = pf
+      self.bar = bar
+      self.slot = slot
+    }
+
+    /// `card-DDDD:BB/accN`, N being the slot.
+    public var id: String? { PCIAddress(pf).map { "\(Card.id(for: $0))/acc\(slot)" } }
   }
 
   /// VMs reached over QMP.
@@ -194,6 +212,17 @@ public struct AgentConfig: Hashable, Sendable {
       if !(1...60_000).contains(workload.intervalMilliseconds) { problems.append("\(key).interval_ms must be 1-60000") }
       if !(1...60_000).contains(workload.jobMilliseconds) { problems.append("\(key).job_ms must be 1-60000") }
       if workload.stateBytes < 0 { problems.append("\(key).state_bytes must be 0 or more") }
+    }
+    var acceleratorIDs = Set<String>()
+    for (index, accelerator) in linux.accelerators.enumerated() {
+      let key = "linux.accelerators[\(index)]"
+      guard let id = accelerator.id else {
+        problems.append("\(key).pf \(quoted(accelerator.pf)) is not a PCI address (DDDD:BB:DD.F)")
+        continue
+      }
+      if !(0...5).contains(accelerator.bar) { problems.append("\(key).bar must be 0-5") }
+      if !(0...63).contains(accelerator.slot) { problems.append("\(key).slot must be 0-63") }
+      if !acceleratorIDs.insert(id).inserted { problems.append("\(key) repeats accelerator \(id)") }
     }
     if !(1...10_000).contains(sharing.sliceMilliseconds) { problems.append("sharing.slice_ms must be 1-10000") }
     if !(1...64).contains(sharing.overcommitLimit) { problems.append("sharing.overcommit_limit must be 1-64") }

@@ -64,7 +64,7 @@ public final class AgentRuntime: Sendable {
       durability: config.stateDurability == "power" ? .power : .process)
     let faults = config.faultInjection.isEmpty
       ? nil : try FaultInjection.parse(config.faultInjection) { reason in SystemCalls.crash(reason) }
-    let runners = Self.accelerators(config)
+    let runners = try Self.accelerators(config)
     engine = NodeEngine(
       nodeID: nodeID, platform: platform, clock: clock, hypervisor: hypervisor, store: store, faults: faults,
       detachTimeout: .seconds(config.qemu.detachTimeoutSeconds), accelerators: runners)
@@ -180,14 +180,29 @@ public final class AgentRuntime: Sendable {
       holders: ProcVFIOHolders(procRoot: "/proc", devRoot: linux.devRoot))
   }
 
-  /// The accelerators: slots of the simulated cards (the Linux platform has none configured yet).
-  static func accelerators(_ config: AgentConfig) -> [AcceleratorRunner] {
-    guard config.platform == "simulated" else { return [] }
+  /// The accelerators: slots of the simulated cards, or on Linux the configured BAR windows.
+  static func accelerators(_ config: AgentConfig) throws -> [AcceleratorRunner] {
+    let policy = TimeSharingScheduler.Policy(
+      slice: .milliseconds(config.sharing.sliceMilliseconds), overcommitLimit: config.sharing.overcommitLimit)
+    guard config.platform == "simulated" else {
+      return try config.linux.accelerators.map { accelerator in
+        guard let pf = PCIAddress(accelerator.pf), let id = accelerator.id else {
+          throw ConfigError(problems: ["linux.accelerators: \(quoted(accelerator.pf)) is not a PCI address"])
+        }
+        let path = try SystemCalls.confinedPath(
+          config.linux.sysfsRoot, "bus/pci/devices/\(pf)/resource\(accelerator.bar)")
+        do throws(AgentError) {
+          return AcceleratorRunner(
+            spec: AcceleratorSpec(id: id, cardID: Card.id(for: pf), nominalSwitchCost: .microseconds(500), policy: policy),
+            control: try BARAcceleratorControl(path: path, slot: accelerator.slot))
+        } catch {
+          throw ConfigError(problems: ["linux.accelerators \(id): \(error.message)"])
+        }
+      }
+    }
     let control = SimulatedAccelerator(
       fixed: .microseconds(config.simulator.acceleratorSwitchMicroseconds),
       bandwidth: UInt64(config.simulator.acceleratorBandwidthMBps) * 1_000_000)
-    let policy = TimeSharingScheduler.Policy(
-      slice: .milliseconds(config.sharing.sliceMilliseconds), overcommitLimit: config.sharing.overcommitLimit)
     return config.simulator.cards.flatMap { card in
       (0..<config.simulator.acceleratorsPerCard).map { slot in
         let cardID = "card-" + hex(Int(card.domain), width: 4) + ":" + hex(Int(card.bus), width: 2)

@@ -70,6 +70,7 @@ public enum ConfigLoader {
           case "dev_root": reader.string(value, path).map { config.linux.devRoot = $0 }
           case "watchdog_seconds": reader.int(value, path).map { config.linux.watchdogSeconds = $0 }
           case "selectors": reader.selectors(value, path).map { config.linux.selectors = $0 }
+          case "accelerators": reader.barAccelerators(value, path).map { config.linux.accelerators = $0 }
           default: reader.unknown(path)
           }
         }
@@ -242,6 +243,25 @@ private final class Reader {
       selectors.append(selector)
     }
     return selectors
+  }
+
+  func barAccelerators(_ value: Any, _ path: String) -> [AgentConfig.BARAccelerator]? {
+    guard let list = value as? [Any] else {
+      problems.append("\(path) must be a list of {pf, bar, slot}")
+      return nil
+    }
+    return list.enumerated().map { index, item in
+      var accelerator = AgentConfig.BARAccelerator()
+      mapping(item, "\(path)[\(index)]") { key, value, path in
+        switch key {
+        case "pf": string(value, path).map { accelerator.pf = $0 }
+        case "bar": int(value, path).map { accelerator.bar = $0 }
+        case "slot": int(value, path).map { accelerator.slot = $0 }
+        default: unknown(path)
+        }
+      }
+      return accelerator
+    }
   }
 
   func workloads(_ value: Any, _ path: String) -> [AgentConfig.Workload]? {

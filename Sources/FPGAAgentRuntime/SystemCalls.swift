@@ -19,6 +19,25 @@ public enum SystemCalls {
 
   public static func effectiveUserID() -> UInt32 { UInt32(geteuid()) }
 
+  /// `root/relative` with symlinks resolved, refused when it leads outside `root` (a planted
+  /// link must not redirect the agent).
+  public static func confinedPath(_ root: String, _ relative: String) throws(ConfigError) -> String {
+    guard let realRoot = realpath(root, nil) else {
+      throw ConfigError(problems: ["\(root) cannot be resolved: \(String(cString: strerror(errno)))"])
+    }
+    defer { free(realRoot) }
+    let rootText = String(cString: realRoot)
+    guard let resolved = realpath(root + "/" + relative, nil) else {
+      throw ConfigError(problems: ["\(root)/\(relative) does not exist: \(String(cString: strerror(errno)))"])
+    }
+    defer { free(resolved) }
+    let text = String(cString: resolved)
+    guard text == rootText || text.hasPrefix(rootText == "/" ? "/" : rootText + "/") else {
+      throw ConfigError(problems: ["\(root)/\(relative) leads outside \(root) (to \(text)): refused"])
+    }
+    return text
+  }
+
   /// Ends the process at once, without cleanup, as a crash would (fault injection): status 86.
   public static func crash(_ reason: String) -> Never {
     let line = Array("fpga-agent: \(reason)\n".utf8)

@@ -139,3 +139,44 @@ import Testing
     }
   }
 }
+
+/// On the Linux platform, accelerators are BAR windows from `linux.accelerators`: here the
+/// fake sysfs tree's PF has a `resource2` file that a simulated firmware answers.
+@Suite struct BARAcceleratorEndToEndTests {
+  @Test func aBARAcceleratorIsSharedThroughTheAPI() async throws {
+    let tree = try LinuxPlatformEndToEndTests.tree()
+    let bar = tree.sysRoot + "/devices/pci0000:00/0000:3b:00.0/resource2"
+    let card = try SimulatedFirmware(path: bar, slots: 2)
+    defer { card.stop() }
+    try await TestAgent.with(configure: {
+      LinuxPlatformEndToEndTests.onTree(tree)(&$0)
+      $0.linux.accelerators = [.init(pf: "0000:3b:00.0", bar: 2, slot: 1)]
+    }) { agent in
+      try await agent.withClient { nodeAgent, _ in
+        let inventory = try await nodeAgent.getInventory(.init())
+        #expect(inventory.accelerators.map { "\($0.id) \($0.control)" } == ["card-0000:3b/acc1 bar"])
+        let context = try await nodeAgent.registerContext(.with {
+          $0.context.acceleratorID = "card-0000:3b/acc1"; $0.context.guest = "vm-1"; $0.context.function = "fft"
+          $0.context.savedStateBytes = 4096
+        }).context
+        let switched = try await nodeAgent.switchContext(.with { $0.contextID = context.id; $0.timing = .now })
+        #expect(switched.switched)
+        #expect(card.commands.contains("1:load:1:4096"))
+      }
+    }
+    // A planted link that leads out of the tree is refused at start.
+    let outside = NSTemporaryDirectory() + "outside-" + UUID().uuidString.prefix(6)
+    FileManager.default.createFile(atPath: outside, contents: Data(count: 8192))
+    try? FileManager.default.removeItem(atPath: tree.sysRoot + "/devices/pci0000:00/0000:3b:00.1/resource2")
+    try FileManager.default.createSymbolicLink(
+      atPath: tree.sysRoot + "/devices/pci0000:00/0000:3b:00.1/resource2", withDestinationPath: outside)
+    await #expect {
+      try await TestAgent.with(configure: {
+        LinuxPlatformEndToEndTests.onTree(tree)(&$0)
+        $0.linux.accelerators = [.init(pf: "0000:3b:00.1", bar: 2, slot: 0)]
+      }) { _ in }
+    } throws: { error in
+      "\(error)".contains("leads outside")
+    }
+  }
+}
