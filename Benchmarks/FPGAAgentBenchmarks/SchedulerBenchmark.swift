@@ -30,7 +30,7 @@ enum SchedulerBenchmark {
             "\(count)".padding(toLength: 8, withPad: " ", startingAt: 0)
               + (weighted ? "1:2:4" : "equal").padding(toLength: 10, withPad: " ", startingAt: 0)
               + "\(Int(costShare * 100))%".padding(toLength: 8, withPad: " ", startingAt: 0)
-              + format(jainFairness(normalized), 4).padding(toLength: 10, withPad: " ", startingAt: 0)
+              + format(jainFairness(normalized), 6).padding(toLength: 10, withPad: " ", startingAt: 0)
               + format(result.utilization * 100, 2).padding(toLength: 13, withPad: " ", startingAt: 0)
               + format(ideal * 100, 2).padding(toLength: 9, withPad: " ", startingAt: 0)
               + "\(format(result.utilization / ideal * 100, 1))%".padding(toLength: 10, withPad: " ", startingAt: 0)
