@@ -334,6 +334,18 @@ public struct NodeAgentService: Fpga_Agent_V1_NodeAgent.SimpleServiceProtocol {
     return .with { $0.policy = .init(applied, acceleratorID: given.acceleratorID) }
   }
 
+  public func moveContext(
+    request: Fpga_Agent_V1_MoveContextRequest, context: ServerContext
+  ) async throws -> Fpga_Agent_V1_MoveContextResponse {
+    let id = try Validate.id(request.contextID, field: "context_id", prefix: "ctx-")
+    let (record, carried) = try await engine.moveContext(id, to: request.acceleratorID, meta: try RequestMeta(request.meta))
+    logger.info("context moved", metadata: ["fpga.context": "\(id)", "fpga.accelerator": "\(record.acceleratorID)"])
+    return .with {
+      $0.context = .init(record, active: false)
+      $0.carried = .init(carried)
+    }
+  }
+
   private func numaNode(_ value: Int32) throws(AgentError) -> Int {
     guard (0...1023).contains(value) else {
       throw AgentError(

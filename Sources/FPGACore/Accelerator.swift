@@ -97,6 +97,8 @@ public actor AcceleratorRunner {
   private var contexts: [String: (id: String, stateBytes: UInt64)] = [:]
   private var wake: CheckedContinuation<Void, Never>?
   private var current: Task<Duration, Never>?
+  /// The guest whose slice is running.
+  private var runningGuest: String?
   private var switchWaiters: [String: [CheckedContinuation<Duration, Never>]] = [:]
   private var loop: Task<Void, Never>?
   private var lastSwitch: Duration = .zero
@@ -134,6 +136,7 @@ public actor AcceleratorRunner {
   public func unbind(guest: String) -> Duration {
     contexts[guest] = nil
     for waiter in switchWaiters.removeValue(forKey: guest) ?? [] { waiter.resume(returning: .zero) }
+    if runningGuest == guest { current?.cancel() }  // its slice ends now
     return scheduler.remove(guest: guest)
   }
 
@@ -216,8 +219,10 @@ public actor AcceleratorRunner {
         let control = self.control
         let work = Task { await control.run(context: context.id, for: duration) }
         current = work
+        runningGuest = guest
         let ran = await work.value
         current = nil
+        runningGuest = nil
         scheduler.ran(guest: guest, ran: ran, switchCost: cost, at: now)
       }
     }

@@ -132,6 +132,40 @@ extension NodeEngine {
     return applied
   }
 
+  /// Moves a context to another accelerator at run time; the guest's pending work goes along.
+  /// Refused (nothing moved) when the target is at its overcommit limit or the guest already
+  /// has a context there.
+  public func moveContext(_ id: String, to acceleratorID: String, meta: RequestMeta) async throws(AgentError)
+    -> (ContextRecord, carried: Duration)
+  {
+    try await fence(meta)
+    guard var record = contexts[id] else {
+      throw AgentError(.notFound, "context \(id) does not exist; `fpgactl contexts` lists them")
+    }
+    let target = try accelerator(acceleratorID)
+    guard record.acceleratorID != acceleratorID else { return (record, .zero) }
+    if contexts.values.contains(where: { $0.acceleratorID == acceleratorID && $0.guest == record.guest }) {
+      throw AgentError(
+        .failedPrecondition, "guest \(record.guest) already has a context on \(acceleratorID); delete one of the two first")
+    }
+    let source = runners[record.acceleratorID]
+    try await target.bind(guest: record.guest, context: record.id, stateBytes: record.savedStateBytes, weight: record.weight)
+    let from = record.acceleratorID
+    record.acceleratorID = acceleratorID
+    do {
+      try await store.commit([.putContext(record)])
+    } catch {
+      await target.unbind(guest: record.guest)
+      throw error
+    }
+    let carried = await source?.unbind(guest: record.guest) ?? .zero
+    if carried > .zero { await target.submit(guest: record.guest, work: carried) }
+    contexts[id] = record
+    await refreshAccelerators(only: from)
+    await refreshAccelerators(only: acceleratorID)
+    return (record, carried)
+  }
+
   /// Work for a guest on an accelerator (the workload generator; a VF driver's doorbell on
   /// real hardware).
   public func submitWork(guest: String, acceleratorID: String, work: Duration) async {

@@ -36,7 +36,26 @@ struct Contexts: AsyncParsableCommand {
 struct ContextCommand: AsyncParsableCommand {
   static let configuration = CommandConfiguration(
     commandName: "context", abstract: "Register, switch or delete a guest's accelerator context.",
-    subcommands: [Register.self, Switch.self, Delete.self])
+    subcommands: [Register.self, Switch.self, Move.self, Delete.self])
+
+  struct Move: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Move a context, with its pending work, to another accelerator.")
+
+    @OptionGroup var options: ServerOptions
+    @Argument(help: "The context (ctx-…).") var id: String
+    @Argument(help: "The accelerator to move it to.") var accelerator: String
+
+    func run() async throws {
+      let response = try await options.withAgent { client in
+        try await client.moveContext(
+          .with {
+            $0.contextID = id
+            $0.acceleratorID = accelerator
+          }, options: options.callOptions)
+      }
+      say("moved \(id) to \(response.context.acceleratorID) with \(Render.millis(response.carried)) of pending work")
+    }
+  }
 
   struct Register: AsyncParsableCommand {
     static let configuration = CommandConfiguration(abstract: "Bind a guest to an accelerator with its context.")

@@ -1,4 +1,5 @@
 import FPGACore
+import FPGASimulator
 import Testing
 
 /// The time-sharing scheduler in virtual time: no clocks, no sleeps, exact figures.
@@ -116,5 +117,69 @@ import Testing
     try scheduler.requestSwitch(to: "c")
     #expect(scheduler.decide(at: .zero) == .run(guest: "c", duration: .milliseconds(10), switchCost: .milliseconds(2)))
     #expect(throws: AgentError.self) { try scheduler.requestSwitch(to: "nobody") }
+  }
+}
+
+/// The engine's side: figures reach the inventory's watch stream, contexts survive a restart,
+/// and a move carries the pending work.
+@Suite struct ContextEngineTests {
+  struct InstantAccelerator: AcceleratorControl {
+    let kind = "simulated"
+    func save(context: String, stateBytes: UInt64) async throws(AgentError) -> Duration { .microseconds(10) }
+    func load(context: String, stateBytes: UInt64) async throws(AgentError) -> Duration { .microseconds(10) }
+    func run(context: String, for duration: Duration) async -> Duration {
+      try? await Task.sleep(for: .seconds(3600))
+      return .zero
+    }
+  }
+
+  func engine(store: MemoryStateStore) -> NodeEngine {
+    let runners = ["card-0000:3b/acc0", "card-0000:3b/acc1"].map {
+      AcceleratorRunner(
+        spec: AcceleratorSpec(id: $0, cardID: "card-0000:3b", nominalSwitchCost: .microseconds(20)),
+        control: InstantAccelerator())
+    }
+    return NodeEngine(
+      nodeID: "n", platform: SimulatedPlatform(node: SimulatedNode()), clock: StillClock(), store: store,
+      accelerators: runners)
+  }
+
+  @Test func contextsReachTheWatchStreamSurviveRestartsAndMoveWithTheirWork() async throws {
+    let store = MemoryStateStore()
+    let first = engine(store: store)
+    _ = try await first.restore()
+    let watch = await first.watch(from: 0)
+    var events = watch.events.makeAsyncIterator()
+    _ = await events.next()  // the snapshot
+    let (record, _) = try await first.registerContext(
+      .init(acceleratorID: "card-0000:3b/acc0", guest: "vm-1", function: "fft", savedStateBytes: 64, weight: 3))
+    var sawAccelerator = false
+    while !sawAccelerator, case .delta(_, let changes)? = await events.next() {
+      sawAccelerator = changes.contains {
+        if case .acceleratorUpdated(let view) = $0 { view.guests.map(\.guest) == ["vm-1"] } else { false }
+      }
+    }
+    #expect(sawAccelerator)
+    _ = try await first.setSharingPolicy(
+      acceleratorID: "card-0000:3b/acc0", policy: .init(slice: .milliseconds(4), overcommitLimit: 2), meta: .init())
+    await first.close()
+
+    let second = engine(store: store)
+    _ = try await second.restore()
+    let restored = await second.listContexts()
+    #expect(restored.map(\.0) == [record])
+    let accelerator = try await second.snapshot().accelerators.first { $0.id == "card-0000:3b/acc0" }
+    #expect(accelerator?.policy.slice == .milliseconds(4) && accelerator?.policy.overcommitLimit == 2)
+    #expect(accelerator?.guests.map(\.weight) == [3])
+
+    await second.submitWork(guest: "vm-1", acceleratorID: "card-0000:3b/acc0", work: .seconds(5))
+    let (moved, carried) = try await second.moveContext(record.id, to: "card-0000:3b/acc1", meta: .init())
+    #expect(moved.acceleratorID == "card-0000:3b/acc1")
+    #expect(carried > .seconds(4))  // the run in flight may have been charged a little
+    let views = try await second.snapshot().accelerators
+    #expect(views.first { $0.id == "card-0000:3b/acc0" }?.guests.isEmpty == true)
+    #expect(views.first { $0.id == "card-0000:3b/acc1" }?.guests.map(\.guest) == ["vm-1"])
+    #expect(store.persisted.contexts.map(\.acceleratorID) == ["card-0000:3b/acc1"])
+    await second.close()
   }
 }

@@ -169,6 +169,40 @@ func fpgactl(_ arguments: [String]) async -> (code: Int32, out: String, err: Str
     }
   }
 
+  @Test func contextsAndSharingFromTheCommandLine() async throws {
+    try await TestAgent.with(configure: { $0.simulator.acceleratorsPerCard = 1 }) { agent in
+      let server = "127.0.0.1:\(agent.port)"
+      let registered = await fpgactl([
+        "context", "register", "card-0000:3b/acc0", "vm-1", "sha3", "--param", "rounds=24", "--weight", "2",
+        "--state-bytes", "4096", "--server", server,
+      ])
+      #expect(registered.code == 0)
+      let id = String(registered.out.split(separator: " ")[1].dropLast())
+      #expect(registered.out == "registered \(id): guest vm-1 on card-0000:3b/acc0 (sha3, weight 2)")
+      let listed = await fpgactl(["contexts", "--server", server])
+      #expect(listed.out.split(separator: "\n").first == "CONTEXT           ACCELERATOR        GUEST  FUNCTION  WEIGHT  STATE   ACTIVE")
+      #expect(listed.out.contains("\(id)  card-0000:3b/acc0  vm-1   sha3      2       4096 B"))
+      let switched = await fpgactl(["context", "switch", id, "--now", "--server", server])
+      #expect(switched.code == 0 && switched.out.hasPrefix("switched to \(id) in "))
+      let policy = await fpgactl(["policy", "card-0000:3b/acc0", "--slice-ms", "5", "--limit", "2", "--weight", "vm-1=3", "--server", server])
+      #expect(policy.out == "card-0000:3b/acc0: slice 5.0 ms, at most 2 guests, weights vm-1=3")
+      let badWeight = await fpgactl(["policy", "card-0000:3b/acc0", "--weight", "vm-1", "--server", server])
+      #expect(badWeight.code == 2 && badWeight.err == "error: --weight vm-1: expected GUEST=WEIGHT")
+      let moved = await fpgactl(["context", "move", id, "card-0000:d8/acc0", "--server", server])
+      #expect(moved.code == 0 && moved.out.hasPrefix("moved \(id) to card-0000:d8/acc0 with "))
+      let accelerators = await fpgactl(["accelerators", "--server", server])
+      let lines = accelerators.out.split(separator: "\n").map(String.init)
+      #expect(lines.first?.hasPrefix("ACCELERATOR        CONTROL    GUESTS  LOADED") == true)
+      #expect(lines.contains { $0.hasPrefix("card-0000:d8/acc0  simulated  1/4") })
+      #expect(lines.contains { $0.hasPrefix("card-0000:d8/acc0  vm-1   2") })
+      let deleted = await fpgactl(["context", "delete", id, "--server", server])
+      #expect(deleted.out == "deleted \(id)")
+      #expect(await fpgactl(["contexts", "--server", server]).out == "no contexts")
+      let unknown = await fpgactl(["context", "register", "card-0000:77/acc0", "vm-1", "sha3", "--server", server])
+      #expect(unknown.code == 1 && unknown.err.hasPrefix("error: NOT_FOUND: accelerator \"card-0000:77/acc0\" is not on this node"))
+    }
+  }
+
   @Test func anUnreachableAgentIsSaidPlainly() async throws {
     let result = await fpgactl(["status", "--server", "unix:/nonexistent/fpga-agent.sock"])
     #expect(result.code == 3)

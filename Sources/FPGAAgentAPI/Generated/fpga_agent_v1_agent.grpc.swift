@@ -272,6 +272,19 @@ public enum Fpga_Agent_V1_NodeAgent: Sendable {
                 type: .unary
             )
         }
+        /// Namespace for "MoveContext" metadata.
+        public enum MoveContext: Sendable {
+            /// Request type for "MoveContext".
+            public typealias Input = Fpga_Agent_V1_MoveContextRequest
+            /// Response type for "MoveContext".
+            public typealias Output = Fpga_Agent_V1_MoveContextResponse
+            /// Descriptor for "MoveContext".
+            public static let descriptor = GRPCCore.MethodDescriptor(
+                service: GRPCCore.ServiceDescriptor(fullyQualifiedService: "fpga.agent.v1.NodeAgent"),
+                method: "MoveContext",
+                type: .unary
+            )
+        }
         /// Descriptors for all methods in the "fpga.agent.v1.NodeAgent" service.
         public static let descriptors: [GRPCCore.MethodDescriptor] = [
             GetNodeStatus.descriptor,
@@ -291,7 +304,8 @@ public enum Fpga_Agent_V1_NodeAgent: Sendable {
             ListContexts.descriptor,
             DeleteContext.descriptor,
             SwitchContext.descriptor,
-            SetSharingPolicy.descriptor
+            SetSharingPolicy.descriptor,
+            MoveContext.descriptor
         ]
     }
 }
@@ -649,6 +663,25 @@ extension Fpga_Agent_V1_NodeAgent {
             request: GRPCCore.StreamingServerRequest<Fpga_Agent_V1_SetSharingPolicyRequest>,
             context: GRPCCore.ServerContext
         ) async throws -> GRPCCore.StreamingServerResponse<Fpga_Agent_V1_SetSharingPolicyResponse>
+
+        /// Handle the "MoveContext" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Moves a context (and its guest's pending work) to another accelerator of the node, at run
+        /// > time: the orchestrator's remapping tool.
+        ///
+        /// - Parameters:
+        ///   - request: A streaming request of `Fpga_Agent_V1_MoveContextRequest` messages.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A streaming response of `Fpga_Agent_V1_MoveContextResponse` messages.
+        func moveContext(
+            request: GRPCCore.StreamingServerRequest<Fpga_Agent_V1_MoveContextRequest>,
+            context: GRPCCore.ServerContext
+        ) async throws -> GRPCCore.StreamingServerResponse<Fpga_Agent_V1_MoveContextResponse>
     }
 
     /// Service protocol for the "fpga.agent.v1.NodeAgent" service.
@@ -990,6 +1023,25 @@ extension Fpga_Agent_V1_NodeAgent {
             request: GRPCCore.ServerRequest<Fpga_Agent_V1_SetSharingPolicyRequest>,
             context: GRPCCore.ServerContext
         ) async throws -> GRPCCore.ServerResponse<Fpga_Agent_V1_SetSharingPolicyResponse>
+
+        /// Handle the "MoveContext" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Moves a context (and its guest's pending work) to another accelerator of the node, at run
+        /// > time: the orchestrator's remapping tool.
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Fpga_Agent_V1_MoveContextRequest` message.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A response containing a single `Fpga_Agent_V1_MoveContextResponse` message.
+        func moveContext(
+            request: GRPCCore.ServerRequest<Fpga_Agent_V1_MoveContextRequest>,
+            context: GRPCCore.ServerContext
+        ) async throws -> GRPCCore.ServerResponse<Fpga_Agent_V1_MoveContextResponse>
     }
 
     /// Simple service protocol for the "fpga.agent.v1.NodeAgent" service.
@@ -1331,6 +1383,25 @@ extension Fpga_Agent_V1_NodeAgent {
             request: Fpga_Agent_V1_SetSharingPolicyRequest,
             context: GRPCCore.ServerContext
         ) async throws -> Fpga_Agent_V1_SetSharingPolicyResponse
+
+        /// Handle the "MoveContext" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Moves a context (and its guest's pending work) to another accelerator of the node, at run
+        /// > time: the orchestrator's remapping tool.
+        ///
+        /// - Parameters:
+        ///   - request: A `Fpga_Agent_V1_MoveContextRequest` message.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A `Fpga_Agent_V1_MoveContextResponse` to respond with.
+        func moveContext(
+            request: Fpga_Agent_V1_MoveContextRequest,
+            context: GRPCCore.ServerContext
+        ) async throws -> Fpga_Agent_V1_MoveContextResponse
     }
 }
 
@@ -1536,6 +1607,17 @@ extension Fpga_Agent_V1_NodeAgent.StreamingServiceProtocol {
                 )
             }
         )
+        router.registerHandler(
+            forMethod: Fpga_Agent_V1_NodeAgent.Method.MoveContext.descriptor,
+            deserializer: GRPCProtobuf.ProtobufDeserializer<Fpga_Agent_V1_MoveContextRequest>(),
+            serializer: GRPCProtobuf.ProtobufSerializer<Fpga_Agent_V1_MoveContextResponse>(),
+            handler: { request, context in
+                try await self.moveContext(
+                    request: request,
+                    context: context
+                )
+            }
+        )
     }
 }
 
@@ -1734,6 +1816,17 @@ extension Fpga_Agent_V1_NodeAgent.ServiceProtocol {
         context: GRPCCore.ServerContext
     ) async throws -> GRPCCore.StreamingServerResponse<Fpga_Agent_V1_SetSharingPolicyResponse> {
         let response = try await self.setSharingPolicy(
+            request: GRPCCore.ServerRequest(stream: request),
+            context: context
+        )
+        return GRPCCore.StreamingServerResponse(single: response)
+    }
+
+    public func moveContext(
+        request: GRPCCore.StreamingServerRequest<Fpga_Agent_V1_MoveContextRequest>,
+        context: GRPCCore.ServerContext
+    ) async throws -> GRPCCore.StreamingServerResponse<Fpga_Agent_V1_MoveContextResponse> {
+        let response = try await self.moveContext(
             request: GRPCCore.ServerRequest(stream: request),
             context: context
         )
@@ -1979,6 +2072,19 @@ extension Fpga_Agent_V1_NodeAgent.SimpleServiceProtocol {
     ) async throws -> GRPCCore.ServerResponse<Fpga_Agent_V1_SetSharingPolicyResponse> {
         return GRPCCore.ServerResponse<Fpga_Agent_V1_SetSharingPolicyResponse>(
             message: try await self.setSharingPolicy(
+                request: request.message,
+                context: context
+            ),
+            metadata: [:]
+        )
+    }
+
+    public func moveContext(
+        request: GRPCCore.ServerRequest<Fpga_Agent_V1_MoveContextRequest>,
+        context: GRPCCore.ServerContext
+    ) async throws -> GRPCCore.ServerResponse<Fpga_Agent_V1_MoveContextResponse> {
+        return GRPCCore.ServerResponse<Fpga_Agent_V1_MoveContextResponse>(
+            message: try await self.moveContext(
                 request: request.message,
                 context: context
             ),
@@ -2416,6 +2522,30 @@ extension Fpga_Agent_V1_NodeAgent {
             deserializer: some GRPCCore.MessageDeserializer<Fpga_Agent_V1_SetSharingPolicyResponse>,
             options: GRPCCore.CallOptions,
             onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Fpga_Agent_V1_SetSharingPolicyResponse>) async throws -> Result
+        ) async throws -> Result where Result: Sendable
+
+        /// Call the "MoveContext" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Moves a context (and its guest's pending work) to another accelerator of the node, at run
+        /// > time: the orchestrator's remapping tool.
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Fpga_Agent_V1_MoveContextRequest` message.
+        ///   - serializer: A serializer for `Fpga_Agent_V1_MoveContextRequest` messages.
+        ///   - deserializer: A deserializer for `Fpga_Agent_V1_MoveContextResponse` messages.
+        ///   - options: Options to apply to this RPC.
+        ///   - handleResponse: A closure which handles the response and returns its result to
+        ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+        ///       already finished.
+        /// - Returns: The result of `handleResponse`.
+        func moveContext<Result>(
+            request: GRPCCore.ClientRequest<Fpga_Agent_V1_MoveContextRequest>,
+            serializer: some GRPCCore.MessageSerializer<Fpga_Agent_V1_MoveContextRequest>,
+            deserializer: some GRPCCore.MessageDeserializer<Fpga_Agent_V1_MoveContextResponse>,
+            options: GRPCCore.CallOptions,
+            onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Fpga_Agent_V1_MoveContextResponse>) async throws -> Result
         ) async throws -> Result where Result: Sendable
     }
 
@@ -3050,6 +3180,41 @@ extension Fpga_Agent_V1_NodeAgent {
                 onResponse: handleResponse
             )
         }
+
+        /// Call the "MoveContext" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Moves a context (and its guest's pending work) to another accelerator of the node, at run
+        /// > time: the orchestrator's remapping tool.
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Fpga_Agent_V1_MoveContextRequest` message.
+        ///   - serializer: A serializer for `Fpga_Agent_V1_MoveContextRequest` messages.
+        ///   - deserializer: A deserializer for `Fpga_Agent_V1_MoveContextResponse` messages.
+        ///   - options: Options to apply to this RPC.
+        ///   - handleResponse: A closure which handles the response and returns its result to
+        ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+        ///       already finished.
+        /// - Returns: The result of `handleResponse`.
+        public func moveContext<Result>(
+            request: GRPCCore.ClientRequest<Fpga_Agent_V1_MoveContextRequest>,
+            serializer: some GRPCCore.MessageSerializer<Fpga_Agent_V1_MoveContextRequest>,
+            deserializer: some GRPCCore.MessageDeserializer<Fpga_Agent_V1_MoveContextResponse>,
+            options: GRPCCore.CallOptions = .defaults,
+            onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Fpga_Agent_V1_MoveContextResponse>) async throws -> Result = { response in
+                try response.message
+            }
+        ) async throws -> Result where Result: Sendable {
+            try await self.client.unary(
+                request: request,
+                descriptor: Fpga_Agent_V1_NodeAgent.Method.MoveContext.descriptor,
+                serializer: serializer,
+                deserializer: deserializer,
+                options: options,
+                onResponse: handleResponse
+            )
+        }
     }
 }
 
@@ -3573,6 +3738,36 @@ extension Fpga_Agent_V1_NodeAgent.ClientProtocol {
             request: request,
             serializer: GRPCProtobuf.ProtobufSerializer<Fpga_Agent_V1_SetSharingPolicyRequest>(),
             deserializer: GRPCProtobuf.ProtobufDeserializer<Fpga_Agent_V1_SetSharingPolicyResponse>(),
+            options: options,
+            onResponse: handleResponse
+        )
+    }
+
+    /// Call the "MoveContext" method.
+    ///
+    /// > Source IDL Documentation:
+    /// >
+    /// > Moves a context (and its guest's pending work) to another accelerator of the node, at run
+    /// > time: the orchestrator's remapping tool.
+    ///
+    /// - Parameters:
+    ///   - request: A request containing a single `Fpga_Agent_V1_MoveContextRequest` message.
+    ///   - options: Options to apply to this RPC.
+    ///   - handleResponse: A closure which handles the response and returns its result to
+    ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+    ///       already finished.
+    /// - Returns: The result of `handleResponse`.
+    public func moveContext<Result>(
+        request: GRPCCore.ClientRequest<Fpga_Agent_V1_MoveContextRequest>,
+        options: GRPCCore.CallOptions = .defaults,
+        onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Fpga_Agent_V1_MoveContextResponse>) async throws -> Result = { response in
+            try response.message
+        }
+    ) async throws -> Result where Result: Sendable {
+        try await self.moveContext(
+            request: request,
+            serializer: GRPCProtobuf.ProtobufSerializer<Fpga_Agent_V1_MoveContextRequest>(),
+            deserializer: GRPCProtobuf.ProtobufDeserializer<Fpga_Agent_V1_MoveContextResponse>(),
             options: options,
             onResponse: handleResponse
         )
@@ -4170,6 +4365,40 @@ extension Fpga_Agent_V1_NodeAgent.ClientProtocol {
             metadata: metadata
         )
         return try await self.setSharingPolicy(
+            request: request,
+            options: options,
+            onResponse: handleResponse
+        )
+    }
+
+    /// Call the "MoveContext" method.
+    ///
+    /// > Source IDL Documentation:
+    /// >
+    /// > Moves a context (and its guest's pending work) to another accelerator of the node, at run
+    /// > time: the orchestrator's remapping tool.
+    ///
+    /// - Parameters:
+    ///   - message: request message to send.
+    ///   - metadata: Additional metadata to send, defaults to empty.
+    ///   - options: Options to apply to this RPC, defaults to `.defaults`.
+    ///   - handleResponse: A closure which handles the response and returns its result to
+    ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+    ///       already finished.
+    /// - Returns: The result of `handleResponse`.
+    public func moveContext<Result>(
+        _ message: Fpga_Agent_V1_MoveContextRequest,
+        metadata: GRPCCore.Metadata = [:],
+        options: GRPCCore.CallOptions = .defaults,
+        onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Fpga_Agent_V1_MoveContextResponse>) async throws -> Result = { response in
+            try response.message
+        }
+    ) async throws -> Result where Result: Sendable {
+        let request = GRPCCore.ClientRequest<Fpga_Agent_V1_MoveContextRequest>(
+            message: message,
+            metadata: metadata
+        )
+        return try await self.moveContext(
             request: request,
             options: options,
             onResponse: handleResponse

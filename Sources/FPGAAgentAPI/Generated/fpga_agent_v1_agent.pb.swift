@@ -1977,6 +1977,69 @@ public nonisolated struct Fpga_Agent_V1_SwitchContextResponse: Sendable {
   fileprivate var _switchTime: SwiftProtobuf.Google_Protobuf_Duration? = nil
 }
 
+/// Moves a context to another accelerator.
+public nonisolated struct Fpga_Agent_V1_MoveContextRequest: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  /// Idempotency and fencing.
+  public var meta: Fpga_Agent_V1_RequestMeta {
+    get {_meta ?? Fpga_Agent_V1_RequestMeta()}
+    set {_meta = newValue}
+  }
+  /// Returns true if `meta` has been explicitly set.
+  public var hasMeta: Bool {self._meta != nil}
+  /// Clears the value of `meta`. Subsequent reads from it will return its default value.
+  public mutating func clearMeta() {self._meta = nil}
+
+  /// The context.
+  public var contextID: String = String()
+
+  /// The accelerator to move it to.
+  public var acceleratorID: String = String()
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+
+  fileprivate var _meta: Fpga_Agent_V1_RequestMeta? = nil
+}
+
+/// The moved context.
+public nonisolated struct Fpga_Agent_V1_MoveContextResponse: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  /// The context on its new accelerator.
+  public var context: Fpga_Agent_V1_Context {
+    get {_context ?? Fpga_Agent_V1_Context()}
+    set {_context = newValue}
+  }
+  /// Returns true if `context` has been explicitly set.
+  public var hasContext: Bool {self._context != nil}
+  /// Clears the value of `context`. Subsequent reads from it will return its default value.
+  public mutating func clearContext() {self._context = nil}
+
+  /// Work the guest had pending, carried to the new accelerator.
+  public var carried: SwiftProtobuf.Google_Protobuf_Duration {
+    get {_carried ?? SwiftProtobuf.Google_Protobuf_Duration()}
+    set {_carried = newValue}
+  }
+  /// Returns true if `carried` has been explicitly set.
+  public var hasCarried: Bool {self._carried != nil}
+  /// Clears the value of `carried`. Subsequent reads from it will return its default value.
+  public mutating func clearCarried() {self._carried = nil}
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+
+  fileprivate var _context: Fpga_Agent_V1_Context? = nil
+  fileprivate var _carried: SwiftProtobuf.Google_Protobuf_Duration? = nil
+}
+
 /// How an accelerator is shared.
 public nonisolated struct Fpga_Agent_V1_SharingPolicy: Sendable {
   // SwiftProtobuf.Message conformance is added in an extension below. See the
@@ -4767,6 +4830,89 @@ nonisolated extension Fpga_Agent_V1_SwitchContextResponse: SwiftProtobuf.Message
   public static func ==(lhs: Fpga_Agent_V1_SwitchContextResponse, rhs: Fpga_Agent_V1_SwitchContextResponse) -> Bool {
     if lhs._switchTime != rhs._switchTime {return false}
     if lhs.switched != rhs.switched {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Fpga_Agent_V1_MoveContextRequest: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".MoveContextRequest"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}meta\0\u{3}context_id\0\u{3}accelerator_id\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularMessageField(value: &self._meta) }()
+      case 2: try { try decoder.decodeSingularStringField(value: &self.contextID) }()
+      case 3: try { try decoder.decodeSingularStringField(value: &self.acceleratorID) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    // The use of inline closures is to circumvent an issue where the compiler
+    // allocates stack space for every if/case branch local when no optimizations
+    // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
+    // https://github.com/apple/swift-protobuf/issues/1182
+    try { if let v = self._meta {
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 1)
+    } }()
+    if !self.contextID.isEmpty {
+      try visitor.visitSingularStringField(value: self.contextID, fieldNumber: 2)
+    }
+    if !self.acceleratorID.isEmpty {
+      try visitor.visitSingularStringField(value: self.acceleratorID, fieldNumber: 3)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Fpga_Agent_V1_MoveContextRequest, rhs: Fpga_Agent_V1_MoveContextRequest) -> Bool {
+    if lhs._meta != rhs._meta {return false}
+    if lhs.contextID != rhs.contextID {return false}
+    if lhs.acceleratorID != rhs.acceleratorID {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Fpga_Agent_V1_MoveContextResponse: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".MoveContextResponse"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}context\0\u{1}carried\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularMessageField(value: &self._context) }()
+      case 2: try { try decoder.decodeSingularMessageField(value: &self._carried) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    // The use of inline closures is to circumvent an issue where the compiler
+    // allocates stack space for every if/case branch local when no optimizations
+    // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
+    // https://github.com/apple/swift-protobuf/issues/1182
+    try { if let v = self._context {
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 1)
+    } }()
+    try { if let v = self._carried {
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 2)
+    } }()
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Fpga_Agent_V1_MoveContextResponse, rhs: Fpga_Agent_V1_MoveContextResponse) -> Bool {
+    if lhs._context != rhs._context {return false}
+    if lhs._carried != rhs._carried {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
