@@ -180,7 +180,14 @@ extension NodeEngine {
       if let only, id != only, let kept = state.accelerators[id] {
         views.append(kept)
       } else {
-        views.append(await runner.view(rollWindow: only == nil))
+        var view = await runner.view(rollWindow: only == nil)
+        // The window alone moving is no change: an idle accelerator publishes nothing.
+        if let kept = state.accelerators[id] {
+          var same = view
+          same.metrics.window = kept.metrics.window
+          if same == kept { view = kept }
+        }
+        views.append(view)
       }
     }
     publish(state.apply(accelerators: views))

@@ -237,3 +237,36 @@ def test_records_survive_a_restart_of_the_binary():
         finally:
             agent.process.send_signal(signal.SIGTERM)
             agent.process.wait(timeout=30)
+
+
+def test_contexts_and_sharing_over_grpcio(agent):
+    node = stub(agent.tcp)
+    accelerator = "card-0000:3b/acc0"
+    ids = {}
+    for guest, weight in [("py-a", 1), ("py-b", 3)]:
+        response = node.RegisterContext(pb.RegisterContextRequest(context=pb.Context(
+            accelerator_id=accelerator, guest=guest, function="aes256-gcm", parameters={"mode": "gcm"},
+            saved_state_bytes=65536, weight=weight)), timeout=10)
+        assert response.context.id.startswith("ctx-") and not response.replayed
+        ids[guest] = response.context.id
+    switched = node.SwitchContext(pb.SwitchContextRequest(context_id=ids["py-b"], timing=pb.SWITCH_TIMING_NOW), timeout=10)
+    assert switched.switched and switched.switch_time.ToNanoseconds() > 0
+    from google.protobuf import duration_pb2
+    policy = node.SetSharingPolicy(pb.SetSharingPolicyRequest(policy=pb.SharingPolicy(
+        accelerator_id=accelerator, time_slice=duration_pb2.Duration(nanos=5_000_000), overcommit_limit=2)), timeout=10)
+    assert policy.policy.overcommit_limit == 2 and dict(policy.policy.weights) == {"py-a": 1, "py-b": 3}
+    with pytest.raises(grpc.RpcError) as caught:
+        node.RegisterContext(pb.RegisterContextRequest(context=pb.Context(
+            accelerator_id=accelerator, guest="py-c", function="f")), timeout=10)
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    inventory = node.GetInventory(pb.GetInventoryRequest(), timeout=10)
+    shared = next(a for a in inventory.accelerators if a.id == accelerator)
+    assert [g.guest for g in shared.guests] == ["py-a", "py-b"] and shared.metrics.overcommit_ratio == 1.0
+    moved = node.MoveContext(pb.MoveContextRequest(context_id=ids["py-a"], accelerator_id="card-0000:d8/acc1"), timeout=10)
+    assert moved.context.accelerator_id == "card-0000:d8/acc1"
+    listed = node.ListContexts(pb.ListContextsRequest(accelerator_id=accelerator), timeout=10).contexts
+    assert [c.guest for c in listed] == ["py-b"]
+    node.DeleteContext(pb.DeleteContextRequest(context_id=ids["py-b"]), timeout=10)
+    with pytest.raises(grpc.RpcError) as caught:
+        node.SwitchContext(pb.SwitchContextRequest(context_id="ctx-../../x"), timeout=10)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
