@@ -49,12 +49,17 @@ let package = Package(
       name: "FPGAAgentAPI",
       dependencies: ["FPGACore", grpcCore, grpcProtobuf, swiftProtobuf, logging]
     ),
+    // The kubelet device plugin (v1beta1): VFs as a Kubernetes extended resource.
+    .target(
+      name: "FPGADevicePlugin",
+      dependencies: ["FPGACore", "FPGAAgentAPI", grpcCore, grpcHTTP2, grpcProtobuf, swiftProtobuf, logging]
+    ),
     // The daemon's wiring: configuration, logging, servers in one ServiceGroup.
     .target(
       name: "FPGAAgentRuntime",
       dependencies: [
-        "FPGACore", "FPGASimulator", "FPGALinux", "FPGAQEMU", "FPGAAgentAPI", "FPGAStore", grpcCore, grpcHTTP2,
-        logging, serviceLifecycle, argumentParser, .product(name: "Yams", package: "Yams"),
+        "FPGACore", "FPGASimulator", "FPGALinux", "FPGAQEMU", "FPGAAgentAPI", "FPGAStore", "FPGADevicePlugin", grpcCore,
+        grpcHTTP2, logging, serviceLifecycle, argumentParser, .product(name: "Yams", package: "Yams"),
       ]
     ),
     // fpgactl's subcommands, as a library so tests run them on their exact output.

@@ -64,6 +64,11 @@ public struct ConfigOptions: ParsableArguments {
   @Option(name: .customLong("qmp-dir"), help: "A directory whose Unix sockets are VMs' QMP sockets.")
   var qmpDir: String?
 
+  @Option(
+    name: .customLong("kubelet-dir"),
+    help: "Serve the Kubernetes device plugin and register with the kubelet in DIR (usually /var/lib/kubelet/device-plugins).")
+  var kubeletDir: String?
+
   @Option(name: .customLong("vf-device-model"), help: "QEMU device model for VFs (default vfio-pci; edu in tests).")
   var vfDeviceModel: String?
 
@@ -95,6 +100,10 @@ public struct ConfigOptions: ParsableArguments {
       resolved.qemu.sockets[String(entry[..<equals])] = String(entry[entry.index(after: equals)...])
     }
     if let qmpDir { resolved.qemu.socketDir = qmpDir }
+    if let kubeletDir {
+      resolved.kubernetes.kubeletDir = kubeletDir
+      resolved.kubernetes.devicePlugin = true
+    }
     if let vfDeviceModel { resolved.qemu.deviceModel = vfDeviceModel }
     if !selectors.isEmpty { resolved.linux.selectors = try selectors.map(AgentCommand.parseSelector) }
     try resolved.validate()

@@ -1,4 +1,5 @@
 import FPGACore
+import FPGADevicePlugin
 import FPGALinux
 import FPGASimulator
 
@@ -141,6 +142,22 @@ public struct AgentConfig: Hashable, Sendable {
   public var rescanIntervalSeconds = 30
   public var simulator = Simulator()
   public var sharing = Sharing()
+  public var kubernetes = Kubernetes()
+
+  /// The kubelet device plugin.
+  public struct Kubernetes: Hashable, Sendable {
+    /// Serve the device plugin and register with the kubelet.
+    public var devicePlugin = false
+    /// The kubelet's device plugin directory (kubelet.sock is there).
+    public var kubeletDir = "/var/lib/kubelet/device-plugins"
+    /// Resource pools: a resource name and the PFs whose VFs it offers (empty: all).
+    public var pools: [Pool] = [Pool()]
+
+    public struct Pool: Hashable, Sendable {
+      public var resource = "xilinx.com/qdma-vf"
+      public var pfs: [String] = []
+    }
+  }
 
   public init() {}
 
@@ -223,6 +240,24 @@ public struct AgentConfig: Hashable, Sendable {
       if !(0...5).contains(accelerator.bar) { problems.append("\(key).bar must be 0-5") }
       if !(0...63).contains(accelerator.slot) { problems.append("\(key).slot must be 0-63") }
       if !acceleratorIDs.insert(id).inserted { problems.append("\(key) repeats accelerator \(id)") }
+    }
+    if kubernetes.devicePlugin {
+      if !kubernetes.kubeletDir.hasPrefix("/") {
+        problems.append("kubernetes.kubelet_dir \(quoted(kubernetes.kubeletDir)) must be an absolute path")
+      } else if kubernetes.kubeletDir.utf8.count > 60 {
+        problems.append("kubernetes.kubelet_dir is too long for the Unix socket paths in it (at most 60 bytes)")
+      }
+      if kubernetes.pools.isEmpty { problems.append("kubernetes.pools is empty: the device plugin would offer nothing") }
+    }
+    var resources = Set<String>()
+    for (index, pool) in kubernetes.pools.enumerated() {
+      if !DevicePluginPool.validate(pool.resource) {
+        problems.append("kubernetes.pools[\(index)].resource \(quoted(pool.resource)) is not domain/name (e.g. xilinx.com/qdma-vf)")
+      }
+      if !resources.insert(pool.resource).inserted { problems.append("kubernetes.pools[\(index)].resource repeats \(pool.resource)") }
+      for pf in pool.pfs where PCIAddress(pf) == nil {
+        problems.append("kubernetes.pools[\(index)].pfs: \(quoted(pf)) is not a PCI address (DDDD:BB:DD.F)")
+      }
     }
     if !(1...10_000).contains(sharing.sliceMilliseconds) { problems.append("sharing.slice_ms must be 1-10000") }
     if !(1...64).contains(sharing.overcommitLimit) { problems.append("sharing.overcommit_limit must be 1-64") }

@@ -1,6 +1,7 @@
 import FPGAAgentAPI
 import Foundation
 import FPGACore
+import FPGADevicePlugin
 import FPGALinux
 import FPGAQEMU
 import FPGASimulator
@@ -110,6 +111,15 @@ public final class AgentRuntime: Sendable {
       NodeService(
         engine: engine, health: health, logger: logger,
         rescanInterval: config.rescanIntervalSeconds > 0 ? .seconds(config.rescanIntervalSeconds) : nil))
+    if config.kubernetes.devicePlugin {
+      try SystemCalls.makeDirectories(config.kubernetes.kubeletDir)
+      for pool in config.kubernetes.pools {
+        let plugin = DevicePlugin(
+          engine: engine, pool: DevicePluginPool(resourceName: pool.resource, pfs: Set(pool.pfs.compactMap { PCIAddress($0) })),
+          directory: config.kubernetes.kubeletDir, logger: logger)
+        serviceList.append(DevicePluginService(plugin: plugin))
+      }
+    }
     if !runners.isEmpty {
       serviceList.append(
         AcceleratorService(
@@ -357,6 +367,17 @@ struct AcceleratorService: Service {
           await engine.refreshAccelerators()
         }
       }
+    }
+  }
+}
+
+/// One device plugin pool as a lifecycle service.
+struct DevicePluginService: Service {
+  let plugin: DevicePlugin
+
+  func run() async throws {
+    try await cancelWhenGracefulShutdown {
+      await plugin.run()
     }
   }
 }

@@ -23,6 +23,7 @@ public enum ConfigLoader {
     ("FPGA_AGENT_STATE_DURABILITY", "state_durability"),
     ("FPGA_AGENT_FAULT_INJECTION", "fault_injection"),
     ("FPGA_AGENT_SIMULATOR_STATE_FILE", "simulator.state_file"),
+    ("FPGA_AGENT_KUBELET_DIR", "kubernetes.kubelet_dir"),
   ]
 
   /// Reads `yaml` (a file's text) over `config`.
@@ -103,6 +104,15 @@ public enum ConfigLoader {
           default: reader.unknown(path)
           }
         }
+      case "kubernetes":
+        reader.mapping(value, "kubernetes") { key, value, path in
+          switch key {
+          case "device_plugin": reader.bool(value, path).map { config.kubernetes.devicePlugin = $0 }
+          case "kubelet_dir": reader.string(value, path).map { config.kubernetes.kubeletDir = $0 }
+          case "pools": reader.pools(value, path).map { config.kubernetes.pools = $0 }
+          default: reader.unknown(path)
+          }
+        }
       case "sharing":
         reader.mapping(value, "sharing") { key, value, path in
           switch key {
@@ -140,6 +150,9 @@ public enum ConfigLoader {
       case "state_durability": config.stateDurability = value
       case "fault_injection": config.faultInjection = value
       case "simulator.state_file": config.simulator.stateFile = value
+      case "kubernetes.kubelet_dir":
+        config.kubernetes.kubeletDir = value
+        config.kubernetes.devicePlugin = true
       case "rescan_interval_seconds":
         if let seconds = Int(value) {
           config.rescanIntervalSeconds = seconds
@@ -243,6 +256,26 @@ private final class Reader {
       selectors.append(selector)
     }
     return selectors
+  }
+
+  func pools(_ value: Any, _ path: String) -> [AgentConfig.Kubernetes.Pool]? {
+    guard let list = value as? [Any] else {
+      problems.append("\(path) must be a list of {resource, pfs}")
+      return nil
+    }
+    return list.enumerated().map { index, item in
+      var pool = AgentConfig.Kubernetes.Pool()
+      mapping(item, "\(path)[\(index)]") { key, value, path in
+        switch key {
+        case "resource": string(value, path).map { pool.resource = $0 }
+        case "pfs":
+          let items = (value as? [Any]) ?? [value]
+          pool.pfs = items.enumerated().compactMap { string($1, "\(path)[\($0)]") }
+        default: unknown(path)
+        }
+      }
+      return pool
+    }
   }
 
   func barAccelerators(_ value: Any, _ path: String) -> [AgentConfig.BARAccelerator]? {

@@ -277,6 +277,21 @@ public struct InventoryState: Sendable {
   public func chooseVF(
     _ constraints: AllocationConstraints, excluding busy: [PCIAddress: String] = [:]
   ) throws(AgentError) -> VirtualFunction {
+    if let wanted = constraints.vf {
+      guard let vf = vf(wanted) else {
+        throw AgentError(.notFound, "VF \(wanted) does not exist on this node; `fpgactl inventory --vfs` lists them")
+      }
+      if let operation = busy[vf.pfAddress] {
+        throw AgentError(.unavailable, "PF \(vf.pfAddress) is being reconfigured (operation \(operation)); retry when it ends")
+      }
+      if let holder = allocationByVF[wanted] {
+        throw AgentError(.failedPrecondition, "VF \(wanted) is already allocated (\(holder))")
+      }
+      guard vf.isPassthroughCapable else {
+        throw AgentError(.failedPrecondition, "VF \(wanted) has no IOMMU group: it cannot be passed through")
+      }
+      return vf
+    }
     if let pf = constraints.pf, let operation = busy[pf] {
       throw AgentError(
         .unavailable, "PF \(pf) is being reconfigured (operation \(operation)); retry when it ends (`fpgactl operation \(operation) --watch`)")
@@ -344,10 +359,13 @@ public struct AllocationConstraints: Hashable, Sendable {
   public var cardID: String?
   public var pf: PCIAddress?
   public var numaNode: Int?
+  /// This VF exactly (the device plugin allocates the VF the kubelet chose).
+  public var vf: PCIAddress?
 
-  public init(cardID: String? = nil, pf: PCIAddress? = nil, numaNode: Int? = nil) {
+  public init(cardID: String? = nil, pf: PCIAddress? = nil, numaNode: Int? = nil, vf: PCIAddress? = nil) {
     self.cardID = cardID
     self.pf = pf
     self.numaNode = numaNode
+    self.vf = vf
   }
 }

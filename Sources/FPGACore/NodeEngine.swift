@@ -182,6 +182,32 @@ public actor NodeEngine {
     return result
   }
 
+  /// The VF the kubelet gave a pod becomes an allocation owned by `kubelet` (so the node API
+  /// does not hand it out too), bound to vfio-pci. Allocating it again is a no-op.
+  public func allocateForKubelet(vf: PCIAddress, resource: String) async throws(AgentError) -> (Allocation, device: String) {
+    let allocation: Allocation
+    if let id = state.allocations.values.first(where: { $0.vf == vf })?.id, let existing = state.allocations[id] {
+      guard existing.owner == "kubelet" else {
+        throw AgentError(
+          .failedPrecondition,
+          "VF \(vf) is allocated to \(existing.owner) through the node API (\(existing.id)); the kubelet saw it as Unhealthy")
+      }
+      allocation = existing
+    } else {
+      allocation = try await allocate(AllocateRequest(owner: "kubelet", vm: nil, constraints: .init(vf: vf))).allocation
+    }
+    return (allocation, try await prepareForPassthrough(vf: vf))
+  }
+
+  /// Binds a VF to vfio-pci (when it is not) and records what the platform shows; returns
+  /// `/dev/vfio/N`.
+  public func prepareForPassthrough(vf: PCIAddress) async throws(AgentError) -> String {
+    if let known = state.vf(vf), known.driver == "vfio-pci", let device = known.vfioDevice { return device }
+    let device = try await platform.prepareForPassthrough(vf: vf)
+    publish(state.apply(try await platform.discover()))
+    return device
+  }
+
   public func release(_ request: ReleaseRequest) async throws(AgentError) -> ReleaseResult {
     try await fence(request.meta)
     let fingerprint = request.allocationID
@@ -421,10 +447,10 @@ public struct AllocateRequest: Hashable, Sendable {
   }
 
   var fingerprint: String {
-    [
+    ([
       owner, vm ?? "", constraints.cardID ?? "", constraints.pf?.description ?? "",
       constraints.numaNode.map(String.init) ?? "",
-    ].joined(separator: "\u{0}")
+    ] + (constraints.vf.map { [$0.description] } ?? [])).joined(separator: "\u{0}")
   }
 }
 

@@ -1,0 +1,137 @@
+"""A fake kubelet, written with Python grpcio from the v1beta1 proto, against the agent's device
+plugin: registration, ListAndWatch updates when a VF changes, Allocate contents, preferred
+allocation, and a kubelet restart (sockets deleted, a new kubelet) followed by re-registration."""
+import os
+import queue
+import shutil
+import signal
+import tempfile
+import threading
+import time
+from concurrent import futures
+
+import grpc
+import pytest
+
+from conftest import start_agent
+from fpga.agent.v1 import agent_pb2 as pb
+from fpga.agent.v1 import agent_pb2_grpc as rpc
+from k8s.deviceplugin.v1beta1 import api_pb2 as dp
+from k8s.deviceplugin.v1beta1 import api_pb2_grpc as dp_rpc
+
+RESOURCE = "xilinx.com/qdma-vf"
+ENDPOINT = "fpga-agent-xilinx_com_qdma-vf.sock"
+
+
+class FakeKubelet(dp_rpc.RegistrationServicer):
+    def __init__(self, directory):
+        self.registrations = queue.Queue()
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+        dp_rpc.add_RegistrationServicer_to_server(self, self.server)
+        self.server.add_insecure_port(f"unix:{directory}/kubelet.sock")
+        self.server.start()
+
+    def Register(self, request, context):
+        self.registrations.put(request)
+        return dp.Empty()
+
+    def stop(self):
+        self.server.stop(0).wait()
+
+
+@pytest.fixture
+def kubelet_and_agent():
+    with tempfile.TemporaryDirectory(prefix="fpga-dp-") as directory:
+        plugins = os.path.join(directory, "dp")
+        os.makedirs(plugins)
+        kubelet = FakeKubelet(plugins)
+        agent = start_agent(directory, ["--kubelet-dir", plugins])
+        yield kubelet, agent, plugins
+        kubelet.stop()
+        if agent.process.poll() is None:
+            agent.process.send_signal(signal.SIGTERM)
+            agent.process.wait(timeout=30)
+
+
+def plugin(plugins):
+    return dp_rpc.DevicePluginStub(grpc.insecure_channel(f"unix:{plugins}/{ENDPOINT}"))
+
+
+def test_registration_list_and_watch_allocate_and_kubelet_restart(kubelet_and_agent):
+    kubelet, agent, plugins = kubelet_and_agent
+    request = kubelet.registrations.get(timeout=30)
+    assert (request.version, request.endpoint, request.resource_name) == ("v1beta1", ENDPOINT, RESOURCE)
+    assert request.options.get_preferred_allocation_available and not request.options.pre_start_required
+
+    device_plugin = plugin(plugins)
+    options = device_plugin.GetDevicePluginOptions(dp.Empty(), timeout=10)
+    assert options.get_preferred_allocation_available
+
+    updates = queue.Queue()
+    stream = device_plugin.ListAndWatch(dp.Empty())
+    threading.Thread(target=lambda: [updates.put(r) for r in stream], daemon=True).start()
+    first = updates.get(timeout=10)
+    devices = {d.ID: d for d in first.devices}
+    assert len(devices) == 52 and all(d.health == "Healthy" for d in devices.values())
+    assert [n.ID for n in devices["0000:3b:00.4"].topology.nodes] == [0]
+    assert [n.ID for n in devices["0000:d8:00.4"].topology.nodes] == [1]
+
+    # A VF handed out through the node API turns Unhealthy for the kubelet.
+    node = rpc.NodeAgentStub(grpc.insecure_channel(agent.tcp))
+    taken = node.AllocateVF(pb.AllocateVFRequest(owner="node-api", constraints=pb.AllocationConstraints(
+        pf_bdf="0000:3b:00.0")), timeout=10).allocation
+    deadline = time.monotonic() + 10
+    while True:
+        update = {d.ID: d.health for d in updates.get(timeout=10).devices}
+        if update[taken.vf_bdf] == "Unhealthy":
+            break
+        assert time.monotonic() < deadline
+    assert sum(1 for h in update.values() if h == "Healthy") == 51
+
+    # Preferred allocation packs by NUMA node and PF.
+    available = [d for d in devices if d != taken.vf_bdf]
+    preferred = device_plugin.GetPreferredAllocation(dp.PreferredAllocationRequest(container_requests=[
+        dp.ContainerPreferredAllocationRequest(available_deviceIDs=available, must_include_deviceIDs=["0000:d8:00.5"],
+                                               allocation_size=3)]), timeout=10)
+    chosen = list(preferred.container_responses[0].deviceIDs)
+    assert chosen[0] == "0000:d8:00.5" and len(chosen) == 3
+    assert all(d.startswith("0000:d8:00.") or d.startswith("0000:d8:01.") for d in chosen), chosen
+
+    # Allocate: vfio nodes with mrw, and KubeVirt's variable.
+    allocated = device_plugin.Allocate(dp.AllocateRequest(container_requests=[
+        dp.ContainerAllocateRequest(devices_ids=chosen[:2])]), timeout=10)
+    container = allocated.container_responses[0]
+    # KubeVirt's rule keeps the dash; the shell-safe spelling replaces it: both are set.
+    assert dict(container.envs) == {"PCI_RESOURCE_XILINX_COM_QDMA_VF": ",".join(chosen[:2]),
+                                    "PCI_RESOURCE_XILINX_COM_QDMA-VF": ",".join(chosen[:2])}
+    paths = [(d.container_path, d.host_path, d.permissions) for d in container.devices]
+    assert paths[0] == ("/dev/vfio/vfio", "/dev/vfio/vfio", "mrw")
+    assert len(paths) == 3 and all(p[0].startswith("/dev/vfio/") and p[2] == "mrw" for p in paths[1:])
+    owners = {a.vf_bdf: a.owner for a in node.GetInventory(pb.GetInventoryRequest(), timeout=10).allocations}
+    assert owners[chosen[0]] == "kubelet" and owners[chosen[1]] == "kubelet"
+    # The same allocation again (a container restart) is fine; the node API's VF is refused.
+    device_plugin.Allocate(dp.AllocateRequest(container_requests=[dp.ContainerAllocateRequest(devices_ids=chosen[:1])]),
+                           timeout=10)
+    with pytest.raises(grpc.RpcError) as caught:
+        device_plugin.Allocate(dp.AllocateRequest(container_requests=[
+            dp.ContainerAllocateRequest(devices_ids=[taken.vf_bdf])]), timeout=10)
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    with pytest.raises(grpc.RpcError) as caught:
+        device_plugin.Allocate(dp.AllocateRequest(container_requests=[
+            dp.ContainerAllocateRequest(devices_ids=["../../etc"])]), timeout=10)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+    # The kubelet restarts: it deletes every socket of the directory and comes back.
+    kubelet.stop()
+    for name in os.listdir(plugins):
+        os.unlink(os.path.join(plugins, name))
+    restarted = FakeKubelet(plugins)
+    try:
+        again = restarted.registrations.get(timeout=30)
+        assert (again.endpoint, again.resource_name) == (ENDPOINT, RESOURCE)
+        fresh = plugin(plugins).ListAndWatch(dp.Empty())
+        listed = next(iter(fresh))
+        assert len(listed.devices) == 52
+        fresh.cancel()
+    finally:
+        restarted.stop()
