@@ -93,7 +93,7 @@ let package = Package(
     .testTarget(
       name: "FPGAAgentAPITests",
       dependencies: [
-        "FPGACore", "FPGASimulator", "FPGALinux", "FPGAQMP", "FPGAAgentAPI", "FPGAAgentRuntime",
+        "FPGACore", "FPGASimulator", "FPGALinux", "FPGAQMP", "FPGAAgentAPI", "FPGAAgentRuntime", "FPGADevicePlugin",
         "FPGATestSupport", grpcCore, grpcHTTP2, logging,
       ]
     ),
