@@ -19,6 +19,7 @@ let package = Package(
     .executable(name: "fpga-agent", targets: ["fpga-agent"]),
     .executable(name: "fpgactl", targets: ["fpgactl"]),
     .executable(name: "fpga-agent-bench", targets: ["FPGAAgentBenchmarks"]),
+    .executable(name: "fpga-orchestrator-example", targets: ["ExampleOrchestrator"]),
   ],
   dependencies: [
     .package(url: "https://github.com/grpc/grpc-swift-2.git", exact: "2.4.3"),
@@ -69,6 +70,10 @@ let package = Package(
     ),
     .executableTarget(name: "fpga-agent", dependencies: ["FPGAAgentRuntime"]),
     .executableTarget(name: "fpgactl", dependencies: ["FPGACtlCommands"]),
+    // An example orchestrator for the orchestrator link (tests and the demo), not a product.
+    .executableTarget(
+      name: "ExampleOrchestrator", dependencies: ["FPGAAgentAPI", grpcCore, grpcHTTP2, grpcProtobuf],
+      path: "Examples/ExampleOrchestrator"),
     .executableTarget(
       name: "FPGAAgentBenchmarks",
       dependencies: [

@@ -26,7 +26,8 @@ generate() { # OUT_DIR PROTO...
 }
 
 cd "$root/Protos"
-generate "$root/Sources/FPGAAgentAPI/Generated" fpga/agent/v1/agent.proto grpc/health/v1/health.proto
+generate "$root/Sources/FPGAAgentAPI/Generated" fpga/agent/v1/agent.proto grpc/health/v1/health.proto \
+  fpga/orchestrator/v1/orchestrator.proto
 generate "$root/Benchmarks/FPGAAgentBenchmarks/Generated" fpga/bench/v1/echo.proto
 generate "$root/Sources/FPGADevicePlugin/Generated" k8s/deviceplugin/v1beta1/api.proto
 echo "generated Swift code from Protos/"

@@ -4,7 +4,7 @@ import SwiftProtobuf
 /// Core values to their wire form. One direction only: requests are parsed in the services,
 /// where each field is validated.
 extension Google_Protobuf_Timestamp {
-  init(_ time: WallTime) {
+  public init(_ time: WallTime) {
     self.init(seconds: time.seconds, nanos: time.nanoseconds)
   }
 }
@@ -143,7 +143,7 @@ extension Fpga_Agent_V1_SharingPolicy {
 }
 
 extension Fpga_Agent_V1_Accelerator {
-  init(_ view: AcceleratorView) {
+  public init(_ view: AcceleratorView) {
     self.init()
     id = view.id
     cardID = view.cardID
@@ -207,7 +207,7 @@ extension Fpga_Agent_V1_InventoryChange {
 }
 
 extension Fpga_Agent_V1_InventoryEvent {
-  init(_ event: InventoryEvent) {
+  public init(_ event: InventoryEvent) {
     self.init()
     revision = event.revision
     switch event {
@@ -249,6 +249,14 @@ extension Fpga_Agent_V1_NodeStatus {
     vfsAllocated = UInt32(status.counts.vfsAllocated)
     vfsFree = UInt32(status.counts.vfsFree)
     orchestratorEpoch = status.orchestratorEpoch
+    orchestrator = .with {
+      $0.address = status.link.address
+      $0.state = status.link.state.rawValue
+      $0.error = status.link.error ?? ""
+      if let since = status.link.since { $0.since = .init(since) }
+      $0.connections = status.link.connections
+      $0.acknowledgedRevision = status.link.acknowledgedRevision
+    }
   }
 }
 

@@ -64,6 +64,9 @@ public struct ConfigOptions: ParsableArguments {
   @Option(name: .customLong("qmp-dir"), help: "A directory whose Unix sockets are VMs' QMP sockets.")
   var qmpDir: String?
 
+  @Option(name: .long, help: "Dial this orchestrator (HOST:PORT) and take its commands (env FPGA_AGENT_ORCHESTRATOR).")
+  var orchestrator: String?
+
   @Option(
     name: .customLong("kubelet-dir"),
     help: "Serve the Kubernetes device plugin and register with the kubelet in DIR (usually /var/lib/kubelet/device-plugins).")
@@ -100,6 +103,7 @@ public struct ConfigOptions: ParsableArguments {
       resolved.qemu.sockets[String(entry[..<equals])] = String(entry[entry.index(after: equals)...])
     }
     if let qmpDir { resolved.qemu.socketDir = qmpDir }
+    if let orchestrator { resolved.orchestrator.address = orchestrator }
     if let kubeletDir {
       resolved.kubernetes.kubeletDir = kubeletDir
       resolved.kubernetes.devicePlugin = true

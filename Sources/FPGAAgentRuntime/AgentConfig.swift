@@ -143,6 +143,15 @@ public struct AgentConfig: Hashable, Sendable {
   public var simulator = Simulator()
   public var sharing = Sharing()
   public var kubernetes = Kubernetes()
+  public var orchestrator = Orchestrator()
+
+  /// The link to a cluster orchestrator.
+  public struct Orchestrator: Hashable, Sendable {
+    /// `HOST:PORT` of the orchestrator's Connect service; empty: no link.
+    public var address = ""
+    /// Seconds between heartbeats.
+    public var heartbeatSeconds = 2
+  }
 
   /// The kubelet device plugin.
   public struct Kubernetes: Hashable, Sendable {
@@ -240,6 +249,12 @@ public struct AgentConfig: Hashable, Sendable {
       if !(0...5).contains(accelerator.bar) { problems.append("\(key).bar must be 0-5") }
       if !(0...63).contains(accelerator.slot) { problems.append("\(key).slot must be 0-63") }
       if !acceleratorIDs.insert(id).inserted { problems.append("\(key) repeats accelerator \(id)") }
+    }
+    if !orchestrator.address.isEmpty, ListenAddress(orchestrator.address) == nil {
+      problems.append("orchestrator.address \(quoted(orchestrator.address)) is not HOST:PORT")
+    }
+    if !(1...300).contains(orchestrator.heartbeatSeconds) {
+      problems.append("orchestrator.heartbeat_seconds must be 1-300")
     }
     if kubernetes.devicePlugin {
       if !kubernetes.kubeletDir.hasPrefix("/") {

@@ -71,12 +71,10 @@ public final class AgentRuntime: Sendable {
       detachTimeout: .seconds(config.qemu.detachTimeoutSeconds), accelerators: runners)
     health = HealthService(services: [Fpga_Agent_V1_NodeAgent.descriptor.fullyQualifiedService])
 
-    let services: [any RegistrableRPCService] = [
-      NodeAgentService(
-        engine: engine, hostname: SystemCalls.hostname(), agentVersion: Self.version, logger: logger,
-        defaultDetachTimeout: .seconds(config.qemu.detachTimeoutSeconds)),
-      health,
-    ]
+    let nodeAgent = NodeAgentService(
+      engine: engine, hostname: SystemCalls.hostname(), agentVersion: Self.version, logger: logger,
+      defaultDetachTimeout: .seconds(config.qemu.detachTimeoutSeconds))
+    let services: [any RegistrableRPCService] = [nodeAgent, health]
     var transportConfig = HTTP2ServerTransport.Posix.Config.defaults
     transportConfig.compression.enabledAlgorithms = .all
 
@@ -111,6 +109,12 @@ public final class AgentRuntime: Sendable {
       NodeService(
         engine: engine, health: health, logger: logger,
         rescanInterval: config.rescanIntervalSeconds > 0 ? .seconds(config.rescanIntervalSeconds) : nil))
+    if let address = ListenAddress(config.orchestrator.address) {
+      serviceList.append(
+        OrchestratorLink(
+          engine: engine, service: nodeAgent, address: address, hostname: SystemCalls.hostname(), logger: logger,
+          heartbeat: .seconds(config.orchestrator.heartbeatSeconds)))
+    }
     if config.kubernetes.devicePlugin {
       try SystemCalls.makeDirectories(config.kubernetes.kubeletDir)
       for pool in config.kubernetes.pools {

@@ -24,6 +24,7 @@ public enum ConfigLoader {
     ("FPGA_AGENT_FAULT_INJECTION", "fault_injection"),
     ("FPGA_AGENT_SIMULATOR_STATE_FILE", "simulator.state_file"),
     ("FPGA_AGENT_KUBELET_DIR", "kubernetes.kubelet_dir"),
+    ("FPGA_AGENT_ORCHESTRATOR", "orchestrator.address"),
   ]
 
   /// Reads `yaml` (a file's text) over `config`.
@@ -104,6 +105,14 @@ public enum ConfigLoader {
           default: reader.unknown(path)
           }
         }
+      case "orchestrator":
+        reader.mapping(value, "orchestrator") { key, value, path in
+          switch key {
+          case "address": reader.string(value, path).map { config.orchestrator.address = $0 }
+          case "heartbeat_seconds": reader.int(value, path).map { config.orchestrator.heartbeatSeconds = $0 }
+          default: reader.unknown(path)
+          }
+        }
       case "kubernetes":
         reader.mapping(value, "kubernetes") { key, value, path in
           switch key {
@@ -150,6 +159,7 @@ public enum ConfigLoader {
       case "state_durability": config.stateDurability = value
       case "fault_injection": config.faultInjection = value
       case "simulator.state_file": config.simulator.stateFile = value
+      case "orchestrator.address": config.orchestrator.address = value
       case "kubernetes.kubelet_dir":
         config.kubernetes.kubeletDir = value
         config.kubernetes.devicePlugin = true

@@ -30,6 +30,10 @@ public actor NodeEngine {
   let runners: [String: AcceleratorRunner]
   /// Registered contexts by id.
   var contexts: [String: ContextRecord] = [:]
+  /// The orchestrator link's state, set by the link.
+  public private(set) var link = OrchestratorLinkStatus()
+
+  public func setLink(_ status: OrchestratorLinkStatus) { link = status }
   private let broadcaster = InventoryBroadcaster()
   var operations: [String: OperationRecord] = [:]
   private var operationOrder: [String] = []
@@ -121,7 +125,7 @@ public actor NodeEngine {
     return NodeStatusValue(
       nodeID: nodeID, startedAt: startedAt, now: clock.now(), revision: state.revision,
       counts: state.counts, capabilities: found, orchestratorEpoch: highestEpoch,
-      watchers: broadcaster.watcherCount)
+      watchers: broadcaster.watcherCount, link: link)
   }
 
   /// Starts a watch: a snapshot (revision 0 or too old) or the missed deltas, then every change.
@@ -487,6 +491,7 @@ public struct NodeStatusValue: Hashable, Sendable {
   public var capabilities: PlatformCapabilities
   public var orchestratorEpoch: UInt64
   public var watchers: Int
+  public var link: OrchestratorLinkStatus
 
   /// Serving when nothing is wrong, degraded when the platform reports problems but devices
   /// are managed, not serving when no device can be managed.
@@ -496,4 +501,17 @@ public struct NodeStatusValue: Hashable, Sendable {
   }
 
   public enum Health: String, Hashable, Sendable { case serving, degraded, notServing = "not-serving" }
+}
+
+/// The agent's link to an orchestrator, as status reports it.
+public struct OrchestratorLinkStatus: Hashable, Sendable {
+  public enum State: String, Hashable, Sendable { case off, connecting, connected, disconnected }
+  public var address = ""
+  public var state = State.off
+  public var error: String?
+  public var since: WallTime?
+  public var connections: UInt64 = 0
+  public var acknowledgedRevision: UInt64 = 0
+
+  public init() {}
 }

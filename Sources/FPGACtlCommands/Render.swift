@@ -12,7 +12,7 @@ enum Render {
     case .notServing: health = "NOT_SERVING"
     default: health = "UNKNOWN"
     }
-    let rows = [
+    var rows = [
       ["node", "\(status.nodeID) on \(status.hostname)"],
       ["health", health],
       [
@@ -30,6 +30,14 @@ enum Render {
       ],
       ["epoch", "\(status.orchestratorEpoch)"],
     ]
+    let link = status.orchestrator
+    if !link.address.isEmpty {
+      rows.append([
+        "link",
+        "orchestrator \(link.address): \(link.state), \(link.connections) connections, acknowledged revision "
+          + "\(link.acknowledgedRevision)\(link.error.isEmpty ? "" : " (last error: \(link.error))")",
+      ])
+    }
     let problems = status.problems.isEmpty ? [["problems", "none"]] : status.problems.map { ["problem", $0] }
     return table(["", ""], rows + problems).dropFirst().map { $0 }
   }

@@ -24,7 +24,7 @@ def _generate_stubs():
 
     GENERATED.mkdir(exist_ok=True)
     # Health comes from grpcio-health-checking: an independent client of grpc.health.v1.
-    protos = ["fpga/agent/v1/agent.proto", "k8s/deviceplugin/v1beta1/api.proto"]
+    protos = ["fpga/agent/v1/agent.proto", "k8s/deviceplugin/v1beta1/api.proto", "fpga/orchestrator/v1/orchestrator.proto"]
     include = str(Path(protoc.__file__).parent / "_proto")
     code = protoc.main(
         ["protoc", f"-I{ROOT / 'Protos'}", f"-I{include}", f"--python_out={GENERATED}",

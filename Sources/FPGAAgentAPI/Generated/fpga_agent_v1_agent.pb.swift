@@ -1014,6 +1014,16 @@ public nonisolated struct Fpga_Agent_V1_NodeStatus: @unchecked Sendable {
     set {_uniqueStorage()._orchestratorEpoch = newValue}
   }
 
+  /// The link to the cluster orchestrator (state "off" when none is configured).
+  public var orchestrator: Fpga_Agent_V1_OrchestratorLink {
+    get {_storage._orchestrator ?? Fpga_Agent_V1_OrchestratorLink()}
+    set {_uniqueStorage()._orchestrator = newValue}
+  }
+  /// Returns true if `orchestrator` has been explicitly set.
+  public var hasOrchestrator: Bool {_storage._orchestrator != nil}
+  /// Clears the value of `orchestrator`. Subsequent reads from it will return its default value.
+  public mutating func clearOrchestrator() {_uniqueStorage()._orchestrator = nil}
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
@@ -1757,6 +1767,44 @@ public nonisolated struct Fpga_Agent_V1_AcceleratorMetrics: Sendable {
   fileprivate var _waitP50: SwiftProtobuf.Google_Protobuf_Duration? = nil
   fileprivate var _waitP99: SwiftProtobuf.Google_Protobuf_Duration? = nil
   fileprivate var _window: SwiftProtobuf.Google_Protobuf_Duration? = nil
+}
+
+/// The state of the agent's link to an orchestrator.
+public nonisolated struct Fpga_Agent_V1_OrchestratorLink: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  /// HOST:PORT dialled; empty when none is configured.
+  public var address: String = String()
+
+  /// "off", "connecting", "connected" or "disconnected".
+  public var state: String = String()
+
+  /// Why the last connection ended or failed.
+  public var error: String = String()
+
+  /// When the state last changed.
+  public var since: SwiftProtobuf.Google_Protobuf_Timestamp {
+    get {_since ?? SwiftProtobuf.Google_Protobuf_Timestamp()}
+    set {_since = newValue}
+  }
+  /// Returns true if `since` has been explicitly set.
+  public var hasSince: Bool {self._since != nil}
+  /// Clears the value of `since`. Subsequent reads from it will return its default value.
+  public mutating func clearSince() {self._since = nil}
+
+  /// Connections made so far.
+  public var connections: UInt64 = 0
+
+  /// The last revision the orchestrator acknowledged.
+  public var acknowledgedRevision: UInt64 = 0
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+
+  fileprivate var _since: SwiftProtobuf.Google_Protobuf_Timestamp? = nil
 }
 
 /// A guest's context on an accelerator.
@@ -3146,7 +3194,7 @@ nonisolated extension Fpga_Agent_V1_Capabilities: SwiftProtobuf.Message, SwiftPr
 
 nonisolated extension Fpga_Agent_V1_NodeStatus: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".NodeStatus"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}node_id\0\u{1}hostname\0\u{3}agent_version\0\u{1}health\0\u{1}problems\0\u{1}capabilities\0\u{1}revision\0\u{3}started_at\0\u{1}uptime\0\u{1}cards\0\u{1}pfs\0\u{3}vfs_total\0\u{3}vfs_enabled\0\u{3}vfs_allocated\0\u{3}vfs_free\0\u{3}orchestrator_epoch\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}node_id\0\u{1}hostname\0\u{3}agent_version\0\u{1}health\0\u{1}problems\0\u{1}capabilities\0\u{1}revision\0\u{3}started_at\0\u{1}uptime\0\u{1}cards\0\u{1}pfs\0\u{3}vfs_total\0\u{3}vfs_enabled\0\u{3}vfs_allocated\0\u{3}vfs_free\0\u{3}orchestrator_epoch\0\u{1}orchestrator\0")
 
   fileprivate class _StorageClass {
     var _nodeID: String = String()
@@ -3165,6 +3213,7 @@ nonisolated extension Fpga_Agent_V1_NodeStatus: SwiftProtobuf.Message, SwiftProt
     var _vfsAllocated: UInt32 = 0
     var _vfsFree: UInt32 = 0
     var _orchestratorEpoch: UInt64 = 0
+    var _orchestrator: Fpga_Agent_V1_OrchestratorLink? = nil
 
       // This property is used as the initial default value for new instances of the type.
       // The type itself is protecting the reference to its storage via CoW semantics.
@@ -3191,6 +3240,7 @@ nonisolated extension Fpga_Agent_V1_NodeStatus: SwiftProtobuf.Message, SwiftProt
       _vfsAllocated = source._vfsAllocated
       _vfsFree = source._vfsFree
       _orchestratorEpoch = source._orchestratorEpoch
+      _orchestrator = source._orchestrator
     }
   }
 
@@ -3225,6 +3275,7 @@ nonisolated extension Fpga_Agent_V1_NodeStatus: SwiftProtobuf.Message, SwiftProt
         case 14: try { try decoder.decodeSingularUInt32Field(value: &_storage._vfsAllocated) }()
         case 15: try { try decoder.decodeSingularUInt32Field(value: &_storage._vfsFree) }()
         case 16: try { try decoder.decodeSingularUInt64Field(value: &_storage._orchestratorEpoch) }()
+        case 17: try { try decoder.decodeSingularMessageField(value: &_storage._orchestrator) }()
         default: break
         }
       }
@@ -3285,6 +3336,9 @@ nonisolated extension Fpga_Agent_V1_NodeStatus: SwiftProtobuf.Message, SwiftProt
       if _storage._orchestratorEpoch != 0 {
         try visitor.visitSingularUInt64Field(value: _storage._orchestratorEpoch, fieldNumber: 16)
       }
+      try { if let v = _storage._orchestrator {
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 17)
+      } }()
     }
     try unknownFields.traverse(visitor: &visitor)
   }
@@ -3310,6 +3364,7 @@ nonisolated extension Fpga_Agent_V1_NodeStatus: SwiftProtobuf.Message, SwiftProt
         if _storage._vfsAllocated != rhs_storage._vfsAllocated {return false}
         if _storage._vfsFree != rhs_storage._vfsFree {return false}
         if _storage._orchestratorEpoch != rhs_storage._orchestratorEpoch {return false}
+        if _storage._orchestrator != rhs_storage._orchestrator {return false}
         return true
       }
       if !storagesAreEqual {return false}
@@ -4481,6 +4536,65 @@ nonisolated extension Fpga_Agent_V1_AcceleratorMetrics: SwiftProtobuf.Message, S
     if lhs.overcommitRatio != rhs.overcommitRatio {return false}
     if lhs.switchOverhead != rhs.switchOverhead {return false}
     if lhs._window != rhs._window {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Fpga_Agent_V1_OrchestratorLink: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".OrchestratorLink"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}address\0\u{1}state\0\u{1}error\0\u{1}since\0\u{1}connections\0\u{3}acknowledged_revision\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularStringField(value: &self.address) }()
+      case 2: try { try decoder.decodeSingularStringField(value: &self.state) }()
+      case 3: try { try decoder.decodeSingularStringField(value: &self.error) }()
+      case 4: try { try decoder.decodeSingularMessageField(value: &self._since) }()
+      case 5: try { try decoder.decodeSingularUInt64Field(value: &self.connections) }()
+      case 6: try { try decoder.decodeSingularUInt64Field(value: &self.acknowledgedRevision) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    // The use of inline closures is to circumvent an issue where the compiler
+    // allocates stack space for every if/case branch local when no optimizations
+    // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
+    // https://github.com/apple/swift-protobuf/issues/1182
+    if !self.address.isEmpty {
+      try visitor.visitSingularStringField(value: self.address, fieldNumber: 1)
+    }
+    if !self.state.isEmpty {
+      try visitor.visitSingularStringField(value: self.state, fieldNumber: 2)
+    }
+    if !self.error.isEmpty {
+      try visitor.visitSingularStringField(value: self.error, fieldNumber: 3)
+    }
+    try { if let v = self._since {
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 4)
+    } }()
+    if self.connections != 0 {
+      try visitor.visitSingularUInt64Field(value: self.connections, fieldNumber: 5)
+    }
+    if self.acknowledgedRevision != 0 {
+      try visitor.visitSingularUInt64Field(value: self.acknowledgedRevision, fieldNumber: 6)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Fpga_Agent_V1_OrchestratorLink, rhs: Fpga_Agent_V1_OrchestratorLink) -> Bool {
+    if lhs.address != rhs.address {return false}
+    if lhs.state != rhs.state {return false}
+    if lhs.error != rhs.error {return false}
+    if lhs._since != rhs._since {return false}
+    if lhs.connections != rhs.connections {return false}
+    if lhs.acknowledgedRevision != rhs.acknowledgedRevision {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }

@@ -1,0 +1,248 @@
+import FPGAAgentAPI
+import FPGACore
+import GRPCCore
+import GRPCNIOTransportHTTP2
+import Logging
+import ServiceLifecycle
+import Synchronization
+
+/// The agent's side of the orchestrator link: dials out, says hello, sends its inventory
+/// (resuming from what the orchestrator already has, or a snapshot), heartbeats, and carries
+/// out commands through the node API's own handlers. Reconnects with jittered exponential
+/// backoff; the node keeps serving local requests while the orchestrator is away.
+struct OrchestratorLink: Service {
+  let engine: NodeEngine
+  let service: NodeAgentService
+  let address: ListenAddress
+  let hostname: String
+  let logger: Logger
+  var heartbeat: Duration = .seconds(2)
+  /// Most messages queued for the orchestrator; past it the stream is restarted (and the
+  /// inventory resent as a snapshot) rather than buffering without bound.
+  var outboxLimit = 4096
+
+  func run() async throws {
+    try await cancelWhenGracefulShutdown {
+      await self.loop()
+    }
+  }
+
+  private func loop() async {
+    var attempt = 0
+    var status = OrchestratorLinkStatus()
+    status.address = "\(address.host):\(address.port)"
+    while !Task.isCancelled {
+      status.state = .connecting
+      status.since = SystemWallClock().now()
+      await engine.setLink(status)
+      let connected = Mutex(false)
+      let outcome: String
+      let current = status
+      do {
+        try await connect(status: current) { acknowledged in
+          connected.withLock { $0 = true }
+          var update = current
+          update.state = .connected
+          update.connections += 1
+          update.acknowledgedRevision = acknowledged
+          update.error = nil
+          return update
+        }
+        outcome = "the orchestrator ended the stream"
+      } catch {
+        outcome = "\(error)"
+      }
+      if Task.isCancelled { break }
+      if connected.withLock({ $0 }) {
+        attempt = 0
+        status.connections += 1
+      }
+      status.state = .disconnected
+      status.error = outcome
+      status.since = SystemWallClock().now()
+      await engine.setLink(status)
+      attempt += 1
+      let delay = Self.backoff(attempt: attempt)
+      logger.warning(
+        "orchestrator link down; reconnecting",
+        metadata: ["fpga.orchestrator": "\(status.address)", "fpga.error": "\(outcome)", "fpga.retry_in": "\(delay)"])
+      try? await Task.sleep(for: delay)
+    }
+    status.state = .off
+    await engine.setLink(status)
+  }
+
+  /// 0.2 s doubling to 10 s, with ±25% jitter so a fleet does not reconnect in step.
+  static func backoff(attempt: Int) -> Duration {
+    let base = min(10.0, 0.2 * Double(1 << min(attempt - 1, 10)))
+    let jitter = Double.random(in: 0.75...1.25)
+    return .milliseconds(Int64(base * jitter * 1000))
+  }
+
+  /// One stream, until it ends.
+  private func connect(
+    status: OrchestratorLinkStatus, onConnected: @escaping @Sendable (UInt64) -> OrchestratorLinkStatus
+  ) async throws {
+    let target: any ResolvableTarget =
+      address.isIPv6 ? .ipv6(address: address.host, port: address.port) : .dns(host: address.host, port: address.port)
+    let transport = try HTTP2ClientTransport.Posix(target: target, transportSecurity: .plaintext)
+    try await withGRPCClient(transport: transport) { client in
+      let orchestrator = Fpga_Orchestrator_V1_Orchestrator.Client(wrapping: client)
+      let (outbox, send) = AsyncStream.makeStream(of: Fpga_Orchestrator_V1_AgentMessage.self, bufferingPolicy: .bufferingOldest(outboxLimit))
+      let hello = Fpga_Orchestrator_V1_AgentMessage.with {
+        $0.hello = .with {
+          $0.nodeID = engine.nodeID
+          $0.hostname = hostname
+          $0.agentVersion = AgentRuntime.version
+        }
+      }
+      var first = hello
+      first.hello.revision = await engine.revision
+      first.hello.epochSeen = await engine.highestEpoch
+      send.yield(first)
+      try await orchestrator.connect(
+        requestProducer: { writer in
+          for await message in outbox { try await writer.write(message) }
+        },
+        onResponse: { response in
+          try await withThrowingDiscardingTaskGroup { group in
+            var started = false
+            for try await message in response.messages {
+              switch message.message {
+              case .welcome(let welcome):
+                guard !started else { continue }
+                started = true
+                await engine.setLink(onConnected(welcome.resumeFrom))
+                logger.info(
+                  "orchestrator link up",
+                  metadata: ["fpga.orchestrator": "\(status.address)", "fpga.epoch": "\(welcome.epoch)"])
+                group.addTask { try await self.report(from: welcome.resumeFrom, send: send) }
+                group.addTask { await self.beat(send: send) }
+              case .command(let command):
+                group.addTask {
+                  let result = await self.execute(command)
+                  if case .dropped = send.yield(.with { $0.result = result }) {
+                    throw RPCError(code: .resourceExhausted, message: "outbox full")
+                  }
+                }
+              case .ack(let ack):
+                var update = await engine.link
+                update.acknowledgedRevision = max(update.acknowledgedRevision, ack.revision)
+                await engine.setLink(update)
+              case nil:
+                continue
+              }
+            }
+            send.finish()
+            group.cancelAll()
+          }
+        })
+    }
+  }
+
+  /// The inventory: the deltas after `from` when the engine still has them, else a snapshot;
+  /// then every change. A lagging link is cut by the engine and resumes with a snapshot.
+  private func report(
+    from: UInt64, send: AsyncStream<Fpga_Orchestrator_V1_AgentMessage>.Continuation
+  ) async throws {
+    var resumeFrom = from
+    while !Task.isCancelled {
+      let subscription = await engine.watch(from: resumeFrom)
+      defer { subscription.cancel() }
+      for await event in subscription.events {
+        resumeFrom = event.revision
+        if case .dropped = send.yield(.with { $0.inventory = .init(event) }) {
+          throw RPCError(code: .resourceExhausted, message: "outbox full: restarting the link with a snapshot")
+        }
+      }
+      if Task.isCancelled { return }
+    }
+  }
+
+  private func beat(send: AsyncStream<Fpga_Orchestrator_V1_AgentMessage>.Continuation) async {
+    while !Task.isCancelled {
+      let status = await engine.status()
+      let accelerators = try? await engine.snapshot().accelerators
+      send.yield(
+        .with {
+          $0.heartbeat = .with {
+            $0.at = .init(SystemWallClock().now())
+            $0.vfsFree = UInt32(status.counts.vfsFree)
+            $0.vfsAllocated = UInt32(status.counts.vfsAllocated)
+            $0.accelerators = (accelerators ?? []).map(Fpga_Agent_V1_Accelerator.init)
+            $0.revision = status.revision
+          }
+        })
+      try? await Task.sleep(for: heartbeat)
+    }
+  }
+
+  /// Runs a command through the node API's handler, with the command id as the idempotency key
+  /// and the command's epoch for fencing.
+  func execute(_ command: Fpga_Orchestrator_V1_Command) async -> Fpga_Orchestrator_V1_CommandResult {
+    var result = Fpga_Orchestrator_V1_CommandResult()
+    result.commandID = command.commandID
+    let context = ServerContext(
+      descriptor: Fpga_Orchestrator_V1_Orchestrator.Method.Connect.descriptor, remotePeer: "orchestrator",
+      localPeer: "agent", cancellation: .init())
+    func meta(_ given: Fpga_Agent_V1_RequestMeta) -> Fpga_Agent_V1_RequestMeta {
+      var meta = given
+      if meta.idempotencyKey.isEmpty { meta.idempotencyKey = String(command.commandID.prefix(128)) }
+      meta.orchestratorEpoch = command.epoch
+      return meta
+    }
+    do {
+      guard !command.commandID.isEmpty else {
+        throw AgentError(.invalidArgument, "command_id is required (it is the command's idempotency key)")
+      }
+      guard command.epoch > 0 else {
+        throw AgentError(.invalidArgument, "command \(command.commandID) carries no epoch")
+      }
+      switch command.command {
+      case .allocate(var request):
+        request.meta = meta(request.meta)
+        result.allocated = try await service.allocateVF(request: request, context: context)
+      case .release(var request):
+        request.meta = meta(request.meta)
+        result.released = try await service.releaseVF(request: request, context: context)
+      case .attach(var request):
+        request.meta = meta(request.meta)
+        result.attached = try await service.attachVF(request: request, context: context)
+      case .detach(var request):
+        request.meta = meta(request.meta)
+        result.detached = try await service.detachVF(request: request, context: context)
+      case .reconfigure(var request):
+        request.meta = meta(request.meta)
+        result.operation = try await service.reconfigure(request: request, context: context)
+      case .switchContext(var request):
+        request.meta = meta(request.meta)
+        result.switched = try await service.switchContext(request: request, context: context)
+      case .drain(var request):
+        request.meta = meta(request.meta)
+        result.operation = try await service.drainDevice(request: request, context: context)
+      case .sharingPolicy(var request):
+        request.meta = meta(request.meta)
+        result.policy = try await service.setSharingPolicy(request: request, context: context)
+      case .registerContext(var request):
+        request.meta = meta(request.meta)
+        result.context = try await service.registerContext(request: request, context: context)
+      case nil:
+        throw AgentError(.invalidArgument, "command \(command.commandID) carries nothing to do")
+      }
+    } catch let error as AgentError {
+      result.code = Int32(error.rpcErrorCode.rawValue)
+      result.message = error.rpcErrorMessage
+    } catch let error as RPCError {
+      result.code = Int32(error.code.rawValue)
+      result.message = error.message
+    } catch {
+      result.code = Int32(RPCError.Code.internalError.rawValue)
+      result.message = "\(error)"
+    }
+    if result.code != 0 {
+      logger.info(
+        "orchestrator command refused", metadata: ["fpga.command": "\(command.commandID)", "fpga.error": "\(result.message)"])
+    }
+    return result
+  }
+}
