@@ -120,8 +120,17 @@ def test_a_cluster_driven_by_the_orchestrator_survives_restarts_and_cuts():
             view = orchestrator.wait(lambda v: all(n.deltas > 0 for n in v.nodes), "deltas flowing")
             assert {n.node_id: n.snapshots for n in view.nodes} == snapshots, "a cut link resumes without a snapshot"
 
-            # A new orchestrator with an older epoch: its commands are refused on every node.
+            # The orchestrator goes away: every node keeps serving local requests and says so.
             orchestrator.stop()
+            local = rpc.NodeAgentStub(grpc.insecure_channel(agents["node-c"].tcp))
+            deadline = time.monotonic() + 30
+            while local.GetNodeStatus(pb.GetNodeStatusRequest(), timeout=10).orchestrator.state != "disconnected":
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+            made = local.AllocateVF(pb.AllocateVFRequest(owner="local-while-away"), timeout=10).allocation
+            local.ReleaseVF(pb.ReleaseVFRequest(allocation_id=made.id), timeout=10)
+
+            # A new orchestrator with an older epoch: its commands are refused on every node.
             orchestrator = Orchestrator(directory, port, epoch=1)
             orchestrator.wait(lambda v: connected(v, 3), "agents back with the stale leader")
             with pytest.raises(grpc.RpcError) as caught:
