@@ -46,6 +46,7 @@ struct Node {
   var snapshots: UInt64 = 0
   var deltas: UInt64 = 0
   var connections: UInt64 = 0
+  var platform = ""
   /// The open stream's outbox.
   var outbox: AsyncStream<Fpga_Orchestrator_V1_OrchestratorMessage>.Continuation?
   /// Commands sent and not yet answered: resent on reconnect (the command id makes a repeat
@@ -72,9 +73,12 @@ final class Cluster: Sendable {
   /// The last revision held for a node (0: unknown, the agent sends a snapshot).
   func revision(of nodeID: String) -> UInt64 { nodes.withLock { $0[nodeID]?.revision ?? 0 } }
 
-  func connected(_ nodeID: String, outbox: AsyncStream<Fpga_Orchestrator_V1_OrchestratorMessage>.Continuation) -> UInt64 {
+  func connected(
+    _ nodeID: String, platform: String, outbox: AsyncStream<Fpga_Orchestrator_V1_OrchestratorMessage>.Continuation
+  ) -> UInt64 {
     nodes.withLock { nodes in
       var node = nodes[nodeID] ?? Node()
+      node.platform = platform
       node.connected = true
       node.connections += 1
       node.outbox = outbox
@@ -265,6 +269,7 @@ final class Cluster: Sendable {
             $0.snapshots = node.snapshots
             $0.deltas = node.deltas
             $0.connections = node.connections
+            $0.platform = node.platform
           }
         }
       }
@@ -328,7 +333,7 @@ struct LinkService: Fpga_Orchestrator_V1_Orchestrator.ServiceProtocol {
       // Welcome first (resume after what is held), then any command that waited.
       let held = cluster.revision(of: hello.nodeID)
       send.yield(.with { $0.welcome = .with { $0.epoch = cluster.epoch; $0.resumeFrom = held } })
-      _ = cluster.connected(hello.nodeID, outbox: send)
+      _ = cluster.connected(hello.nodeID, platform: hello.capabilities.platform, outbox: send)
     case .inventory(let event):
       guard let nodeID else { return }
       if !cluster.inventory(nodeID, event) {

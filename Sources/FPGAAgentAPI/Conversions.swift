@@ -221,7 +221,7 @@ extension Fpga_Agent_V1_InventoryEvent {
 }
 
 extension Fpga_Agent_V1_NodeStatus {
-  init(_ status: NodeStatusValue, hostname: String, agentVersion: String) {
+  public init(_ status: NodeStatusValue, hostname: String, agentVersion: String) {
     self.init()
     nodeID = status.nodeID
     self.hostname = hostname

@@ -99,6 +99,9 @@ struct OrchestratorLink: Service {
       var first = hello
       first.hello.revision = await engine.revision
       first.hello.epochSeen = await engine.highestEpoch
+      let node = Fpga_Agent_V1_NodeStatus(await engine.status(), hostname: hostname, agentVersion: AgentRuntime.version)
+      first.hello.capabilities = node.capabilities
+      first.hello.problems = node.problems
       send.yield(first)
       try await orchestrator.connect(
         requestProducer: { writer in

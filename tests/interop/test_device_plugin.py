@@ -133,5 +133,19 @@ def test_registration_list_and_watch_allocate_and_kubelet_restart(kubelet_and_ag
         listed = next(iter(fresh))
         assert len(listed.devices) == 52
         fresh.cancel()
+        # The agent restarts: it serves and registers again on its own.
+        agent.process.send_signal(signal.SIGTERM)
+        agent.process.wait(timeout=30)
+        assert not os.path.exists(os.path.join(plugins, ENDPOINT))  # removed on the way out
+        restarted_agent = start_agent(agent.directory, ["--kubelet-dir", plugins])
+        try:
+            third = restarted.registrations.get(timeout=30)
+            assert third.endpoint == ENDPOINT
+            owners = {a.vf_bdf: a.owner for a in rpc.NodeAgentStub(grpc.insecure_channel(restarted_agent.tcp)).GetInventory(
+                pb.GetInventoryRequest(), timeout=10).allocations}
+            assert owners[chosen[0]] == "kubelet"  # the kubelet's VFs stay taken across the restart
+        finally:
+            restarted_agent.process.send_signal(signal.SIGTERM)
+            restarted_agent.process.wait(timeout=30)
     finally:
         restarted.stop()

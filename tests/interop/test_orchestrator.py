@@ -67,7 +67,8 @@ def test_a_cluster_driven_by_the_orchestrator_survives_restarts_and_cuts():
                 folder = os.path.join(directory, name)
                 os.makedirs(folder)
                 agents[name] = start_agent(folder, ["--node-id", name, "--orchestrator", f"127.0.0.1:{port}"])
-            orchestrator.wait(lambda v: connected(v, 3), "three agents connected")
+            view = orchestrator.wait(lambda v: connected(v, 3), "three agents connected")
+            assert [n.platform for n in view.nodes] == ["simulated"] * 3  # from each hello
 
             # Six guests, placed where the most VFs are free: two per node.
             placements = [orchestrator.stub.PlaceVF(opb.PlaceVFRequest(guest=f"guest-{i}", request_id=f"r{i}"), timeout=30)

@@ -105,9 +105,24 @@ public nonisolated struct Fpga_Orchestrator_V1_Hello: Sendable {
   /// The highest orchestrator epoch the agent has seen.
   public var epochSeen: UInt64 = 0
 
+  /// What the node's platform can do (IOMMU, vfio-pci, QDMA driver, VFIO pause).
+  public var capabilities: Fpga_Agent_V1_Capabilities {
+    get {_capabilities ?? Fpga_Agent_V1_Capabilities()}
+    set {_capabilities = newValue}
+  }
+  /// Returns true if `capabilities` has been explicitly set.
+  public var hasCapabilities: Bool {self._capabilities != nil}
+  /// Clears the value of `capabilities`. Subsequent reads from it will return its default value.
+  public mutating func clearCapabilities() {self._capabilities = nil}
+
+  /// Problems the node reports, each a sentence saying what to do.
+  public var problems: [String] = []
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
+
+  fileprivate var _capabilities: Fpga_Agent_V1_Capabilities? = nil
 }
 
 /// What an orchestrator needs between inventory changes.
@@ -554,6 +569,9 @@ public nonisolated struct Fpga_Orchestrator_V1_NodeView: Sendable {
 
   public var connections: UInt64 = 0
 
+  /// The node's platform, from its hello.
+  public var platform: String = String()
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
@@ -683,7 +701,7 @@ nonisolated extension Fpga_Orchestrator_V1_AgentMessage: SwiftProtobuf.Message, 
 
 nonisolated extension Fpga_Orchestrator_V1_Hello: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".Hello"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}node_id\0\u{1}hostname\0\u{3}agent_version\0\u{1}revision\0\u{3}epoch_seen\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}node_id\0\u{1}hostname\0\u{3}agent_version\0\u{1}revision\0\u{3}epoch_seen\0\u{1}capabilities\0\u{1}problems\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -696,12 +714,18 @@ nonisolated extension Fpga_Orchestrator_V1_Hello: SwiftProtobuf.Message, SwiftPr
       case 3: try { try decoder.decodeSingularStringField(value: &self.agentVersion) }()
       case 4: try { try decoder.decodeSingularUInt64Field(value: &self.revision) }()
       case 5: try { try decoder.decodeSingularUInt64Field(value: &self.epochSeen) }()
+      case 6: try { try decoder.decodeSingularMessageField(value: &self._capabilities) }()
+      case 7: try { try decoder.decodeRepeatedStringField(value: &self.problems) }()
       default: break
       }
     }
   }
 
   public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    // The use of inline closures is to circumvent an issue where the compiler
+    // allocates stack space for every if/case branch local when no optimizations
+    // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
+    // https://github.com/apple/swift-protobuf/issues/1182
     if !self.nodeID.isEmpty {
       try visitor.visitSingularStringField(value: self.nodeID, fieldNumber: 1)
     }
@@ -717,6 +741,12 @@ nonisolated extension Fpga_Orchestrator_V1_Hello: SwiftProtobuf.Message, SwiftPr
     if self.epochSeen != 0 {
       try visitor.visitSingularUInt64Field(value: self.epochSeen, fieldNumber: 5)
     }
+    try { if let v = self._capabilities {
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 6)
+    } }()
+    if !self.problems.isEmpty {
+      try visitor.visitRepeatedStringField(value: self.problems, fieldNumber: 7)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -726,6 +756,8 @@ nonisolated extension Fpga_Orchestrator_V1_Hello: SwiftProtobuf.Message, SwiftPr
     if lhs.agentVersion != rhs.agentVersion {return false}
     if lhs.revision != rhs.revision {return false}
     if lhs.epochSeen != rhs.epochSeen {return false}
+    if lhs._capabilities != rhs._capabilities {return false}
+    if lhs.problems != rhs.problems {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
@@ -1563,7 +1595,7 @@ nonisolated extension Fpga_Orchestrator_V1_ClusterRequest: SwiftProtobuf.Message
 
 nonisolated extension Fpga_Orchestrator_V1_NodeView: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".NodeView"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}node_id\0\u{1}connected\0\u{1}revision\0\u{3}vfs_free\0\u{3}vfs_allocated\0\u{1}accelerators\0\u{1}snapshots\0\u{1}deltas\0\u{1}connections\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}node_id\0\u{1}connected\0\u{1}revision\0\u{3}vfs_free\0\u{3}vfs_allocated\0\u{1}accelerators\0\u{1}snapshots\0\u{1}deltas\0\u{1}connections\0\u{1}platform\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -1580,6 +1612,7 @@ nonisolated extension Fpga_Orchestrator_V1_NodeView: SwiftProtobuf.Message, Swif
       case 7: try { try decoder.decodeSingularUInt64Field(value: &self.snapshots) }()
       case 8: try { try decoder.decodeSingularUInt64Field(value: &self.deltas) }()
       case 9: try { try decoder.decodeSingularUInt64Field(value: &self.connections) }()
+      case 10: try { try decoder.decodeSingularStringField(value: &self.platform) }()
       default: break
       }
     }
@@ -1613,6 +1646,9 @@ nonisolated extension Fpga_Orchestrator_V1_NodeView: SwiftProtobuf.Message, Swif
     if self.connections != 0 {
       try visitor.visitSingularUInt64Field(value: self.connections, fieldNumber: 9)
     }
+    if !self.platform.isEmpty {
+      try visitor.visitSingularStringField(value: self.platform, fieldNumber: 10)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -1626,6 +1662,7 @@ nonisolated extension Fpga_Orchestrator_V1_NodeView: SwiftProtobuf.Message, Swif
     if lhs.snapshots != rhs.snapshots {return false}
     if lhs.deltas != rhs.deltas {return false}
     if lhs.connections != rhs.connections {return false}
+    if lhs.platform != rhs.platform {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
