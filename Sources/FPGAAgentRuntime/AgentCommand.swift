@@ -232,6 +232,16 @@ extension AgentConfig {
       lines.append("      enabled_vfs: \(card.enabledVFs)")
     }
     if !simulator.stateFile.isEmpty { lines.append("  state_file: \(simulator.stateFile)") }
+    if !orchestrator.address.isEmpty {
+      lines += ["orchestrator:", "  address: \(orchestrator.address)", "  heartbeat_seconds: \(orchestrator.heartbeatSeconds)"]
+    }
+    if kubernetes.devicePlugin {
+      lines += ["kubernetes:", "  device_plugin: true", "  kubelet_dir: \(kubernetes.kubeletDir)", "  pools:"]
+      for pool in kubernetes.pools {
+        lines.append("    - resource: \(pool.resource)")
+        if !pool.pfs.isEmpty { lines.append("      pfs: \(pool.pfs)") }
+      }
+    }
     if !faultInjection.isEmpty { lines.append("fault_injection: \(faultInjection)  # TEST SETTING") }
     return lines.joined(separator: "\n")
   }

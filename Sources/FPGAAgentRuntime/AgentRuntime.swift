@@ -121,7 +121,7 @@ public final class AgentRuntime: Sendable {
         let plugin = DevicePlugin(
           engine: engine, pool: DevicePluginPool(resourceName: pool.resource, pfs: Set(pool.pfs.compactMap { PCIAddress($0) })),
           directory: config.kubernetes.kubeletDir, logger: logger)
-        serviceList.append(DevicePluginService(plugin: plugin))
+        serviceList.append(DevicePluginLifecycle(plugin: plugin))
       }
     }
     if !runners.isEmpty {
@@ -376,7 +376,7 @@ struct AcceleratorService: Service {
 }
 
 /// One device plugin pool as a lifecycle service.
-struct DevicePluginService: Service {
+struct DevicePluginLifecycle: Service {
   let plugin: DevicePlugin
 
   func run() async throws {

@@ -113,6 +113,38 @@ import Testing
     #expect(config.stateDurability == "power" && config.faultInjection == "crash-after:4")
   }
 
+  @Test func orchestratorAndKubernetesKeysAreChecked() throws {
+    var config = AgentConfig()
+    try ConfigLoader.apply(
+      yaml: """
+        orchestrator:
+          address: nowhere
+        kubernetes:
+          device_plugin: true
+          kubelet_dir: relative/dir
+          pools:
+            - resource: qdma-vf
+              pfs: ["3b:00.0"]
+        """, source: "agent.yaml", to: &config)
+    do {
+      try config.validate()
+      Issue.record("expected a ConfigError")
+    } catch {
+      #expect(error.problems == [
+        "orchestrator.address \"nowhere\" is not HOST:PORT",
+        "kubernetes.kubelet_dir \"relative/dir\" must be an absolute path",
+        "kubernetes.pools[0].resource \"qdma-vf\" is not domain/name (e.g. xilinx.com/qdma-vf)",
+        "kubernetes.pools[0].pfs: \"3b:00.0\" is not a PCI address (DDDD:BB:DD.F)",
+      ])
+    }
+    let flags = try ConfigOptions.parse(["--orchestrator", "10.0.0.5:50060", "--kubelet-dir", "/var/lib/kubelet/device-plugins"])
+      .resolvedConfig(environment: [:])
+    #expect(flags.orchestrator.address == "10.0.0.5:50060")
+    #expect(flags.kubernetes.devicePlugin && flags.kubernetes.kubeletDir == "/var/lib/kubelet/device-plugins")
+    try flags.validate()
+    #expect(flags.summary.contains("orchestrator:\n  address: 10.0.0.5:50060"))
+  }
+
   @Test func listenAddresses() {
     #expect(ListenAddress("127.0.0.1:50051") == ListenAddress("127.0.0.1:50051"))
     #expect(ListenAddress("[::1]:50051")?.isIPv6 == true)
