@@ -249,6 +249,7 @@ extension Fpga_Agent_V1_NodeStatus {
     vfsAllocated = UInt32(status.counts.vfsAllocated)
     vfsFree = UInt32(status.counts.vfsFree)
     orchestratorEpoch = status.orchestratorEpoch
+    findings = status.findings
     orchestrator = .with {
       $0.address = status.link.address
       $0.state = status.link.state.rawValue

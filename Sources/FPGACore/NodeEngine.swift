@@ -125,7 +125,7 @@ public actor NodeEngine {
     return NodeStatusValue(
       nodeID: nodeID, startedAt: startedAt, now: clock.now(), revision: state.revision,
       counts: state.counts, capabilities: found, orchestratorEpoch: highestEpoch,
-      watchers: broadcaster.watcherCount, link: link)
+      watchers: broadcaster.watcherCount, link: link, findings: discrepancies)
   }
 
   /// Starts a watch: a snapshot (revision 0 or too old) or the missed deltas, then every change.
@@ -492,6 +492,8 @@ public struct NodeStatusValue: Hashable, Sendable {
   public var orchestratorEpoch: UInt64
   public var watchers: Int
   public var link: OrchestratorLinkStatus
+  /// What reconciliation found and fixed, oldest first.
+  public var findings: [String]
 
   /// Serving when nothing is wrong, degraded when the platform reports problems but devices
   /// are managed, not serving when no device can be managed.

@@ -38,6 +38,7 @@ enum Render {
           + "\(link.acknowledgedRevision)\(link.error.isEmpty ? "" : " (last error: \(link.error))")",
       ])
     }
+    rows += status.findings.suffix(5).map { ["found", $0] }
     let problems = status.problems.isEmpty ? [["problems", "none"]] : status.problems.map { ["problem", $0] }
     return table(["", ""], rows + problems).dropFirst().map { $0 }
   }

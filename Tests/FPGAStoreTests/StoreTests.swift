@@ -204,3 +204,23 @@ func allocation(_ id: String, vf: String, attached: Bool = false) -> Allocation 
     }
   }
 }
+
+@Suite struct ReconcileTests {
+  /// A record the node contradicts (its VF is gone) is ended, in memory and in the store, and
+  /// the finding reaches the node's status.
+  @Test func aRecordTheNodeContradictsIsFixedAndReported() async throws {
+    let store = MemoryStateStore()
+    var ghost = allocation("alloc-ghost", vf: "0000:3b:07.7")  // PF 0000:3b:00.0 has 16 VFs: up to 3b:02.3
+    ghost.owner = "team-x"
+    let kept = allocation("alloc-kept", vf: "0000:3b:00.4")
+    try await store.commit([.putAllocation(ghost), .putAllocation(kept)])
+    let engine = NodeEngine(nodeID: "n", platform: SimulatedPlatform(node: SimulatedNode()), clock: StillClock(), store: store)
+    _ = try await engine.restore()
+    try await engine.rescan()
+    let found = await engine.reconcile()
+    #expect(found == ["allocation alloc-ghost (owner team-x) was on VF 0000:3b:07.7, which no longer exists: ended"])
+    #expect(await engine.status().findings == found)
+    #expect(store.persisted.allocations.map(\.id) == ["alloc-kept"])
+    #expect(try await engine.snapshot().allocations.map(\.id) == ["alloc-kept"])
+  }
+}

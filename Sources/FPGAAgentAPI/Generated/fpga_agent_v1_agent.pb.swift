@@ -1024,6 +1024,14 @@ public nonisolated struct Fpga_Agent_V1_NodeStatus: @unchecked Sendable {
   /// Clears the value of `orchestrator`. Subsequent reads from it will return its default value.
   public mutating func clearOrchestrator() {_uniqueStorage()._orchestrator = nil}
 
+  /// What the agent found and fixed when it compared its records with the node at start-up and
+  /// since (operations taken up after a crash, allocations whose VF vanished, devices adopted from
+  /// VMs), oldest first, the last 256.
+  public var findings: [String] {
+    get {_storage._findings}
+    set {_uniqueStorage()._findings = newValue}
+  }
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
@@ -3194,7 +3202,7 @@ nonisolated extension Fpga_Agent_V1_Capabilities: SwiftProtobuf.Message, SwiftPr
 
 nonisolated extension Fpga_Agent_V1_NodeStatus: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".NodeStatus"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}node_id\0\u{1}hostname\0\u{3}agent_version\0\u{1}health\0\u{1}problems\0\u{1}capabilities\0\u{1}revision\0\u{3}started_at\0\u{1}uptime\0\u{1}cards\0\u{1}pfs\0\u{3}vfs_total\0\u{3}vfs_enabled\0\u{3}vfs_allocated\0\u{3}vfs_free\0\u{3}orchestrator_epoch\0\u{1}orchestrator\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}node_id\0\u{1}hostname\0\u{3}agent_version\0\u{1}health\0\u{1}problems\0\u{1}capabilities\0\u{1}revision\0\u{3}started_at\0\u{1}uptime\0\u{1}cards\0\u{1}pfs\0\u{3}vfs_total\0\u{3}vfs_enabled\0\u{3}vfs_allocated\0\u{3}vfs_free\0\u{3}orchestrator_epoch\0\u{1}orchestrator\0\u{1}findings\0")
 
   fileprivate class _StorageClass {
     var _nodeID: String = String()
@@ -3214,6 +3222,7 @@ nonisolated extension Fpga_Agent_V1_NodeStatus: SwiftProtobuf.Message, SwiftProt
     var _vfsFree: UInt32 = 0
     var _orchestratorEpoch: UInt64 = 0
     var _orchestrator: Fpga_Agent_V1_OrchestratorLink? = nil
+    var _findings: [String] = []
 
       // This property is used as the initial default value for new instances of the type.
       // The type itself is protecting the reference to its storage via CoW semantics.
@@ -3241,6 +3250,7 @@ nonisolated extension Fpga_Agent_V1_NodeStatus: SwiftProtobuf.Message, SwiftProt
       _vfsFree = source._vfsFree
       _orchestratorEpoch = source._orchestratorEpoch
       _orchestrator = source._orchestrator
+      _findings = source._findings
     }
   }
 
@@ -3276,6 +3286,7 @@ nonisolated extension Fpga_Agent_V1_NodeStatus: SwiftProtobuf.Message, SwiftProt
         case 15: try { try decoder.decodeSingularUInt32Field(value: &_storage._vfsFree) }()
         case 16: try { try decoder.decodeSingularUInt64Field(value: &_storage._orchestratorEpoch) }()
         case 17: try { try decoder.decodeSingularMessageField(value: &_storage._orchestrator) }()
+        case 18: try { try decoder.decodeRepeatedStringField(value: &_storage._findings) }()
         default: break
         }
       }
@@ -3339,6 +3350,9 @@ nonisolated extension Fpga_Agent_V1_NodeStatus: SwiftProtobuf.Message, SwiftProt
       try { if let v = _storage._orchestrator {
         try visitor.visitSingularMessageField(value: v, fieldNumber: 17)
       } }()
+      if !_storage._findings.isEmpty {
+        try visitor.visitRepeatedStringField(value: _storage._findings, fieldNumber: 18)
+      }
     }
     try unknownFields.traverse(visitor: &visitor)
   }
@@ -3365,6 +3379,7 @@ nonisolated extension Fpga_Agent_V1_NodeStatus: SwiftProtobuf.Message, SwiftProt
         if _storage._vfsFree != rhs_storage._vfsFree {return false}
         if _storage._orchestratorEpoch != rhs_storage._orchestratorEpoch {return false}
         if _storage._orchestrator != rhs_storage._orchestrator {return false}
+        if _storage._findings != rhs_storage._findings {return false}
         return true
       }
       if !storagesAreEqual {return false}
