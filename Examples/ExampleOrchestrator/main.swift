@@ -75,7 +75,7 @@ final class Cluster: Sendable {
 
   func connected(
     _ nodeID: String, platform: String, outbox: AsyncStream<Fpga_Orchestrator_V1_OrchestratorMessage>.Continuation
-  ) -> UInt64 {
+  ) {
     nodes.withLock { nodes in
       var node = nodes[nodeID] ?? Node()
       node.platform = platform
@@ -86,7 +86,6 @@ final class Cluster: Sendable {
       for command in node.unanswered.values.sorted(by: { $0.commandID < $1.commandID }) {
         outbox.yield(.with { $0.command = command })
       }
-      return node.revision
     }
   }
 
@@ -333,7 +332,7 @@ struct LinkService: Fpga_Orchestrator_V1_Orchestrator.ServiceProtocol {
       // Welcome first (resume after what is held), then any command that waited.
       let held = cluster.revision(of: hello.nodeID)
       send.yield(.with { $0.welcome = .with { $0.epoch = cluster.epoch; $0.resumeFrom = held } })
-      _ = cluster.connected(hello.nodeID, platform: hello.capabilities.platform, outbox: send)
+      cluster.connected(hello.nodeID, platform: hello.capabilities.platform, outbox: send)
     case .inventory(let event):
       guard let nodeID else { return }
       if !cluster.inventory(nodeID, event) {

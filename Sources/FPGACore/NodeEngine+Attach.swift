@@ -32,10 +32,7 @@ extension NodeEngine {
     }
     inFlight.insert(allocation.id)
     defer { inFlight.remove(allocation.id) }
-    if hypervisor.passesThroughVFIO, state.vf(allocation.vf)?.driver != "vfio-pci" {
-      _ = try await platform.prepareForPassthrough(vf: allocation.vf)
-      publish(state.apply(try await platform.discover()))
-    }
+    if hypervisor.passesThroughVFIO { _ = try await prepareForPassthrough(vf: allocation.vf) }
     let port = try await hypervisor.attach(vf: allocation.vf, to: vm.name, deviceID: allocation.id)
     allocation.attached = true
     allocation.vm = vm.name

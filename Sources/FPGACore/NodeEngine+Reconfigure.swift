@@ -212,12 +212,7 @@ extension NodeEngine {
   /// Records the operation (and `edits` to allocations) in one transaction; on failure the
   /// operation stops where it is, its journal intact for the next start.
   private func save(_ record: OperationRecord, _ journal: ReconfigureJournal?, edits: [AllocationEdit] = []) async -> Bool {
-    var writes: [StoreChange] = edits.map {
-      switch $0 {
-      case .update(let allocation): .putAllocation(allocation)
-      case .remove(let allocation): .deleteAllocation(allocation.id)
-      }
-    }
+    var writes = edits.map(\.storeChange)
     writes.append(.putOperation(StoredOperation(record: record, journal: journal)))
     do {
       try await store.commit(writes)
@@ -246,7 +241,8 @@ extension NodeEngine {
     for allocation in state.allocations.values where allocation.pf == pf { inFlight.remove(allocation.id) }
   }
 
-  private func apply(_ edits: [AllocationEdit]) {
+  /// Applies edits (already recorded) to memory, as one revision.
+  func apply(_ edits: [AllocationEdit]) {
     var changes: [InventoryChange] = []
     for edit in edits {
       switch edit {
@@ -338,25 +334,14 @@ extension NodeEngine {
           edits.append(.update(moved))
         }
       }
-      var nodeView = node
-      for (index, pf) in nodeView.pfs.enumerated() where pf.function.address != journal.pf {
-        if reconfiguring[pf.function.address] != nil, let kept = state.discovered(pf.function.address) {
-          nodeView.pfs[index] = kept
-        }
-      }
       // Records first (removals reach the store before the scan ends them in memory).
-      try await store.commit(edits.map {
-        switch $0 {
-        case .update(let allocation): .putAllocation(allocation)
-        case .remove(let allocation): .deleteAllocation(allocation.id)
-        }
-      })
+      try await store.commit(edits.map(\.storeChange))
       apply(edits)
-      publish(state.apply(nodeView))
+      await publishScan(changes(applying: node, verified: journal.pf))
       return []
     case .bind:
       guard let vf = action.vf else { return [] }
-      _ = try await platform.prepareForPassthrough(vf: vf)
+      _ = try await prepareForPassthrough(vf: vf)
       return []
     }
   }
@@ -377,10 +362,17 @@ extension NodeEngine {
   }
 }
 
-/// An allocation record changed by a step.
+/// An allocation record changed by a step or by reconciliation.
 enum AllocationEdit: Sendable {
   case update(Allocation)
   case remove(Allocation)
+
+  var storeChange: StoreChange {
+    switch self {
+    case .update(let allocation): .putAllocation(allocation)
+    case .remove(let allocation): .deleteAllocation(allocation.id)
+    }
+  }
 }
 
 /// How guests holding VFs are treated when their PF is reconfigured.

@@ -7,14 +7,12 @@ extension NodeEngine {
   @discardableResult
   public func reconcile() async -> [String] {
     let before = discrepancies.count
-    var writes: [StoreChange] = []
     var edits: [AllocationEdit] = []
     for allocation in state.allocations.values.sorted(by: { $0.id < $1.id })
     where reconfiguring[allocation.pf] == nil && !inFlight.contains(allocation.id) {
       if state.vf(allocation.vf) == nil {
         noteDiscrepancy(
           "allocation \(allocation.id) (owner \(allocation.owner)) was on VF \(allocation.vf), which no longer exists: ended")
-        writes.append(.deleteAllocation(allocation.id))
         edits.append(.remove(allocation))
       }
     }
@@ -33,7 +31,6 @@ extension NodeEngine {
             fixed.rootPort = found.rootPort ?? allocation.rootPort
             fixed.detaching = false
             noteDiscrepancy("allocation \(allocation.id) is plugged into VM \(found.vm) at \(fixed.rootPort ?? "?"): record updated")
-            writes.append(.putAllocation(fixed))
             edits.append(.update(fixed))
           }
         } else if let vm = allocation.vm, reachable.contains(vm) {
@@ -44,22 +41,13 @@ extension NodeEngine {
           fixed.rootPort = nil
           noteDiscrepancy(
             "allocation \(allocation.id) was recorded as attached to VM \(vm), which does not have device \(deviceID): now unattached")
-          writes.append(.putAllocation(fixed))
           edits.append(.update(fixed))
         }
       }
     }
     do {
-      try await store.commit(writes)
-      var changes: [InventoryChange] = []
-      for edit in edits {
-        switch edit {
-        case .update(let allocation): changes += state.update(allocation)
-        case .remove(let allocation):
-          if let (_, removed) = state.remove(allocation: allocation.id) { changes += removed }
-        }
-      }
-      publish(changes)
+      try await store.commit(edits.map(\.storeChange))
+      apply(edits)
     } catch {
       noteDiscrepancy("the fixes above could not be recorded: \(error.message)")
     }

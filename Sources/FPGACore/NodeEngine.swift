@@ -69,14 +69,9 @@ public actor NodeEngine {
   /// Scans the platform and folds what it found into the inventory; returns the revision.
   @discardableResult
   public func rescan() async throws(AgentError) -> UInt64 {
-    var node = try await platform.discover()
+    let node = try await platform.discover()
     var found = await platform.capabilities()
-    // A PF under reconfiguration keeps its recorded VFs until the operation verifies the new layout.
-    for (index, pf) in node.pfs.enumerated() where reconfiguring[pf.function.address] != nil {
-      if let kept = state.discovered(pf.function.address) { node.pfs[index] = kept }
-    }
-    var changes = state.apply(node)
-    changes += applyPendingDrains()
+    var changes = changes(applying: node)
     if let hypervisor {
       let vms = await hypervisor.machines()
       found.vfioPause = !vms.isEmpty && vms.allSatisfy { $0.vfioPause || $0.state == .unreachable }
@@ -84,20 +79,37 @@ public actor NodeEngine {
       changes += state.apply(vms: vms)
     }
     capabilities = found
-    // Allocations whose VF vanished under the agent end; the store follows.
+    return await publishScan(changes)
+  }
+
+  /// Folds a platform scan into the inventory. A PF under reconfiguration keeps its recorded
+  /// VFs until its operation verifies the new layout (`verified`).
+  func changes(applying scan: DiscoveredNode, verified: PCIAddress? = nil) -> [InventoryChange] {
+    var node = scan
+    for (index, pf) in node.pfs.enumerated()
+    where pf.function.address != verified && reconfiguring[pf.function.address] != nil {
+      if let kept = state.discovered(pf.function.address) { node.pfs[index] = kept }
+    }
+    return state.apply(node) + applyPendingDrains()
+  }
+
+  /// Publishes a scan's changes, then records the end of allocations whose VF vanished under
+  /// the agent (memory follows the platform; the store follows memory).
+  @discardableResult
+  func publishScan(_ changes: [InventoryChange]) async -> UInt64 {
+    let revision = publish(changes)
     let ended = changes.compactMap { change -> String? in
       if case .allocationRemoved(let id) = change { return id }
       return nil
     }
-    if !ended.isEmpty {
-      for id in ended { noteDiscrepancy("allocation \(id) ended: its VF vanished from the platform") }
-      do {
-        try await store.commit(ended.map { .deleteAllocation($0) })
-      } catch {
-        noteDiscrepancy("ended allocations could not be recorded (\(error.message)); the next start reconciles them")
-      }
+    guard !ended.isEmpty else { return revision }
+    for id in ended { noteDiscrepancy("allocation \(id) ended: its VF vanished from the platform") }
+    do {
+      try await store.commit(ended.map { .deleteAllocation($0) })
+    } catch {
+      noteDiscrepancy("ended allocations could not be recorded (\(error.message)); the next start reconciles them")
     }
-    return publish(changes)
+    return revision
   }
 
   // MARK: Reading
@@ -188,9 +200,9 @@ public actor NodeEngine {
 
   /// The VF the kubelet gave a pod becomes an allocation owned by `kubelet` (so the node API
   /// does not hand it out too), bound to vfio-pci. Allocating it again is a no-op.
-  public func allocateForKubelet(vf: PCIAddress, resource: String) async throws(AgentError) -> (Allocation, device: String) {
+  public func allocateForKubelet(vf: PCIAddress) async throws(AgentError) -> (Allocation, device: String) {
     let allocation: Allocation
-    if let id = state.allocations.values.first(where: { $0.vf == vf })?.id, let existing = state.allocations[id] {
+    if let id = state.vf(vf).flatMap({ state.view(of: $0).allocationID }), let existing = state.allocations[id] {
       guard existing.owner == "kubelet" else {
         throw AgentError(
           .failedPrecondition,
@@ -208,7 +220,7 @@ public actor NodeEngine {
   public func prepareForPassthrough(vf: PCIAddress) async throws(AgentError) -> String {
     if let known = state.vf(vf), known.driver == "vfio-pci", let device = known.vfioDevice { return device }
     let device = try await platform.prepareForPassthrough(vf: vf)
-    publish(state.apply(try await platform.discover()))
+    await publishScan(changes(applying: try await platform.discover()))
     return device
   }
 

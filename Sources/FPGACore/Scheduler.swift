@@ -245,19 +245,13 @@ public struct SharingSimulation: Sendable {
     for load in loads { try self.scheduler.add(guest: load.guest) }
   }
 
-  /// Runs until `end`; `remap` (time, guest) removes a guest at that time, as a move to another
-  /// accelerator would.
-  public mutating func run(until end: Duration, remove removal: (at: Duration, guest: String)? = nil) -> Result {
+  /// Runs until `end`.
+  public mutating func run(until end: Duration) -> Result {
     var now = Duration.zero
     var nextArrival = loads.map { $0.start }
     var decisions = 0
-    var removed = false
     while now < end {
-      if let removal, !removed, now >= removal.at {
-        scheduler.remove(guest: removal.guest)
-        removed = true
-      }
-      for (index, load) in loads.enumerated() where !(removed && load.guest == removal?.guest) {
+      for (index, load) in loads.enumerated() {
         if let interval = load.interval {
           while nextArrival[index] <= now {
             scheduler.submit(guest: load.guest, work: load.jobSize, at: nextArrival[index])

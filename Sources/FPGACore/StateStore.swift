@@ -119,8 +119,8 @@ public struct StoredOperation: Hashable, Sendable, Codable {
   }
 }
 
-/// A store in memory: the default for tests and `--no-state`-like uses; it can be told to fail
-/// its next writes, as a full disk would.
+/// A store in memory: the engine's default (tests, benchmarks); it can be told to fail its next
+/// writes, as a full disk would.
 public final class MemoryStateStore: StateStore {
   private let state: Mutex<(persisted: PersistedState, failures: Int, commits: Int)>
 

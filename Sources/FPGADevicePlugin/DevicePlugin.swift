@@ -178,7 +178,8 @@ struct DevicePluginService: V1beta1_DevicePlugin.ServiceProtocol {
       var last: [V1beta1_Device]?
       try await withRPCCancellationHandler {
         for await event in subscription.events {
-          _ = event
+          // VM and accelerator changes do not change what the kubelet sees.
+          if case .delta(_, let changes) = event, !changes.contains(where: Self.touchesDevices) { continue }
           let devices = Self.devices(try await engine.snapshot(), pool: pool)
           if devices != last {
             try await writer.write(.with { $0.devices = devices })
@@ -189,6 +190,13 @@ struct DevicePluginService: V1beta1_DevicePlugin.ServiceProtocol {
         subscription.cancel()
       }
       return [:]
+    }
+  }
+
+  static func touchesDevices(_ change: InventoryChange) -> Bool {
+    switch change {
+    case .vmUpdated, .vmRemoved, .acceleratorUpdated, .acceleratorRemoved: false
+    default: true
     }
   }
 
@@ -221,7 +229,7 @@ struct DevicePluginService: V1beta1_DevicePlugin.ServiceProtocol {
   static func prefer(
     available: [String], mustInclude: [String], size: Int, numa: [String: Int], pf: [String: String]
   ) -> [String] {
-    var chosen = Array(mustInclude.prefix(max(size, mustInclude.count)))
+    var chosen = mustInclude
     var rest = available.filter { !chosen.contains($0) }
     let byNUMA = Dictionary(grouping: rest, by: { numa[$0] ?? -1 })
     let byPF = Dictionary(grouping: rest, by: { pf[$0] ?? "" })
@@ -241,6 +249,10 @@ struct DevicePluginService: V1beta1_DevicePlugin.ServiceProtocol {
     request: ServerRequest<V1beta1_AllocateRequest>, context: ServerContext
   ) async throws -> ServerResponse<V1beta1_AllocateResponse> {
     var responses: [V1beta1_ContainerAllocateResponse] = []
+    let snapshot = try await engine.snapshot()
+    let pool = Set(
+      snapshot.cards.flatMap(\.pfs).filter { self.pool.pfs.isEmpty || self.pool.pfs.contains($0.function.address) }
+        .flatMap(\.vfs).map(\.function.address))
     for container in request.message.containerRequests {
       var specs: [V1beta1_DeviceSpec] = [
         .with {
@@ -252,14 +264,10 @@ struct DevicePluginService: V1beta1_DevicePlugin.ServiceProtocol {
       var addresses: [String] = []
       for id in container.devicesIds {
         let vf = try PCIAddress.parse(id, field: "devices_ids")
-        let snapshot = try await engine.snapshot()
-        let inPool = snapshot.cards.flatMap(\.pfs).contains { pf in
-          (pool.pfs.isEmpty || pool.pfs.contains(pf.function.address)) && pf.vfs.contains { $0.function.address == vf }
+        guard pool.contains(vf) else {
+          throw AgentError(.notFound, "device \(id) is not a VF of pool \(self.pool.resourceName)")
         }
-        guard inPool else {
-          throw AgentError(.notFound, "device \(id) is not a VF of pool \(pool.resourceName)")
-        }
-        let (_, device) = try await engine.allocateForKubelet(vf: vf, resource: pool.resourceName)
+        let (_, device) = try await engine.allocateForKubelet(vf: vf)
         specs.append(
           .with {
             $0.containerPath = device
@@ -273,7 +281,7 @@ struct DevicePluginService: V1beta1_DevicePlugin.ServiceProtocol {
         .with {
           $0.devices = specs
           let value = addresses.joined(separator: ",")
-          $0.envs = Dictionary(uniqueKeysWithValues: pool.environmentVariables.map { ($0, value) })
+          $0.envs = Dictionary(uniqueKeysWithValues: self.pool.environmentVariables.map { ($0, value) })
         })
     }
     return ServerResponse(message: .with { $0.containerResponses = responses })
