@@ -190,13 +190,19 @@ struct OrchestratorLink: Service {
       localPeer: "agent", cancellation: .init())
     func meta(_ given: Fpga_Agent_V1_RequestMeta) -> Fpga_Agent_V1_RequestMeta {
       var meta = given
-      if meta.idempotencyKey.isEmpty { meta.idempotencyKey = String(command.commandID.prefix(128)) }
+      if meta.idempotencyKey.isEmpty { meta.idempotencyKey = command.commandID }
       meta.orchestratorEpoch = command.epoch
       return meta
     }
     do {
       guard !command.commandID.isEmpty else {
         throw AgentError(.invalidArgument, "command_id is required (it is the command's idempotency key)")
+      }
+      guard command.commandID.utf8.count <= 128 else {
+        // The id is the command's idempotency key, kept whole: two commands must never share one.
+        throw AgentError(
+          .invalidArgument,
+          "command_id is \(command.commandID.utf8.count) bytes long: at most 128 (it is the command's idempotency key)")
       }
       guard command.epoch > 0 else {
         throw AgentError(.invalidArgument, "command \(command.commandID) carries no epoch")

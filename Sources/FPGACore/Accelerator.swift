@@ -31,6 +31,13 @@ public struct AcceleratorSpec: Hashable, Sendable {
   }
 }
 
+/// Bounds on what one context may ask of an accelerator.
+public enum ContextLimits {
+  /// The most state one context may save and load at a switch (256 MiB): beyond it, one switch
+  /// would hold the accelerator for seconds.
+  public static let savedStateBytes: UInt64 = 256 << 20
+}
+
 /// A guest's registered context.
 public struct ContextRecord: Hashable, Sendable, Codable {
   public var id: String
@@ -157,6 +164,9 @@ public actor AcceleratorRunner {
   /// Loads `guest`'s context: at once (preempting the running one) or at the next slice
   /// boundary. With `now`, waits for the switch and returns its time.
   public func switchTo(guest: String, now preempt: Bool) async throws(AgentError) -> Duration? {
+    if preempt, scheduler.loaded == guest, contexts[guest] != nil {
+      return .zero  // loaded already: no switch to wait for
+    }
     try scheduler.requestSwitch(to: guest)
     if scheduler.pending[guest] == .zero {
       // Nothing to do yet: the switch is made with a token of work so the context is loaded.

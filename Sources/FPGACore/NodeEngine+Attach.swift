@@ -1,21 +1,24 @@
 /// Attaching allocated VFs to running VMs and detaching them, through the hypervisor seam.
 extension NodeEngine {
   public func attach(_ request: AttachRequest) async throws(AgentError) -> AttachResult {
-    try await fence(request.meta)
     let fingerprint = request.allocationID + "\u{0}" + request.vm
-    if let key = request.meta.idempotencyKey,
-      case .attached(var result)? = try ledger.lookup(scope: "AttachVF", key: key, fingerprint: fingerprint)
-    {
+    let admission: Admission
+    switch try await admit("AttachVF", request.meta, fingerprint: fingerprint) {
+    case .replay(.attached(var result)):
       result.replayed = true
       return result
+    case .replay:
+      throw AgentError(.internal, "idempotency record of another kind")
+    case .proceed(let admitted):
+      admission = admitted
     }
     let hypervisor = try requireHypervisor()
-    var allocation = try heldAllocation(request.allocationID)
+    var allocation = try existingAllocation(request.allocationID)
     guard let vm = state.vms[request.vm] else {
       throw AgentError(
         .notFound, "VM \(request.vm) is not known to this agent; `fpgactl vms` lists them (configure --qmp-socket NAME=PATH)")
     }
-    if allocation.attached {
+    if allocation.attached, !reservations.isHeld(.allocation(allocation.id)) {
       if allocation.vm == request.vm, let port = allocation.rootPort, !allocation.detaching {
         return AttachResult(allocation: allocation, deviceID: allocation.deviceID ?? allocation.id, rootPort: port, replayed: true)
       }
@@ -30,8 +33,8 @@ extension NodeEngine {
     guard vm.state != .unreachable else {
       throw AgentError(.unavailable, "VM \(vm.name) is unreachable: \(vm.error ?? "its QMP socket does not answer")")
     }
-    inFlight.insert(allocation.id)
-    defer { inFlight.remove(allocation.id) }
+    let claim = try self.claim(admission, [.allocation(allocation.id)], as: "attach")
+    defer { settle(claim) }
     if hypervisor.passesThroughVFIO { _ = try await prepareForPassthrough(vf: allocation.vf) }
     let port = try await hypervisor.attach(vf: allocation.vf, to: vm.name, deviceID: allocation.id)
     allocation.attached = true
@@ -40,11 +43,9 @@ extension NodeEngine {
     allocation.rootPort = port
     allocation.detaching = false
     let result = AttachResult(allocation: allocation, deviceID: allocation.id, rootPort: port, replayed: false)
-    let record = request.meta.idempotencyKey.map {
-      IdempotencyRecord(scope: "AttachVF", key: $0, fingerprint: fingerprint, outcome: .attached(result))
-    }
+    let record = claim.record(.attached(result))
     do {
-      try await store.commit([.putAllocation(allocation)] + (record.map { [.putIdempotency($0)] } ?? []))
+      try await store.commit(claim.writes + [.putAllocation(allocation)] + (record.map { [.putIdempotency($0)] } ?? []))
     } catch {
       // Unrecorded, the attachment is undone so that nothing changed.
       try? await hypervisor.detach(deviceID: allocation.id, from: vm.name, timeout: .seconds(10))
@@ -59,22 +60,27 @@ extension NodeEngine {
   }
 
   public func detach(_ request: DetachRequest) async throws(AgentError) -> DetachResult {
-    try await fence(request.meta)
-    if let key = request.meta.idempotencyKey,
-      case .detached(let allocation)? = try ledger.lookup(scope: "DetachVF", key: key, fingerprint: request.allocationID)
-    {
+    let admission: Admission
+    switch try await admit("DetachVF", request.meta, fingerprint: request.allocationID) {
+    case .replay(.detached(let allocation)):
       return DetachResult(allocation: allocation, replayed: true)
+    case .replay:
+      throw AgentError(.internal, "idempotency record of another kind")
+    case .proceed(let admitted):
+      admission = admitted
     }
     let hypervisor = try requireHypervisor()
-    var allocation = try heldAllocation(request.allocationID)
+    var allocation = try existingAllocation(request.allocationID)
     guard allocation.attached, let vm = allocation.vm else {
       throw AgentError(.failedPrecondition, "allocation \(allocation.id) is not attached to a VM")
     }
-    inFlight.insert(allocation.id)
-    defer { inFlight.remove(allocation.id) }
+    let claim = try self.claim(admission, [.allocation(allocation.id)], as: "detach")
+    defer { settle(claim) }
+    var writes = claim.writes
     if !allocation.detaching {
       allocation.detaching = true
-      try await store.commit([.putAllocation(allocation)])
+      try await store.commit(writes + [.putAllocation(allocation)])
+      writes = []
       publish(state.update(allocation))
     }
     do {
@@ -89,14 +95,12 @@ extension NodeEngine {
     allocation.detaching = false
     allocation.deviceID = nil
     allocation.rootPort = nil
-    let record = request.meta.idempotencyKey.map {
-      IdempotencyRecord(scope: "DetachVF", key: $0, fingerprint: request.allocationID, outcome: .detached(allocation))
-    }
+    let record = claim.record(.detached(allocation))
     // The device is out of the guest whatever the store says: memory follows the VM. A failed
     // write is reconciled at the next start (the VM no longer has the device).
     let written: AgentError?
     do {
-      try await store.commit([.putAllocation(allocation)] + (record.map { [.putIdempotency($0)] } ?? []))
+      try await store.commit(writes + [.putAllocation(allocation)] + (record.map { [.putIdempotency($0)] } ?? []))
       written = nil
     } catch {
       written = error
@@ -147,12 +151,9 @@ extension NodeEngine {
     return hypervisor
   }
 
-  private func heldAllocation(_ id: String) throws(AgentError) -> Allocation {
+  private func existingAllocation(_ id: String) throws(AgentError) -> Allocation {
     guard let allocation = state.allocations[id] else {
       throw AgentError(.notFound, "allocation \(id) does not exist; `fpgactl inventory` lists the allocations")
-    }
-    if inFlight.contains(id) {
-      throw AgentError(.aborted, "allocation \(id) is being attached or detached right now; retry when that ends")
     }
     return allocation
   }

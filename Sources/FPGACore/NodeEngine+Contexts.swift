@@ -30,9 +30,18 @@ extension NodeEngine {
   }
 
   /// Registers a guest's context on an accelerator, binding the guest to it. One context per
-  /// guest and accelerator: registering the same again returns it; a different one is refused.
+  /// guest and accelerator: registering the same again returns it; a different one is refused;
+  /// while another registration for the guest there is under way, ABORTED.
   public func registerContext(_ request: RegisterContextRequest) async throws(AgentError) -> (ContextRecord, replayed: Bool) {
-    try await fence(request.meta)
+    let admission: Admission
+    switch try await admit("RegisterContext", request.meta, fingerprint: request.fingerprint) {
+    case .replay(.context(let record)):
+      return (record, true)
+    case .replay:
+      throw AgentError(.internal, "idempotency record of another kind")
+    case .proceed(let admitted):
+      admission = admitted
+    }
     let runner = try accelerator(request.acceleratorID)
     guard let guest = try Validate.vmName(request.guest, field: "guest") else {
       throw AgentError(.invalidArgument, "guest is required: the VM name or allocation id the context belongs to")
@@ -42,10 +51,14 @@ extension NodeEngine {
     guard request.weight <= 1000 else {
       throw AgentError(.invalidArgument, "weight \(request.weight) is out of range: 1-1000 (0 means 1)")
     }
-    guard request.savedStateBytes <= 1 << 40 else {
-      throw AgentError(.invalidArgument, "saved_state_bytes \(request.savedStateBytes) is beyond 1 TiB")
+    guard request.savedStateBytes <= ContextLimits.savedStateBytes else {
+      throw AgentError(
+        .invalidArgument,
+        "saved_state_bytes \(request.savedStateBytes) is beyond the limit of \(ContextLimits.savedStateBytes) bytes (\(ContextLimits.savedStateBytes >> 20) MiB) a context switch may move")
     }
-    if let existing = contexts.values.first(where: { $0.acceleratorID == request.acceleratorID && $0.guest == guest }) {
+    if let existing = contexts.values.first(where: { $0.acceleratorID == request.acceleratorID && $0.guest == guest }),
+      !reservations.isHeld(.guestSlot(accelerator: request.acceleratorID, guest: guest))
+    {
       let same = existing.function == request.function && existing.parameters == request.parameters
         && existing.savedStateBytes == request.savedStateBytes && existing.weight == max(1, request.weight)
       guard same else {
@@ -58,14 +71,20 @@ extension NodeEngine {
     let record = ContextRecord(
       id: Self.makeID(prefix: "ctx-"), acceleratorID: request.acceleratorID, guest: guest, function: request.function,
       parameters: request.parameters, savedStateBytes: request.savedStateBytes, weight: max(1, request.weight))
+    let claim = try self.claim(
+      admission, [.guestSlot(accelerator: record.acceleratorID, guest: guest), .context(record.id)],
+      as: "registration of \(guest)'s context")
+    defer { settle(claim) }
     try await runner.bind(guest: guest, context: record.id, stateBytes: record.savedStateBytes, weight: record.weight)
+    let idempotency = claim.record(.context(record))
     do {
-      try await store.commit([.putContext(record)])
+      try await store.commit(claim.writes + [.putContext(record)] + (idempotency.map { [.putIdempotency($0)] } ?? []))
     } catch {
       await runner.unbind(guest: guest)
       throw error
     }
     contexts[record.id] = record
+    if let idempotency { ledger.record(idempotency) }
     await refreshAccelerators(only: record.acceleratorID)
     return (record, false)
   }
@@ -80,25 +99,46 @@ extension NodeEngine {
 
   /// Deletes a context; its guest leaves the accelerator (its pending work is dropped).
   public func deleteContext(_ id: String, meta: RequestMeta) async throws(AgentError) {
-    try await fence(meta)
-    guard let record = contexts[id] else {
-      throw AgentError(.notFound, "context \(id) does not exist; `fpgactl contexts` lists them")
+    let admission: Admission
+    switch try await admit("DeleteContext", meta, fingerprint: id) {
+    case .replay(.deleted): return
+    case .replay: throw AgentError(.internal, "idempotency record of another kind")
+    case .proceed(let admitted): admission = admitted
     }
-    try await store.commit([.deleteContext(id)])
+    let record = try existingContext(id)
+    let claim = try self.claim(
+      admission, [.context(id), .guestSlot(accelerator: record.acceleratorID, guest: record.guest)], as: "deletion of \(id)")
+    defer { settle(claim) }
+    let idempotency = claim.record(.deleted)
+    try await store.commit(claim.writes + [.deleteContext(id)] + (idempotency.map { [.putIdempotency($0)] } ?? []))
     contexts[id] = nil
+    if let idempotency { ledger.record(idempotency) }
     await runners[record.acceleratorID]?.unbind(guest: record.guest)
     await refreshAccelerators(only: record.acceleratorID)
   }
 
   /// Loads a context now (preempting) or at the next slice boundary. Returns the switch time
-  /// when it happened now.
+  /// when it happened now (zero when the context was loaded already).
   public func switchContext(_ id: String, now: Bool, meta: RequestMeta) async throws(AgentError) -> Duration? {
-    try await fence(meta)
-    guard let record = contexts[id] else {
-      throw AgentError(.notFound, "context \(id) does not exist; `fpgactl contexts` lists them")
+    let admission: Admission
+    switch try await admit("SwitchContext", meta, fingerprint: "\(id)\u{0}\(now)") {
+    case .replay(.switched(let nanoseconds)): return nanoseconds.map { .nanoseconds($0) }
+    case .replay: throw AgentError(.internal, "idempotency record of another kind")
+    case .proceed(let admitted): admission = admitted
     }
+    let record = try existingContext(id)
     let runner = try accelerator(record.acceleratorID)
+    // The context itself is not reserved: a switch may wait a while, and a deletion meanwhile
+    // ends the wait (the runner resumes it with zero).
+    let claim = try self.claim(admission, [], as: "switch to \(id)")
+    defer { settle(claim) }
+    try await commit(claim.writes)
     let time = try await runner.switchTo(guest: record.guest, now: now)
+    let idempotency = claim.record(.switched(time.map(Self.nanoseconds)))
+    if let idempotency {
+      try await store.commit([.putIdempotency(idempotency)])
+      ledger.record(idempotency)
+    }
     await refreshAccelerators(only: record.acceleratorID)
     return time
   }
@@ -107,7 +147,12 @@ extension NodeEngine {
   public func setSharingPolicy(
     acceleratorID: String, policy: TimeSharingScheduler.Policy, meta: RequestMeta
   ) async throws(AgentError) -> TimeSharingScheduler.Policy {
-    try await fence(meta)
+    let admission: Admission
+    switch try await admit("SetSharingPolicy", meta, fingerprint: Self.fingerprint(acceleratorID, policy)) {
+    case .replay(.policy(let applied)): return applied
+    case .replay: throw AgentError(.internal, "idempotency record of another kind")
+    case .proceed(let admitted): admission = admitted
+    }
     let runner = try accelerator(acceleratorID)
     guard policy.slice >= .microseconds(100), policy.slice <= .seconds(10) else {
       throw AgentError(.invalidArgument, "time_slice must be between 100 µs and 10 s")
@@ -119,15 +164,19 @@ extension NodeEngine {
       _ = try Validate.vmName(guest, field: "weights key")
       guard (1...1000).contains(weight) else { throw AgentError(.invalidArgument, "weight of \(guest) must be 1-1000") }
     }
+    let claim = try self.claim(admission, [.policy(acceleratorID)], as: "policy change of \(acceleratorID)")
+    defer { settle(claim) }
     let previous = await runner.policy
     try await runner.setPolicy(policy)
     let applied = await runner.policy
+    let idempotency = claim.record(.policy(applied))
     do {
-      try await store.commit([.putPolicy(acceleratorID, applied)])
+      try await store.commit(claim.writes + [.putPolicy(acceleratorID, applied)] + (idempotency.map { [.putIdempotency($0)] } ?? []))
     } catch {
       try? await runner.setPolicy(previous)
       throw error
     }
+    if let idempotency { ledger.record(idempotency) }
     await refreshAccelerators(only: acceleratorID)
     return applied
   }
@@ -138,22 +187,32 @@ extension NodeEngine {
   public func moveContext(_ id: String, to acceleratorID: String, meta: RequestMeta) async throws(AgentError)
     -> (ContextRecord, carried: Duration)
   {
-    try await fence(meta)
-    guard var record = contexts[id] else {
-      throw AgentError(.notFound, "context \(id) does not exist; `fpgactl contexts` lists them")
+    let admission: Admission
+    switch try await admit("MoveContext", meta, fingerprint: "\(id)\u{0}\(acceleratorID)") {
+    case .replay(.moved(let record, let carried)): return (record, .nanoseconds(carried))
+    case .replay: throw AgentError(.internal, "idempotency record of another kind")
+    case .proceed(let admitted): admission = admitted
     }
+    var record = try existingContext(id)
     let target = try accelerator(acceleratorID)
     guard record.acceleratorID != acceleratorID else { return (record, .zero) }
     if contexts.values.contains(where: { $0.acceleratorID == acceleratorID && $0.guest == record.guest }) {
       throw AgentError(
         .failedPrecondition, "guest \(record.guest) already has a context on \(acceleratorID); delete one of the two first")
     }
-    let source = runners[record.acceleratorID]
-    try await target.bind(guest: record.guest, context: record.id, stateBytes: record.savedStateBytes, weight: record.weight)
     let from = record.acceleratorID
+    let claim = try self.claim(
+      admission,
+      [
+        .context(id), .guestSlot(accelerator: from, guest: record.guest),
+        .guestSlot(accelerator: acceleratorID, guest: record.guest),
+      ], as: "move of \(id)")
+    defer { settle(claim) }
+    let source = runners[from]
+    try await target.bind(guest: record.guest, context: record.id, stateBytes: record.savedStateBytes, weight: record.weight)
     record.acceleratorID = acceleratorID
     do {
-      try await store.commit([.putContext(record)])
+      try await store.commit(claim.writes + [.putContext(record)])
     } catch {
       await target.unbind(guest: record.guest)
       throw error
@@ -161,9 +220,32 @@ extension NodeEngine {
     let carried = await source?.unbind(guest: record.guest) ?? .zero
     if carried > .zero { await target.submit(guest: record.guest, work: carried) }
     contexts[id] = record
+    if let idempotency = claim.record(.moved(record, carriedNanoseconds: Self.nanoseconds(carried))) {
+      // The move has happened: a failure to record its key is reported in the next answer's
+      // place only (a retry with the key finds the context on its target and returns it).
+      try? await store.commit([.putIdempotency(idempotency)])
+      ledger.record(idempotency)
+    }
     await refreshAccelerators(only: from)
     await refreshAccelerators(only: acceleratorID)
     return (record, carried)
+  }
+
+  private func existingContext(_ id: String) throws(AgentError) -> ContextRecord {
+    guard let record = contexts[id] else {
+      throw AgentError(.notFound, "context \(id) does not exist; `fpgactl contexts` lists them")
+    }
+    return record
+  }
+
+  static func nanoseconds(_ duration: Duration) -> Int64 {
+    let (seconds, attoseconds) = duration.components
+    return seconds * 1_000_000_000 + attoseconds / 1_000_000_000
+  }
+
+  static func fingerprint(_ acceleratorID: String, _ policy: TimeSharingScheduler.Policy) -> String {
+    ([acceleratorID, String(nanoseconds(policy.slice)), String(policy.overcommitLimit)]
+      + policy.weights.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }).joined(separator: "\u{0}")
   }
 
   /// Work for a guest on an accelerator (the workload generator; a VF driver's doorbell on

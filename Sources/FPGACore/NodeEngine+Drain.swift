@@ -29,57 +29,65 @@ extension NodeEngine {
     }
   }
 
+  /// Stops new allocations on `target` at once (in the request's first turn, so no allocation
+  /// can be acknowledged there after the drain is accepted), optionally ends its unattached
+  /// allocations. Allocations another request holds right then (being made, attached,
+  /// detached or released) are kept and listed as kept.
   public func drain(_ target: DrainTarget, releaseUnattached: Bool, meta: RequestMeta) async throws(AgentError)
     -> OperationRecord
   {
-    try await fence(meta)
     let fingerprint = "\(target.text)\u{0}\(releaseUnattached)"
-    if let key = meta.idempotencyKey,
-      case .operation(let id)? = try ledger.lookup(scope: "DrainDevice", key: key, fingerprint: fingerprint),
-      let record = operations[id]
-    {
-      return record
+    let admission: Admission
+    switch try await admit("DrainDevice", meta, fingerprint: fingerprint) {
+    case .replay(.operation(let id)):
+      if let record = operationLog[id] { return record }
+      throw AgentError(
+        .failedPrecondition,
+        "idempotency key \(quoted(meta.idempotencyKey ?? "")) already drained \(target.name) as operation \(id), whose record is no longer kept; it is not run again")
+    case .replay:
+      throw AgentError(.internal, "idempotency record of another kind")
+    case .proceed(let admitted):
+      admission = admitted
     }
     let pfs = try pfs(of: target)
     let now = clock.now()
-    var steps: [OperationRecord.Step] = []
-    var writes: [StoreChange] = [.setDrain(target.text, true)]
-    steps.append(.init(description: "stop new allocations on \(target.name)", state: .succeeded, startedAt: now, finishedAt: now))
+    var steps: [OperationRecord.Step] = [
+      .init(description: "stop new allocations on \(target.name)", state: .succeeded, startedAt: now, finishedAt: now)
+    ]
     var impacts: [OperationRecord.Impact] = []
-    var released: [String] = []
+    var released: [Allocation] = []
     let held = state.allocations.values.filter { pfs.contains($0.pf) }.sorted { $0.id < $1.id }
     for allocation in held {
-      if releaseUnattached && !allocation.attached && !inFlight.contains(allocation.id) {
-        released.append(allocation.id)
-        writes.append(.deleteAllocation(allocation.id))
+      if releaseUnattached && !allocation.attached && !reservations.isHeld(.allocation(allocation.id)) {
+        released.append(allocation)
         steps.append(.init(description: "release unattached allocation \(allocation.id) (VF \(allocation.vf))", state: .succeeded, startedAt: now, finishedAt: now))
         impacts.append(.init(allocationID: allocation.id, vf: allocation.vf, vm: allocation.vm, outcome: "lost", guestSees: "nothing"))
       } else {
         impacts.append(.init(allocationID: allocation.id, vf: allocation.vf, vm: allocation.vm, outcome: "kept", guestSees: "nothing"))
       }
     }
+    let claim = try self.claim(
+      admission, pfs.sorted().map { .drainFlag($0) } + released.map { .allocation($0.id) }, as: "drain of \(target.name)")
+    defer { settle(claim) }
+    // The flag is up in memory before the first suspension; a failed write takes it down.
+    let wasDraining = isDraining(target)
+    publish(setDraining(target, true))
     let record = OperationRecord(
       id: Self.makeID(prefix: "op-"), kind: "drain", target: target.text, state: .succeeded,
       steps: steps, impacts: impacts, createdAt: now, finishedAt: clock.now())
+    let idempotency = claim.record(.operation(record.id))
+    var writes = claim.writes + [.setDrain(target.text, true)] + released.map { .deleteAllocation($0.id) }
     writes.append(.putOperation(StoredOperation(record: record, journal: nil)))
-    let idempotency = meta.idempotencyKey.map {
-      IdempotencyRecord(scope: "DrainDevice", key: $0, fingerprint: fingerprint, outcome: .operation(record.id))
-    }
     if let idempotency { writes.append(.putIdempotency(idempotency)) }
-    let claimed = try claim(idempotency)
-    for id in released { inFlight.insert(id) }
-    defer {
-      for id in released { inFlight.remove(id) }
-      releaseKey(claimed)
+    do {
+      try await store.commit(writes)
+    } catch {
+      if !wasDraining { publish(setDraining(target, false)) }
+      throw error
     }
-    try await store.commit(writes)
     var changes: [InventoryChange] = []
-    switch target {
-    case .pf(let address): changes += state.setDraining(pf: address, true)
-    case .card(let id): changes += state.setDraining(card: id, true)
-    }
-    for id in released {
-      if let (_, removed) = state.remove(allocation: id) { changes += removed }
+    for allocation in released {
+      if let (_, removed) = state.remove(allocation: allocation.id) { changes += removed }
     }
     publish(changes)
     remember(record)
@@ -89,13 +97,37 @@ extension NodeEngine {
 
   /// Accepts allocations again; returns the revision.
   public func undrain(_ target: DrainTarget, meta: RequestMeta) async throws(AgentError) -> UInt64 {
-    try await fence(meta)
-    _ = try pfs(of: target)
-    try await store.commit([.setDrain(target.text, false)])
+    let admission: Admission
+    switch try await admit("UndrainDevice", meta, fingerprint: target.text) {
+    case .replay(.revision(let revision)):
+      return revision
+    case .replay:
+      throw AgentError(.internal, "idempotency record of another kind")
+    case .proceed(let admitted):
+      admission = admitted
+    }
+    let pfs = try pfs(of: target)
+    let claim = try self.claim(admission, pfs.sorted().map { .drainFlag($0) }, as: "undrain of \(target.name)")
+    defer { settle(claim) }
+    let next = claim.record(.revision(state.revision + 1))
+    try await store.commit(claim.writes + [.setDrain(target.text, false)] + (next.map { [.putIdempotency($0)] } ?? []))
     pendingDrains.remove(target.text)
+    let revision = publish(setDraining(target, false))
+    if let record = claim.record(.revision(revision)) { ledger.record(record) }
+    return revision
+  }
+
+  private func isDraining(_ target: DrainTarget) -> Bool {
     switch target {
-    case .pf(let address): return publish(state.setDraining(pf: address, false))
-    case .card(let id): return publish(state.setDraining(card: id, false))
+    case .pf(let address): state.isPFDraining(address)
+    case .card(let id): state.card(id)?.draining == true
+    }
+  }
+
+  private func setDraining(_ target: DrainTarget, _ on: Bool) -> [InventoryChange] {
+    switch target {
+    case .pf(let address): state.setDraining(pf: address, on)
+    case .card(let id): state.setDraining(card: id, on)
     }
   }
 

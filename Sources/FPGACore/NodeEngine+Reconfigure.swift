@@ -1,15 +1,25 @@
-/// Changing a PF's VF count while VMs hold its VFs: a journaled state machine. Every step is
-/// recorded before it runs and after it ends, so a restart rolls an unfinished change back
-/// (before any VF count write began) or forward (after), and nothing is lost on the way.
+/// Changing a PF's VF count while VMs hold its VFs: a journaled state machine
+/// (`ReconfigureMachine`). Every step is recorded before it runs and after it ends, so a restart
+/// rolls an unfinished change back (before any VF count write began) or forward (after), and
+/// nothing is lost on the way. The PF and every allocation on it are reserved by the operation
+/// from the moment the request is accepted until the operation ends.
 extension NodeEngine {
   public func reconfigure(_ request: ReconfigureRequest) async throws(AgentError) -> OperationRecord {
-    try await fence(request.meta)
     let fingerprint = "\(request.pf)\u{0}\(request.count)\u{0}\(request.strategy.rawValue)\u{0}\(request.dryRun)"
-    if let key = request.meta.idempotencyKey,
-      case .operation(let id)? = try ledger.lookup(scope: "Reconfigure", key: key, fingerprint: fingerprint),
-      let record = operations[id]
-    {
-      return record
+    let admission: Admission
+    switch try await admit("Reconfigure", request.meta, fingerprint: fingerprint) {
+    case .replay(let outcome):
+      guard case .operation(let id) = outcome else { throw AgentError(.internal, "idempotency record of another kind") }
+      if let record = operationLog[id] { return record }
+      guard request.dryRun else {
+        throw AgentError(
+          .failedPrecondition,
+          "idempotency key \(quoted(request.meta.idempotencyKey ?? "")) already started operation \(id), whose record is no longer kept (the last \(operationLog.history) finished operations are); it is not run again: use a new key for a new reconfiguration")
+      }
+      // A plan no longer kept is made again: a dry run changes nothing.
+      admission = Admission(scope: "Reconfigure", meta: RequestMeta(orchestratorEpoch: request.meta.orchestratorEpoch), fingerprint: fingerprint)
+    case .proceed(let admitted):
+      admission = admitted
     }
     guard let pf = state.pf(request.pf) else {
       throw AgentError(.notFound, "PF \(request.pf) is not managed by this node; `fpgactl inventory` lists the PFs")
@@ -28,13 +38,22 @@ extension NodeEngine {
         "PF \(pf.address) has no driver bound: its VF count cannot change (bind its PF driver, qdma-pf on QDMA cards)")
     }
     let allocations = state.allocations.values.filter { $0.pf == pf.address }
-    if let busy = allocations.first(where: { inFlight.contains($0.id) }) {
-      throw AgentError(.aborted, "allocation \(busy.id) on PF \(pf.address) is being attached or detached; retry when that ends")
-    }
     let plan = try ReconfigurePlanner(
       pf: pf, vfs: state.vfs(of: pf.address), allocations: allocations, vms: state.vms, count: request.count,
       strategy: request.strategy
     ).plan()
+    let id = Self.makeID(prefix: "op-")
+    // Reserved in this turn, before the first suspension: from here no request can allocate on
+    // the PF, attach, detach or release its allocations, or start a second change of it.
+    let claim = try self.claim(
+      admission, request.dryRun ? [] : [.pf(pf.address)] + allocations.map { .allocation($0.id) },
+      as: request.dryRun ? "dry run \(id)" : "reconfiguration \(id)")
+    if !request.dryRun { reconfiguring[pf.address] = id }
+    var handedOver = false
+    defer {
+      if !handedOver, !request.dryRun { reconfiguring[pf.address] = nil }
+      settle(claim)
+    }
     // VFs held open by something the plan does not release (a VM the agent does not manage, a
     // cold-plugged device): the kernel will block the write of 0 until they let go.
     let released = Set(plan.actions.filter { $0.kind == .pause || $0.kind == .detach }.compactMap(\.vf))
@@ -47,7 +66,7 @@ extension NodeEngine {
     }
     let now = clock.now()
     var record = OperationRecord(
-      id: Self.makeID(prefix: "op-"), kind: "reconfigure", target: pf.address.description,
+      id: id, kind: "reconfigure", target: pf.address.description,
       state: request.dryRun ? .planned : .running,
       steps: plan.actions.map {
         .init(description: $0.description(pf: pf.address) + ($0.kind == .writeZero ? warning : ""), state: .pending)
@@ -56,86 +75,74 @@ extension NodeEngine {
     record.steps[0].state = .succeeded
     record.steps[0].startedAt = now
     record.steps[0].finishedAt = now
+    let idempotency = claim.record(.operation(record.id))
     if request.dryRun {
       for index in record.steps.indices.dropFirst() { record.steps[index].state = .planned }
       record.finishedAt = now
+      try await commit(claim.writes + (idempotency.map { [.putIdempotency($0)] } ?? []))
       remember(record)
+      if let idempotency { ledger.record(idempotency) }
       return record
     }
-    let journal = ReconfigureJournal(
-      pf: pf.address, from: pf.numVFs, to: request.count, strategy: request.strategy, actions: plan.actions)
-    var writes: [StoreChange] = [.putOperation(StoredOperation(record: record, journal: journal))]
-    let idempotency = request.meta.idempotencyKey.map {
-      IdempotencyRecord(scope: "Reconfigure", key: $0, fingerprint: fingerprint, outcome: .operation(record.id))
-    }
+    let machine = ReconfigureMachine(
+      record: record,
+      journal: ReconfigureJournal(
+        pf: pf.address, from: pf.numVFs, to: request.count, strategy: request.strategy, actions: plan.actions))
+    var writes = claim.writes + [.putOperation(machine.stored)]
     if let idempotency { writes.append(.putIdempotency(idempotency)) }
-    // The PF is taken before the write, so a concurrent request cannot start a second change.
-    let claimed = try claim(idempotency)
-    defer { releaseKey(claimed) }
-    reconfiguring[pf.address] = record.id
-    for allocation in allocations { inFlight.insert(allocation.id) }
-    do {
-      try await store.commit(writes)
-    } catch {
-      releasePF(pf.address.description)
-      throw error
-    }
+    try await store.commit(writes)
     if let idempotency { ledger.record(idempotency) }
-    begin(record, journal, faultsApply: true)
+    // The request's reservation becomes the operation's, held until it ends.
+    let holder = reservations.holder("reconfiguration \(id)")
+    reservations.transfer(from: claim.holder, to: holder)
+    handedOver = true
+    begin(machine, holder: holder, faultsApply: true)
     return record
   }
 
-  /// Takes the PF and its allocations out of other requests' reach, then runs the steps.
-  private func begin(_ record: OperationRecord, _ journal: ReconfigureJournal, faultsApply: Bool) {
-    reconfiguring[journal.pf] = record.id
-    for allocation in state.allocations.values where allocation.pf == journal.pf {
-      inFlight.insert(allocation.id)
-    }
-    journals[record.id] = journal
-    remember(record)
-    let task = Task { await self.run(record.id, faultsApply: faultsApply) }
-    runningOperations[record.id] = task
+  /// Runs the operation's steps in a task of its own; `holder` holds the PF and its allocations.
+  private func begin(_ machine: ReconfigureMachine, holder: Reservations.Holder, faultsApply: Bool) {
+    let pf = machine.journal.pf
+    reconfiguring[pf] = machine.id
+    reconfigurations[machine.id] = RunningReconfiguration(machine: machine, holder: holder)
+    remember(machine.record)
+    operationTasks[machine.id] = Task { await self.run(machine.id, faultsApply: faultsApply) }
   }
 
   /// Waits until operation `id` has ended (tests, shutdown).
   public func waitForOperation(_ id: String) async {
-    await runningOperations[id]?.value
+    await operationTasks[id]?.value
   }
 
   // MARK: Recovery
 
   /// At start-up, after `restore()` and the first scan: finishes every operation a crash left
-  /// unfinished. Before any VF count write began, the change is rolled back (paused devices
-  /// resumed, detached ones re-attached); after, it is rolled forward to the planned layout.
-  /// Returns the ids of the operations taken up (they run on; `waitForOperation` awaits one).
+  /// unfinished (see `ReconfigureMachine.init(recovering:)`). Returns the ids of the operations
+  /// taken up (they run on; `waitForOperation` awaits one).
   @discardableResult
   public func recover(from persisted: PersistedState) async -> [String] {
     var taken: [String] = []
     for stored in persisted.operations {
-      guard var journal = stored.journal, !stored.record.state.isTerminal else { continue }
-      var record = stored.record
-      if !journal.rollingBack && !journal.countWriteBegan(record) {
-        let undo = journal.rollbackBeforeCountWrite(record)
-        journal.rollingBack = true
-        record.error = "the agent stopped during this operation; it was rolled back at restart"
-        append(undo, to: &record, &journal, pf: journal.pf)
-      } else if !journal.rollingBack {
-        record.error = nil
-      }
-      for index in record.steps.indices where record.steps[index].state == .running {
-        // Unknown whether it finished: it is run again (every step is idempotent).
-        record.steps[index].state = .pending
+      guard let machine = ReconfigureMachine(recovering: stored) else { continue }
+      let pf = machine.journal.pf
+      let holder = reservations.holder("reconfiguration \(machine.id)")
+      let resources = [.pf(pf)] + state.allocations.values.filter { $0.pf == pf }.map { Reservations.Resource.allocation($0.id) }
+      do {
+        try reservations.take(resources, for: holder)
+      } catch {
+        noteDiscrepancy("operation \(machine.id) could not reserve PF \(pf): \(error.message); it resumes at the next start")
+        continue
       }
       noteDiscrepancy(
-        "operation \(record.id) (\(record.kind) of \(record.target)) was unfinished at start-up: "
-          + (journal.rollingBack ? "rolling back" : "rolling forward"))
+        "operation \(machine.id) (\(machine.record.kind) of \(machine.record.target)) was unfinished at start-up: "
+          + (machine.journal.rollingBack ? "rolling back" : "rolling forward"))
       do {
-        try await store.commit([.putOperation(StoredOperation(record: record, journal: journal))])
+        try await store.commit([.putOperation(machine.stored)])
       } catch {
-        noteDiscrepancy("operation \(record.id) could not be recorded: \(error.message)")
+        noteDiscrepancy("operation \(machine.id) could not be recorded: \(error.message)")
       }
-      begin(record, journal, faultsApply: false)
-      taken.append(record.id)
+      begin(machine, holder: holder, faultsApply: false)
+      taken.append(machine.id)
     }
     return taken
   }
@@ -143,102 +150,56 @@ extension NodeEngine {
   // MARK: Running
 
   private func run(_ id: String, faultsApply: Bool) async {
-    while let journal = journals[id], var record = operations[id],
-      let index = record.steps.firstIndex(where: { $0.state == .pending })
-    {
-      let action = journal.actions[index]
+    while var machine = reconfigurations[id]?.machine {
+      guard case .run(let index, let action) = machine.start(at: clock.now()) else { break }
+      let journal = machine.journal
       let fault = faultsApply ? faults.flatMap { $0.matches(action, at: index, in: journal.actions) ? $0 : nil } : nil
       if let fault, fault.effect == .crashBefore { fault.crash("injected crash before step \(index + 1) (\(action.kind.rawValue))") }
-      record.steps[index].state = .running
-      record.steps[index].startedAt = clock.now()
-      record.steps[index].error = nil
-      guard await save(record, journal) else { return }
+      guard await save(machine) else { return }
       do throws(AgentError) {
         if let fault, fault.effect == .fail {
           throw AgentError(.internal, "injected failure at step \(index + 1) (\(action.kind.rawValue))")
         }
         let edits = try await perform(action, journal: journal, operation: id)
-        record = operations[id] ?? record
-        record.steps[index].state = .succeeded
-        record.steps[index].finishedAt = clock.now()
-        record.steps[index].error = nil
-        if action.kind == .commit {
-          record.state = journal.rollingBack || record.steps.contains { $0.state == .failed } ? .failed : .succeeded
-          record.finishedAt = clock.now()
-        }
-        guard await save(record, action.kind == .commit ? nil : journal, edits: edits) else { return }
+        machine = reconfigurations[id]?.machine ?? machine  // notes made while the step ran
+        machine.succeeded(at: clock.now())
+        guard await save(machine, edits: edits) else { return }
         apply(edits)
       } catch {
-        record = operations[id] ?? record
-        record.steps[index].state = .failed
-        record.steps[index].error = error.message
-        record.steps[index].finishedAt = clock.now()
-        var journal = journal
-        if action.tolerant {
-          // An undo of a step that may never have happened.
-        } else if !journal.rollingBack && !journal.countWriteBegan(record, failedAt: index) {
-          journal.rollingBack = true
-          record.error = "step \(index + 1) failed: \(error.message); rolled back"
-          append(journal.rollbackBeforeCountWrite(record), to: &record, &journal, pf: journal.pf)
-        } else if !journal.rollingBack && action.kind.isCountChange {
-          journal.rollingBack = true
-          record.error = "step \(index + 1) failed: \(error.message); restored \(journal.from) VFs"
-          append(journal.rollbackAfterCountWrite(record), to: &record, &journal, pf: journal.pf)
-        } else if record.error == nil {
-          record.error = "step \(index + 1) failed: \(error.message)"
-        }
-        guard await save(record, journal) else { return }
+        machine = reconfigurations[id]?.machine ?? machine
+        machine.failed(error.message, at: clock.now())
+        guard await save(machine) else { return }
       }
       if let fault, fault.effect == .crashAfter { fault.crash("injected crash after step \(index + 1) (\(action.kind.rawValue))") }
     }
-    finish(id)
-  }
-
-  /// Turns an operation into its rollback: the steps not yet done are skipped, `actions` and a
-  /// final commit are appended.
-  private func append(
-    _ actions: [ReconfigureAction], to record: inout OperationRecord, _ journal: inout ReconfigureJournal, pf: PCIAddress
-  ) {
-    for index in record.steps.indices where record.steps[index].state == .pending || record.steps[index].state == .running {
-      record.steps[index].state = .planned
-      record.steps[index].error = "skipped: rolled back"
-    }
-    for action in actions + [ReconfigureAction(kind: .commit)] {
-      journal.actions.append(action)
-      record.steps.append(.init(description: "roll back: " + action.description(pf: pf), state: .pending))
-    }
+    end(id)
   }
 
   /// Records the operation (and `edits` to allocations) in one transaction; on failure the
   /// operation stops where it is, its journal intact for the next start.
-  private func save(_ record: OperationRecord, _ journal: ReconfigureJournal?, edits: [AllocationEdit] = []) async -> Bool {
+  private func save(_ machine: ReconfigureMachine, edits: [AllocationEdit] = []) async -> Bool {
     var writes = edits.map(\.storeChange)
-    writes.append(.putOperation(StoredOperation(record: record, journal: journal)))
+    writes.append(.putOperation(machine.stored))
     do {
       try await store.commit(writes)
     } catch {
-      var stopped = record
-      stopped.error = "the state store failed (\(error.message)); the operation stops here and resumes at the next start"
-      remember(stopped)
-      journals[record.id] = nil
-      releasePF(stopped.target)
+      var stopped = machine
+      stopped.stopped(error.message)
+      remember(stopped.record)
+      end(machine.id)
       return false
     }
-    if let journal { journals[record.id] = journal }
-    remember(record)
+    reconfigurations[machine.id]?.machine = machine
+    remember(machine.record)
     return true
   }
 
-  private func finish(_ id: String) {
-    journals[id] = nil
-    runningOperations[id] = nil
-    if let record = operations[id] { releasePF(record.target) }
-  }
-
-  private func releasePF(_ target: String) {
-    guard let pf = PCIAddress(target) else { return }
-    reconfiguring[pf] = nil
-    for allocation in state.allocations.values where allocation.pf == pf { inFlight.remove(allocation.id) }
+  /// The operation has ended (or stopped): its PF and allocations are free again.
+  private func end(_ id: String) {
+    operationTasks[id] = nil
+    guard let running = reconfigurations.removeValue(forKey: id) else { return }
+    if reconfiguring[running.machine.journal.pf] == id { reconfiguring[running.machine.journal.pf] = nil }
+    reservations.release(running.holder)
   }
 
   /// Applies edits (already recorded) to memory, as one revision.
@@ -250,7 +211,6 @@ extension NodeEngine {
         changes += state.allocations[allocation.id] == nil ? state.insert(allocation) : state.update(allocation)
       case .remove(let allocation):
         if let (_, removed) = state.remove(allocation: allocation.id) { changes += removed }
-        inFlight.remove(allocation.id)
       }
     }
     publish(changes)
@@ -356,10 +316,17 @@ extension NodeEngine {
 
   /// A VF count write the kernel holds: shown on the running step, logged as a discrepancy.
   private func noteBlocked(_ id: String, _ text: String) {
-    guard var record = operations[id], let index = record.steps.firstIndex(where: { $0.state == .running }) else { return }
-    record.steps[index].error = "waiting: " + text
-    remember(record)
+    guard var machine = reconfigurations[id]?.machine else { return }
+    machine.waiting(text)
+    reconfigurations[id]?.machine = machine
+    remember(machine.record)
   }
+}
+
+/// A reconfiguration under way and the holder of its PF and allocations.
+struct RunningReconfiguration: Sendable {
+  var machine: ReconfigureMachine
+  let holder: Reservations.Holder
 }
 
 /// An allocation record changed by a step or by reconciliation.

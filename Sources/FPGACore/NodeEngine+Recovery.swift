@@ -9,7 +9,7 @@ extension NodeEngine {
     let before = discrepancies.count
     var edits: [AllocationEdit] = []
     for allocation in state.allocations.values.sorted(by: { $0.id < $1.id })
-    where reconfiguring[allocation.pf] == nil && !inFlight.contains(allocation.id) {
+    where reconfiguring[allocation.pf] == nil && !reservations.isHeld(.allocation(allocation.id)) {
       if state.vf(allocation.vf) == nil {
         noteDiscrepancy(
           "allocation \(allocation.id) (owner \(allocation.owner)) was on VF \(allocation.vf), which no longer exists: ended")
@@ -20,7 +20,7 @@ extension NodeEngine {
       let plugged = await hypervisor.pluggedDevices()
       let reachable = Set(state.vms.values.filter { $0.state != .unreachable }.map(\.name))
       for allocation in state.allocations.values.sorted(by: { $0.id < $1.id })
-      where allocation.attached && reconfiguring[allocation.pf] == nil && !inFlight.contains(allocation.id)
+      where allocation.attached && reconfiguring[allocation.pf] == nil && !reservations.isHeld(.allocation(allocation.id))
         && !edits.contains(where: { if case .remove(let gone) = $0 { gone.id == allocation.id } else { false } })
       {
         let deviceID = allocation.deviceID ?? allocation.id

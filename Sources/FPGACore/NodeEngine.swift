@@ -5,10 +5,12 @@ public actor NodeEngine {
   public nonisolated let startedAt: WallTime
   let platform: any NodePlatform
   let hypervisor: (any Hypervisor)?
-  /// Allocations with an attach, detach, release or store write under way.
-  var inFlight: Set<String> = []
-  /// Idempotency keys (scope NUL key) of requests under way.
-  var keysInFlight: Set<String> = []
+  /// What the mutations under way hold (see `NodeEngine+Mutation.swift`).
+  var reservations = Reservations()
+  /// Idempotency keys (scope NUL key) of requests under way, with their requests' fingerprints.
+  var keysInFlight: [String: String] = [:]
+  /// Requests waiting for a request with their key to end.
+  var keyWaiters: [String: [CheckedContinuation<Void, Never>]] = [:]
   let clock: any WallClock
   var state: InventoryState
   var ledger = IdempotencyLedger<IdempotentOutcome>()
@@ -21,9 +23,9 @@ public actor NodeEngine {
   public private(set) var discrepancies: [String] = []
   /// Test hook: crash or fail at a named reconfiguration step.
   let faults: FaultInjection?
-  /// Journals of the reconfigurations under way, by operation id.
-  var journals: [String: ReconfigureJournal] = [:]
-  var runningOperations: [String: Task<Void, Never>] = [:]
+  /// Reconfigurations under way, by operation id.
+  var reconfigurations: [String: RunningReconfiguration] = [:]
+  var operationTasks: [String: Task<Void, Never>] = [:]
   /// How long a reconfiguration waits for a guest to acknowledge an unplug.
   let detachTimeout: Duration
   /// Accelerator runners by accelerator id.
@@ -35,14 +37,10 @@ public actor NodeEngine {
 
   public func setLink(_ status: OrchestratorLinkStatus) { link = status }
   private let broadcaster = InventoryBroadcaster()
-  var operations: [String: OperationRecord] = [:]
-  private var operationOrder: [String] = []
-  private var operationWatchers: [String: [UInt64: AsyncStream<OperationRecord>.Continuation]] = [:]
-  private var nextOperationWatcher: UInt64 = 0
-  /// Finished operations kept for GetOperation.
-  let operationHistory = 1024
+  /// Operations for GetOperation and WatchOperation: the last 1,024 finished, 256 plans apart.
+  var operationLog = OperationLog(history: 1024, planHistory: 256)
   private var capabilities: PlatformCapabilities
-  public private(set) var highestEpoch: UInt64 = 0
+  public internal(set) var highestEpoch: UInt64 = 0
   private let watchBufferLimit: Int
 
   public init(
@@ -156,40 +154,35 @@ public actor NodeEngine {
   // MARK: Allocation
 
   public func allocate(_ request: AllocateRequest) async throws(AgentError) -> AllocationResult {
-    try await fence(request.meta)
     let fingerprint = request.fingerprint
-    if let key = request.meta.idempotencyKey,
-      case .allocated(var result)? = try ledger.lookup(scope: "AllocateVF", key: key, fingerprint: fingerprint)
-    {
+    let admission: Admission
+    switch try await admit("AllocateVF", request.meta, fingerprint: fingerprint) {
+    case .replay(.allocated(var result)):
       result.replayed = true
       return result
+    case .replay:
+      throw AgentError(.internal, "idempotency record of another kind")
+    case .proceed(let admitted):
+      admission = admitted
     }
     let vf = try state.chooseVF(request.constraints, excluding: reconfiguring)
     let allocation = Allocation(
       id: Self.makeID(prefix: "alloc-"), vf: vf.address, pf: vf.pfAddress, owner: request.owner,
       vm: request.vm, idempotencyKey: request.meta.idempotencyKey, createdAt: clock.now(),
       numaNode: vf.numaNode, iommuGroup: vf.iommuGroup)
+    let claim = try self.claim(admission, [.allocation(allocation.id)], as: "allocation")
+    defer { settle(claim) }
     var view = state.view(of: vf)
     view.state = .allocated
     view.allocationID = allocation.id
     view.vm = allocation.vm
     // The VF is taken in memory at once (a concurrent request cannot choose it) and the
-    // allocation held in flight until the store has it; a failed write takes it back.
+    // allocation reserved until the store has it; a failed write takes it back.
     let revision = publish(state.insert(allocation))
     let result = AllocationResult(allocation: allocation, vf: view, replayed: false, revision: revision)
-    var writes: [StoreChange] = [.putAllocation(allocation)]
-    let record = request.meta.idempotencyKey.map {
-      IdempotencyRecord(scope: "AllocateVF", key: $0, fingerprint: fingerprint, outcome: .allocated(result))
-    }
-    if let record { writes.append(.putIdempotency(record)) }
-    inFlight.insert(allocation.id)
-    let claimed = try claim(record)
-    defer {
-      inFlight.remove(allocation.id)
-      releaseKey(claimed)
-    }
+    let record = claim.record(.allocated(result))
     do {
-      try await store.commit(writes)
+      try await store.commit(claim.writes + [.putAllocation(allocation)] + (record.map { [.putIdempotency($0)] } ?? []))
     } catch {
       if let (_, changes) = state.remove(allocation: allocation.id) { publish(changes) }
       throw error
@@ -225,13 +218,16 @@ public actor NodeEngine {
   }
 
   public func release(_ request: ReleaseRequest) async throws(AgentError) -> ReleaseResult {
-    try await fence(request.meta)
     let fingerprint = request.allocationID
-    if let key = request.meta.idempotencyKey,
-      case .released(var result)? = try ledger.lookup(scope: "ReleaseVF", key: key, fingerprint: fingerprint)
-    {
+    let admission: Admission
+    switch try await admit("ReleaseVF", request.meta, fingerprint: fingerprint) {
+    case .replay(.released(var result)):
       result.replayed = true
       return result
+    case .replay:
+      throw AgentError(.internal, "idempotency record of another kind")
+    case .proceed(let admitted):
+      admission = admitted
     }
     guard let allocation = state.allocations[request.allocationID] else {
       throw AgentError(
@@ -239,38 +235,22 @@ public actor NodeEngine {
         "allocation \(request.allocationID) does not exist (already released, or never made); `fpgactl inventory` lists the allocations"
       )
     }
-    if inFlight.contains(allocation.id) {
-      throw AgentError(
-        .aborted, "allocation \(allocation.id) is being attached or detached right now; retry when that ends")
-    }
     if allocation.attached {
       throw AgentError(
         .failedPrecondition,
         "allocation \(allocation.id) is attached to VM \(allocation.vm ?? "?"): detach it first (`fpgactl detach \(allocation.id)`)"
       )
     }
-    // The allocation stays (in flight) until the store no longer has it, so its VF is not
+    // The allocation stays (reserved) until the store no longer has it, so its VF is not
     // handed out before the release is durable; a failed write leaves it as it was.
-    inFlight.insert(allocation.id)
-    var claimed: String?
-    do {
-      claimed = try claim(request.meta.idempotencyKey.map { "ReleaseVF\u{0}" + $0 })
-      try await store.commit(
-        [.deleteAllocation(allocation.id)]
-          + (request.meta.idempotencyKey.map { [.putIdempotency(IdempotencyRecord(scope: "ReleaseVF", key: $0, fingerprint: fingerprint, outcome: .released(ReleaseResult(allocation: allocation, replayed: false, revision: state.revision + 1))))] } ?? []))
-    } catch {
-      inFlight.remove(allocation.id)
-      releaseKey(claimed)
-      throw error
-    }
-    inFlight.remove(allocation.id)
-    releaseKey(claimed)
+    let claim = try self.claim(admission, [.allocation(allocation.id)], as: "release")
+    defer { settle(claim) }
+    let record = claim.record(.released(ReleaseResult(allocation: allocation, replayed: false, revision: state.revision + 1)))
+    try await store.commit(claim.writes + [.deleteAllocation(allocation.id)] + (record.map { [.putIdempotency($0)] } ?? []))
     var revision = state.revision
     if let (_, changes) = state.remove(allocation: allocation.id) { revision = publish(changes) }
     let result = ReleaseResult(allocation: allocation, replayed: false, revision: revision)
-    if let key = request.meta.idempotencyKey {
-      ledger.record(IdempotencyRecord(scope: "ReleaseVF", key: key, fingerprint: fingerprint, outcome: .released(result)))
-    }
+    if let record { ledger.record(claim.record(.released(result)) ?? record) }
     return result
   }
 
@@ -280,18 +260,20 @@ public actor NodeEngine {
   public func close() async {
     for runner in runners.values { await runner.stop() }
     broadcaster.close()
-    for watchers in operationWatchers.values {
-      for continuation in watchers.values { continuation.finish() }
+    operationLog.close()
+    for waiters in keyWaiters.values {
+      for waiter in waiters { waiter.resume() }
     }
-    operationWatchers = [:]
+    keyWaiters = [:]
   }
 
   // MARK: Operations
 
   public func operation(_ id: String) throws(AgentError) -> OperationRecord {
-    guard let record = operations[id] else {
+    guard let record = operationLog[id] else {
       throw AgentError(
-        .notFound, "operation \(id) is not known: it never existed or ended more than \(operationHistory) operations ago")
+        .notFound,
+        "operation \(id) is not known: it never existed or ended more than \(operationLog.history) operations ago")
     }
     return record
   }
@@ -299,76 +281,19 @@ public actor NodeEngine {
   /// The operation now, then after every change, ending once it is finished.
   public func watchOperation(_ id: String) throws(AgentError) -> AsyncStream<OperationRecord> {
     let record = try operation(id)
-    let (stream, continuation) = AsyncStream.makeStream(of: OperationRecord.self, bufferingPolicy: .bufferingNewest(64))
-    continuation.yield(record)
-    if record.state.isTerminal {
-      continuation.finish()
-    } else {
-      let watcher = nextOperationWatcher
-      nextOperationWatcher += 1
-      operationWatchers[id, default: [:]][watcher] = continuation
-      continuation.onTermination = { _ in Task { await self.dropOperationWatcher(id, watcher) } }
-    }
-    return stream
+    return operationLog.watch(record) { watcher in Task { await self.dropOperationWatcher(id, watcher) } }
   }
 
   private func dropOperationWatcher(_ id: String, _ watcher: UInt64) {
-    operationWatchers[id]?[watcher] = nil
+    operationLog.dropWatcher(id, watcher)
   }
 
   /// Stores a new or changed operation and tells its watchers.
   func remember(_ record: OperationRecord) {
-
-    if operations.updateValue(record, forKey: record.id) == nil {
-      operationOrder.append(record.id)
-      if operationOrder.count > operationHistory {
-        let old = operationOrder.removeFirst()
-        if operations[old]?.state.isTerminal == true { operations[old] = nil }
-      }
-    }
-    for continuation in (operationWatchers[record.id] ?? [:]).values {
-      continuation.yield(record)
-      if record.state.isTerminal { continuation.finish() }
-    }
-    if record.state.isTerminal { operationWatchers[record.id] = nil }
+    operationLog.remember(record)
   }
 
   // MARK: Internals
-
-  /// Refuses requests from an orchestrator epoch older than the highest seen.
-  func fence(_ meta: RequestMeta) async throws(AgentError) {
-    guard meta.orchestratorEpoch > 0 else { return }
-    if meta.orchestratorEpoch < highestEpoch {
-      throw AgentError(
-        .failedPrecondition,
-        "orchestrator epoch \(meta.orchestratorEpoch) is stale: this node has seen epoch \(highestEpoch); a newer orchestrator leader is in charge"
-      )
-    }
-    if meta.orchestratorEpoch > highestEpoch {
-      // Raised at once (seen is seen), recorded before the request goes on.
-      highestEpoch = meta.orchestratorEpoch
-      try await store.commit([.setEpoch(meta.orchestratorEpoch)])
-    }
-  }
-
-  /// Marks an idempotency key as in use by a request under way: a concurrent request with the
-  /// same key is told to retry (it would otherwise act twice). Returns what `release` frees.
-  func claim(_ record: IdempotencyRecord?) throws(AgentError) -> String? {
-    try claim(record.map { $0.scope + "\u{0}" + $0.key })
-  }
-
-  func claim(_ scopedKey: String?) throws(AgentError) -> String? {
-    guard let scopedKey else { return nil }
-    guard keysInFlight.insert(scopedKey).inserted else {
-      throw AgentError(
-        .aborted, "a request with the same idempotency key is under way; retry it once that one has answered")
-    }
-    return scopedKey
-  }
-
-  func releaseKey(_ claimed: String?) {
-    if let claimed { keysInFlight.remove(claimed) }
-  }
 
   // MARK: Restart
 
@@ -396,7 +321,7 @@ public actor NodeEngine {
     for record in persisted.idempotency { ledger.record(record) }
     highestEpoch = max(highestEpoch, persisted.epoch)
     pendingDrains = persisted.drains
-    for operation in persisted.operations.suffix(operationHistory) {
+    for operation in persisted.operations.suffix(operationLog.history) {
       remember(operation.record)
     }
     publish(changes)

@@ -90,6 +90,18 @@ public enum IdempotentOutcome: Hashable, Sendable, Codable {
   case operation(String)
   case attached(AttachResult)
   case detached(Allocation)
+  /// UndrainDevice: the revision it published.
+  case revision(UInt64)
+  /// RegisterContext.
+  case context(ContextRecord)
+  /// DeleteContext.
+  case deleted
+  /// SwitchContext: the switch time in nanoseconds, when it was made at once.
+  case switched(Int64?)
+  /// SetSharingPolicy: the policy applied.
+  case policy(TimeSharingScheduler.Policy)
+  /// MoveContext: the context on its new accelerator and the work carried along.
+  case moved(ContextRecord, carriedNanoseconds: Int64)
 }
 
 /// An idempotency key and the result of its request.

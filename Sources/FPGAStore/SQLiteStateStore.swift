@@ -279,7 +279,10 @@ public final class SQLiteStateStore: StateStore {
       try db.cachedStatement(
         sql: """
           INSERT INTO settings (name, value) VALUES ('epoch', ?)
-          ON CONFLICT(name) DO UPDATE SET value = MAX(CAST(value AS INTEGER), CAST(excluded.value AS INTEGER))
+          ON CONFLICT(name) DO UPDATE SET value = CASE
+            WHEN length(excluded.value) > length(value)
+              OR (length(excluded.value) = length(value) AND excluded.value > value) THEN excluded.value
+            ELSE value END
           """).execute(
         arguments: [String(epoch)])
     case .setStarts(let starts):
