@@ -106,7 +106,10 @@ public actor AcceleratorRunner {
   private var current: Task<Duration, Never>?
   /// The guest whose slice is running.
   private var runningGuest: String?
-  private var switchWaiters: [String: [CheckedContinuation<Duration, Never>]] = [:]
+  /// Callers waiting for a guest's context to be loaded, each resumed exactly once: by the
+  /// load, by the guest's unbinding, by their own cancellation or by `stop()`.
+  private var switchWaiters: [String: [(id: UInt64, continuation: CheckedContinuation<Duration, Never>)]] = [:]
+  private var nextWaiter: UInt64 = 0
   private var loop: Task<Void, Never>?
   private var lastSwitch: Duration = .zero
   /// Cumulative figures at the start of the current window.
@@ -142,7 +145,7 @@ public actor AcceleratorRunner {
   @discardableResult
   public func unbind(guest: String) -> Duration {
     contexts[guest] = nil
-    for waiter in switchWaiters.removeValue(forKey: guest) ?? [] { waiter.resume(returning: .zero) }
+    for waiter in switchWaiters.removeValue(forKey: guest) ?? [] { waiter.continuation.resume(returning: .zero) }
     if runningGuest == guest { current?.cancel() }  // its slice ends now
     return scheduler.remove(guest: guest)
   }
@@ -178,9 +181,25 @@ public actor AcceleratorRunner {
     }
     current?.cancel()
     wakeUp()
-    return await withCheckedContinuation { continuation in
-      switchWaiters[guest, default: []].append(continuation)
+    let id = nextWaiter
+    nextWaiter += 1
+    return await withTaskCancellationHandler {
+      await withCheckedContinuation { continuation in
+        if Task.isCancelled || loop == nil {
+          continuation.resume(returning: .zero)
+        } else {
+          switchWaiters[guest, default: []].append((id, continuation))
+        }
+      }
+    } onCancel: {
+      Task { await self.abandon(guest: guest, waiter: id) }
     }
+  }
+
+  /// A caller that stopped waiting for a switch (its RPC was cancelled).
+  private func abandon(guest: String, waiter id: UInt64) {
+    guard let index = switchWaiters[guest]?.firstIndex(where: { $0.id == id }) else { return }
+    switchWaiters[guest]?.remove(at: index).continuation.resume(returning: .zero)
   }
 
   // MARK: Running
@@ -192,8 +211,13 @@ public actor AcceleratorRunner {
 
   public func stop() {
     loop?.cancel()
+    loop = nil
     current?.cancel()
     wakeUp()
+    for waiters in switchWaiters.values {
+      for waiter in waiters { waiter.continuation.resume(returning: .zero) }
+    }
+    switchWaiters = [:]
   }
 
   private func wakeUp() {
@@ -224,8 +248,10 @@ public actor AcceleratorRunner {
             continue
           }
           lastSwitch = cost
-          for waiter in switchWaiters.removeValue(forKey: guest) ?? [] { waiter.resume(returning: cost) }
         }
+        // Resumed whether a switch happened or the context was loaded already: a waiter is
+        // never left behind.
+        for waiter in switchWaiters.removeValue(forKey: guest) ?? [] { waiter.continuation.resume(returning: cost) }
         let control = self.control
         let work = Task { await control.run(context: context.id, for: duration) }
         current = work

@@ -42,6 +42,34 @@ import Testing
       #expect(empty.code == Int32(RPCErrorCodeValue.invalidArgument) && empty.message.contains("nothing to do"))
     }
   }
+
+  @Test func commandIdsAreKeysWholeAndShareTheirScopeWithLocalCalls() async throws {
+    try await TestAgent.with { agent in
+      let service = NodeAgentService(engine: agent.engine, hostname: "h", agentVersion: "t", logger: .init(label: "t"))
+      let link = OrchestratorLink(
+        engine: agent.engine, service: service, address: ListenAddress("127.0.0.1:1")!, hostname: "h",
+        logger: .init(label: "t"))
+      // Two ids that agree on their first 128 characters are two commands, never one.
+      let long = String(repeating: "c", count: 128)
+      let tooLong = await link.execute(.with {
+        $0.commandID = long + "-a"
+        $0.epoch = 1
+        $0.allocate = .with { $0.owner = "a" }
+      })
+      #expect(tooLong.code == Int32(RPCErrorCodeValue.invalidArgument) && tooLong.message.contains("at most 128"))
+      // A command and a local call with the same key: one allocation, the second a replay.
+      let viaLink = await link.execute(.with {
+        $0.commandID = "shared-key"
+        $0.epoch = 1
+        $0.allocate = .with { $0.owner = "a" }
+      })
+      #expect(viaLink.code == 0)
+      let local = try await agent.engine.allocate(
+        AllocateRequest(meta: .init(idempotencyKey: "shared-key", orchestratorEpoch: 1), owner: "a"))
+      #expect(local.replayed && local.allocation.id == viaLink.allocated.allocation.id)
+      #expect(try await agent.engine.snapshot().allocations.count == 1)
+    }
+  }
 }
 
 /// gRPC status code numbers.

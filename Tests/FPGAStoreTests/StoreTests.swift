@@ -223,4 +223,24 @@ func allocation(_ id: String, vf: String, attached: Bool = false) -> Allocation 
     #expect(store.persisted.allocations.map(\.id) == ["alloc-kept"])
     #expect(try await engine.snapshot().allocations.map(\.id) == ["alloc-kept"])
   }
+
+  @Test func theEpochSurvivesAbove2To63AndNeverGoesDown() async throws {
+    let path = try temporaryDirectory() + "/state.sqlite"
+    do {
+      let store = try SQLiteStateStore(path: path)
+      try await store.commit([.setEpoch(9)])
+      try await store.commit([.setEpoch(UInt64.max)])
+      try await store.commit([.setEpoch(1 << 63)])
+      try await store.commit([.setEpoch(10)])
+    }
+    #expect(try SQLiteStateStore(path: path).load().epoch == UInt64.max)
+    let other = try temporaryDirectory() + "/state.sqlite"
+    do {
+      let store = try SQLiteStateStore(path: other)
+      try await store.commit([.setEpoch(99)])
+      try await store.commit([.setEpoch(100)])
+      try await store.commit([.setEpoch(98)])
+    }
+    #expect(try SQLiteStateStore(path: other).load().epoch == 100)
+  }
 }
