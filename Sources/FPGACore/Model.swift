@@ -194,8 +194,14 @@ public struct DiscoveredPF: Hashable, Sendable {
 /// Everything a platform found on one scan.
 public struct DiscoveredNode: Hashable, Sendable {
   public var pfs: [DiscoveredPF]
+  /// Devices that could not be read, each with the reason and the path: they are kept out of
+  /// allocation, and the rest of the node is served.
+  public var problems: [String]
 
-  public init(pfs: [DiscoveredPF]) { self.pfs = pfs }
+  public init(pfs: [DiscoveredPF], problems: [String] = []) {
+    self.pfs = pfs
+    self.problems = problems
+  }
 }
 
 /// What the platform under the agent can do, and what is wrong with it.

@@ -40,6 +40,8 @@ public actor NodeEngine {
   /// Operations for GetOperation and WatchOperation: the last 1,024 finished, 256 plans apart.
   var operationLog = OperationLog(history: 1024, planHistory: 256)
   private var capabilities: PlatformCapabilities
+  /// Devices the last scan could not read (kept out of allocation, reported in status).
+  private var scanProblems: [String] = []
   public internal(set) var highestEpoch: UInt64 = 0
   private let watchBufferLimit: Int
 
@@ -77,6 +79,7 @@ public actor NodeEngine {
       changes += state.apply(vms: vms)
     }
     capabilities = found
+    scanProblems = node.problems
     return await publishScan(changes)
   }
 
@@ -126,6 +129,7 @@ public actor NodeEngine {
 
   public func status() -> NodeStatusValue {
     var found = capabilities
+    found.problems += scanProblems
     // An SR-IOV PF without a driver cannot change its VF count (the kernel answers ENOENT).
     for address in state.pfAddresses {
       guard let pf = state.pf(address), pf.driver == nil, pf.totalVFs > 0 else { continue }

@@ -20,6 +20,7 @@ public struct LinuxDiscovery: Sendable {
     skipping busy: Set<PCIAddress> = [], cached: [PCIAddress: DiscoveredPF] = [:]
   ) throws(SysfsError) -> DiscoveredNode {
     var pfs: [DiscoveredPF] = []
+    var problems: [String] = []
     for name in try sysfs.list(.devices) {
       guard let address = PCIAddress(name) else { continue }
       if busy.contains(address) {
@@ -31,12 +32,28 @@ public struct LinuxDiscovery: Sendable {
       guard let vendor = try? hexValue(.device(address, "vendor")),
         let device = try? hexValue(.device(address, "device"))
       else { continue }
-      let driver = try sysfs.linkName(.device(address, "driver"))
+      let driver: String?
+      do {
+        driver = try sysfs.linkName(.device(address, "driver"))
+      } catch {
+        problems.append("PF \(address): its driver link cannot be read (\(error)); it is not managed")
+        continue
+      }
       guard selectors.contains(where: { $0.matches(address: address, vendor: UInt16(vendor), device: UInt16(device), driver: driver) })
       else { continue }
-      pfs.append(try readPF(address, vendor: UInt16(vendor), device: UInt16(device), driver: driver))
+      // One device that cannot be read costs that device only: it is reported, and when it was
+      // read before its VFs are kept (so no allocation ends) but none of them is handed out.
+      do {
+        pfs.append(try readPF(address, vendor: UInt16(vendor), device: UInt16(device), driver: driver, problems: &problems))
+      } catch {
+        problems.append("PF \(address) cannot be read (\(error)): none of its VFs is allocated until it reads cleanly")
+        if var known = cached[address] {
+          for index in known.vfs.indices { known.vfs[index].iommuGroup = -1 }
+          pfs.append(known)
+        }
+      }
     }
-    return DiscoveredNode(pfs: pfs)
+    return DiscoveredNode(pfs: pfs, problems: problems)
   }
 
   /// A PF's VFs with their IOMMU groups, from links only (no attribute that takes a lock).
@@ -51,11 +68,21 @@ public struct LinuxDiscovery: Sendable {
     return found.sorted { $0.vf < $1.vf }
   }
 
-  func readPF(_ address: PCIAddress, vendor: UInt16, device: UInt16, driver: String?) throws(SysfsError) -> DiscoveredPF {
+  func readPF(
+    _ address: PCIAddress, vendor: UInt16, device: UInt16, driver: String?, problems: inout [String]
+  ) throws(SysfsError) -> DiscoveredPF {
     let sriov = sysfs.exists(.device(address, "sriov_totalvfs"))
+    var vfDevice = 0
+    if sriov {
+      do {
+        vfDevice = try hexValue(.device(address, "sriov_vf_device"))
+      } catch {
+        problems.append("PF \(address): \(error); its VFs are listed without their device id")
+      }
+    }
     let function = PhysicalFunction(
       address: address, vendorID: vendor, deviceID: device,
-      vfDeviceID: sriov ? UInt16(try hexValue(.device(address, "sriov_vf_device"))) : 0,
+      vfDeviceID: UInt16(vfDevice),
       totalVFs: sriov ? try intValue(.device(address, "sriov_totalvfs")) : 0,
       numVFs: sriov ? try intValue(.device(address, "sriov_numvfs")) : 0,
       vfOffset: sriov ? try intValue(.device(address, "sriov_offset")) : 0,
@@ -68,7 +95,16 @@ public struct LinuxDiscovery: Sendable {
       guard let index = Int(entry.dropFirst(6)), let name = try sysfs.linkName(.device(address, entry)),
         let vfAddress = PCIAddress(name)
       else { continue }
-      vfs.append(try readVF(vfAddress, pf: address, index: index))
+      do {
+        vfs.append(try readVF(vfAddress, pf: address, index: index))
+      } catch {
+        // Listed (so an allocation on it stays) but unhealthy: no IOMMU group, never handed out.
+        problems.append("VF \(vfAddress) of PF \(address) cannot be read (\(error)): it is not allocated")
+        vfs.append(
+          VirtualFunction(
+            address: vfAddress, pfAddress: address, index: index, vendorID: vendor, deviceID: UInt16(vfDevice),
+            iommuGroup: -1, numaNode: function.numaNode, driver: nil, driverOverride: nil, vfioDevice: nil))
+      }
     }
     return DiscoveredPF(function: function, vfs: vfs.sorted { $0.index < $1.index })
   }

@@ -284,3 +284,40 @@ import Testing
     #expect(!found.isEmpty, "a PCI machine has PCI devices")
   }
 }
+
+@Suite struct OddDeviceTests {
+  /// Three PFs: a healthy one, one without `sriov_vf_device`, and one whose VF's IOMMU group
+  /// link points outside the sysfs root. The node is served; each odd device is named.
+  @Test func oneOddDeviceCostsOnlyThatDevice() async throws {
+    let tree = try FakeKernelSysfs(pfs: [
+      .init("0000:3b:00.0", totalVFs: 8, offset: 4),
+      .init("0000:3b:00.1", device: 0x913f, vfDevice: 0xa13f, totalVFs: 8, offset: 67),
+      .init("0000:3b:00.2", device: 0x923f, vfDevice: 0xa23f, totalVFs: 8, offset: 130),
+    ])
+    let platform = LinuxPlatform(sysfs: tree)
+    for (pf, count) in [("0000:3b:00.0", 2), ("0000:3b:00.1", 2), ("0000:3b:00.2", 2)] {
+      try await platform.setVFCount(pf: PCIAddress(pf)!, to: count)
+    }
+    let devices = tree.sysRoot + "/devices/pci0000:00/"
+    try FileManager.default.removeItem(atPath: devices + "0000:3b:00.1/sriov_vf_device")
+    let oddVF = try #require(try await platform.discover().pfs[2].vfs.first?.address)
+    try FileManager.default.removeItem(atPath: devices + "\(oddVF)/iommu_group")
+    try FileManager.default.createSymbolicLink(atPath: devices + "\(oddVF)/iommu_group", withDestinationPath: "/tmp")
+
+    let engine = NodeEngine(nodeID: "n", platform: platform, clock: FixedClock())
+    try await engine.rescan()
+    let status = await engine.status()
+    #expect(status.health == .degraded)
+    #expect(status.capabilities.problems.contains { $0.contains("0000:3b:00.1") && $0.contains("sriov_vf_device") })
+    #expect(status.capabilities.problems.contains { $0.contains("VF \(oddVF)") && $0.contains("not allocated") })
+    // Every healthy VF is handed out; the odd one never is.
+    var taken: [PCIAddress] = []
+    while let result = try? await engine.allocate(AllocateRequest(owner: "o")) { taken.append(result.allocation.vf) }
+    #expect(taken.count == 5)
+    #expect(!taken.contains(oddVF))
+  }
+}
+
+final class FixedClock: WallClock {
+  func now() -> WallTime { WallTime(seconds: 1_800_000_000) }
+}
