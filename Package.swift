@@ -31,6 +31,7 @@ let package = Package(
     .package(url: "https://github.com/swift-server/swift-service-lifecycle.git", exact: "2.13.0"),
     .package(url: "https://github.com/jpsim/Yams.git", exact: "6.2.2"),
     .package(url: "https://github.com/groue/GRDB.swift.git", exact: "7.10.0"),
+    .package(url: "https://github.com/apple/swift-nio.git", from: "2.101.2"),
   ],
   targets: [
     // The domain: inventory, allocation rules, revisions, kernel rules. No I/O.
@@ -61,6 +62,7 @@ let package = Package(
       dependencies: [
         "FPGACore", "FPGASimulator", "FPGALinux", "FPGAQEMU", "FPGAAgentAPI", "FPGAStore", "FPGADevicePlugin", grpcCore,
         grpcHTTP2, logging, serviceLifecycle, argumentParser, .product(name: "Yams", package: "Yams"),
+        .product(name: "NIOCore", package: "swift-nio"),
       ]
     ),
     // fpgactl's subcommands, as a library so tests run them on their exact output.

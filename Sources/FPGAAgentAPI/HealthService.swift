@@ -1,3 +1,4 @@
+import FPGACore
 import GRPCCore
 import Synchronization
 
@@ -42,7 +43,8 @@ public final class HealthService: Grpc_Health_V1_Health.SimpleServiceProtocol, S
     request: Grpc_Health_V1_HealthCheckRequest, context: ServerContext
   ) async throws -> Grpc_Health_V1_HealthCheckResponse {
     guard let status = status(of: request.service) else {
-      throw RPCError(code: .notFound, message: "unknown service \"\(request.service)\"")
+      // Quoted and cut: the name is the caller's text, echoed into a header.
+      throw RPCError(code: .notFound, message: "unknown service \(quoted(request.service))")
     }
     return .with { $0.status = status }
   }

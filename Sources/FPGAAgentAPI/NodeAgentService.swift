@@ -288,6 +288,7 @@ public struct NodeAgentService: Fpga_Agent_V1_NodeAgent.SimpleServiceProtocol {
   ) async throws -> Fpga_Agent_V1_ListContextsResponse {
     let guest = try Validate.vmName(request.guest, field: "guest")
     let accelerator = request.acceleratorID.isEmpty ? nil : request.acceleratorID
+    if let accelerator { try await engine.requireAccelerator(accelerator) }
     let found = await engine.listContexts(acceleratorID: accelerator, guest: guest)
     return .with { $0.contexts = found.map { Fpga_Agent_V1_Context($0.0, active: $0.active) } }
   }

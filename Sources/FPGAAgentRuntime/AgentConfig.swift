@@ -13,6 +13,17 @@ public struct AgentConfig: Hashable, Sendable {
     public var listen = "127.0.0.1:50051"
     /// Path of the Unix socket; empty disables it.
     public var unixSocket = AgentConfig.defaultUnixSocket
+    /// Most connections served at once, both listeners together; more are closed at accept.
+    /// Kept below the open-file limit (which the agent raises to its hard limit at start).
+    public var maxConnections = 1024
+    /// Seconds a connection may stay without an RPC (or without ever sending the HTTP/2
+    /// preface) before it is closed.
+    public var idleTimeoutSeconds = 300
+    /// Concurrent streams per connection, advertised in SETTINGS_MAX_CONCURRENT_STREAMS
+    /// (clients queue the streams beyond it instead of losing the connection).
+    public var maxConcurrentStreams = 256
+    /// Largest request message accepted, in bytes.
+    public var maxRequestBytes = 4 << 20
   }
 
   /// Logging.
@@ -140,6 +151,9 @@ public struct AgentConfig: Hashable, Sendable {
   public var nodeID = ""
   /// Seconds between platform rescans; 0 disables periodic rescans.
   public var rescanIntervalSeconds = 30
+  /// Seconds a graceful shutdown may take (streams ended, calls finished) before what is left
+  /// is cancelled; an unfinished reconfiguration is resumed from its journal at the next start.
+  public var shutdownTimeoutSeconds = 10
   public var simulator = Simulator()
   public var sharing = Sharing()
   public var kubernetes = Kubernetes()
@@ -193,6 +207,21 @@ public struct AgentConfig: Hashable, Sendable {
     var problems: [String] = []
     if server.listen.isEmpty && server.unixSocket.isEmpty {
       problems.append("server.listen and server.unix_socket are both empty: the agent would serve nothing")
+    }
+    if !(1...1_000_000).contains(server.maxConnections) {
+      problems.append("server.max_connections \(server.maxConnections) is out of range: 1-1000000")
+    }
+    if !(1...86_400).contains(server.idleTimeoutSeconds) {
+      problems.append("server.idle_timeout_seconds \(server.idleTimeoutSeconds) is out of range: 1-86400")
+    }
+    if !(1...65_535).contains(server.maxConcurrentStreams) {
+      problems.append("server.max_concurrent_streams \(server.maxConcurrentStreams) is out of range: 1-65535")
+    }
+    if !(1024...(64 << 20)).contains(server.maxRequestBytes) {
+      problems.append("server.max_request_bytes \(server.maxRequestBytes) is out of range: 1024-67108864")
+    }
+    if !(1...600).contains(shutdownTimeoutSeconds) {
+      problems.append("shutdown_timeout_seconds \(shutdownTimeoutSeconds) is out of range: 1-600")
     }
     if !server.listen.isEmpty, ListenAddress(server.listen) == nil {
       problems.append("server.listen \(quoted(server.listen)) is not HOST:PORT (e.g. 127.0.0.1:50051 or [::1]:50051)")

@@ -8,6 +8,8 @@ import FPGASimulator
 import FPGAStore
 import GRPCCore
 import GRPCNIOTransportHTTP2
+import NIOCore
+import Synchronization
 import Logging
 import ServiceLifecycle
 
@@ -75,14 +77,15 @@ public final class AgentRuntime: Sendable {
       engine: engine, hostname: SystemCalls.hostname(), agentVersion: Self.version, logger: logger,
       defaultDetachTimeout: .seconds(config.qemu.detachTimeoutSeconds))
     let services: [any RegistrableRPCService] = [nodeAgent, health]
-    var transportConfig = HTTP2ServerTransport.Posix.Config.defaults
-    transportConfig.compression.enabledAlgorithms = .all
+    let listeners = (config.server.listen.isEmpty ? 0 : 1) + (config.server.unixSocket.isEmpty ? 0 : 1)
 
     if let listen = ListenAddress(config.server.listen) {
       let address: GRPCNIOTransportCore.SocketAddress =
         listen.isIPv6 ? .ipv6(host: listen.host, port: listen.port) : .ipv4(host: listen.host, port: listen.port)
       tcpServer = GRPCServer(
-        transport: .http2NIOPosix(address: address, transportSecurity: .plaintext, config: transportConfig),
+        transport: .http2NIOPosix(
+          address: address, transportSecurity: .plaintext,
+          config: Self.transportConfig(config.server, listeners: listeners, name: "tcp", logger: logger)),
         services: services)
     } else {
       tcpServer = nil
@@ -94,7 +97,7 @@ public final class AgentRuntime: Sendable {
       unixServer = GRPCServer(
         transport: .http2NIOPosix(
           address: .unixDomainSocket(path: config.server.unixSocket), transportSecurity: .plaintext,
-          config: transportConfig),
+          config: Self.transportConfig(config.server, listeners: listeners, name: "unix", logger: logger)),
         services: services)
     } else {
       unixServer = nil
@@ -131,6 +134,10 @@ public final class AgentRuntime: Sendable {
           workloads: config.platform == "simulated" ? config.simulator.workloads : []))
     }
     var groupConfig = ServiceGroupConfiguration(services: serviceList, logger: logger)
+    // Bounded: past it, what is left (a stalled watcher, a guest that never acknowledges an
+    // unplug) is cancelled, and cancellation itself gets a bound too.
+    groupConfig.maximumGracefulShutdownDuration = .seconds(config.shutdownTimeoutSeconds)
+    groupConfig.maximumCancellationDuration = .seconds(5)
     if handleSignals {
       groupConfig.gracefulShutdownSignals = [.sigterm, .sigint]
     }
@@ -195,6 +202,41 @@ public final class AgentRuntime: Sendable {
   }
 
   /// The accelerators: slots of the simulated cards, or on Linux the configured BAR windows.
+  /// The HTTP/2 servers' limits: streams advertised per connection, idle connections closed
+  /// (also those that never send the preface), request size, and a cap on connections below
+  /// the open-file limit, so that a flood of idle connections cannot exhaust descriptors.
+  /// The HTTP/2 servers' limits: streams advertised per connection, idle connections closed
+  /// (also those that never send the preface), request size, and a cap on each listener's
+  /// connections below the open-file limit, so that a flood of idle connections can neither
+  /// exhaust descriptors nor lock the other listener out.
+  static func transportConfig(
+    _ server: AgentConfig.Server, listeners: Int, name: String, logger: Logger
+  ) -> HTTP2ServerTransport.Posix.Config {
+    var transport = HTTP2ServerTransport.Posix.Config.defaults
+    transport.compression.enabledAlgorithms = .all
+    transport.http2.maxConcurrentStreams = server.maxConcurrentStreams
+    transport.connection.maxIdleTime = .seconds(server.idleTimeoutSeconds)
+    transport.connection.maxGraceTime = .seconds(5)
+    transport.rpc.maxRequestPayloadSize = server.maxRequestBytes
+    let descriptors = SystemCalls.raiseOpenFileLimit()
+    let reserve = min(256, descriptors / 4)
+    let cap = min(server.maxConnections, max(16, (descriptors - reserve) / max(1, listeners)))
+    if cap < server.maxConnections {
+      logger.warning(
+        "server.max_connections lowered to stay below the open-file limit",
+        metadata: ["fpga.listener": "\(name)", "fpga.limit": "\(cap)", "fpga.nofile": "\(descriptors)"])
+    }
+    let limiter = ConnectionLimiter(limit: cap, name: name, logger: logger)
+    let firstByte = TimeAmount.seconds(Int64(min(server.idleTimeoutSeconds, 10)))
+    transport.channelDebuggingCallbacks.onAcceptTCPConnection = { channel in
+      guard limiter.accept(channel) else { return channel.eventLoop.makeSucceededVoidFuture() }
+      return channel.eventLoop.submit {
+        try channel.pipeline.syncOperations.addHandler(FirstByteTimeout(timeout: firstByte), position: .first)
+      }
+    }
+    return transport
+  }
+
   static func accelerators(_ config: AgentConfig) throws -> [AcceleratorRunner] {
     let policy = TimeSharingScheduler.Policy(
       slice: .milliseconds(config.sharing.sliceMilliseconds), overcommitLimit: config.sharing.overcommitLimit)
@@ -383,5 +425,75 @@ struct DevicePluginLifecycle: Service {
     try await cancelWhenGracefulShutdown {
       await plugin.run()
     }
+  }
+}
+
+/// Counts one listener's connections and closes those over the limit at once, with a warning
+/// now and then.
+final class ConnectionLimiter: Sendable {
+  let limit: Int
+  let name: String
+  private let logger: Logger
+  private let state = Mutex((open: 0, refused: 0))
+
+  init(limit: Int, name: String, logger: Logger) {
+    self.limit = limit
+    self.name = name
+    self.logger = logger
+  }
+
+  /// Counts `channel` in, or closes it when the listener is full (returns false).
+  func accept(_ channel: any Channel) -> Bool {
+    let (admitted, refused) = state.withLock { state -> (Bool, Int) in
+      guard state.open < limit else {
+        state.refused += 1
+        return (false, state.refused)
+      }
+      state.open += 1
+      return (true, state.refused)
+    }
+    guard admitted else {
+      if refused == 1 || refused % 1000 == 0 {
+        logger.warning(
+          "connection closed at accept: server.max_connections reached",
+          metadata: ["fpga.listener": "\(name)", "fpga.limit": "\(limit)", "fpga.refused": "\(refused)"])
+      }
+      channel.close(promise: nil)
+      return false
+    }
+    channel.closeFuture.whenComplete { _ in self.state.withLock { $0.open -= 1 } }
+    return true
+  }
+
+  var open: Int { state.withLock { $0.open } }
+}
+
+/// Closes a connection that sends nothing (not even the HTTP/2 preface) within `timeout`;
+/// once a byte has come, it only passes data on. gRPC's own idle timer takes over from there.
+final class FirstByteTimeout: ChannelInboundHandler {
+  typealias InboundIn = ByteBuffer
+  typealias InboundOut = ByteBuffer
+
+  private let timeout: TimeAmount
+  private var timer: Scheduled<Void>?
+
+  init(timeout: TimeAmount) { self.timeout = timeout }
+
+  func handlerAdded(context: ChannelHandlerContext) {
+    let channel = context.channel
+    timer = context.eventLoop.scheduleTask(in: timeout) { channel.close(promise: nil) }
+  }
+
+  func handlerRemoved(context: ChannelHandlerContext) {
+    timer?.cancel()
+    timer = nil
+  }
+
+  func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+    if let timer {
+      timer.cancel()
+      self.timer = nil
+    }
+    context.fireChannelRead(data)
   }
 }

@@ -15,6 +15,9 @@ public enum ConfigLoader {
     ("FPGA_AGENT_STATE_DIR", "state_dir"),
     ("FPGA_AGENT_NODE_ID", "node_id"),
     ("FPGA_AGENT_RESCAN_INTERVAL_SECONDS", "rescan_interval_seconds"),
+    ("FPGA_AGENT_SHUTDOWN_TIMEOUT_SECONDS", "shutdown_timeout_seconds"),
+    ("FPGA_AGENT_MAX_CONNECTIONS", "server.max_connections"),
+    ("FPGA_AGENT_IDLE_TIMEOUT_SECONDS", "server.idle_timeout_seconds"),
     ("FPGA_AGENT_LOG_LEVEL", "log.level"),
     ("FPGA_AGENT_LOG_FORMAT", "log.format"),
     ("FPGA_AGENT_SYSFS_ROOT", "linux.sysfs_root"),
@@ -48,6 +51,10 @@ public enum ConfigLoader {
           switch key {
           case "listen": reader.string(value, path).map { config.server.listen = $0 }
           case "unix_socket": reader.string(value, path).map { config.server.unixSocket = $0 }
+          case "max_connections": reader.int(value, path).map { config.server.maxConnections = $0 }
+          case "idle_timeout_seconds": reader.int(value, path).map { config.server.idleTimeoutSeconds = $0 }
+          case "max_concurrent_streams": reader.int(value, path).map { config.server.maxConcurrentStreams = $0 }
+          case "max_request_bytes": reader.int(value, path).map { config.server.maxRequestBytes = $0 }
           default: reader.unknown(path)
           }
         }
@@ -65,6 +72,7 @@ public enum ConfigLoader {
       case "fault_injection": reader.string(value, key).map { config.faultInjection = $0 }
       case "node_id": reader.string(value, key).map { config.nodeID = $0 }
       case "rescan_interval_seconds": reader.int(value, key).map { config.rescanIntervalSeconds = $0 }
+      case "shutdown_timeout_seconds": reader.int(value, key).map { config.shutdownTimeoutSeconds = $0 }
       case "linux":
         reader.mapping(value, "linux") { key, value, path in
           switch key {
@@ -163,13 +171,20 @@ public enum ConfigLoader {
       case "kubernetes.kubelet_dir":
         config.kubernetes.kubeletDir = value
         config.kubernetes.devicePlugin = true
-      case "rescan_interval_seconds":
-        if let seconds = Int(value) {
-          config.rescanIntervalSeconds = seconds
-        } else {
-          problems.append("\(variable) (rescan_interval_seconds) \(quoted(value)) is not a whole number")
+      case "rescan_interval_seconds", "shutdown_timeout_seconds", "server.max_connections",
+        "server.idle_timeout_seconds":
+        guard let number = Int(value) else {
+          problems.append("\(variable) (\(key)) \(quoted(value)) is not a whole number")
+          continue
         }
-      default: break
+        switch key {
+        case "rescan_interval_seconds": config.rescanIntervalSeconds = number
+        case "shutdown_timeout_seconds": config.shutdownTimeoutSeconds = number
+        case "server.max_connections": config.server.maxConnections = number
+        default: config.server.idleTimeoutSeconds = number
+        }
+      default:
+        problems.append("\(variable) names key \(key), which the environment cannot set")
       }
     }
     if !problems.isEmpty { throw ConfigError(problems: problems) }

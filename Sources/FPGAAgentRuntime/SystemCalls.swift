@@ -19,6 +19,20 @@ public enum SystemCalls {
 
   public static func effectiveUserID() -> UInt32 { UInt32(geteuid()) }
 
+  /// Raises the soft open-file limit to the hard one (systemd starts services at 1,024);
+  /// returns the soft limit in force afterwards.
+  @discardableResult
+  public static func raiseOpenFileLimit() -> Int {
+    var limit = rlimit()
+    guard getrlimit(Int32(RLIMIT_NOFILE.rawValue), &limit) == 0 else { return 1024 }
+    if limit.rlim_cur < limit.rlim_max {
+      var raised = limit
+      raised.rlim_cur = limit.rlim_max
+      if setrlimit(Int32(RLIMIT_NOFILE.rawValue), &raised) == 0 { limit = raised }
+    }
+    return limit.rlim_cur == rlim_t.max ? Int.max : Int(clamping: limit.rlim_cur)
+  }
+
   /// `root/relative` with symlinks resolved, refused when it leads outside `root` (a planted
   /// link must not redirect the agent).
   public static func confinedPath(_ root: String, _ relative: String) throws(ConfigError) -> String {

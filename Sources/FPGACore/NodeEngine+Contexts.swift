@@ -297,6 +297,11 @@ extension NodeEngine {
     await refreshAccelerators()
   }
 
+  /// NOT_FOUND (with the node's accelerators) unless `id` names one of this node's.
+  public func requireAccelerator(_ id: String) throws(AgentError) {
+    _ = try accelerator(id)
+  }
+
   private func accelerator(_ id: String) throws(AgentError) -> AcceleratorRunner {
     guard let runner = runners[id] else {
       let known = runners.keys.sorted().joined(separator: ", ")

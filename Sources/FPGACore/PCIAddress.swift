@@ -1,7 +1,8 @@
 /// A PCI function address ("BDF"): domain, bus, device, function.
 ///
 /// The only accepted text form is `DDDD:BB:DD.F` in hex (e.g. `0000:3b:00.4`): four domain
-/// digits, two bus digits, two device digits (at most 0x1f), one function digit (at most 7).
+/// digits, two bus digits, two device digits (at most 0x1f), one function digit (at most 7), in
+/// lower case as sysfs spells them.
 /// Anything else is refused, so a value of this type is always safe to put in a sysfs path.
 public struct PCIAddress: Hashable, Comparable, Sendable, CustomStringConvertible {
   public let domain: UInt16
@@ -67,7 +68,7 @@ public struct PCIAddress: Hashable, Comparable, Sendable, CustomStringConvertibl
     guard let address = PCIAddress(text) else {
       throw AgentError(
         .invalidArgument,
-        "\(field) \(quoted(text)) is not a PCI address: expected DDDD:BB:DD.F in hex, e.g. 0000:3b:00.4"
+        "\(field) \(quoted(text)) is not a PCI address: expected DDDD:BB:DD.F in lower-case hex, e.g. 0000:3b:00.4"
       )
     }
     return address
@@ -78,7 +79,6 @@ private func hexDigit(_ byte: UInt8) -> Int? {
   switch byte {
   case UInt8(ascii: "0")...UInt8(ascii: "9"): return Int(byte - UInt8(ascii: "0"))
   case UInt8(ascii: "a")...UInt8(ascii: "f"): return Int(byte - UInt8(ascii: "a")) + 10
-  case UInt8(ascii: "A")...UInt8(ascii: "F"): return Int(byte - UInt8(ascii: "A")) + 10
   default: return nil
   }
 }

@@ -63,7 +63,7 @@ public enum Validate {
       throw AgentError(
         .invalidArgument, "\(field) \(quoted(text)) is not a card id: expected card-DDDD:BB, e.g. card-0000:3b")
     }
-    return text.lowercased()
+    return text
   }
 
   private static func printable(_ text: String, field: String, limit: Int) throws(AgentError) {

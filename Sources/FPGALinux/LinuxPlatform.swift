@@ -23,19 +23,42 @@ public struct LinuxPlatform: NodePlatform {
     self.watchdog = watchdog
   }
 
+  /// Scans sysfs on a thread of its own (a read the kernel holds cannot freeze the agent's
+  /// request threads). While an earlier scan is still blocked, the last one is returned with a
+  /// problem saying so.
   public func discover() async throws(AgentError) -> DiscoveredNode {
     let busy = Set(worker.busyKeys.compactMap { PCIAddress($0) })
-    do {
-      let node = try LinuxDiscovery(sysfs: sysfs, selectors: selectors).discover(
-        skipping: busy, cached: lastScan.pfs.withLock { $0 })
+    let cached = lastScan.pfs.withLock { $0 }
+    if worker.isBusy(Self.scanKey) {
+      return DiscoveredNode(
+        pfs: cached.values.sorted { $0.function.address < $1.function.address },
+        problems: ["a sysfs scan has been blocked in the kernel for over \(watchdog): the last scan is shown"])
+    }
+    let discovery = LinuxDiscovery(sysfs: sysfs, selectors: selectors)
+    let outcome = await worker.run(key: Self.scanKey, watchdog: watchdog) { () -> Result<DiscoveredNode, SysfsError> in
+      do throws(SysfsError) {
+        return .success(try discovery.discover(skipping: busy, cached: cached))
+      } catch {
+        return .failure(error)
+      }
+    }
+    guard case .finished(let result) = outcome else {
+      throw AgentError(
+        .unavailable, "reading sysfs has been blocked in the kernel for \(watchdog); the scan goes on in its thread")
+    }
+    switch result {
+    case .success(let node):
       lastScan.pfs.withLock { cache in
         for pf in node.pfs where !busy.contains(pf.function.address) { cache[pf.function.address] = pf }
       }
       return node
-    } catch {
+    case .failure(let error):
       throw AgentError(.unavailable, "cannot read the PCI devices from sysfs", cause: error.description)
     }
   }
+
+  /// The worker key of a scan (never a PCI address).
+  static let scanKey = "scan"
 
   public func capabilities() async -> PlatformCapabilities {
     let groups = (try? sysfs.list(.iommuGroups)) ?? []

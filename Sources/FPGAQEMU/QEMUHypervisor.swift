@@ -110,6 +110,12 @@ public actor QEMUHypervisor: Hypervisor {
       _ = try await deleted.wait(timeout: timeout)
     } catch {
       deleted.cancel()
+      if error.kind == .cancelled {
+        throw AgentError(
+          .unavailable,
+          "the wait for VM \(vm) to acknowledge the unplug of \(deviceID) was abandoned (the agent is stopping or the "
+            + "caller went away): the device stays in the guest, state detaching; retry DetachVF to keep waiting")
+      }
       if error.kind == .timeout {
         throw AgentError(
           .unavailable,
@@ -275,6 +281,10 @@ public actor QEMUHypervisor: Hypervisor {
       return AgentError(.unavailable, "the QEMU of VM \(vm) went away during \(doing) (it exited or was killed)", cause: error.message)
     case .timeout:
       return AgentError(.unavailable, "the QEMU of VM \(vm) did not answer \(doing) in time", cause: error.message)
+    case .cancelled:
+      return AgentError(
+        .unavailable, "\(doing) in VM \(vm) was abandoned: the agent is stopping or the caller went away",
+        cause: error.message)
     case .commandFailed:
       return AgentError(
         error.errorClass == "DeviceNotFound" ? .notFound : .failedPrecondition,

@@ -195,20 +195,27 @@ fileprivate final class Connection: Sendable {
       self.fail(id: id, QMPError(.timeout, "QEMU did not answer \(command) within \(timeout)"))
     }
     defer { timer.cancel() }
+    let cancelled = QMPError(.cancelled, "\(command) was abandoned: the caller was cancelled")
     do {
-      return try await withCheckedThrowingContinuation { continuation in
-        let open = state.withLock { state -> Bool in
-          guard state.open else { return false }
-          state.pending[id] = continuation
-          return true
+      return try await withTaskCancellationHandler {
+        try await withCheckedThrowingContinuation { continuation in
+          let open = state.withLock { state -> Bool in
+            guard state.open else { return false }
+            state.pending[id] = continuation
+            return true
+          }
+          guard open else {
+            continuation.resume(throwing: QMPError(.disconnected, "the QMP connection to \(path) is closed"))
+            return
+          }
+          if Task.isCancelled {
+            fail(id: id, cancelled)
+          } else if !send(line) {
+            fail(id: id, QMPError(.disconnected, "QEMU closed the QMP connection \(path) while \(command) was sent"))
+          }
         }
-        guard open else {
-          continuation.resume(throwing: QMPError(.disconnected, "the QMP connection to \(path) is closed"))
-          return
-        }
-        if !send(line) {
-          fail(id: id, QMPError(.disconnected, "QEMU closed the QMP connection \(path) while \(command) was sent"))
-        }
+      } onCancel: {
+        self.fail(id: id, cancelled)
       }
     } catch {
       throw error as? QMPError ?? QMPError(.protocolViolation, "\(error)")
@@ -256,7 +263,18 @@ fileprivate final class Connection: Sendable {
     }
     defer { timer.cancel() }
     do {
-      return try await withCheckedThrowingContinuation { continuation in
+      return try await withTaskCancellationHandler {
+        try await waitForEvent(expectation: id)
+      } onCancel: {
+        self.finish(expectation: id, .failure(QMPError(.cancelled, "the wait for an event was cancelled")))
+      }
+    } catch {
+      throw error as? QMPError ?? QMPError(.protocolViolation, "\(error)")
+    }
+  }
+
+  private func waitForEvent(expectation id: UInt64) async throws -> JSONValue {
+      try await withCheckedThrowingContinuation { continuation in
         let ready = state.withLock { state -> Result<JSONValue, QMPError>?? in
           guard var waiter = state.waiters[id] else { return .some(nil) }
           if let result = waiter.result {
@@ -268,14 +286,14 @@ fileprivate final class Connection: Sendable {
           return .none
         }
         switch ready {
-        case .none: break
+        case .none:
+          if Task.isCancelled {
+            finish(expectation: id, .failure(QMPError(.cancelled, "the wait for an event was cancelled")))
+          }
         case .some(nil): continuation.resume(throwing: QMPError(.protocolViolation, "this event was already waited for"))
         case .some(let result?): continuation.resume(with: result.mapError { $0 as any Error })
         }
       }
-    } catch {
-      throw error as? QMPError ?? QMPError(.protocolViolation, "\(error)")
-    }
   }
 
   func cancel(expectation id: UInt64) {

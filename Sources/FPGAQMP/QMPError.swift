@@ -7,6 +7,8 @@ public struct QMPError: Error, Hashable, Sendable, CustomStringConvertible {
     case disconnected
     /// No reply within the time allowed.
     case timeout
+    /// The waiting task was cancelled (the agent is stopping, or the caller went away).
+    case cancelled
     /// QEMU answered with an error (`errorClass` and the message are QEMU's own).
     case commandFailed
     /// Something that is not QMP arrived.

@@ -85,7 +85,7 @@ import Testing
         let cases: [(Fpga_Agent_V1_AllocateVFRequest, String)] = [
           (.with { $0.owner = "" }, "owner is required: say who the VF is for (1-128 printable ASCII characters)"),
           (.with { $0.owner = "o"; $0.constraints.pfBdf = "0000:3b:00" },
-           "constraints.pf_bdf \"0000:3b:00\" is not a PCI address: expected DDDD:BB:DD.F in hex, e.g. 0000:3b:00.4"),
+           "constraints.pf_bdf \"0000:3b:00\" is not a PCI address: expected DDDD:BB:DD.F in lower-case hex, e.g. 0000:3b:00.4"),
           (.with { $0.owner = "o"; $0.vm = "../etc" },
            "vm \"../etc\" is not a valid VM name: use 1-64 of A-Z a-z 0-9 . _ -, not starting with . or -"),
           (.with { $0.owner = "o"; $0.constraints.numaNode = -1 },

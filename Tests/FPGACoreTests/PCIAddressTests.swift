@@ -6,7 +6,9 @@ import Testing
     let address = try #require(PCIAddress("0000:3b:00.4"))
     #expect(address.domain == 0 && address.bus == 0x3b && address.device == 0 && address.function == 4)
     #expect(address.description == "0000:3b:00.4")
-    #expect(PCIAddress("0001:D8:1F.7")?.description == "0001:d8:1f.7")
+    #expect(PCIAddress("0001:d8:1f.7")?.description == "0001:d8:1f.7")
+    #expect(PCIAddress("0001:D8:1F.7") == nil, "upper case is not how sysfs spells it")
+    #expect(throws: AgentError.self) { try Validate.cardID("card-0000:3B") }
   }
 
   @Test(arguments: [
@@ -24,7 +26,7 @@ import Testing
       Issue.record("expected an error")
     } catch {
       #expect(error.code == .invalidArgument)
-      #expect(error.message == "constraints.pf_bdf \"nope\" is not a PCI address: expected DDDD:BB:DD.F in hex, e.g. 0000:3b:00.4")
+      #expect(error.message == "constraints.pf_bdf \"nope\" is not a PCI address: expected DDDD:BB:DD.F in lower-case hex, e.g. 0000:3b:00.4")
     }
   }
 

@@ -89,7 +89,7 @@ func fpgactl(_ arguments: [String]) async -> (code: Int32, out: String, err: Str
       #expect(exhausted.code == 1)
       #expect(exhausted.err == "error: RESOURCE_EXHAUSTED: no enabled VF matching PF 0000:3b:00.2: enable VFs with `fpgactl reconfigure PF N` or relax the constraints")
       let malformed = await fpgactl(["allocate", "--pf", "3b:00.2", "--server", "127.0.0.1:\(agent.port)"])
-      #expect(malformed.err == "error: INVALID_ARGUMENT: constraints.pf_bdf \"3b:00.2\" is not a PCI address: expected DDDD:BB:DD.F in hex, e.g. 0000:3b:00.4")
+      #expect(malformed.err == "error: INVALID_ARGUMENT: constraints.pf_bdf \"3b:00.2\" is not a PCI address: expected DDDD:BB:DD.F in lower-case hex, e.g. 0000:3b:00.4")
     }
   }
 

@@ -69,18 +69,19 @@ class Agent:
         return f"unix:{self.socket_path}"
 
 
-def start_agent(directory, extra=()):
+def start_agent(directory, extra=(), env=None, preexec_fn=None, config_text=""):
     port = free_port()
     socket_path = os.path.join(directory, "agent.sock")
     log = open(os.path.join(directory, "agent.log"), "w")
     # No workload generator: its accelerator figures would add revisions while tests count them.
     config = os.path.join(directory, "agent.yaml")
     with open(config, "w") as f:
-        f.write("simulator:\n  workloads: []\n")
+        f.write("simulator:\n  workloads: []\n" + config_text)
     process = subprocess.Popen(
         [str(BIN / "fpga-agent"), "--config", config, "--listen", f"127.0.0.1:{port}", "--unix-socket", socket_path,
          "--state-dir", os.path.join(directory, "state"), "--node-id", "interop", *extra],
-        stdout=log, stderr=subprocess.STDOUT,
+        stdout=log, stderr=subprocess.STDOUT, env=None if env is None else {**os.environ, **env},
+        preexec_fn=preexec_fn,
     )
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
