@@ -155,3 +155,69 @@ def test_contract_deviations_are_gone(agent):
         node.RegisterContext(pb.RegisterContextRequest(context=pb.Context(
             accelerator_id="card-0000:3b/acc1", guest="py-huge", function="f", saved_state_bytes=1 << 40)), timeout=10)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "limit" in caught.value.details()
+
+
+SILENT_GUEST = """  vms:
+    - name: silent
+      root_ports: 4
+      acknowledges_unplug: false
+shutdown_timeout_seconds: 3
+qemu:
+  detach_timeout_seconds: 600
+"""
+
+
+def test_sigterm_is_bounded_with_a_silent_guest_and_a_reconfiguration_mid_step():
+    with tempfile.TemporaryDirectory(prefix="fpga-limits-") as directory:
+        agent = start_agent(directory, config_text=SILENT_GUEST)
+        node = rpc.NodeAgentStub(grpc.insecure_channel(agent.tcp))
+
+        def attached(pf):
+            allocation = node.AllocateVF(pb.AllocateVFRequest(
+                owner="o", vm="silent", constraints=pb.AllocationConstraints(pf_bdf=pf)), timeout=10).allocation
+            node.AttachVF(pb.AttachVFRequest(allocation_id=allocation.id, vm="silent"), timeout=10)
+            return allocation
+
+        waiting = attached("0000:3b:00.1")
+        attached("0000:3b:00.0")
+        # A DetachVF that waits on the silent guest (up to 600 s)...
+        outcome = {}
+
+        def detach():
+            try:
+                node.DetachVF(pb.DetachVFRequest(allocation_id=waiting.id), timeout=120)
+                outcome["detach"] = "OK"
+            except grpc.RpcError as error:
+                outcome["detach"] = error.code()
+
+        thread = threading.Thread(target=detach)
+        thread.start()
+        # ...and a reconfiguration whose detach step waits on it too.
+        operation = node.Reconfigure(pb.ReconfigureRequest(
+            pf_bdf="0000:3b:00.0", vf_count=0, strategy=pb.RECONFIGURE_STRATEGY_DETACH_REATTACH), timeout=10)
+        for _ in range(200):
+            current = node.GetOperation(pb.GetOperationRequest(id=operation.id), timeout=10)
+            if any(step.description.startswith("detach") and step.state == pb.OPERATION_STATE_RUNNING
+                   for step in current.steps):
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail(f"the reconfiguration never reached its detach step: {current}")
+        started = time.monotonic()
+        agent.process.send_signal(signal.SIGTERM)
+        agent.process.wait(timeout=30)
+        took = time.monotonic() - started
+        assert took < 3 + 5 + 4, f"shutdown took {took:.1f} s"
+        thread.join(timeout=30)
+        assert outcome["detach"] != "OK"
+        # At the next start the journal takes the operation up again and finishes it.
+        agent = start_agent(directory, config_text=SILENT_GUEST)
+        node = rpc.NodeAgentStub(grpc.insecure_channel(agent.tcp))
+        try:
+            final = None
+            for update in node.WatchOperation(pb.WatchOperationRequest(id=operation.id), timeout=60):
+                final = update
+            assert final is not None and final.state in (pb.OPERATION_STATE_SUCCEEDED, pb.OPERATION_STATE_FAILED)
+            assert "rolled back at restart" in final.error
+        finally:
+            _stop(agent)
