@@ -151,6 +151,7 @@ extension NodeEngine {
 
   private func run(_ id: String, faultsApply: Bool) async {
     while var machine = reconfigurations[id]?.machine {
+      if stopping { return end(id, stopped: true) }
       guard case .run(let index, let action) = machine.start(at: clock.now()) else { break }
       let journal = machine.journal
       let fault = faultsApply ? faults.flatMap { $0.matches(action, at: index, in: journal.actions) ? $0 : nil } : nil
@@ -166,6 +167,8 @@ extension NodeEngine {
         guard await save(machine, edits: edits) else { return }
         apply(edits)
       } catch {
+        // Interrupted by a shutdown: not a failure. The step stays running in the journal.
+        if stopping { return end(id, stopped: true) }
         machine = reconfigurations[id]?.machine ?? machine
         machine.failed(error.message, at: clock.now())
         guard await save(machine) else { return }
@@ -195,7 +198,8 @@ extension NodeEngine {
   }
 
   /// The operation has ended (or stopped): its PF and allocations are free again.
-  private func end(_ id: String) {
+  private func end(_ id: String, stopped: Bool = false) {
+    if stopped { noteDiscrepancy("operation \(id) stopped for the shutdown; it resumes from its journal at the next start") }
     operationTasks[id] = nil
     guard let running = reconfigurations.removeValue(forKey: id) else { return }
     if reconfiguring[running.machine.journal.pf] == id { reconfiguring[running.machine.journal.pf] = nil }

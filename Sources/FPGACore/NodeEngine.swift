@@ -26,6 +26,8 @@ public actor NodeEngine {
   /// Reconfigurations under way, by operation id.
   var reconfigurations: [String: RunningReconfiguration] = [:]
   var operationTasks: [String: Task<Void, Never>] = [:]
+  /// Set by `close()`: operations stop at their current step, which stays journaled.
+  var stopping = false
   /// How long a reconfiguration waits for a guest to acknowledge an unplug.
   let detachTimeout: Duration
   /// Accelerator runners by accelerator id.
@@ -260,8 +262,14 @@ public actor NodeEngine {
 
   // MARK: Shutdown
 
-  /// Ends every watch stream and stops the accelerators, for a graceful shutdown.
+  /// Ends every watch stream and stops the accelerators and the operations under way, for a
+  /// graceful shutdown. An operation stops where it is: the step it was carrying out stays
+  /// "running" in its journal and is carried out again at the next start.
   public func close() async {
+    stopping = true
+    let running = Array(operationTasks.values)
+    for task in running { task.cancel() }
+    for task in running { await task.value }
     for runner in runners.values { await runner.stop() }
     broadcaster.close()
     operationLog.close()

@@ -1,4 +1,5 @@
 import FPGACore
+import FPGASimulator
 import Testing
 
 /// The reconfiguration's transition table, driven by hand: no engine, no simulator, no store.
@@ -144,5 +145,44 @@ import Testing
     #expect(m.record.steps[3].error == "waiting: VF 0000:3b:00.6 is held by pid 7")
     m.succeeded(at: t)
     #expect(m.record.steps[3].error == nil)
+  }
+}
+
+/// A shutdown stops a reconfiguration at its step without calling it failed; the next start
+/// takes it up from the journal.
+@Suite struct ShutdownTests {
+  @Test func closeStopsAnOperationMidStepAndTheNextStartTakesItUp() async throws {
+    let pf = PCIAddress("0000:3b:00.0")!
+    let store = MemoryStateStore()
+    let node = SimulatedNode()
+    let silent = SimulatedHypervisor(node: node, vms: [.init(name: "silent", acknowledgesUnplug: false)])
+    let engine = NodeEngine(
+      nodeID: "n", platform: SimulatedPlatform(node: node), clock: StillClock(), hypervisor: silent, store: store,
+      detachTimeout: .seconds(3600))
+    _ = try await engine.restore()
+    try await engine.rescan()
+    let allocation = try await engine.allocate(AllocateRequest(owner: "o", vm: "silent", constraints: .init(pf: pf))).allocation
+    _ = try await engine.attach(AttachRequest(allocationID: allocation.id, vm: "silent"))
+    let record = try await engine.reconfigure(ReconfigureRequest(pf: pf, count: 0, strategy: .detachReattach))
+    for await update in try await engine.watchOperation(record.id)
+    where update.steps.contains(where: { $0.state == .running && $0.description.hasPrefix("detach") }) {
+      break
+    }
+    await engine.close()  // returns although the guest never acknowledges
+    let stored = try #require(store.persisted.operations.first { $0.record.id == record.id })
+    #expect(stored.journal != nil)
+    #expect(stored.record.state == .running)
+    #expect(stored.record.steps.contains { $0.state == .running && $0.description.hasPrefix("detach") })
+
+    let again = NodeEngine(
+      nodeID: "n", platform: SimulatedPlatform(node: node), clock: StillClock(),
+      hypervisor: SimulatedHypervisor(node: node), store: store)
+    let persisted = try await again.restore()
+    try await again.rescan()
+    #expect(await again.recover(from: persisted) == [record.id])
+    await again.waitForOperation(record.id)
+    let finished = try await again.operation(record.id)
+    #expect(finished.state == .failed)
+    #expect(finished.error?.contains("rolled back at restart") == true)
   }
 }
