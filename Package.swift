@@ -32,6 +32,9 @@ let package = Package(
     .package(url: "https://github.com/jpsim/Yams.git", exact: "6.2.2"),
     .package(url: "https://github.com/groue/GRDB.swift.git", exact: "7.10.0"),
     .package(url: "https://github.com/apple/swift-nio.git", from: "2.101.2"),
+    .package(url: "https://github.com/apple/swift-nio-http2.git", from: "1.46.0"),
+    .package(url: "https://github.com/apple/swift-certificates.git", from: "1.21.1"),
+    .package(url: "https://github.com/apple/swift-nio-extras.git", from: "1.35.2"),
   ],
   targets: [
     // The domain: inventory, allocation rules, revisions, kernel rules. No I/O.
@@ -62,7 +65,9 @@ let package = Package(
       dependencies: [
         "FPGACore", "FPGASimulator", "FPGALinux", "FPGAQEMU", "FPGAAgentAPI", "FPGAStore", "FPGADevicePlugin", grpcCore,
         grpcHTTP2, logging, serviceLifecycle, argumentParser, .product(name: "Yams", package: "Yams"),
-        .product(name: "NIOCore", package: "swift-nio"),
+        .product(name: "NIOCore", package: "swift-nio"), .product(name: "NIOHTTP2", package: "swift-nio-http2"),
+        .product(name: "X509", package: "swift-certificates"), swiftProtobuf,
+        .product(name: "NIOCertificateReloading", package: "swift-nio-extras"),
       ]
     ),
     // fpgactl's subcommands, as a library so tests run them on their exact output.

@@ -32,6 +32,15 @@ public struct ConfigOptions: ParsableArguments {
   @Option(name: .customLong("unix-socket"), help: "Unix socket path to serve on; empty disables it.")
   var unixSocket: String?
 
+  @Option(name: .customLong("tls-cert"), help: "The agent's TLS certificate chain (PEM) for the TCP listener.")
+  var tlsCert: String?
+
+  @Option(name: .customLong("tls-key"), help: "The agent's TLS private key (PEM).")
+  var tlsKey: String?
+
+  @Option(name: .customLong("tls-client-ca"), help: "CA bundle (PEM) that client certificates must chain to.")
+  var tlsClientCA: String?
+
   @Option(name: .long, help: "simulated or linux.")
   var platform: String?
 
@@ -89,6 +98,9 @@ public struct ConfigOptions: ParsableArguments {
     try ConfigLoader.apply(environment: environment, to: &resolved)
     if let listen { resolved.server.listen = listen }
     if let unixSocket { resolved.server.unixSocket = unixSocket }
+    if let tlsCert { resolved.server.tls.cert = tlsCert }
+    if let tlsKey { resolved.server.tls.key = tlsKey }
+    if let tlsClientCA { resolved.server.tls.clientCA = tlsClientCA }
     if let platform { resolved.platform = platform }
     if let stateDir { resolved.stateDir = stateDir }
     if let nodeID { resolved.nodeID = nodeID }
@@ -218,6 +230,16 @@ extension AgentConfig {
       "  idle_timeout_seconds: \(server.idleTimeoutSeconds)",
       "  max_concurrent_streams: \(server.maxConcurrentStreams)",
       "  max_request_bytes: \(server.maxRequestBytes)",
+      "  insecure: \(server.insecure)",
+      "  tls:",
+      "    cert: \(server.tls.cert)",
+      "    key: \(server.tls.key)",
+      "    client_ca: \(server.tls.clientCA)",
+      "auth:",
+      "  plaintext_role: \(auth.plaintextRole?.rawValue ?? "none")",
+      "  root_is_admin: \(auth.rootIsAdmin)",
+      "  roles:" + (auth.roles.isEmpty ? " {}" : ""),
+    ] + auth.roles.sorted { $0.key < $1.key }.map { "    \($0.key): \($0.value.rawValue)" } + [
       "shutdown_timeout_seconds: \(shutdownTimeoutSeconds)",
       "platform: \(platform)",
       "state_dir: \(stateDir)",

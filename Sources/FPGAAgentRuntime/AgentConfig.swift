@@ -24,6 +24,31 @@ public struct AgentConfig: Hashable, Sendable {
     public var maxConcurrentStreams = 256
     /// Largest request message accepted, in bytes.
     public var maxRequestBytes = 4 << 20
+    /// TLS on the TCP listener: the agent's certificate chain and key (PEM), and the CA bundle
+    /// that client certificates must chain to (client certificates are required).
+    public var tls = TLS()
+    /// Serve plaintext TCP on an address other than loopback (no identity, no encryption).
+    public var insecure = false
+    /// The group that may use the Unix socket (mode 0660); empty: the agent's own group.
+    public var socketGroup = ""
+
+    public struct TLS: Hashable, Sendable {
+      public var cert = ""
+      public var key = ""
+      public var clientCA = ""
+      public var isEnabled: Bool { !cert.isEmpty || !key.isEmpty || !clientCA.isEmpty }
+    }
+  }
+
+  /// Who may do what.
+  public struct Auth: Hashable, Sendable {
+    /// Identity → role: `spiffe://…` (a client certificate's URI SAN), `cn:NAME` (its subject
+    /// CN), `uid:N` or `gid:N` (a Unix-socket peer).
+    public var roles: [String: Role] = [:]
+    /// The role of a plaintext TCP caller (loopback, or `server.insecure`); none: refused.
+    public var plaintextRole: Role? = .viewer
+    /// Root on the Unix socket is admin unless `roles` says otherwise.
+    public var rootIsAdmin = true
   }
 
   /// Logging.
@@ -134,6 +159,7 @@ public struct AgentConfig: Hashable, Sendable {
   }
 
   public var server = Server()
+  public var auth = Auth()
   public var linux = Linux()
   public var qemu = QEMU()
   public var log = Log()
@@ -219,6 +245,23 @@ public struct AgentConfig: Hashable, Sendable {
     }
     if !(1024...(64 << 20)).contains(server.maxRequestBytes) {
       problems.append("server.max_request_bytes \(server.maxRequestBytes) is out of range: 1024-67108864")
+    }
+    if server.tls.isEnabled {
+      for (key, value) in [("server.tls.cert", server.tls.cert), ("server.tls.key", server.tls.key), ("server.tls.client_ca", server.tls.clientCA)] {
+        if value.isEmpty {
+          problems.append("\(key) is empty: TLS needs server.tls.cert, server.tls.key and server.tls.client_ca (--tls-cert, --tls-key, --tls-client-ca)")
+        } else if !SystemCalls.isReadableFile(value) {
+          problems.append("\(key) \(quoted(value)) is not a readable file")
+        }
+      }
+    } else if let address = ListenAddress(server.listen), !address.isLoopback, !server.insecure {
+      problems.append(
+        "server.listen \(server.listen) is not a loopback address and no TLS is configured: set server.tls.cert, "
+          + "server.tls.key and server.tls.client_ca (--tls-cert, --tls-key, --tls-client-ca; FPGA_AGENT_TLS_*), "
+          + "or server.insecure: true to serve plaintext anyway")
+    }
+    for identity in auth.roles.keys.sorted() where !Auth.isIdentity(identity) {
+      problems.append("auth.roles key \(quoted(identity)) is not spiffe://…, cn:NAME, uid:N or gid:N")
     }
     if !(1...600).contains(shutdownTimeoutSeconds) {
       problems.append("shutdown_timeout_seconds \(shutdownTimeoutSeconds) is out of range: 1-600")
@@ -368,6 +411,11 @@ public struct ListenAddress: Hashable, Sendable {
   public var port: Int
   public var isIPv6: Bool
 
+  /// 127.0.0.0/8, ::1 or localhost: reachable from this host only.
+  public var isLoopback: Bool {
+    host == "localhost" || host == "::1" || host.hasPrefix("127.")
+  }
+
   public init?(_ text: String) {
     if text.hasPrefix("[") {
       guard let close = text.firstIndex(of: "]") else { return nil }
@@ -384,5 +432,27 @@ public struct ListenAddress: Hashable, Sendable {
       isIPv6 = false
     }
     guard !host.isEmpty, (0...65535).contains(port) else { return nil }
+  }
+}
+
+/// What a caller may do. Each role includes the ones below it.
+public enum Role: String, Hashable, Sendable, Comparable, CaseIterable {
+  /// Status, inventory, watches, operations, contexts: reading only.
+  case viewer
+  /// Allocate, release, attach, detach; register, switch, move and delete contexts.
+  case `operator`
+  /// Everything: reconfigure, drain, undrain, sharing policies.
+  case admin
+
+  private var rank: Int { Role.allCases.firstIndex(of: self)! }
+  public static func < (lhs: Role, rhs: Role) -> Bool { lhs.rank < rhs.rank }
+}
+
+extension AgentConfig.Auth {
+  static func isIdentity(_ text: String) -> Bool {
+    if text.hasPrefix("spiffe://") { return text.count > 9 }
+    if text.hasPrefix("cn:") { return text.count > 3 }
+    for prefix in ["uid:", "gid:"] where text.hasPrefix(prefix) { return UInt32(text.dropFirst(4)) != nil }
+    return false
   }
 }

@@ -8,6 +8,7 @@ import FPGASimulator
 import FPGAStore
 import GRPCCore
 import GRPCNIOTransportHTTP2
+import NIOCertificateReloading
 import NIOCore
 import Synchronization
 import Logging
@@ -37,7 +38,11 @@ public final class AgentRuntime: Sendable {
     self.config = config
     self.logger = logger
 
+    // Every file the agent creates is private unless it says otherwise (the socket: 0660).
+    SystemCalls.restrictFileCreationMask()
     try SystemCalls.makeDirectories(config.stateDir, mode: 0o700)
+    try SystemCalls.requirePrivateDirectory(config.stateDir, key: "state_dir")
+    let audit = try AuditLog(path: config.stateDir + "/audit.log")
     let nodeID = try Self.nodeID(config: config)
 
     let platform: any NodePlatform
@@ -79,14 +84,40 @@ public final class AgentRuntime: Sendable {
     let services: [any RegistrableRPCService] = [nodeAgent, health]
     let listeners = (config.server.listen.isEmpty ? 0 : 1) + (config.server.unixSocket.isEmpty ? 0 : 1)
 
+    var reloader: TimedCertificateReloader?
     if let listen = ListenAddress(config.server.listen) {
       let address: GRPCNIOTransportCore.SocketAddress =
         listen.isIPv6 ? .ipv6(host: listen.host, port: listen.port) : .ipv4(host: listen.host, port: listen.port)
+      let security: HTTP2ServerTransport.Posix.TransportSecurity
+      if config.server.tls.isEnabled {
+        // The certificate and key are re-read every 30 s (rotation without a restart).
+        let timed = try TimedCertificateReloader.makeReloaderValidatingSources(
+          refreshInterval: .seconds(30),
+          certificateSource: .init(location: .file(path: config.server.tls.cert), format: .pem),
+          privateKeySource: .init(location: .file(path: config.server.tls.key), format: .pem))
+        reloader = timed
+        security = try .mTLS(certificateReloader: timed) {
+          $0.trustRoots = .certificates([.file(path: config.server.tls.clientCA, format: .pem)])
+          $0.clientCertificateVerification = .noHostnameVerification
+        }
+      } else {
+        if !listen.isLoopback {
+          logger.warning(
+            "SERVING PLAINTEXT ON A NETWORK ADDRESS (server.insecure): anyone who reaches it gets auth.plaintext_role",
+            metadata: ["fpga.listen": "\(config.server.listen)"])
+        }
+        security = .plaintext
+      }
       tcpServer = GRPCServer(
         transport: .http2NIOPosix(
-          address: address, transportSecurity: .plaintext,
+          address: address, transportSecurity: security,
           config: Self.transportConfig(config.server, listeners: listeners, name: "tcp", logger: logger)),
-        services: services)
+        services: services,
+        interceptors: [
+          AuthorizationInterceptor(
+            resolver: CallerResolver(auth: config.auth, tls: config.server.tls.isEnabled), unix: false, audit: audit,
+            engine: engine)
+        ])
     } else {
       tcpServer = nil
     }
@@ -97,8 +128,12 @@ public final class AgentRuntime: Sendable {
       unixServer = GRPCServer(
         transport: .http2NIOPosix(
           address: .unixDomainSocket(path: config.server.unixSocket), transportSecurity: .plaintext,
-          config: Self.transportConfig(config.server, listeners: listeners, name: "unix", logger: logger)),
-        services: services)
+          config: Self.transportConfig(config.server, listeners: listeners, name: "unix", unix: true, logger: logger)),
+        services: services,
+        interceptors: [
+          AuthorizationInterceptor(
+            resolver: CallerResolver(auth: config.auth, tls: false), unix: true, audit: audit, engine: engine)
+        ])
     } else {
       unixServer = nil
     }
@@ -106,8 +141,12 @@ public final class AgentRuntime: Sendable {
     var serviceList: [any Service] = []
     if let tcpServer { serviceList.append(ServerService(server: tcpServer, name: "tcp")) }
     if let unixServer {
-      serviceList.append(ServerService(server: unixServer, name: "unix", socketPath: config.server.unixSocket))
+      serviceList.append(
+        ServerService(
+          server: unixServer, name: "unix", socketPath: config.server.unixSocket, socketGroup: config.server.socketGroup,
+          logger: logger))
     }
+    if let reloader { serviceList.append(reloader) }
     serviceList.append(
       NodeService(
         engine: engine, health: health, logger: logger,
@@ -210,7 +249,7 @@ public final class AgentRuntime: Sendable {
   /// connections below the open-file limit, so that a flood of idle connections can neither
   /// exhaust descriptors nor lock the other listener out.
   static func transportConfig(
-    _ server: AgentConfig.Server, listeners: Int, name: String, logger: Logger
+    _ server: AgentConfig.Server, listeners: Int, name: String, unix: Bool = false, logger: Logger
   ) -> HTTP2ServerTransport.Posix.Config {
     var transport = HTTP2ServerTransport.Posix.Config.defaults
     transport.compression.enabledAlgorithms = .all
@@ -232,6 +271,18 @@ public final class AgentRuntime: Sendable {
       guard limiter.accept(channel) else { return channel.eventLoop.makeSucceededVoidFuture() }
       return channel.eventLoop.submit {
         try channel.pipeline.syncOperations.addHandler(FirstByteTimeout(timeout: firstByte), position: .first)
+      }
+    }
+    if unix {
+      // The peer's uid and gid reach the authorization interceptor as a header the agent sets.
+      transport.channelDebuggingCallbacks.onAcceptHTTP2Stream = { stream in
+        guard let connection = stream.parent else { return stream.eventLoop.makeSucceededVoidFuture() }
+        return PeerCredentialHeader.credentials(of: connection).flatMap { credentials in
+          stream.eventLoop.submit {
+            try stream.pipeline.syncOperations.addHandler(
+              PeerCredentialHeader(value: credentials ?? "none"), position: .first)
+          }
+        }
       }
     }
     return transport
@@ -312,11 +363,25 @@ struct ServerService: Service {
   let server: GRPCServer<HTTP2ServerTransport.Posix>
   let name: String
   var socketPath: String? = nil
+  var socketGroup = ""
+  var logger: Logger? = nil
 
   func run() async throws {
     defer { socketPath.map(SystemCalls.removeSocket) }
     try await withGracefulShutdownHandler {
-      try await server.serve()
+      try await withThrowingTaskGroup(of: Void.self) { group in
+        group.addTask { try await server.serve() }
+        if let socketPath {
+          // Created under the agent's umask (0077); opened to its group once bound.
+          _ = try? await server.listeningAddress
+          do {
+            try SystemCalls.openSocketToGroup(socketPath, group: socketGroup)
+          } catch {
+            logger?.error("the Unix socket stays 0600", metadata: ["fpga.error": "\(error)"])
+          }
+        }
+        try await group.waitForAll()
+      }
     } onGracefulShutdown: {
       server.beginGracefulShutdown()
     }

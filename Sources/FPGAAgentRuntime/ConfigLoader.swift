@@ -18,6 +18,10 @@ public enum ConfigLoader {
     ("FPGA_AGENT_SHUTDOWN_TIMEOUT_SECONDS", "shutdown_timeout_seconds"),
     ("FPGA_AGENT_MAX_CONNECTIONS", "server.max_connections"),
     ("FPGA_AGENT_IDLE_TIMEOUT_SECONDS", "server.idle_timeout_seconds"),
+    ("FPGA_AGENT_TLS_CERT", "server.tls.cert"),
+    ("FPGA_AGENT_TLS_KEY", "server.tls.key"),
+    ("FPGA_AGENT_TLS_CLIENT_CA", "server.tls.client_ca"),
+    ("FPGA_AGENT_INSECURE", "server.insecure"),
     ("FPGA_AGENT_LOG_LEVEL", "log.level"),
     ("FPGA_AGENT_LOG_FORMAT", "log.format"),
     ("FPGA_AGENT_SYSFS_ROOT", "linux.sysfs_root"),
@@ -55,6 +59,41 @@ public enum ConfigLoader {
           case "idle_timeout_seconds": reader.int(value, path).map { config.server.idleTimeoutSeconds = $0 }
           case "max_concurrent_streams": reader.int(value, path).map { config.server.maxConcurrentStreams = $0 }
           case "max_request_bytes": reader.int(value, path).map { config.server.maxRequestBytes = $0 }
+          case "insecure": reader.bool(value, path).map { config.server.insecure = $0 }
+          case "socket_group": reader.string(value, path).map { config.server.socketGroup = $0 }
+          case "tls":
+            reader.mapping(value, path) { key, value, path in
+              switch key {
+              case "cert": reader.string(value, path).map { config.server.tls.cert = $0 }
+              case "key": reader.string(value, path).map { config.server.tls.key = $0 }
+              case "client_ca": reader.string(value, path).map { config.server.tls.clientCA = $0 }
+              default: reader.unknown(path)
+              }
+            }
+          default: reader.unknown(path)
+          }
+        }
+      case "auth":
+        reader.mapping(value, "auth") { key, value, path in
+          switch key {
+          case "roles":
+            reader.mapping(value, path) { identity, value, path in
+              guard let text = reader.string(value, path) else { return }
+              guard let role = Role(rawValue: text) else {
+                return reader.problems.append("\(path) \(quoted(text)) is not a role: viewer, operator or admin")
+              }
+              config.auth.roles[identity] = role
+            }
+          case "plaintext_role":
+            guard let text = reader.string(value, path) else { break }
+            if text == "none" {
+              config.auth.plaintextRole = nil
+            } else if let role = Role(rawValue: text) {
+              config.auth.plaintextRole = role
+            } else {
+              reader.problems.append("\(path) \(quoted(text)) is not a role: viewer, operator, admin or none")
+            }
+          case "root_is_admin": reader.bool(value, path).map { config.auth.rootIsAdmin = $0 }
           default: reader.unknown(path)
           }
         }
@@ -156,6 +195,15 @@ public enum ConfigLoader {
       switch key {
       case "server.listen": config.server.listen = value
       case "server.unix_socket": config.server.unixSocket = value
+      case "server.tls.cert": config.server.tls.cert = value
+      case "server.tls.key": config.server.tls.key = value
+      case "server.tls.client_ca": config.server.tls.clientCA = value
+      case "server.insecure":
+        guard let flag = ["true": true, "1": true, "false": false, "0": false][value] else {
+          problems.append("\(variable) (server.insecure) \(quoted(value)) is not true or false")
+          continue
+        }
+        config.server.insecure = flag
       case "platform": config.platform = value
       case "state_dir": config.stateDir = value
       case "node_id": config.nodeID = value

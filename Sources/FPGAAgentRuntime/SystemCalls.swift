@@ -19,6 +19,37 @@ public enum SystemCalls {
 
   public static func effectiveUserID() -> UInt32 { UInt32(geteuid()) }
 
+  /// Files and sockets the process creates are private (umask 0077) unless chmod-ed after.
+  public static func restrictFileCreationMask() { umask(0o077) }
+
+  /// Refuses a directory that others may read or write (an existing state dir made by hand).
+  public static func requirePrivateDirectory(_ path: String, key: String) throws(Failure) {
+    var info = stat()
+    guard stat(path, &info) == 0 else { throw Failure(operation: "stat", path: path, errno: errno) }
+    let mode = info.st_mode & 0o777
+    guard mode & 0o077 == 0 else {
+      throw Failure(
+        operation: "\(key) has mode \(String(mode, radix: 8)), open to other users: run `chmod 700 \(path)` (it holds the node's records and audit trail); refusing",
+        path: path, errno: EPERM)
+    }
+  }
+
+  /// Makes a Unix socket 0660, owned by `group` (a name or number; empty: the agent's group).
+  public static func openSocketToGroup(_ path: String, group: String) throws(Failure) {
+    if !group.isEmpty {
+      var gid = gid_t(UInt32(group) ?? UInt32.max)
+      if UInt32(group) == nil {
+        guard let entry = getgrnam(group) else { throw Failure(operation: "find group \(group) for", path: path, errno: ENOENT) }
+        gid = entry.pointee.gr_gid
+      }
+      guard chown(path, uid_t.max, gid) == 0 else { throw Failure(operation: "chown", path: path, errno: errno) }
+    }
+    guard chmod(path, 0o660) == 0 else { throw Failure(operation: "chmod 0660", path: path, errno: errno) }
+  }
+
+  /// Whether this process can read the file at `path`.
+  public static func isReadableFile(_ path: String) -> Bool { access(path, R_OK) == 0 }
+
   /// Raises the soft open-file limit to the hard one (systemd starts services at 1,024);
   /// returns the soft limit in force afterwards.
   @discardableResult

@@ -156,6 +156,11 @@ public actor AcceleratorRunner {
     try scheduler.setPolicy(merged)
   }
 
+  /// Puts back exactly `policy` (an undo): weights it does not name are dropped.
+  public func restorePolicy(_ policy: TimeSharingScheduler.Policy) throws(AgentError) {
+    try scheduler.setPolicy(policy)
+  }
+
   public var policy: TimeSharingScheduler.Policy { scheduler.policy }
 
   /// Work for `guest` (a job); wakes the runner when it idles.

@@ -45,7 +45,7 @@ extension NodeEngine {
     let result = AttachResult(allocation: allocation, deviceID: allocation.id, rootPort: port, replayed: false)
     let record = claim.record(.attached(result))
     do {
-      try await store.commit(claim.writes + [.putAllocation(allocation)] + (record.map { [.putIdempotency($0)] } ?? []))
+      try await commit(claim, [.putAllocation(allocation)] + (record.map { [.putIdempotency($0)] } ?? []))
     } catch {
       // Unrecorded, the attachment is undone so that nothing changed.
       try? await hypervisor.detach(deviceID: allocation.id, from: vm.name, timeout: .seconds(10))
@@ -76,11 +76,9 @@ extension NodeEngine {
     }
     let claim = try self.claim(admission, [.allocation(allocation.id)], as: "detach")
     defer { settle(claim) }
-    var writes = claim.writes
     if !allocation.detaching {
       allocation.detaching = true
-      try await store.commit(writes + [.putAllocation(allocation)])
-      writes = []
+      try await commit(claim, [.putAllocation(allocation)])
       publish(state.update(allocation))
     }
     do {
@@ -100,7 +98,7 @@ extension NodeEngine {
     // write is reconciled at the next start (the VM no longer has the device).
     let written: AgentError?
     do {
-      try await store.commit(writes + [.putAllocation(allocation)] + (record.map { [.putIdempotency($0)] } ?? []))
+      try await commit(claim, [.putAllocation(allocation)] + (record.map { [.putIdempotency($0)] } ?? []))
       written = nil
     } catch {
       written = error

@@ -78,7 +78,7 @@ extension NodeEngine {
     try await runner.bind(guest: guest, context: record.id, stateBytes: record.savedStateBytes, weight: record.weight)
     let idempotency = claim.record(.context(record))
     do {
-      try await store.commit(claim.writes + [.putContext(record)] + (idempotency.map { [.putIdempotency($0)] } ?? []))
+      try await commit(claim, [.putContext(record)] + (idempotency.map { [.putIdempotency($0)] } ?? []))
     } catch {
       await runner.unbind(guest: guest)
       throw error
@@ -110,7 +110,7 @@ extension NodeEngine {
       admission, [.context(id), .guestSlot(accelerator: record.acceleratorID, guest: record.guest)], as: "deletion of \(id)")
     defer { settle(claim) }
     let idempotency = claim.record(.deleted)
-    try await store.commit(claim.writes + [.deleteContext(id)] + (idempotency.map { [.putIdempotency($0)] } ?? []))
+    try await commit(claim, [.deleteContext(id)] + (idempotency.map { [.putIdempotency($0)] } ?? []))
     contexts[id] = nil
     if let idempotency { ledger.record(idempotency) }
     await runners[record.acceleratorID]?.unbind(guest: record.guest)
@@ -132,13 +132,11 @@ extension NodeEngine {
     // ends the wait (the runner resumes it with zero).
     let claim = try self.claim(admission, [], as: "switch to \(id)")
     defer { settle(claim) }
-    try await commit(claim.writes)
     let time = try await runner.switchTo(guest: record.guest, now: now)
+    // The epoch (when raised) and the key are recorded once the switch was made.
     let idempotency = claim.record(.switched(time.map(Self.nanoseconds)))
-    if let idempotency {
-      try await store.commit([.putIdempotency(idempotency)])
-      ledger.record(idempotency)
-    }
+    try await commit(claim, idempotency.map { [.putIdempotency($0)] } ?? [])
+    if let idempotency { ledger.record(idempotency) }
     await refreshAccelerators(only: record.acceleratorID)
     return time
   }
@@ -171,9 +169,9 @@ extension NodeEngine {
     let applied = await runner.policy
     let idempotency = claim.record(.policy(applied))
     do {
-      try await store.commit(claim.writes + [.putPolicy(acceleratorID, applied)] + (idempotency.map { [.putIdempotency($0)] } ?? []))
+      try await commit(claim, [.putPolicy(acceleratorID, applied)] + (idempotency.map { [.putIdempotency($0)] } ?? []))
     } catch {
-      try? await runner.setPolicy(previous)
+      try? await runner.restorePolicy(previous)
       throw error
     }
     if let idempotency { ledger.record(idempotency) }
@@ -212,7 +210,7 @@ extension NodeEngine {
     try await target.bind(guest: record.guest, context: record.id, stateBytes: record.savedStateBytes, weight: record.weight)
     record.acceleratorID = acceleratorID
     do {
-      try await store.commit(claim.writes + [.putContext(record)])
+      try await commit(claim, [.putContext(record)])
     } catch {
       await target.unbind(guest: record.guest)
       throw error

@@ -76,11 +76,11 @@ extension NodeEngine {
       id: Self.makeID(prefix: "op-"), kind: "drain", target: target.text, state: .succeeded,
       steps: steps, impacts: impacts, createdAt: now, finishedAt: clock.now())
     let idempotency = claim.record(.operation(record.id))
-    var writes = claim.writes + [.setDrain(target.text, true)] + released.map { .deleteAllocation($0.id) }
+    var writes: [StoreChange] = [.setDrain(target.text, true)] + released.map { .deleteAllocation($0.id) }
     writes.append(.putOperation(StoredOperation(record: record, journal: nil)))
     if let idempotency { writes.append(.putIdempotency(idempotency)) }
     do {
-      try await store.commit(writes)
+      try await commit(claim, writes)
     } catch {
       if !wasDraining { publish(setDraining(target, false)) }
       throw error
@@ -110,7 +110,7 @@ extension NodeEngine {
     let claim = try self.claim(admission, pfs.sorted().map { .drainFlag($0) }, as: "undrain of \(target.name)")
     defer { settle(claim) }
     let next = claim.record(.revision(state.revision + 1))
-    try await store.commit(claim.writes + [.setDrain(target.text, false)] + (next.map { [.putIdempotency($0)] } ?? []))
+    try await commit(claim, [.setDrain(target.text, false)] + (next.map { [.putIdempotency($0)] } ?? []))
     pendingDrains.remove(target.text)
     let revision = publish(setDraining(target, false))
     if let record = claim.record(.revision(revision)) { ledger.record(record) }

@@ -7,8 +7,9 @@
 ///    it: the first one's result, or its own attempt when the first one failed);
 /// 2. *reserves* (`claim`), in the same synchronous turn as its validation, every object it will
 ///    touch (its key, allocations, PFs, drain flags, contexts, guest slots, policies): another
-///    mutation that needs one of them is refused with ABORTED and changes nothing. The epoch
-///    is raised here, by an accepted request only, and written with the request's first commit;
+///    mutation that needs one of them is refused with ABORTED and changes nothing. A higher
+///    epoch is written with the request's first commit (`commit(claim, …)`) and raised in
+///    memory once that commit is durable: a request refused before it changes no epoch;
 /// 3. carries out its *effects* (store, sysfs, hypervisor, accelerator), then *applies and
 ///    publishes* them synchronously, or undoes what it did and leaves no trace;
 /// 4. *settles* (`settle`): records its result under its key, then gives its reservations up
@@ -40,6 +41,8 @@ extension NodeEngine {
     let holder: Reservations.Holder
     /// What the request's first commit must carry besides its own changes (the raised epoch).
     let writes: [StoreChange]
+    /// The epoch this request raises the node to once its first commit is durable.
+    let epoch: UInt64?
 
     func record(_ outcome: IdempotentOutcome) -> IdempotencyRecord? { admission.record(outcome) }
   }
@@ -47,6 +50,9 @@ extension NodeEngine {
   /// Step 1: fencing and idempotency. Waits while a request with the same key is under way.
   func admit(_ scope: String, _ meta: RequestMeta, fingerprint: String) async throws(AgentError) -> Admitted {
     while true {
+      guard !stopping else {
+        throw AgentError(.unavailable, "the agent is shutting down; retry once it has restarted")
+      }
       try checkEpoch(meta)
       let admission = Admission(scope: scope, meta: meta, fingerprint: fingerprint)
       guard let key = meta.idempotencyKey, let scopedKey = admission.scopedKey else { return .proceed(admission) }
@@ -67,12 +73,8 @@ extension NodeEngine {
     let holder = reservations.holder(what)
     try reservations.take(resources, for: holder)
     if let scopedKey = admission.scopedKey { keysInFlight[scopedKey] = admission.fingerprint }
-    var writes: [StoreChange] = []
-    if admission.meta.orchestratorEpoch > highestEpoch {
-      highestEpoch = admission.meta.orchestratorEpoch
-      writes.append(.setEpoch(highestEpoch))
-    }
-    return Claim(admission: admission, holder: holder, writes: writes)
+    let epoch = admission.meta.orchestratorEpoch > highestEpoch ? admission.meta.orchestratorEpoch : nil
+    return Claim(admission: admission, holder: holder, writes: epoch.map { [.setEpoch($0)] } ?? [], epoch: epoch)
   }
 
   /// Step 4: records the result (when there is one to replay), releases what the request still
@@ -95,9 +97,12 @@ extension NodeEngine {
     )
   }
 
-  /// Commits `changes` when there are any.
-  func commit(_ changes: [StoreChange]) async throws(AgentError) {
-    guard !changes.isEmpty else { return }
-    try await store.commit(changes)
+  /// Commits `changes` with what the claim carries (the epoch it raises), then raises the
+  /// epoch in memory: from here on, older epochs are refused.
+  func commit(_ claim: Claim, _ changes: [StoreChange]) async throws(AgentError) {
+    let all = claim.writes + changes
+    guard !all.isEmpty else { return }
+    try await store.commit(all)
+    if let epoch = claim.epoch { highestEpoch = max(highestEpoch, epoch) }
   }
 }

@@ -79,7 +79,7 @@ extension NodeEngine {
     if request.dryRun {
       for index in record.steps.indices.dropFirst() { record.steps[index].state = .planned }
       record.finishedAt = now
-      try await commit(claim.writes + (idempotency.map { [.putIdempotency($0)] } ?? []))
+      try await commit(claim, idempotency.map { [.putIdempotency($0)] } ?? [])
       remember(record)
       if let idempotency { ledger.record(idempotency) }
       return record
@@ -88,9 +88,9 @@ extension NodeEngine {
       record: record,
       journal: ReconfigureJournal(
         pf: pf.address, from: pf.numVFs, to: request.count, strategy: request.strategy, actions: plan.actions))
-    var writes = claim.writes + [.putOperation(machine.stored)]
+    var writes: [StoreChange] = [.putOperation(machine.stored)]
     if let idempotency { writes.append(.putIdempotency(idempotency)) }
-    try await store.commit(writes)
+    try await commit(claim, writes)
     if let idempotency { ledger.record(idempotency) }
     // The request's reservation becomes the operation's, held until it ends.
     let holder = reservations.holder("reconfiguration \(id)")
@@ -151,12 +151,13 @@ extension NodeEngine {
 
   private func run(_ id: String, faultsApply: Bool) async {
     while var machine = reconfigurations[id]?.machine {
-      if stopping { return end(id, stopped: true) }
       guard case .run(let index, let action) = machine.start(at: clock.now()) else { break }
+      if stopping { return halt(id, "stopped for the shutdown") }
       let journal = machine.journal
       let fault = faultsApply ? faults.flatMap { $0.matches(action, at: index, in: journal.actions) ? $0 : nil } : nil
       if let fault, fault.effect == .crashBefore { fault.crash("injected crash before step \(index + 1) (\(action.kind.rawValue))") }
       guard await save(machine) else { return }
+      if stopping { return halt(id, "stopped for the shutdown") }
       do throws(AgentError) {
         if let fault, fault.effect == .fail {
           throw AgentError(.internal, "injected failure at step \(index + 1) (\(action.kind.rawValue))")
@@ -168,7 +169,7 @@ extension NodeEngine {
         apply(edits)
       } catch {
         // Interrupted by a shutdown: not a failure. The step stays running in the journal.
-        if stopping { return end(id, stopped: true) }
+        if stopping { return halt(id, "stopped for the shutdown") }
         machine = reconfigurations[id]?.machine ?? machine
         machine.failed(error.message, at: clock.now())
         guard await save(machine) else { return }
@@ -189,7 +190,7 @@ extension NodeEngine {
       var stopped = machine
       stopped.stopped(error.message)
       remember(stopped.record)
-      end(machine.id)
+      halt(machine.id, "the state store failed")
       return false
     }
     reconfigurations[machine.id]?.machine = machine
@@ -197,9 +198,15 @@ extension NodeEngine {
     return true
   }
 
-  /// The operation has ended (or stopped): its PF and allocations are free again.
-  private func end(_ id: String, stopped: Bool = false) {
-    if stopped { noteDiscrepancy("operation \(id) stopped for the shutdown; it resumes from its journal at the next start") }
+  /// The operation stopped before its end (shutdown, store failure): the PF may be half
+  /// changed, so it and its allocations stay reserved until the next start resumes the journal.
+  private func halt(_ id: String, _ reason: String) {
+    noteDiscrepancy("operation \(id) \(reason); it resumes from its journal at the next start")
+    operationTasks[id] = nil
+  }
+
+  /// The operation has ended: its PF and allocations are free again.
+  private func end(_ id: String) {
     operationTasks[id] = nil
     guard let running = reconfigurations.removeValue(forKey: id) else { return }
     if reconfiguring[running.machine.journal.pf] == id { reconfiguring[running.machine.journal.pf] = nil }

@@ -188,7 +188,7 @@ public actor NodeEngine {
     let result = AllocationResult(allocation: allocation, vf: view, replayed: false, revision: revision)
     let record = claim.record(.allocated(result))
     do {
-      try await store.commit(claim.writes + [.putAllocation(allocation)] + (record.map { [.putIdempotency($0)] } ?? []))
+      try await commit(claim, [.putAllocation(allocation)] + (record.map { [.putIdempotency($0)] } ?? []))
     } catch {
       if let (_, changes) = state.remove(allocation: allocation.id) { publish(changes) }
       throw error
@@ -252,7 +252,7 @@ public actor NodeEngine {
     let claim = try self.claim(admission, [.allocation(allocation.id)], as: "release")
     defer { settle(claim) }
     let record = claim.record(.released(ReleaseResult(allocation: allocation, replayed: false, revision: state.revision + 1)))
-    try await store.commit(claim.writes + [.deleteAllocation(allocation.id)] + (record.map { [.putIdempotency($0)] } ?? []))
+    try await commit(claim, [.deleteAllocation(allocation.id)] + (record.map { [.putIdempotency($0)] } ?? []))
     var revision = state.revision
     if let (_, changes) = state.remove(allocation: allocation.id) { revision = publish(changes) }
     let result = ReleaseResult(allocation: allocation, replayed: false, revision: revision)
@@ -267,9 +267,8 @@ public actor NodeEngine {
   /// "running" in its journal and is carried out again at the next start.
   public func close() async {
     stopping = true
-    let running = Array(operationTasks.values)
-    for task in running { task.cancel() }
-    for task in running { await task.value }
+    // Not awaited: a step blocked in the kernel may never return, and its journal is durable.
+    for task in operationTasks.values { task.cancel() }
     for runner in runners.values { await runner.stop() }
     broadcaster.close()
     operationLog.close()
@@ -292,6 +291,7 @@ public actor NodeEngine {
 
   /// The operation now, then after every change, ending once it is finished.
   public func watchOperation(_ id: String) throws(AgentError) -> AsyncStream<OperationRecord> {
+    guard !stopping else { throw AgentError(.unavailable, "the agent is shutting down; retry once it has restarted") }
     let record = try operation(id)
     return operationLog.watch(record) { watcher in Task { await self.dropOperationWatcher(id, watcher) } }
   }

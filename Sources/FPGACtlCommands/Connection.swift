@@ -1,3 +1,8 @@
+#if canImport(Glibc)
+  @preconcurrency import Glibc
+#elseif canImport(Darwin)
+  import Darwin
+#endif
 import ArgumentParser
 import FPGAAgentAPI
 import GRPCCore
@@ -7,8 +12,17 @@ import GRPCNIOTransportHTTP2
 public struct ServerOptions: ParsableArguments {
   @Option(
     name: .long,
-    help: "The agent: HOST:PORT or unix:PATH (env FPGACTL_SERVER; default 127.0.0.1:50051).")
+    help: "The agent: HOST:PORT or unix:PATH (env FPGACTL_SERVER; default: the agent's default Unix socket).")
   var server: String?
+
+  @Option(name: .customLong("tls-cert"), help: "Client certificate (PEM) for a TLS listener (env FPGACTL_TLS_CERT).")
+  var tlsCert: String?
+
+  @Option(name: .customLong("tls-key"), help: "Its private key (PEM) (env FPGACTL_TLS_KEY).")
+  var tlsKey: String?
+
+  @Option(name: .customLong("tls-ca"), help: "CA bundle (PEM) the agent's certificate must chain to (env FPGACTL_TLS_CA).")
+  var tlsCA: String?
 
   @Option(name: .long, help: "Seconds to wait for each call.")
   var timeout: Int = 10
@@ -16,7 +30,36 @@ public struct ServerOptions: ParsableArguments {
   public init() {}
 
   var address: String {
-    server ?? environmentValue("FPGACTL_SERVER") ?? "127.0.0.1:50051"
+    server ?? environmentValue("FPGACTL_SERVER") ?? "unix:" + Self.defaultSocket
+  }
+
+  /// Where the agent puts its socket by default (as root, or as this user).
+  static var defaultSocket: String {
+    if geteuid() == 0 { return "/run/fpga-agent/agent.sock" }
+    if let runtime = environmentValue("XDG_RUNTIME_DIR"), !runtime.isEmpty { return runtime + "/fpga-agent.sock" }
+    return "/tmp/fpga-agent-\(geteuid()).sock"
+  }
+
+  var usesTLS: Bool {
+    [tlsCert, tlsKey, tlsCA, environmentValue("FPGACTL_TLS_CERT"), environmentValue("FPGACTL_TLS_KEY"),
+      environmentValue("FPGACTL_TLS_CA")].contains { $0 != nil }
+  }
+
+  /// mTLS when a certificate, key or CA is given (all three are needed).
+  func security() throws -> HTTP2ClientTransport.Posix.TransportSecurity {
+    let cert = tlsCert ?? environmentValue("FPGACTL_TLS_CERT")
+    let key = tlsKey ?? environmentValue("FPGACTL_TLS_KEY")
+    let ca = tlsCA ?? environmentValue("FPGACTL_TLS_CA")
+    guard cert != nil || key != nil || ca != nil else { return .plaintext }
+    for (flag, value) in [("--tls-cert", cert), ("--tls-key", key), ("--tls-ca", ca)] {
+      guard let value, !value.isEmpty else {
+        throw CtlError.usage("\(flag) is missing: TLS needs --tls-cert, --tls-key and --tls-ca")
+      }
+      guard access(value, R_OK) == 0 else { throw CtlError.usage("\(flag) \(value) is not a readable file") }
+    }
+    return .mTLS(certificateChain: [.file(path: cert!, format: .pem)], privateKey: .file(path: key!, format: .pem)) {
+      $0.trustRoots = .certificates([.file(path: ca!, format: .pem)])
+    }
   }
 
   func target() throws -> any ResolvableTarget {
@@ -56,7 +99,7 @@ public struct ServerOptions: ParsableArguments {
   func withAgent<Result: Sendable>(
     _ body: (Fpga_Agent_V1_NodeAgent.Client<HTTP2ClientTransport.Posix>) async throws -> Result
   ) async throws -> Result {
-    let transport = try HTTP2ClientTransport.Posix(target: try target(), transportSecurity: .plaintext)
+    let transport = try HTTP2ClientTransport.Posix(target: try target(), transportSecurity: try security())
     do {
       return try await withGRPCClient(transport: transport) { client in
         try await body(Fpga_Agent_V1_NodeAgent.Client(wrapping: client))
@@ -64,7 +107,12 @@ public struct ServerOptions: ParsableArguments {
     } catch let error as RPCError where error.code == .unavailable || error.code == .deadlineExceeded {
       // The agent marks its own errors; anything else never reached it.
       if !Array(error.metadata[stringValues: "fpga-error-source"]).isEmpty { throw error }
-      throw CtlError.unreachable(address: address, detail: error.message)
+      var detail = error.message
+      if usesTLS {
+        detail += "; the TLS handshake may have failed: check that --tls-ca holds the CA of the agent's certificate "
+          + "(which must name this address), and that --tls-cert was issued by the agent's client CA and has not expired"
+      }
+      throw CtlError.unreachable(address: address, detail: detail)
     }
   }
 }

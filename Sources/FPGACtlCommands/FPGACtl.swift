@@ -11,7 +11,7 @@ public struct FPGACtl: AsyncParsableCommand {
     subcommands: [
       Status.self, Inventory.self, Rescan.self, Allocate.self, Release.self, Watch.self, Drain.self,
       Undrain.self, Reconfigure.self, OperationCommand.self, VMs.self, Attach.self, Detach.self,
-      Accelerators.self, Contexts.self, ContextCommand.self, Policy.self,
+      Accelerators.self, Contexts.self, ContextCommand.self, Policy.self, WhoAmI.self,
     ])
 
   public init() {}
@@ -114,6 +114,22 @@ struct Status: AsyncParsableCommand {
     let status = try await options.withAgent { try await $0.getNodeStatus(.init(), options: options.callOptions) }
     if json { return say(try status.jsonString()) }
     Render.status(status).forEach(say)
+  }
+}
+
+struct WhoAmI: AsyncParsableCommand {
+  static let configuration = CommandConfiguration(
+    commandName: "whoami", abstract: "Show the identity and role the agent sees for this caller.")
+
+  @OptionGroup var options: ServerOptions
+
+  func run() async throws {
+    let metadata = try await options.withAgent { client in
+      try await client.getNodeStatus(.init(), options: options.callOptions) { response in response.metadata }
+    }
+    let identity = metadata[stringValues: "fpga-identity"].first { _ in true } ?? "?"
+    let role = metadata[stringValues: "fpga-role"].first { _ in true } ?? "?"
+    say("\(identity) \(role)")
   }
 }
 

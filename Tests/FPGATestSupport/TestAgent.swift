@@ -45,6 +45,8 @@ public struct TestAgent: Sendable {
     config.stateDir = directory + "/state"
     config.nodeID = nodeID
     config.rescanIntervalSeconds = 0
+    // These tests drive the API over loopback TCP without certificates.
+    config.auth.plaintextRole = .admin
     config.simulator.cards = cards
     // No accelerators unless a test asks: their figures would add revisions to every test.
     config.simulator.acceleratorsPerCard = 0

@@ -69,14 +69,17 @@ class Agent:
         return f"unix:{self.socket_path}"
 
 
-def start_agent(directory, extra=(), env=None, preexec_fn=None, config_text=""):
+def start_agent(directory, extra=(), env=None, preexec_fn=None, config_text="", health_over_unix=False):
     port = free_port()
     socket_path = os.path.join(directory, "agent.sock")
     log = open(os.path.join(directory, "agent.log"), "w")
     # No workload generator: its accelerator figures would add revisions while tests count them.
     config = os.path.join(directory, "agent.yaml")
     with open(config, "w") as f:
-        f.write("simulator:\n  workloads: []\n" + config_text)
+        # The tests drive the API over loopback TCP without certificates (test_security.py
+        # covers TLS and roles).
+        auth = "" if "auth:" in config_text else "auth:\n  plaintext_role: admin\n"
+        f.write("simulator:\n  workloads: []\n" + config_text + auth)
     process = subprocess.Popen(
         [str(BIN / "fpga-agent"), "--config", config, "--listen", f"127.0.0.1:{port}", "--unix-socket", socket_path,
          "--state-dir", os.path.join(directory, "state"), "--node-id", "interop", *extra],
@@ -90,7 +93,7 @@ def start_agent(directory, extra=(), env=None, preexec_fn=None, config_text=""):
         if process.poll() is not None:
             raise RuntimeError("fpga-agent exited: " + open(os.path.join(directory, "agent.log")).read())
         try:
-            with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            with grpc.insecure_channel(f"unix:{socket_path}" if health_over_unix else f"127.0.0.1:{port}") as channel:
                 reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
                 if reply.status == health_pb2.HealthCheckResponse.SERVING:
                     break

@@ -1,0 +1,275 @@
+import FPGAAgentAPI
+import FPGACore
+import Foundation
+import GRPCCore
+import GRPCNIOTransportHTTP2
+import NIOCore
+import NIOHTTP2
+import Synchronization
+import SwiftProtobuf
+import X509
+
+/// Who is calling, as the agent sees it, and what it may do.
+struct Caller: Sendable {
+  /// `spiffe://…`, `cn:NAME`, `uid:N`, `plaintext:PEER`, `orchestrator:ADDRESS`, `kubelet`.
+  var identity: String
+  /// `tcp-tls`, `tcp-plaintext`, `unix`, `link`, `device-plugin`.
+  var transport: String
+  var role: Role?
+}
+
+/// The role each RPC needs. An RPC missing here is refused (fail closed); health is open.
+enum Permissions {
+  typealias Method = Fpga_Agent_V1_NodeAgent.Method
+
+  static let required: [String: Role] = {
+    var table: [String: Role] = [:]
+    for method in [
+      Method.GetNodeStatus.descriptor, Method.GetInventory.descriptor, Method.WatchInventory.descriptor,
+      Method.GetOperation.descriptor, Method.WatchOperation.descriptor, Method.ListContexts.descriptor,
+    ] {
+      table[method.fullyQualifiedMethod] = .viewer
+    }
+    for method in [
+      Method.AllocateVF.descriptor, Method.ReleaseVF.descriptor, Method.AttachVF.descriptor, Method.DetachVF.descriptor,
+      Method.RegisterContext.descriptor, Method.DeleteContext.descriptor, Method.SwitchContext.descriptor,
+      Method.MoveContext.descriptor,
+    ] {
+      table[method.fullyQualifiedMethod] = .operator
+    }
+    for method in [
+      Method.Reconfigure.descriptor, Method.DrainDevice.descriptor, Method.UndrainDevice.descriptor,
+      Method.SetSharingPolicy.descriptor, Method.Rescan.descriptor,
+    ] {
+      table[method.fullyQualifiedMethod] = .admin
+    }
+    return table
+  }()
+
+  /// RPCs that change something: each one, allowed or denied, is audited.
+  static func isMutating(_ method: String) -> Bool { (required[method] ?? .admin) > .viewer }
+}
+
+/// Turns a call's transport facts into a `Caller`: a verified client certificate on TCP, the
+/// peer's uid on the Unix socket (added by the agent to the stream's headers, never taken from
+/// the client), the configured plaintext role on plaintext TCP.
+struct CallerResolver: Sendable {
+  let auth: AgentConfig.Auth
+  let tls: Bool
+
+  /// The header the agent sets on Unix-socket streams (a client's own value is removed).
+  static let peerHeader = "fpga-internal-peer-cred"
+
+  func caller(_ context: ServerContext, _ metadata: Metadata, unix: Bool) -> Caller? {
+    if unix {
+      guard let credentials = metadata[stringValues: Self.peerHeader].first(where: { _ in true }) else { return nil }
+      let parts = credentials.split(separator: ":")
+      guard parts.count == 2, let uid = UInt32(parts[0]), let gid = UInt32(parts[1]) else { return nil }
+      // Root, and the user the agent runs as, are admin unless the roles say otherwise.
+      let owner = (uid == 0 && auth.rootIsAdmin) || uid == SystemCalls.effectiveUserID()
+      let role = auth.roles["uid:\(uid)"] ?? auth.roles["gid:\(gid)"] ?? (owner ? .admin : nil)
+      return Caller(identity: "uid:\(uid)", transport: "unix", role: role)
+    }
+    guard tls else {
+      return Caller(identity: "plaintext:\(context.remotePeer)", transport: "tcp-plaintext", role: auth.plaintextRole)
+    }
+    guard let posix = context.transportSpecific as? HTTP2ServerTransport.Posix.Context,
+      let leaf = posix.peerCertificate
+    else { return nil }
+    var names: [String] = []
+    if let sans = try? leaf.extensions.subjectAlternativeNames {
+      for name in sans {
+        if case .uniformResourceIdentifier(let uri) = name { names.append(uri) }
+      }
+    }
+    for rdn in leaf.subject {
+      for attribute in rdn where attribute.type == .RDNAttributeType.commonName {
+        names.append("cn:" + String(describing: attribute.value))
+      }
+    }
+    guard let identity = names.first else { return nil }
+    let role = names.lazy.compactMap { auth.roles[$0] }.first
+    return Caller(identity: identity, transport: "tcp-tls", role: role)
+  }
+}
+
+/// One interceptor for every RPC of a listener: identifies the caller, checks its role, audits
+/// every mutating call (allowed or denied) and tells the caller who it is (`fpga-identity`,
+/// `fpga-role` in the response headers; `fpgactl whoami` shows them).
+struct AuthorizationInterceptor: ServerInterceptor {
+  let resolver: CallerResolver
+  let unix: Bool
+  let audit: AuditLog?
+  let engine: NodeEngine
+
+  func intercept<Input: Sendable, Output: Sendable>(
+    request: StreamingServerRequest<Input>, context: ServerContext,
+    next: @Sendable (StreamingServerRequest<Input>, ServerContext) async throws -> StreamingServerResponse<Output>
+  ) async throws -> StreamingServerResponse<Output> {
+    let method = context.descriptor.fullyQualifiedMethod
+    if context.descriptor.service.fullyQualifiedService == "grpc.health.v1.Health" {
+      return try await next(request, context)
+    }
+    let mutating = Permissions.isMutating(method)
+    let rpc = context.descriptor.method
+    let caller = resolver.caller(context, request.metadata, unix: unix)
+    let captured = Mutex<String?>(nil)
+    var request = request
+    if mutating {
+      request.messages = RPCAsyncSequence(
+        wrapping: request.messages.map { message in
+          if let message = message as? any SwiftProtobuf.Message {
+            captured.withLock { $0 = (try? message.jsonString()) ?? "{}" }
+          }
+          return message
+        })
+    }
+    guard let caller, let role = caller.role else {
+      let error =
+        caller == nil
+        ? RPCError(code: .unauthenticated, message: "no identity: present a client certificate signed by the agent's client CA")
+        : RPCError(
+          code: .permissionDenied,
+          message: "\(caller!.identity) has no role on this agent; map it in auth.roles (viewer, operator or admin)")
+      if mutating { await record(caller, rpc: rpc, request: nil, status: error.code) }
+      throw error
+    }
+    guard let needed = Permissions.required[method] else {
+      throw RPCError(code: .permissionDenied, message: "\(rpc) is not open to any role")
+    }
+    guard role >= needed else {
+      if mutating { await record(caller, rpc: rpc, request: nil, status: .permissionDenied) }
+      throw RPCError(
+        code: .permissionDenied,
+        message: "\(rpc) needs role \(needed.rawValue); \(caller.identity) has role \(role.rawValue): nothing changed")
+    }
+    do {
+      var response = try await next(request, context)
+      response.metadata.replaceOrAddString(caller.identity, forKey: "fpga-identity")
+      response.metadata.replaceOrAddString(role.rawValue, forKey: "fpga-role")
+      if mutating {
+        let status: RPCError.Code? = if case .failure(let error) = response.accepted { error.code } else { nil }
+        await record(caller, rpc: rpc, request: captured.withLock { $0 }, status: status)
+      }
+      return response
+    } catch {
+      if mutating {
+        let code = (error as? any RPCErrorConvertible)?.rpcErrorCode ?? (error as? RPCError)?.code ?? .unknown
+        await record(caller, rpc: rpc, request: captured.withLock { $0 }, status: code)
+      }
+      throw error
+    }
+  }
+
+  private func record(_ caller: Caller?, rpc: String, request: String?, status: RPCError.Code?) async {
+    guard let audit else { return }
+    audit.append(
+      AuditEntry(
+        identity: caller?.identity ?? "unauthenticated", transport: caller?.transport ?? (unix ? "unix" : "tcp"),
+        rpc: rpc, request: request, status: status.map { "\($0)" } ?? "ok", revision: await engine.revision))
+  }
+}
+
+/// One audited request.
+struct AuditEntry: Sendable {
+  var identity: String
+  var transport: String
+  var rpc: String
+  /// The request as protobuf JSON (ids, BDFs, the idempotency key are in it).
+  var request: String?
+  /// `ok` or the gRPC status.
+  var status: String
+  /// The node's revision after the request.
+  var revision: UInt64
+}
+
+/// The audit trail: one JSON object per line in `STATE_DIR/audit.log` (mode 0600), written
+/// before the answer leaves, rotated at `limit` bytes (one older file, `audit.log.1`, is kept).
+final class AuditLog: Sendable {
+  let path: String
+  let limit: Int
+  private let lock = Mutex<Int32>(-1)
+
+  init(path: String, limit: Int = 16 << 20) throws {
+    self.path = path
+    self.limit = limit
+    let descriptor = open(path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0o600)
+    guard descriptor >= 0 else {
+      throw SystemCalls.Failure(operation: "open the audit log", path: path, errno: errno)
+    }
+    fchmod(descriptor, 0o600)
+    lock.withLock { $0 = descriptor }
+  }
+
+  deinit { lock.withLock { if $0 >= 0 { close($0) } } }
+
+  func append(_ entry: AuditEntry) {
+    var object: [String: Any] = [
+      "time": ISO8601DateFormatter().string(from: Date()), "identity": entry.identity,
+      "transport": entry.transport, "rpc": entry.rpc, "status": entry.status, "revision": entry.revision,
+    ]
+    if let request = entry.request, let data = request.data(using: .utf8),
+      let parsed = try? JSONSerialization.jsonObject(with: data)
+    {
+      object["request"] = parsed
+      if let meta = (parsed as? [String: Any])?["meta"] as? [String: Any], let key = meta["idempotencyKey"] {
+        object["idempotency_key"] = key
+      }
+    }
+    guard var line = try? JSONSerialization.data(withJSONObject: object, options: [.sortedKeys]) else { return }
+    line.append(UInt8(ascii: "\n"))
+    lock.withLock { descriptor in
+      var size = stat()
+      if fstat(descriptor, &size) == 0, Int(size.st_size) + line.count > limit {
+        rename(path, path + ".1")
+        let fresh = open(path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0o600)
+        if fresh >= 0 {
+          close(descriptor)
+          descriptor = fresh
+        }
+      }
+      _ = line.withUnsafeBytes { write(descriptor, $0.baseAddress, $0.count) }
+    }
+  }
+}
+
+/// Adds the Unix-socket peer's uid and gid (SO_PEERCRED of the connection) to each stream's
+/// request headers, after removing any value a client sent under that name.
+final class PeerCredentialHeader: ChannelInboundHandler {
+  typealias InboundIn = HTTP2Frame.FramePayload
+  typealias InboundOut = HTTP2Frame.FramePayload
+
+  private let value: String
+
+  init(value: String) { self.value = value }
+
+  func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+    var payload = unwrapInboundIn(data)
+    if case .headers(var headers) = payload {
+      headers.headers.remove(name: CallerResolver.peerHeader)
+      headers.headers.add(name: CallerResolver.peerHeader, value: value)
+      payload = .headers(headers)
+    }
+    context.fireChannelRead(wrapInboundOut(payload))
+  }
+
+  /// `uid:gid` of the process at the other end of a Unix socket connection, or nil.
+  static func credentials(of connection: any Channel) -> EventLoopFuture<String?> {
+    guard let provider = connection as? any SocketOptionProvider else {
+      return connection.eventLoop.makeSucceededFuture(nil)
+    }
+    let future: EventLoopFuture<PeerCredentials> = provider.unsafeGetSocketOption(
+      level: NIOBSDSocket.OptionLevel(rawValue: SOL_SOCKET), name: NIOBSDSocket.Option(rawValue: PeerCredentials.option))
+    return future.map { credentials -> String? in "\(credentials.uid):\(credentials.gid)" }
+      .recover { _ -> String? in nil }
+  }
+
+  /// Linux's `struct ucred` (pid, uid, gid), which Glibc's module does not export.
+  struct PeerCredentials {
+    var pid: Int32 = 0
+    var uid: UInt32 = 0
+    var gid: UInt32 = 0
+    /// `SO_PEERCRED` on Linux.
+    static let option: Int32 = 17
+  }
+}
