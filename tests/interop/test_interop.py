@@ -200,6 +200,7 @@ def test_a_corrupt_state_store_stops_the_agent_and_is_left_alone():
     with tempfile.TemporaryDirectory() as directory:
         state = os.path.join(directory, "state")
         os.makedirs(state)
+        os.chmod(state, 0o700)  # a loose state dir is refused before the store is read
         garbage = os.urandom(8192)
         with open(os.path.join(state, "state.sqlite"), "wb") as f:
             f.write(garbage)
