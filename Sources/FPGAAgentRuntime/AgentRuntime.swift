@@ -172,6 +172,18 @@ public final class AgentRuntime: Sendable {
           engine: engine, logger: logger, interval: .seconds(config.sharing.metricsIntervalSeconds),
           workloads: config.platform == "simulated" ? config.simulator.workloads : []))
     }
+    let servers = (tcpServer, unixServer)
+    serviceList.append(
+      SystemdNotifier(
+        environment: SystemCalls.environment(), logger: logger,
+        listening: {
+          _ = try await servers.0?.listeningAddress
+          _ = try await servers.1?.listeningAddress
+        },
+        alive: { [engine] in
+          let status = await engine.status()
+          return "\(status.counts.cards) cards, \(status.counts.vfsEnabled) VFs, revision \(status.revision)"
+        }))
     var groupConfig = ServiceGroupConfiguration(services: serviceList, logger: logger)
     // Bounded: past it, what is left (a stalled watcher, a guest that never acknowledges an
     // unplug) is cancelled, and cancellation itself gets a bound too.
