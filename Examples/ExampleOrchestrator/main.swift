@@ -5,6 +5,10 @@
 // Not a production orchestrator: its state lives in memory.
 //
 //   fpga-orchestrator-example [--listen 127.0.0.1:50060] [--epoch 1] [--overcommit-limit 3]
+//                             [--tls-cert CRT --tls-key KEY --tls-client-ca CA]
+//
+// With the TLS options it serves mTLS only: agents (and admin clients) must present a
+// certificate from the client CA, as the agent verifies the orchestrator's.
 
 import FPGAAgentAPI
 import Foundation
@@ -17,6 +21,9 @@ struct Options {
   var port = 50060
   var epoch: UInt64 = 1
   var overcommitLimit: UInt32 = 3
+  var tlsCert = ""
+  var tlsKey = ""
+  var tlsClientCA = ""
 
   init(_ arguments: [String]) {
     var iterator = arguments.makeIterator()
@@ -30,6 +37,9 @@ struct Options {
         }
       case "--epoch": epoch = iterator.next().flatMap(UInt64.init) ?? epoch
       case "--overcommit-limit": overcommitLimit = iterator.next().flatMap(UInt32.init) ?? overcommitLimit
+      case "--tls-cert": tlsCert = iterator.next() ?? ""
+      case "--tls-key": tlsKey = iterator.next() ?? ""
+      case "--tls-client-ca": tlsClientCA = iterator.next() ?? ""
       default:
         FileHandle.standardError.write(Data("unknown argument \(argument)\n".utf8))
         exit(2)
@@ -372,8 +382,14 @@ struct AdminService: Fpga_Orchestrator_V1_ExampleOrchestrator.SimpleServiceProto
 
 let options = Options(Array(CommandLine.arguments.dropFirst()))
 let cluster = Cluster(epoch: options.epoch, overcommitLimit: options.overcommitLimit)
+let security: HTTP2ServerTransport.Posix.TransportSecurity =
+  options.tlsCert.isEmpty
+  ? .plaintext
+  : .mTLS(
+    certificateChain: [.file(path: options.tlsCert, format: .pem)], privateKey: .file(path: options.tlsKey, format: .pem)
+  ) { $0.trustRoots = .certificates([.file(path: options.tlsClientCA, format: .pem)]) }
 let server = GRPCServer(
-  transport: .http2NIOPosix(address: .ipv4(host: options.host, port: options.port), transportSecurity: .plaintext),
+  transport: .http2NIOPosix(address: .ipv4(host: options.host, port: options.port), transportSecurity: security),
   services: [LinkService(cluster: cluster), AdminService(cluster: cluster)])
 signal(SIGTERM, SIG_IGN)
 let termination = DispatchSource.makeSignalSource(signal: SIGTERM)

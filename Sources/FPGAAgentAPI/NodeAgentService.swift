@@ -11,13 +11,17 @@ public struct NodeAgentService: Fpga_Agent_V1_NodeAgent.SimpleServiceProtocol {
   let agentVersion: String
   let logger: Logger
   let defaultDetachTimeout: Duration
+  /// Reads the last entries of the audit trail and names its file; nil: no trail kept.
+  public typealias AuditTrail = @Sendable (Int) -> (entries: [Fpga_Agent_V1_AuditEntry], path: String)
+  let auditTrail: AuditTrail?
   private let inventoryCache = InventoryCache()
 
   public init(
     engine: NodeEngine, hostname: String, agentVersion: String, logger: Logger,
-    defaultDetachTimeout: Duration = .seconds(10)
+    defaultDetachTimeout: Duration = .seconds(10), auditTrail: AuditTrail? = nil
   ) {
     self.defaultDetachTimeout = defaultDetachTimeout
+    self.auditTrail = auditTrail
     self.engine = engine
     self.hostname = hostname
     self.agentVersion = agentVersion
@@ -344,6 +348,24 @@ public struct NodeAgentService: Fpga_Agent_V1_NodeAgent.SimpleServiceProtocol {
     return .with {
       $0.context = .init(record, active: false)
       $0.carried = .init(carried)
+    }
+  }
+
+  // MARK: Audit
+
+  public func getAuditTrail(
+    request: Fpga_Agent_V1_GetAuditTrailRequest, context: ServerContext
+  ) async throws -> Fpga_Agent_V1_GetAuditTrailResponse {
+    guard request.limit <= 10_000 else {
+      throw AgentError(.invalidArgument, "limit \(request.limit) is over 10000")
+    }
+    guard let auditTrail else {
+      throw AgentError(.failedPrecondition, "this agent keeps no audit trail")
+    }
+    let (entries, path) = auditTrail(request.limit == 0 ? 100 : Int(request.limit))
+    return .with {
+      $0.entries = entries
+      $0.path = path
     }
   }
 

@@ -76,6 +76,15 @@ public struct ConfigOptions: ParsableArguments {
   @Option(name: .long, help: "Dial this orchestrator (HOST:PORT) and take its commands (env FPGA_AGENT_ORCHESTRATOR).")
   var orchestrator: String?
 
+  @Option(name: .customLong("orchestrator-tls-cert"), help: "The agent's certificate chain (PEM) for the orchestrator link.")
+  var orchestratorTLSCert: String?
+
+  @Option(name: .customLong("orchestrator-tls-key"), help: "The agent's private key (PEM) for the orchestrator link.")
+  var orchestratorTLSKey: String?
+
+  @Option(name: .customLong("orchestrator-tls-ca"), help: "CA bundle (PEM) the orchestrator's certificate must chain to.")
+  var orchestratorTLSCA: String?
+
   @Option(
     name: .customLong("kubelet-dir"),
     help: "Serve the Kubernetes device plugin and register with the kubelet in DIR (usually /var/lib/kubelet/device-plugins).")
@@ -116,6 +125,9 @@ public struct ConfigOptions: ParsableArguments {
     }
     if let qmpDir { resolved.qemu.socketDir = qmpDir }
     if let orchestrator { resolved.orchestrator.address = orchestrator }
+    if let orchestratorTLSCert { resolved.orchestrator.tls.cert = orchestratorTLSCert }
+    if let orchestratorTLSKey { resolved.orchestrator.tls.key = orchestratorTLSKey }
+    if let orchestratorTLSCA { resolved.orchestrator.tls.ca = orchestratorTLSCA }
     if let kubeletDir {
       resolved.kubernetes.kubeletDir = kubeletDir
       resolved.kubernetes.devicePlugin = true
@@ -235,6 +247,7 @@ extension AgentConfig {
       "    cert: \(server.tls.cert)",
       "    key: \(server.tls.key)",
       "    client_ca: \(server.tls.clientCA)",
+      "    reload_seconds: \(server.tls.reloadSeconds)",
       "auth:",
       "  plaintext_role: \(auth.plaintextRole?.rawValue ?? "none")",
       "  root_is_admin: \(auth.rootIsAdmin)",
@@ -260,7 +273,12 @@ extension AgentConfig {
     }
     if !simulator.stateFile.isEmpty { lines.append("  state_file: \(simulator.stateFile)") }
     if !orchestrator.address.isEmpty {
-      lines += ["orchestrator:", "  address: \(orchestrator.address)", "  heartbeat_seconds: \(orchestrator.heartbeatSeconds)"]
+      lines += [
+        "orchestrator:", "  address: \(orchestrator.address)", "  heartbeat_seconds: \(orchestrator.heartbeatSeconds)",
+        "  role: \(orchestrator.role.rawValue)", "  insecure: \(orchestrator.insecure)",
+        "  server_name: \(orchestrator.serverName)", "  tls:", "    cert: \(orchestrator.tls.cert)",
+        "    key: \(orchestrator.tls.key)", "    ca: \(orchestrator.tls.ca)",
+      ]
     }
     if kubernetes.devicePlugin {
       lines += ["kubernetes:", "  device_plugin: true", "  kubelet_dir: \(kubernetes.kubeletDir)", "  pools:"]

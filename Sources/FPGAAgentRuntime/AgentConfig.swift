@@ -36,6 +36,8 @@ public struct AgentConfig: Hashable, Sendable {
       public var cert = ""
       public var key = ""
       public var clientCA = ""
+      /// Seconds between re-reads of the certificate and key (rotation without a restart).
+      public var reloadSeconds = 30
       public var isEnabled: Bool { !cert.isEmpty || !key.isEmpty || !clientCA.isEmpty }
     }
   }
@@ -191,6 +193,25 @@ public struct AgentConfig: Hashable, Sendable {
     public var address = ""
     /// Seconds between heartbeats.
     public var heartbeatSeconds = 2
+    /// mTLS to the orchestrator: the agent's certificate chain and key (PEM), and the CA bundle
+    /// the orchestrator's certificate must chain to. All empty: plaintext, loopback only
+    /// unless `insecure`.
+    public var tls = TLS()
+    /// The name the orchestrator's certificate must carry (a DNS or IP SAN); empty: the host
+    /// of `address`.
+    public var serverName = ""
+    /// The role the orchestrator's commands run with (`admin` to let it reconfigure, drain
+    /// and set sharing policies).
+    public var role: Role = .operator
+    /// Dial a non-loopback orchestrator without TLS (anyone on the path could command the node).
+    public var insecure = false
+
+    public struct TLS: Hashable, Sendable {
+      public var cert = ""
+      public var key = ""
+      public var ca = ""
+      public var isEnabled: Bool { !cert.isEmpty || !key.isEmpty || !ca.isEmpty }
+    }
   }
 
   /// The kubelet device plugin.
@@ -246,6 +267,9 @@ public struct AgentConfig: Hashable, Sendable {
     if !(1024...(64 << 20)).contains(server.maxRequestBytes) {
       problems.append("server.max_request_bytes \(server.maxRequestBytes) is out of range: 1024-67108864")
     }
+    if !(1...86_400).contains(server.tls.reloadSeconds) {
+      problems.append("server.tls.reload_seconds \(server.tls.reloadSeconds) is out of range: 1-86400")
+    }
     if server.tls.isEnabled {
       for (key, value) in [("server.tls.cert", server.tls.cert), ("server.tls.key", server.tls.key), ("server.tls.client_ca", server.tls.clientCA)] {
         if value.isEmpty {
@@ -259,6 +283,26 @@ public struct AgentConfig: Hashable, Sendable {
         "server.listen \(server.listen) is not a loopback address and no TLS is configured: set server.tls.cert, "
           + "server.tls.key and server.tls.client_ca (--tls-cert, --tls-key, --tls-client-ca; FPGA_AGENT_TLS_*), "
           + "or server.insecure: true to serve plaintext anyway")
+    }
+    if orchestrator.tls.isEnabled {
+      for (key, value) in [
+        ("orchestrator.tls.cert", orchestrator.tls.cert), ("orchestrator.tls.key", orchestrator.tls.key),
+        ("orchestrator.tls.ca", orchestrator.tls.ca),
+      ] {
+        if value.isEmpty {
+          problems.append(
+            "\(key) is empty: the link's TLS needs orchestrator.tls.cert, orchestrator.tls.key and orchestrator.tls.ca "
+              + "(--orchestrator-tls-cert, --orchestrator-tls-key, --orchestrator-tls-ca)")
+        } else if !SystemCalls.isReadableFile(value) {
+          problems.append("\(key) \(quoted(value)) is not a readable file")
+        }
+      }
+    } else if let address = ListenAddress(orchestrator.address), !address.isLoopback, !orchestrator.insecure {
+      problems.append(
+        "orchestrator.address \(orchestrator.address) is not a loopback address and the link has no TLS: set "
+          + "orchestrator.tls.cert, orchestrator.tls.key and orchestrator.tls.ca (--orchestrator-tls-cert, "
+          + "--orchestrator-tls-key, --orchestrator-tls-ca; FPGA_AGENT_ORCHESTRATOR_TLS_*), or orchestrator.insecure: "
+          + "true to take commands over plaintext anyway")
     }
     for identity in auth.roles.keys.sorted() where !Auth.isIdentity(identity) {
       problems.append("auth.roles key \(quoted(identity)) is not spiffe://…, cn:NAME, uid:N or gid:N")

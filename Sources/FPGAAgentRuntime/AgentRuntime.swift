@@ -80,7 +80,8 @@ public final class AgentRuntime: Sendable {
 
     let nodeAgent = NodeAgentService(
       engine: engine, hostname: SystemCalls.hostname(), agentVersion: Self.version, logger: logger,
-      defaultDetachTimeout: .seconds(config.qemu.detachTimeoutSeconds))
+      defaultDetachTimeout: .seconds(config.qemu.detachTimeoutSeconds),
+      auditTrail: { [audit] limit in (audit.last(limit), audit.path) })
     let services: [any RegistrableRPCService] = [nodeAgent, health]
     let listeners = (config.server.listen.isEmpty ? 0 : 1) + (config.server.unixSocket.isEmpty ? 0 : 1)
 
@@ -90,9 +91,9 @@ public final class AgentRuntime: Sendable {
         listen.isIPv6 ? .ipv6(host: listen.host, port: listen.port) : .ipv4(host: listen.host, port: listen.port)
       let security: HTTP2ServerTransport.Posix.TransportSecurity
       if config.server.tls.isEnabled {
-        // The certificate and key are re-read every 30 s (rotation without a restart).
+        // The certificate and key are re-read every reload_seconds (rotation without a restart).
         let timed = try TimedCertificateReloader.makeReloaderValidatingSources(
-          refreshInterval: .seconds(30),
+          refreshInterval: .seconds(config.server.tls.reloadSeconds),
           certificateSource: .init(location: .file(path: config.server.tls.cert), format: .pem),
           privateKeySource: .init(location: .file(path: config.server.tls.key), format: .pem))
         reloader = timed
@@ -155,14 +156,17 @@ public final class AgentRuntime: Sendable {
       serviceList.append(
         OrchestratorLink(
           engine: engine, service: nodeAgent, address: address, hostname: SystemCalls.hostname(), logger: logger,
-          heartbeat: .seconds(config.orchestrator.heartbeatSeconds)))
+          heartbeat: .seconds(config.orchestrator.heartbeatSeconds), security: Self.linkSecurity(config.orchestrator),
+          serverName: config.orchestrator.serverName.isEmpty ? nil : config.orchestrator.serverName,
+          role: config.orchestrator.role, audit: audit))
     }
     if config.kubernetes.devicePlugin {
       try SystemCalls.makeDirectories(config.kubernetes.kubeletDir)
       for pool in config.kubernetes.pools {
         let plugin = DevicePlugin(
           engine: engine, pool: DevicePluginPool(resourceName: pool.resource, pfs: Set(pool.pfs.compactMap { PCIAddress($0) })),
-          directory: config.kubernetes.kubeletDir, logger: logger)
+          directory: config.kubernetes.kubeletDir, logger: logger,
+          interceptors: [DevicePluginAuditInterceptor(audit: audit, engine: engine)])
         serviceList.append(DevicePluginLifecycle(plugin: plugin))
       }
     }
@@ -237,6 +241,18 @@ public final class AgentRuntime: Sendable {
   /// Waits until the Unix socket server listens.
   public func unixSocketReady() async throws {
     _ = try await unixServer?.listeningAddress
+  }
+
+  /// mTLS to the orchestrator when the link has certificates: the agent's own, and the CA its
+  /// certificate (and name) must be verified against.
+  static func linkSecurity(_ link: AgentConfig.Orchestrator) -> HTTP2ClientTransport.Posix.TransportSecurity {
+    guard link.tls.isEnabled else { return .plaintext }
+    return .mTLS(
+      certificateChain: [.file(path: link.tls.cert, format: .pem)], privateKey: .file(path: link.tls.key, format: .pem)
+    ) {
+      $0.trustRoots = .certificates([.file(path: link.tls.ca, format: .pem)])
+      $0.serverCertificateVerification = .fullVerification
+    }
   }
 
   /// The Linux platform on the configured roots.

@@ -39,15 +39,20 @@ enum Permissions {
     }
     for method in [
       Method.Reconfigure.descriptor, Method.DrainDevice.descriptor, Method.UndrainDevice.descriptor,
-      Method.SetSharingPolicy.descriptor, Method.Rescan.descriptor,
+      Method.SetSharingPolicy.descriptor, Method.Rescan.descriptor, Method.GetAuditTrail.descriptor,
     ] {
       table[method.fullyQualifiedMethod] = .admin
     }
     return table
   }()
 
+  /// RPCs that read only, whatever role they need.
+  static let reading: Set<String> = [Method.GetAuditTrail.descriptor.fullyQualifiedMethod]
+
   /// RPCs that change something: each one, allowed or denied, is audited.
-  static func isMutating(_ method: String) -> Bool { (required[method] ?? .admin) > .viewer }
+  static func isMutating(_ method: String) -> Bool {
+    (required[method] ?? .admin) > .viewer && !reading.contains(method)
+  }
 }
 
 /// Turns a call's transport facts into a `Caller`: a verified client certificate on TCP, the
@@ -170,6 +175,43 @@ struct AuthorizationInterceptor: ServerInterceptor {
   }
 }
 
+/// Audits the kubelet's `Allocate` calls on a device plugin socket (the socket is the kubelet's
+/// to reach, so there is no role to check): the VFs taken, with the result.
+struct DevicePluginAuditInterceptor: ServerInterceptor {
+  let audit: AuditLog
+  let engine: NodeEngine
+
+  func intercept<Input: Sendable, Output: Sendable>(
+    request: StreamingServerRequest<Input>, context: ServerContext,
+    next: @Sendable (StreamingServerRequest<Input>, ServerContext) async throws -> StreamingServerResponse<Output>
+  ) async throws -> StreamingServerResponse<Output> {
+    guard context.descriptor.method == "Allocate" else { return try await next(request, context) }
+    let captured = Mutex<String?>(nil)
+    var request = request
+    request.messages = RPCAsyncSequence(
+      wrapping: request.messages.map { message in
+        if let message = message as? any SwiftProtobuf.Message {
+          captured.withLock { $0 = (try? message.jsonString()) ?? "{}" }
+        }
+        return message
+      })
+    func record(_ status: RPCError.Code?) async {
+      audit.append(
+        AuditEntry(
+          identity: "kubelet", transport: "device-plugin", rpc: "DevicePlugin.Allocate",
+          request: captured.withLock { $0 }, status: status.map { "\($0)" } ?? "ok", revision: await engine.revision))
+    }
+    do {
+      let response = try await next(request, context)
+      if case .failure(let error) = response.accepted { await record(error.code) } else { await record(nil) }
+      return response
+    } catch {
+      await record((error as? any RPCErrorConvertible)?.rpcErrorCode ?? (error as? RPCError)?.code ?? .unknown)
+      throw error
+    }
+  }
+}
+
 /// One audited request.
 struct AuditEntry: Sendable {
   var identity: String
@@ -181,6 +223,8 @@ struct AuditEntry: Sendable {
   var status: String
   /// The node's revision after the request.
   var revision: UInt64
+  /// The orchestrator's command id, for commands that came over the link.
+  var commandID: String? = nil
 }
 
 /// The audit trail: one JSON object per line in `STATE_DIR/audit.log` (mode 0600), written
@@ -205,7 +249,7 @@ final class AuditLog: Sendable {
 
   func append(_ entry: AuditEntry) {
     var object: [String: Any] = [
-      "time": ISO8601DateFormatter().string(from: Date()), "identity": entry.identity,
+      "time": Date().formatted(.iso8601), "identity": entry.identity,
       "transport": entry.transport, "rpc": entry.rpc, "status": entry.status, "revision": entry.revision,
     ]
     if let request = entry.request, let data = request.data(using: .utf8),
@@ -216,6 +260,7 @@ final class AuditLog: Sendable {
         object["idempotency_key"] = key
       }
     }
+    if let commandID = entry.commandID { object["command_id"] = commandID }
     guard var line = try? JSONSerialization.data(withJSONObject: object, options: [.sortedKeys]) else { return }
     line.append(UInt8(ascii: "\n"))
     lock.withLock { descriptor in
@@ -229,6 +274,38 @@ final class AuditLog: Sendable {
         }
       }
       _ = line.withUnsafeBytes { write(descriptor, $0.baseAddress, $0.count) }
+    }
+  }
+
+  /// The last `limit` entries, oldest first (from the rotated file too when needed).
+  func last(_ limit: Int) -> [Fpga_Agent_V1_AuditEntry] {
+    var lines: [Substring] = []
+    for file in [path, path + ".1"] where lines.count < limit {
+      guard let text = try? SystemCalls.readFile(file) else { continue }
+      let fresh = text.split(separator: "\n", omittingEmptySubsequences: true)
+      lines.insert(contentsOf: fresh.suffix(limit - lines.count), at: 0)
+    }
+    return lines.map { line in
+      var entry = Fpga_Agent_V1_AuditEntry()
+      guard let object = (try? JSONSerialization.jsonObject(with: Data(line.utf8))) as? [String: Any] else {
+        entry.status = "unreadable"
+        entry.requestJson = String(line.prefix(512))
+        return entry
+      }
+      entry.time = object["time"] as? String ?? ""
+      entry.identity = object["identity"] as? String ?? ""
+      entry.transport = object["transport"] as? String ?? ""
+      entry.rpc = object["rpc"] as? String ?? ""
+      entry.status = object["status"] as? String ?? ""
+      entry.revision = (object["revision"] as? NSNumber)?.uint64Value ?? 0
+      entry.idempotencyKey = object["idempotency_key"] as? String ?? ""
+      entry.commandID = object["command_id"] as? String ?? ""
+      if let request = object["request"],
+        let data = try? JSONSerialization.data(withJSONObject: request, options: [.sortedKeys])
+      {
+        entry.requestJson = String(decoding: data, as: UTF8.self)
+      }
+      return entry
     }
   }
 }

@@ -22,6 +22,9 @@ public enum ConfigLoader {
     ("FPGA_AGENT_TLS_KEY", "server.tls.key"),
     ("FPGA_AGENT_TLS_CLIENT_CA", "server.tls.client_ca"),
     ("FPGA_AGENT_INSECURE", "server.insecure"),
+    ("FPGA_AGENT_ORCHESTRATOR_TLS_CERT", "orchestrator.tls.cert"),
+    ("FPGA_AGENT_ORCHESTRATOR_TLS_KEY", "orchestrator.tls.key"),
+    ("FPGA_AGENT_ORCHESTRATOR_TLS_CA", "orchestrator.tls.ca"),
     ("FPGA_AGENT_LOG_LEVEL", "log.level"),
     ("FPGA_AGENT_LOG_FORMAT", "log.format"),
     ("FPGA_AGENT_SYSFS_ROOT", "linux.sysfs_root"),
@@ -67,6 +70,7 @@ public enum ConfigLoader {
               case "cert": reader.string(value, path).map { config.server.tls.cert = $0 }
               case "key": reader.string(value, path).map { config.server.tls.key = $0 }
               case "client_ca": reader.string(value, path).map { config.server.tls.clientCA = $0 }
+              case "reload_seconds": reader.int(value, path).map { config.server.tls.reloadSeconds = $0 }
               default: reader.unknown(path)
               }
             }
@@ -157,6 +161,24 @@ public enum ConfigLoader {
           switch key {
           case "address": reader.string(value, path).map { config.orchestrator.address = $0 }
           case "heartbeat_seconds": reader.int(value, path).map { config.orchestrator.heartbeatSeconds = $0 }
+          case "server_name": reader.string(value, path).map { config.orchestrator.serverName = $0 }
+          case "insecure": reader.bool(value, path).map { config.orchestrator.insecure = $0 }
+          case "role":
+            guard let text = reader.string(value, path) else { break }
+            guard let role = Role(rawValue: text) else {
+              reader.problems.append("\(path) \(quoted(text)) is not a role: viewer, operator or admin")
+              break
+            }
+            config.orchestrator.role = role
+          case "tls":
+            reader.mapping(value, path) { key, value, path in
+              switch key {
+              case "cert": reader.string(value, path).map { config.orchestrator.tls.cert = $0 }
+              case "key": reader.string(value, path).map { config.orchestrator.tls.key = $0 }
+              case "ca": reader.string(value, path).map { config.orchestrator.tls.ca = $0 }
+              default: reader.unknown(path)
+              }
+            }
           default: reader.unknown(path)
           }
         }
@@ -216,6 +238,9 @@ public enum ConfigLoader {
       case "fault_injection": config.faultInjection = value
       case "simulator.state_file": config.simulator.stateFile = value
       case "orchestrator.address": config.orchestrator.address = value
+      case "orchestrator.tls.cert": config.orchestrator.tls.cert = value
+      case "orchestrator.tls.key": config.orchestrator.tls.key = value
+      case "orchestrator.tls.ca": config.orchestrator.tls.ca = value
       case "kubernetes.kubelet_dir":
         config.kubernetes.kubeletDir = value
         config.kubernetes.devicePlugin = true

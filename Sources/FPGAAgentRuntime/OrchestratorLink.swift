@@ -4,6 +4,7 @@ import GRPCCore
 import GRPCNIOTransportHTTP2
 import Logging
 import ServiceLifecycle
+import SwiftProtobuf
 import Synchronization
 
 /// The agent's side of the orchestrator link: dials out, says hello, sends its inventory
@@ -20,6 +21,18 @@ struct OrchestratorLink: Service {
   /// Most messages queued for the orchestrator; past it the stream is restarted (and the
   /// inventory resent as a snapshot) rather than buffering without bound.
   var outboxLimit = 4096
+  /// mTLS (the orchestrator's certificate verified against the link's CA and name) or
+  /// plaintext (loopback, or `orchestrator.insecure`).
+  var security: HTTP2ClientTransport.Posix.TransportSecurity = .plaintext
+  /// The name the orchestrator's certificate must carry; nil: the address's host.
+  var serverName: String? = nil
+  /// What the orchestrator's commands may do: checked against the node API's role table.
+  var role: Role = .operator
+  /// Every command, carried out or refused, is audited.
+  var audit: AuditLog? = nil
+
+  /// The orchestrator as the audit trail names it.
+  var identity: String { "orchestrator:\(serverName ?? address.host)" }
 
   func run() async throws {
     try await cancelWhenGracefulShutdown {
@@ -85,7 +98,9 @@ struct OrchestratorLink: Service {
   ) async throws {
     let target: any ResolvableTarget =
       address.isIPv6 ? .ipv6(address: address.host, port: address.port) : .dns(host: address.host, port: address.port)
-    let transport = try HTTP2ClientTransport.Posix(target: target, transportSecurity: .plaintext)
+    var config = HTTP2ClientTransport.Posix.Config.defaults
+    if let serverName { config.http2.authority = serverName }
+    let transport = try HTTP2ClientTransport.Posix(target: target, transportSecurity: security, config: config)
     try await withGRPCClient(transport: transport) { client in
       let orchestrator = Fpga_Orchestrator_V1_Orchestrator.Client(wrapping: client)
       let (outbox, send) = AsyncStream.makeStream(of: Fpga_Orchestrator_V1_AgentMessage.self, bufferingPolicy: .bufferingOldest(outboxLimit))
@@ -181,18 +196,37 @@ struct OrchestratorLink: Service {
   }
 
   /// Runs a command through the node API's handler, with the command id as the idempotency key
-  /// and the command's epoch for fencing.
+  /// and the command's epoch for fencing, if the link's role allows that RPC; audits it either way.
   func execute(_ command: Fpga_Orchestrator_V1_Command) async -> Fpga_Orchestrator_V1_CommandResult {
     var result = Fpga_Orchestrator_V1_CommandResult()
     result.commandID = command.commandID
     let context = ServerContext(
-      descriptor: Fpga_Orchestrator_V1_Orchestrator.Method.Connect.descriptor, remotePeer: "orchestrator",
+      descriptor: Fpga_Orchestrator_V1_Orchestrator.Method.Connect.descriptor, remotePeer: identity,
       localPeer: "agent", cancellation: .init())
     func meta(_ given: Fpga_Agent_V1_RequestMeta) -> Fpga_Agent_V1_RequestMeta {
       var meta = given
       if meta.idempotencyKey.isEmpty { meta.idempotencyKey = command.commandID }
       meta.orchestratorEpoch = command.epoch
       return meta
+    }
+    typealias Method = Fpga_Agent_V1_NodeAgent.Method
+    var rpc = "Command"
+    var audited: String? = nil
+    /// Checks the link's role for `method`, then runs `body`.
+    func authorized<Request: SwiftProtobuf.Message>(
+      _ method: MethodDescriptor, _ request: Request, _ body: (Request) async throws -> Void
+    ) async throws {
+      rpc = method.method
+      audited = try? request.jsonString()
+      let needed = Permissions.required[method.fullyQualifiedMethod] ?? .admin
+      guard role >= needed else {
+        throw RPCError(
+          code: .permissionDenied,
+          message:
+            "\(rpc) needs role \(needed.rawValue); the orchestrator link has role \(role.rawValue) "
+            + "(orchestrator.role): nothing changed")
+      }
+      try await body(request)
     }
     do {
       guard !command.commandID.isEmpty else {
@@ -210,31 +244,49 @@ struct OrchestratorLink: Service {
       switch command.command {
       case .allocate(var request):
         request.meta = meta(request.meta)
-        result.allocated = try await service.allocateVF(request: request, context: context)
+        try await authorized(Method.AllocateVF.descriptor, request) {
+          result.allocated = try await service.allocateVF(request: $0, context: context)
+        }
       case .release(var request):
         request.meta = meta(request.meta)
-        result.released = try await service.releaseVF(request: request, context: context)
+        try await authorized(Method.ReleaseVF.descriptor, request) {
+          result.released = try await service.releaseVF(request: $0, context: context)
+        }
       case .attach(var request):
         request.meta = meta(request.meta)
-        result.attached = try await service.attachVF(request: request, context: context)
+        try await authorized(Method.AttachVF.descriptor, request) {
+          result.attached = try await service.attachVF(request: $0, context: context)
+        }
       case .detach(var request):
         request.meta = meta(request.meta)
-        result.detached = try await service.detachVF(request: request, context: context)
+        try await authorized(Method.DetachVF.descriptor, request) {
+          result.detached = try await service.detachVF(request: $0, context: context)
+        }
       case .reconfigure(var request):
         request.meta = meta(request.meta)
-        result.operation = try await service.reconfigure(request: request, context: context)
+        try await authorized(Method.Reconfigure.descriptor, request) {
+          result.operation = try await service.reconfigure(request: $0, context: context)
+        }
       case .switchContext(var request):
         request.meta = meta(request.meta)
-        result.switched = try await service.switchContext(request: request, context: context)
+        try await authorized(Method.SwitchContext.descriptor, request) {
+          result.switched = try await service.switchContext(request: $0, context: context)
+        }
       case .drain(var request):
         request.meta = meta(request.meta)
-        result.operation = try await service.drainDevice(request: request, context: context)
+        try await authorized(Method.DrainDevice.descriptor, request) {
+          result.operation = try await service.drainDevice(request: $0, context: context)
+        }
       case .sharingPolicy(var request):
         request.meta = meta(request.meta)
-        result.policy = try await service.setSharingPolicy(request: request, context: context)
+        try await authorized(Method.SetSharingPolicy.descriptor, request) {
+          result.policy = try await service.setSharingPolicy(request: $0, context: context)
+        }
       case .registerContext(var request):
         request.meta = meta(request.meta)
-        result.context = try await service.registerContext(request: request, context: context)
+        try await authorized(Method.RegisterContext.descriptor, request) {
+          result.context = try await service.registerContext(request: $0, context: context)
+        }
       case nil:
         throw AgentError(.invalidArgument, "command \(command.commandID) carries nothing to do")
       }
@@ -247,6 +299,13 @@ struct OrchestratorLink: Service {
     } catch {
       result.code = Int32(RPCError.Code.internalError.rawValue)
       result.message = "\(error)"
+    }
+    if let audit {
+      audit.append(
+        AuditEntry(
+          identity: identity, transport: "link", rpc: rpc, request: audited,
+          status: result.code == 0 ? "ok" : Status.Code(rawValue: Int(result.code)).flatMap(RPCError.Code.init).map { "\($0)" } ?? "\(result.code)",
+          revision: await engine.revision, commandID: command.commandID))
     }
     if result.code != 0 {
       logger.info(

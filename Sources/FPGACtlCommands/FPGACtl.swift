@@ -11,7 +11,7 @@ public struct FPGACtl: AsyncParsableCommand {
     subcommands: [
       Status.self, Inventory.self, Rescan.self, Allocate.self, Release.self, Watch.self, Drain.self,
       Undrain.self, Reconfigure.self, OperationCommand.self, VMs.self, Attach.self, Detach.self,
-      Accelerators.self, Contexts.self, ContextCommand.self, Policy.self, WhoAmI.self,
+      Accelerators.self, Contexts.self, ContextCommand.self, Policy.self, WhoAmI.self, Audit.self,
     ])
 
   public init() {}
@@ -125,11 +125,41 @@ struct WhoAmI: AsyncParsableCommand {
 
   func run() async throws {
     let metadata = try await options.withAgent { client in
-      try await client.getNodeStatus(.init(), options: options.callOptions) { response in response.metadata }
+      try await client.getNodeStatus(.init(), options: options.callOptions) { response in
+        _ = try response.message  // a refusal (no role) is an error, not an empty answer
+        return response.metadata
+      }
     }
     let identity = metadata[stringValues: "fpga-identity"].first { _ in true } ?? "?"
     let role = metadata[stringValues: "fpga-role"].first { _ in true } ?? "?"
     say("\(identity) \(role)")
+  }
+}
+
+struct Audit: AsyncParsableCommand {
+  static let configuration = CommandConfiguration(
+    abstract: "Show the last entries of the agent's audit trail (admin).",
+    discussion: "One line per mutating request, allowed or denied, from the API, the orchestrator link and the device plugin.")
+
+  @OptionGroup var options: ServerOptions
+  @Option(name: [.customShort("n"), .long], help: "How many entries (newest kept).") var limit: UInt32 = 20
+  @Flag(help: "Print the entries as JSON lines, requests included.") var json = false
+
+  func run() async throws {
+    let response = try await options.withAgent { client in
+      try await client.getAuditTrail(.with { $0.limit = limit }, options: options.callOptions)
+    }
+    if json { return try response.entries.forEach { say(try $0.jsonString()) } }
+    if response.entries.isEmpty { return say("no entries in \(response.path)") }
+    table(
+      ["TIME", "IDENTITY", "TRANSPORT", "RPC", "STATUS", "REVISION", "KEY"],
+      response.entries.map { entry in
+        [
+          entry.time, entry.identity, entry.transport, entry.rpc, entry.status, "\(entry.revision)",
+          entry.commandID.isEmpty ? (entry.idempotencyKey.isEmpty ? "-" : entry.idempotencyKey) : entry.commandID,
+        ]
+      }
+    ).forEach(say)
   }
 }
 

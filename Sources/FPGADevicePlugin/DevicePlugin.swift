@@ -51,12 +51,18 @@ public struct DevicePlugin: Sendable {
   public let logger: Logger
   /// How often the socket is checked for removal.
   public var checkInterval: Duration = .seconds(1)
+  /// Run around every call from the kubelet (the agent's audit trail).
+  public var interceptors: [any ServerInterceptor]
 
-  public init(engine: NodeEngine, pool: DevicePluginPool, directory: String, logger: Logger) {
+  public init(
+    engine: NodeEngine, pool: DevicePluginPool, directory: String, logger: Logger,
+    interceptors: [any ServerInterceptor] = []
+  ) {
     self.engine = engine
     self.pool = pool
     self.directory = directory
     self.logger = logger
+    self.interceptors = interceptors
   }
 
   var socketPath: String { directory + "/" + pool.socketName }
@@ -68,7 +74,7 @@ public struct DevicePlugin: Sendable {
       unlink(socketPath)
       let server = GRPCServer(
         transport: .http2NIOPosix(address: .unixDomainSocket(path: socketPath), transportSecurity: .plaintext),
-        services: [DevicePluginService(engine: engine, pool: pool, logger: logger)])
+        services: [DevicePluginService(engine: engine, pool: pool, logger: logger)], interceptors: interceptors)
       await withTaskGroup(of: Void.self) { group in
         group.addTask {
           do {

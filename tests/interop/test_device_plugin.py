@@ -1,6 +1,7 @@
 """A fake kubelet, written with Python grpcio from the v1beta1 proto, against the agent's device
 plugin: registration, ListAndWatch updates when a VF changes, Allocate contents, preferred
 allocation, and a kubelet restart (sockets deleted, a new kubelet) followed by re-registration."""
+import json
 import os
 import queue
 import shutil
@@ -120,6 +121,12 @@ def test_registration_list_and_watch_allocate_and_kubelet_restart(kubelet_and_ag
         device_plugin.Allocate(dp.AllocateRequest(container_requests=[
             dp.ContainerAllocateRequest(devices_ids=["../../etc"])]), timeout=10)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    # Every kubelet Allocate is in the audit trail, refused ones included.
+    audit = [json.loads(line) for line in open(os.path.join(agent.directory, "state", "audit.log"))]
+    kubelet_lines = [line for line in audit if line["transport"] == "device-plugin"]
+    assert [line["status"] for line in kubelet_lines] == ["ok", "ok", "failedPrecondition", "invalidArgument"]
+    assert all(line["identity"] == "kubelet" and line["rpc"] == "DevicePlugin.Allocate" for line in kubelet_lines)
+    assert kubelet_lines[0]["request"]["containerRequests"][0]["devicesIds"] == chosen[:2]
 
     # The kubelet restarts: it deletes every socket of the directory and comes back.
     kubelet.stop()

@@ -20,13 +20,23 @@ from fpga.orchestrator.v1 import orchestrator_pb2_grpc as orpc
 
 
 class Orchestrator:
-    def __init__(self, directory, port, epoch, limit=2):
+    def __init__(self, directory, port, epoch, limit=2, tls=None):
+        """tls: (certificate, key, client CA, admin client certificate, admin client key, CA of
+        the orchestrator's certificate) to serve mTLS only."""
         self.port = port
-        self.log = open(os.path.join(directory, f"orchestrator-{epoch}.log"), "w")
+        self.log = open(os.path.join(directory, f"orchestrator-{epoch}-{port}.log"), "w")
+        extra = ["--tls-cert", tls[0], "--tls-key", tls[1], "--tls-client-ca", tls[2]] if tls else []
         self.process = subprocess.Popen(
             [str(BIN / "fpga-orchestrator-example"), "--listen", f"127.0.0.1:{port}", "--epoch", str(epoch),
-             "--overcommit-limit", str(limit)], stdout=self.log, stderr=subprocess.STDOUT)
-        self.stub = orpc.ExampleOrchestratorStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+             "--overcommit-limit", str(limit), *extra], stdout=self.log, stderr=subprocess.STDOUT)
+        if tls:
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=open(tls[5], "rb").read(), private_key=open(tls[4], "rb").read(),
+                certificate_chain=open(tls[3], "rb").read())
+            channel = grpc.secure_channel(f"127.0.0.1:{port}", credentials)
+        else:
+            channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        self.stub = orpc.ExampleOrchestratorStub(channel)
         deadline = time.monotonic() + 30
         while True:
             try:

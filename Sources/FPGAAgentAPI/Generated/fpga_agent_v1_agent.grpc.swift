@@ -285,6 +285,19 @@ public enum Fpga_Agent_V1_NodeAgent: Sendable {
                 type: .unary
             )
         }
+        /// Namespace for "GetAuditTrail" metadata.
+        public enum GetAuditTrail: Sendable {
+            /// Request type for "GetAuditTrail".
+            public typealias Input = Fpga_Agent_V1_GetAuditTrailRequest
+            /// Response type for "GetAuditTrail".
+            public typealias Output = Fpga_Agent_V1_GetAuditTrailResponse
+            /// Descriptor for "GetAuditTrail".
+            public static let descriptor = GRPCCore.MethodDescriptor(
+                service: GRPCCore.ServiceDescriptor(fullyQualifiedService: "fpga.agent.v1.NodeAgent"),
+                method: "GetAuditTrail",
+                type: .unary
+            )
+        }
         /// Descriptors for all methods in the "fpga.agent.v1.NodeAgent" service.
         public static let descriptors: [GRPCCore.MethodDescriptor] = [
             GetNodeStatus.descriptor,
@@ -305,7 +318,8 @@ public enum Fpga_Agent_V1_NodeAgent: Sendable {
             DeleteContext.descriptor,
             SwitchContext.descriptor,
             SetSharingPolicy.descriptor,
-            MoveContext.descriptor
+            MoveContext.descriptor,
+            GetAuditTrail.descriptor
         ]
     }
 }
@@ -682,6 +696,25 @@ extension Fpga_Agent_V1_NodeAgent {
             request: GRPCCore.StreamingServerRequest<Fpga_Agent_V1_MoveContextRequest>,
             context: GRPCCore.ServerContext
         ) async throws -> GRPCCore.StreamingServerResponse<Fpga_Agent_V1_MoveContextResponse>
+
+        /// Handle the "GetAuditTrail" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > The last entries of the audit trail (admin): every mutating request from the API, the
+        /// > orchestrator link and the device plugin, allowed or denied, newest last.
+        ///
+        /// - Parameters:
+        ///   - request: A streaming request of `Fpga_Agent_V1_GetAuditTrailRequest` messages.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A streaming response of `Fpga_Agent_V1_GetAuditTrailResponse` messages.
+        func getAuditTrail(
+            request: GRPCCore.StreamingServerRequest<Fpga_Agent_V1_GetAuditTrailRequest>,
+            context: GRPCCore.ServerContext
+        ) async throws -> GRPCCore.StreamingServerResponse<Fpga_Agent_V1_GetAuditTrailResponse>
     }
 
     /// Service protocol for the "fpga.agent.v1.NodeAgent" service.
@@ -1042,6 +1075,25 @@ extension Fpga_Agent_V1_NodeAgent {
             request: GRPCCore.ServerRequest<Fpga_Agent_V1_MoveContextRequest>,
             context: GRPCCore.ServerContext
         ) async throws -> GRPCCore.ServerResponse<Fpga_Agent_V1_MoveContextResponse>
+
+        /// Handle the "GetAuditTrail" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > The last entries of the audit trail (admin): every mutating request from the API, the
+        /// > orchestrator link and the device plugin, allowed or denied, newest last.
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Fpga_Agent_V1_GetAuditTrailRequest` message.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A response containing a single `Fpga_Agent_V1_GetAuditTrailResponse` message.
+        func getAuditTrail(
+            request: GRPCCore.ServerRequest<Fpga_Agent_V1_GetAuditTrailRequest>,
+            context: GRPCCore.ServerContext
+        ) async throws -> GRPCCore.ServerResponse<Fpga_Agent_V1_GetAuditTrailResponse>
     }
 
     /// Simple service protocol for the "fpga.agent.v1.NodeAgent" service.
@@ -1402,6 +1454,25 @@ extension Fpga_Agent_V1_NodeAgent {
             request: Fpga_Agent_V1_MoveContextRequest,
             context: GRPCCore.ServerContext
         ) async throws -> Fpga_Agent_V1_MoveContextResponse
+
+        /// Handle the "GetAuditTrail" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > The last entries of the audit trail (admin): every mutating request from the API, the
+        /// > orchestrator link and the device plugin, allowed or denied, newest last.
+        ///
+        /// - Parameters:
+        ///   - request: A `Fpga_Agent_V1_GetAuditTrailRequest` message.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A `Fpga_Agent_V1_GetAuditTrailResponse` to respond with.
+        func getAuditTrail(
+            request: Fpga_Agent_V1_GetAuditTrailRequest,
+            context: GRPCCore.ServerContext
+        ) async throws -> Fpga_Agent_V1_GetAuditTrailResponse
     }
 }
 
@@ -1618,6 +1689,17 @@ extension Fpga_Agent_V1_NodeAgent.StreamingServiceProtocol {
                 )
             }
         )
+        router.registerHandler(
+            forMethod: Fpga_Agent_V1_NodeAgent.Method.GetAuditTrail.descriptor,
+            deserializer: GRPCProtobuf.ProtobufDeserializer<Fpga_Agent_V1_GetAuditTrailRequest>(),
+            serializer: GRPCProtobuf.ProtobufSerializer<Fpga_Agent_V1_GetAuditTrailResponse>(),
+            handler: { request, context in
+                try await self.getAuditTrail(
+                    request: request,
+                    context: context
+                )
+            }
+        )
     }
 }
 
@@ -1827,6 +1909,17 @@ extension Fpga_Agent_V1_NodeAgent.ServiceProtocol {
         context: GRPCCore.ServerContext
     ) async throws -> GRPCCore.StreamingServerResponse<Fpga_Agent_V1_MoveContextResponse> {
         let response = try await self.moveContext(
+            request: GRPCCore.ServerRequest(stream: request),
+            context: context
+        )
+        return GRPCCore.StreamingServerResponse(single: response)
+    }
+
+    public func getAuditTrail(
+        request: GRPCCore.StreamingServerRequest<Fpga_Agent_V1_GetAuditTrailRequest>,
+        context: GRPCCore.ServerContext
+    ) async throws -> GRPCCore.StreamingServerResponse<Fpga_Agent_V1_GetAuditTrailResponse> {
+        let response = try await self.getAuditTrail(
             request: GRPCCore.ServerRequest(stream: request),
             context: context
         )
@@ -2085,6 +2178,19 @@ extension Fpga_Agent_V1_NodeAgent.SimpleServiceProtocol {
     ) async throws -> GRPCCore.ServerResponse<Fpga_Agent_V1_MoveContextResponse> {
         return GRPCCore.ServerResponse<Fpga_Agent_V1_MoveContextResponse>(
             message: try await self.moveContext(
+                request: request.message,
+                context: context
+            ),
+            metadata: [:]
+        )
+    }
+
+    public func getAuditTrail(
+        request: GRPCCore.ServerRequest<Fpga_Agent_V1_GetAuditTrailRequest>,
+        context: GRPCCore.ServerContext
+    ) async throws -> GRPCCore.ServerResponse<Fpga_Agent_V1_GetAuditTrailResponse> {
+        return GRPCCore.ServerResponse<Fpga_Agent_V1_GetAuditTrailResponse>(
+            message: try await self.getAuditTrail(
                 request: request.message,
                 context: context
             ),
@@ -2546,6 +2652,30 @@ extension Fpga_Agent_V1_NodeAgent {
             deserializer: some GRPCCore.MessageDeserializer<Fpga_Agent_V1_MoveContextResponse>,
             options: GRPCCore.CallOptions,
             onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Fpga_Agent_V1_MoveContextResponse>) async throws -> Result
+        ) async throws -> Result where Result: Sendable
+
+        /// Call the "GetAuditTrail" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > The last entries of the audit trail (admin): every mutating request from the API, the
+        /// > orchestrator link and the device plugin, allowed or denied, newest last.
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Fpga_Agent_V1_GetAuditTrailRequest` message.
+        ///   - serializer: A serializer for `Fpga_Agent_V1_GetAuditTrailRequest` messages.
+        ///   - deserializer: A deserializer for `Fpga_Agent_V1_GetAuditTrailResponse` messages.
+        ///   - options: Options to apply to this RPC.
+        ///   - handleResponse: A closure which handles the response and returns its result to
+        ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+        ///       already finished.
+        /// - Returns: The result of `handleResponse`.
+        func getAuditTrail<Result>(
+            request: GRPCCore.ClientRequest<Fpga_Agent_V1_GetAuditTrailRequest>,
+            serializer: some GRPCCore.MessageSerializer<Fpga_Agent_V1_GetAuditTrailRequest>,
+            deserializer: some GRPCCore.MessageDeserializer<Fpga_Agent_V1_GetAuditTrailResponse>,
+            options: GRPCCore.CallOptions,
+            onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Fpga_Agent_V1_GetAuditTrailResponse>) async throws -> Result
         ) async throws -> Result where Result: Sendable
     }
 
@@ -3215,6 +3345,41 @@ extension Fpga_Agent_V1_NodeAgent {
                 onResponse: handleResponse
             )
         }
+
+        /// Call the "GetAuditTrail" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > The last entries of the audit trail (admin): every mutating request from the API, the
+        /// > orchestrator link and the device plugin, allowed or denied, newest last.
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Fpga_Agent_V1_GetAuditTrailRequest` message.
+        ///   - serializer: A serializer for `Fpga_Agent_V1_GetAuditTrailRequest` messages.
+        ///   - deserializer: A deserializer for `Fpga_Agent_V1_GetAuditTrailResponse` messages.
+        ///   - options: Options to apply to this RPC.
+        ///   - handleResponse: A closure which handles the response and returns its result to
+        ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+        ///       already finished.
+        /// - Returns: The result of `handleResponse`.
+        public func getAuditTrail<Result>(
+            request: GRPCCore.ClientRequest<Fpga_Agent_V1_GetAuditTrailRequest>,
+            serializer: some GRPCCore.MessageSerializer<Fpga_Agent_V1_GetAuditTrailRequest>,
+            deserializer: some GRPCCore.MessageDeserializer<Fpga_Agent_V1_GetAuditTrailResponse>,
+            options: GRPCCore.CallOptions = .defaults,
+            onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Fpga_Agent_V1_GetAuditTrailResponse>) async throws -> Result = { response in
+                try response.message
+            }
+        ) async throws -> Result where Result: Sendable {
+            try await self.client.unary(
+                request: request,
+                descriptor: Fpga_Agent_V1_NodeAgent.Method.GetAuditTrail.descriptor,
+                serializer: serializer,
+                deserializer: deserializer,
+                options: options,
+                onResponse: handleResponse
+            )
+        }
     }
 }
 
@@ -3768,6 +3933,36 @@ extension Fpga_Agent_V1_NodeAgent.ClientProtocol {
             request: request,
             serializer: GRPCProtobuf.ProtobufSerializer<Fpga_Agent_V1_MoveContextRequest>(),
             deserializer: GRPCProtobuf.ProtobufDeserializer<Fpga_Agent_V1_MoveContextResponse>(),
+            options: options,
+            onResponse: handleResponse
+        )
+    }
+
+    /// Call the "GetAuditTrail" method.
+    ///
+    /// > Source IDL Documentation:
+    /// >
+    /// > The last entries of the audit trail (admin): every mutating request from the API, the
+    /// > orchestrator link and the device plugin, allowed or denied, newest last.
+    ///
+    /// - Parameters:
+    ///   - request: A request containing a single `Fpga_Agent_V1_GetAuditTrailRequest` message.
+    ///   - options: Options to apply to this RPC.
+    ///   - handleResponse: A closure which handles the response and returns its result to
+    ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+    ///       already finished.
+    /// - Returns: The result of `handleResponse`.
+    public func getAuditTrail<Result>(
+        request: GRPCCore.ClientRequest<Fpga_Agent_V1_GetAuditTrailRequest>,
+        options: GRPCCore.CallOptions = .defaults,
+        onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Fpga_Agent_V1_GetAuditTrailResponse>) async throws -> Result = { response in
+            try response.message
+        }
+    ) async throws -> Result where Result: Sendable {
+        try await self.getAuditTrail(
+            request: request,
+            serializer: GRPCProtobuf.ProtobufSerializer<Fpga_Agent_V1_GetAuditTrailRequest>(),
+            deserializer: GRPCProtobuf.ProtobufDeserializer<Fpga_Agent_V1_GetAuditTrailResponse>(),
             options: options,
             onResponse: handleResponse
         )
@@ -4399,6 +4594,40 @@ extension Fpga_Agent_V1_NodeAgent.ClientProtocol {
             metadata: metadata
         )
         return try await self.moveContext(
+            request: request,
+            options: options,
+            onResponse: handleResponse
+        )
+    }
+
+    /// Call the "GetAuditTrail" method.
+    ///
+    /// > Source IDL Documentation:
+    /// >
+    /// > The last entries of the audit trail (admin): every mutating request from the API, the
+    /// > orchestrator link and the device plugin, allowed or denied, newest last.
+    ///
+    /// - Parameters:
+    ///   - message: request message to send.
+    ///   - metadata: Additional metadata to send, defaults to empty.
+    ///   - options: Options to apply to this RPC, defaults to `.defaults`.
+    ///   - handleResponse: A closure which handles the response and returns its result to
+    ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+    ///       already finished.
+    /// - Returns: The result of `handleResponse`.
+    public func getAuditTrail<Result>(
+        _ message: Fpga_Agent_V1_GetAuditTrailRequest,
+        metadata: GRPCCore.Metadata = [:],
+        options: GRPCCore.CallOptions = .defaults,
+        onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Fpga_Agent_V1_GetAuditTrailResponse>) async throws -> Result = { response in
+            try response.message
+        }
+    ) async throws -> Result where Result: Sendable {
+        let request = GRPCCore.ClientRequest<Fpga_Agent_V1_GetAuditTrailRequest>(
+            message: message,
+            metadata: metadata
+        )
+        return try await self.getAuditTrail(
             request: request,
             options: options,
             onResponse: handleResponse

@@ -2185,6 +2185,74 @@ public nonisolated struct Fpga_Agent_V1_SetSharingPolicyResponse: Sendable {
   fileprivate var _policy: Fpga_Agent_V1_SharingPolicy? = nil
 }
 
+/// Which audit entries to return.
+public nonisolated struct Fpga_Agent_V1_GetAuditTrailRequest: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  /// Most entries, newest kept (0: 100; at most 10000).
+  public var limit: UInt32 = 0
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+/// One audited request.
+public nonisolated struct Fpga_Agent_V1_AuditEntry: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  /// When the answer was decided (RFC 3339, UTC).
+  public var time: String = String()
+
+  /// spiffe://..., cn:NAME, uid:N, plaintext:PEER, orchestrator:NAME or kubelet.
+  public var identity: String = String()
+
+  /// tcp-tls, tcp-plaintext, unix, link or device-plugin.
+  public var transport: String = String()
+
+  /// The RPC or command, e.g. AllocateVF.
+  public var rpc: String = String()
+
+  /// "ok" or the gRPC status, e.g. permissionDenied.
+  public var status: String = String()
+
+  /// The node's revision after the request.
+  public var revision: UInt64 = 0
+
+  /// The request's idempotency key, if any.
+  public var idempotencyKey: String = String()
+
+  /// The orchestrator's command id, for commands from the link.
+  public var commandID: String = String()
+
+  /// The request as protobuf JSON (absent when it was refused before being read).
+  public var requestJson: String = String()
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+/// The last entries, oldest first.
+public nonisolated struct Fpga_Agent_V1_GetAuditTrailResponse: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var entries: [Fpga_Agent_V1_AuditEntry] = []
+
+  /// Where the entries were read from on the node.
+  public var path: String = String()
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
 // MARK: - Code below here is support for the SwiftProtobuf runtime.
 
 fileprivate nonisolated let _protobuf_package = "fpga.agent.v1"
@@ -5164,6 +5232,141 @@ nonisolated extension Fpga_Agent_V1_SetSharingPolicyResponse: SwiftProtobuf.Mess
 
   public static func ==(lhs: Fpga_Agent_V1_SetSharingPolicyResponse, rhs: Fpga_Agent_V1_SetSharingPolicyResponse) -> Bool {
     if lhs._policy != rhs._policy {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Fpga_Agent_V1_GetAuditTrailRequest: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".GetAuditTrailRequest"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}limit\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularUInt32Field(value: &self.limit) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if self.limit != 0 {
+      try visitor.visitSingularUInt32Field(value: self.limit, fieldNumber: 1)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Fpga_Agent_V1_GetAuditTrailRequest, rhs: Fpga_Agent_V1_GetAuditTrailRequest) -> Bool {
+    if lhs.limit != rhs.limit {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Fpga_Agent_V1_AuditEntry: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".AuditEntry"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}time\0\u{1}identity\0\u{1}transport\0\u{1}rpc\0\u{1}status\0\u{1}revision\0\u{3}idempotency_key\0\u{3}command_id\0\u{3}request_json\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularStringField(value: &self.time) }()
+      case 2: try { try decoder.decodeSingularStringField(value: &self.identity) }()
+      case 3: try { try decoder.decodeSingularStringField(value: &self.transport) }()
+      case 4: try { try decoder.decodeSingularStringField(value: &self.rpc) }()
+      case 5: try { try decoder.decodeSingularStringField(value: &self.status) }()
+      case 6: try { try decoder.decodeSingularUInt64Field(value: &self.revision) }()
+      case 7: try { try decoder.decodeSingularStringField(value: &self.idempotencyKey) }()
+      case 8: try { try decoder.decodeSingularStringField(value: &self.commandID) }()
+      case 9: try { try decoder.decodeSingularStringField(value: &self.requestJson) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.time.isEmpty {
+      try visitor.visitSingularStringField(value: self.time, fieldNumber: 1)
+    }
+    if !self.identity.isEmpty {
+      try visitor.visitSingularStringField(value: self.identity, fieldNumber: 2)
+    }
+    if !self.transport.isEmpty {
+      try visitor.visitSingularStringField(value: self.transport, fieldNumber: 3)
+    }
+    if !self.rpc.isEmpty {
+      try visitor.visitSingularStringField(value: self.rpc, fieldNumber: 4)
+    }
+    if !self.status.isEmpty {
+      try visitor.visitSingularStringField(value: self.status, fieldNumber: 5)
+    }
+    if self.revision != 0 {
+      try visitor.visitSingularUInt64Field(value: self.revision, fieldNumber: 6)
+    }
+    if !self.idempotencyKey.isEmpty {
+      try visitor.visitSingularStringField(value: self.idempotencyKey, fieldNumber: 7)
+    }
+    if !self.commandID.isEmpty {
+      try visitor.visitSingularStringField(value: self.commandID, fieldNumber: 8)
+    }
+    if !self.requestJson.isEmpty {
+      try visitor.visitSingularStringField(value: self.requestJson, fieldNumber: 9)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Fpga_Agent_V1_AuditEntry, rhs: Fpga_Agent_V1_AuditEntry) -> Bool {
+    if lhs.time != rhs.time {return false}
+    if lhs.identity != rhs.identity {return false}
+    if lhs.transport != rhs.transport {return false}
+    if lhs.rpc != rhs.rpc {return false}
+    if lhs.status != rhs.status {return false}
+    if lhs.revision != rhs.revision {return false}
+    if lhs.idempotencyKey != rhs.idempotencyKey {return false}
+    if lhs.commandID != rhs.commandID {return false}
+    if lhs.requestJson != rhs.requestJson {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Fpga_Agent_V1_GetAuditTrailResponse: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".GetAuditTrailResponse"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}entries\0\u{1}path\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeRepeatedMessageField(value: &self.entries) }()
+      case 2: try { try decoder.decodeSingularStringField(value: &self.path) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.entries.isEmpty {
+      try visitor.visitRepeatedMessageField(value: self.entries, fieldNumber: 1)
+    }
+    if !self.path.isEmpty {
+      try visitor.visitSingularStringField(value: self.path, fieldNumber: 2)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Fpga_Agent_V1_GetAuditTrailResponse, rhs: Fpga_Agent_V1_GetAuditTrailResponse) -> Bool {
+    if lhs.entries != rhs.entries {return false}
+    if lhs.path != rhs.path {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
