@@ -242,6 +242,7 @@ extension AgentConfig {
       "  idle_timeout_seconds: \(server.idleTimeoutSeconds)",
       "  max_concurrent_streams: \(server.maxConcurrentStreams)",
       "  max_request_bytes: \(server.maxRequestBytes)",
+      "  default_deadline_seconds: \(server.defaultDeadlineSeconds)",
       "  insecure: \(server.insecure)",
       "  tls:",
       "    cert: \(server.tls.cert)",

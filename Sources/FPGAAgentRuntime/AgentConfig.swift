@@ -24,6 +24,9 @@ public struct AgentConfig: Hashable, Sendable {
     public var maxConcurrentStreams = 256
     /// Largest request message accepted, in bytes.
     public var maxRequestBytes = 4 << 20
+    /// Deadline of a call whose client sends none (`grpc-timeout`), in seconds; watch streams
+    /// are exempt. 0: none.
+    public var defaultDeadlineSeconds = 120
     /// TLS on the TCP listener: the agent's certificate chain and key (PEM), and the CA bundle
     /// that client certificates must chain to (client certificates are required).
     public var tls = TLS()
@@ -263,6 +266,9 @@ public struct AgentConfig: Hashable, Sendable {
     }
     if !(1...65_535).contains(server.maxConcurrentStreams) {
       problems.append("server.max_concurrent_streams \(server.maxConcurrentStreams) is out of range: 1-65535")
+    }
+    if !(0...86_400).contains(server.defaultDeadlineSeconds) {
+      problems.append("server.default_deadline_seconds \(server.defaultDeadlineSeconds) is out of range: 0-86400")
     }
     if !(1024...(64 << 20)).contains(server.maxRequestBytes) {
       problems.append("server.max_request_bytes \(server.maxRequestBytes) is out of range: 1024-67108864")

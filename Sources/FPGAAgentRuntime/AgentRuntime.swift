@@ -301,15 +301,20 @@ public final class AgentRuntime: Sendable {
         try channel.pipeline.syncOperations.addHandler(FirstByteTimeout(timeout: firstByte), position: .first)
       }
     }
-    if unix {
-      // The peer's uid and gid reach the authorization interceptor as a header the agent sets.
-      transport.channelDebuggingCallbacks.onAcceptHTTP2Stream = { stream in
-        guard let connection = stream.parent else { return stream.eventLoop.makeSucceededVoidFuture() }
-        return PeerCredentialHeader.credentials(of: connection).flatMap { credentials in
-          stream.eventLoop.submit {
-            try stream.pipeline.syncOperations.addHandler(
-              PeerCredentialHeader(value: credentials ?? "none"), position: .first)
-          }
+    // Each stream's headers: the peer's uid and gid on the Unix socket (the authorization
+    // interceptor reads them; a client's own value is dropped), and the default deadline.
+    let deadline = server.defaultDeadlineSeconds > 0 ? "\(server.defaultDeadlineSeconds)S" : nil
+    transport.channelDebuggingCallbacks.onAcceptHTTP2Stream = { stream in
+      guard unix, let connection = stream.parent else {
+        return stream.eventLoop.submit {
+          try stream.pipeline.syncOperations.addHandler(
+            StreamHeaders(peer: nil, defaultTimeout: deadline), position: .first)
+        }
+      }
+      return StreamHeaders.credentials(of: connection).flatMap { credentials in
+        stream.eventLoop.submit {
+          try stream.pipeline.syncOperations.addHandler(
+            StreamHeaders(peer: credentials ?? "none", defaultTimeout: deadline), position: .first)
         }
       }
     }

@@ -149,7 +149,11 @@ struct AuthorizationInterceptor: ServerInterceptor {
         message: "\(rpc) needs role \(needed.rawValue); \(caller.identity) has role \(role.rawValue): nothing changed")
     }
     do {
-      var response = try await next(request, context)
+      let wrapped = request
+      // The handler task is always awaited before this returns: `next` does not outlive the call.
+      var response = try await withoutActuallyEscaping(next) { next in
+        try await Self.cancellable(context) { try await next(wrapped, context) }
+      }
       response.metadata.replaceOrAddString(caller.identity, forKey: "fpga-identity")
       response.metadata.replaceOrAddString(role.rawValue, forKey: "fpga-role")
       if mutating {
@@ -161,6 +165,30 @@ struct AuthorizationInterceptor: ServerInterceptor {
       if mutating {
         let code = (error as? any RPCErrorConvertible)?.rpcErrorCode ?? (error as? RPCError)?.code ?? .unknown
         await record(caller, rpc: rpc, request: captured.withLock { $0 }, status: code)
+      }
+      throw error
+    }
+  }
+
+  /// Runs a call's handler so that when gRPC cancels the RPC (its deadline passed, the client
+  /// went away, the server is stopping) the handler's task is cancelled too, and every wait in
+  /// it ends; a call ended by its deadline answers DEADLINE_EXCEEDED.
+  static func cancellable<Output: Sendable>(
+    _ context: ServerContext, _ body: @escaping @Sendable () async throws -> Output
+  ) async throws -> Output {
+    let work = Task { try await body() }
+    do {
+      return try await withTaskCancellationHandler {
+        try await withRPCCancellationHandler { try await work.value } onCancelRPC: { work.cancel() }
+      } onCancel: {
+        work.cancel()
+      }
+    } catch {
+      if context.cancellation.isCancelled, !(error is RPCError) || (error as? RPCError)?.code != .deadlineExceeded {
+        throw RPCError(
+          code: .deadlineExceeded,
+          message: "the call was cancelled before it finished (its deadline, server.default_deadline_seconds when "
+            + "the client sets none, passed): \(error)")
       }
       throw error
     }
@@ -310,21 +338,38 @@ final class AuditLog: Sendable {
   }
 }
 
-/// Adds the Unix-socket peer's uid and gid (SO_PEERCRED of the connection) to each stream's
-/// request headers, after removing any value a client sent under that name.
-final class PeerCredentialHeader: ChannelInboundHandler {
+/// Rewrites each stream's request headers before gRPC reads them: removes any
+/// `fpga-internal-peer-cred` a client sent and, on the Unix socket, sets it to the peer's uid and
+/// gid (SO_PEERCRED of the connection); gives a call without `grpc-timeout` the default
+/// deadline, except the watch streams, which last as long as their clients want.
+final class StreamHeaders: ChannelInboundHandler {
   typealias InboundIn = HTTP2Frame.FramePayload
   typealias InboundOut = HTTP2Frame.FramePayload
 
-  private let value: String
+  private let peer: String?
+  private let defaultTimeout: String?
 
-  init(value: String) { self.value = value }
+  init(peer: String?, defaultTimeout: String?) {
+    self.peer = peer
+    self.defaultTimeout = defaultTimeout
+  }
+
+  /// Server-streaming calls that are meant to stay open.
+  static func isWatch(_ path: String) -> Bool {
+    guard let method = path.split(separator: "/").last else { return false }
+    return method.hasPrefix("Watch")
+  }
 
   func channelRead(context: ChannelHandlerContext, data: NIOAny) {
     var payload = unwrapInboundIn(data)
     if case .headers(var headers) = payload {
       headers.headers.remove(name: CallerResolver.peerHeader)
-      headers.headers.add(name: CallerResolver.peerHeader, value: value)
+      if let peer { headers.headers.add(name: CallerResolver.peerHeader, value: peer) }
+      if let defaultTimeout, !headers.headers.contains(name: "grpc-timeout"),
+        let path = headers.headers.first(name: ":path"), !Self.isWatch(path)
+      {
+        headers.headers.add(name: "grpc-timeout", value: defaultTimeout)
+      }
       payload = .headers(headers)
     }
     context.fireChannelRead(wrapInboundOut(payload))

@@ -62,6 +62,7 @@ public enum ConfigLoader {
           case "idle_timeout_seconds": reader.int(value, path).map { config.server.idleTimeoutSeconds = $0 }
           case "max_concurrent_streams": reader.int(value, path).map { config.server.maxConcurrentStreams = $0 }
           case "max_request_bytes": reader.int(value, path).map { config.server.maxRequestBytes = $0 }
+          case "default_deadline_seconds": reader.int(value, path).map { config.server.defaultDeadlineSeconds = $0 }
           case "insecure": reader.bool(value, path).map { config.server.insecure = $0 }
           case "socket_group": reader.string(value, path).map { config.server.socketGroup = $0 }
           case "tls":

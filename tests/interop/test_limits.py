@@ -221,3 +221,29 @@ def test_sigterm_is_bounded_with_a_silent_guest_and_a_reconfiguration_mid_step()
             assert "rolled back at restart" in final.error
         finally:
             _stop(agent)
+
+
+def test_a_call_without_a_deadline_gets_the_default_one_but_watches_do_not():
+    with tempfile.TemporaryDirectory(prefix="fpga-limits-") as directory:
+        agent = start_agent(directory, config_text=SILENT_GUEST + "server:\n  default_deadline_seconds: 2\n")
+        node = rpc.NodeAgentStub(grpc.insecure_channel(agent.tcp))
+        try:
+            watch = node.WatchInventory(pb.WatchInventoryRequest())  # no deadline
+            assert next(watch).HasField("snapshot")
+            allocation = node.AllocateVF(pb.AllocateVFRequest(owner="o", vm="silent"), timeout=10).allocation
+            node.AttachVF(pb.AttachVFRequest(allocation_id=allocation.id, vm="silent"), timeout=10)
+            # The guest never acknowledges and the detach would wait 600 s: the client set no
+            # deadline, so the agent's default ends the call.
+            with pytest.raises(grpc.RpcError) as caught:
+                node.DetachVF(pb.DetachVFRequest(allocation_id=allocation.id))
+            assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, caught.value.details()
+            # The watch outlived the default deadline and still carries changes.
+            other = node.AllocateVF(pb.AllocateVFRequest(owner="later"), timeout=10).allocation
+            for event in watch:
+                if event.HasField("delta") and any(
+                        c.HasField("allocation_updated") and c.allocation_updated.id == other.id for c in event.delta.changes):
+                    break
+            watch.cancel()
+            assert node.GetNodeStatus(pb.GetNodeStatusRequest(), timeout=10).node_id == "interop"
+        finally:
+            _stop(agent)
