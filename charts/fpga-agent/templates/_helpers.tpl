@@ -1,0 +1,104 @@
+{{/* The chart's name, overridable. */}}
+{{- define "fpga-agent.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* Objects' name: the release name, with the chart's appended unless it already contains it. */}}
+{{- define "fpga-agent.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := include "fpga-agent.name" . -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "fpga-agent.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "fpga-agent.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "fpga-agent.labels" -}}
+{{ include "fpga-agent.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/component: node-agent
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+{{- end -}}
+
+{{/* repository@digest when a digest is given, else repository:tag (tag defaults to appVersion). */}}
+{{- define "fpga-agent.image" -}}
+{{- if .Values.image.digest -}}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest -}}
+{{- else -}}
+{{- printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion) -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "fpga-agent.linux" -}}
+{{- if eq .Values.platform "linux" -}}true{{- end -}}
+{{- end -}}
+
+{{/* The TCP listen address: server.listen, else loopback (0.0.0.0 with TLS) on server.port. */}}
+{{- define "fpga-agent.listen" -}}
+{{- if .Values.server.listen -}}
+{{- .Values.server.listen -}}
+{{- else if .Values.tls.secretName -}}
+{{- printf "0.0.0.0:%d" (int .Values.server.port) -}}
+{{- else -}}
+{{- printf "127.0.0.1:%d" (int .Values.server.port) -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "fpga-agent.socket" -}}/run/fpga-agent/agent.sock{{- end -}}
+
+{{/* The agent's configuration file (docs/operations.md lists every key). */}}
+{{- define "fpga-agent.config" -}}
+{{- $listen := include "fpga-agent.listen" . -}}
+{{- $host := regexReplaceAll ":[0-9]+$" $listen "" | trimPrefix "[" | trimSuffix "]" -}}
+{{- if not (or .Values.tls.secretName .Values.server.insecure (has $host (list "127.0.0.1" "::1" "localhost"))) -}}
+{{- fail (printf "server.listen %s is not loopback: set tls.secretName (mTLS) or server.insecure: true" $listen) -}}
+{{- end -}}
+{{- $server := dict "listen" $listen "unix_socket" (include "fpga-agent.socket" .) -}}
+{{- if .Values.server.insecure -}}{{- $_ := set $server "insecure" true -}}{{- end -}}
+{{- $auth := dict "plaintext_role" .Values.auth.plaintextRole "root_is_admin" .Values.auth.rootIsAdmin -}}
+{{- if .Values.auth.roles -}}{{- $_ := set $auth "roles" .Values.auth.roles -}}{{- end -}}
+{{- $config := dict "server" $server "platform" .Values.platform "state_dir" "/var/lib/fpga-agent/state" "auth" $auth "log" (dict "level" .Values.log.level "format" .Values.log.format) -}}
+{{- if include "fpga-agent.linux" . -}}
+{{- if .Values.linux.selectors -}}
+{{- $selectors := list -}}
+{{- range .Values.linux.selectors -}}
+{{- $s := dict -}}
+{{- with .vendors }}{{ $_ := set $s "vendors" . }}{{ end -}}
+{{- with .devices }}{{ $_ := set $s "devices" . }}{{ end -}}
+{{- with .drivers }}{{ $_ := set $s "drivers" . }}{{ end -}}
+{{- with .pciAddresses }}{{ $_ := set $s "pci_addresses" . }}{{ end -}}
+{{- $selectors = append $selectors $s -}}
+{{- end -}}
+{{- $_ := set $config "linux" (dict "selectors" $selectors) -}}
+{{- end -}}
+{{- if .Values.devicePlugin.enabled -}}
+{{- $pools := list -}}
+{{- range .Values.devicePlugin.pools -}}
+{{- $p := dict "resource" .resource -}}
+{{- with .pfs }}{{ $_ := set $p "pfs" . }}{{ end -}}
+{{- $pools = append $pools $p -}}
+{{- end -}}
+{{- $_ := set $config "kubernetes" (dict "device_plugin" true "kubelet_dir" "/var/lib/kubelet/device-plugins" "pools" $pools) -}}
+{{- end -}}
+{{- end -}}
+{{- if .Values.orchestrator.address -}}
+{{- $o := dict "address" .Values.orchestrator.address -}}
+{{- with .Values.orchestrator.serverName }}{{ $_ := set $o "server_name" . }}{{ end -}}
+{{- if .Values.orchestrator.insecure }}{{ $_ := set $o "insecure" true }}{{ end -}}
+{{- if .Values.tls.secretName -}}
+{{- $_ := set $o "tls" (dict "cert" "/etc/fpga-agent/tls/tls.crt" "key" "/etc/fpga-agent/tls/tls.key" "ca" "/etc/fpga-agent/tls/ca.crt") -}}
+{{- end -}}
+{{- $_ := set $config "orchestrator" $o -}}
+{{- end -}}
+{{- toYaml (mustMergeOverwrite $config (deepCopy .Values.extraConfig)) -}}
+{{- end -}}

@@ -1,0 +1,269 @@
+"""The Helm chart: rendered for several value sets with helm-python-sdk, linted strictly, checked
+against values.schema.json, every object validated by kubernetes-validate --strict for each
+supported Kubernetes version, the agent's configuration accepted by the agent itself, and
+deploy/kubernetes/ equal to a fresh render."""
+import copy
+import subprocess
+
+import pytest
+import yaml
+
+from packaging_support import CHART, ROOT, need_module, run
+from packaging_support import binaries  # noqa: F401 (fixtures)
+
+# The Kubernetes versions the chart supports (Chart.yaml kubeVersion: >=1.30).
+KUBE_VERSIONS = ["1.30.0", "1.31.0", "1.32.0", "1.33.0", "1.34.0"]
+DIGEST = "sha256:" + "ab" * 32
+
+VALUE_SETS = {
+    "defaults": {},
+    "simulated": {"platform": "simulated"},
+    "tls-roles": {
+        "tls": {"secretName": "fpga-agent-tls"},
+        "auth": {"roles": {"spiffe://example.org/orchestrator": "operator", "cn:ops": "admin", "uid:1000": "viewer",
+                           "gid:27": "operator"}, "plaintextRole": "none"},
+        "orchestrator": {"address": "orchestrator.fpga-system.svc:50060", "serverName": "orchestrator"},
+    },
+    "metrics-digest": {
+        "image": {"repository": "registry.example.org/fpga/fpga-agent", "digest": DIGEST, "pullPolicy": "Always"},
+        "imagePullSecrets": [{"name": "regcred"}],
+        "metrics": {"enabled": True, "port": 9478, "serviceMonitor": {"skipCRDCheck": True, "labels": {"release": "kps"}}},
+    },
+    "selectors-pools": {
+        "linux": {"selectors": [{"vendors": ["10ee"], "devices": ["903f", "913f"], "drivers": ["qdma-pf"]},
+                                {"pciAddresses": ["0000:3b:00.0"]}]},
+        "devicePlugin": {"pools": [{"resource": "xilinx.com/qdma-vf-a", "pfs": ["0000:3b:00.0"]},
+                                   {"resource": "xilinx.com/qdma-vf-b", "pfs": ["0000:3b:00.1"]}]},
+        "updateStrategy": {"maxUnavailable": "20%"},
+        "tolerations": [{"operator": "Exists"}],
+        "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"cpu": 1, "memory": "512Mi"}},
+        "extraConfig": {"rescan_interval_seconds": 10, "sharing": {"slice_ms": 5}},
+        "log": {"level": "debug", "format": "text"},
+        "podAnnotations": {"example.org/team": "accelerators"},
+    },
+    "insecure-no-device-plugin": {
+        "server": {"listen": "0.0.0.0:50051", "insecure": True},
+        "devicePlugin": {"enabled": False},
+        "hostNetwork": False,
+        "fullnameOverride": "agent",
+    },
+}
+
+BAD_VALUES = [
+    ({"image": 5}, "/image"),
+    ({"bogus": True}, "bogus"),
+    ({"platform": "qemu"}, "/platform"),
+    ({"image": {"repository": "fpga-agent", "digest": "sha256:1234"}}, "/image/digest"),
+    ({"auth": {"roles": {"cn:ops": "root"}}}, "/auth/roles"),
+    ({"auth": {"roles": {"ops": "admin"}}}, "propertyName 'ops'"),
+    ({"updateStrategy": {"maxUnavailable": 0}}, "/updateStrategy/maxUnavailable"),
+    ({"hostPaths": {"run": "run", "state": "/s", "kubeletDevicePlugins": "/k", "devVfio": "/d", "sys": "/sys"}},
+     "/hostPaths/run"),
+    ({"metrics": {"enabled": "yes"}}, "/metrics/enabled"),
+    ({"probes": {"liveness": {"periodSeconds": 10, "exec": {}}}}, "/probes"),
+    ({"resources": {"limits": {"memory": "lots"}}}, "/resources/limits/memory"),
+]
+
+
+@pytest.fixture(scope="module")
+def helm():
+    return need_module("helm_python", "helm-python-sdk")
+
+
+@pytest.fixture(scope="module")
+def chart(helm):
+    return helm.Chart.load(str(CHART))
+
+
+def render(chart, values, name="fpga-agent", namespace="fpga-system"):
+    files = chart.render(copy.deepcopy(values), name=name, namespace=namespace, is_install=True)
+    docs = [doc for path, text in sorted(files.items()) if path.endswith((".yaml", ".yml")) and text.strip()
+            for doc in yaml.safe_load_all(text) if doc]
+    notes = next((text for path, text in files.items() if path.endswith("NOTES.txt")), "")
+    return docs, notes
+
+
+def kind(docs, wanted):
+    return [d for d in docs if d["kind"] == wanted]
+
+
+def pod_spec(docs):
+    (daemonset,) = kind(docs, "DaemonSet")
+    return daemonset["spec"]["template"]["spec"]
+
+
+@pytest.mark.parametrize("version", ["v" + v for v in KUBE_VERSIONS])
+def test_lint_strict(helm, version):
+    report = helm.lint(str(CHART), strict=True, kube_version=version)
+    assert not report["errors"], report
+    # Severity 2 is a warning, 3 an error (strict turns warnings into failures).
+    assert [m for m in report["messages"] if m["severity"] >= 2] == [], report["messages"]
+
+
+@pytest.mark.parametrize("name", VALUE_SETS)
+def test_value_sets_pass_the_schema_and_render(chart, name):
+    chart.validate_schema(VALUE_SETS[name])
+    docs, notes = render(chart, VALUE_SETS[name])
+    assert {d["kind"] for d in docs} >= {"DaemonSet", "ConfigMap", "ServiceAccount"}
+    assert "fpga-agent" in notes
+
+
+@pytest.mark.parametrize("values,where", BAD_VALUES, ids=[w for _, w in BAD_VALUES])
+def test_schema_refuses_bad_values(helm, chart, values, where):
+    with pytest.raises(helm.HelmValuesError) as refused:
+        chart.validate_schema(values)
+    assert where in str(refused.value), str(refused.value)
+    with pytest.raises(helm.HelmValuesError):
+        chart.render(values, name="fpga-agent", namespace="fpga-system", is_install=True)
+
+
+def test_every_value_is_in_the_schema(chart):
+    """values.schema.json covers values.yaml: every key of the defaults is a declared property."""
+    schema = yaml.safe_load((CHART / "values.schema.json").read_text())
+    defaults = yaml.safe_load((CHART / "values.yaml").read_text())
+
+    def resolve(node):
+        while "$ref" in node:
+            node = schema["definitions"][node["$ref"].split("/")[-1]]
+        return node
+
+    def walk(values, node, path):
+        node = resolve(node)
+        if not isinstance(values, dict) or node.get("type") != "object" or "properties" not in node:
+            return
+        assert node.get("additionalProperties") is False, f"{path or '/'} accepts unknown keys"
+        for key, value in values.items():
+            assert key in node["properties"], f"{path}/{key} is not in values.schema.json"
+            walk(value, node["properties"][key], f"{path}/{key}")
+
+    walk(defaults, schema, "")
+
+
+def test_plaintext_off_loopback_is_refused_at_render(helm, chart):
+    with pytest.raises(helm.HelmRenderError, match="server.listen 0.0.0.0:50051 is not loopback"):
+        chart.render({"server": {"listen": "0.0.0.0:50051"}}, name="fpga-agent", namespace="fpga-system")
+
+
+def test_defaults_are_production_linux(chart):
+    docs, _ = render(chart, {})
+    (config_map,) = kind(docs, "ConfigMap")
+    config = yaml.safe_load(config_map["data"]["fpga-agent.yaml"])
+    assert config["platform"] == "linux"
+    assert config["server"]["listen"] == "127.0.0.1:50051"
+    assert config["kubernetes"]["device_plugin"] is True
+    spec = pod_spec(docs)
+    (daemonset,) = kind(docs, "DaemonSet")
+    assert daemonset["spec"]["updateStrategy"] == {"type": "RollingUpdate",
+                                                   "rollingUpdate": {"maxUnavailable": 1, "maxSurge": 0}}
+    assert spec["priorityClassName"] == "system-node-critical"
+    assert spec["hostPID"] is True and spec["hostNetwork"] is True
+    assert spec["automountServiceAccountToken"] is False
+    assert {"key": "fpga.example.com/qdma", "operator": "Exists", "effect": "NoSchedule"} in spec["tolerations"]
+    (container,) = spec["containers"]
+    assert container["image"] == "localhost/fpga-agent:0.1.0"
+    assert container["securityContext"]["privileged"] is True
+    assert spec["securityContext"]["runAsUser"] == 0
+    assert container["resources"]["limits"]["memory"] == "256Mi"
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert "fpgactl status --server unix:/run/fpga-agent/agent.sock" in " ".join(container[probe]["exec"]["command"])
+    mounts = {m["mountPath"] for m in container["volumeMounts"]}
+    assert mounts >= {"/sys", "/dev/vfio", "/var/lib/kubelet/device-plugins", "/run/fpga-agent", "/var/lib/fpga-agent"}
+    assert not any("--http-listen" in a for a in container["args"])
+    assert not kind(docs, "ServiceMonitor") and not kind(docs, "Service")
+
+
+def test_simulated_runs_unprivileged(chart):
+    docs, notes = render(chart, {"platform": "simulated"})
+    spec = pod_spec(docs)
+    (container,) = spec["containers"]
+    assert spec["securityContext"]["runAsNonRoot"] is True and spec["securityContext"]["runAsUser"] == 65534
+    assert container["securityContext"] == {"privileged": False, "allowPrivilegeEscalation": False,
+                                            "capabilities": {"drop": ["ALL"]}, "readOnlyRootFilesystem": True}
+    assert not any("hostPath" in v for v in spec["volumes"])
+    assert "hostPID" not in spec and "hostNetwork" not in spec
+    assert "SIMULATED" in notes
+
+
+def test_tls_from_secret(chart):
+    docs, _ = render(chart, VALUE_SETS["tls-roles"])
+    (container,) = pod_spec(docs)["containers"]
+    args = container["args"]
+    for flag, file in (("--tls-cert", "tls.crt"), ("--tls-key", "tls.key"), ("--tls-client-ca", "ca.crt")):
+        assert args[args.index(flag) + 1] == f"/etc/fpga-agent/tls/{file}"
+    assert {"name": "tls", "mountPath": "/etc/fpga-agent/tls", "readOnly": True} in container["volumeMounts"]
+    assert {"name": "tls", "secret": {"secretName": "fpga-agent-tls", "defaultMode": 0o400}} in pod_spec(docs)["volumes"]
+    config = yaml.safe_load(kind(docs, "ConfigMap")[0]["data"]["fpga-agent.yaml"])
+    assert config["server"]["listen"] == "0.0.0.0:50051"
+    assert config["auth"]["roles"]["cn:ops"] == "admin"
+    assert config["auth"]["plaintext_role"] == "none"
+    assert config["orchestrator"]["tls"]["cert"] == "/etc/fpga-agent/tls/tls.crt"
+
+
+def test_metrics_and_service_monitor(chart):
+    docs, _ = render(chart, VALUE_SETS["metrics-digest"])
+    (container,) = pod_spec(docs)["containers"]
+    assert container["image"] == f"registry.example.org/fpga/fpga-agent@{DIGEST}"
+    assert container["args"][-2:] == ["--http-listen", "0.0.0.0:9478"]
+    assert {"name": "metrics", "containerPort": 9478, "protocol": "TCP"} in container["ports"]
+    (service,) = kind(docs, "Service")
+    assert service["spec"]["clusterIP"] == "None"
+    (monitor,) = kind(docs, "ServiceMonitor")
+    assert monitor["metadata"]["labels"]["release"] == "kps"
+    assert monitor["spec"]["endpoints"][0]["port"] == "metrics"
+    # Without the Prometheus operator's CRD (an offline render has none) there is no ServiceMonitor.
+    values = copy.deepcopy(VALUE_SETS["metrics-digest"])
+    values["metrics"]["serviceMonitor"]["skipCRDCheck"] = False
+    docs, _ = render(chart, values)
+    assert not kind(docs, "ServiceMonitor") and kind(docs, "Service")
+
+
+@pytest.fixture(scope="module")
+def rendered_files(chart, tmp_path_factory):
+    """Each value set rendered to a file of its own."""
+    directory = tmp_path_factory.mktemp("rendered")
+    files = []
+    for name, values in VALUE_SETS.items():
+        docs, _ = render(chart, values)
+        path = directory / f"{name}.yaml"
+        path.write_text(yaml.safe_dump_all(docs))
+        files.append(path)
+    return files
+
+
+@pytest.mark.parametrize("version", KUBE_VERSIONS)
+def test_kubernetes_validate_strict(rendered_files, version):
+    need_module("kubernetes_validate", "kubernetes-validate")
+    files = rendered_files + sorted((ROOT / "deploy" / "kubernetes").glob("*.yaml"))
+    result = run(["kubernetes-validate", "--strict", "--quiet", "-k", version, *files], check=False, env=None)
+    assert result.returncode == 0, result.stdout + result.stderr
+    # Only the ServiceMonitor (a CRD's kind) may be unknown to kubernetes-validate.
+    for line in (result.stdout + result.stderr).splitlines():
+        if line.startswith("WARN"):
+            assert "servicemonitor" in line.lower(), line
+
+
+def test_agent_accepts_every_rendered_configuration(chart, binaries, tmp_path):
+    """The ConfigMap's file, with the container's flags, passes `fpga-agent --check-config`."""
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                    "-days", "2", "-subj", "/CN=fpga-test", "-keyout", tmp_path / "tls.key", "-out", tmp_path / "tls.crt"],
+                   check=True, capture_output=True)
+    (tmp_path / "ca.crt").write_bytes((tmp_path / "tls.crt").read_bytes())
+    for name, values in VALUE_SETS.items():
+        docs, _ = render(chart, values)
+        text = kind(docs, "ConfigMap")[0]["data"]["fpga-agent.yaml"].replace("/etc/fpga-agent/tls", str(tmp_path))
+        config = tmp_path / f"{name}.yaml"
+        config.write_text(text)
+        (container,) = pod_spec(docs)["containers"]
+        args = [a.replace("/etc/fpga-agent/tls", str(tmp_path)) for a in container["args"]]
+        args[args.index("--config") + 1] = str(config)
+        if "--http-listen" in args:  # the HTTP listener is checked once the agent has it
+            at = args.index("--http-listen")
+            if "--http-listen" not in run([binaries / "fpga-agent", "help", "serve"], env=None).stdout:
+                del args[at:at + 2]
+        result = run([binaries / "fpga-agent", *args, "--check-config"], check=False, env=None)
+        assert result.returncode == 0, f"{name}: {result.stdout}{result.stderr}"
+
+
+def test_deploy_kubernetes_agrees_with_the_chart(helm):
+    result = run([ROOT / "scripts" / "render-manifests", "--check"], check=False, env=None)
+    assert result.returncode == 0, "deploy/kubernetes/ is stale, run scripts/render-manifests:\n" + result.stdout[-3000:]
