@@ -265,10 +265,14 @@ public actor NodeEngine {
   /// Ends every watch stream and stops the accelerators and the operations under way, for a
   /// graceful shutdown. An operation stops where it is: the step it was carrying out stays
   /// "running" in its journal and is carried out again at the next start.
+  ///
+  /// The operations' tasks are owned by the caller's service: they are awaited here, so none
+  /// outlives the service group. A step blocked in the kernel that never returns is bounded by
+  /// the group's graceful-shutdown and cancellation limits, and its journal is durable.
   public func close() async {
     stopping = true
-    // Not awaited: a step blocked in the kernel may never return, and its journal is durable.
-    for task in operationTasks.values { task.cancel() }
+    let running = operationTasks
+    for task in running.values { task.cancel() }
     for runner in runners.values { await runner.stop() }
     broadcaster.close()
     operationLog.close()
@@ -276,6 +280,7 @@ public actor NodeEngine {
       for waiter in waiters { waiter.resume() }
     }
     keyWaiters = [:]
+    for task in running.values { await task.value }
   }
 
   // MARK: Operations

@@ -270,3 +270,58 @@ struct FPGACtlQEMUTests {
     }
   }
 }
+
+/// The agent on a fake sysfs tree with several malformed devices: the healthy PF is served, and
+/// `fpgactl status` names each odd device with its reason.
+@Suite struct OddDevicesThroughFPGACtlTests {
+  @Test func eachOddDeviceIsNamedAndTheRestIsServed() async throws {
+    let tree = try FakeKernelSysfs(pfs: [
+      .init("0000:3b:00.0", totalVFs: 8, offset: 4),
+      .init("0000:3b:00.1", device: 0x913f, vfDevice: 0xa13f, totalVFs: 8, offset: 67),
+      .init("0000:3b:00.2", device: 0x923f, vfDevice: 0xa23f, totalVFs: 8, offset: 130),
+      .init("0000:3b:00.3", device: 0x933f, vfDevice: 0xa33f, totalVFs: 8, offset: 193),
+    ])
+    for pf in ["0000:3b:00.0", "0000:3b:00.2", "0000:3b:00.3"] {
+      try tree.write(.device(PCIAddress(pf)!, "sriov_drivers_autoprobe"), "0")
+      try tree.write(.device(PCIAddress(pf)!, "sriov_numvfs"), "2")
+    }
+    let devices = tree.sysRoot + "/devices/pci0000:00/"
+    // A PF without sriov_vf_device; a VF whose IOMMU group link leaves the root; a PF whose
+    // sriov_totalvfs is garbage.
+    try FileManager.default.removeItem(atPath: devices + "0000:3b:00.1/sriov_vf_device")
+    let oddVF = "0000:3b:00.2"
+    let vfs = try FileManager.default.contentsOfDirectory(atPath: devices).filter { $0.hasPrefix("0000:3b:") }.sorted()
+    let firstVFOfPF2 = try #require(vfs.first { name in
+      (try? FileManager.default.destinationOfSymbolicLink(atPath: devices + name + "/physfn"))?.hasSuffix(oddVF) ?? false
+    })
+    try FileManager.default.removeItem(atPath: devices + firstVFOfPF2 + "/iommu_group")
+    try FileManager.default.createSymbolicLink(atPath: devices + firstVFOfPF2 + "/iommu_group", withDestinationPath: "/tmp")
+    try "lots\n".write(toFile: devices + "0000:3b:00.3/sriov_totalvfs", atomically: true, encoding: .utf8)
+
+    try await TestAgent.with(configure: { config in
+      config.platform = "linux"
+      config.linux.sysfsRoot = tree.sysRoot
+      config.linux.devRoot = tree.devRoot
+    }) { agent in
+      let status = await fpgactl(["status", "--server", "127.0.0.1:\(agent.port)"])
+      #expect(status.code == 0)
+      #expect(status.out.contains("DEGRADED"), "\(status.out)")
+      for (device, reason) in [
+        ("0000:3b:00.1", "sriov_vf_device"), (firstVFOfPF2, "not allocated"), ("0000:3b:00.3", "sriov_totalvfs"),
+      ] {
+        #expect(
+          status.out.split(separator: "\n").contains { $0.contains(device) && $0.contains(reason) },
+          "fpgactl status names \(device) (\(reason)):\n\(status.out)")
+      }
+      // The healthy PF's VFs, and PF2's other VF, are handed out.
+      var taken: [String] = []
+      for index in 0..<8 {
+        let result = await fpgactl(["allocate", "--owner", "o\(index)", "--server", "127.0.0.1:\(agent.port)"])
+        guard result.code == 0 else { break }
+        taken.append(result.out)
+      }
+      #expect(taken.count == 3, "\(taken)")
+      #expect(!taken.contains { $0.contains("VF \(firstVFOfPF2) ") })
+    }
+  }
+}
