@@ -137,12 +137,19 @@ import Testing
         "kubernetes.pools[0].pfs: \"3b:00.0\" is not a PCI address (DDDD:BB:DD.F)",
       ])
     }
+    // A plaintext link off loopback is refused, naming what to set.
+    #expect {
+      _ = try ConfigOptions.parse(["--orchestrator", "10.0.0.5:50060"]).resolvedConfig(environment: [:])
+    } throws: { error in
+      (error as? ConfigError)?.problems.contains { $0.contains("orchestrator.tls.cert") && $0.contains("orchestrator.insecure") } ?? false
+    }
     let flags = try ConfigOptions.parse(["--orchestrator", "10.0.0.5:50060", "--kubelet-dir", "/var/lib/kubelet/device-plugins"])
-      .resolvedConfig(environment: [:])
-    #expect(flags.orchestrator.address == "10.0.0.5:50060")
+      .resolvedConfig(environment: ["FPGA_AGENT_ORCHESTRATOR_TLS_CERT": "/dev/null", "FPGA_AGENT_ORCHESTRATOR_TLS_KEY": "/dev/null", "FPGA_AGENT_ORCHESTRATOR_TLS_CA": "/dev/null"])
+    #expect(flags.orchestrator.address == "10.0.0.5:50060" && flags.orchestrator.tls.ca == "/dev/null")
     #expect(flags.kubernetes.devicePlugin && flags.kubernetes.kubeletDir == "/var/lib/kubelet/device-plugins")
     try flags.validate()
     #expect(flags.summary.contains("orchestrator:\n  address: 10.0.0.5:50060"))
+    #expect(flags.summary.contains("  role: operator"))
   }
 
   @Test func listenAddresses() {
