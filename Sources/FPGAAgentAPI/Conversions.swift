@@ -274,7 +274,7 @@ extension Fpga_Agent_V1_OperationState {
 }
 
 extension Fpga_Agent_V1_Operation {
-  init(_ record: OperationRecord) {
+  public init(_ record: OperationRecord) {
     self.init()
     id = record.id
     kind = record.kind

@@ -76,6 +76,11 @@ public struct ConfigOptions: ParsableArguments {
   @Option(name: .long, help: "Dial this orchestrator (HOST:PORT) and take its commands (env FPGA_AGENT_ORCHESTRATOR).")
   var orchestrator: String?
 
+  @Option(
+    name: .customLong("http-listen"),
+    help: "The dashboard, /metrics and /healthz (HOST:PORT, default 127.0.0.1:50080; empty: off; env FPGA_AGENT_HTTP_LISTEN).")
+  var httpListen: String?
+
   @Option(name: .customLong("orchestrator-tls-cert"), help: "The agent's certificate chain (PEM) for the orchestrator link.")
   var orchestratorTLSCert: String?
 
@@ -125,6 +130,7 @@ public struct ConfigOptions: ParsableArguments {
     }
     if let qmpDir { resolved.qemu.socketDir = qmpDir }
     if let orchestrator { resolved.orchestrator.address = orchestrator }
+    if let httpListen { resolved.http.listen = httpListen }
     if let orchestratorTLSCert { resolved.orchestrator.tls.cert = orchestratorTLSCert }
     if let orchestratorTLSKey { resolved.orchestrator.tls.key = orchestratorTLSKey }
     if let orchestratorTLSCA { resolved.orchestrator.tls.ca = orchestratorTLSCA }
@@ -249,9 +255,13 @@ extension AgentConfig {
       "    key: \(server.tls.key)",
       "    client_ca: \(server.tls.clientCA)",
       "    reload_seconds: \(server.tls.reloadSeconds)",
+      "http:",
+      "  listen: \(http.listen)",
+      "  insecure: \(http.insecure)",
       "auth:",
       "  plaintext_role: \(auth.plaintextRole?.rawValue ?? "none")",
       "  root_is_admin: \(auth.rootIsAdmin)",
+      "  token_file: \(auth.tokenFile)",
       "  roles:" + (auth.roles.isEmpty ? " {}" : ""),
     ] + auth.roles.sorted { $0.key < $1.key }.map { "    \($0.key): \($0.value.rawValue)" } + [
       "shutdown_timeout_seconds: \(shutdownTimeoutSeconds)",

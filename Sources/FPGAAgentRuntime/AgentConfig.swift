@@ -52,6 +52,8 @@ public struct AgentConfig: Hashable, Sendable {
     public var roles: [String: Role] = [:]
     /// The role of a plaintext TCP caller (loopback, or `server.insecure`); none: refused.
     public var plaintextRole: Role? = .viewer
+    /// `TOKEN,NAME` lines: HTTP callers presenting TOKEN are `token:NAME` (map it in `roles`).
+    public var tokenFile = ""
     /// Root on the Unix socket is admin unless `roles` says otherwise.
     public var rootIsAdmin = true
   }
@@ -189,6 +191,15 @@ public struct AgentConfig: Hashable, Sendable {
   public var sharing = Sharing()
   public var kubernetes = Kubernetes()
   public var orchestrator = Orchestrator()
+  public var http = HTTP()
+
+  /// The HTTP listener: the dashboard, `/metrics`, `/healthz` and the dashboard's JSON endpoints.
+  public struct HTTP: Hashable, Sendable {
+    /// `HOST:PORT`; empty disables it.
+    public var listen = "127.0.0.1:50080"
+    /// Serve it on an address other than loopback without TLS (tokens travel in clear).
+    public var insecure = false
+  }
 
   /// The link to a cluster orchestrator.
   public struct Orchestrator: Hashable, Sendable {
@@ -310,8 +321,22 @@ public struct AgentConfig: Hashable, Sendable {
           + "--orchestrator-tls-key, --orchestrator-tls-ca; FPGA_AGENT_ORCHESTRATOR_TLS_*), or orchestrator.insecure: "
           + "true to take commands over plaintext anyway")
     }
+    if !http.listen.isEmpty {
+      if let address = ListenAddress(http.listen) {
+        if !address.isLoopback, !http.insecure {
+          problems.append(
+            "http.listen \(http.listen) is not a loopback address: the dashboard has no TLS of its own; keep it on "
+              + "loopback (behind a TLS proxy), or set http.insecure: true to serve it anyway")
+        }
+      } else {
+        problems.append("http.listen \(quoted(http.listen)) is not HOST:PORT")
+      }
+    }
+    if !auth.tokenFile.isEmpty, !SystemCalls.isReadableFile(auth.tokenFile) {
+      problems.append("auth.token_file \(quoted(auth.tokenFile)) is not a readable file")
+    }
     for identity in auth.roles.keys.sorted() where !Auth.isIdentity(identity) {
-      problems.append("auth.roles key \(quoted(identity)) is not spiffe://…, cn:NAME, uid:N or gid:N")
+      problems.append("auth.roles key \(quoted(identity)) is not spiffe://…, cn:NAME, token:NAME, uid:N or gid:N")
     }
     if !(1...600).contains(shutdownTimeoutSeconds) {
       problems.append("shutdown_timeout_seconds \(shutdownTimeoutSeconds) is out of range: 1-600")
@@ -502,6 +527,7 @@ extension AgentConfig.Auth {
   static func isIdentity(_ text: String) -> Bool {
     if text.hasPrefix("spiffe://") { return text.count > 9 }
     if text.hasPrefix("cn:") { return text.count > 3 }
+    if text.hasPrefix("token:") { return text.count > 6 }
     for prefix in ["uid:", "gid:"] where text.hasPrefix(prefix) { return UInt32(text.dropFirst(4)) != nil }
     return false
   }

@@ -28,6 +28,9 @@ public final class AgentRuntime: Sendable {
   private let tcpServer: GRPCServer<HTTP2ServerTransport.Posix>?
   private let unixServer: GRPCServer<HTTP2ServerTransport.Posix>?
   private let group: ServiceGroup
+  let metrics: AgentMetrics
+  /// The HTTP listener's port once bound.
+  private let httpBound = BoundPort()
 
   /// Builds everything; serves nothing until `run`.
   public init(
@@ -83,6 +86,8 @@ public final class AgentRuntime: Sendable {
       defaultDetachTimeout: .seconds(config.qemu.detachTimeoutSeconds),
       auditTrail: { [audit] limit in (audit.last(limit), audit.path) })
     let services: [any RegistrableRPCService] = [nodeAgent, health]
+    let metrics = AgentMetrics(version: Self.version)
+    self.metrics = metrics
     let listeners = (config.server.listen.isEmpty ? 0 : 1) + (config.server.unixSocket.isEmpty ? 0 : 1)
 
     var reloader: TimedCertificateReloader?
@@ -115,6 +120,7 @@ public final class AgentRuntime: Sendable {
           config: Self.transportConfig(config.server, listeners: listeners, name: "tcp", logger: logger)),
         services: services,
         interceptors: [
+          MetricsInterceptor(metrics: metrics),
           AuthorizationInterceptor(
             resolver: CallerResolver(auth: config.auth, tls: config.server.tls.isEnabled), unix: false, audit: audit,
             engine: engine)
@@ -132,6 +138,7 @@ public final class AgentRuntime: Sendable {
           config: Self.transportConfig(config.server, listeners: listeners, name: "unix", unix: true, logger: logger)),
         services: services,
         interceptors: [
+          MetricsInterceptor(metrics: metrics),
           AuthorizationInterceptor(
             resolver: CallerResolver(auth: config.auth, tls: false), unix: true, audit: audit, engine: engine)
         ])
@@ -166,7 +173,8 @@ public final class AgentRuntime: Sendable {
         let plugin = DevicePlugin(
           engine: engine, pool: DevicePluginPool(resourceName: pool.resource, pfs: Set(pool.pfs.compactMap { PCIAddress($0) })),
           directory: config.kubernetes.kubeletDir, logger: logger,
-          interceptors: [DevicePluginAuditInterceptor(audit: audit, engine: engine)])
+          interceptors: [MetricsInterceptor(metrics: metrics), DevicePluginAuditInterceptor(audit: audit, engine: engine)])
+        metrics.track(resource: pool.resource, plugin.registered)
         serviceList.append(DevicePluginLifecycle(plugin: plugin))
       }
     }
@@ -175,6 +183,17 @@ public final class AgentRuntime: Sendable {
         AcceleratorService(
           engine: engine, logger: logger, interval: .seconds(config.sharing.metricsIntervalSeconds),
           workloads: config.platform == "simulated" ? config.simulator.workloads : []))
+    }
+    if let listen = ListenAddress(config.http.listen) {
+      let bound = httpBound
+      serviceList.append(
+        try WebServer.application(
+          listen: listen, config: config, engine: engine, service: nodeAgent, metrics: metrics, audit: audit,
+          logger: logger,
+          onListening: { [logger] port in
+            bound.set(port)
+            logger.info("dashboard on http://\(listen.isIPv6 ? "[\(listen.host)]" : listen.host):\(port)/")
+          }))
     }
     let servers = (tcpServer, unixServer)
     serviceList.append(
@@ -237,6 +256,9 @@ public final class AgentRuntime: Sendable {
     guard let address = try await tcpServer.listeningAddress else { return nil }
     return address.ipv4?.port ?? address.ipv6?.port
   }
+
+  /// The HTTP listener's port (dashboard, /metrics), once bound; nil when off or not yet bound.
+  public var httpPort: Int? { httpBound.value }
 
   /// Waits until the Unix socket server listens.
   public func unixSocketReady() async throws {
@@ -594,4 +616,11 @@ final class FirstByteTimeout: ChannelInboundHandler {
     }
     context.fireChannelRead(data)
   }
+}
+
+/// A listener's port, set once it is bound.
+final class BoundPort: Sendable {
+  private let port = Mutex<Int?>(nil)
+  var value: Int? { port.withLock { $0 } }
+  func set(_ value: Int) { port.withLock { $0 = value } }
 }

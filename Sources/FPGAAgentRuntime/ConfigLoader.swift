@@ -22,6 +22,7 @@ public enum ConfigLoader {
     ("FPGA_AGENT_TLS_KEY", "server.tls.key"),
     ("FPGA_AGENT_TLS_CLIENT_CA", "server.tls.client_ca"),
     ("FPGA_AGENT_INSECURE", "server.insecure"),
+    ("FPGA_AGENT_HTTP_LISTEN", "http.listen"),
     ("FPGA_AGENT_ORCHESTRATOR_TLS_CERT", "orchestrator.tls.cert"),
     ("FPGA_AGENT_ORCHESTRATOR_TLS_KEY", "orchestrator.tls.key"),
     ("FPGA_AGENT_ORCHESTRATOR_TLS_CA", "orchestrator.tls.ca"),
@@ -99,6 +100,7 @@ public enum ConfigLoader {
               reader.problems.append("\(path) \(quoted(text)) is not a role: viewer, operator, admin or none")
             }
           case "root_is_admin": reader.bool(value, path).map { config.auth.rootIsAdmin = $0 }
+          case "token_file": reader.string(value, path).map { config.auth.tokenFile = $0 }
           default: reader.unknown(path)
           }
         }
@@ -154,6 +156,14 @@ public enum ConfigLoader {
           case "accelerator_switch_us": reader.int(value, path).map { config.simulator.acceleratorSwitchMicroseconds = $0 }
           case "accelerator_bandwidth_mb_s": reader.int(value, path).map { config.simulator.acceleratorBandwidthMBps = $0 }
           case "workloads": reader.workloads(value, path).map { config.simulator.workloads = $0 }
+          default: reader.unknown(path)
+          }
+        }
+      case "http":
+        reader.mapping(value, "http") { key, value, path in
+          switch key {
+          case "listen": reader.string(value, path).map { config.http.listen = $0 }
+          case "insecure": reader.bool(value, path).map { config.http.insecure = $0 }
           default: reader.unknown(path)
           }
         }
@@ -239,6 +249,7 @@ public enum ConfigLoader {
       case "fault_injection": config.faultInjection = value
       case "simulator.state_file": config.simulator.stateFile = value
       case "orchestrator.address": config.orchestrator.address = value
+      case "http.listen": config.http.listen = value
       case "orchestrator.tls.cert": config.orchestrator.tls.cert = value
       case "orchestrator.tls.key": config.orchestrator.tls.key = value
       case "orchestrator.tls.ca": config.orchestrator.tls.ca = value

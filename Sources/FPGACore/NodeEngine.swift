@@ -305,6 +305,20 @@ public actor NodeEngine {
     operationLog.dropWatcher(id, watcher)
   }
 
+  /// The last `limit` operations the agent keeps (dry-run plans included), newest first.
+  public func recentOperations(_ limit: Int) -> [OperationRecord] { operationLog.recent(limit) }
+
+  /// Every change to any operation from now on; ends at shutdown.
+  public func watchOperations() throws(AgentError) -> AsyncStream<OperationRecord> {
+    guard !stopping else { throw AgentError(.unavailable, "the agent is shutting down; retry once it has restarted") }
+    return operationLog.feed { watcher in Task { await self.dropOperationFeed(watcher) } }
+  }
+
+  private func dropOperationFeed(_ watcher: UInt64) { operationLog.dropFeed(watcher) }
+
+  /// Operations ended since the start, by kind and result.
+  public var endedOperations: [OperationTally: Int] { operationLog.ended }
+
   /// Stores a new or changed operation and tells its watchers.
   func remember(_ record: OperationRecord) {
     operationLog.remember(record)

@@ -1,3 +1,4 @@
+import Synchronization
 import FPGAAgentAPI
 import FPGACore
 import Foundation
@@ -53,6 +54,8 @@ public struct DevicePlugin: Sendable {
   public var checkInterval: Duration = .seconds(1)
   /// Run around every call from the kubelet (the agent's audit trail).
   public var interceptors: [any ServerInterceptor]
+  /// Whether the kubelet has accepted the current registration (for `/metrics`).
+  public let registered = RegistrationState()
 
   public init(
     engine: NodeEngine, pool: DevicePluginPool, directory: String, logger: Logger,
@@ -70,7 +73,9 @@ public struct DevicePlugin: Sendable {
 
   /// Serves and keeps registered until cancelled.
   public func run() async {
+    defer { registered.set(false) }
     while !Task.isCancelled {
+      registered.set(false)
       unlink(socketPath)
       let server = GRPCServer(
         transport: .http2NIOPosix(address: .unixDomainSocket(path: socketPath), transportSecurity: .plaintext),
@@ -106,6 +111,7 @@ public struct DevicePlugin: Sendable {
     while !Task.isCancelled, FileManager.default.fileExists(atPath: socketPath) {
       do {
         try await register()
+        registered.set(true)
         logger.info(
           "registered with the kubelet",
           metadata: ["fpga.resource": "\(pool.resourceName)", "fpga.endpoint": "\(pool.socketName)"])
@@ -298,4 +304,12 @@ struct DevicePluginService: V1beta1_DevicePlugin.ServiceProtocol {
   ) async throws -> ServerResponse<V1beta1_PreStartContainerResponse> {
     ServerResponse(message: .init())
   }
+}
+
+/// A registration's state, shared with whoever reports it.
+public final class RegistrationState: Sendable {
+  private let state = Mutex(false)
+  public init() {}
+  public var isRegistered: Bool { state.withLock { $0 } }
+  func set(_ value: Bool) { state.withLock { $0 = value } }
 }

@@ -9,6 +9,7 @@ import Testing
   func config(in directory: String) -> AgentConfig {
     var config = AgentConfig()
     config.server.listen = "127.0.0.1:0"
+    config.http.listen = "127.0.0.1:0"
     config.server.unixSocket = directory + "/agent.sock"
     config.stateDir = directory + "/state"
     config.rescanIntervalSeconds = 0

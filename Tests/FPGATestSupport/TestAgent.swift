@@ -41,6 +41,7 @@ public struct TestAgent: Sendable {
     let directory = NSTemporaryDirectory() + "fpga-agent-test-" + UUID().uuidString.prefix(8)
     var config = AgentConfig()
     config.server.listen = "127.0.0.1:0"
+    config.http.listen = "127.0.0.1:0"
     config.server.unixSocket = directory + "/agent.sock"
     config.stateDir = directory + "/state"
     config.nodeID = nodeID

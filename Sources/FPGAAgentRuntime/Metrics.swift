@@ -1,0 +1,207 @@
+import FPGAAgentAPI
+import FPGACore
+import FPGADevicePlugin
+import GRPCCore
+import Prometheus
+import Synchronization
+
+/// The agent's metrics, in one catalog (swift-prometheus crashes when one name is registered
+/// twice with another type, help text or label set: every name is made here, nowhere else).
+///
+/// Two kinds:
+/// - **events** (RPCs handled and their latency) accumulate in a registry that lives as long as
+///   the agent;
+/// - **state** (VFs by state, PFs, allocations, accelerators, the link, the kubelet, health) is
+///   read from the engine at each scrape into a fresh registry, so series of VFs, guests and
+///   accelerators that are gone disappear with them instead of going stale.
+final class AgentMetrics: Sendable {
+  let events = PrometheusCollectorRegistry()
+  let version: String
+  /// The device plugins' registrations, by resource name.
+  private let kubelet = Mutex<[String: RegistrationState]>([:])
+
+  /// RPC latency buckets: 1 ms to 60 s (a detach waits on a guest; a switch on a slice).
+  static let latencyBuckets: [Duration] = [
+    .milliseconds(1), .milliseconds(5), .milliseconds(10), .milliseconds(25), .milliseconds(50),
+    .milliseconds(100), .milliseconds(250), .milliseconds(500), .seconds(1), .seconds(2.5), .seconds(5),
+    .seconds(10), .seconds(30), .seconds(60),
+  ]
+
+  init(version: String) {
+    self.version = version
+  }
+
+  /// Reports a device plugin's registration as `fpga_kubelet_registered{resource}`.
+  func track(resource: String, _ registration: RegistrationState) {
+    kubelet.withLock { $0[resource] = registration }
+  }
+
+  /// One RPC answered (gRPC or the dashboard's JSON endpoints), go-grpc-prometheus style.
+  func handled(service: String, method: String, code: String, after duration: Duration) {
+    events.makeCounter(
+      name: "grpc_server_handled_total",
+      labels: [("grpc_service", service), ("grpc_method", method), ("grpc_code", code)],
+      help: "RPCs completed on the server, by status code."
+    ).increment()
+    events.makeDurationHistogram(
+      name: "grpc_server_handling_seconds", labels: [("grpc_service", service), ("grpc_method", method)],
+      buckets: Self.latencyBuckets, help: "Time from a call's arrival to its answer."
+    ).record(duration)
+  }
+
+  /// The whole exposition: events, then the node's state now.
+  func scrape(_ engine: NodeEngine) async -> String {
+    let status = await engine.status()
+    let snapshot = try? await engine.snapshot()
+    let ended = await engine.endedOperations
+    let state = PrometheusCollectorRegistry()
+    state.makeGauge(name: "fpga_agent_build_info", labels: [("version", version)], help: "The agent's version (always 1).")
+      .set(1.0)
+    state.makeGauge(name: "fpga_agent_inventory_revision", help: "The inventory's revision.").set(Double(status.revision))
+    for health in [NodeStatusValue.Health.serving, .degraded, .notServing] {
+      state.makeGauge(
+        name: "fpga_node_health", labels: [("state", health.rawValue.replacingOccurrences(of: "-", with: "_"))],
+        help: "1 for the node's health now (serving, degraded, not_serving), 0 for the others."
+      ).set(status.health == health ? 1.0 : 0.0)
+    }
+    state.makeGauge(name: "fpga_node_problems", help: "Problems the node reports (unreadable devices, missing IOMMU, ...).")
+      .set(Double(status.capabilities.problems.count))
+    state.makeGauge(name: "fpga_agent_watchers", help: "Open inventory watch streams.").set(Double(status.watchers))
+    state.makeGauge(name: "fpga_orchestrator_link_up", help: "1 while the orchestrator link is connected.")
+      .set(status.link.state == .connected ? 1.0 : 0.0)
+    state.makeCounter(
+      name: "fpga_orchestrator_link_connections_total", help: "Connections the orchestrator link has made since the start."
+    ).increment(by: Int64(status.link.connections))
+    for (resource, registration) in kubelet.withLock({ $0 }).sorted(by: { $0.key < $1.key }) {
+      state.makeGauge(
+        name: "fpga_kubelet_registered", labels: [("resource", resource)],
+        help: "1 while the kubelet has accepted the device plugin's registration."
+      ).set(registration.isRegistered ? 1.0 : 0.0)
+    }
+    for (tally, count) in ended.sorted(by: { ($0.key.kind, $0.key.result) < ($1.key.kind, $1.key.result) })
+    where tally.result != "planned" {
+      state.makeCounter(
+        name: "fpga_agent_operations_total", labels: [("kind", tally.kind), ("result", tally.result)],
+        help: "Operations (reconfigure, drain) ended since the start, by result."
+      ).increment(by: Int64(count))
+    }
+    guard let snapshot else { return events.emitToString() + state.emitToString() }
+    for card in snapshot.cards {
+      for pf in card.pfs {
+        let labels = [("card", card.card.id), ("pf", pf.function.address.description)]
+        state.makeGauge(name: "fpga_pf_sriov_vfs", labels: labels, help: "VFs enabled on the PF (sriov_numvfs).")
+          .set(Double(pf.function.numVFs))
+        state.makeGauge(name: "fpga_pf_sriov_total_vfs", labels: labels, help: "VFs the PF supports (sriov_totalvfs).")
+          .set(Double(pf.function.totalVFs))
+        state.makeGauge(name: "fpga_pf_draining", labels: labels, help: "1 while the PF (or its card) takes no allocations.")
+          .set(pf.draining || card.card.draining ? 1.0 : 0.0)
+        var byState: [String: Int] = ["free": 0, "allocated": 0, "attached": 0, "unallocatable": 0]
+        for vf in pf.vfs {
+          switch vf.state {
+          case .free: byState["free", default: 0] += 1
+          case .allocated: byState["allocated", default: 0] += 1
+          case .attached, .detaching: byState["attached", default: 0] += 1
+          case .unhealthy: byState["unallocatable", default: 0] += 1
+          }
+        }
+        for (name, count) in byState.sorted(by: { $0.key < $1.key }) {
+          state.makeGauge(
+            name: "fpga_vfs", labels: labels + [("state", name)],
+            help: "VFs of the PF by state: free, allocated, attached (in a VM), unallocatable (unreadable or no IOMMU group)."
+          ).set(Double(count))
+        }
+      }
+    }
+    var allocations = ["unattached": 0, "attached": 0, "detaching": 0]
+    for allocation in snapshot.allocations {
+      allocations[allocation.detaching ? "detaching" : allocation.attached ? "attached" : "unattached", default: 0] += 1
+    }
+    for (name, count) in allocations.sorted(by: { $0.key < $1.key }) {
+      state.makeGauge(name: "fpga_allocations", labels: [("state", name)], help: "Allocations by state.")
+        .set(Double(count))
+    }
+    for accelerator in snapshot.accelerators {
+      let labels = [("accelerator", accelerator.id)]
+      let metrics = accelerator.metrics
+      state.makeGauge(
+        name: "fpga_accelerator_utilization_ratio", labels: labels,
+        help: "Share of the last window the accelerator ran guests' work (0-1)."
+      ).set(metrics.utilization)
+      state.makeGauge(
+        name: "fpga_accelerator_switch_overhead_ratio", labels: labels,
+        help: "Share of the last window spent switching contexts (0-1)."
+      ).set(metrics.switchOverhead)
+      state.makeGauge(
+        name: "fpga_accelerator_switches_per_second", labels: labels, help: "Context switches per second over the last window."
+      ).set(metrics.switchesPerSecond)
+      state.makeGauge(
+        name: "fpga_accelerator_switch_mean_seconds", labels: labels, help: "Mean context switch time over the last window."
+      ).set(metrics.meanSwitchTime.seconds)
+      state.makeGauge(
+        name: "fpga_accelerator_wait_p50_seconds", labels: labels, help: "Median wait of a job for the accelerator."
+      ).set(metrics.waitP50.seconds)
+      state.makeGauge(
+        name: "fpga_accelerator_wait_p99_seconds", labels: labels, help: "99th percentile wait of a job for the accelerator."
+      ).set(metrics.waitP99.seconds)
+      state.makeGauge(name: "fpga_accelerator_guests", labels: labels, help: "Guests bound to the accelerator.")
+        .set(Double(accelerator.guests.count))
+      state.makeGauge(
+        name: "fpga_accelerator_overcommit_ratio", labels: labels,
+        help: "Guests with work over what the accelerator serves at once."
+      ).set(metrics.overcommitRatio)
+      for guest in accelerator.guests {
+        let guestLabels = labels + [("guest", guest.guest)]
+        state.makeGauge(
+          name: "fpga_accelerator_guest_share_ratio", labels: guestLabels,
+          help: "The guest's share of the accelerator's busy time over the last window (0-1)."
+        ).set(guest.share)
+        state.makeGauge(
+          name: "fpga_accelerator_guest_pending_seconds", labels: guestLabels, help: "Work the guest has queued."
+        ).set(guest.pending.seconds)
+      }
+    }
+    return events.emitToString() + state.emitToString()
+  }
+}
+
+extension Duration {
+  /// The duration in seconds, as a Double.
+  var seconds: Double {
+    let (seconds, attoseconds) = components
+    return Double(seconds) + Double(attoseconds) / 1e18
+  }
+}
+
+/// Counts and times every RPC of a server (gRPC's status code names as the label).
+struct MetricsInterceptor: ServerInterceptor {
+  let metrics: AgentMetrics
+
+  func intercept<Input: Sendable, Output: Sendable>(
+    request: StreamingServerRequest<Input>, context: ServerContext,
+    next: @Sendable (StreamingServerRequest<Input>, ServerContext) async throws -> StreamingServerResponse<Output>
+  ) async throws -> StreamingServerResponse<Output> {
+    let started = ContinuousClock.now
+    let service = context.descriptor.service.fullyQualifiedService
+    let method = context.descriptor.method
+    do {
+      let response = try await next(request, context)
+      let code: String = if case .failure(let error) = response.accepted { Self.name(error.code) } else { "OK" }
+      metrics.handled(service: service, method: method, code: code, after: ContinuousClock.now - started)
+      return response
+    } catch {
+      let code = (error as? any RPCErrorConvertible)?.rpcErrorCode ?? (error as? RPCError)?.code ?? .unknown
+      metrics.handled(service: service, method: method, code: Self.name(code), after: ContinuousClock.now - started)
+      throw error
+    }
+  }
+
+  /// `INVALID_ARGUMENT` style, as gRPC spells its codes.
+  static func name(_ code: RPCError.Code) -> String {
+    var name = ""
+    for character in "\(code)" {
+      if character.isUppercase, !name.isEmpty { name.append("_") }
+      name.append(character.uppercased())
+    }
+    return name
+  }
+}
