@@ -20,6 +20,26 @@ public struct WallTime: Hashable, Comparable, Sendable, Codable {
   }
 }
 
+extension WallTime: CustomStringConvertible {
+  /// RFC 3339 in UTC, to the second: `2026-11-30T14:20:05Z`.
+  public var description: String {
+    let days = seconds >= 0 ? seconds / 86_400 : (seconds - 86_399) / 86_400
+    let secondOfDay = seconds - days * 86_400
+    // Civil date from days since 1970-01-01 (H. Hinnant's algorithm).
+    let z = days + 719_468
+    let era = (z >= 0 ? z : z - 146_096) / 146_097
+    let dayOfEra = z - era * 146_097
+    let yearOfEra = (dayOfEra - dayOfEra / 1460 + dayOfEra / 36_524 - dayOfEra / 146_096) / 365
+    let dayOfYear = dayOfEra - (365 * yearOfEra + yearOfEra / 4 - yearOfEra / 100)
+    let monthIndex = (5 * dayOfYear + 2) / 153
+    let day = dayOfYear - (153 * monthIndex + 2) / 5 + 1
+    let month = monthIndex < 10 ? monthIndex + 3 : monthIndex - 9
+    let year = yearOfEra + era * 400 + (month <= 2 ? 1 : 0)
+    func two(_ value: Int64) -> String { value < 10 ? "0\(value)" : "\(value)" }
+    return "\(year)-\(two(month))-\(two(day))T\(two(secondOfDay / 3600)):\(two(secondOfDay / 60 % 60)):\(two(secondOfDay % 60))Z"
+  }
+}
+
 /// Tells the wall-clock time; injected so tests control it.
 public protocol WallClock: Sendable {
   func now() -> WallTime
@@ -66,6 +86,10 @@ public struct PhysicalFunction: Hashable, Sendable {
   public var numaNode: Int
   /// QDMA queues of the function; 0 when not QDMA.
   public var qmax: Int
+  /// What the platform read of its health at the last scan (nil: nothing to read).
+  public var readings: HealthReadings? = nil
+  /// Its health, assessed by the engine.
+  public var health = DeviceHealth()
 
   public init(
     address: PCIAddress, vendorID: UInt16, deviceID: UInt16, vfDeviceID: UInt16, totalVFs: Int,
@@ -109,6 +133,10 @@ public struct VirtualFunction: Hashable, Sendable, Codable {
   public var driverOverride: String?
   /// `/dev/vfio/N` when it exists.
   public var vfioDevice: String?
+  /// What the platform read of its health at the last scan (nil: nothing to read).
+  public var readings: HealthReadings? = nil
+  /// Its health, assessed by the engine from the readings and its PF's health.
+  public var health = DeviceHealth()
 
   public init(
     address: PCIAddress, pfAddress: PCIAddress, index: Int, vendorID: UInt16, deviceID: UInt16,
@@ -126,8 +154,9 @@ public struct VirtualFunction: Hashable, Sendable, Codable {
     self.vfioDevice = vfioDevice
   }
 
-  /// A VF can be handed to a VM only through an IOMMU group.
-  public var isPassthroughCapable: Bool { iommuGroup >= 0 }
+  /// A VF can be handed to a VM only through an IOMMU group, and only while it is healthy
+  /// enough (not unhealthy, not gone, nor its PF).
+  public var isPassthroughCapable: Bool { iommuGroup >= 0 && health.isUsable }
 }
 
 /// A VF as the agent presents it: the platform's facts plus who holds it.

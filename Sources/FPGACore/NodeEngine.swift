@@ -46,12 +46,22 @@ public actor NodeEngine {
   private var scanProblems: [String] = []
   public internal(set) var highestEpoch: UInt64 = 0
   private let watchBufferLimit: Int
+  /// Devices' health across scans (see `NodeEngine+Health.swift`).
+  var healthTracker: HealthTracker
+  /// PFs that left the bus while known, with since when (until they come back).
+  var gone: [PCIAddress: WallTime] = [:]
+  /// The last allocations the agent ended on its own (device gone), with the reason.
+  public internal(set) var endedAllocations: [EndedAllocation] = []
+  /// Drains the health policy raised, to record at the next commit of a scan.
+  var healthDrains: [String] = []
 
   public init(
     nodeID: String, platform: any NodePlatform, clock: any WallClock, hypervisor: (any Hypervisor)? = nil,
     store: any StateStore = MemoryStateStore(), faults: FaultInjection? = nil, detachTimeout: Duration = .seconds(30),
-    accelerators: [AcceleratorRunner] = [], changeLogCapacity: Int = 4096, watchBufferLimit: Int = 4096
+    accelerators: [AcceleratorRunner] = [], changeLogCapacity: Int = 4096, watchBufferLimit: Int = 4096,
+    healthPolicy: HealthPolicy = HealthPolicy()
   ) {
+    self.healthTracker = HealthTracker(policy: healthPolicy)
     self.runners = Dictionary(accelerators.map { ($0.spec.id, $0) }, uniquingKeysWith: { a, _ in a })
     self.store = store
     self.faults = faults
@@ -89,6 +99,7 @@ public actor NodeEngine {
   /// VFs until its operation verifies the new layout (`verified`).
   func changes(applying scan: DiscoveredNode, verified: PCIAddress? = nil) -> [InventoryChange] {
     var node = scan
+    assessHealth(&node)
     for (index, pf) in node.pfs.enumerated()
     where pf.function.address != verified && reconfiguring[pf.function.address] != nil {
       if let kept = state.discovered(pf.function.address) { node.pfs[index] = kept }
@@ -101,12 +112,24 @@ public actor NodeEngine {
   @discardableResult
   func publishScan(_ changes: [InventoryChange]) async -> UInt64 {
     let revision = publish(changes)
+    if !healthDrains.isEmpty {
+      let drains = healthDrains
+      healthDrains = []
+      do {
+        try await store.commit(drains.map { .setDrain($0, true) })
+      } catch {
+        noteDiscrepancy("automatic drains could not be recorded (\(error.message)); they hold until the agent restarts")
+      }
+    }
     let ended = changes.compactMap { change -> String? in
       if case .allocationRemoved(let id) = change { return id }
       return nil
     }
     guard !ended.isEmpty else { return revision }
-    for id in ended { noteDiscrepancy("allocation \(id) ended: its VF vanished from the platform") }
+    for id in ended {
+      let reason = endedAllocations.last { $0.allocation.id == id }?.reason ?? "its VF vanished from the platform"
+      noteDiscrepancy("allocation \(id) ended: \(reason)")
+    }
     do {
       try await store.commit(ended.map { .deleteAllocation($0) })
     } catch {
@@ -132,6 +155,7 @@ public actor NodeEngine {
   public func status() -> NodeStatusValue {
     var found = capabilities
     found.problems += scanProblems
+    found.problems += healthProblems()
     // An SR-IOV PF without a driver cannot change its VF count (the kernel answers ENOENT).
     for address in state.pfAddresses {
       guard let pf = state.pf(address), pf.driver == nil, pf.totalVFs > 0 else { continue }

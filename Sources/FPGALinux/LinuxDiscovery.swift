@@ -90,6 +90,8 @@ public struct LinuxDiscovery: Sendable {
       driversAutoprobe: sriov ? try intValue(.device(address, "sriov_drivers_autoprobe")) != 0 : false,
       driver: driver, numaNode: (try? intValue(.device(address, "numa_node"))) ?? -1,
       qmax: (try? intValue(.device(address, "qdma", "qmax"))) ?? 0)
+    var pfFunction = function
+    pfFunction.readings = readings(address, expectedDriver: nil, driver: driver)
     var vfs: [VirtualFunction] = []
     for entry in try sysfs.list(.device(address)) where entry.hasPrefix("virtfn") {
       guard let index = Int(entry.dropFirst(6)), let name = try sysfs.linkName(.device(address, entry)),
@@ -106,7 +108,7 @@ public struct LinuxDiscovery: Sendable {
             iommuGroup: -1, numaNode: function.numaNode, driver: nil, driverOverride: nil, vfioDevice: nil))
       }
     }
-    return DiscoveredPF(function: function, vfs: vfs.sorted { $0.index < $1.index })
+    return DiscoveredPF(function: pfFunction, vfs: vfs.sorted { $0.index < $1.index })
   }
 
   func readVF(_ address: PCIAddress, pf: PCIAddress, index: Int) throws(SysfsError) -> VirtualFunction {
@@ -114,12 +116,45 @@ public struct LinuxDiscovery: Sendable {
     let override = (try? sysfs.read(.device(address, "driver_override"))).flatMap { $0.isEmpty || $0 == "(null)" ? nil : $0 }
     let group = try sysfs.linkName(.device(address, "iommu_group")).flatMap { Int($0) } ?? -1
     let vfio = group >= 0 && driver == "vfio-pci" && sysfs.deviceNodeExists("vfio/\(group)") ? "/dev/vfio/\(group)" : nil
-    return VirtualFunction(
+    var function = VirtualFunction(
       address: address, pfAddress: pf, index: index,
       vendorID: UInt16(try hexValue(.device(address, "vendor"))),
       deviceID: UInt16(try hexValue(.device(address, "device"))),
       iommuGroup: group, numaNode: (try? intValue(.device(address, "numa_node"))) ?? -1,
       driver: driver, driverOverride: override, vfioDevice: vfio)
+    // The agent binds its VFs through driver_override: one that names a driver other than
+    // the bound one was unbound (or rebound) behind its back.
+    function.readings = readings(address, expectedDriver: override == "none" ? nil : override, driver: driver)
+    return function
+  }
+
+  /// What sysfs says of a device's health: AER counters (`TOTAL_ERR_*` of `aer_dev_*`), the
+  /// link's speed and width against their maxima, and whether config space answers (a device
+  /// that fell off the bus reads all ones). Attributes the kernel does not offer stay nil.
+  func readings(_ address: PCIAddress, expectedDriver: String?, driver: String?) -> HealthReadings {
+    func total(_ file: String, _ key: String) -> UInt64? {
+      guard let text = try? sysfs.read(.device(address, file)) else { return nil }
+      for line in text.split(separator: "\n") {
+        let fields = line.split(separator: " ")
+        if fields.count == 2, fields[0] == key { return UInt64(fields[1]) }
+      }
+      return nil
+    }
+    func text(_ file: String) -> String? {
+      guard let value = try? sysfs.read(.device(address, file)), !value.isEmpty, !value.hasPrefix("Unknown") else {
+        return nil
+      }
+      return value
+    }
+    let config = (try? sysfs.readBytes(.device(address, "config"), count: 4)) ?? []
+    return HealthReadings(
+      correctableErrors: total("aer_dev_correctable", "TOTAL_ERR_COR"),
+      nonfatalErrors: total("aer_dev_nonfatal", "TOTAL_ERR_NONFATAL"),
+      fatalErrors: total("aer_dev_fatal", "TOTAL_ERR_FATAL"),
+      linkSpeed: text("current_link_speed"), maxLinkSpeed: text("max_link_speed"),
+      linkWidth: text("current_link_width").flatMap { Int($0) }, maxLinkWidth: text("max_link_width").flatMap { Int($0) },
+      configAllOnes: config.count == 4 && config.allSatisfy { $0 == 0xff },
+      expectedDriver: expectedDriver, driver: driver)
   }
 
   func hexValue(_ path: SysfsPath) throws(SysfsError) -> Int {

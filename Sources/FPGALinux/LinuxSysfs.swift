@@ -42,6 +42,22 @@ public struct LinuxSysfs: Sysfs {
     return text
   }
 
+  public func readBytes(_ path: SysfsPath, count: Int) throws(SysfsError) -> [UInt8] {
+    let full = try confined(path)
+    let fd = open(full, O_RDONLY | O_CLOEXEC)
+    guard fd >= 0 else { throw SysfsError(operation: "open", path: full, errno: errno) }
+    defer { close(fd) }
+    var buffer = [UInt8](repeating: 0, count: count)
+    while true {
+      let read = Glibc.pread(fd, &buffer, count, 0)
+      if read < 0 {
+        if errno == EINTR { continue }
+        throw SysfsError(operation: "read", path: full, errno: errno)
+      }
+      return Array(buffer[0..<read])
+    }
+  }
+
   public func write(_ path: SysfsPath, _ value: String) throws(SysfsError) {
     let full = try confined(path)
     let fd = open(full, O_WRONLY | O_CLOEXEC)

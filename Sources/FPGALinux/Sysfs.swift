@@ -49,6 +49,8 @@ public struct SysfsError: Error, Hashable, Sendable, CustomStringConvertible {
 public protocol Sysfs: Sendable {
   /// The attribute's contents, without the trailing newline.
   func read(_ path: SysfsPath) throws(SysfsError) -> String
+  /// The first `count` bytes of a binary attribute (a device's `config`).
+  func readBytes(_ path: SysfsPath, count: Int) throws(SysfsError) -> [UInt8]
   /// Writes `value` to an attribute in one `write(2)`, as `echo` does. May block (sriov_numvfs).
   func write(_ path: SysfsPath, _ value: String) throws(SysfsError)
   /// The last component of a symlink's target (`driver` → `vfio-pci`), nil when absent.

@@ -92,6 +92,9 @@ public final class FakeKernelSysfs: Sysfs, @unchecked Sendable {
   // MARK: Sysfs (reads through the real implementation)
 
   public func read(_ path: SysfsPath) throws(SysfsError) -> String { try reader.read(path) }
+  public func readBytes(_ path: SysfsPath, count: Int) throws(SysfsError) -> [UInt8] {
+    try reader.readBytes(path, count: count)
+  }
   public func linkName(_ path: SysfsPath) throws(SysfsError) -> String? { try reader.linkName(path) }
   public func list(_ path: SysfsPath) throws(SysfsError) -> [String] { try reader.list(path) }
   public func exists(_ path: SysfsPath) -> Bool { reader.exists(path) }

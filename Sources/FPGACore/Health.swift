@@ -1,0 +1,202 @@
+/// What the platform reads of a device's health at one scan: PCIe AER counters, the link's
+/// trained speed and width against their maxima, whether config space answers, the bound
+/// driver against the one expected. A nil field was not available (no AER capability, an
+/// attribute the kernel does not offer): it counts as neither good nor bad.
+public struct HealthReadings: Hashable, Sendable, Codable {
+  /// `TOTAL_ERR_COR` of `aer_dev_correctable`.
+  public var correctableErrors: UInt64?
+  /// `TOTAL_ERR_NONFATAL` of `aer_dev_nonfatal`.
+  public var nonfatalErrors: UInt64?
+  /// `TOTAL_ERR_FATAL` of `aer_dev_fatal`.
+  public var fatalErrors: UInt64?
+  /// `current_link_speed` / `max_link_speed`, e.g. "8.0 GT/s PCIe".
+  public var linkSpeed: String?
+  public var maxLinkSpeed: String?
+  /// `current_link_width` / `max_link_width`.
+  public var linkWidth: Int?
+  public var maxLinkWidth: Int?
+  /// Config space read back as all ones: the device no longer answers (fell off the bus).
+  public var configAllOnes = false
+  /// The driver the agent expects bound (vfio-pci for a VF it bound; the PF's when first seen),
+  /// and the one bound now.
+  public var expectedDriver: String?
+  public var driver: String?
+
+  public init(
+    correctableErrors: UInt64? = nil, nonfatalErrors: UInt64? = nil, fatalErrors: UInt64? = nil,
+    linkSpeed: String? = nil, maxLinkSpeed: String? = nil, linkWidth: Int? = nil, maxLinkWidth: Int? = nil,
+    configAllOnes: Bool = false, expectedDriver: String? = nil, driver: String? = nil
+  ) {
+    self.correctableErrors = correctableErrors
+    self.nonfatalErrors = nonfatalErrors
+    self.fatalErrors = fatalErrors
+    self.linkSpeed = linkSpeed
+    self.maxLinkSpeed = maxLinkSpeed
+    self.linkWidth = linkWidth
+    self.maxLinkWidth = maxLinkWidth
+    self.configAllOnes = configAllOnes
+    self.expectedDriver = expectedDriver
+    self.driver = driver
+  }
+}
+
+/// A device's health: the worst of its reasons, each with the figure behind it and since when.
+public struct DeviceHealth: Hashable, Sendable, Codable {
+  public enum State: String, Hashable, Sendable, Codable, Comparable, CaseIterable {
+    /// Nothing wrong.
+    case healthy
+    /// Works, but something is off (correctable errors at a high rate, a degraded link, a
+    /// driver other than expected): still allocated, watched.
+    case degraded
+    /// Must not be used: uncorrectable errors, config space gone, no IOMMU group.
+    case unhealthy
+    /// No longer on the bus.
+    case gone
+
+    private var rank: Int { Self.allCases.firstIndex(of: self)! }
+    public static func < (lhs: State, rhs: State) -> Bool { lhs.rank < rhs.rank }
+  }
+
+  public struct Reason: Hashable, Sendable, Codable {
+    /// `aer-fatal`, `aer-nonfatal`, `aer-correctable`, `link-speed`, `link-width`,
+    /// `config-unreadable`, `driver`, `no-iommu-group`, `unreadable`, `gone`, `parent`.
+    public var kind: String
+    public var state: State
+    /// What was seen, with the figure (e.g. "12 fatal errors (was 0)").
+    public var detail: String
+    public var since: WallTime
+
+    public init(kind: String, state: State, detail: String, since: WallTime) {
+      self.kind = kind
+      self.state = state
+      self.detail = detail
+      self.since = since
+    }
+  }
+
+  public var state: State
+  public var reasons: [Reason]
+  /// When the device entered this state.
+  public var since: WallTime
+
+  public init(state: State = .healthy, reasons: [Reason] = [], since: WallTime = WallTime(seconds: 0)) {
+    self.state = state
+    self.reasons = reasons
+    self.since = since
+  }
+
+  /// May a new allocation take it?
+  public var isUsable: Bool { state < .unhealthy }
+
+  /// "unhealthy since …: aer-fatal: 1 fatal error; …".
+  public var summary: String {
+    reasons.map { "\($0.kind): \($0.detail)" }.joined(separator: "; ")
+  }
+}
+
+/// Thresholds of the health assessment (`health.*` in the configuration).
+public struct HealthPolicy: Hashable, Sendable {
+  /// Correctable AER errors per minute above which a device is degraded.
+  public var correctableErrorsPerMinute: Double = 60
+  /// Drain a PF (no new allocations on it) when it reports a fatal error.
+  public var drainOnFatal = false
+
+  public init(correctableErrorsPerMinute: Double = 60, drainOnFatal: Bool = false) {
+    self.correctableErrorsPerMinute = correctableErrorsPerMinute
+    self.drainOnFatal = drainOnFatal
+  }
+}
+
+/// Turns readings into health, remembering what it needs across scans: the counters at the
+/// first scan (errors are counted from there: a device that logged errors before the agent
+/// started is judged by what it does now, and the figures say so), the last counters and their
+/// time (rates), and since when each reason holds.
+public struct HealthTracker: Sendable {
+  public var policy: HealthPolicy
+  private struct Memory: Sendable {
+    var baseline: HealthReadings
+    var last: HealthReadings
+    var lastAt: WallTime
+    var since: [String: WallTime] = [:]
+    var health = DeviceHealth()
+  }
+  private var memory: [PCIAddress: Memory] = [:]
+
+  public init(policy: HealthPolicy = HealthPolicy()) { self.policy = policy }
+
+  /// The device's health from this scan's `readings` (nil: the platform reads no health, as the
+  /// simulated node) and the facts the inventory already knows.
+  public mutating func assess(
+    _ address: PCIAddress, readings: HealthReadings?, noIOMMUGroup: Bool = false, unreadable: Bool = false,
+    now: WallTime
+  ) -> DeviceHealth {
+    var found: [(kind: String, state: State, detail: String)] = []
+    typealias State = DeviceHealth.State
+    var entry = memory[address] ?? Memory(baseline: readings ?? HealthReadings(), last: readings ?? HealthReadings(), lastAt: now)
+    if unreadable {
+      found.append(("unreadable", .unhealthy, "its sysfs attributes cannot be read"))
+    } else if noIOMMUGroup {
+      found.append(("no-iommu-group", .unhealthy, "no IOMMU group: it cannot be passed through"))
+    }
+    if let readings {
+      if readings.configAllOnes {
+        found.append(("config-unreadable", .unhealthy, "config space reads all ones: the device does not answer"))
+      }
+      if let fatal = readings.fatalErrors, fatal > (entry.baseline.fatalErrors ?? 0) {
+        let count = fatal - (entry.baseline.fatalErrors ?? 0)
+        found.append(("aer-fatal", .unhealthy, "\(count) uncorrectable fatal error\(count == 1 ? "" : "s") (AER)"))
+      }
+      if let nonfatal = readings.nonfatalErrors, nonfatal > (entry.baseline.nonfatalErrors ?? 0) {
+        let count = nonfatal - (entry.baseline.nonfatalErrors ?? 0)
+        found.append(("aer-nonfatal", .unhealthy, "\(count) uncorrectable non-fatal error\(count == 1 ? "" : "s") (AER)"))
+      }
+      if let correctable = readings.correctableErrors, let previous = entry.last.correctableErrors, correctable > previous {
+        let seconds = max(1, Double(now.seconds - entry.lastAt.seconds))
+        let perMinute = Double(correctable - previous) * 60 / seconds
+        if perMinute > policy.correctableErrorsPerMinute {
+          found.append((
+            "aer-correctable", .degraded,
+            "\(correctable - previous) correctable errors in \(Int(seconds)) s (\(Int(perMinute))/min, threshold \(Int(policy.correctableErrorsPerMinute))/min)"
+          ))
+        }
+      }
+      if let width = readings.linkWidth, let maxWidth = readings.maxLinkWidth, width > 0, width < maxWidth {
+        found.append(("link-width", .degraded, "link trained at x\(width) of x\(maxWidth)"))
+      }
+      if let speed = readings.linkSpeed, let maxSpeed = readings.maxLinkSpeed, let current = Self.gigatransfers(speed),
+        let most = Self.gigatransfers(maxSpeed), current < most
+      {
+        found.append(("link-speed", .degraded, "link trained at \(speed) of \(maxSpeed)"))
+      }
+      if let expected = readings.expectedDriver, readings.driver != expected {
+        found.append(("driver", .degraded, "bound to \(readings.driver ?? "no driver"), expected \(expected)"))
+      } else if readings.expectedDriver == nil, let first = entry.baseline.driver, readings.driver != first {
+        found.append(("driver", .degraded, "bound to \(readings.driver ?? "no driver"), was \(first) when the agent found it"))
+      }
+      entry.last = readings
+      entry.lastAt = now
+    }
+    var since: [String: WallTime] = [:]
+    let reasons = found.map { item -> DeviceHealth.Reason in
+      let start = entry.since[item.kind] ?? now
+      since[item.kind] = start
+      return DeviceHealth.Reason(kind: item.kind, state: item.state, detail: item.detail, since: start)
+    }
+    entry.since = since
+    let state = reasons.map(\.state).max() ?? .healthy
+    let health = DeviceHealth(
+      state: state, reasons: reasons, since: state == entry.health.state && memory[address] != nil ? entry.health.since : now)
+    entry.health = health
+    memory[address] = entry
+    return health
+  }
+
+  /// A device that left the bus: forgotten, so a device that comes back starts afresh.
+  public mutating func forget(_ address: PCIAddress) { memory[address] = nil }
+
+  /// "8.0 GT/s PCIe" → 8.0.
+  static func gigatransfers(_ text: String) -> Double? {
+    guard let number = text.split(separator: " ").first else { return nil }
+    return Double(number)
+  }
+}
