@@ -110,7 +110,7 @@ let package = Package(
       name: "FPGAAgentAPITests",
       dependencies: [
         "FPGACore", "FPGASimulator", "FPGALinux", "FPGAQMP", "FPGAAgentAPI", "FPGAAgentRuntime", "FPGADevicePlugin",
-        "FPGATestSupport", grpcCore, grpcHTTP2, logging,
+        "FPGATestSupport", "FPGACtlCommands", grpcCore, grpcHTTP2, logging,
       ]
     ),
     .testTarget(

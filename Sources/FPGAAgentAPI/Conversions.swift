@@ -55,6 +55,59 @@ extension Fpga_Agent_V1_PhysicalFunction {
     numaNode = Int32(pf.numaNode)
     qmax = UInt32(pf.qmax)
     self.draining = draining
+    health = .init(pf.health)
+    if let readings = pf.readings { self.readings = .init(readings) }
+  }
+}
+
+extension Fpga_Agent_V1_DeviceHealth {
+  init(_ health: DeviceHealth) {
+    self.init()
+    state = .init(health.state)
+    since = .init(health.since)
+    reasons = health.reasons.map { reason in
+      .with {
+        $0.kind = reason.kind
+        $0.state = .init(reason.state)
+        $0.detail = reason.detail
+        $0.since = .init(reason.since)
+      }
+    }
+  }
+}
+
+extension Fpga_Agent_V1_HealthState {
+  init(_ state: DeviceHealth.State) {
+    switch state {
+    case .healthy: self = .healthy
+    case .degraded: self = .degraded
+    case .unhealthy: self = .unhealthy
+    case .gone: self = .gone
+    }
+  }
+
+  /// "healthy", "degraded", ... as fpgactl prints it.
+  public var word: String {
+    switch self {
+    case .healthy, .unspecified: "healthy"
+    case .degraded: "degraded"
+    case .unhealthy: "unhealthy"
+    case .gone: "gone"
+    case .UNRECOGNIZED: "unknown"
+    }
+  }
+}
+
+extension Fpga_Agent_V1_DeviceReadings {
+  init(_ readings: HealthReadings) {
+    self.init()
+    if let value = readings.correctableErrors { aerCorrectable = value }
+    if let value = readings.nonfatalErrors { aerNonfatal = value }
+    if let value = readings.fatalErrors { aerFatal = value }
+    linkSpeed = readings.linkSpeed ?? ""
+    maxLinkSpeed = readings.maxLinkSpeed ?? ""
+    linkWidth = UInt32(readings.linkWidth ?? 0)
+    maxLinkWidth = UInt32(readings.maxLinkWidth ?? 0)
   }
 }
 
@@ -75,6 +128,8 @@ extension Fpga_Agent_V1_VirtualFunction {
     allocationID = view.allocationID ?? ""
     vm = view.vm ?? ""
     vfioDevice = vf.vfioDevice ?? ""
+    health = .init(vf.health)
+    if let readings = vf.readings { self.readings = .init(readings) }
   }
 }
 
@@ -129,6 +184,16 @@ extension Fpga_Agent_V1_Inventory {
     allocations = snapshot.allocations.map(Fpga_Agent_V1_Allocation.init)
     vms = snapshot.vms.map(Fpga_Agent_V1_VirtualMachine.init)
     accelerators = snapshot.accelerators.map(Fpga_Agent_V1_Accelerator.init)
+    endedAllocations = snapshot.endedAllocations.map(Fpga_Agent_V1_EndedAllocation.init)
+  }
+}
+
+extension Fpga_Agent_V1_EndedAllocation {
+  init(_ ended: EndedAllocation) {
+    self.init()
+    allocation = .init(ended.allocation)
+    reason = ended.reason
+    endedAt = .init(ended.at)
   }
 }
 

@@ -43,8 +43,11 @@ public struct NodeAgentService: Fpga_Agent_V1_NodeAgent.SimpleServiceProtocol {
     guard cardID == nil else { return Fpga_Agent_V1_Inventory(try await engine.snapshot(cardID: cardID)) }
     if let cached = inventoryCache.get(revision: await engine.revision) { return cached }
     if let from = inventoryCache.revision, let events = await engine.deltas(after: from),
-      let updated = inventoryCache.apply(events, from: from)
+      var updated = inventoryCache.apply(events, from: from)
     {
+      // Deltas carry devices and allocations; why the agent ended some comes with them here.
+      updated.endedAllocations = await engine.endedAllocations.map(Fpga_Agent_V1_EndedAllocation.init)
+      inventoryCache.set(updated)
       return updated
     }
     let inventory = Fpga_Agent_V1_Inventory(try await engine.snapshot())

@@ -131,6 +131,18 @@ public struct AgentConfig: Hashable, Sendable {
     public var selectors: [PFSelector] = [.qdma]
     /// Accelerator slots reached through a PF's BAR (register map in docs/accelerator-registers.md).
     public var accelerators: [BARAccelerator] = []
+    /// Rescan on the kernel's PCI uevents (add, remove, bind, unbind, change).
+    public var uevents = true
+  }
+
+  public var health = Health()
+
+  /// Device health thresholds.
+  public struct Health: Hashable, Sendable {
+    /// Correctable AER errors per minute above which a device is degraded.
+    public var correctableErrorsPerMinute = 60
+    /// Drain a PF automatically when it reports an uncorrectable fatal error.
+    public var drainOnFatal = false
   }
 
   /// An accelerator slot in a PCI BAR: `sysfs_root/bus/pci/devices/PF/resourceBAR`, window `slot`.
@@ -320,6 +332,9 @@ public struct AgentConfig: Hashable, Sendable {
           + "orchestrator.tls.cert, orchestrator.tls.key and orchestrator.tls.ca (--orchestrator-tls-cert, "
           + "--orchestrator-tls-key, --orchestrator-tls-ca; FPGA_AGENT_ORCHESTRATOR_TLS_*), or orchestrator.insecure: "
           + "true to take commands over plaintext anyway")
+    }
+    if !(1...1_000_000).contains(health.correctableErrorsPerMinute) {
+      problems.append("health.correctable_errors_per_minute \(health.correctableErrorsPerMinute) is out of range: 1-1000000")
     }
     if !http.listen.isEmpty {
       if let address = ListenAddress(http.listen) {

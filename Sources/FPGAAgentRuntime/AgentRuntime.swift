@@ -35,7 +35,7 @@ public final class AgentRuntime: Sendable {
   /// Builds everything; serves nothing until `run`.
   public init(
     config: AgentConfig, logger: Logger, clock: any WallClock = SystemWallClock(),
-    handleSignals: Bool = false
+    handleSignals: Bool = false, uevents: (any UeventSource)? = nil
   ) throws {
     try config.validate()
     self.config = config
@@ -78,7 +78,10 @@ public final class AgentRuntime: Sendable {
     let runners = try Self.accelerators(config)
     engine = NodeEngine(
       nodeID: nodeID, platform: platform, clock: clock, hypervisor: hypervisor, store: store, faults: faults,
-      detachTimeout: .seconds(config.qemu.detachTimeoutSeconds), accelerators: runners)
+      detachTimeout: .seconds(config.qemu.detachTimeoutSeconds), accelerators: runners,
+      healthPolicy: HealthPolicy(
+        correctableErrorsPerMinute: Double(config.health.correctableErrorsPerMinute),
+        drainOnFatal: config.health.drainOnFatal))
     health = HealthService(services: [Fpga_Agent_V1_NodeAgent.descriptor.fullyQualifiedService])
 
     let nodeAgent = NodeAgentService(
@@ -177,6 +180,9 @@ public final class AgentRuntime: Sendable {
         metrics.track(resource: pool.resource, plugin.registered)
         serviceList.append(DevicePluginLifecycle(plugin: plugin))
       }
+    }
+    if let source = uevents ?? (config.platform == "linux" && config.linux.uevents ? NetlinkUevents() : nil) {
+      serviceList.append(DeviceEventsService(engine: engine, source: source, logger: logger))
     }
     if !runners.isEmpty {
       serviceList.append(
@@ -623,4 +629,38 @@ final class BoundPort: Sendable {
   private let port = Mutex<Int?>(nil)
   var value: Int? { port.withLock { $0 } }
   func set(_ value: Int) { port.withLock { $0 = value } }
+}
+
+/// Rescans when the kernel says a PCI device came, went, or changed driver: a card that falls
+/// off the bus is noticed in milliseconds, not at the next periodic rescan (which stays as the
+/// safety net). Bursts (a VF count change makes one event per VF) coalesce into one rescan.
+struct DeviceEventsService: Service {
+  let engine: NodeEngine
+  let source: any UeventSource
+  let logger: Logger
+
+  func run() async throws {
+    let (wakeups, wake) = AsyncStream.makeStream(of: Void.self, bufferingPolicy: .bufferingNewest(1))
+    let logger = logger
+    try await withThrowingDiscardingTaskGroup { group in
+      group.addTask {
+        for await event in source.events().cancelOnGracefulShutdown() where event.concernsPCIDevices {
+          logger.debug(
+            "uevent", metadata: ["fpga.action": "\(event.action)", "fpga.device": "\(event.pciSlot?.description ?? event.devpath)"])
+          wake.yield()
+        }
+        wake.finish()
+      }
+      for await _ in wakeups.cancelOnGracefulShutdown() {
+        do {
+          let before = await engine.revision
+          let after = try await engine.rescan()
+          if after != before { logger.info("device event: rescan found changes", metadata: ["fpga.revision": "\(after)"]) }
+        } catch {
+          logger.error("rescan after a device event failed", metadata: ["fpga.error": "\(error)"])
+        }
+      }
+      group.cancelAll()
+    }
+  }
 }

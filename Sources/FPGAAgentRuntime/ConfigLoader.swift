@@ -127,6 +127,16 @@ public enum ConfigLoader {
           case "watchdog_seconds": reader.int(value, path).map { config.linux.watchdogSeconds = $0 }
           case "selectors": reader.selectors(value, path).map { config.linux.selectors = $0 }
           case "accelerators": reader.barAccelerators(value, path).map { config.linux.accelerators = $0 }
+          case "uevents": reader.bool(value, path).map { config.linux.uevents = $0 }
+          default: reader.unknown(path)
+          }
+        }
+      case "health":
+        reader.mapping(value, "health") { key, value, path in
+          switch key {
+          case "correctable_errors_per_minute":
+            reader.int(value, path).map { config.health.correctableErrorsPerMinute = $0 }
+          case "drain_on_fatal": reader.bool(value, path).map { config.health.drainOnFatal = $0 }
           default: reader.unknown(path)
           }
         }

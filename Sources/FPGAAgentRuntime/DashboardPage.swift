@@ -43,7 +43,7 @@ header.top .spacer { flex: 1; }
 #conn[data-conn="live"]::before { content: "\25CF "; color: #4ad07f; }
 #conn[data-conn="connecting"]::before { content: "\25CF "; color: #f0b429; }
 #conn[data-conn="down"]::before { content: "\25CF "; color: #ff6b6b; }
-main { padding: 14px 16px 40px; display: grid; grid-template-columns: minmax(0, 1fr) 390px; gap: 14px; }
+main { padding: 14px 16px 40px; display: grid; grid-template-columns: minmax(0, 1fr) 420px; gap: 14px; }
 @media (max-width: 1100px) { main { grid-template-columns: 1fr; } }
 .col { display: flex; flex-direction: column; gap: 14px; min-width: 0; }
 section.panel { background: var(--panel); border: 1px solid var(--line); border-radius: 6px; padding: 10px 12px; }
@@ -144,7 +144,15 @@ svg.chart { width: 100%; height: 92px; display: block; background: #fbfcfd; bord
   vertical-align: -1px; }
 .sharebar { height: 8px; background: #edf0f4; border-radius: 4px; overflow: hidden; min-width: 60px; }
 .sharebar > div { height: 100%; }
-tr.context[data-active="true"] td:first-child { box-shadow: inset 3px 0 0 var(--ok); }
+.rows { display: flex; flex-direction: column; }
+.row { display: flex; gap: 8px; align-items: center; justify-content: space-between; flex-wrap: wrap;
+  padding: 4px 6px; border-bottom: 1px solid #eef1f4; }
+.row .what { min-width: 0; }
+.row .sub { color: var(--muted); font-size: 12px; }
+.row .actions { display: flex; gap: 4px; flex-wrap: wrap; align-items: center; justify-content: flex-end; margin-left: auto; }
+.row .actions select { width: auto; max-width: 150px; }
+.row.sel { background: #fff6e0; }
+.context[data-active="true"] { box-shadow: inset 3px 0 0 var(--ok); }
 .op { border: 1px solid var(--line); border-radius: 6px; margin-bottom: 6px; }
 .op > summary { list-style: none; cursor: pointer; padding: 5px 8px; display: flex; gap: 8px; align-items: center;
   flex-wrap: wrap; }
@@ -810,16 +818,16 @@ body[data-role="none"] .needs-role { display: none; }
     $("#alloc-count").textContent = allocs.length ? `${allocs.length} live` : "";
     const box = $("#allocations");
     if (!allocs.length) { setHTML(box, `<p class="empty">none</p>`); return; }
-    const html = `<table><thead><tr><th>allocation</th><th>VF</th><th>owner</th><th>VM</th><th></th></tr></thead><tbody>` +
-      allocs.map(a => `<tr class="allocation${a.id === S.highlight ? " sel" : ""}" data-allocation="${esc(a.id)}" data-vf="${esc(a.vfBdf)}"` +
+    const html = `<div class="rows">` + allocs.map(a => `<div class="row allocation${a.id === S.highlight ? " sel" : ""}" data-allocation="${esc(a.id)}" data-vf="${esc(a.vfBdf)}"` +
         ` data-attached="${!!a.attached}" data-detaching="${!!a.detaching}" data-owner="${esc(a.owner)}" data-vm="${esc(a.vm || "")}"` +
         ` title="${esc(`PF ${a.pfBdf} · card ${a.cardId} · NUMA ${num(a.numaNode)} · IOMMU group ${num(a.iommuGroup)}` +
           (a.idempotencyKey ? ` · key ${a.idempotencyKey}` : "") + (a.rootPort ? ` · root port ${a.rootPort}` : "") +
           (a.createdAt ? ` · created ${a.createdAt}` : ""))}">` +
-        `<td class="mono"><a href="#" data-action="select-allocation" data-allocation="${esc(a.id)}">${esc(a.id)}</a></td>` +
-        `<td class="mono">${esc(a.vfBdf)}</td><td>${esc(a.owner)}</td>` +
-        `<td>${a.attached ? `<span class="badge info">${esc(a.vm)}</span>` : esc(a.vm || "–")}${a.detaching ? ` <span class="badge warn">detaching</span>` : ""}</td>` +
-        `<td style="text-align:right">${allocationActions(a)}</td></tr>`).join("") + `</tbody></table>`;
+        `<div class="what"><a href="#" class="mono" data-action="select-allocation" data-allocation="${esc(a.id)}">${esc(a.id)}</a>` +
+        `<div class="sub"><span class="mono">${esc(a.vfBdf)}</span> · ${esc(a.owner)}` +
+        `${a.attached ? ` · in <span class="badge info">${esc(a.vm)}</span>` : a.vm ? ` · for ${esc(a.vm)}` : ""}` +
+        `${a.detaching ? ` <span class="badge warn">detaching</span>` : ""}</div></div>` +
+        `<div class="actions">${allocationActions(a)}</div></div>`).join("") + `</div>`;
     // Keep each attach selector's choice across re-renders.
     const chosen = {};
     for (const sel of $$("select[data-field=attach-vm]", box)) chosen[sel.dataset.allocation] = sel.value;
@@ -910,8 +918,9 @@ body[data-role="none"] .needs-role { display: none; }
   function chartSVG(id) {
     const h = (S.history.get(id) || []);
     const W = 300, H = 80, now = Date.now();
-    // The window grows with the history kept, from one minute to CHART_MS.
-    const span = Math.min(CHART_MS, Math.max(60000, h.length ? now - h[0].t : 0));
+    // The window grows with the history kept, from 30 s to CHART_MS.
+    const kept = h.length ? now - h[0].t : 0;
+    const span = Math.min(CHART_MS, Math.max(30000, kept));
     const t0 = now - span;
     const x = t => ((t - t0) / span * W).toFixed(1), y = v => (H - Math.max(0, Math.min(1, v)) * H).toFixed(1);
     const pts = h.filter(p => p.t >= t0 - 5000);
@@ -921,19 +930,28 @@ body[data-role="none"] .needs-role { display: none; }
     let body = `<line x1="0" y1="${H / 2}" x2="${W}" y2="${H / 2}" stroke="#e3e8ee" stroke-width="0.5"/>` +
       `<line x1="0" y1="0.5" x2="${W}" y2="0.5" stroke="#e3e8ee" stroke-width="0.5"/>`;
     for (let m = 1; m * 60000 < span; m++) body += `<line x1="${x(now - m * 60000)}" y1="0" x2="${x(now - m * 60000)}" y2="${H}" stroke="#eef1f4" stroke-width="0.5"/>`;
-    if (pts.length >= 1) {
-      // Stacked areas: each guest's part of the utilization (share of busy time x utilization).
-      let lower = pts.map(() => 0);
-      for (const g of guests) {
-        const upper = pts.map((p, i) => lower[i] + (p.shares[g] || 0) * p.u);
-        const top = pts.map((p, i) => `${x(p.t)},${y(upper[i])}`);
-        const bottom = pts.map((p, i) => `${x(p.t)},${y(lower[i])}`).reverse();
-        if (pts.length === 1) { top.push(`${x(now)},${y(upper[0])}`); bottom.unshift(`${x(now)},${y(lower[0])}`); }
-        body += `<polygon points="${top.concat(bottom).join(" ")}" fill="${colorOf(g)}" fill-opacity="0.55" stroke="none" data-guest="${esc(g)}"/>`;
-        lower = upper;
+    // Contiguous runs of samples: the agent unreachable (or the tab asleep) leaves a gap.
+    const runs = [];
+    for (const p of pts) {
+      const run = runs[runs.length - 1], last = run && run[run.length - 1];
+      if (!p.gap && run && !last.gap && p.t - last.t < 10000) run.push(p);
+      else if (!p.gap) runs.push([p]);
+    }
+    if (runs.length) {
+      for (const run of runs) {
+        if (run.length === 1) run.push(Object.assign({}, run[0], { t: Math.min(now, run[0].t + 1000) }));
+        // Stacked areas: each guest's part of the utilization (share of busy time x utilization).
+        let lower = run.map(() => 0);
+        for (const g of guests) {
+          const upper = run.map((p, i) => lower[i] + (p.shares[g] || 0) * p.u);
+          const top = run.map((p, i) => `${x(p.t)},${y(upper[i])}`);
+          const bottom = run.map((p, i) => `${x(p.t)},${y(lower[i])}`).reverse();
+          body += `<polygon points="${top.concat(bottom).join(" ")}" fill="${colorOf(g)}" fill-opacity="0.55" stroke="none" data-guest="${esc(g)}"/>`;
+          lower = upper;
+        }
+        const line = (key, color, dash) => `<polyline points="${run.map(p => `${x(p.t)},${y(p[key])}`).join(" ")}" fill="none" stroke="${color}" stroke-width="1.3"${dash ? ` stroke-dasharray="3 2"` : ""} vector-effect="non-scaling-stroke"/>`;
+        body += line("u", "#17202b") + line("ov", "#cc3b3b", true);
       }
-      const line = (key, color, dash) => `<polyline points="${pts.map(p => `${x(p.t)},${y(p[key])}`).join(" ")}${pts.length === 1 ? ` ${x(now)},${y(pts[0][key])}` : ""}" fill="none" stroke="${color}" stroke-width="1.3"${dash ? ` stroke-dasharray="3 2"` : ""} vector-effect="non-scaling-stroke"/>`;
-      body += line("u", "#17202b") + line("ov", "#cc3b3b", true);
     } else {
       body += `<text x="${W / 2}" y="${H / 2 + 4}" text-anchor="middle" font-size="9" fill="#99a3b0">collecting…</text>`;
     }
@@ -942,7 +960,7 @@ body[data-role="none"] .needs-role { display: none; }
     const legend = `<div class="chart-legend"><span><i style="background:#17202b;height:2px;vertical-align:3px"></i>utilization</span>` +
       `<span><i style="background:#cc3b3b;height:2px;vertical-align:3px"></i>switch overhead</span>` +
       guests.map(g => `<span><i style="background:${colorOf(g)};opacity:.7"></i>${esc(g)}</span>`).join("") + `</div>`;
-    return `<svg class="chart" viewBox="0 0 ${W} ${H}" preserveAspectRatio="none" role="img" aria-label="utilization of ${esc(id)}" data-points="${pts.length}">${body}</svg>` + legend;
+    return `<svg class="chart" viewBox="0 0 ${W} ${H}" preserveAspectRatio="none" role="img" aria-label="utilization of ${esc(id)}" data-points="${pts.length}" data-history-seconds="${Math.round(kept / 1000)}">${body}</svg>` + legend;
   }
   function accFigures(acc) {
     const m = acc.metrics || {}, p = acc.policy || {};
@@ -966,16 +984,16 @@ body[data-role="none"] .needs-role { display: none; }
     const mine = contexts.filter(c => c.acceleratorId === acc.id);
     if (!mine.length) return `<p class="hint">No context registered.</p>`;
     const others = (inv().accelerators || []).filter(a => a.id !== acc.id);
-    return `<table><thead><tr><th>context</th><th>guest</th><th>function</th><th>state</th><th></th></tr></thead><tbody>` +
-      mine.map(c => `<tr class="context" data-context="${esc(c.id)}" data-guest="${esc(c.guest)}"` +
+    return `<div class="rows">` + mine.map(c => `<div class="row context" data-context="${esc(c.id)}" data-guest="${esc(c.guest)}"` +
         ` title="${esc(Object.entries(c.parameters || {}).map(([k, v]) => k + "=" + v).join(", ") + (c.savedStateBytes ? ` · saved state ${c.savedStateBytes} B` : "") + ` · weight ${num(c.weight, 1)}`)}">` +
-        `<td class="mono">${esc(c.id)}</td><td>${esc(c.guest)}</td><td>${esc(c.function)}</td><td class="ctx-state"></td>` +
-        `<td style="text-align:right"><span class="inline">` +
-        `<button type="button" class="small" data-action="switch" data-context="${esc(c.id)}" data-min-role="operator" title="preempt the running context and load this one">Switch now</button>` +
-        `<select data-field="move-target" data-context="${esc(c.id)}" data-min-role="operator">${others.map(o => option(o.id, o.id)).join("")}</select>` +
-        `<button type="button" class="small" data-action="move" data-context="${esc(c.id)}" data-min-role="operator"${others.length ? "" : " disabled data-gate=\"hold\""}>Move</button>` +
+        `<div class="what"><b>${esc(c.guest)}</b> <span class="ctx-state badge dim"></span>` +
+        `<div class="sub"><span class="mono">${esc(c.id)}</span> · ${esc(c.function)}</div></div>` +
+        `<div class="actions">` +
+        `<button type="button" class="small" data-action="switch" data-context="${esc(c.id)}" data-min-role="operator" title="preempt the running context and load this one now">Switch now</button>` +
+        `<span class="inline"><select data-field="move-target" data-context="${esc(c.id)}" data-min-role="operator" title="move to">${others.map(o => option(o.id, o.id)).join("")}</select>` +
+        `<button type="button" class="small" data-action="move" data-context="${esc(c.id)}" data-min-role="operator"${others.length ? "" : " disabled data-gate=\"hold\""}>Move</button></span>` +
         `<button type="button" class="small danger" data-action="delete-context" data-context="${esc(c.id)}" data-min-role="operator">Delete</button>` +
-        `</span></td></tr>`).join("") + `</tbody></table>`;
+        `</div></div>`).join("") + `</div>`;
   }
   function renderAccelerators() {
     const accs = inv().accelerators || [];
@@ -1014,13 +1032,13 @@ body[data-role="none"] .needs-role { display: none; }
         if (keep[sel.dataset.context]) sel.value = keep[sel.dataset.context];
       }
       // The parts that change with every switch are patched in place.
-      for (const row of $$("tr.context", ctxBox)) {
+      for (const row of $$(".context[data-context]", ctxBox)) {
         const c = contexts.find(x => x.id === row.dataset.context);
         const active = !!(c && c.active);
         row.dataset.active = String(active);
         const cell = row.querySelector(".ctx-state");
         const text = active ? "loaded" : "saved";
-        if (cell.textContent !== text) cell.textContent = text;
+        if (cell.textContent !== text) { cell.textContent = text; cell.className = "ctx-state badge " + (active ? "ok" : "dim"); }
       }
     }
   }
@@ -1076,7 +1094,9 @@ body[data-role="none"] .needs-role { display: none; }
     }
     const op = S.watchedOp ? S.ops.get(S.watchedOp) : null;
     setHTML($("#reconfigure-progress"), op
-      ? `<div class="plan"><h3>Running ${esc(op.id)}</h3>${opHTML(op, true).replace('id="op-', 'id="progress-op-')}</div>` : "");
+      ? `<div class="plan" id="reconfigure-op" data-op="${esc(op.id)}" data-state="${esc(op.state)}"><h3>${TERMINAL.has(op.state) ? "Last run" : "Running"}: ${esc(op.id)} ${opBadge(op.state)} ` +
+        `<span class="hint">${doneSteps(op)}/${(op.steps || []).length} steps</span></h3>${stepsHTML(op.steps)}` +
+        (op.error ? `<div style="color:var(--bad)">${esc(op.error)}</div>` : "") + `</div>` : "");
     applyRole();
   }
   for (const id of ["#reconfigure-pf", "#reconfigure-count", "#reconfigure-strategy"]) {

@@ -19,6 +19,8 @@ public struct InventorySnapshot: Hashable, Sendable {
   public var allocations: [Allocation]
   public var vms: [VirtualMachineInfo] = []
   public var accelerators: [AcceleratorView] = []
+  /// The last allocations the agent ended on its own, with why.
+  public var endedAllocations: [EndedAllocation] = []
 }
 
 /// One change to the inventory; a revision is a list of them.

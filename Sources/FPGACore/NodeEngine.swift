@@ -144,7 +144,9 @@ public actor NodeEngine {
     if let cardID, state.card(cardID) == nil {
       throw AgentError(.notFound, "card \(quoted(cardID)) is not on this node; `fpgactl inventory` lists the cards")
     }
-    return state.snapshot(nodeID: nodeID, cardID: cardID)
+    var snapshot = state.snapshot(nodeID: nodeID, cardID: cardID)
+    snapshot.endedAllocations = endedAllocations.filter { cardID == nil || $0.allocation.cardID == cardID }
+    return snapshot
   }
 
   public var revision: UInt64 { state.revision }

@@ -1,6 +1,7 @@
 import FPGAAgentAPI
 import FPGAAgentRuntime
 import FPGACore
+import FPGALinux
 import FPGASimulator
 import Foundation
 import GRPCCore
@@ -36,6 +37,7 @@ public struct TestAgent: Sendable {
     cards: [SimulatorConfig.Card] = SimulatorConfig.default.cards,
     nodeID: String = "node-test",
     configure: (inout AgentConfig) -> Void = { _ in },
+    uevents: (any UeventSource)? = nil,
     _ body: (TestAgent) async throws -> Result
   ) async throws -> Result {
     let directory = NSTemporaryDirectory() + "fpga-agent-test-" + UUID().uuidString.prefix(8)
@@ -56,7 +58,7 @@ public struct TestAgent: Sendable {
     var logger = Logger(label: "fpga-agent-test")
     logger.logLevel = .critical
     let clock = FixedClock()
-    let runtime = try AgentRuntime(config: config, logger: logger, clock: clock)
+    let runtime = try AgentRuntime(config: config, logger: logger, clock: clock, uevents: uevents)
     return try await withThrowingTaskGroup(of: Void.self) { group in
       group.addTask { try await runtime.run() }
       defer { try? FileManager.default.removeItem(atPath: directory) }
@@ -101,5 +103,25 @@ public func rpcFailure(_ body: () async throws -> Void) async -> (RPCError.Code,
     return (error.code, error.message)
   } catch {
     return (.unknown, "\(error)")
+  }
+}
+
+/// Uevents a test sends, through the same seam as the kernel's netlink socket.
+public final class FakeUevents: UeventSource, Sendable {
+  private let consumers = Mutex<[AsyncStream<Uevent>.Continuation]>([])
+
+  public init() {}
+
+  public func events() -> AsyncStream<Uevent> {
+    let (stream, continuation) = AsyncStream.makeStream(of: Uevent.self)
+    consumers.withLock { $0.append(continuation) }
+    return stream
+  }
+
+  /// Whether the agent listens yet.
+  public var isListening: Bool { consumers.withLock { !$0.isEmpty } }
+
+  public func send(_ event: Uevent) {
+    for consumer in consumers.withLock({ $0 }) { consumer.yield(event) }
   }
 }

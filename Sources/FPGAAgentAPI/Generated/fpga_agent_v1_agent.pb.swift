@@ -153,6 +153,63 @@ public nonisolated enum Fpga_Agent_V1_NodeHealth: SwiftProtobuf.Enum, Swift.Case
 
 }
 
+/// A device's health state.
+public nonisolated enum Fpga_Agent_V1_HealthState: SwiftProtobuf.Enum, Swift.CaseIterable {
+  public typealias RawValue = Int
+  case unspecified // = 0
+
+  /// Nothing wrong.
+  case healthy // = 1
+
+  /// Works, but something is off (correctable errors at a high rate, a degraded link, another
+  /// driver than expected): still allocated.
+  case degraded // = 2
+
+  /// Must not be used (uncorrectable errors, config space unreadable, no IOMMU group): never
+  /// allocated.
+  case unhealthy // = 3
+
+  /// No longer on the PCI bus.
+  case gone // = 4
+  case UNRECOGNIZED(Int)
+
+  public init() {
+    self = .unspecified
+  }
+
+  public init?(rawValue: Int) {
+    switch rawValue {
+    case 0: self = .unspecified
+    case 1: self = .healthy
+    case 2: self = .degraded
+    case 3: self = .unhealthy
+    case 4: self = .gone
+    default: self = .UNRECOGNIZED(rawValue)
+    }
+  }
+
+  public var rawValue: Int {
+    switch self {
+    case .unspecified: return 0
+    case .healthy: return 1
+    case .degraded: return 2
+    case .unhealthy: return 3
+    case .gone: return 4
+    case .UNRECOGNIZED(let i): return i
+    }
+  }
+
+  // The compiler won't synthesize support with the UNRECOGNIZED case.
+  public static let allCases: [Fpga_Agent_V1_HealthState] = [
+    .unspecified,
+    .healthy,
+    .degraded,
+    .unhealthy,
+    .gone,
+  ]
+
+}
+
 /// How a reconfiguration treats guests that hold VFs of the PF.
 public nonisolated enum Fpga_Agent_V1_ReconfigureStrategy: SwiftProtobuf.Enum, Swift.CaseIterable {
   public typealias RawValue = Int
@@ -359,109 +416,384 @@ public nonisolated struct Fpga_Agent_V1_Card: Sendable {
 }
 
 /// One SR-IOV physical function.
-public nonisolated struct Fpga_Agent_V1_PhysicalFunction: Sendable {
+public nonisolated struct Fpga_Agent_V1_PhysicalFunction: @unchecked Sendable {
   // SwiftProtobuf.Message conformance is added in an extension below. See the
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
   // methods supported on all messages.
 
   /// PCI address, e.g. "0000:3b:00.0".
-  public var bdf: String = String()
+  public var bdf: String {
+    get {_storage._bdf}
+    set {_uniqueStorage()._bdf = newValue}
+  }
 
   /// Id of the card the PF belongs to.
-  public var cardID: String = String()
+  public var cardID: String {
+    get {_storage._cardID}
+    set {_uniqueStorage()._cardID = newValue}
+  }
 
   /// PCI vendor id, e.g. 0x10ee.
-  public var vendorID: UInt32 = 0
+  public var vendorID: UInt32 {
+    get {_storage._vendorID}
+    set {_uniqueStorage()._vendorID = newValue}
+  }
 
   /// PCI device id, e.g. 0x903f.
-  public var deviceID: UInt32 = 0
+  public var deviceID: UInt32 {
+    get {_storage._deviceID}
+    set {_uniqueStorage()._deviceID = newValue}
+  }
 
   /// PCI device id of the PF's VFs (sriov_vf_device), e.g. 0xa03f.
-  public var vfDeviceID: UInt32 = 0
+  public var vfDeviceID: UInt32 {
+    get {_storage._vfDeviceID}
+    set {_uniqueStorage()._vfDeviceID = newValue}
+  }
 
   /// sriov_totalvfs: the most VFs this PF can enable (fixed by the bitstream on QDMA).
-  public var totalVfs: UInt32 = 0
+  public var totalVfs: UInt32 {
+    get {_storage._totalVfs}
+    set {_uniqueStorage()._totalVfs = newValue}
+  }
 
   /// sriov_numvfs: the VFs enabled now.
-  public var numVfs: UInt32 = 0
+  public var numVfs: UInt32 {
+    get {_storage._numVfs}
+    set {_uniqueStorage()._numVfs = newValue}
+  }
 
   /// sriov_offset: routing-id offset of VF 0 from the PF.
-  public var vfOffset: UInt32 = 0
+  public var vfOffset: UInt32 {
+    get {_storage._vfOffset}
+    set {_uniqueStorage()._vfOffset = newValue}
+  }
 
   /// sriov_stride: routing-id distance between consecutive VFs.
-  public var vfStride: UInt32 = 0
+  public var vfStride: UInt32 {
+    get {_storage._vfStride}
+    set {_uniqueStorage()._vfStride = newValue}
+  }
 
   /// sriov_drivers_autoprobe: whether new VFs are probed by host drivers.
-  public var driversAutoprobe: Bool = false
+  public var driversAutoprobe: Bool {
+    get {_storage._driversAutoprobe}
+    set {_uniqueStorage()._driversAutoprobe = newValue}
+  }
 
   /// Driver bound to the PF (e.g. "qdma-pf"), empty when none.
-  public var driver: String = String()
+  public var driver: String {
+    get {_storage._driver}
+    set {_uniqueStorage()._driver = newValue}
+  }
 
   /// NUMA node, -1 when unknown.
-  public var numaNode: Int32 = 0
+  public var numaNode: Int32 {
+    get {_storage._numaNode}
+    set {_uniqueStorage()._numaNode = newValue}
+  }
 
   /// qdma/qmax: queues assigned to this function (0 when not a QDMA function).
-  public var qmax: UInt32 = 0
+  public var qmax: UInt32 {
+    get {_storage._qmax}
+    set {_uniqueStorage()._qmax = newValue}
+  }
 
   /// True when this PF accepts no new allocations.
-  public var draining: Bool = false
+  public var draining: Bool {
+    get {_storage._draining}
+    set {_uniqueStorage()._draining = newValue}
+  }
 
   /// The enabled VFs, ordered by index.
-  public var vfs: [Fpga_Agent_V1_VirtualFunction] = []
+  public var vfs: [Fpga_Agent_V1_VirtualFunction] {
+    get {_storage._vfs}
+    set {_uniqueStorage()._vfs = newValue}
+  }
+
+  /// The PF's health (AER errors, link, config space, driver) with its reasons.
+  public var health: Fpga_Agent_V1_DeviceHealth {
+    get {_storage._health ?? Fpga_Agent_V1_DeviceHealth()}
+    set {_uniqueStorage()._health = newValue}
+  }
+  /// Returns true if `health` has been explicitly set.
+  public var hasHealth: Bool {_storage._health != nil}
+  /// Clears the value of `health`. Subsequent reads from it will return its default value.
+  public mutating func clearHealth() {_uniqueStorage()._health = nil}
+
+  /// PCIe link and AER figures behind the health, as read at the last scan.
+  public var readings: Fpga_Agent_V1_DeviceReadings {
+    get {_storage._readings ?? Fpga_Agent_V1_DeviceReadings()}
+    set {_uniqueStorage()._readings = newValue}
+  }
+  /// Returns true if `readings` has been explicitly set.
+  public var hasReadings: Bool {_storage._readings != nil}
+  /// Clears the value of `readings`. Subsequent reads from it will return its default value.
+  public mutating func clearReadings() {_uniqueStorage()._readings = nil}
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
+
+  fileprivate var _storage = _StorageClass.defaultInstance
 }
 
 /// One SR-IOV virtual function.
-public nonisolated struct Fpga_Agent_V1_VirtualFunction: Sendable {
+public nonisolated struct Fpga_Agent_V1_VirtualFunction: @unchecked Sendable {
   // SwiftProtobuf.Message conformance is added in an extension below. See the
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
   // methods supported on all messages.
 
   /// PCI address, derived from the PF's address, offset and stride.
-  public var bdf: String = String()
+  public var bdf: String {
+    get {_storage._bdf}
+    set {_uniqueStorage()._bdf = newValue}
+  }
 
   /// PCI address of the PF.
-  public var pfBdf: String = String()
+  public var pfBdf: String {
+    get {_storage._pfBdf}
+    set {_uniqueStorage()._pfBdf = newValue}
+  }
 
   /// Index N of the VF on its PF (the PF's virtfnN link).
-  public var index: UInt32 = 0
+  public var index: UInt32 {
+    get {_storage._index}
+    set {_uniqueStorage()._index = newValue}
+  }
 
   /// PCI vendor id.
-  public var vendorID: UInt32 = 0
+  public var vendorID: UInt32 {
+    get {_storage._vendorID}
+    set {_uniqueStorage()._vendorID = newValue}
+  }
 
   /// PCI device id.
-  public var deviceID: UInt32 = 0
+  public var deviceID: UInt32 {
+    get {_storage._deviceID}
+    set {_uniqueStorage()._deviceID = newValue}
+  }
 
   /// IOMMU group number, -1 when the host has no IOMMU.
-  public var iommuGroup: Int32 = 0
+  public var iommuGroup: Int32 {
+    get {_storage._iommuGroup}
+    set {_uniqueStorage()._iommuGroup = newValue}
+  }
 
   /// NUMA node, -1 when unknown.
-  public var numaNode: Int32 = 0
+  public var numaNode: Int32 {
+    get {_storage._numaNode}
+    set {_uniqueStorage()._numaNode = newValue}
+  }
 
   /// Driver bound now ("vfio-pci", "qdma-vf"), empty when none.
-  public var driver: String = String()
+  public var driver: String {
+    get {_storage._driver}
+    set {_uniqueStorage()._driver = newValue}
+  }
 
   /// driver_override, empty when not set.
-  public var driverOverride: String = String()
+  public var driverOverride: String {
+    get {_storage._driverOverride}
+    set {_uniqueStorage()._driverOverride = newValue}
+  }
 
   /// The agent's view of the VF.
-  public var state: Fpga_Agent_V1_VFState = .unspecified
+  public var state: Fpga_Agent_V1_VFState {
+    get {_storage._state}
+    set {_uniqueStorage()._state = newValue}
+  }
 
   /// Id of the allocation holding the VF, empty when free.
-  public var allocationID: String = String()
+  public var allocationID: String {
+    get {_storage._allocationID}
+    set {_uniqueStorage()._allocationID = newValue}
+  }
 
   /// Name of the VM the VF is attached to, empty when not attached.
-  public var vm: String = String()
+  public var vm: String {
+    get {_storage._vm}
+    set {_uniqueStorage()._vm = newValue}
+  }
 
   /// Device node a VMM or container needs, e.g. "/dev/vfio/42"; empty until bound to vfio-pci.
-  public var vfioDevice: String = String()
+  public var vfioDevice: String {
+    get {_storage._vfioDevice}
+    set {_uniqueStorage()._vfioDevice = newValue}
+  }
+
+  /// The VF's health, its PF's included (a VF of an unhealthy PF is unhealthy).
+  public var health: Fpga_Agent_V1_DeviceHealth {
+    get {_storage._health ?? Fpga_Agent_V1_DeviceHealth()}
+    set {_uniqueStorage()._health = newValue}
+  }
+  /// Returns true if `health` has been explicitly set.
+  public var hasHealth: Bool {_storage._health != nil}
+  /// Clears the value of `health`. Subsequent reads from it will return its default value.
+  public mutating func clearHealth() {_uniqueStorage()._health = nil}
+
+  /// PCIe link and AER figures behind the health, as read at the last scan.
+  public var readings: Fpga_Agent_V1_DeviceReadings {
+    get {_storage._readings ?? Fpga_Agent_V1_DeviceReadings()}
+    set {_uniqueStorage()._readings = newValue}
+  }
+  /// Returns true if `readings` has been explicitly set.
+  public var hasReadings: Bool {_storage._readings != nil}
+  /// Clears the value of `readings`. Subsequent reads from it will return its default value.
+  public mutating func clearReadings() {_uniqueStorage()._readings = nil}
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
+
+  fileprivate var _storage = _StorageClass.defaultInstance
+}
+
+/// Why a device is in its health state.
+public nonisolated struct Fpga_Agent_V1_HealthReason: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  /// aer-fatal, aer-nonfatal, aer-correctable, link-speed, link-width, config-unreadable, driver,
+  /// no-iommu-group, unreadable, gone, parent.
+  public var kind: String = String()
+
+  /// The state this reason alone means.
+  public var state: Fpga_Agent_V1_HealthState = .unspecified
+
+  /// What was seen, with the figure, e.g. "2 uncorrectable fatal errors (AER)".
+  public var detail: String = String()
+
+  /// Since when it holds.
+  public var since: SwiftProtobuf.Google_Protobuf_Timestamp {
+    get {_since ?? SwiftProtobuf.Google_Protobuf_Timestamp()}
+    set {_since = newValue}
+  }
+  /// Returns true if `since` has been explicitly set.
+  public var hasSince: Bool {self._since != nil}
+  /// Clears the value of `since`. Subsequent reads from it will return its default value.
+  public mutating func clearSince() {self._since = nil}
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+
+  fileprivate var _since: SwiftProtobuf.Google_Protobuf_Timestamp? = nil
+}
+
+/// A device's health: the worst of its reasons.
+public nonisolated struct Fpga_Agent_V1_DeviceHealth: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var state: Fpga_Agent_V1_HealthState = .unspecified
+
+  public var reasons: [Fpga_Agent_V1_HealthReason] = []
+
+  /// When the device entered this state.
+  public var since: SwiftProtobuf.Google_Protobuf_Timestamp {
+    get {_since ?? SwiftProtobuf.Google_Protobuf_Timestamp()}
+    set {_since = newValue}
+  }
+  /// Returns true if `since` has been explicitly set.
+  public var hasSince: Bool {self._since != nil}
+  /// Clears the value of `since`. Subsequent reads from it will return its default value.
+  public mutating func clearSince() {self._since = nil}
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+
+  fileprivate var _since: SwiftProtobuf.Google_Protobuf_Timestamp? = nil
+}
+
+/// Raw figures the platform read (absent when the kernel does not offer them).
+public nonisolated struct Fpga_Agent_V1_DeviceReadings: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var aerCorrectable: UInt64 {
+    get {_aerCorrectable ?? 0}
+    set {_aerCorrectable = newValue}
+  }
+  /// Returns true if `aerCorrectable` has been explicitly set.
+  public var hasAerCorrectable: Bool {self._aerCorrectable != nil}
+  /// Clears the value of `aerCorrectable`. Subsequent reads from it will return its default value.
+  public mutating func clearAerCorrectable() {self._aerCorrectable = nil}
+
+  public var aerNonfatal: UInt64 {
+    get {_aerNonfatal ?? 0}
+    set {_aerNonfatal = newValue}
+  }
+  /// Returns true if `aerNonfatal` has been explicitly set.
+  public var hasAerNonfatal: Bool {self._aerNonfatal != nil}
+  /// Clears the value of `aerNonfatal`. Subsequent reads from it will return its default value.
+  public mutating func clearAerNonfatal() {self._aerNonfatal = nil}
+
+  public var aerFatal: UInt64 {
+    get {_aerFatal ?? 0}
+    set {_aerFatal = newValue}
+  }
+  /// Returns true if `aerFatal` has been explicitly set.
+  public var hasAerFatal: Bool {self._aerFatal != nil}
+  /// Clears the value of `aerFatal`. Subsequent reads from it will return its default value.
+  public mutating func clearAerFatal() {self._aerFatal = nil}
+
+  public var linkSpeed: String = String()
+
+  public var maxLinkSpeed: String = String()
+
+  public var linkWidth: UInt32 = 0
+
+  public var maxLinkWidth: UInt32 = 0
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+
+  fileprivate var _aerCorrectable: UInt64? = nil
+  fileprivate var _aerNonfatal: UInt64? = nil
+  fileprivate var _aerFatal: UInt64? = nil
+}
+
+/// An allocation the agent ended on its own, e.g. because its device left the bus.
+public nonisolated struct Fpga_Agent_V1_EndedAllocation: @unchecked Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var allocation: Fpga_Agent_V1_Allocation {
+    get {_storage._allocation ?? Fpga_Agent_V1_Allocation()}
+    set {_uniqueStorage()._allocation = newValue}
+  }
+  /// Returns true if `allocation` has been explicitly set.
+  public var hasAllocation: Bool {_storage._allocation != nil}
+  /// Clears the value of `allocation`. Subsequent reads from it will return its default value.
+  public mutating func clearAllocation() {_uniqueStorage()._allocation = nil}
+
+  /// Why, e.g. "PF 0000:3b:00.0 is gone from the PCI bus (surprise removal or hot-unplug)".
+  public var reason: String {
+    get {_storage._reason}
+    set {_uniqueStorage()._reason = newValue}
+  }
+
+  public var endedAt: SwiftProtobuf.Google_Protobuf_Timestamp {
+    get {_storage._endedAt ?? SwiftProtobuf.Google_Protobuf_Timestamp()}
+    set {_uniqueStorage()._endedAt = newValue}
+  }
+  /// Returns true if `endedAt` has been explicitly set.
+  public var hasEndedAt: Bool {_storage._endedAt != nil}
+  /// Clears the value of `endedAt`. Subsequent reads from it will return its default value.
+  public mutating func clearEndedAt() {_uniqueStorage()._endedAt = nil}
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+
+  fileprivate var _storage = _StorageClass.defaultInstance
 }
 
 /// A reservation of one VF for an owner (and, usually, a VM).
@@ -584,6 +916,10 @@ public nonisolated struct Fpga_Agent_V1_Inventory: Sendable {
 
   /// The accelerators (slots of the cards' user logic) with their sharing figures, ordered by id.
   public var accelerators: [Fpga_Agent_V1_Accelerator] = []
+
+  /// The last allocations the agent ended on its own (a device gone), with the reason, oldest
+  /// first.
+  public var endedAllocations: [Fpga_Agent_V1_EndedAllocation] = []
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
@@ -2265,6 +2601,10 @@ nonisolated extension Fpga_Agent_V1_NodeHealth: SwiftProtobuf._ProtoNameProvidin
   public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{2}\0NODE_HEALTH_UNSPECIFIED\0\u{1}NODE_HEALTH_SERVING\0\u{1}NODE_HEALTH_DEGRADED\0\u{1}NODE_HEALTH_NOT_SERVING\0")
 }
 
+nonisolated extension Fpga_Agent_V1_HealthState: SwiftProtobuf._ProtoNameProviding {
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{2}\0HEALTH_STATE_UNSPECIFIED\0\u{1}HEALTH_STATE_HEALTHY\0\u{1}HEALTH_STATE_DEGRADED\0\u{1}HEALTH_STATE_UNHEALTHY\0\u{1}HEALTH_STATE_GONE\0")
+}
+
 nonisolated extension Fpga_Agent_V1_ReconfigureStrategy: SwiftProtobuf._ProtoNameProviding {
   public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{2}\0RECONFIGURE_STRATEGY_UNSPECIFIED\0\u{1}RECONFIGURE_STRATEGY_PAUSE\0\u{1}RECONFIGURE_STRATEGY_DETACH_REATTACH\0\u{1}RECONFIGURE_STRATEGY_REFUSE_IF_DISRUPTIVE\0")
 }
@@ -2364,99 +2704,181 @@ nonisolated extension Fpga_Agent_V1_Card: SwiftProtobuf.Message, SwiftProtobuf._
 
 nonisolated extension Fpga_Agent_V1_PhysicalFunction: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".PhysicalFunction"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}bdf\0\u{3}card_id\0\u{3}vendor_id\0\u{3}device_id\0\u{3}vf_device_id\0\u{3}total_vfs\0\u{3}num_vfs\0\u{3}vf_offset\0\u{3}vf_stride\0\u{3}drivers_autoprobe\0\u{1}driver\0\u{3}numa_node\0\u{1}qmax\0\u{1}draining\0\u{1}vfs\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}bdf\0\u{3}card_id\0\u{3}vendor_id\0\u{3}device_id\0\u{3}vf_device_id\0\u{3}total_vfs\0\u{3}num_vfs\0\u{3}vf_offset\0\u{3}vf_stride\0\u{3}drivers_autoprobe\0\u{1}driver\0\u{3}numa_node\0\u{1}qmax\0\u{1}draining\0\u{1}vfs\0\u{1}health\0\u{1}readings\0")
+
+  fileprivate class _StorageClass {
+    var _bdf: String = String()
+    var _cardID: String = String()
+    var _vendorID: UInt32 = 0
+    var _deviceID: UInt32 = 0
+    var _vfDeviceID: UInt32 = 0
+    var _totalVfs: UInt32 = 0
+    var _numVfs: UInt32 = 0
+    var _vfOffset: UInt32 = 0
+    var _vfStride: UInt32 = 0
+    var _driversAutoprobe: Bool = false
+    var _driver: String = String()
+    var _numaNode: Int32 = 0
+    var _qmax: UInt32 = 0
+    var _draining: Bool = false
+    var _vfs: [Fpga_Agent_V1_VirtualFunction] = []
+    var _health: Fpga_Agent_V1_DeviceHealth? = nil
+    var _readings: Fpga_Agent_V1_DeviceReadings? = nil
+
+      // This property is used as the initial default value for new instances of the type.
+      // The type itself is protecting the reference to its storage via CoW semantics.
+      // This will force a copy to be made of this reference when the first mutation occurs;
+      // hence, it is safe to mark this as `nonisolated(unsafe)`.
+      static nonisolated(unsafe) let defaultInstance = _StorageClass()
+
+    private init() {}
+
+    init(copying source: _StorageClass) {
+      _bdf = source._bdf
+      _cardID = source._cardID
+      _vendorID = source._vendorID
+      _deviceID = source._deviceID
+      _vfDeviceID = source._vfDeviceID
+      _totalVfs = source._totalVfs
+      _numVfs = source._numVfs
+      _vfOffset = source._vfOffset
+      _vfStride = source._vfStride
+      _driversAutoprobe = source._driversAutoprobe
+      _driver = source._driver
+      _numaNode = source._numaNode
+      _qmax = source._qmax
+      _draining = source._draining
+      _vfs = source._vfs
+      _health = source._health
+      _readings = source._readings
+    }
+  }
+
+  fileprivate mutating func _uniqueStorage() -> _StorageClass {
+    if !isKnownUniquelyReferenced(&_storage) {
+      _storage = _StorageClass(copying: _storage)
+    }
+    return _storage
+  }
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
-    while let fieldNumber = try decoder.nextFieldNumber() {
-      // The use of inline closures is to circumvent an issue where the compiler
-      // allocates stack space for every case branch when no optimizations are
-      // enabled. https://github.com/apple/swift-protobuf/issues/1034
-      switch fieldNumber {
-      case 1: try { try decoder.decodeSingularStringField(value: &self.bdf) }()
-      case 2: try { try decoder.decodeSingularStringField(value: &self.cardID) }()
-      case 3: try { try decoder.decodeSingularUInt32Field(value: &self.vendorID) }()
-      case 4: try { try decoder.decodeSingularUInt32Field(value: &self.deviceID) }()
-      case 5: try { try decoder.decodeSingularUInt32Field(value: &self.vfDeviceID) }()
-      case 6: try { try decoder.decodeSingularUInt32Field(value: &self.totalVfs) }()
-      case 7: try { try decoder.decodeSingularUInt32Field(value: &self.numVfs) }()
-      case 8: try { try decoder.decodeSingularUInt32Field(value: &self.vfOffset) }()
-      case 9: try { try decoder.decodeSingularUInt32Field(value: &self.vfStride) }()
-      case 10: try { try decoder.decodeSingularBoolField(value: &self.driversAutoprobe) }()
-      case 11: try { try decoder.decodeSingularStringField(value: &self.driver) }()
-      case 12: try { try decoder.decodeSingularInt32Field(value: &self.numaNode) }()
-      case 13: try { try decoder.decodeSingularUInt32Field(value: &self.qmax) }()
-      case 14: try { try decoder.decodeSingularBoolField(value: &self.draining) }()
-      case 15: try { try decoder.decodeRepeatedMessageField(value: &self.vfs) }()
-      default: break
+    _ = _uniqueStorage()
+    try withExtendedLifetime(_storage) { (_storage: _StorageClass) in
+      while let fieldNumber = try decoder.nextFieldNumber() {
+        // The use of inline closures is to circumvent an issue where the compiler
+        // allocates stack space for every case branch when no optimizations are
+        // enabled. https://github.com/apple/swift-protobuf/issues/1034
+        switch fieldNumber {
+        case 1: try { try decoder.decodeSingularStringField(value: &_storage._bdf) }()
+        case 2: try { try decoder.decodeSingularStringField(value: &_storage._cardID) }()
+        case 3: try { try decoder.decodeSingularUInt32Field(value: &_storage._vendorID) }()
+        case 4: try { try decoder.decodeSingularUInt32Field(value: &_storage._deviceID) }()
+        case 5: try { try decoder.decodeSingularUInt32Field(value: &_storage._vfDeviceID) }()
+        case 6: try { try decoder.decodeSingularUInt32Field(value: &_storage._totalVfs) }()
+        case 7: try { try decoder.decodeSingularUInt32Field(value: &_storage._numVfs) }()
+        case 8: try { try decoder.decodeSingularUInt32Field(value: &_storage._vfOffset) }()
+        case 9: try { try decoder.decodeSingularUInt32Field(value: &_storage._vfStride) }()
+        case 10: try { try decoder.decodeSingularBoolField(value: &_storage._driversAutoprobe) }()
+        case 11: try { try decoder.decodeSingularStringField(value: &_storage._driver) }()
+        case 12: try { try decoder.decodeSingularInt32Field(value: &_storage._numaNode) }()
+        case 13: try { try decoder.decodeSingularUInt32Field(value: &_storage._qmax) }()
+        case 14: try { try decoder.decodeSingularBoolField(value: &_storage._draining) }()
+        case 15: try { try decoder.decodeRepeatedMessageField(value: &_storage._vfs) }()
+        case 16: try { try decoder.decodeSingularMessageField(value: &_storage._health) }()
+        case 17: try { try decoder.decodeSingularMessageField(value: &_storage._readings) }()
+        default: break
+        }
       }
     }
   }
 
   public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
-    if !self.bdf.isEmpty {
-      try visitor.visitSingularStringField(value: self.bdf, fieldNumber: 1)
-    }
-    if !self.cardID.isEmpty {
-      try visitor.visitSingularStringField(value: self.cardID, fieldNumber: 2)
-    }
-    if self.vendorID != 0 {
-      try visitor.visitSingularUInt32Field(value: self.vendorID, fieldNumber: 3)
-    }
-    if self.deviceID != 0 {
-      try visitor.visitSingularUInt32Field(value: self.deviceID, fieldNumber: 4)
-    }
-    if self.vfDeviceID != 0 {
-      try visitor.visitSingularUInt32Field(value: self.vfDeviceID, fieldNumber: 5)
-    }
-    if self.totalVfs != 0 {
-      try visitor.visitSingularUInt32Field(value: self.totalVfs, fieldNumber: 6)
-    }
-    if self.numVfs != 0 {
-      try visitor.visitSingularUInt32Field(value: self.numVfs, fieldNumber: 7)
-    }
-    if self.vfOffset != 0 {
-      try visitor.visitSingularUInt32Field(value: self.vfOffset, fieldNumber: 8)
-    }
-    if self.vfStride != 0 {
-      try visitor.visitSingularUInt32Field(value: self.vfStride, fieldNumber: 9)
-    }
-    if self.driversAutoprobe != false {
-      try visitor.visitSingularBoolField(value: self.driversAutoprobe, fieldNumber: 10)
-    }
-    if !self.driver.isEmpty {
-      try visitor.visitSingularStringField(value: self.driver, fieldNumber: 11)
-    }
-    if self.numaNode != 0 {
-      try visitor.visitSingularInt32Field(value: self.numaNode, fieldNumber: 12)
-    }
-    if self.qmax != 0 {
-      try visitor.visitSingularUInt32Field(value: self.qmax, fieldNumber: 13)
-    }
-    if self.draining != false {
-      try visitor.visitSingularBoolField(value: self.draining, fieldNumber: 14)
-    }
-    if !self.vfs.isEmpty {
-      try visitor.visitRepeatedMessageField(value: self.vfs, fieldNumber: 15)
+    try withExtendedLifetime(_storage) { (_storage: _StorageClass) in
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every if/case branch local when no optimizations
+      // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
+      // https://github.com/apple/swift-protobuf/issues/1182
+      if !_storage._bdf.isEmpty {
+        try visitor.visitSingularStringField(value: _storage._bdf, fieldNumber: 1)
+      }
+      if !_storage._cardID.isEmpty {
+        try visitor.visitSingularStringField(value: _storage._cardID, fieldNumber: 2)
+      }
+      if _storage._vendorID != 0 {
+        try visitor.visitSingularUInt32Field(value: _storage._vendorID, fieldNumber: 3)
+      }
+      if _storage._deviceID != 0 {
+        try visitor.visitSingularUInt32Field(value: _storage._deviceID, fieldNumber: 4)
+      }
+      if _storage._vfDeviceID != 0 {
+        try visitor.visitSingularUInt32Field(value: _storage._vfDeviceID, fieldNumber: 5)
+      }
+      if _storage._totalVfs != 0 {
+        try visitor.visitSingularUInt32Field(value: _storage._totalVfs, fieldNumber: 6)
+      }
+      if _storage._numVfs != 0 {
+        try visitor.visitSingularUInt32Field(value: _storage._numVfs, fieldNumber: 7)
+      }
+      if _storage._vfOffset != 0 {
+        try visitor.visitSingularUInt32Field(value: _storage._vfOffset, fieldNumber: 8)
+      }
+      if _storage._vfStride != 0 {
+        try visitor.visitSingularUInt32Field(value: _storage._vfStride, fieldNumber: 9)
+      }
+      if _storage._driversAutoprobe != false {
+        try visitor.visitSingularBoolField(value: _storage._driversAutoprobe, fieldNumber: 10)
+      }
+      if !_storage._driver.isEmpty {
+        try visitor.visitSingularStringField(value: _storage._driver, fieldNumber: 11)
+      }
+      if _storage._numaNode != 0 {
+        try visitor.visitSingularInt32Field(value: _storage._numaNode, fieldNumber: 12)
+      }
+      if _storage._qmax != 0 {
+        try visitor.visitSingularUInt32Field(value: _storage._qmax, fieldNumber: 13)
+      }
+      if _storage._draining != false {
+        try visitor.visitSingularBoolField(value: _storage._draining, fieldNumber: 14)
+      }
+      if !_storage._vfs.isEmpty {
+        try visitor.visitRepeatedMessageField(value: _storage._vfs, fieldNumber: 15)
+      }
+      try { if let v = _storage._health {
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 16)
+      } }()
+      try { if let v = _storage._readings {
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 17)
+      } }()
     }
     try unknownFields.traverse(visitor: &visitor)
   }
 
   public static func ==(lhs: Fpga_Agent_V1_PhysicalFunction, rhs: Fpga_Agent_V1_PhysicalFunction) -> Bool {
-    if lhs.bdf != rhs.bdf {return false}
-    if lhs.cardID != rhs.cardID {return false}
-    if lhs.vendorID != rhs.vendorID {return false}
-    if lhs.deviceID != rhs.deviceID {return false}
-    if lhs.vfDeviceID != rhs.vfDeviceID {return false}
-    if lhs.totalVfs != rhs.totalVfs {return false}
-    if lhs.numVfs != rhs.numVfs {return false}
-    if lhs.vfOffset != rhs.vfOffset {return false}
-    if lhs.vfStride != rhs.vfStride {return false}
-    if lhs.driversAutoprobe != rhs.driversAutoprobe {return false}
-    if lhs.driver != rhs.driver {return false}
-    if lhs.numaNode != rhs.numaNode {return false}
-    if lhs.qmax != rhs.qmax {return false}
-    if lhs.draining != rhs.draining {return false}
-    if lhs.vfs != rhs.vfs {return false}
+    if lhs._storage !== rhs._storage {
+      let storagesAreEqual: Bool = withExtendedLifetime((lhs._storage, rhs._storage)) { (_args: (_StorageClass, _StorageClass)) in
+        let _storage = _args.0
+        let rhs_storage = _args.1
+        if _storage._bdf != rhs_storage._bdf {return false}
+        if _storage._cardID != rhs_storage._cardID {return false}
+        if _storage._vendorID != rhs_storage._vendorID {return false}
+        if _storage._deviceID != rhs_storage._deviceID {return false}
+        if _storage._vfDeviceID != rhs_storage._vfDeviceID {return false}
+        if _storage._totalVfs != rhs_storage._totalVfs {return false}
+        if _storage._numVfs != rhs_storage._numVfs {return false}
+        if _storage._vfOffset != rhs_storage._vfOffset {return false}
+        if _storage._vfStride != rhs_storage._vfStride {return false}
+        if _storage._driversAutoprobe != rhs_storage._driversAutoprobe {return false}
+        if _storage._driver != rhs_storage._driver {return false}
+        if _storage._numaNode != rhs_storage._numaNode {return false}
+        if _storage._qmax != rhs_storage._qmax {return false}
+        if _storage._draining != rhs_storage._draining {return false}
+        if _storage._vfs != rhs_storage._vfs {return false}
+        if _storage._health != rhs_storage._health {return false}
+        if _storage._readings != rhs_storage._readings {return false}
+        return true
+      }
+      if !storagesAreEqual {return false}
+    }
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
@@ -2464,7 +2886,175 @@ nonisolated extension Fpga_Agent_V1_PhysicalFunction: SwiftProtobuf.Message, Swi
 
 nonisolated extension Fpga_Agent_V1_VirtualFunction: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".VirtualFunction"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}bdf\0\u{3}pf_bdf\0\u{1}index\0\u{3}vendor_id\0\u{3}device_id\0\u{3}iommu_group\0\u{3}numa_node\0\u{1}driver\0\u{3}driver_override\0\u{1}state\0\u{3}allocation_id\0\u{1}vm\0\u{3}vfio_device\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}bdf\0\u{3}pf_bdf\0\u{1}index\0\u{3}vendor_id\0\u{3}device_id\0\u{3}iommu_group\0\u{3}numa_node\0\u{1}driver\0\u{3}driver_override\0\u{1}state\0\u{3}allocation_id\0\u{1}vm\0\u{3}vfio_device\0\u{1}health\0\u{1}readings\0")
+
+  fileprivate class _StorageClass {
+    var _bdf: String = String()
+    var _pfBdf: String = String()
+    var _index: UInt32 = 0
+    var _vendorID: UInt32 = 0
+    var _deviceID: UInt32 = 0
+    var _iommuGroup: Int32 = 0
+    var _numaNode: Int32 = 0
+    var _driver: String = String()
+    var _driverOverride: String = String()
+    var _state: Fpga_Agent_V1_VFState = .unspecified
+    var _allocationID: String = String()
+    var _vm: String = String()
+    var _vfioDevice: String = String()
+    var _health: Fpga_Agent_V1_DeviceHealth? = nil
+    var _readings: Fpga_Agent_V1_DeviceReadings? = nil
+
+      // This property is used as the initial default value for new instances of the type.
+      // The type itself is protecting the reference to its storage via CoW semantics.
+      // This will force a copy to be made of this reference when the first mutation occurs;
+      // hence, it is safe to mark this as `nonisolated(unsafe)`.
+      static nonisolated(unsafe) let defaultInstance = _StorageClass()
+
+    private init() {}
+
+    init(copying source: _StorageClass) {
+      _bdf = source._bdf
+      _pfBdf = source._pfBdf
+      _index = source._index
+      _vendorID = source._vendorID
+      _deviceID = source._deviceID
+      _iommuGroup = source._iommuGroup
+      _numaNode = source._numaNode
+      _driver = source._driver
+      _driverOverride = source._driverOverride
+      _state = source._state
+      _allocationID = source._allocationID
+      _vm = source._vm
+      _vfioDevice = source._vfioDevice
+      _health = source._health
+      _readings = source._readings
+    }
+  }
+
+  fileprivate mutating func _uniqueStorage() -> _StorageClass {
+    if !isKnownUniquelyReferenced(&_storage) {
+      _storage = _StorageClass(copying: _storage)
+    }
+    return _storage
+  }
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    _ = _uniqueStorage()
+    try withExtendedLifetime(_storage) { (_storage: _StorageClass) in
+      while let fieldNumber = try decoder.nextFieldNumber() {
+        // The use of inline closures is to circumvent an issue where the compiler
+        // allocates stack space for every case branch when no optimizations are
+        // enabled. https://github.com/apple/swift-protobuf/issues/1034
+        switch fieldNumber {
+        case 1: try { try decoder.decodeSingularStringField(value: &_storage._bdf) }()
+        case 2: try { try decoder.decodeSingularStringField(value: &_storage._pfBdf) }()
+        case 3: try { try decoder.decodeSingularUInt32Field(value: &_storage._index) }()
+        case 4: try { try decoder.decodeSingularUInt32Field(value: &_storage._vendorID) }()
+        case 5: try { try decoder.decodeSingularUInt32Field(value: &_storage._deviceID) }()
+        case 6: try { try decoder.decodeSingularInt32Field(value: &_storage._iommuGroup) }()
+        case 7: try { try decoder.decodeSingularInt32Field(value: &_storage._numaNode) }()
+        case 8: try { try decoder.decodeSingularStringField(value: &_storage._driver) }()
+        case 9: try { try decoder.decodeSingularStringField(value: &_storage._driverOverride) }()
+        case 10: try { try decoder.decodeSingularEnumField(value: &_storage._state) }()
+        case 11: try { try decoder.decodeSingularStringField(value: &_storage._allocationID) }()
+        case 12: try { try decoder.decodeSingularStringField(value: &_storage._vm) }()
+        case 13: try { try decoder.decodeSingularStringField(value: &_storage._vfioDevice) }()
+        case 14: try { try decoder.decodeSingularMessageField(value: &_storage._health) }()
+        case 15: try { try decoder.decodeSingularMessageField(value: &_storage._readings) }()
+        default: break
+        }
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    try withExtendedLifetime(_storage) { (_storage: _StorageClass) in
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every if/case branch local when no optimizations
+      // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
+      // https://github.com/apple/swift-protobuf/issues/1182
+      if !_storage._bdf.isEmpty {
+        try visitor.visitSingularStringField(value: _storage._bdf, fieldNumber: 1)
+      }
+      if !_storage._pfBdf.isEmpty {
+        try visitor.visitSingularStringField(value: _storage._pfBdf, fieldNumber: 2)
+      }
+      if _storage._index != 0 {
+        try visitor.visitSingularUInt32Field(value: _storage._index, fieldNumber: 3)
+      }
+      if _storage._vendorID != 0 {
+        try visitor.visitSingularUInt32Field(value: _storage._vendorID, fieldNumber: 4)
+      }
+      if _storage._deviceID != 0 {
+        try visitor.visitSingularUInt32Field(value: _storage._deviceID, fieldNumber: 5)
+      }
+      if _storage._iommuGroup != 0 {
+        try visitor.visitSingularInt32Field(value: _storage._iommuGroup, fieldNumber: 6)
+      }
+      if _storage._numaNode != 0 {
+        try visitor.visitSingularInt32Field(value: _storage._numaNode, fieldNumber: 7)
+      }
+      if !_storage._driver.isEmpty {
+        try visitor.visitSingularStringField(value: _storage._driver, fieldNumber: 8)
+      }
+      if !_storage._driverOverride.isEmpty {
+        try visitor.visitSingularStringField(value: _storage._driverOverride, fieldNumber: 9)
+      }
+      if _storage._state != .unspecified {
+        try visitor.visitSingularEnumField(value: _storage._state, fieldNumber: 10)
+      }
+      if !_storage._allocationID.isEmpty {
+        try visitor.visitSingularStringField(value: _storage._allocationID, fieldNumber: 11)
+      }
+      if !_storage._vm.isEmpty {
+        try visitor.visitSingularStringField(value: _storage._vm, fieldNumber: 12)
+      }
+      if !_storage._vfioDevice.isEmpty {
+        try visitor.visitSingularStringField(value: _storage._vfioDevice, fieldNumber: 13)
+      }
+      try { if let v = _storage._health {
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 14)
+      } }()
+      try { if let v = _storage._readings {
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 15)
+      } }()
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Fpga_Agent_V1_VirtualFunction, rhs: Fpga_Agent_V1_VirtualFunction) -> Bool {
+    if lhs._storage !== rhs._storage {
+      let storagesAreEqual: Bool = withExtendedLifetime((lhs._storage, rhs._storage)) { (_args: (_StorageClass, _StorageClass)) in
+        let _storage = _args.0
+        let rhs_storage = _args.1
+        if _storage._bdf != rhs_storage._bdf {return false}
+        if _storage._pfBdf != rhs_storage._pfBdf {return false}
+        if _storage._index != rhs_storage._index {return false}
+        if _storage._vendorID != rhs_storage._vendorID {return false}
+        if _storage._deviceID != rhs_storage._deviceID {return false}
+        if _storage._iommuGroup != rhs_storage._iommuGroup {return false}
+        if _storage._numaNode != rhs_storage._numaNode {return false}
+        if _storage._driver != rhs_storage._driver {return false}
+        if _storage._driverOverride != rhs_storage._driverOverride {return false}
+        if _storage._state != rhs_storage._state {return false}
+        if _storage._allocationID != rhs_storage._allocationID {return false}
+        if _storage._vm != rhs_storage._vm {return false}
+        if _storage._vfioDevice != rhs_storage._vfioDevice {return false}
+        if _storage._health != rhs_storage._health {return false}
+        if _storage._readings != rhs_storage._readings {return false}
+        return true
+      }
+      if !storagesAreEqual {return false}
+    }
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Fpga_Agent_V1_HealthReason: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".HealthReason"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}kind\0\u{1}state\0\u{1}detail\0\u{1}since\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -2472,81 +3062,232 @@ nonisolated extension Fpga_Agent_V1_VirtualFunction: SwiftProtobuf.Message, Swif
       // allocates stack space for every case branch when no optimizations are
       // enabled. https://github.com/apple/swift-protobuf/issues/1034
       switch fieldNumber {
-      case 1: try { try decoder.decodeSingularStringField(value: &self.bdf) }()
-      case 2: try { try decoder.decodeSingularStringField(value: &self.pfBdf) }()
-      case 3: try { try decoder.decodeSingularUInt32Field(value: &self.index) }()
-      case 4: try { try decoder.decodeSingularUInt32Field(value: &self.vendorID) }()
-      case 5: try { try decoder.decodeSingularUInt32Field(value: &self.deviceID) }()
-      case 6: try { try decoder.decodeSingularInt32Field(value: &self.iommuGroup) }()
-      case 7: try { try decoder.decodeSingularInt32Field(value: &self.numaNode) }()
-      case 8: try { try decoder.decodeSingularStringField(value: &self.driver) }()
-      case 9: try { try decoder.decodeSingularStringField(value: &self.driverOverride) }()
-      case 10: try { try decoder.decodeSingularEnumField(value: &self.state) }()
-      case 11: try { try decoder.decodeSingularStringField(value: &self.allocationID) }()
-      case 12: try { try decoder.decodeSingularStringField(value: &self.vm) }()
-      case 13: try { try decoder.decodeSingularStringField(value: &self.vfioDevice) }()
+      case 1: try { try decoder.decodeSingularStringField(value: &self.kind) }()
+      case 2: try { try decoder.decodeSingularEnumField(value: &self.state) }()
+      case 3: try { try decoder.decodeSingularStringField(value: &self.detail) }()
+      case 4: try { try decoder.decodeSingularMessageField(value: &self._since) }()
       default: break
       }
     }
   }
 
   public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
-    if !self.bdf.isEmpty {
-      try visitor.visitSingularStringField(value: self.bdf, fieldNumber: 1)
-    }
-    if !self.pfBdf.isEmpty {
-      try visitor.visitSingularStringField(value: self.pfBdf, fieldNumber: 2)
-    }
-    if self.index != 0 {
-      try visitor.visitSingularUInt32Field(value: self.index, fieldNumber: 3)
-    }
-    if self.vendorID != 0 {
-      try visitor.visitSingularUInt32Field(value: self.vendorID, fieldNumber: 4)
-    }
-    if self.deviceID != 0 {
-      try visitor.visitSingularUInt32Field(value: self.deviceID, fieldNumber: 5)
-    }
-    if self.iommuGroup != 0 {
-      try visitor.visitSingularInt32Field(value: self.iommuGroup, fieldNumber: 6)
-    }
-    if self.numaNode != 0 {
-      try visitor.visitSingularInt32Field(value: self.numaNode, fieldNumber: 7)
-    }
-    if !self.driver.isEmpty {
-      try visitor.visitSingularStringField(value: self.driver, fieldNumber: 8)
-    }
-    if !self.driverOverride.isEmpty {
-      try visitor.visitSingularStringField(value: self.driverOverride, fieldNumber: 9)
+    // The use of inline closures is to circumvent an issue where the compiler
+    // allocates stack space for every if/case branch local when no optimizations
+    // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
+    // https://github.com/apple/swift-protobuf/issues/1182
+    if !self.kind.isEmpty {
+      try visitor.visitSingularStringField(value: self.kind, fieldNumber: 1)
     }
     if self.state != .unspecified {
-      try visitor.visitSingularEnumField(value: self.state, fieldNumber: 10)
+      try visitor.visitSingularEnumField(value: self.state, fieldNumber: 2)
     }
-    if !self.allocationID.isEmpty {
-      try visitor.visitSingularStringField(value: self.allocationID, fieldNumber: 11)
+    if !self.detail.isEmpty {
+      try visitor.visitSingularStringField(value: self.detail, fieldNumber: 3)
     }
-    if !self.vm.isEmpty {
-      try visitor.visitSingularStringField(value: self.vm, fieldNumber: 12)
+    try { if let v = self._since {
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 4)
+    } }()
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Fpga_Agent_V1_HealthReason, rhs: Fpga_Agent_V1_HealthReason) -> Bool {
+    if lhs.kind != rhs.kind {return false}
+    if lhs.state != rhs.state {return false}
+    if lhs.detail != rhs.detail {return false}
+    if lhs._since != rhs._since {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Fpga_Agent_V1_DeviceHealth: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".DeviceHealth"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}state\0\u{1}reasons\0\u{1}since\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularEnumField(value: &self.state) }()
+      case 2: try { try decoder.decodeRepeatedMessageField(value: &self.reasons) }()
+      case 3: try { try decoder.decodeSingularMessageField(value: &self._since) }()
+      default: break
+      }
     }
-    if !self.vfioDevice.isEmpty {
-      try visitor.visitSingularStringField(value: self.vfioDevice, fieldNumber: 13)
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    // The use of inline closures is to circumvent an issue where the compiler
+    // allocates stack space for every if/case branch local when no optimizations
+    // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
+    // https://github.com/apple/swift-protobuf/issues/1182
+    if self.state != .unspecified {
+      try visitor.visitSingularEnumField(value: self.state, fieldNumber: 1)
+    }
+    if !self.reasons.isEmpty {
+      try visitor.visitRepeatedMessageField(value: self.reasons, fieldNumber: 2)
+    }
+    try { if let v = self._since {
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 3)
+    } }()
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Fpga_Agent_V1_DeviceHealth, rhs: Fpga_Agent_V1_DeviceHealth) -> Bool {
+    if lhs.state != rhs.state {return false}
+    if lhs.reasons != rhs.reasons {return false}
+    if lhs._since != rhs._since {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Fpga_Agent_V1_DeviceReadings: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".DeviceReadings"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}aer_correctable\0\u{3}aer_nonfatal\0\u{3}aer_fatal\0\u{3}link_speed\0\u{3}max_link_speed\0\u{3}link_width\0\u{3}max_link_width\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularUInt64Field(value: &self._aerCorrectable) }()
+      case 2: try { try decoder.decodeSingularUInt64Field(value: &self._aerNonfatal) }()
+      case 3: try { try decoder.decodeSingularUInt64Field(value: &self._aerFatal) }()
+      case 4: try { try decoder.decodeSingularStringField(value: &self.linkSpeed) }()
+      case 5: try { try decoder.decodeSingularStringField(value: &self.maxLinkSpeed) }()
+      case 6: try { try decoder.decodeSingularUInt32Field(value: &self.linkWidth) }()
+      case 7: try { try decoder.decodeSingularUInt32Field(value: &self.maxLinkWidth) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    // The use of inline closures is to circumvent an issue where the compiler
+    // allocates stack space for every if/case branch local when no optimizations
+    // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
+    // https://github.com/apple/swift-protobuf/issues/1182
+    try { if let v = self._aerCorrectable {
+      try visitor.visitSingularUInt64Field(value: v, fieldNumber: 1)
+    } }()
+    try { if let v = self._aerNonfatal {
+      try visitor.visitSingularUInt64Field(value: v, fieldNumber: 2)
+    } }()
+    try { if let v = self._aerFatal {
+      try visitor.visitSingularUInt64Field(value: v, fieldNumber: 3)
+    } }()
+    if !self.linkSpeed.isEmpty {
+      try visitor.visitSingularStringField(value: self.linkSpeed, fieldNumber: 4)
+    }
+    if !self.maxLinkSpeed.isEmpty {
+      try visitor.visitSingularStringField(value: self.maxLinkSpeed, fieldNumber: 5)
+    }
+    if self.linkWidth != 0 {
+      try visitor.visitSingularUInt32Field(value: self.linkWidth, fieldNumber: 6)
+    }
+    if self.maxLinkWidth != 0 {
+      try visitor.visitSingularUInt32Field(value: self.maxLinkWidth, fieldNumber: 7)
     }
     try unknownFields.traverse(visitor: &visitor)
   }
 
-  public static func ==(lhs: Fpga_Agent_V1_VirtualFunction, rhs: Fpga_Agent_V1_VirtualFunction) -> Bool {
-    if lhs.bdf != rhs.bdf {return false}
-    if lhs.pfBdf != rhs.pfBdf {return false}
-    if lhs.index != rhs.index {return false}
-    if lhs.vendorID != rhs.vendorID {return false}
-    if lhs.deviceID != rhs.deviceID {return false}
-    if lhs.iommuGroup != rhs.iommuGroup {return false}
-    if lhs.numaNode != rhs.numaNode {return false}
-    if lhs.driver != rhs.driver {return false}
-    if lhs.driverOverride != rhs.driverOverride {return false}
-    if lhs.state != rhs.state {return false}
-    if lhs.allocationID != rhs.allocationID {return false}
-    if lhs.vm != rhs.vm {return false}
-    if lhs.vfioDevice != rhs.vfioDevice {return false}
+  public static func ==(lhs: Fpga_Agent_V1_DeviceReadings, rhs: Fpga_Agent_V1_DeviceReadings) -> Bool {
+    if lhs._aerCorrectable != rhs._aerCorrectable {return false}
+    if lhs._aerNonfatal != rhs._aerNonfatal {return false}
+    if lhs._aerFatal != rhs._aerFatal {return false}
+    if lhs.linkSpeed != rhs.linkSpeed {return false}
+    if lhs.maxLinkSpeed != rhs.maxLinkSpeed {return false}
+    if lhs.linkWidth != rhs.linkWidth {return false}
+    if lhs.maxLinkWidth != rhs.maxLinkWidth {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Fpga_Agent_V1_EndedAllocation: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".EndedAllocation"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}allocation\0\u{1}reason\0\u{3}ended_at\0")
+
+  fileprivate class _StorageClass {
+    var _allocation: Fpga_Agent_V1_Allocation? = nil
+    var _reason: String = String()
+    var _endedAt: SwiftProtobuf.Google_Protobuf_Timestamp? = nil
+
+      // This property is used as the initial default value for new instances of the type.
+      // The type itself is protecting the reference to its storage via CoW semantics.
+      // This will force a copy to be made of this reference when the first mutation occurs;
+      // hence, it is safe to mark this as `nonisolated(unsafe)`.
+      static nonisolated(unsafe) let defaultInstance = _StorageClass()
+
+    private init() {}
+
+    init(copying source: _StorageClass) {
+      _allocation = source._allocation
+      _reason = source._reason
+      _endedAt = source._endedAt
+    }
+  }
+
+  fileprivate mutating func _uniqueStorage() -> _StorageClass {
+    if !isKnownUniquelyReferenced(&_storage) {
+      _storage = _StorageClass(copying: _storage)
+    }
+    return _storage
+  }
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    _ = _uniqueStorage()
+    try withExtendedLifetime(_storage) { (_storage: _StorageClass) in
+      while let fieldNumber = try decoder.nextFieldNumber() {
+        // The use of inline closures is to circumvent an issue where the compiler
+        // allocates stack space for every case branch when no optimizations are
+        // enabled. https://github.com/apple/swift-protobuf/issues/1034
+        switch fieldNumber {
+        case 1: try { try decoder.decodeSingularMessageField(value: &_storage._allocation) }()
+        case 2: try { try decoder.decodeSingularStringField(value: &_storage._reason) }()
+        case 3: try { try decoder.decodeSingularMessageField(value: &_storage._endedAt) }()
+        default: break
+        }
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    try withExtendedLifetime(_storage) { (_storage: _StorageClass) in
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every if/case branch local when no optimizations
+      // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
+      // https://github.com/apple/swift-protobuf/issues/1182
+      try { if let v = _storage._allocation {
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 1)
+      } }()
+      if !_storage._reason.isEmpty {
+        try visitor.visitSingularStringField(value: _storage._reason, fieldNumber: 2)
+      }
+      try { if let v = _storage._endedAt {
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 3)
+      } }()
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Fpga_Agent_V1_EndedAllocation, rhs: Fpga_Agent_V1_EndedAllocation) -> Bool {
+    if lhs._storage !== rhs._storage {
+      let storagesAreEqual: Bool = withExtendedLifetime((lhs._storage, rhs._storage)) { (_args: (_StorageClass, _StorageClass)) in
+        let _storage = _args.0
+        let rhs_storage = _args.1
+        if _storage._allocation != rhs_storage._allocation {return false}
+        if _storage._reason != rhs_storage._reason {return false}
+        if _storage._endedAt != rhs_storage._endedAt {return false}
+        return true
+      }
+      if !storagesAreEqual {return false}
+    }
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
@@ -2718,7 +3459,7 @@ nonisolated extension Fpga_Agent_V1_VirtualMachine: SwiftProtobuf.Message, Swift
 
 nonisolated extension Fpga_Agent_V1_Inventory: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".Inventory"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}revision\0\u{3}node_id\0\u{1}cards\0\u{1}allocations\0\u{1}vms\0\u{1}accelerators\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}revision\0\u{3}node_id\0\u{1}cards\0\u{1}allocations\0\u{1}vms\0\u{1}accelerators\0\u{3}ended_allocations\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -2732,6 +3473,7 @@ nonisolated extension Fpga_Agent_V1_Inventory: SwiftProtobuf.Message, SwiftProto
       case 4: try { try decoder.decodeRepeatedMessageField(value: &self.allocations) }()
       case 5: try { try decoder.decodeRepeatedMessageField(value: &self.vms) }()
       case 6: try { try decoder.decodeRepeatedMessageField(value: &self.accelerators) }()
+      case 7: try { try decoder.decodeRepeatedMessageField(value: &self.endedAllocations) }()
       default: break
       }
     }
@@ -2756,6 +3498,9 @@ nonisolated extension Fpga_Agent_V1_Inventory: SwiftProtobuf.Message, SwiftProto
     if !self.accelerators.isEmpty {
       try visitor.visitRepeatedMessageField(value: self.accelerators, fieldNumber: 6)
     }
+    if !self.endedAllocations.isEmpty {
+      try visitor.visitRepeatedMessageField(value: self.endedAllocations, fieldNumber: 7)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -2766,6 +3511,7 @@ nonisolated extension Fpga_Agent_V1_Inventory: SwiftProtobuf.Message, SwiftProto
     if lhs.allocations != rhs.allocations {return false}
     if lhs.vms != rhs.vms {return false}
     if lhs.accelerators != rhs.accelerators {return false}
+    if lhs.endedAllocations != rhs.endedAllocations {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
