@@ -77,7 +77,7 @@ let package = Package(
     // fpgactl's subcommands, as a library so tests run them on their exact output.
     .target(
       name: "FPGACtlCommands",
-      dependencies: ["FPGAAgentAPI", grpcCore, grpcHTTP2, argumentParser, swiftProtobuf]
+      dependencies: ["FPGACore", "FPGAAgentAPI", grpcCore, grpcHTTP2, argumentParser, swiftProtobuf]
     ),
     .executableTarget(name: "fpga-agent", dependencies: ["FPGAAgentRuntime"]),
     .executableTarget(name: "fpgactl", dependencies: ["FPGACtlCommands"]),

@@ -38,12 +38,12 @@ final class AgentMetrics: Sendable {
 
   /// One RPC answered (gRPC or the dashboard's JSON endpoints), go-grpc-prometheus style.
   func handled(service: String, method: String, code: String, after duration: Duration) {
-    events.makeCounter(
+    events.counter(
       name: "grpc_server_handled_total",
       labels: [("grpc_service", service), ("grpc_method", method), ("grpc_code", code)],
       help: "RPCs completed on the server, by status code."
     ).increment()
-    events.makeDurationHistogram(
+    events.histogram(
       name: "grpc_server_handling_seconds", labels: [("grpc_service", service), ("grpc_method", method)],
       buckets: Self.latencyBuckets, help: "Time from a call's arrival to its answer."
     ).record(duration)
@@ -55,46 +55,79 @@ final class AgentMetrics: Sendable {
     let snapshot = try? await engine.snapshot()
     let ended = await engine.endedOperations
     let state = PrometheusCollectorRegistry()
-    state.makeGauge(name: "fpga_agent_build_info", labels: [("version", version)], help: "The agent's version (always 1).")
+    state.gauge(name: "fpga_agent_build_info", labels: [("version", version)], help: "The agent's version (always 1).")
       .set(1.0)
-    state.makeGauge(name: "fpga_agent_inventory_revision", help: "The inventory's revision.").set(Double(status.revision))
+    state.gauge(name: "fpga_agent_inventory_revision", help: "The inventory's revision.").set(Double(status.revision))
     for health in [NodeStatusValue.Health.serving, .degraded, .notServing] {
-      state.makeGauge(
+      state.gauge(
         name: "fpga_node_health", labels: [("state", health.rawValue.replacingOccurrences(of: "-", with: "_"))],
         help: "1 for the node's health now (serving, degraded, not_serving), 0 for the others."
       ).set(status.health == health ? 1.0 : 0.0)
     }
-    state.makeGauge(name: "fpga_node_problems", help: "Problems the node reports (unreadable devices, missing IOMMU, ...).")
+    state.gauge(name: "fpga_node_problems", help: "Problems the node reports (unreadable devices, missing IOMMU, ...).")
       .set(Double(status.capabilities.problems.count))
-    state.makeGauge(name: "fpga_agent_watchers", help: "Open inventory watch streams.").set(Double(status.watchers))
-    state.makeGauge(name: "fpga_orchestrator_link_up", help: "1 while the orchestrator link is connected.")
+    state.gauge(name: "fpga_agent_watchers", help: "Open inventory watch streams.").set(Double(status.watchers))
+    state.gauge(name: "fpga_orchestrator_link_up", help: "1 while the orchestrator link is connected.")
       .set(status.link.state == .connected ? 1.0 : 0.0)
-    state.makeCounter(
+    state.counter(
       name: "fpga_orchestrator_link_connections_total", help: "Connections the orchestrator link has made since the start."
     ).increment(by: Int64(status.link.connections))
     for (resource, registration) in kubelet.withLock({ $0 }).sorted(by: { $0.key < $1.key }) {
-      state.makeGauge(
+      state.gauge(
         name: "fpga_kubelet_registered", labels: [("resource", resource)],
         help: "1 while the kubelet has accepted the device plugin's registration."
       ).set(registration.isRegistered ? 1.0 : 0.0)
     }
     for (tally, count) in ended.sorted(by: { ($0.key.kind, $0.key.result) < ($1.key.kind, $1.key.result) })
     where tally.result != "planned" {
-      state.makeCounter(
+      state.counter(
         name: "fpga_agent_operations_total", labels: [("kind", tally.kind), ("result", tally.result)],
         help: "Operations (reconfigure, drain) ended since the start, by result."
       ).increment(by: Int64(count))
+    }
+    let gone = await engine.gonePFs
+    for (pf, _) in gone.sorted(by: { $0.key < $1.key }) {
+      state.gauge(
+        name: "fpga_pf_health", labels: [("card", Card.id(for: pf)), ("pf", pf.description), ("state", "gone")],
+        help: "1 for the PF's health now (healthy, degraded, unhealthy, gone), 0 for the others."
+      ).set(1.0)
     }
     guard let snapshot else { return events.emitToString() + state.emitToString() }
     for card in snapshot.cards {
       for pf in card.pfs {
         let labels = [("card", card.card.id), ("pf", pf.function.address.description)]
-        state.makeGauge(name: "fpga_pf_sriov_vfs", labels: labels, help: "VFs enabled on the PF (sriov_numvfs).")
+        state.gauge(name: "fpga_pf_sriov_vfs", labels: labels, help: "VFs enabled on the PF (sriov_numvfs).")
           .set(Double(pf.function.numVFs))
-        state.makeGauge(name: "fpga_pf_sriov_total_vfs", labels: labels, help: "VFs the PF supports (sriov_totalvfs).")
+        state.gauge(name: "fpga_pf_sriov_total_vfs", labels: labels, help: "VFs the PF supports (sriov_totalvfs).")
           .set(Double(pf.function.totalVFs))
-        state.makeGauge(name: "fpga_pf_draining", labels: labels, help: "1 while the PF (or its card) takes no allocations.")
+        state.gauge(name: "fpga_pf_draining", labels: labels, help: "1 while the PF (or its card) takes no allocations.")
           .set(pf.draining || card.card.draining ? 1.0 : 0.0)
+        for health in DeviceHealth.State.allCases {
+          state.gauge(
+            name: "fpga_pf_health", labels: labels + [("state", health.rawValue)],
+            help: "1 for the PF's health now (healthy, degraded, unhealthy, gone), 0 for the others."
+          ).set(pf.function.health.state == health ? 1.0 : 0.0)
+        }
+        if let readings = pf.function.readings {
+          for (severity, count) in [
+            ("correctable", readings.correctableErrors), ("nonfatal", readings.nonfatalErrors),
+            ("fatal", readings.fatalErrors),
+          ] {
+            guard let count else { continue }
+            state.counter(
+              name: "fpga_pcie_aer_errors_total", labels: labels + [("severity", severity)],
+              help: "PCIe AER errors the kernel counted for the PF (aer_dev_*), since the device was enumerated."
+            ).increment(by: Int64(clamping: count))
+          }
+        }
+        var vfHealth: [String: Int] = [:]
+        for vf in pf.vfs { vfHealth[vf.function.health.state.rawValue, default: 0] += 1 }
+        for health in DeviceHealth.State.allCases {
+          state.gauge(
+            name: "fpga_vfs_by_health", labels: labels + [("health", health.rawValue)],
+            help: "VFs of the PF by health (a VF of an unhealthy PF is unhealthy)."
+          ).set(Double(vfHealth[health.rawValue] ?? 0))
+        }
         var byState: [String: Int] = ["free": 0, "allocated": 0, "attached": 0, "unallocatable": 0]
         for vf in pf.vfs {
           switch vf.state {
@@ -105,7 +138,7 @@ final class AgentMetrics: Sendable {
           }
         }
         for (name, count) in byState.sorted(by: { $0.key < $1.key }) {
-          state.makeGauge(
+          state.gauge(
             name: "fpga_vfs", labels: labels + [("state", name)],
             help: "VFs of the PF by state: free, allocated, attached (in a VM), unallocatable (unreadable or no IOMMU group)."
           ).set(Double(count))
@@ -117,50 +150,71 @@ final class AgentMetrics: Sendable {
       allocations[allocation.detaching ? "detaching" : allocation.attached ? "attached" : "unattached", default: 0] += 1
     }
     for (name, count) in allocations.sorted(by: { $0.key < $1.key }) {
-      state.makeGauge(name: "fpga_allocations", labels: [("state", name)], help: "Allocations by state.")
+      state.gauge(name: "fpga_allocations", labels: [("state", name)], help: "Allocations by state.")
         .set(Double(count))
     }
     for accelerator in snapshot.accelerators {
       let labels = [("accelerator", accelerator.id)]
       let metrics = accelerator.metrics
-      state.makeGauge(
+      state.gauge(
         name: "fpga_accelerator_utilization_ratio", labels: labels,
         help: "Share of the last window the accelerator ran guests' work (0-1)."
       ).set(metrics.utilization)
-      state.makeGauge(
+      state.gauge(
         name: "fpga_accelerator_switch_overhead_ratio", labels: labels,
         help: "Share of the last window spent switching contexts (0-1)."
       ).set(metrics.switchOverhead)
-      state.makeGauge(
+      state.gauge(
         name: "fpga_accelerator_switches_per_second", labels: labels, help: "Context switches per second over the last window."
       ).set(metrics.switchesPerSecond)
-      state.makeGauge(
+      state.gauge(
         name: "fpga_accelerator_switch_mean_seconds", labels: labels, help: "Mean context switch time over the last window."
       ).set(metrics.meanSwitchTime.seconds)
-      state.makeGauge(
+      state.gauge(
         name: "fpga_accelerator_wait_p50_seconds", labels: labels, help: "Median wait of a job for the accelerator."
       ).set(metrics.waitP50.seconds)
-      state.makeGauge(
+      state.gauge(
         name: "fpga_accelerator_wait_p99_seconds", labels: labels, help: "99th percentile wait of a job for the accelerator."
       ).set(metrics.waitP99.seconds)
-      state.makeGauge(name: "fpga_accelerator_guests", labels: labels, help: "Guests bound to the accelerator.")
+      state.gauge(name: "fpga_accelerator_guests", labels: labels, help: "Guests bound to the accelerator.")
         .set(Double(accelerator.guests.count))
-      state.makeGauge(
+      state.gauge(
         name: "fpga_accelerator_overcommit_ratio", labels: labels,
         help: "Guests with work over what the accelerator serves at once."
       ).set(metrics.overcommitRatio)
       for guest in accelerator.guests {
         let guestLabels = labels + [("guest", guest.guest)]
-        state.makeGauge(
+        state.gauge(
           name: "fpga_accelerator_guest_share_ratio", labels: guestLabels,
           help: "The guest's share of the accelerator's busy time over the last window (0-1)."
         ).set(guest.share)
-        state.makeGauge(
+        state.gauge(
           name: "fpga_accelerator_guest_pending_seconds", labels: guestLabels, help: "Work the guest has queued."
         ).set(guest.pending.seconds)
       }
     }
     return events.emitToString() + state.emitToString()
+  }
+}
+
+extension PrometheusCollectorRegistry {
+  /// The catalog's one way to make each kind: a name (units in it), labels and help text.
+  fileprivate func descriptor(_ name: String, _ help: String) -> MetricNameDescriptor {
+    MetricNameDescriptor(metricName: name, unitName: "", helpText: help)
+  }
+
+  fileprivate func gauge(name: String, labels: [(String, String)] = [], help: String) -> Gauge {
+    makeGauge(descriptor: descriptor(name, help), labels: labels)
+  }
+
+  fileprivate func counter(name: String, labels: [(String, String)] = [], help: String) -> Counter {
+    makeCounter(descriptor: descriptor(name, help), labels: labels)
+  }
+
+  fileprivate func histogram(
+    name: String, labels: [(String, String)], buckets: [Duration], help: String
+  ) -> DurationHistogram {
+    makeDurationHistogram(descriptor: descriptor(name, help), labels: labels, buckets: buckets)
   }
 }
 

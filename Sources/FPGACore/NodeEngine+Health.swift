@@ -13,6 +13,9 @@ public struct EndedAllocation: Hashable, Sendable {
 }
 
 extension NodeEngine {
+  /// PFs that left the bus and have not come back, with since when.
+  public var gonePFs: [PCIAddress: WallTime] { gone }
+
   /// How many ended allocations are kept for readers.
   static let endedAllocationHistory = 64
 

@@ -1,3 +1,4 @@
+import FPGACore
 import FPGAAgentAPI
 import SwiftProtobuf
 
@@ -62,12 +63,17 @@ enum Render {
         pfRows.append([
           pf.bdf, card.id, pciID(pf.vendorID, pf.deviceID), pf.driver.isEmpty ? "-" : pf.driver,
           "\(pf.numVfs)/\(pf.totalVfs)", "\(free)", "\(allocated)", "\(pf.numaNode)", "\(pf.qmax)",
-          yesNo(pf.draining),
+          yesNo(pf.draining), pf.health.state.word,
         ])
       }
     }
     lines += table(
-      ["PF", "CARD", "DEVICE", "DRIVER", "VFS", "FREE", "ALLOCATED", "NUMA", "QMAX", "DRAINING"], pfRows)
+      ["PF", "CARD", "DEVICE", "DRIVER", "VFS", "FREE", "ALLOCATED", "NUMA", "QMAX", "DRAINING", "HEALTH"], pfRows)
+    let unwell = inventory.cards.flatMap(\.pfs).flatMap { pf in [(pf.bdf, pf.health)] + pf.vfs.map { ($0.bdf, $0.health) } }
+      .filter { $0.1.state != .healthy && $0.1.state != .unspecified && !$0.1.reasons.contains { $0.kind == "parent" } }
+    for (device, health) in unwell {
+      lines.append("\(device) \(health.state.word): " + health.reasons.map { "\($0.kind): \($0.detail)" }.joined(separator: "; "))
+    }
     if withVFs {
       lines.append("")
       var vfRows: [[String]] = []
@@ -77,12 +83,12 @@ enum Render {
             vfRows.append([
               vf.bdf, vf.pfBdf, "\(vf.index)", pciID(vf.vendorID, vf.deviceID),
               vf.driver.isEmpty ? "-" : vf.driver, "\(vf.iommuGroup)", vfState(vf.state),
-              vf.allocationID.isEmpty ? "-" : vf.allocationID,
+              vf.allocationID.isEmpty ? "-" : vf.allocationID, vf.health.state.word,
             ])
           }
         }
       }
-      lines += table(["VF", "PF", "INDEX", "DEVICE", "DRIVER", "IOMMU", "STATE", "ALLOCATION"], vfRows)
+      lines += table(["VF", "PF", "INDEX", "DEVICE", "DRIVER", "IOMMU", "STATE", "ALLOCATION", "HEALTH"], vfRows)
     }
     lines.append("")
     if inventory.allocations.isEmpty {
@@ -97,6 +103,17 @@ enum Render {
       }
       lines += table(["ALLOCATION", "VF", "PF", "OWNER", "VM", "NUMA", "IOMMU", "ATTACHED"], rows)
       lines.append("\(inventory.allocations.count) allocations (revision \(inventory.revision))")
+    }
+    if !inventory.endedAllocations.isEmpty {
+      lines.append("")
+      lines += table(
+        ["ENDED", "OWNER", "VF", "WHEN", "WHY"],
+        inventory.endedAllocations.map { ended in
+          [
+            ended.allocation.id, ended.allocation.owner, ended.allocation.vfBdf,
+            ended.endedAt.seconds == 0 ? "-" : "\(WallTime(seconds: ended.endedAt.seconds))", ended.reason,
+          ]
+        })
     }
     return lines
   }

@@ -26,15 +26,15 @@ func fpgactl(_ arguments: [String]) async -> (code: Int32, out: String, err: Str
         card-0000:3b  Xilinx QDMA Gen3 x16  0     4    28/252  no
         card-0000:d8  Xilinx QDMA Gen3 x16  1     4    24/252  no
 
-        PF            CARD          DEVICE     DRIVER   VFS    FREE  ALLOCATED  NUMA  QMAX  DRAINING
-        0000:3b:00.0  card-0000:3b  10ee:903f  qdma-pf  16/64  16    0          0     0     no
-        0000:3b:00.1  card-0000:3b  10ee:913f  qdma-pf  8/60   8     0          0     0     no
-        0000:3b:00.2  card-0000:3b  10ee:923f  qdma-pf  0/60   0     0          0     0     no
-        0000:3b:00.3  card-0000:3b  10ee:933f  qdma-pf  4/68   4     0          0     0     no
-        0000:d8:00.0  card-0000:d8  10ee:903f  qdma-pf  16/64  16    0          1     0     no
-        0000:d8:00.1  card-0000:d8  10ee:913f  qdma-pf  8/60   8     0          1     0     no
-        0000:d8:00.2  card-0000:d8  10ee:923f  qdma-pf  0/60   0     0          1     0     no
-        0000:d8:00.3  card-0000:d8  10ee:933f  qdma-pf  0/68   0     0          1     0     no
+        PF            CARD          DEVICE     DRIVER   VFS    FREE  ALLOCATED  NUMA  QMAX  DRAINING  HEALTH
+        0000:3b:00.0  card-0000:3b  10ee:903f  qdma-pf  16/64  16    0          0     0     no        healthy
+        0000:3b:00.1  card-0000:3b  10ee:913f  qdma-pf  8/60   8     0          0     0     no        healthy
+        0000:3b:00.2  card-0000:3b  10ee:923f  qdma-pf  0/60   0     0          0     0     no        healthy
+        0000:3b:00.3  card-0000:3b  10ee:933f  qdma-pf  4/68   4     0          0     0     no        healthy
+        0000:d8:00.0  card-0000:d8  10ee:903f  qdma-pf  16/64  16    0          1     0     no        healthy
+        0000:d8:00.1  card-0000:d8  10ee:913f  qdma-pf  8/60   8     0          1     0     no        healthy
+        0000:d8:00.2  card-0000:d8  10ee:923f  qdma-pf  0/60   0     0          1     0     no        healthy
+        0000:d8:00.3  card-0000:d8  10ee:933f  qdma-pf  0/68   0     0          1     0     no        healthy
 
         no allocations (revision 1)
         """)
