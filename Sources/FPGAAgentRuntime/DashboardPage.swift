@@ -98,6 +98,7 @@ ul.findings { margin: 4px 0 0; padding-left: 18px; color: var(--muted); font-siz
   background: repeating-linear-gradient(45deg, #c9d0d8 0 3px, #eef1f4 3px 6px); border-color: #aab3bd; }
 .vf.selected { outline: 2px solid var(--ink); outline-offset: 1px; }
 .vf.highlight { outline: 2px solid #ff7a00; outline-offset: 1px; }
+.vf.degraded { box-shadow: inset 0 0 0 2px var(--warn); }
 .vf.vm-dot::after { content: ""; position: absolute; right: 2px; bottom: 2px; width: 4px; height: 4px;
   border-radius: 2px; background: #fff; }
 .empty { color: var(--muted); font-style: italic; }
@@ -733,6 +734,31 @@ body[data-role="none"] .needs-role { display: none; }
     const allocatable = !(s === "free" && (pf.draining || card.draining));
     return { s, allocatable };
   }
+  // DeviceHealth: its state ("healthy" when the agent does not say) and its reasons as text.
+  function healthOf(dev) {
+    const h = (dev && dev.health) || {};
+    return String(h.state || "HEALTH_STATE_HEALTHY").replace(/^HEALTH_STATE_/, "").toLowerCase();
+  }
+  function healthLines(dev) {
+    const h = (dev && dev.health) || {};
+    return (h.reasons || []).map(r => `${r.kind}: ${r.detail || ""}${r.since ? " (since " + fmtTime(r.since) + ")" : ""}`);
+  }
+  function readingsText(dev) {
+    const r = (dev && dev.readings) || {};
+    const parts = [];
+    if (r.linkSpeed) parts.push(`link ${r.linkSpeed}${r.maxLinkSpeed && r.maxLinkSpeed !== r.linkSpeed ? " of " + r.maxLinkSpeed : ""}`);
+    if (r.linkWidth) parts.push(`x${r.linkWidth}${r.maxLinkWidth && r.maxLinkWidth !== r.linkWidth ? " of x" + r.maxLinkWidth : ""}`);
+    if (r.aerCorrectable != null || r.aerNonfatal != null || r.aerFatal != null) {
+      parts.push(`AER ${num(r.aerCorrectable)} correctable, ${num(r.aerNonfatal)} non-fatal, ${num(r.aerFatal)} fatal`);
+    }
+    return parts.join(" · ");
+  }
+  function healthBadge(dev) {
+    const h = healthOf(dev);
+    if (h === "healthy") return "";
+    const cls = h === "degraded" ? "warn" : "bad";
+    return `<span class="badge ${cls}" data-health="${esc(h)}" title="${esc(healthLines(dev).join("\n"))}">${esc(h)}</span>`;
+  }
   function vfTitle(vf, pf, card, alloc) {
     const lines = [
       `VF ${vf.bdf} (index ${num(vf.index)} of PF ${vf.pfBdf || pf.bdf})`,
@@ -746,6 +772,7 @@ body[data-role="none"] .needs-role { display: none; }
     const vm = vf.vm || (alloc && alloc.vm);
     if (vm) lines.push(`VM: ${vm}${vf.vm ? " (attached)" : " (meant for)"}`);
     if (vf.vfioDevice) lines.push(`device: ${vf.vfioDevice}`);
+    if (healthOf(vf) !== "healthy") lines.push(`health: ${healthOf(vf)}`, ...healthLines(vf).map(l => "  " + l));
     return lines.join("\n");
   }
   function renderCards() {
@@ -774,14 +801,15 @@ body[data-role="none"] .needs-role { display: none; }
           if (vf.bdf === S.selectedVF) cls.push("selected");
           if (S.highlight && vf.allocationId === S.highlight) cls.push("highlight");
           if (vf.vm) cls.push("vm-dot");
+          if (healthOf(vf) === "degraded") cls.push("degraded");
           return `<div class="${cls.join(" ")}" data-vf="${esc(vf.bdf)}" data-state="${esc(s)}" data-allocatable="${allocatable}"` +
             ` data-allocation="${esc(vf.allocationId || "")}" data-vm="${esc(vf.vm || "")}" data-numa="${num(vf.numaNode)}"` +
-            ` data-iommu-group="${num(vf.iommuGroup)}" title="${esc(vfTitle(vf, pf, card, alloc))}"></div>`;
+            ` data-iommu-group="${num(vf.iommuGroup)}" data-health="${esc(healthOf(vf))}" title="${esc(vfTitle(vf, pf, card, alloc))}"></div>`;
         }).join("");
         const counts = {};
         for (const v of vfs) { const k = short(v.state) || "free"; counts[k] = (counts[k] || 0) + 1; }
-        return `<div class="pf" data-pf="${esc(pf.bdf)}" data-draining="${!!pf.draining}" data-num-vfs="${num(pf.numVfs)}">` +
-          `<div class="pf-info"><div><span class="bdf">${esc(pf.bdf)}</span> ${pf.draining ? `<span class="badge warn">draining</span>` : ""}</div>` +
+        return `<div class="pf" data-pf="${esc(pf.bdf)}" data-draining="${!!pf.draining}" data-num-vfs="${num(pf.numVfs)}" data-health="${esc(healthOf(pf))}">` +
+          `<div class="pf-info"><div><span class="bdf" title="${esc(readingsText(pf))}">${esc(pf.bdf)}</span> ${pf.draining ? `<span class="badge warn">draining</span>` : ""}${healthBadge(pf)}</div>` +
           `<div class="sub">${num(pf.numVfs)}/${num(pf.totalVfs)} VFs · NUMA ${num(pf.numaNode)} · ${esc(pf.driver || "no driver")}` +
           `${Object.keys(counts).length ? " · " + Object.entries(counts).map(([k, n]) => `${n} ${k}`).join(" · ") : ""}</div>` +
           `<div class="pf-actions">` +
@@ -817,7 +845,11 @@ body[data-role="none"] .needs-role { display: none; }
     const allocs = inv().allocations || [];
     $("#alloc-count").textContent = allocs.length ? `${allocs.length} live` : "";
     const box = $("#allocations");
-    if (!allocs.length) { setHTML(box, `<p class="empty">none</p>`); return; }
+    if (!allocs.length) {
+      const ended = (inv().endedAllocations || []).length;
+      setHTML(box, `<p class="empty">none</p>` + (ended ? `<p class="hint">${ended} allocation(s) ended by the agent (a device gone).</p>` : ""));
+      return;
+    }
     const html = `<div class="rows">` + allocs.map(a => `<div class="row allocation${a.id === S.highlight ? " sel" : ""}" data-allocation="${esc(a.id)}" data-vf="${esc(a.vfBdf)}"` +
         ` data-attached="${!!a.attached}" data-detaching="${!!a.detaching}" data-owner="${esc(a.owner)}" data-vm="${esc(a.vm || "")}"` +
         ` title="${esc(`PF ${a.pfBdf} · card ${a.cardId} · NUMA ${num(a.numaNode)} · IOMMU group ${num(a.iommuGroup)}` +
@@ -827,7 +859,11 @@ body[data-role="none"] .needs-role { display: none; }
         `<div class="sub"><span class="mono">${esc(a.vfBdf)}</span> · ${esc(a.owner)}` +
         `${a.attached ? ` · in <span class="badge info">${esc(a.vm)}</span>` : a.vm ? ` · for ${esc(a.vm)}` : ""}` +
         `${a.detaching ? ` <span class="badge warn">detaching</span>` : ""}</div></div>` +
-        `<div class="actions">${allocationActions(a)}</div></div>`).join("") + `</div>`;
+        `<div class="actions">${allocationActions(a)}</div></div>`).join("") + `</div>` + endedHTML;
+    const ended = (inv().endedAllocations || []).slice(-5).reverse();
+    const endedHTML = ended.length ? `<details class="ended"><summary class="hint">${(inv().endedAllocations || []).length} allocation(s) the agent ended</summary>` +
+      ended.map(e => `<div class="row ended-allocation" data-allocation="${esc((e.allocation || {}).id)}"><div class="what"><span class="mono">${esc((e.allocation || {}).id)}</span>` +
+        `<div class="sub">${esc((e.allocation || {}).vfBdf)} · ${esc((e.allocation || {}).owner)} · ${esc(fmtTime(e.endedAt))}: ${esc(e.reason)}</div></div></div>`).join("") + `</details>` : "";
     // Keep each attach selector's choice across re-renders.
     const chosen = {};
     for (const sel of $$("select[data-field=attach-vm]", box)) chosen[sel.dataset.allocation] = sel.value;
@@ -878,6 +914,8 @@ body[data-role="none"] .needs-role { display: none; }
       ["vfio device", v.vfioDevice || "–"], ["allocation", v.allocationId || "–"], ["owner", a ? a.owner : "–"],
       ["VM", v.vm || (a && a.vm) || "–"]];
     if (a && a.rootPort) rows.push(["root port", a.rootPort]);
+    rows.push(["health", [healthOf(v), ...healthLines(v)].join("; ")]);
+    if (readingsText(p)) rows.push(["PF link", readingsText(p)]);
     setHTML(box, `<dl class="kv" data-vf="${esc(v.bdf)}">` + rows.map(([k, val]) => `<dt>${esc(k)}</dt><dd>${esc(val)}</dd>`).join("") + `</dl>` +
       (a ? `<div style="margin-top:6px;text-align:right">${allocationActions(a)}</div>` : ""));
   }

@@ -180,7 +180,10 @@ struct OrchestratorLink: Service {
   private func beat(send: AsyncStream<Fpga_Orchestrator_V1_AgentMessage>.Continuation) async {
     while !Task.isCancelled {
       let status = await engine.status()
-      let accelerators = try? await engine.snapshot().accelerators
+      let snapshot = try? await engine.snapshot()
+      let accelerators = snapshot?.accelerators
+      let node = Fpga_Agent_V1_NodeStatus(status, hostname: hostname, agentVersion: AgentRuntime.version)
+      let unhealthy = (snapshot?.cards ?? []).flatMap(\.pfs).flatMap(\.vfs).filter { $0.state == .unhealthy }.count
       send.yield(
         .with {
           $0.heartbeat = .with {
@@ -189,6 +192,9 @@ struct OrchestratorLink: Service {
             $0.vfsAllocated = UInt32(status.counts.vfsAllocated)
             $0.accelerators = (accelerators ?? []).map(Fpga_Agent_V1_Accelerator.init)
             $0.revision = status.revision
+            $0.health = node.health
+            $0.problems = node.problems
+            $0.vfsUnhealthy = UInt32(unhealthy)
           }
         })
       try? await Task.sleep(for: heartbeat)

@@ -4,6 +4,7 @@ import FPGACore
 import FPGACtlCommands
 import FPGALinux
 import FPGATestSupport
+@testable import FPGADevicePlugin
 import Foundation
 import Synchronization
 import Testing
@@ -131,5 +132,26 @@ import Testing
       await FPGACtl.execute(["status", "--server", "127.0.0.1:\(agent.port)"])
     }
     return out.withLock { $0.joined(separator: "\n") }
+  }
+}
+
+/// The kubelet sees the VFs of an unhealthy PF as Unhealthy; the other PF's stay Healthy.
+@Suite struct DevicePluginHealthTests {
+  @Test func vfsOfAnUnhealthyPFAreUnhealthyForTheKubelet() async throws {
+    let tree = try DeviceHealthEndToEndTests.tree()
+    for (file, text) in DeviceHealthEndToEndTests.aer(fatal: 0) { try DeviceHealthEndToEndTests.put(tree, "0000:3b:00.1", file, text) }
+    let engine = NodeEngine(nodeID: "n", platform: LinuxPlatform(sysfs: tree), clock: FixedClock())
+    try await engine.rescan()
+    let pool = DevicePluginPool(resourceName: "xilinx.com/qdma-vf", pfs: [])
+    func health() async throws -> [String: String] {
+      Dictionary(uniqueKeysWithValues: DevicePluginService.devices(try await engine.snapshot(), pool: pool).map { ($0.id, $0.health) })
+    }
+    #expect(Set(try await health().values) == ["Healthy"])
+    for (file, text) in DeviceHealthEndToEndTests.aer(fatal: 0, nonfatal: 2) { try DeviceHealthEndToEndTests.put(tree, "0000:3b:00.1", file, text) }
+    try await engine.rescan()
+    let after = try await health()
+    let pf1VFs = try await engine.snapshot().cards[0].pfs[1].vfs.map(\.function.address.description)
+    #expect(pf1VFs.count == 2 && pf1VFs.allSatisfy { after[$0] == "Unhealthy" })
+    #expect(after.filter { $0.value == "Healthy" }.count == 2)
   }
 }

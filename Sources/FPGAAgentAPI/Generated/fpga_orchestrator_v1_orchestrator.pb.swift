@@ -152,6 +152,15 @@ public nonisolated struct Fpga_Orchestrator_V1_Heartbeat: Sendable {
   /// The inventory revision the agent is at.
   public var revision: UInt64 = 0
 
+  /// The node's health (SERVING, DEGRADED, NOT_SERVING) and what is wrong: devices unhealthy,
+  /// degraded or gone, with reasons (the inventory's deltas carry each device's health too).
+  public var health: Fpga_Agent_V1_NodeHealth = .unspecified
+
+  public var problems: [String] = []
+
+  /// VFs that are unhealthy or gone and never allocated.
+  public var vfsUnhealthy: UInt32 = 0
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
@@ -765,7 +774,7 @@ nonisolated extension Fpga_Orchestrator_V1_Hello: SwiftProtobuf.Message, SwiftPr
 
 nonisolated extension Fpga_Orchestrator_V1_Heartbeat: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".Heartbeat"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}at\0\u{3}vfs_free\0\u{3}vfs_allocated\0\u{1}accelerators\0\u{1}revision\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}at\0\u{3}vfs_free\0\u{3}vfs_allocated\0\u{1}accelerators\0\u{1}revision\0\u{1}health\0\u{1}problems\0\u{3}vfs_unhealthy\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -778,6 +787,9 @@ nonisolated extension Fpga_Orchestrator_V1_Heartbeat: SwiftProtobuf.Message, Swi
       case 3: try { try decoder.decodeSingularUInt32Field(value: &self.vfsAllocated) }()
       case 4: try { try decoder.decodeRepeatedMessageField(value: &self.accelerators) }()
       case 5: try { try decoder.decodeSingularUInt64Field(value: &self.revision) }()
+      case 6: try { try decoder.decodeSingularEnumField(value: &self.health) }()
+      case 7: try { try decoder.decodeRepeatedStringField(value: &self.problems) }()
+      case 8: try { try decoder.decodeSingularUInt32Field(value: &self.vfsUnhealthy) }()
       default: break
       }
     }
@@ -803,6 +815,15 @@ nonisolated extension Fpga_Orchestrator_V1_Heartbeat: SwiftProtobuf.Message, Swi
     if self.revision != 0 {
       try visitor.visitSingularUInt64Field(value: self.revision, fieldNumber: 5)
     }
+    if self.health != .unspecified {
+      try visitor.visitSingularEnumField(value: self.health, fieldNumber: 6)
+    }
+    if !self.problems.isEmpty {
+      try visitor.visitRepeatedStringField(value: self.problems, fieldNumber: 7)
+    }
+    if self.vfsUnhealthy != 0 {
+      try visitor.visitSingularUInt32Field(value: self.vfsUnhealthy, fieldNumber: 8)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -812,6 +833,9 @@ nonisolated extension Fpga_Orchestrator_V1_Heartbeat: SwiftProtobuf.Message, Swi
     if lhs.vfsAllocated != rhs.vfsAllocated {return false}
     if lhs.accelerators != rhs.accelerators {return false}
     if lhs.revision != rhs.revision {return false}
+    if lhs.health != rhs.health {return false}
+    if lhs.problems != rhs.problems {return false}
+    if lhs.vfsUnhealthy != rhs.vfsUnhealthy {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
