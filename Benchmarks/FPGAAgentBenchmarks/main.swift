@@ -11,14 +11,14 @@ import Foundation
 // fpga-agent-bench: throughput and latency of the node API against an echo baseline served by
 // the same server stack, in the same process and the same run. Build with -c release.
 //
-//   fpga-agent-bench [--seconds S] [--concurrency N] [--rounds R] [--only rpc,durability,scheduler,attach]
+//   fpga-agent-bench [--seconds S] [--concurrency N] [--rounds R] [--only rpc,durability,scheduler,web,attach]
 
 struct Options {
   var seconds = 3.0
   var concurrency = 16
   var rounds = 3
   var attachCycles = 20
-  /// Only these sections (rpc, durability, scheduler, attach); empty: all.
+  /// Only these sections (rpc, durability, scheduler, web, attach); empty: all.
   var only: Set<String> = []
 
   func runs(_ section: String) -> Bool { only.isEmpty || only.contains(section) }
@@ -212,6 +212,9 @@ try await withThrowingDiscardingTaskGroup { group in
 }
 if options.runs("durability") { try await DurabilityBenchmark.run(rounds: options.rounds) }
 if options.runs("scheduler") { try SchedulerBenchmark.run() }
+if options.runs("web") {
+  try await WebBenchmark.run(seconds: options.seconds, rounds: options.rounds, logger: logger)
+}
 if options.runs("attach") {
   try await AttachBenchmark.run(cycles: options.attachCycles, rounds: options.rounds, logger: logger)
 }
