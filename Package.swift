@@ -37,6 +37,8 @@ let package = Package(
     .package(url: "https://github.com/apple/swift-nio-extras.git", from: "1.35.2"),
     .package(url: "https://github.com/hummingbird-project/hummingbird.git", exact: "2.28.1", traits: []),
     .package(url: "https://github.com/swift-server/swift-prometheus.git", exact: "2.4.1"),
+    .package(url: "https://github.com/swift-server/async-http-client.git", exact: "1.37.0"),
+    .package(url: "https://github.com/apple/swift-nio-ssl.git", from: "2.37.6"),
   ],
   targets: [
     // The domain: inventory, allocation rules, revisions, kernel rules. No I/O.
@@ -61,11 +63,22 @@ let package = Package(
       name: "FPGADevicePlugin",
       dependencies: ["FPGACore", "FPGAAgentAPI", grpcCore, grpcHTTP2, grpcProtobuf, swiftProtobuf, logging]
     ),
+    // Kubernetes DRA: the kubelet plugin (registration, prepare/unprepare, health), CDI specs,
+    // ResourceSlices through a small API client.
+    .target(
+      name: "FPGADRA",
+      dependencies: [
+        "FPGACore", grpcCore, grpcHTTP2, grpcProtobuf, swiftProtobuf, logging,
+        .product(name: "AsyncHTTPClient", package: "async-http-client"),
+        .product(name: "NIOSSL", package: "swift-nio-ssl"), .product(name: "NIOCore", package: "swift-nio"),
+        .product(name: "NIOHTTP1", package: "swift-nio"),
+      ]
+    ),
     // The daemon's wiring: configuration, logging, servers in one ServiceGroup.
     .target(
       name: "FPGAAgentRuntime",
       dependencies: [
-        "FPGACore", "FPGASimulator", "FPGALinux", "FPGAQEMU", "FPGAAgentAPI", "FPGAStore", "FPGADevicePlugin", grpcCore,
+        "FPGACore", "FPGASimulator", "FPGALinux", "FPGAQEMU", "FPGAAgentAPI", "FPGAStore", "FPGADevicePlugin", "FPGADRA", grpcCore,
         grpcHTTP2, logging, serviceLifecycle, argumentParser, .product(name: "Yams", package: "Yams"),
         .product(name: "NIOCore", package: "swift-nio"), .product(name: "NIOHTTP2", package: "swift-nio-http2"),
         .product(name: "X509", package: "swift-certificates"), swiftProtobuf,
@@ -102,6 +115,7 @@ let package = Package(
       path: "Tests/FPGATestSupport"
     ),
     .testTarget(name: "FPGACoreTests", dependencies: ["FPGACore", "FPGASimulator"]),
+    .testTarget(name: "FPGADRATests", dependencies: ["FPGADRA", "FPGACore", "FPGASimulator", logging]),
     .testTarget(name: "FPGASimulatorTests", dependencies: ["FPGACore", "FPGASimulator"]),
     .testTarget(name: "FPGAQMPTests", dependencies: ["FPGAQMP", "FPGATestSupport"]),
     .testTarget(name: "FPGAStoreTests", dependencies: ["FPGACore", "FPGAStore", "FPGASimulator"]),

@@ -30,4 +30,9 @@ generate "$root/Sources/FPGAAgentAPI/Generated" fpga/agent/v1/agent.proto grpc/h
   fpga/orchestrator/v1/orchestrator.proto
 generate "$root/Benchmarks/FPGAAgentBenchmarks/Generated" fpga/bench/v1/echo.proto
 generate "$root/Sources/FPGADevicePlugin/Generated" k8s/deviceplugin/v1beta1/api.proto
+# The kubelet's DRA contract (module FPGADRA): plugin registration, DRAPlugin v1 and v1beta1, and
+# DRAResourceHealth v1alpha1 and v1. Their Swift prefixes differ (Pluginregistration_,
+# K8s_Io_Kubelet_Pkg_Apis_Dra_V1_, ..._V1beta1_, V1alpha1_, V1_), so the files generate side by side.
+generate "$root/Sources/FPGADRA/Generated" k8s/pluginregistration/v1/api.proto k8s/dra/v1/api.proto \
+  k8s/dra/v1beta1/api.proto k8s/drahealth/v1alpha1/api.proto k8s/drahealth/v1/api.proto
 echo "generated Swift code from Protos/"

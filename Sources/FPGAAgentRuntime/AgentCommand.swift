@@ -76,6 +76,30 @@ public struct ConfigOptions: ParsableArguments {
   @Option(name: .long, help: "Dial this orchestrator (HOST:PORT) and take its commands (env FPGA_AGENT_ORCHESTRATOR).")
   var orchestrator: String?
 
+  @Flag(name: .customLong("dra"), help: "Serve the Kubernetes DRA kubelet plugin and publish ResourceSlices.")
+  var dra = false
+
+  @Option(name: .customLong("dra-driver-name"), help: "The DRA driver's name (default qdma.xilinx.com).")
+  var draDriverName: String?
+
+  @Option(name: .customLong("dra-registry-dir"), help: "The kubelet's plugin registry (default /var/lib/kubelet/plugins_registry).")
+  var draRegistryDir: String?
+
+  @Option(name: .customLong("dra-plugins-dir"), help: "The kubelet's plugins directory (default /var/lib/kubelet/plugins).")
+  var draPluginsDir: String?
+
+  @Option(name: .customLong("cdi-dir"), help: "Where CDI specs are written (default /var/run/cdi).")
+  var cdiDir: String?
+
+  @Option(name: .customLong("kube-api-server"), help: "The Kubernetes API (https://HOST:PORT; default: in-cluster).")
+  var kubeAPIServer: String?
+
+  @Option(name: .customLong("kube-token-file"), help: "Bearer token file for the Kubernetes API.")
+  var kubeTokenFile: String?
+
+  @Option(name: .customLong("kube-ca-file"), help: "CA bundle of the Kubernetes API's certificate.")
+  var kubeCAFile: String?
+
   @Option(
     name: .customLong("http-listen"),
     help: "The dashboard, /metrics and /healthz (HOST:PORT, default 127.0.0.1:50080; empty: off; env FPGA_AGENT_HTTP_LISTEN).")
@@ -131,6 +155,14 @@ public struct ConfigOptions: ParsableArguments {
     if let qmpDir { resolved.qemu.socketDir = qmpDir }
     if let orchestrator { resolved.orchestrator.address = orchestrator }
     if let httpListen { resolved.http.listen = httpListen }
+    if dra { resolved.kubernetes.dra.enabled = true }
+    if let draDriverName { resolved.kubernetes.dra.driverName = draDriverName }
+    if let draRegistryDir { resolved.kubernetes.dra.registryDir = draRegistryDir }
+    if let draPluginsDir { resolved.kubernetes.dra.pluginsDir = draPluginsDir }
+    if let cdiDir { resolved.kubernetes.dra.cdiDir = cdiDir }
+    if let kubeAPIServer { resolved.kubernetes.api.server = kubeAPIServer }
+    if let kubeTokenFile { resolved.kubernetes.api.tokenFile = kubeTokenFile }
+    if let kubeCAFile { resolved.kubernetes.api.caFile = kubeCAFile }
     if let orchestratorTLSCert { resolved.orchestrator.tls.cert = orchestratorTLSCert }
     if let orchestratorTLSKey { resolved.orchestrator.tls.key = orchestratorTLSKey }
     if let orchestratorTLSCA { resolved.orchestrator.tls.ca = orchestratorTLSCA }
@@ -292,6 +324,14 @@ extension AgentConfig {
         "  role: \(orchestrator.role.rawValue)", "  insecure: \(orchestrator.insecure)",
         "  server_name: \(orchestrator.serverName)", "  tls:", "    cert: \(orchestrator.tls.cert)",
         "    key: \(orchestrator.tls.key)", "    ca: \(orchestrator.tls.ca)",
+      ]
+    }
+    if kubernetes.dra.enabled {
+      lines += [
+        "dra:", "  driver_name: \(kubernetes.dra.driverName)", "  registry_dir: \(kubernetes.dra.registryDir)",
+        "  plugins_dir: \(kubernetes.dra.pluginsDir)", "  cdi_dir: \(kubernetes.dra.cdiDir)",
+        "  node_name: \(kubernetes.dra.nodeName)", "  publish_slices: \(kubernetes.dra.publishSlices)",
+        "  api_server: \(kubernetes.api.server.isEmpty ? "(in-cluster)" : kubernetes.api.server)",
       ]
     }
     if kubernetes.devicePlugin {

@@ -248,10 +248,34 @@ public struct AgentConfig: Hashable, Sendable {
     public var kubeletDir = "/var/lib/kubelet/device-plugins"
     /// Resource pools: a resource name and the PFs whose VFs it offers (empty: all).
     public var pools: [Pool] = [Pool()]
+    /// Dynamic Resource Allocation: the kubelet plugin and the node's ResourceSlices.
+    public var dra = DRA()
+    /// The Kubernetes API (ResourceClaims, ResourceSlices); empty server: in-cluster.
+    public var api = API()
 
     public struct Pool: Hashable, Sendable {
       public var resource = "xilinx.com/qdma-vf"
       public var pfs: [String] = []
+    }
+
+    public struct DRA: Hashable, Sendable {
+      public var enabled = false
+      /// The driver's name (a DNS subdomain).
+      public var driverName = "qdma.xilinx.com"
+      public var registryDir = "/var/lib/kubelet/plugins_registry"
+      public var pluginsDir = "/var/lib/kubelet/plugins"
+      public var cdiDir = "/var/run/cdi"
+      /// The Kubernetes node's name (pool and slices); empty: the agent's node id.
+      public var nodeName = ""
+      /// Publish ResourceSlices (needs the API).
+      public var publishSlices = true
+    }
+
+    public struct API: Hashable, Sendable {
+      /// `https://HOST:PORT`; empty: KUBERNETES_SERVICE_HOST/PORT.
+      public var server = ""
+      public var tokenFile = "/var/run/secrets/kubernetes.io/serviceaccount/token"
+      public var caFile = "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt"
     }
   }
 
@@ -417,6 +441,26 @@ public struct AgentConfig: Hashable, Sendable {
     }
     if !(1...300).contains(orchestrator.heartbeatSeconds) {
       problems.append("orchestrator.heartbeat_seconds must be 1-300")
+    }
+    if kubernetes.dra.enabled {
+      let name = kubernetes.dra.driverName
+      let labels = name.split(separator: ".", omittingEmptySubsequences: false)
+      if name.count > 63 || labels.count < 2
+        || !labels.allSatisfy({ label in
+          !label.isEmpty && label.allSatisfy { $0.isLowercase || $0.isNumber || $0 == "-" } && label.first != "-" && label.last != "-"
+        })
+      {
+        problems.append("kubernetes.dra.driver_name \(quoted(name)) is not a DNS subdomain of at most 63 characters with a dot (e.g. qdma.xilinx.com)")
+      }
+      for (key, value) in [
+        ("kubernetes.dra.registry_dir", kubernetes.dra.registryDir), ("kubernetes.dra.plugins_dir", kubernetes.dra.pluginsDir),
+        ("kubernetes.dra.cdi_dir", kubernetes.dra.cdiDir),
+      ] where !value.hasPrefix("/") {
+        problems.append("\(key) \(quoted(value)) must be an absolute path")
+      }
+      if !kubernetes.api.server.isEmpty, !kubernetes.api.server.hasPrefix("https://") {
+        problems.append("kubernetes.api.server \(quoted(kubernetes.api.server)) must be an https:// URL")
+      }
     }
     if kubernetes.devicePlugin {
       if !kubernetes.kubeletDir.hasPrefix("/") {

@@ -2,6 +2,7 @@ import FPGAAgentAPI
 import Foundation
 import FPGACore
 import FPGADevicePlugin
+import FPGADRA
 import FPGALinux
 import FPGAQEMU
 import FPGASimulator
@@ -180,6 +181,33 @@ public final class AgentRuntime: Sendable {
         metrics.track(resource: pool.resource, plugin.registered)
         serviceList.append(DevicePluginLifecycle(plugin: plugin))
       }
+    }
+    if config.kubernetes.dra.enabled {
+      let settings = DRASettings(
+        driverName: config.kubernetes.dra.driverName, registryDir: config.kubernetes.dra.registryDir,
+        pluginsDir: config.kubernetes.dra.pluginsDir, cdiDir: config.kubernetes.dra.cdiDir,
+        nodeName: config.kubernetes.dra.nodeName.isEmpty ? nodeID : config.kubernetes.dra.nodeName,
+        deviceRoot: config.platform == "linux" ? config.linux.devRoot : "/dev")
+      let apiSettings =
+        config.kubernetes.api.server.isEmpty
+        ? KubernetesAPISettings.inCluster(environment: SystemCalls.environment())
+        : KubernetesAPISettings(
+          server: config.kubernetes.api.server, tokenFile: config.kubernetes.api.tokenFile,
+          caFile: config.kubernetes.api.caFile)
+      let api = try apiSettings.map { try KubernetesAPI(settings: $0) }
+      if api == nil {
+        logger.warning(
+          "DRA: no Kubernetes API (kubernetes.api.server, or in-cluster): claims cannot be prepared, slices are not published")
+      }
+      let node = engine
+      let driver = DRADriver(
+        settings: settings, engine: node, store: store, claims: api ?? NoKubernetesAPI(), logger: logger)
+      serviceList.append(
+        DRAService(
+          settings: settings, driver: driver, engine: engine,
+          publisher: config.kubernetes.dra.publishSlices
+            ? api.map { SlicePublisher(api: $0, settings: settings, engine: node, logger: logger) } : nil,
+          api: api, logger: logger))
     }
     if let source = uevents ?? (config.platform == "linux" && config.linux.uevents ? NetlinkUevents() : nil) {
       serviceList.append(DeviceEventsService(engine: engine, source: source, logger: logger))

@@ -209,6 +209,28 @@ public enum ConfigLoader {
           case "device_plugin": reader.bool(value, path).map { config.kubernetes.devicePlugin = $0 }
           case "kubelet_dir": reader.string(value, path).map { config.kubernetes.kubeletDir = $0 }
           case "pools": reader.pools(value, path).map { config.kubernetes.pools = $0 }
+          case "dra":
+            reader.mapping(value, path) { key, value, path in
+              switch key {
+              case "enabled": reader.bool(value, path).map { config.kubernetes.dra.enabled = $0 }
+              case "driver_name": reader.string(value, path).map { config.kubernetes.dra.driverName = $0 }
+              case "registry_dir": reader.string(value, path).map { config.kubernetes.dra.registryDir = $0 }
+              case "plugins_dir": reader.string(value, path).map { config.kubernetes.dra.pluginsDir = $0 }
+              case "cdi_dir": reader.string(value, path).map { config.kubernetes.dra.cdiDir = $0 }
+              case "node_name": reader.string(value, path).map { config.kubernetes.dra.nodeName = $0 }
+              case "publish_slices": reader.bool(value, path).map { config.kubernetes.dra.publishSlices = $0 }
+              default: reader.unknown(path)
+              }
+            }
+          case "api":
+            reader.mapping(value, path) { key, value, path in
+              switch key {
+              case "server": reader.string(value, path).map { config.kubernetes.api.server = $0 }
+              case "token_file": reader.string(value, path).map { config.kubernetes.api.tokenFile = $0 }
+              case "ca_file": reader.string(value, path).map { config.kubernetes.api.caFile = $0 }
+              default: reader.unknown(path)
+              }
+            }
           default: reader.unknown(path)
           }
         }

@@ -850,6 +850,10 @@ body[data-role="none"] .needs-role { display: none; }
       setHTML(box, `<p class="empty">none</p>` + (ended ? `<p class="hint">${ended} allocation(s) ended by the agent (a device gone).</p>` : ""));
       return;
     }
+    const ended = (inv().endedAllocations || []).slice(-5).reverse();
+    const endedHTML = ended.length ? `<details class="ended"><summary class="hint">${(inv().endedAllocations || []).length} allocation(s) the agent ended</summary>` +
+      ended.map(e => `<div class="row ended-allocation" data-allocation="${esc((e.allocation || {}).id)}"><div class="what"><span class="mono">${esc((e.allocation || {}).id)}</span>` +
+        `<div class="sub">${esc((e.allocation || {}).vfBdf)} · ${esc((e.allocation || {}).owner)} · ${esc(fmtTime(e.endedAt))}: ${esc(e.reason)}</div></div></div>`).join("") + `</details>` : "";
     const html = `<div class="rows">` + allocs.map(a => `<div class="row allocation${a.id === S.highlight ? " sel" : ""}" data-allocation="${esc(a.id)}" data-vf="${esc(a.vfBdf)}"` +
         ` data-attached="${!!a.attached}" data-detaching="${!!a.detaching}" data-owner="${esc(a.owner)}" data-vm="${esc(a.vm || "")}"` +
         ` title="${esc(`PF ${a.pfBdf} · card ${a.cardId} · NUMA ${num(a.numaNode)} · IOMMU group ${num(a.iommuGroup)}` +
@@ -860,10 +864,6 @@ body[data-role="none"] .needs-role { display: none; }
         `${a.attached ? ` · in <span class="badge info">${esc(a.vm)}</span>` : a.vm ? ` · for ${esc(a.vm)}` : ""}` +
         `${a.detaching ? ` <span class="badge warn">detaching</span>` : ""}</div></div>` +
         `<div class="actions">${allocationActions(a)}</div></div>`).join("") + `</div>` + endedHTML;
-    const ended = (inv().endedAllocations || []).slice(-5).reverse();
-    const endedHTML = ended.length ? `<details class="ended"><summary class="hint">${(inv().endedAllocations || []).length} allocation(s) the agent ended</summary>` +
-      ended.map(e => `<div class="row ended-allocation" data-allocation="${esc((e.allocation || {}).id)}"><div class="what"><span class="mono">${esc((e.allocation || {}).id)}</span>` +
-        `<div class="sub">${esc((e.allocation || {}).vfBdf)} · ${esc((e.allocation || {}).owner)} · ${esc(fmtTime(e.endedAt))}: ${esc(e.reason)}</div></div></div>`).join("") + `</details>` : "";
     // Keep each attach selector's choice across re-renders.
     const chosen = {};
     for (const sel of $$("select[data-field=attach-vm]", box)) chosen[sel.dataset.allocation] = sel.value;

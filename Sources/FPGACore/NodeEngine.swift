@@ -226,16 +226,26 @@ public actor NodeEngine {
   /// The VF the kubelet gave a pod becomes an allocation owned by `kubelet` (so the node API
   /// does not hand it out too), bound to vfio-pci. Allocating it again is a no-op.
   public func allocateForKubelet(vf: PCIAddress) async throws(AgentError) -> (Allocation, device: String) {
+    try await allocateOwned(vf: vf, owner: "kubelet")
+  }
+
+  /// A VF chosen elsewhere (the kubelet, a DRA claim) becomes an allocation owned by `owner`,
+  /// bound to vfio-pci; allocating it again for the same owner is a no-op, for another one an
+  /// error naming the holder. `key` makes a retry replay the first allocation.
+  public func allocateOwned(
+    vf: PCIAddress, owner: String, key: String? = nil
+  ) async throws(AgentError) -> (Allocation, device: String) {
     let allocation: Allocation
     if let id = state.vf(vf).flatMap({ state.view(of: $0).allocationID }), let existing = state.allocations[id] {
-      guard existing.owner == "kubelet" else {
+      guard existing.owner == owner else {
         throw AgentError(
           .failedPrecondition,
-          "VF \(vf) is allocated to \(existing.owner) through the node API (\(existing.id)); the kubelet saw it as Unhealthy")
+          "VF \(vf) is allocated to \(existing.owner) (\(existing.id)); it was not free for \(owner)")
       }
       allocation = existing
     } else {
-      allocation = try await allocate(AllocateRequest(owner: "kubelet", vm: nil, constraints: .init(vf: vf))).allocation
+      allocation = try await allocate(
+        AllocateRequest(meta: RequestMeta(idempotencyKey: key), owner: owner, vm: nil, constraints: .init(vf: vf))).allocation
     }
     return (allocation, try await prepareForPassthrough(vf: vf))
   }

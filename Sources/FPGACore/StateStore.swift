@@ -27,6 +27,9 @@ public struct PersistedState: Hashable, Sendable {
   public var contexts: [ContextRecord] = []
   /// Sharing policies set through the API, by accelerator.
   public var policies: [String: TimeSharingScheduler.Policy] = [:]
+  /// Records of the agent's other parts (e.g. the DRA driver's prepared claims), by kind then
+  /// key, each an encoded value.
+  public var records: [String: [String: String]] = [:]
 
   public init() {}
 
@@ -59,6 +62,8 @@ public struct PersistedState: Hashable, Sendable {
         } else {
           operations.append(operation)
         }
+      case .putRecord(let kind, let key, let value): records[kind, default: [:]][key] = value
+      case .deleteRecord(let kind, let key): records[kind]?[key] = nil
       }
     }
   }
@@ -81,6 +86,9 @@ public enum StoreChange: Hashable, Sendable {
   case deleteContext(String)
   /// An accelerator's sharing policy.
   case putPolicy(String, TimeSharingScheduler.Policy)
+  /// A record of another part of the agent: kind, key, encoded value.
+  case putRecord(String, String, String)
+  case deleteRecord(String, String)
 }
 
 /// The result an idempotency key replays.

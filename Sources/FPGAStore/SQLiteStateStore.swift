@@ -121,6 +121,11 @@ public final class SQLiteStateStore: StateStore {
     migrator.registerMigration("v3") { db in
       try db.execute(sql: "CREATE TABLE policies (accelerator_id TEXT PRIMARY KEY NOT NULL, body TEXT NOT NULL)")
     }
+    if last == "v3" { return migrator }
+    migrator.registerMigration("v4") { db in
+      try db.execute(
+        sql: "CREATE TABLE records (kind TEXT NOT NULL, key TEXT NOT NULL, body TEXT NOT NULL, PRIMARY KEY (kind, key))")
+    }
     return migrator
   }
 
@@ -163,6 +168,9 @@ public final class SQLiteStateStore: StateStore {
         for row in try Row.fetchAll(db, sql: "SELECT accelerator_id, body FROM policies") {
           let body: String = row["body"]
           state.policies[row["accelerator_id"]] = try decoder.decode(TimeSharingScheduler.Policy.self, from: Data(body.utf8))
+        }
+        for row in try Row.fetchAll(db, sql: "SELECT kind, key, body FROM records") {
+          state.records[row["kind"], default: [:]][row["key"]] = row["body"] as String
         }
         var seen = Set<String>()
         for body in unfinished + operations {
@@ -297,6 +305,11 @@ public final class SQLiteStateStore: StateStore {
     case .putPolicy(let id, let policy):
       try db.cachedStatement(sql: "INSERT OR REPLACE INTO policies (accelerator_id, body) VALUES (?, ?)").execute(
         arguments: [id, try json(policy)])
+    case .putRecord(let kind, let key, let body):
+      try db.cachedStatement(sql: "INSERT OR REPLACE INTO records (kind, key, body) VALUES (?, ?, ?)").execute(
+        arguments: [kind, key, body])
+    case .deleteRecord(let kind, let key):
+      try db.cachedStatement(sql: "DELETE FROM records WHERE kind = ? AND key = ?").execute(arguments: [kind, key])
     case .setDrain(let target, let on):
       if on {
         try db.cachedStatement(sql: "INSERT OR IGNORE INTO drains (target) VALUES (?)").execute(arguments: [target])

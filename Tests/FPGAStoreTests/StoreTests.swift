@@ -42,6 +42,8 @@ func allocation(_ id: String, vf: String, attached: Bool = false) -> Allocation 
         .putOperation(StoredOperation(record: record, journal: journal)),
       ])
       try await store.commit([.deleteAllocation("alloc-1"), .setEpoch(3), .setDrain("0000:3b:00.1", true)])
+      try await store.commit([.putRecord("dra-claim", "uid-1", "{\"a\":1}"), .putRecord("dra-claim", "uid-2", "{}")])
+      try await store.commit([.deleteRecord("dra-claim", "uid-2"), .putRecord("dra-tombstone", "uid-2", "1")])
     }
     let reopened = try SQLiteStateStore(path: path)
     let state = try reopened.load()
@@ -49,7 +51,8 @@ func allocation(_ id: String, vf: String, attached: Bool = false) -> Allocation 
     #expect(state.epoch == 7)  // the epoch only rises
     #expect(state.drains == ["card-0000:d8", "0000:3b:00.1"])
     #expect(state.operations == [StoredOperation(record: record, journal: journal)])
-    #expect(try reopened.appliedMigrations() == ["v1", "v2", "v3"])
+    #expect(state.records == ["dra-claim": ["uid-1": "{\"a\":1}"], "dra-tombstone": ["uid-2": "1"]])
+    #expect(try reopened.appliedMigrations() == ["v1", "v2", "v3", "v4"])
   }
 
   @Test func aStoreOfTheFirstSchemaIsMigratedWithItsRecords() async throws {
@@ -78,7 +81,7 @@ func allocation(_ id: String, vf: String, attached: Bool = false) -> Allocation 
       #expect(try await queue.read { db in try db.tableExists("operations") } == false)
     }
     let store = try SQLiteStateStore(path: path)
-    #expect(try store.appliedMigrations() == ["v1", "v2", "v3"])
+    #expect(try store.appliedMigrations() == ["v1", "v2", "v3", "v4"])
     let state = try store.load()
     #expect(state.allocations == [kept])
     #expect(state.idempotency == [IdempotencyRecord(scope: "DrainDevice", key: "k1", fingerprint: "f", outcome: .operation("op-9"))])

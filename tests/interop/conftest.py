@@ -24,7 +24,10 @@ def _generate_stubs():
 
     GENERATED.mkdir(exist_ok=True)
     # Health comes from grpcio-health-checking: an independent client of grpc.health.v1.
-    protos = ["fpga/agent/v1/agent.proto", "k8s/deviceplugin/v1beta1/api.proto", "fpga/orchestrator/v1/orchestrator.proto"]
+    protos = ["fpga/agent/v1/agent.proto", "k8s/deviceplugin/v1beta1/api.proto", "fpga/orchestrator/v1/orchestrator.proto",
+              # The kubelet's DRA contract (test_dra.py's fake kubelet).
+              "k8s/pluginregistration/v1/api.proto", "k8s/dra/v1/api.proto", "k8s/dra/v1beta1/api.proto",
+              "k8s/drahealth/v1alpha1/api.proto", "k8s/drahealth/v1/api.proto"]
     include = str(Path(protoc.__file__).parent / "_proto")
     code = protoc.main(
         ["protoc", f"-I{ROOT / 'Protos'}", f"-I{include}", f"--python_out={GENERATED}",

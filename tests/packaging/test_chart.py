@@ -27,7 +27,11 @@ VALUE_SETS = {
     "metrics-digest": {
         "image": {"repository": "registry.example.org/fpga/fpga-agent", "digest": DIGEST, "pullPolicy": "Always"},
         "imagePullSecrets": [{"name": "regcred"}],
-        "metrics": {"enabled": True, "port": 9478, "serviceMonitor": {"skipCRDCheck": True, "labels": {"release": "kps"}}},
+        "metrics": {"enabled": True, "port": 9478, "insecure": True,
+                    "serviceMonitor": {"skipCRDCheck": True, "labels": {"release": "kps"},
+                                       "bearerTokenSecret": {"name": "fpga-agent-scrape", "key": "token"}},
+                    "prometheusRule": {"skipCRDCheck": True, "labels": {"release": "kps"}}},
+        "auth": {"tokenSecret": "fpga-agent-tokens", "roles": {"token:prometheus": "viewer"}},
     },
     "selectors-pools": {
         "linux": {"selectors": [{"vendors": ["10ee"], "devices": ["903f", "913f"], "drivers": ["qdma-pf"]},
@@ -60,6 +64,8 @@ BAD_VALUES = [
     ({"hostPaths": {"run": "run", "state": "/s", "kubeletDevicePlugins": "/k", "devVfio": "/d", "sys": "/sys"}},
      "/hostPaths/run"),
     ({"metrics": {"enabled": "yes"}}, "/metrics/enabled"),
+    ({"metrics": {"prometheusRule": {"enabled": True, "bogus": 1}}}, "/metrics/prometheusRule"),
+    ({"auth": {"tokenSecret": "Not_A_Name"}}, "/auth/tokenSecret"),
     ({"probes": {"liveness": {"periodSeconds": 10, "exec": {}}}}, "/probes"),
     ({"resources": {"limits": {"memory": "lots"}}}, "/resources/limits/memory"),
 ]
@@ -169,7 +175,11 @@ def test_defaults_are_production_linux(chart):
     mounts = {m["mountPath"] for m in container["volumeMounts"]}
     assert mounts >= {"/sys", "/dev/vfio", "/var/lib/kubelet/device-plugins", "/run/fpga-agent", "/var/lib/fpga-agent"}
     assert not any("--http-listen" in a for a in container["args"])
-    assert not kind(docs, "ServiceMonitor") and not kind(docs, "Service")
+    assert not kind(docs, "ServiceMonitor") and not kind(docs, "Service") and not kind(docs, "PrometheusRule")
+    # The agent's own HTTP listener (127.0.0.1:50080 by default) is off too.
+    assert config["http"] == {"listen": ""}
+    (daemonset,) = kind(docs, "DaemonSet")
+    assert not any(k.startswith("prometheus.io/") for k in daemonset["spec"]["template"]["metadata"]["annotations"])
 
 
 def test_simulated_runs_unprivileged(chart):
@@ -210,11 +220,50 @@ def test_metrics_and_service_monitor(chart):
     (monitor,) = kind(docs, "ServiceMonitor")
     assert monitor["metadata"]["labels"]["release"] == "kps"
     assert monitor["spec"]["endpoints"][0]["port"] == "metrics"
-    # Without the Prometheus operator's CRD (an offline render has none) there is no ServiceMonitor.
+    assert monitor["spec"]["endpoints"][0]["authorization"] == {
+        "type": "Bearer", "credentials": {"name": "fpga-agent-scrape", "key": "token"}}
+    # Annotations for a Prometheus that discovers pods.
+    (daemonset,) = kind(docs, "DaemonSet")
+    annotations = daemonset["spec"]["template"]["metadata"]["annotations"]
+    assert {k: v for k, v in annotations.items() if k.startswith("prometheus.io/")} == {
+        "prometheus.io/scrape": "true", "prometheus.io/port": "9478", "prometheus.io/path": "/metrics"}
+    # The listener off loopback: plaintext allowed explicitly, callers with tokens from the Secret.
+    config = yaml.safe_load(kind(docs, "ConfigMap")[0]["data"]["fpga-agent.yaml"])
+    assert config["http"] == {"listen": "0.0.0.0:9478", "insecure": True}
+    assert config["auth"]["token_file"] == "/etc/fpga-agent/auth/tokens"
+    assert config["auth"]["roles"] == {"token:prometheus": "viewer"}
+    assert {"name": "tokens", "mountPath": "/etc/fpga-agent/auth", "readOnly": True} in container["volumeMounts"]
+    assert {"name": "tokens", "secret": {"secretName": "fpga-agent-tokens", "defaultMode": 0o400,
+                                         "items": [{"key": "tokens", "path": "tokens"}]}} in pod_spec(docs)["volumes"]
+    # The alert rules, the same as deploy/prometheus/fpga-agent-rules.yaml.
+    (rule,) = kind(docs, "PrometheusRule")
+    assert rule["metadata"]["labels"]["release"] == "kps"
+    assert rule["spec"] == yaml.safe_load((ROOT / "deploy" / "prometheus" / "fpga-agent-rules.yaml").read_text())
+    # Without the Prometheus operator's CRD (an offline render has none) there is no ServiceMonitor
+    # and no PrometheusRule.
     values = copy.deepcopy(VALUE_SETS["metrics-digest"])
     values["metrics"]["serviceMonitor"]["skipCRDCheck"] = False
+    values["metrics"]["prometheusRule"]["skipCRDCheck"] = False
     docs, _ = render(chart, values)
-    assert not kind(docs, "ServiceMonitor") and kind(docs, "Service")
+    assert not kind(docs, "ServiceMonitor") and not kind(docs, "PrometheusRule") and kind(docs, "Service")
+
+
+def test_metrics_off_loopback_needs_insecure(helm, chart):
+    with pytest.raises(helm.HelmRenderError, match="metrics.address 0.0.0.0 is not loopback"):
+        chart.render({"metrics": {"enabled": True}}, name="fpga-agent", namespace="fpga-system")
+    docs, _ = render(chart, {"metrics": {"enabled": True, "address": "127.0.0.1"}})
+    config = yaml.safe_load(kind(docs, "ConfigMap")[0]["data"]["fpga-agent.yaml"])
+    assert config["http"] == {"listen": "127.0.0.1:50080"}
+    docs, _ = render(chart, {"metrics": {"enabled": True, "address": "::", "insecure": True}})
+    (container,) = pod_spec(docs)["containers"]
+    assert container["args"][-2:] == ["--http-listen", "[::]:50080"]
+
+
+def test_chart_rules_are_the_deploy_rules():
+    """charts/fpga-agent/files/ holds a copy of deploy/prometheus/fpga-agent-rules.yaml (Helm reads
+    only files inside the chart): cp deploy/prometheus/fpga-agent-rules.yaml charts/fpga-agent/files/."""
+    deployed = (ROOT / "deploy" / "prometheus" / "fpga-agent-rules.yaml").read_text()
+    assert (CHART / "files" / "fpga-agent-rules.yaml").read_text() == deployed
 
 
 @pytest.fixture(scope="module")
@@ -236,10 +285,10 @@ def test_kubernetes_validate_strict(rendered_files, version):
     files = rendered_files + sorted((ROOT / "deploy" / "kubernetes").glob("*.yaml"))
     result = run(["kubernetes-validate", "--strict", "--quiet", "-k", version, *files], check=False, env=None)
     assert result.returncode == 0, result.stdout + result.stderr
-    # Only the ServiceMonitor (a CRD's kind) may be unknown to kubernetes-validate.
+    # Only the ServiceMonitor and the PrometheusRule (CRDs' kinds) may be unknown to kubernetes-validate.
     for line in (result.stdout + result.stderr).splitlines():
         if line.startswith("WARN"):
-            assert "servicemonitor" in line.lower(), line
+            assert "servicemonitor" in line.lower() or "prometheusrule" in line.lower(), line
 
 
 def test_agent_accepts_every_rendered_configuration(chart, binaries, tmp_path):
@@ -248,9 +297,11 @@ def test_agent_accepts_every_rendered_configuration(chart, binaries, tmp_path):
                     "-days", "2", "-subj", "/CN=fpga-test", "-keyout", tmp_path / "tls.key", "-out", tmp_path / "tls.crt"],
                    check=True, capture_output=True)
     (tmp_path / "ca.crt").write_bytes((tmp_path / "tls.crt").read_bytes())
+    (tmp_path / "tokens").write_text("0123456789abcdef0123,prometheus\n")
     for name, values in VALUE_SETS.items():
         docs, _ = render(chart, values)
         text = kind(docs, "ConfigMap")[0]["data"]["fpga-agent.yaml"].replace("/etc/fpga-agent/tls", str(tmp_path))
+        text = text.replace("/etc/fpga-agent/auth", str(tmp_path))
         config = tmp_path / f"{name}.yaml"
         config.write_text(text)
         (container,) = pod_spec(docs)["containers"]

@@ -56,6 +56,20 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 
 {{- define "fpga-agent.socket" -}}/run/fpga-agent/agent.sock{{- end -}}
 
+{{/* The HTTP listener's HOST:PORT (an IPv6 address in brackets). */}}
+{{- define "fpga-agent.httpListen" -}}
+{{- if contains ":" .Values.metrics.address -}}
+{{- printf "[%s]:%d" .Values.metrics.address (int .Values.metrics.port) -}}
+{{- else -}}
+{{- printf "%s:%d" .Values.metrics.address (int .Values.metrics.port) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Whether the Prometheus operator's CRDs are served, or a check is skipped (offline rendering). */}}
+{{- define "fpga-agent.monitoringAPI" -}}
+{{- if .Capabilities.APIVersions.Has "monitoring.coreos.com/v1" -}}true{{- end -}}
+{{- end -}}
+
 {{/* The agent's configuration file (docs/operations.md lists every key). */}}
 {{- define "fpga-agent.config" -}}
 {{- $listen := include "fpga-agent.listen" . -}}
@@ -67,7 +81,19 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{- if .Values.server.insecure -}}{{- $_ := set $server "insecure" true -}}{{- end -}}
 {{- $auth := dict "plaintext_role" .Values.auth.plaintextRole "root_is_admin" .Values.auth.rootIsAdmin -}}
 {{- if .Values.auth.roles -}}{{- $_ := set $auth "roles" .Values.auth.roles -}}{{- end -}}
-{{- $config := dict "server" $server "platform" .Values.platform "state_dir" "/var/lib/fpga-agent/state" "auth" $auth "log" (dict "level" .Values.log.level "format" .Values.log.format) -}}
+{{- if .Values.auth.tokenSecret -}}{{- $_ := set $auth "token_file" "/etc/fpga-agent/auth/tokens" -}}{{- end -}}
+{{- /* The HTTP listener: off unless metrics.enabled; plaintext off loopback only with metrics.insecure. */ -}}
+{{- $http := dict "listen" "" -}}
+{{- if .Values.metrics.enabled -}}
+{{- $_ := set $http "listen" (include "fpga-agent.httpListen" .) -}}
+{{- if not (has .Values.metrics.address (list "127.0.0.1" "::1" "localhost")) -}}
+{{- if not .Values.metrics.insecure -}}
+{{- fail (printf "metrics.address %s is not loopback and the HTTP listener has no TLS: set metrics.insecure: true (plaintext on the node's network; callers need a token from auth.tokenSecret) or metrics.address: 127.0.0.1" .Values.metrics.address) -}}
+{{- end -}}
+{{- $_ := set $http "insecure" true -}}
+{{- end -}}
+{{- end -}}
+{{- $config := dict "server" $server "http" $http "platform" .Values.platform "state_dir" "/var/lib/fpga-agent/state" "auth" $auth "log" (dict "level" .Values.log.level "format" .Values.log.format) -}}
 {{- if include "fpga-agent.linux" . -}}
 {{- if .Values.linux.selectors -}}
 {{- $selectors := list -}}

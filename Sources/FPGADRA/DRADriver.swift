@@ -1,0 +1,344 @@
+import FPGACore
+import Foundation
+import Logging
+
+/// Where the DRA driver lives on the node, and what it is called.
+public struct DRASettings: Hashable, Sendable {
+  /// The driver name (a DNS subdomain), e.g. `qdma.xilinx.com`.
+  public var driverName: String
+  /// The kubelet's plugin registry (`<driver>-reg.sock` is made there).
+  public var registryDir: String
+  /// The kubelet's plugins directory (`<driver>/dra.sock` and the device metadata files).
+  public var pluginsDir: String
+  /// Where CDI specs are written (`/var/run/cdi`, a tmpfs: rebuilt at start).
+  public var cdiDir: String
+  /// The node's name: the pool's name and the slices' `nodeName`.
+  public var nodeName: String
+  /// Where the platform's device nodes are (`/dev`); CDI specs map `/dev/vfio/N` from there.
+  public var deviceRoot: String
+
+  public init(
+    driverName: String, registryDir: String, pluginsDir: String, cdiDir: String, nodeName: String,
+    deviceRoot: String = "/dev"
+  ) {
+    self.driverName = driverName
+    self.registryDir = registryDir
+    self.pluginsDir = pluginsDir
+    self.cdiDir = cdiDir
+    self.nodeName = nodeName
+    self.deviceRoot = deviceRoot
+  }
+
+  public var registrationSocket: String { registryDir + "/\(driverName)-reg.sock" }
+  public var pluginDirectory: String { pluginsDir + "/" + driverName }
+  public var pluginSocket: String { pluginDirectory + "/dra.sock" }
+  /// CDI vendor/class of the VFs: `k8s.<driver>/vf`.
+  public var cdiKind: String { "k8s.\(driverName)/vf" }
+}
+
+/// A claim as the kubelet names it.
+public struct ClaimReference: Hashable, Sendable {
+  public var namespace: String
+  public var uid: String
+  public var name: String
+
+  public init(namespace: String, uid: String, name: String) {
+    self.namespace = namespace
+    self.uid = uid
+    self.name = name
+  }
+
+  public var description: String { "\(namespace)/\(name) (uid \(uid))" }
+}
+
+/// One device prepared for a claim.
+public struct PreparedDevice: Codable, Hashable, Sendable {
+  public var request: String
+  public var pool: String
+  public var device: String
+  public var vf: String
+  public var allocationID: String
+  /// `/dev/vfio/N` on the host.
+  public var vfioDevice: String
+  public var cdiID: String
+  public var shareID: String?
+}
+
+/// What the driver journals per claim (in the agent's store): started before anything is
+/// done, completed once the devices are ready.
+public struct PreparedClaim: Codable, Hashable, Sendable {
+  public enum State: String, Codable, Sendable { case started, completed }
+  public var namespace: String
+  public var name: String
+  public var uid: String
+  public var state: State
+  public var devices: [PreparedDevice]
+}
+
+/// The DRA driver's node side: prepares claims into allocated, vfio-pci-bound VFs with a CDI
+/// spec and KubeVirt's metadata file, and unprepares them. Every step is journaled in the
+/// agent's store; unprepared claims leave a tombstone so that a stale retry of Prepare cannot
+/// take a device again (the kubelet may retry a Prepare after its Unprepare).
+public actor DRADriver {
+  public let settings: DRASettings
+  let engine: NodeEngine
+  let store: any StateStore
+  let claims: any ClaimSource
+  let logger: Logger
+  private var prepared: [String: PreparedClaim] = [:]
+  /// Unprepared claim UIDs, oldest first (bounded).
+  private var tombstones: [String] = []
+  private var tombstoneSet: Set<String> = []
+  /// Claims being prepared or unprepared right now.
+  private var busy: Set<String> = []
+  static let claimKind = "dra-claim"
+  static let tombstoneKind = "dra-tombstone"
+  static let tombstoneLimit = 4096
+
+  public init(settings: DRASettings, engine: NodeEngine, store: any StateStore, claims: any ClaimSource, logger: Logger) {
+    self.settings = settings
+    self.engine = engine
+    self.store = store
+    self.claims = claims
+    self.logger = logger
+  }
+
+  /// At start: the journal back in memory, CDI specs and metadata rewritten for every completed
+  /// claim (`/var/run/cdi` is a tmpfs), claims a crash left half-prepared undone.
+  public func restore() async throws(AgentError) {
+    let persisted = try store.load()
+    let decoder = JSONDecoder()
+    for (uid, body) in persisted.records[Self.claimKind] ?? [:] {
+      guard let claim = try? decoder.decode(PreparedClaim.self, from: Data(body.utf8)) else { continue }
+      prepared[uid] = claim
+    }
+    tombstones = (persisted.records[Self.tombstoneKind] ?? [:]).sorted { $0.value < $1.value }.map(\.key)
+    tombstoneSet = Set(tombstones)
+    for claim in prepared.values.sorted(by: { $0.uid < $1.uid }) {
+      switch claim.state {
+      case .completed:
+        do {
+          try writeFiles(claim)
+        } catch {
+          logger.error("cannot rewrite the CDI spec of a prepared claim", metadata: ["fpga.claim": "\(claim.uid)", "fpga.error": "\(error)"])
+        }
+      case .started:
+        // The kubelet retries Prepare; start it afresh.
+        logger.warning("undoing a claim preparation a crash interrupted", metadata: ["fpga.claim": "\(claim.uid)"])
+        await undo(claim)
+      }
+    }
+  }
+
+  // MARK: Prepare
+
+  /// Prepares each claim; a claim's failure is its own (the kubelet retries it).
+  public func prepare(_ references: [ClaimReference]) async -> [String: Result<[PreparedDevice], DRAFailure>] {
+    var results: [String: Result<[PreparedDevice], DRAFailure>] = [:]
+    for reference in references {
+      do {
+        results[reference.uid] = .success(try await prepare(reference))
+      } catch {
+        logger.warning("claim preparation failed", metadata: ["fpga.claim": "\(reference.description)", "fpga.error": "\(error.message)"])
+        results[reference.uid] = .failure(error)
+      }
+    }
+    return results
+  }
+
+  func prepare(_ reference: ClaimReference) async throws(DRAFailure) -> [PreparedDevice] {
+    guard !tombstoneSet.contains(reference.uid) else {
+      throw DRAFailure("claim \(reference.description) was unprepared on this node: a stale Prepare cannot take its devices again")
+    }
+    if let known = prepared[reference.uid], known.state == .completed {
+      try? writeFiles(known)
+      return known.devices
+    }
+    guard busy.insert(reference.uid).inserted else {
+      throw DRAFailure("claim \(reference.description) is being prepared or unprepared right now; retry")
+    }
+    defer { busy.remove(reference.uid) }
+    let claim: Kube.ResourceClaim
+    do {
+      claim = try await claims.resourceClaim(namespace: reference.namespace, name: reference.name)
+    } catch {
+      throw DRAFailure("cannot read ResourceClaim \(reference.namespace)/\(reference.name): \(error)")
+    }
+    guard claim.metadata.uid == reference.uid else {
+      throw DRAFailure(
+        "claim \(reference.namespace)/\(reference.name) got replaced: its uid is \(claim.metadata.uid ?? "none"), the kubelet asked for \(reference.uid)")
+    }
+    let results = (claim.status?.allocation?.devices?.results ?? []).filter { $0.driver == settings.driverName }
+    guard claim.status?.allocation != nil, !results.isEmpty else {
+      throw DRAFailure("claim \(reference.description) is not allocated to driver \(settings.driverName) (status.allocation has no result for it)")
+    }
+    var journal = PreparedClaim(
+      namespace: reference.namespace, name: reference.name, uid: reference.uid, state: .started, devices: [])
+    try await record(journal)
+    do {
+      for result in results {
+        guard result.pool == settings.nodeName else {
+          throw DRAFailure("device \(result.device) of claim \(reference.description) is from pool \(result.pool), not this node's (\(settings.nodeName))")
+        }
+        guard let vf = DeviceNames.vf(result.device) else {
+          throw DRAFailure("device \(quoted(result.device)) of claim \(reference.description) is not one of this driver's VFs (vf-DDDD-BB-DD-F)")
+        }
+        let readable = "claim:\(reference.namespace)/\(reference.name)"
+        let (allocation, device) = try await engine.allocateOwned(
+          vf: vf, owner: readable.utf8.count <= 128 ? readable : "claim:\(reference.uid)",
+          key: "dra-\(reference.uid)-\(result.device)")
+        journal.devices.append(
+          PreparedDevice(
+            request: result.request, pool: result.pool, device: result.device, vf: vf.description,
+            allocationID: allocation.id, vfioDevice: device, cdiID: "\(settings.cdiKind)=\(reference.uid)-\(result.device)",
+            shareID: result.shareID))
+        try await record(journal)
+      }
+      journal.state = .completed
+      try writeFiles(journal)
+      try await record(journal)
+      prepared[reference.uid] = journal
+      logger.info(
+        "claim prepared",
+        metadata: ["fpga.claim": "\(reference.description)", "fpga.vfs": "\(journal.devices.map(\.vf).joined(separator: ","))"])
+      return journal.devices
+    } catch {
+      await undo(journal)
+      throw (error as? DRAFailure) ?? DRAFailure("\((error as? AgentError)?.message ?? "\(error)")")
+    }
+  }
+
+  // MARK: Unprepare
+
+  /// Unprepares each claim: its allocations end, its files go. An unknown claim succeeds, and
+  /// so does one whose device has gone (the pod must be able to end).
+  public func unprepare(_ references: [ClaimReference]) async -> [String: DRAFailure?] {
+    var results: [String: DRAFailure?] = [:]
+    for reference in references {
+      guard busy.insert(reference.uid).inserted else {
+        results[reference.uid] = DRAFailure("claim \(reference.description) is being prepared or unprepared right now; retry")
+        continue
+      }
+      defer { busy.remove(reference.uid) }
+      if let claim = prepared[reference.uid] {
+        await undo(claim)
+        logger.info("claim unprepared", metadata: ["fpga.claim": "\(reference.description)"])
+      }
+      do {
+        try await entomb(reference.uid)
+        results[reference.uid] = .some(nil)
+      } catch {
+        results[reference.uid] = error
+      }
+    }
+    return results
+  }
+
+  /// Releases what `claim` holds and forgets it.
+  private func undo(_ claim: PreparedClaim) async {
+    for device in claim.devices {
+      do {
+        _ = try await engine.release(ReleaseRequest(allocationID: device.allocationID))
+      } catch where error.code == .notFound {
+        // Already ended (its device left the bus, or released by hand): nothing to do.
+      } catch {
+        logger.error("cannot release a claim's VF", metadata: ["fpga.claim": "\(claim.uid)", "fpga.error": "\(error.message)"])
+      }
+    }
+    removeFiles(claim)
+    prepared[claim.uid] = nil
+    try? await store.commit([.deleteRecord(Self.claimKind, claim.uid)])
+  }
+
+  private func entomb(_ uid: String) async throws(DRAFailure) {
+    guard !tombstoneSet.contains(uid) else { return }
+    var changes: [StoreChange] = [.putRecord(Self.tombstoneKind, uid, String(format: "%020.6f", Date().timeIntervalSince1970))]
+    tombstones.append(uid)
+    tombstoneSet.insert(uid)
+    while tombstones.count > Self.tombstoneLimit {
+      let oldest = tombstones.removeFirst()
+      tombstoneSet.remove(oldest)
+      changes.append(.deleteRecord(Self.tombstoneKind, oldest))
+    }
+    do {
+      try await store.commit(changes)
+    } catch {
+      throw DRAFailure("cannot record the unpreparation: \(error.message)")
+    }
+  }
+
+  private func record(_ claim: PreparedClaim) async throws(DRAFailure) {
+    let encoder = JSONEncoder()
+    encoder.outputFormatting = [.sortedKeys]
+    guard let body = try? encoder.encode(claim) else { throw DRAFailure("cannot encode claim \(claim.uid)") }
+    do {
+      try await store.commit([.putRecord(Self.claimKind, claim.uid, String(decoding: body, as: UTF8.self))])
+    } catch {
+      throw DRAFailure("cannot journal claim \(claim.uid): \(error.message)")
+    }
+  }
+
+  /// The claims prepared now (for health and tests).
+  public var preparedClaims: [PreparedClaim] { prepared.values.sorted { $0.uid < $1.uid } }
+
+  // MARK: Files
+
+  /// Where KubeVirt's metadata file of a request is kept on the host.
+  func metadataPath(_ claim: PreparedClaim, request: String) -> String {
+    settings.pluginDirectory + "/dra-device-metadata/\(claim.uid)/\(request)/\(settings.driverName)-metadata.json"
+  }
+
+  var specPath: (String) -> String {
+    { [settings] uid in settings.cdiDir + "/k8s.\(settings.driverName)-vf_\(uid).json" }
+  }
+
+  private func writeFiles(_ claim: PreparedClaim) throws(DRAFailure) {
+    do {
+      let manager = FileManager.default
+      try manager.createDirectory(atPath: settings.cdiDir, withIntermediateDirectories: true)
+      for request in Set(claim.devices.map(\.request)) {
+        let path = metadataPath(claim, request: request)
+        try manager.createDirectory(atPath: (path as NSString).deletingLastPathComponent, withIntermediateDirectories: true)
+        try CDI.atomicWrite(path, CDI.metadata(claim, request: request, settings: settings))
+      }
+      try CDI.atomicWrite(specPath(claim.uid), CDI.spec(claim, settings: settings, metadataPath: metadataPath))
+    } catch let error as DRAFailure {
+      throw error
+    } catch {
+      throw DRAFailure("cannot write the CDI spec of claim \(claim.uid): \(error)")
+    }
+  }
+
+  private func removeFiles(_ claim: PreparedClaim) {
+    try? FileManager.default.removeItem(atPath: specPath(claim.uid))
+    try? FileManager.default.removeItem(atPath: settings.pluginDirectory + "/dra-device-metadata/\(claim.uid)")
+  }
+}
+
+/// Reads ResourceClaims (the API server, or a test's table).
+public protocol ClaimSource: Sendable {
+  func resourceClaim(namespace: String, name: String) async throws -> Kube.ResourceClaim
+}
+
+extension KubernetesAPI: ClaimSource {}
+
+/// A claim's failure, as the kubelet shows it.
+public struct DRAFailure: Error, Hashable, Sendable, CustomStringConvertible {
+  public var message: String
+  public init(_ message: String) { self.message = message }
+  public var description: String { message }
+}
+
+/// VF device names in slices: `vf-DDDD-BB-DD-F` (a DNS label), and back.
+public enum DeviceNames {
+  public static func name(of vf: PCIAddress) -> String {
+    "vf-" + vf.description.replacingOccurrences(of: ":", with: "-").replacingOccurrences(of: ".", with: "-")
+  }
+
+  public static func vf(_ name: String) -> PCIAddress? {
+    guard name.hasPrefix("vf-") else { return nil }
+    let parts = name.dropFirst(3).split(separator: "-")
+    guard parts.count == 4 else { return nil }
+    return PCIAddress("\(parts[0]):\(parts[1]):\(parts[2]).\(parts[3])")
+  }
+}

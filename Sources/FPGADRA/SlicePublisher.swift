@@ -1,0 +1,137 @@
+import FPGACore
+import Logging
+
+/// Publishes the node's pool as `resource.k8s.io/v1` ResourceSlices: every enabled VF a device
+/// with the standard and the driver's own attributes; VFs the scheduler must not pick (draining,
+/// unhealthy, taken through the node API or the device plugin) carry a `NoSchedule` taint with
+/// the reason. Each change of the devices is a new pool generation; slices the kubelet or
+/// anyone else deleted come back at the next sync.
+public actor SlicePublisher {
+  let api: KubernetesAPI
+  let settings: DRASettings
+  let engine: NodeEngine
+  let logger: Logger
+  private var generation: Int64 = 0
+
+  /// The API server's limits: 128 devices per slice, 64 once any device has taints.
+  static let devicesPerSlice = 128
+  static let devicesPerSliceWithTaints = 64
+
+  public init(api: KubernetesAPI, settings: DRASettings, engine: NodeEngine, logger: Logger) {
+    self.api = api
+    self.settings = settings
+    self.engine = engine
+    self.logger = logger
+  }
+
+  /// The devices the pool should have now.
+  static func devices(_ snapshot: InventorySnapshot, settings: DRASettings) -> [Kube.Device] {
+    let owners = Dictionary(snapshot.allocations.map { ($0.id, $0.owner) }, uniquingKeysWith: { a, _ in a })
+    var devices: [Kube.Device] = []
+    let domain = settings.driverName
+    for card in snapshot.cards {
+      for pf in card.pfs {
+        for view in pf.vfs {
+          let vf = view.function
+          var taints: [Kube.Taint] = []
+          func taint(_ key: String, _ reason: String) {
+            taints.append(Kube.Taint(key: "\(domain)/\(key)", value: Self.labelValue(reason), effect: "NoSchedule"))
+          }
+          if !vf.health.isUsable || vf.iommuGroup < 0 {
+            taint("unhealthy", vf.health.summary.isEmpty ? "no IOMMU group" : vf.health.summary)
+          }
+          if pf.draining || card.card.draining { taint("draining", "PF \(pf.function.address) is draining") }
+          if let owner = view.allocationID.flatMap({ owners[$0] }), !owner.hasPrefix("claim:") {
+            taint("allocated", "allocated to \(owner) outside DRA")
+          }
+          var attributes: [String: Kube.Attribute] = [
+            "resource.kubernetes.io/pciBusID": .string(vf.address.description),
+            "\(domain)/kind": .string("vf"),
+            "\(domain)/pf": .string(pf.function.address.description),
+            "\(domain)/card": .string(card.card.id),
+            "\(domain)/vfIndex": .int(vf.index),
+            "\(domain)/vendorID": .string(Self.hex(vf.vendorID)),
+            "\(domain)/deviceID": .string(Self.hex(vf.deviceID)),
+            "\(domain)/iommuGroup": .int(vf.iommuGroup),
+            "\(domain)/numaNode": .int(vf.numaNode),
+          ]
+          devices.append(
+            Kube.Device(name: DeviceNames.name(of: vf.address), attributes: attributes, taints: taints.isEmpty ? nil : taints))
+        }
+      }
+    }
+    return devices.sorted { $0.name < $1.name }
+  }
+
+  /// A taint value: at most 63 characters of a label value's alphabet.
+  static func labelValue(_ text: String) -> String {
+    let allowed = text.map { $0.isLetter || $0.isNumber || $0 == "-" || $0 == "." || $0 == "_" ? $0 : "-" }
+    var value = String(allowed.prefix(63))
+    while let last = value.last, !(last.isLetter || last.isNumber) { value.removeLast() }
+    while let first = value.first, !(first.isLetter || first.isNumber) { value.removeFirst() }
+    return value
+  }
+
+  static func hex(_ value: UInt16) -> String {
+    let digits = String(value, radix: 16)
+    return "0x" + String(repeating: "0", count: max(0, 4 - digits.count)) + digits
+  }
+
+  /// Splits the devices into slices within the API's limits.
+  static func chunks(_ devices: [Kube.Device]) -> [[Kube.Device]] {
+    let limit = devices.contains { $0.taints != nil } ? devicesPerSliceWithTaints : devicesPerSlice
+    return stride(from: 0, to: max(devices.count, 1), by: limit).map { Array(devices[$0..<min($0 + limit, devices.count)]) }
+  }
+
+  func sliceName(_ index: Int) -> String { "\(settings.nodeName)-\(settings.driverName)-\(index)" }
+
+  /// Brings the API server's slices in line with the node; returns whether it wrote anything.
+  @discardableResult
+  public func sync() async throws(KubernetesAPIError) -> Bool {
+    let snapshot: InventorySnapshot
+    do {
+      snapshot = try await engine.snapshot()
+    } catch {
+      throw KubernetesAPIError(status: 0, message: "\(error)")
+    }
+    let desired = Self.chunks(Self.devices(snapshot, settings: settings))
+    let existing = try await api.resourceSlices(node: settings.nodeName, driver: settings.driverName)
+    let byName = Dictionary(existing.map { ($0.metadata.name ?? "", $0) }, uniquingKeysWith: { a, _ in a })
+    let current = existing.map(\.spec.pool.generation).max() ?? 0
+    let consistent =
+      existing.count == desired.count && Set(existing.map(\.spec.pool.generation)).count == 1
+      && existing.allSatisfy { $0.spec.pool.resourceSliceCount == Int64(desired.count) }
+      && desired.indices.allSatisfy { index in byName[sliceName(index)]?.spec.devices == desired[index] }
+    if consistent {
+      generation = max(generation, current)
+      return false
+    }
+    generation = max(generation, current) + 1
+    for (index, devices) in desired.enumerated() {
+      var slice = Kube.ResourceSlice(
+        metadata: Kube.ObjectMeta(name: sliceName(index), labels: ["app.kubernetes.io/managed-by": "fpga-agent"]),
+        spec: .init(
+          driver: settings.driverName, nodeName: settings.nodeName,
+          pool: .init(name: settings.nodeName, generation: generation, resourceSliceCount: Int64(desired.count)),
+          devices: devices))
+      if let old = byName[sliceName(index)] {
+        slice.metadata.resourceVersion = old.metadata.resourceVersion
+        slice.metadata.ownerReferences = old.metadata.ownerReferences
+        _ = try await api.update(slice)
+      } else {
+        _ = try await api.create(slice)
+      }
+    }
+    let keep = Set(desired.indices.map(sliceName))
+    for slice in existing where !keep.contains(slice.metadata.name ?? "") {
+      try await api.deleteResourceSlice(slice.metadata.name ?? "")
+    }
+    logger.info(
+      "ResourceSlices published",
+      metadata: [
+        "fpga.slices": "\(desired.count)", "fpga.generation": "\(generation)",
+        "fpga.devices": "\(desired.reduce(0) { $0 + $1.count })",
+      ])
+    return true
+  }
+}

@@ -1,0 +1,171 @@
+import FPGACore
+@testable import FPGADRA
+import FPGASimulator
+import Foundation
+import Logging
+import Synchronization
+import Testing
+
+/// ResourceClaims as a test's table (the API server's role).
+final class Claims: ClaimSource, Sendable {
+  let table = Mutex<[String: Kube.ResourceClaim]>([:])
+
+  func put(_ claim: Kube.ResourceClaim) {
+    table.withLock { $0["\(claim.metadata.namespace ?? "")/\(claim.metadata.name ?? "")"] = claim }
+  }
+
+  func resourceClaim(namespace: String, name: String) async throws -> Kube.ResourceClaim {
+    guard let claim = table.withLock({ $0["\(namespace)/\(name)"] }) else {
+      throw DRAFailure("resourceclaims \"\(name)\" not found")
+    }
+    return claim
+  }
+
+  static func claim(_ name: String, uid: String, devices: [String], driver: String = "qdma.xilinx.com", pool: String = "node-a")
+    -> Kube.ResourceClaim
+  {
+    var claim = Kube.ResourceClaim(metadata: .init(name: name, namespace: "ns", uid: uid), status: nil)
+    if !devices.isEmpty {
+      claim.status = .init(
+        allocation: .init(
+          devices: .init(
+            results: devices.map { .init(request: "vf", driver: driver, pool: pool, device: $0, shareID: nil) },
+            config: nil)))
+    }
+    return claim
+  }
+}
+
+@Suite struct DRADriverTests {
+  func fixture() throws -> (DRASettings, NodeEngine, MemoryStateStore, String) {
+    let directory = NSTemporaryDirectory() + "fpga-dra-" + UUID().uuidString.prefix(8)
+    let settings = DRASettings(
+      driverName: "qdma.xilinx.com", registryDir: directory + "/registry", pluginsDir: directory + "/plugins",
+      cdiDir: directory + "/cdi", nodeName: "node-a")
+    let store = MemoryStateStore()
+    let engine = NodeEngine(
+      nodeID: "node-a", platform: SimulatedPlatform(node: SimulatedNode(config: .default)), clock: FixedTestClock(), store: store)
+    return (settings, engine, store, directory)
+  }
+
+  @Test func prepareUnprepareAndTheirFiles() async throws {
+    let (settings, engine, store, directory) = try fixture()
+    defer { try? FileManager.default.removeItem(atPath: directory) }
+    try await engine.rescan()
+    let claims = Claims()
+    let driver = DRADriver(settings: settings, engine: engine, store: store, claims: claims, logger: Logger(label: "t"))
+    let vfs = try await engine.snapshot().cards[0].pfs[0].vfs.prefix(2).map { DeviceNames.name(of: $0.function.address) }
+    #expect(vfs == ["vf-0000-3b-00-4", "vf-0000-3b-00-5"])
+    claims.put(Claims.claim("gpu-claim", uid: "uid-1", devices: vfs))
+    let reference = ClaimReference(namespace: "ns", uid: "uid-1", name: "gpu-claim")
+
+    let first = try #require(try await driver.prepare([reference])["uid-1"]?.get())
+    #expect(first.map(\.cdiID) == ["k8s.qdma.xilinx.com/vf=uid-1-vf-0000-3b-00-4", "k8s.qdma.xilinx.com/vf=uid-1-vf-0000-3b-00-5"])
+    var owners = try await engine.snapshot().allocations.map(\.owner)
+    #expect(owners == ["claim:ns/gpu-claim", "claim:ns/gpu-claim"])
+    // The CDI spec: one device per VF, vfio nodes, the BDFs in the environment, KubeVirt's file.
+    let spec = try JSONSerialization.jsonObject(
+      with: Data(contentsOf: URL(fileURLWithPath: settings.cdiDir + "/k8s.qdma.xilinx.com-vf_uid-1.json"))) as! [String: Any]
+    #expect(spec["cdiVersion"] as? String == "0.5.0" && spec["kind"] as? String == "k8s.qdma.xilinx.com/vf")
+    let devices = spec["devices"] as! [[String: Any]]
+    #expect(devices.map { $0["name"] as! String } == ["uid-1-vf-0000-3b-00-4", "uid-1-vf-0000-3b-00-5"])
+    let edits = devices[0]["containerEdits"] as! [String: Any]
+    let nodes = (edits["deviceNodes"] as! [[String: Any]]).map { $0["path"] as! String }
+    #expect(nodes[0] == "/dev/vfio/vfio" && nodes[1] == first[0].vfioDevice && nodes[1].hasPrefix("/dev/vfio/"))
+    #expect((edits["env"] as! [String]).contains("PCI_RESOURCE_QDMA_XILINX_COM_VF=0000:3b:00.4,0000:3b:00.5"))
+    let mount = (edits["mounts"] as! [[String: Any]])[0]
+    #expect(mount["containerPath"] as? String == "/var/run/kubernetes.io/dra-device-attributes/resourceclaims/gpu-claim/vf/qdma.xilinx.com-metadata.json")
+    let metadata = try String(contentsOfFile: mount["hostPath"] as! String, encoding: .utf8)
+    #expect(metadata.contains(#""resource.kubernetes.io/pciBusID":{"string":"0000:3b:00.4"}"#))
+
+    // Prepare again: the same devices, nothing new.
+    let again = try #require(try await driver.prepare([reference])["uid-1"]?.get())
+    #expect(again == first)
+    #expect(try await engine.snapshot().allocations.count == 2)
+
+    // Unprepare: the allocations end, the files go; again, and an unknown claim: fine too.
+    let undone = await driver.unprepare([reference, ClaimReference(namespace: "ns", uid: "uid-x", name: "never")])
+    #expect(undone["uid-1"] == .some(nil) && undone["uid-x"] == .some(nil))
+    owners = try await engine.snapshot().allocations.map(\.owner)
+    #expect(owners.isEmpty)
+    #expect(!FileManager.default.fileExists(atPath: settings.cdiDir + "/k8s.qdma.xilinx.com-vf_uid-1.json"))
+    #expect(await driver.unprepare([reference])["uid-1"] == .some(nil))
+    // A stale Prepare retry after Unprepare takes nothing.
+    let stale = try #require(await driver.prepare([reference])["uid-1"])
+    #expect(throws: DRAFailure.self) { try stale.get() }
+    #expect(try await engine.snapshot().allocations.isEmpty)
+  }
+
+  @Test func replacedUnallocatedAndForeignClaimsAreRefused() async throws {
+    let (settings, engine, store, directory) = try fixture()
+    defer { try? FileManager.default.removeItem(atPath: directory) }
+    try await engine.rescan()
+    let claims = Claims()
+    let driver = DRADriver(settings: settings, engine: engine, store: store, claims: claims, logger: Logger(label: "t"))
+    claims.put(Claims.claim("replaced", uid: "uid-new", devices: ["vf-0000-3b-00-4"]))
+    claims.put(Claims.claim("pending", uid: "uid-p", devices: []))
+    claims.put(Claims.claim("elsewhere", uid: "uid-e", devices: ["vf-0000-3b-00-4"], pool: "node-b"))
+    let results = await driver.prepare([
+      ClaimReference(namespace: "ns", uid: "uid-old", name: "replaced"),
+      ClaimReference(namespace: "ns", uid: "uid-p", name: "pending"),
+      ClaimReference(namespace: "ns", uid: "uid-e", name: "elsewhere"),
+      ClaimReference(namespace: "ns", uid: "uid-m", name: "missing"),
+    ])
+    func message(_ uid: String) -> String {
+      if case .failure(let error) = results[uid] { return error.message }
+      return "no error"
+    }
+    #expect(message("uid-old").contains("got replaced: its uid is uid-new"))
+    #expect(message("uid-p").contains("is not allocated to driver qdma.xilinx.com"))
+    #expect(message("uid-e").contains("is from pool node-b, not this node's (node-a)"))
+    #expect(message("uid-m").contains("cannot read ResourceClaim ns/missing"))
+    #expect(try await engine.snapshot().allocations.isEmpty)
+  }
+
+  @Test func aRestartRewritesTheSpecsAndUndoesHalfPreparedClaims() async throws {
+    let (settings, engine, store, directory) = try fixture()
+    defer { try? FileManager.default.removeItem(atPath: directory) }
+    try await engine.rescan()
+    let claims = Claims()
+    claims.put(Claims.claim("kept", uid: "uid-k", devices: ["vf-0000-3b-00-4"]))
+    let first = DRADriver(settings: settings, engine: engine, store: store, claims: claims, logger: Logger(label: "t"))
+    _ = try await first.prepare([ClaimReference(namespace: "ns", uid: "uid-k", name: "kept")])["uid-k"]?.get()
+    // A crash between journal steps leaves a started record; /var/run/cdi is wiped at reboot.
+    let half = #"{"devices":[],"name":"half","namespace":"ns","state":"started","uid":"uid-h"}"#
+    try await store.commit([.putRecord("dra-claim", "uid-h", half)])
+    try FileManager.default.removeItem(atPath: settings.cdiDir)
+    let second = DRADriver(settings: settings, engine: engine, store: store, claims: claims, logger: Logger(label: "t"))
+    try await second.restore()
+    #expect(FileManager.default.fileExists(atPath: settings.cdiDir + "/k8s.qdma.xilinx.com-vf_uid-k.json"))
+    #expect(await second.preparedClaims.map(\.uid) == ["uid-k"])
+    #expect(try store.load().records["dra-claim"]?.keys.sorted() == ["uid-k"])
+  }
+
+  @Test func slicesCarryAttributesTaintsAndStayWithinLimits() async throws {
+    let (settings, engine, _, directory) = try fixture()
+    defer { try? FileManager.default.removeItem(atPath: directory) }
+    try await engine.rescan()
+    _ = try await engine.drain(.pf(PCIAddress("0000:3b:00.1")!), releaseUnattached: false, meta: RequestMeta())
+    _ = try await engine.allocate(AllocateRequest(owner: "tenant", constraints: .init(pf: PCIAddress("0000:3b:00.0"))))
+    let devices = SlicePublisher.devices(try await engine.snapshot(), settings: settings)
+    #expect(devices.count == 52)
+    let first = try #require(devices.first { $0.name == "vf-0000-3b-00-4" })
+    #expect(first.attributes?["resource.kubernetes.io/pciBusID"] == .string("0000:3b:00.4"))
+    #expect(first.attributes?["qdma.xilinx.com/pf"] == .string("0000:3b:00.0"))
+    #expect(first.attributes?["qdma.xilinx.com/vendorID"] == .string("0x10ee"))
+    #expect(first.taints?.map(\.key) == ["qdma.xilinx.com/allocated"])
+    let drained = devices.filter { $0.attributes?["qdma.xilinx.com/pf"] == .string("0000:3b:00.1") }
+    #expect(!drained.isEmpty && drained.allSatisfy { $0.taints?.map(\.key) == ["qdma.xilinx.com/draining"] })
+    #expect(devices.allSatisfy { ($0.taints ?? []).allSatisfy { ($0.value ?? "").count <= 63 && $0.effect == "NoSchedule" } })
+    let chunks = SlicePublisher.chunks(devices)
+    #expect(chunks.map(\.count) == [52])
+    let many = (0..<200).map { Kube.Device(name: "d\($0)") }
+    #expect(SlicePublisher.chunks(many).map(\.count) == [128, 72])
+    #expect(SlicePublisher.chunks(many + [Kube.Device(name: "t", taints: [.init(key: "k", effect: "NoSchedule")])]).map(\.count) == [64, 64, 64, 9])
+    #expect(DeviceNames.vf("vf-0000-3b-00-4") == PCIAddress("0000:3b:00.4") && DeviceNames.vf("gpu-0") == nil)
+  }
+}
+
+final class FixedTestClock: WallClock {
+  func now() -> WallTime { WallTime(seconds: 1_800_000_000) }
+}
