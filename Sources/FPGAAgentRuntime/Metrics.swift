@@ -67,11 +67,14 @@ final class AgentMetrics: Sendable {
     state.gauge(name: "fpga_node_problems", help: "Problems the node reports (unreadable devices, missing IOMMU, ...).")
       .set(Double(status.capabilities.problems.count))
     state.gauge(name: "fpga_agent_watchers", help: "Open inventory watch streams.").set(Double(status.watchers))
-    state.gauge(name: "fpga_orchestrator_link_up", help: "1 while the orchestrator link is connected.")
-      .set(status.link.state == .connected ? 1.0 : 0.0)
-    state.counter(
-      name: "fpga_orchestrator_link_connections_total", help: "Connections the orchestrator link has made since the start."
-    ).increment(by: Int64(status.link.connections))
+    if !status.link.address.isEmpty {
+      // Only with a link configured: a node without an orchestrator has no link to be down.
+      state.gauge(name: "fpga_orchestrator_link_up", help: "1 while the orchestrator link is connected.")
+        .set(status.link.state == .connected ? 1.0 : 0.0)
+      state.counter(
+        name: "fpga_orchestrator_link_connections_total", help: "Connections the orchestrator link has made since the start."
+      ).increment(by: Int64(status.link.connections))
+    }
     for (resource, registration) in kubelet.withLock({ $0 }).sorted(by: { $0.key < $1.key }) {
       state.gauge(
         name: "fpga_kubelet_registered", labels: [("resource", resource)],
@@ -115,7 +118,7 @@ final class AgentMetrics: Sendable {
           ] {
             guard let count else { continue }
             state.counter(
-              name: "fpga_pcie_aer_errors_total", labels: labels + [("severity", severity)],
+              name: "fpga_pcie_aer_errors_total", labels: labels + [("aer_severity", severity)],
               help: "PCIe AER errors the kernel counted for the PF (aer_dev_*), since the device was enumerated."
             ).increment(by: Int64(clamping: count))
           }

@@ -509,13 +509,13 @@ def test_metrics_parse_and_lint(web):
     for name in ["fpga_agent_build_info", "fpga_agent_inventory_revision", "fpga_node_health", "fpga_node_problems",
                  "fpga_vfs", "fpga_pf_sriov_vfs", "fpga_pf_sriov_total_vfs", "fpga_pf_draining", "fpga_allocations",
                  "fpga_accelerator_utilization_ratio", "fpga_accelerator_switch_overhead_ratio",
-                 "fpga_accelerator_guests", "fpga_agent_watchers", "fpga_orchestrator_link_up",
-                 "fpga_orchestrator_link_connections_total", "grpc_server_handled_total",
+                 "fpga_accelerator_guests", "fpga_agent_watchers", "grpc_server_handled_total",
                  "grpc_server_handling_seconds_bucket"]:
         assert name in found, name
+    # No orchestrator configured: no link series at all (nothing to be down).
+    assert "fpga_orchestrator_link_up" not in found and "fpga_orchestrator_link_connections_total" not in found
     assert value(found, "fpga_node_health", state="serving") == 1
     assert value(found, "fpga_node_health", state="not_serving") == 0
-    assert value(found, "fpga_orchestrator_link_up") == 0
     node = stub(web)
     status = node.GetNodeStatus(pb.GetNodeStatusRequest())
     assert value(found, "fpga_agent_build_info", version=status.agent_version) == 1
