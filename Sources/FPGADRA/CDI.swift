@@ -49,6 +49,12 @@ enum CDI {
     _ claim: PreparedClaim, settings: DRASettings, metadataPath: (PreparedClaim, String) -> String
   ) throws -> String {
     let devices = claim.devices.map { device -> Device in
+      if let accelerator = device.accelerator {
+        return Device(
+          name: "\(claim.uid)-\(device.device)",
+          containerEdits: Edits(
+            env: ["FPGA_ACCELERATOR=\(accelerator)", "FPGA_CONTEXT=\(device.contextID ?? "")"], deviceNodes: nil, mounts: nil))
+      }
       func node(_ path: String) -> DeviceNode {
         let host = settings.deviceRoot == "/dev" ? nil : settings.deviceRoot + path.dropFirst(4)
         return DeviceNode(path: path, hostPath: host, permissions: "rw")
@@ -93,7 +99,7 @@ enum CDI {
       var name: String
       var attributes: [String: Kube.Attribute]
     }
-    let devices = claim.devices.filter { $0.request == request }.map { device in
+    let devices = claim.devices.filter { $0.request == request && $0.accelerator == nil }.map { device in
       MetaDevice(
         driver: settings.driverName, pool: device.pool, name: device.device,
         attributes: [

@@ -62,6 +62,9 @@ public struct PreparedDevice: Codable, Hashable, Sendable {
   public var vfioDevice: String
   public var cdiID: String
   public var shareID: String?
+  /// For a share of an accelerator: the accelerator and the claim's context on it.
+  public var accelerator: String? = nil
+  public var contextID: String? = nil
 }
 
 /// What the driver journals per claim (in the agent's store): started before anything is
@@ -176,17 +179,32 @@ public actor DRADriver {
       namespace: reference.namespace, name: reference.name, uid: reference.uid, state: .started, devices: [])
     try await record(journal)
     do {
+      let readable = "claim:\(reference.namespace)/\(reference.name)"
+      let owner = readable.utf8.count <= 128 ? readable : "claim:\(reference.uid)"
       for result in results {
         guard result.pool == settings.nodeName else {
           throw DRAFailure("device \(result.device) of claim \(reference.description) is from pool \(result.pool), not this node's (\(settings.nodeName))")
         }
+        if let accelerator = DeviceNames.accelerator(result.device) {
+          // A time share of an accelerator: the claim becomes a guest with its context there.
+          let parameters = Self.parameters(claim, request: result.request, driver: settings.driverName)
+          let (context, _) = try await engine.registerContext(
+            NodeEngine.RegisterContextRequest(
+              meta: RequestMeta(idempotencyKey: "dra-\(reference.uid)-\(result.device)"), acceleratorID: accelerator,
+              guest: Self.guest(reference), function: parameters.function, weight: parameters.weight))
+          journal.devices.append(
+            PreparedDevice(
+              request: result.request, pool: result.pool, device: result.device, vf: "", allocationID: "",
+              vfioDevice: "", cdiID: "\(settings.cdiKind)=\(reference.uid)-\(result.device)", shareID: result.shareID,
+              accelerator: accelerator, contextID: context.id))
+          try await record(journal)
+          continue
+        }
         guard let vf = DeviceNames.vf(result.device) else {
           throw DRAFailure("device \(quoted(result.device)) of claim \(reference.description) is not one of this driver's VFs (vf-DDDD-BB-DD-F)")
         }
-        let readable = "claim:\(reference.namespace)/\(reference.name)"
         let (allocation, device) = try await engine.allocateOwned(
-          vf: vf, owner: readable.utf8.count <= 128 ? readable : "claim:\(reference.uid)",
-          key: "dra-\(reference.uid)-\(result.device)")
+          vf: vf, owner: owner, key: "dra-\(reference.uid)-\(result.device)")
         journal.devices.append(
           PreparedDevice(
             request: result.request, pool: result.pool, device: result.device, vf: vf.description,
@@ -237,6 +255,15 @@ public actor DRADriver {
   /// Releases what `claim` holds and forgets it.
   private func undo(_ claim: PreparedClaim) async {
     for device in claim.devices {
+      if let context = device.contextID {
+        do {
+          try await engine.deleteContext(context, meta: RequestMeta())
+        } catch where error.code == .notFound {
+        } catch {
+          logger.error("cannot delete a claim's context", metadata: ["fpga.claim": "\(claim.uid)", "fpga.error": "\(error.message)"])
+        }
+        continue
+      }
       do {
         _ = try await engine.release(ReleaseRequest(allocationID: device.allocationID))
       } catch where error.code == .notFound {
@@ -276,6 +303,26 @@ public actor DRADriver {
     } catch {
       throw DRAFailure("cannot journal claim \(claim.uid): \(error.message)")
     }
+  }
+
+  /// The guest name a claim's share runs as (a VM-name-like `claim-<uid>`).
+  static func guest(_ reference: ClaimReference) -> String {
+    "claim-" + String(reference.uid.map { $0.isLetter || $0.isNumber || $0 == "-" ? $0 : "-" }.prefix(57))
+  }
+
+  /// A share's function and weight, from the claim's opaque configuration for this driver
+  /// (`{"function": "fft", "weight": 2}`), for the request or the whole claim.
+  static func parameters(_ claim: Kube.ResourceClaim, request: String, driver: String) -> (function: String, weight: UInt32) {
+    var function = "default"
+    var weight: UInt32 = 1
+    for config in claim.status?.allocation?.devices?.config ?? [] {
+      guard let opaque = config.opaque, opaque.driver == driver,
+        config.requests?.isEmpty ?? true || config.requests?.contains(request) == true
+      else { continue }
+      if case .string(let text) = opaque.parameters?["function"], !text.isEmpty { function = text }
+      if case .number(let value) = opaque.parameters?["weight"], value >= 1, value <= 1000 { weight = UInt32(value) }
+    }
+    return (function, weight)
   }
 
   /// The claims prepared now (for health and tests).
@@ -333,6 +380,22 @@ public struct DRAFailure: Error, Hashable, Sendable, CustomStringConvertible {
 public enum DeviceNames {
   public static func name(of vf: PCIAddress) -> String {
     "vf-" + vf.description.replacingOccurrences(of: ":", with: "-").replacingOccurrences(of: ".", with: "-")
+  }
+
+  /// `acc-DDDD-BB-N` for accelerator `card-DDDD:BB/accN`.
+  public static func name(ofAccelerator id: String) -> String? {
+    guard id.hasPrefix("card-"), let slash = id.firstIndex(of: "/") else { return nil }
+    let card = id[id.index(id.startIndex, offsetBy: 5)..<slash].replacingOccurrences(of: ":", with: "-")
+    let slot = id[id.index(after: slash)...]
+    guard slot.hasPrefix("acc"), let index = Int(slot.dropFirst(3)) else { return nil }
+    return "acc-\(card)-\(index)"
+  }
+
+  public static func accelerator(_ name: String) -> String? {
+    guard name.hasPrefix("acc-") else { return nil }
+    let parts = name.dropFirst(4).split(separator: "-")
+    guard parts.count == 3, let index = Int(parts[2]) else { return nil }
+    return "card-\(parts[0]):\(parts[1])/acc\(index)"
   }
 
   public static func vf(_ name: String) -> PCIAddress? {

@@ -158,6 +158,35 @@ public enum Kube {
   public struct Capacity: Codable, Hashable, Sendable {
     /// A quantity, e.g. "8".
     public var value: String
+    /// How much one claim takes (consumable capacity).
+    public var requestPolicy: RequestPolicy?
+
+    public init(value: String, requestPolicy: RequestPolicy? = nil) {
+      self.value = value
+      self.requestPolicy = requestPolicy
+    }
+  }
+
+  public struct RequestPolicy: Codable, Hashable, Sendable {
+    public var `default`: String?
+    public var validRange: ValidRange?
+
+    public init(default value: String?, validRange: ValidRange?) {
+      self.default = value
+      self.validRange = validRange
+    }
+  }
+
+  public struct ValidRange: Codable, Hashable, Sendable {
+    public var min: String?
+    public var max: String?
+    public var step: String?
+
+    public init(min: String?, max: String? = nil, step: String?) {
+      self.min = min
+      self.max = max
+      self.step = step
+    }
   }
 
   public struct Taint: Codable, Hashable, Sendable {

@@ -12,6 +12,11 @@ public actor SlicePublisher {
   let engine: NodeEngine
   let logger: Logger
   private var generation: Int64 = 0
+  /// When the pool was last written: accelerators' figures alone republish it at most every
+  /// `figuresInterval` (they change every second; the API server need not).
+  private var lastWrite: ContinuousClock.Instant?
+  var figuresInterval: Duration = .seconds(60)
+  static let figureAttributes = ["utilizationPercent", "switchOverheadPercent", "meanSwitchMicroseconds", "guests"]
 
   /// The API server's limits: 128 devices per slice, 64 once any device has taints.
   static let devicesPerSlice = 128
@@ -60,7 +65,40 @@ public actor SlicePublisher {
         }
       }
     }
+    // Each accelerator slot: one device many claims share, up to its overcommit limit of
+    // guests (one guest slot per claim), with its figures for schedulers to weigh.
+    for accelerator in snapshot.accelerators {
+      guard let name = DeviceNames.name(ofAccelerator: accelerator.id) else { continue }
+      let limit = accelerator.policy.overcommitLimit
+      devices.append(
+        Kube.Device(
+          name: name,
+          attributes: [
+            "\(domain)/kind": .string("accelerator"),
+            "\(domain)/card": .string(accelerator.cardID),
+            "\(domain)/control": .string(accelerator.control),
+            "\(domain)/overcommitLimit": .int(limit),
+            "\(domain)/guests": .int(accelerator.guests.count),
+            "\(domain)/utilizationPercent": .int(Int((accelerator.metrics.utilization * 100).rounded())),
+            "\(domain)/switchOverheadPercent": .int(Int((accelerator.metrics.switchOverhead * 100).rounded())),
+            "\(domain)/meanSwitchMicroseconds": .int(Int(accelerator.metrics.meanSwitchTime.components.seconds * 1_000_000
+              + accelerator.metrics.meanSwitchTime.components.attoseconds / 1_000_000_000_000)),
+          ],
+          capacity: [
+            "guests": Kube.Capacity(
+              value: "\(limit)", requestPolicy: Kube.RequestPolicy(default: "1", validRange: Kube.ValidRange(min: "1", step: "1")))
+          ],
+          allowMultipleAllocations: true))
+    }
     return devices.sorted { $0.name < $1.name }
+  }
+
+  static func withoutFigures(_ devices: [Kube.Device], _ settings: DRASettings) -> [Kube.Device] {
+    devices.map { device in
+      var device = device
+      for key in figureAttributes { device.attributes?["\(settings.driverName)/\(key)"] = nil }
+      return device
+    }
   }
 
   /// A taint value: at most 63 characters of a label value's alphabet.
@@ -98,10 +136,14 @@ public actor SlicePublisher {
     let existing = try await api.resourceSlices(node: settings.nodeName, driver: settings.driverName)
     let byName = Dictionary(existing.map { ($0.metadata.name ?? "", $0) }, uniquingKeysWith: { a, _ in a })
     let current = existing.map(\.spec.pool.generation).max() ?? 0
+    let figuresDue = lastWrite.map { ContinuousClock.now - $0 >= figuresInterval } ?? true
+    let same: ([Kube.Device], [Kube.Device]) -> Bool = { [settings] published, wanted in
+      figuresDue ? published == wanted : Self.withoutFigures(published, settings) == Self.withoutFigures(wanted, settings)
+    }
     let consistent =
       existing.count == desired.count && Set(existing.map(\.spec.pool.generation)).count == 1
       && existing.allSatisfy { $0.spec.pool.resourceSliceCount == Int64(desired.count) }
-      && desired.indices.allSatisfy { index in byName[sliceName(index)]?.spec.devices == desired[index] }
+      && desired.indices.allSatisfy { index in byName[sliceName(index)].map { same($0.spec.devices, desired[index]) } ?? false }
     if consistent {
       generation = max(generation, current)
       return false
@@ -122,6 +164,7 @@ public actor SlicePublisher {
         _ = try await api.create(slice)
       }
     }
+    lastWrite = ContinuousClock.now
     let keep = Set(desired.indices.map(sliceName))
     for slice in existing where !keep.contains(slice.metadata.name ?? "") {
       try await api.deleteResourceSlice(slice.metadata.name ?? "")

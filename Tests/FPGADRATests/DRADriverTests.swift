@@ -169,3 +169,48 @@ final class Claims: ClaimSource, Sendable {
 final class FixedTestClock: WallClock {
   func now() -> WallTime { WallTime(seconds: 1_800_000_000) }
 }
+
+@Suite struct DRAAcceleratorShareTests {
+  @Test func aClaimOnAnAcceleratorBecomesAContextAndGoesWithUnprepare() async throws {
+    let directory = NSTemporaryDirectory() + "fpga-dra-" + UUID().uuidString.prefix(8)
+    defer { try? FileManager.default.removeItem(atPath: directory) }
+    let settings = DRASettings(
+      driverName: "qdma.xilinx.com", registryDir: directory + "/registry", pluginsDir: directory + "/plugins",
+      cdiDir: directory + "/cdi", nodeName: "node-a")
+    let store = MemoryStateStore()
+    let runner = AcceleratorRunner(
+      spec: AcceleratorSpec(
+        id: "card-0000:3b/acc0", cardID: "card-0000:3b", nominalSwitchCost: .microseconds(20),
+        policy: .init(slice: .milliseconds(10), overcommitLimit: 3)),
+      control: SimulatedAccelerator(fixed: .microseconds(5), bandwidth: 1_000_000_000))
+    let engine = NodeEngine(
+      nodeID: "node-a", platform: SimulatedPlatform(node: SimulatedNode(config: .default)), clock: FixedTestClock(),
+      store: store, accelerators: [runner])
+    _ = try await engine.restore()
+    try await engine.rescan()
+    defer { Task { await engine.close() } }
+    // Published: one shared device with a capacity of guest slots.
+    let devices = SlicePublisher.devices(try await engine.snapshot(), settings: settings)
+    let shared = try #require(devices.first { $0.name == "acc-0000-3b-0" })
+    #expect(shared.allowMultipleAllocations == true && shared.capacity?["guests"]?.value == "3")
+    #expect(shared.attributes?["qdma.xilinx.com/kind"] == .string("accelerator"))
+    #expect(DeviceNames.accelerator("acc-0000-3b-0") == "card-0000:3b/acc0")
+
+    let claims = Claims()
+    var claim = Claims.claim("share", uid: "uid-s", devices: ["acc-0000-3b-0"])
+    claim.status?.allocation?.devices?.config = [
+      .init(requests: ["vf"], opaque: .init(driver: "qdma.xilinx.com", parameters: .object(["function": .string("fft"), "weight": .number(3)])))
+    ]
+    claims.put(claim)
+    let driver = DRADriver(settings: settings, engine: engine, store: store, claims: claims, logger: Logger(label: "t"))
+    let reference = ClaimReference(namespace: "ns", uid: "uid-s", name: "share")
+    let prepared = try #require(try await driver.prepare([reference])["uid-s"]?.get())
+    let contexts = await engine.listContexts().map(\.0)
+    #expect(contexts.count == 1 && contexts[0].guest == "claim-uid-s" && contexts[0].function == "fft" && contexts[0].weight == 3)
+    #expect(prepared[0].contextID == contexts[0].id)
+    let spec = try String(contentsOfFile: settings.cdiDir + "/k8s.qdma.xilinx.com-vf_uid-s.json", encoding: .utf8)
+    #expect(spec.contains("FPGA_CONTEXT=\(contexts[0].id)") && spec.contains("FPGA_ACCELERATOR=card-0000:3b/acc0"))
+    #expect(await driver.unprepare([reference])["uid-s"] == .some(nil))
+    #expect(await engine.listContexts().isEmpty)
+  }
+}
