@@ -135,6 +135,8 @@ public struct VirtualFunction: Hashable, Sendable, Codable {
   public var vfioDevice: String?
   /// What the platform read of its health at the last scan (nil: nothing to read).
   public var readings: HealthReadings? = nil
+  /// The PCIe root complex it sits under (`pci0000:3a`), when the platform knows.
+  public var pcieRoot: String? = nil
   /// Its health, assessed by the engine from the readings and its PF's health.
   public var health = DeviceHealth()
 

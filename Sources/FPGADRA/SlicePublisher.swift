@@ -60,6 +60,7 @@ public actor SlicePublisher {
             "\(domain)/iommuGroup": .int(vf.iommuGroup),
             "\(domain)/numaNode": .int(vf.numaNode),
           ]
+          if let root = vf.pcieRoot { attributes["resource.kubernetes.io/pcieRoot"] = .string(root) }
           devices.append(
             Kube.Device(name: DeviceNames.name(of: vf.address), attributes: attributes, taints: taints.isEmpty ? nil : taints))
         }

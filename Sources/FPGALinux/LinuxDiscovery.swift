@@ -125,7 +125,17 @@ public struct LinuxDiscovery: Sendable {
     // The agent binds its VFs through driver_override: one that names a driver other than
     // the bound one was unbound (or rebound) behind its back.
     function.readings = readings(address, expectedDriver: override == "none" ? nil : override, driver: driver)
+    function.pcieRoot = pcieRoot(address)
     return function
+  }
+
+  /// The root complex a device sits under: `pciDDDD:BB`, the first such component of its
+  /// `bus/pci/devices` link (`../../../devices/pci0000:3a/0000:3a:00.0/0000:3b:00.4`).
+  func pcieRoot(_ address: PCIAddress) -> String? {
+    guard let components = try? sysfs.linkComponents(.device(address)) else { return nil }
+    return components.first { component in
+      component.hasPrefix("pci") && component.count == 10 && component.dropFirst(3).split(separator: ":").count == 2
+    }
   }
 
   /// What sysfs says of a device's health: AER counters (`TOTAL_ERR_*` of `aer_dev_*`), the

@@ -75,6 +75,10 @@ public struct LinuxSysfs: Sysfs {
   }
 
   public func linkName(_ path: SysfsPath) throws(SysfsError) -> String? {
+    try linkComponents(path)?.last
+  }
+
+  public func linkComponents(_ path: SysfsPath) throws(SysfsError) -> [String]? {
     let full = root + "/" + path.description
     var buffer = [CChar](repeating: 0, count: 4096)
     let count = readlink(full, &buffer, buffer.count - 1)
@@ -85,7 +89,7 @@ public struct LinuxSysfs: Sysfs {
     // The target must resolve inside the root too.
     _ = try confined(path)
     let target = String(decoding: buffer[0..<count].map { UInt8(bitPattern: $0) }, as: UTF8.self)
-    return target.split(separator: "/").last.map(String.init)
+    return target.split(separator: "/").map(String.init)
   }
 
   public func list(_ path: SysfsPath) throws(SysfsError) -> [String] {

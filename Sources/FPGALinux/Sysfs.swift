@@ -55,6 +55,9 @@ public protocol Sysfs: Sendable {
   func write(_ path: SysfsPath, _ value: String) throws(SysfsError)
   /// The last component of a symlink's target (`driver` → `vfio-pci`), nil when absent.
   func linkName(_ path: SysfsPath) throws(SysfsError) -> String?
+  /// The components of a symlink's target (`../../../devices/pci0000:3a/0000:3a:00.0/...`), nil
+  /// when absent.
+  func linkComponents(_ path: SysfsPath) throws(SysfsError) -> [String]?
   /// The entries of a directory, sorted; empty when it does not exist.
   func list(_ path: SysfsPath) throws(SysfsError) -> [String]
   /// Whether the path exists.

@@ -34,6 +34,7 @@ import Testing
     #expect(pf.vfs[1].driverOverride == "vfio-pci" && pf.vfs[0].driverOverride == nil)
     #expect(pf.vfs[1].vfioDevice == "/dev/vfio/\(pf.vfs[1].iommuGroup)")
     #expect(Set(pf.vfs.map(\.iommuGroup)).count == 3)
+    #expect(pf.vfs.allSatisfy { $0.pcieRoot == "pci0000:00" }, "the root complex, from the device's sysfs link")
     let capabilities = await platform.capabilities()
     #expect(capabilities.iommu && capabilities.vfioPCI && capabilities.qdmaDriver == "qdma-pf")
     #expect(capabilities.problems.isEmpty)

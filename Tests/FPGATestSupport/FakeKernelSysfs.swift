@@ -96,6 +96,7 @@ public final class FakeKernelSysfs: Sysfs, @unchecked Sendable {
     try reader.readBytes(path, count: count)
   }
   public func linkName(_ path: SysfsPath) throws(SysfsError) -> String? { try reader.linkName(path) }
+  public func linkComponents(_ path: SysfsPath) throws(SysfsError) -> [String]? { try reader.linkComponents(path) }
   public func list(_ path: SysfsPath) throws(SysfsError) -> [String] { try reader.list(path) }
   public func exists(_ path: SysfsPath) -> Bool { reader.exists(path) }
   public func deviceNodeExists(_ relative: String) -> Bool { reader.deviceNodeExists(relative) }
