@@ -188,12 +188,14 @@ public final class AgentRuntime: Sendable {
         pluginsDir: config.kubernetes.dra.pluginsDir, cdiDir: config.kubernetes.dra.cdiDir,
         nodeName: config.kubernetes.dra.nodeName.isEmpty ? nodeID : config.kubernetes.dra.nodeName,
         deviceRoot: config.platform == "linux" ? config.linux.devRoot : "/dev")
-      let apiSettings =
+      // The server from the configuration, else the pod's environment; the token and CA from
+      // the configuration (their defaults are the service account's).
+      let server =
         config.kubernetes.api.server.isEmpty
-        ? KubernetesAPISettings.inCluster(environment: SystemCalls.environment())
-        : KubernetesAPISettings(
-          server: config.kubernetes.api.server, tokenFile: config.kubernetes.api.tokenFile,
-          caFile: config.kubernetes.api.caFile)
+        ? KubernetesAPISettings.inCluster(environment: SystemCalls.environment())?.server : config.kubernetes.api.server
+      let apiSettings = server.map {
+        KubernetesAPISettings(server: $0, tokenFile: config.kubernetes.api.tokenFile, caFile: config.kubernetes.api.caFile)
+      }
       let api = try apiSettings.map { try KubernetesAPI(settings: $0) }
       if api == nil {
         logger.warning(

@@ -160,7 +160,8 @@ public struct HealthTracker: Sendable {
           ))
         }
       }
-      if let width = readings.linkWidth, let maxWidth = readings.maxLinkWidth, width > 0, width < maxWidth {
+      // 255 is the kernel's "unknown" maximum width (a link capabilities register reading 0).
+      if let width = readings.linkWidth, let maxWidth = readings.maxLinkWidth, width > 0, maxWidth < 255, width < maxWidth {
         found.append(("link-width", .degraded, "link trained at x\(width) of x\(maxWidth)"))
       }
       if let speed = readings.linkSpeed, let maxSpeed = readings.maxLinkSpeed, let current = Self.gigatransfers(speed),

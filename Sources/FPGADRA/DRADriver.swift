@@ -179,7 +179,7 @@ public actor DRADriver {
       namespace: reference.namespace, name: reference.name, uid: reference.uid, state: .started, devices: [])
     try await record(journal)
     do {
-      let readable = "claim:\(reference.namespace)/\(reference.name)"
+      let readable = "claim:\(reference.namespace)/\(reference.name)/\(reference.uid)"
       let owner = readable.utf8.count <= 128 ? readable : "claim:\(reference.uid)"
       for result in results {
         guard result.pool == settings.nodeName else {

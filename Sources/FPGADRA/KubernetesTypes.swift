@@ -94,8 +94,9 @@ public enum Kube {
   // MARK: ResourceSlice (written)
 
   public struct ResourceSlice: Codable, Hashable, Sendable {
-    public var apiVersion = "resource.k8s.io/v1"
-    public var kind = "ResourceSlice"
+    /// Set on what the driver sends; list items from the API server come without them.
+    public var apiVersion: String? = "resource.k8s.io/v1"
+    public var kind: String? = "ResourceSlice"
     public var metadata: ObjectMeta
     public var spec: Spec
 

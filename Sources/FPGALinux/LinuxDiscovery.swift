@@ -21,6 +21,9 @@ public struct LinuxDiscovery: Sendable {
   ) throws(SysfsError) -> DiscoveredNode {
     var pfs: [DiscoveredPF] = []
     var problems: [String] = []
+    // While a VF count write tears VFs down, a VF can lose its physfn link before it leaves the
+    // bus: one that was a VF at the last scan is never taken for a PF.
+    let knownVFs = Set(cached.values.flatMap { $0.vfs.map(\.address) })
     for name in try sysfs.list(.devices) {
       guard let address = PCIAddress(name) else { continue }
       if busy.contains(address) {
@@ -28,7 +31,7 @@ public struct LinuxDiscovery: Sendable {
         continue
       }
       // VFs are listed too; they are found through their PF.
-      if sysfs.exists(.device(address, "physfn")) { continue }
+      if sysfs.exists(.device(address, "physfn")) || knownVFs.contains(address) { continue }
       guard let vendor = try? hexValue(.device(address, "vendor")),
         let device = try? hexValue(.device(address, "device"))
       else { continue }
@@ -156,7 +159,10 @@ public struct LinuxDiscovery: Sendable {
       }
       return value
     }
-    let config = (try? sysfs.readBytes(.device(address, "config"), count: 4)) ?? []
+    // A device that left the bus reads all ones everywhere. Not the first dword: a VF's vendor
+    // and device ids read 0xffff by the SR-IOV specification. The class code dword (offset 8) is
+    // implemented by PFs and VFs alike.
+    let config = Array(((try? sysfs.readBytes(.device(address, "config"), count: 12)) ?? []).dropFirst(8))
     return HealthReadings(
       correctableErrors: total("aer_dev_correctable", "TOTAL_ERR_COR"),
       nonfatalErrors: total("aer_dev_nonfatal", "TOTAL_ERR_NONFATAL"),

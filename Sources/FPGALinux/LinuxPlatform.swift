@@ -24,12 +24,14 @@ public struct LinuxPlatform: NodePlatform {
   }
 
   /// Scans sysfs on a thread of its own (a read the kernel holds cannot freeze the agent's
-  /// request threads). While an earlier scan is still blocked, the last one is returned with a
-  /// problem saying so.
+  /// request threads). While an earlier scan is still blocked past the watchdog, the last one is
+  /// returned with a problem saying so. Scans may run at once (a uevent's and a
+  /// reconfiguration's verify): each reads sysfs itself, and the cache keeps the newest.
   public func discover() async throws(AgentError) -> DiscoveredNode {
     let busy = Set(worker.busyKeys.compactMap { PCIAddress($0) })
     let cached = lastScan.pfs.withLock { $0 }
-    if worker.isBusy(Self.scanKey) {
+    let sequence = lastScan.started.add(1, ordering: .relaxed).newValue
+    if lastScan.blocked.load(ordering: .relaxed) > 0 {
       return DiscoveredNode(
         pfs: cached.values.sorted { $0.function.address < $1.function.address },
         problems: ["a sysfs scan has been blocked in the kernel for over \(watchdog): the last scan is shown"])
@@ -43,12 +45,23 @@ public struct LinuxPlatform: NodePlatform {
       }
     }
     guard case .finished(let result) = outcome else {
+      if case .stillBlocked(let completion) = outcome {
+        lastScan.blocked.add(1, ordering: .relaxed)
+        let state = lastScan
+        Task.detached {
+          _ = await completion.value
+          state.blocked.subtract(1, ordering: .relaxed)
+        }
+      }
       throw AgentError(
         .unavailable, "reading sysfs has been blocked in the kernel for \(watchdog); the scan goes on in its thread")
     }
     switch result {
     case .success(let node):
       lastScan.pfs.withLock { cache in
+        // A scan that started before the newest one applied must not bring its older view back.
+        guard sequence > lastScan.applied.load(ordering: .relaxed) else { return }
+        lastScan.applied.store(sequence, ordering: .relaxed)
         for pf in node.pfs where !busy.contains(pf.function.address) { cache[pf.function.address] = pf }
       }
       return node
@@ -289,4 +302,9 @@ public struct LinuxPlatform: NodePlatform {
 /// The last scan of each PF (shared by copies of the platform).
 final class LastScan: Sendable {
   let pfs = Mutex<[PCIAddress: DiscoveredPF]>([:])
+  /// Scans started, and the sequence number of the newest scan applied to `pfs`.
+  let started = Atomic<UInt64>(0)
+  let applied = Atomic<UInt64>(0)
+  /// Scans still blocked in the kernel past the watchdog.
+  let blocked = Atomic<Int>(0)
 }

@@ -155,3 +155,22 @@ import Testing
     #expect(after.filter { $0.value == "Healthy" }.count == 2)
   }
 }
+
+/// Config space: a VF reads vendor and device 0xffff by the SR-IOV specification, which is not a
+/// device gone; all ones in the class code dword is.
+@Suite struct ConfigSpaceHealthTests {
+  @Test func aVFsAllOnesIdsAreNormalButAnAllOnesClassIsNot() async throws {
+    let tree = try DeviceHealthEndToEndTests.tree()
+    let engine = NodeEngine(nodeID: "n", platform: LinuxPlatform(sysfs: tree), clock: FixedClock())
+    try await engine.rescan()
+    let vf = try await engine.snapshot().cards[0].pfs[0].vfs[0].function.address
+    let path = tree.sysRoot + "/bus/pci/devices/\(vf)/config"
+    try Data([0xff, 0xff, 0xff, 0xff, 0x06, 0x04, 0x10, 0x00, 0x02, 0x02, 0x08, 0x01]).write(to: URL(fileURLWithPath: path))
+    try await engine.rescan()
+    #expect(try await engine.snapshot().cards[0].pfs[0].vfs[0].function.health.state == .healthy)
+    try Data(repeating: 0xff, count: 64).write(to: URL(fileURLWithPath: path))
+    try await engine.rescan()
+    let gone = try await engine.snapshot().cards[0].pfs[0].vfs[0].function.health
+    #expect(gone.state == .unhealthy && gone.reasons.map(\.kind) == ["config-unreadable"])
+  }
+}

@@ -34,6 +34,11 @@ import Testing
       vf, readings: HealthReadings(linkSpeed: "8.0 GT/s PCIe", maxLinkSpeed: "8.0 GT/s PCIe", linkWidth: 4, maxLinkWidth: 16),
       now: t0)
     #expect(link.state == .degraded && link.summary == "link-width: link trained at x4 of x16")
+    // The kernel's "unknown" maximum width (255, a capabilities register reading 0) is not a
+    // degraded link.
+    let unknown = tracker.assess(
+      PCIAddress("0000:3b:00.7")!, readings: HealthReadings(linkWidth: 1, maxLinkWidth: 255), now: t0)
+    #expect(unknown.state == .healthy)
     let slow = tracker.assess(
       vf, readings: HealthReadings(linkSpeed: "2.5 GT/s PCIe", maxLinkSpeed: "8.0 GT/s PCIe", linkWidth: 16, maxLinkWidth: 16),
       now: t0)

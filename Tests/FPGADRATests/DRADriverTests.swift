@@ -62,7 +62,7 @@ final class Claims: ClaimSource, Sendable {
     let first = try #require(try await driver.prepare([reference])["uid-1"]?.get())
     #expect(first.map(\.cdiID) == ["k8s.qdma.xilinx.com/vf=uid-1-vf-0000-3b-00-4", "k8s.qdma.xilinx.com/vf=uid-1-vf-0000-3b-00-5"])
     var owners = try await engine.snapshot().allocations.map(\.owner)
-    #expect(owners == ["claim:ns/gpu-claim", "claim:ns/gpu-claim"])
+    #expect(owners == ["claim:ns/gpu-claim/uid-1", "claim:ns/gpu-claim/uid-1"])
     // The CDI spec: one device per VF, vfio nodes, the BDFs in the environment, KubeVirt's file.
     let spec = try JSONSerialization.jsonObject(
       with: Data(contentsOf: URL(fileURLWithPath: settings.cdiDir + "/k8s.qdma.xilinx.com-vf_uid-1.json"))) as! [String: Any]
