@@ -28,6 +28,17 @@ extension NodeEngine {
     for address in state.pfAddresses where !scanned.contains(address) && reconfiguring[address] == nil {
       gone[address] = gone[address] ?? now
       healthTracker.forget(address)
+      // A PF leaving the bus loses its VFs first (the kernel disables SR-IOV, then removes the
+      // PF): allocations that ended moments ago on its VFs ended because the PF went.
+      for index in endedAllocations.indices
+      where endedAllocations[index].allocation.pf == address && now.since(endedAllocations[index].at) < .seconds(30)
+        && endedAllocations[index].reason.hasPrefix("VF ")
+      {
+        let vf = endedAllocations[index].allocation.vf
+        endedAllocations[index].reason =
+          "PF \(address) is gone from the PCI bus (surprise removal or hot-unplug); VF \(vf) went with it"
+        noteDiscrepancy("allocation \(endedAllocations[index].allocation.id): its PF \(address) then left the bus")
+      }
     }
     let present = Set(node.pfs.flatMap { [$0.function.address] + $0.vfs.map(\.address) })
     for allocation in state.allocations.values.sorted(by: { $0.id < $1.id })
@@ -35,7 +46,7 @@ extension NodeEngine {
       let reason =
         gone[allocation.pf] != nil
         ? "PF \(allocation.pf) is gone from the PCI bus (surprise removal or hot-unplug); VF \(allocation.vf) went with it"
-        : "VF \(allocation.vf) vanished from the platform (its PF's VF count changed behind the agent)"
+        : "VF \(allocation.vf) vanished from the platform (its PF's VF count changed behind the agent, or the PF is leaving the bus)"
       endedAllocations.append(EndedAllocation(allocation: allocation, reason: reason, at: now))
       healthTracker.forget(allocation.vf)
     }

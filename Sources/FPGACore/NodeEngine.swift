@@ -17,6 +17,8 @@ public actor NodeEngine {
   let store: any StateStore
   /// PFs under reconfiguration, with the operation's id.
   var reconfiguring: [PCIAddress: String] = [:]
+  /// PFs being reconfigured now.
+  public var reconfiguringPFs: Set<PCIAddress> { Set(reconfiguring.keys) }
   /// Drain flags restored from the store, applied once their PF or card is discovered.
   var pendingDrains: Set<String> = []
   /// What a restart found that disagreed with the records (for status and logs).

@@ -30,7 +30,9 @@ public actor SlicePublisher {
   }
 
   /// The devices the pool should have now.
-  static func devices(_ snapshot: InventorySnapshot, settings: DRASettings) -> [Kube.Device] {
+  static func devices(
+    _ snapshot: InventorySnapshot, settings: DRASettings, reconfiguring: Set<PCIAddress> = []
+  ) -> [Kube.Device] {
     let owners = Dictionary(snapshot.allocations.map { ($0.id, $0.owner) }, uniquingKeysWith: { a, _ in a })
     var devices: [Kube.Device] = []
     let domain = settings.driverName
@@ -45,7 +47,11 @@ public actor SlicePublisher {
           if !vf.health.isUsable || vf.iommuGroup < 0 {
             taint("unhealthy", vf.health.summary.isEmpty ? "no IOMMU group" : vf.health.summary)
           }
-          if pf.draining || card.card.draining { taint("draining", "PF \(pf.function.address) is draining") }
+          if pf.draining || card.card.draining {
+            taint("draining", "PF \(pf.function.address) is draining")
+          } else if reconfiguring.contains(pf.function.address) {
+            taint("draining", "PF \(pf.function.address) is being reconfigured")
+          }
           if let owner = view.allocationID.flatMap({ owners[$0] }), !owner.hasPrefix("claim:") {
             taint("allocated", "allocated to \(owner) outside DRA")
           }
@@ -133,7 +139,7 @@ public actor SlicePublisher {
     } catch {
       throw KubernetesAPIError(status: 0, message: "\(error)")
     }
-    let desired = Self.chunks(Self.devices(snapshot, settings: settings))
+    let desired = Self.chunks(Self.devices(snapshot, settings: settings, reconfiguring: await engine.reconfiguringPFs))
     let existing = try await api.resourceSlices(node: settings.nodeName, driver: settings.driverName)
     let byName = Dictionary(existing.map { ($0.metadata.name ?? "", $0) }, uniquingKeysWith: { a, _ in a })
     let current = existing.map(\.spec.pool.generation).max() ?? 0

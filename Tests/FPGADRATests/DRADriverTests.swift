@@ -157,6 +157,9 @@ final class Claims: ClaimSource, Sendable {
     let drained = devices.filter { $0.attributes?["qdma.xilinx.com/pf"] == .string("0000:3b:00.1") }
     #expect(!drained.isEmpty && drained.allSatisfy { $0.taints?.map(\.key) == ["qdma.xilinx.com/draining"] })
     #expect(devices.allSatisfy { ($0.taints ?? []).allSatisfy { ($0.value ?? "").count <= 63 && $0.effect == "NoSchedule" } })
+    let reconfiguring = SlicePublisher.devices(
+      try await engine.snapshot(), settings: settings, reconfiguring: [PCIAddress("0000:d8:00.0")!])
+    #expect(reconfiguring.filter { $0.taints?.first?.value == "PF-0000-d8-00.0-is-being-reconfigured" }.count == 16)
     let chunks = SlicePublisher.chunks(devices)
     #expect(chunks.map(\.count) == [52])
     let many = (0..<200).map { Kube.Device(name: "d\($0)") }

@@ -107,6 +107,7 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{- end -}}
 {{- $_ := set $config "linux" (dict "selectors" $selectors) -}}
 {{- end -}}
+{{- $kubernetes := dict -}}
 {{- if .Values.devicePlugin.enabled -}}
 {{- $pools := list -}}
 {{- range .Values.devicePlugin.pools -}}
@@ -114,8 +115,18 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{- with .pfs }}{{ $_ := set $p "pfs" . }}{{ end -}}
 {{- $pools = append $pools $p -}}
 {{- end -}}
-{{- $_ := set $config "kubernetes" (dict "device_plugin" true "kubelet_dir" "/var/lib/kubelet/device-plugins" "pools" $pools) -}}
+{{- $kubernetes = dict "device_plugin" true "kubelet_dir" "/var/lib/kubelet/device-plugins" "pools" $pools -}}
 {{- end -}}
+{{- if .Values.dra.enabled -}}
+{{- /* The node name defaults to the node id (FPGA_AGENT_NODE_ID, the pod's spec.nodeName); the API
+     server, token and CA to the pod's in-cluster ones. */ -}}
+{{- $_ := set $kubernetes "dra" (dict "enabled" true "driver_name" .Values.dra.driverName "registry_dir" .Values.hostPaths.kubeletPluginsRegistry "plugins_dir" .Values.hostPaths.kubeletPlugins "cdi_dir" .Values.hostPaths.cdi) -}}
+{{- end -}}
+{{- if $kubernetes -}}
+{{- $_ := set $config "kubernetes" $kubernetes -}}
+{{- end -}}
+{{- else if .Values.dra.enabled -}}
+{{- fail "dra.enabled needs platform: linux (a simulated node has no devices to publish to a cluster)" -}}
 {{- end -}}
 {{- if .Values.orchestrator.address -}}
 {{- $o := dict "address" .Values.orchestrator.address -}}
@@ -127,4 +138,11 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{- $_ := set $config "orchestrator" $o -}}
 {{- end -}}
 {{- toYaml (mustMergeOverwrite $config (deepCopy .Values.extraConfig)) -}}
+{{- end -}}
+
+{{/* DRA: resource.k8s.io/v1 needs Kubernetes 1.34 (an offline render, without a cluster, passes). */}}
+{{- define "fpga-agent.draCheck" -}}
+{{- if and .Values.dra.enabled (semverCompare "<1.34.0-0" .Capabilities.KubeVersion.Version) -}}
+{{- fail (printf "dra.enabled needs Kubernetes 1.34 or later (resource.k8s.io/v1), this cluster is %s: use the device plugin" .Capabilities.KubeVersion.Version) -}}
+{{- end -}}
 {{- end -}}
