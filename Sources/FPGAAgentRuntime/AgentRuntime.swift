@@ -90,7 +90,8 @@ public final class AgentRuntime: Sendable {
       defaultDetachTimeout: .seconds(config.qemu.detachTimeoutSeconds),
       auditTrail: { [audit] limit in (audit.last(limit), audit.path) })
     let services: [any RegistrableRPCService] = [nodeAgent, health]
-    let metrics = AgentMetrics(version: Self.version)
+    let metrics = AgentMetrics(
+      version: Self.version, storeStatistics: { [store] in store.groupStatistics.withLock { ($0.transactions, $0.commits) } })
     self.metrics = metrics
     let listeners = (config.server.listen.isEmpty ? 0 : 1) + (config.server.unixSocket.isEmpty ? 0 : 1)
 
@@ -261,6 +262,7 @@ public final class AgentRuntime: Sendable {
         "fault injection is set (a test setting): the agent will exit at that reconfiguration step",
         metadata: ["fpga.fault": "\(config.faultInjection)"])
     }
+    await engine.observeOperations { [metrics] record in metrics.operationEnded(record) }
     let persisted = try await engine.restore()
     try await engine.rescan()
     for id in await engine.recover(from: persisted) {

@@ -27,8 +27,9 @@ final class AgentMetrics: Sendable {
     .seconds(10), .seconds(30), .seconds(60),
   ]
 
-  init(version: String) {
+  init(version: String, storeStatistics: (@Sendable () -> (transactions: Int, commits: Int))? = nil) {
     self.version = version
+    self.storeStatistics = storeStatistics
   }
 
   /// Reports a device plugin's registration as `fpga_kubelet_registered{resource}`.
@@ -49,6 +50,34 @@ final class AgentMetrics: Sendable {
     ).record(duration)
   }
 
+  /// Step buckets: 1 ms to 10 min (a detach waits on a guest, a count write on the kernel).
+  static let stepBuckets: [Duration] = [
+    .milliseconds(1), .milliseconds(10), .milliseconds(100), .milliseconds(500), .seconds(1), .seconds(5),
+    .seconds(15), .seconds(60), .seconds(300), .seconds(600),
+  ]
+
+  /// An operation ended: its duration and each step's, by kind and step (the step's first word:
+  /// pause, detach, write-zero, write-count, verify, bind, resume, reattach, commit, ...).
+  func operationEnded(_ record: OperationRecord) {
+    if let finished = record.finishedAt {
+      events.histogram(
+        name: "fpga_agent_operation_duration_seconds", labels: [("kind", record.kind), ("result", record.state.rawValue)],
+        buckets: Self.stepBuckets, help: "Operations from start to end, by kind and result."
+      ).record(finished.since(record.createdAt))
+    }
+    for step in record.steps {
+      guard let started = step.startedAt, let finished = step.finishedAt else { continue }
+      let name = step.description.split(separator: " ").first.map(String.init) ?? "step"
+      events.histogram(
+        name: "fpga_agent_operation_step_duration_seconds", labels: [("kind", record.kind), ("step", name)],
+        buckets: Self.stepBuckets, help: "Steps of operations (reconfigure: pause, detach, write, verify, bind, ...)."
+      ).record(finished.since(started))
+    }
+  }
+
+  /// The state store's group commits (commits, and the transactions that carried them).
+  let storeStatistics: (@Sendable () -> (transactions: Int, commits: Int))?
+
   /// The whole exposition: events, then the node's state now.
   func scrape(_ engine: NodeEngine) async -> String {
     let status = await engine.status()
@@ -67,6 +96,19 @@ final class AgentMetrics: Sendable {
     state.gauge(name: "fpga_node_problems", help: "Problems the node reports (unreadable devices, missing IOMMU, ...).")
       .set(Double(status.capabilities.problems.count))
     state.gauge(name: "fpga_agent_watchers", help: "Open inventory watch streams.").set(Double(status.watchers))
+    state.counter(
+      name: "fpga_agent_watcher_cutoffs_total",
+      help: "Watch streams ended for falling behind (they resume from their last revision)."
+    ).increment(by: Int64(await engine.watcherCutOffs))
+    if let storeStatistics {
+      let figures = storeStatistics()
+      state.counter(name: "fpga_store_commits_total", help: "Changes committed durably to the state store.")
+        .increment(by: Int64(figures.commits))
+      state.counter(
+        name: "fpga_store_transactions_total",
+        help: "Transactions that carried them (group commit: commits / transactions is the group size)."
+      ).increment(by: Int64(figures.transactions))
+    }
     if !status.link.address.isEmpty {
       // Only with a link configured: a node without an orchestrator has no link to be down.
       state.gauge(name: "fpga_orchestrator_link_up", help: "1 while the orchestrator link is connected.")

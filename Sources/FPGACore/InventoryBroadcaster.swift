@@ -13,6 +13,8 @@ final class InventoryBroadcaster: Sendable {
     var watchers: [UInt64: Watcher] = [:]
     var nextID: UInt64 = 0
     var closed = false
+    /// Watchers cut off for falling behind, since the start.
+    var cutOffs: UInt64 = 0
   }
 
   private let state = Mutex(State())
@@ -43,6 +45,7 @@ final class InventoryBroadcaster: Sendable {
         if case .dropped = watcher.continuation.yield(event) {
           lagging.append(watcher)
           state.watchers[id] = nil
+          state.cutOffs += 1
         }
       }
       return lagging
@@ -69,6 +72,8 @@ final class InventoryBroadcaster: Sendable {
   }
 
   var watcherCount: Int { state.withLock { $0.watchers.count } }
+
+  var cutOffCount: UInt64 { state.withLock { $0.cutOffs } }
 }
 
 /// One watcher's events. The stream ends when the watcher is cancelled, when the agent shuts

@@ -56,6 +56,8 @@ public actor NodeEngine {
   public internal(set) var endedAllocations: [EndedAllocation] = []
   /// Drains the health policy raised, to record at the next commit of a scan.
   var healthDrains: [String] = []
+  /// Told of every operation that ends.
+  var operationObserver: (@Sendable (OperationRecord) -> Void)?
 
   public init(
     nodeID: String, platform: any NodePlatform, clock: any WallClock, hypervisor: (any Hypervisor)? = nil,
@@ -359,7 +361,17 @@ public actor NodeEngine {
 
   /// Stores a new or changed operation and tells its watchers.
   func remember(_ record: OperationRecord) {
+    let ended = record.state.isTerminal && record.state != .planned && operationLog[record.id]?.state.isTerminal != true
     operationLog.remember(record)
+    if ended { operationObserver?(record) }
+  }
+
+  /// Watchers cut off for falling behind since the start.
+  public var watcherCutOffs: UInt64 { broadcaster.cutOffCount }
+
+  /// Calls `observer` with every operation that ends (for metrics).
+  public func observeOperations(_ observer: @escaping @Sendable (OperationRecord) -> Void) {
+    operationObserver = observer
   }
 
   // MARK: Internals

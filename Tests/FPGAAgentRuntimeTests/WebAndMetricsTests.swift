@@ -61,7 +61,8 @@ import Testing
 
   @Test func vfCountsFollowTheInventoryAndGoneSeriesGo() async throws {
     try await TestAgent.with { agent in
-      let metrics = AgentMetrics(version: "test")
+      let metrics = AgentMetrics(version: "test", storeStatistics: { (transactions: 3, commits: 7) })
+      await agent.engine.observeOperations { metrics.operationEnded($0) }
       let before = await metrics.scrape(agent.engine)
       let counts = await agent.engine.status().counts
       #expect(sum(before, "fpga_vfs") == Double(counts.vfsEnabled))
@@ -80,6 +81,10 @@ import Testing
       #expect(sum(emptied, "fpga_vfs", ["pf=\"\(pf)\""]) == 0)
       #expect(sum(emptied, "fpga_pf_sriov_vfs", ["pf=\"\(pf)\""]) == 0)
       #expect(emptied.contains(#"fpga_agent_operations_total{kind="reconfigure",result="succeeded"} 1"#))
+      #expect(emptied.contains(#"fpga_agent_operation_duration_seconds_count{kind="reconfigure",result="succeeded"} 1"#))
+      #expect(emptied.contains(#"fpga_agent_operation_step_duration_seconds_count{kind="reconfigure",step="verify"} 1"#))
+      #expect(emptied.contains("fpga_store_commits_total 7") && emptied.contains("fpga_store_transactions_total 3"))
+      #expect(emptied.contains("fpga_agent_watcher_cutoffs_total 0"))
     }
   }
 
