@@ -263,6 +263,7 @@ public final class AgentRuntime: Sendable {
         metadata: ["fpga.fault": "\(config.faultInjection)"])
     }
     await engine.observeOperations { [metrics] record in metrics.operationEnded(record) }
+    await engine.observeAccelerators { [metrics] event in metrics.accelerator(event) }
     let persisted = try await engine.restore()
     try await engine.rescan()
     for id in await engine.recover(from: persisted) {

@@ -75,6 +75,32 @@ final class AgentMetrics: Sendable {
     }
   }
 
+  /// Switch and wait buckets: 10 µs to 10 s.
+  static let acceleratorBuckets: [Duration] = [
+    .microseconds(10), .microseconds(50), .microseconds(100), .microseconds(500), .milliseconds(1), .milliseconds(5),
+    .milliseconds(10), .milliseconds(50), .milliseconds(100), .milliseconds(500), .seconds(1), .seconds(10),
+  ]
+
+  /// A context switch or a wait on an accelerator.
+  func accelerator(_ event: AcceleratorEvent) {
+    switch event {
+    case .switched(let id, let cost):
+      events.counter(
+        name: "fpga_accelerator_context_switches_total", labels: [("accelerator", id)],
+        help: "Context switches (save and load) on the accelerator since the start."
+      ).increment()
+      events.histogram(
+        name: "fpga_accelerator_context_switch_duration_seconds", labels: [("accelerator", id)],
+        buckets: Self.acceleratorBuckets, help: "Context switch time (save the old context, load the new)."
+      ).record(cost)
+    case .waited(let id, let wait):
+      events.histogram(
+        name: "fpga_accelerator_wait_duration_seconds", labels: [("accelerator", id)],
+        buckets: Self.acceleratorBuckets, help: "How long guests' work waited for the accelerator."
+      ).record(wait)
+    }
+  }
+
   /// The state store's group commits (commits, and the transactions that carried them).
   let storeStatistics: (@Sendable () -> (transactions: Int, commits: Int))?
 

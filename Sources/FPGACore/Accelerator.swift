@@ -112,6 +112,10 @@ public actor AcceleratorRunner {
   private var nextWaiter: UInt64 = 0
   private var loop: Task<Void, Never>?
   private var lastSwitch: Duration = .zero
+  /// Told of every context switch (its cost) and every wait of a guest's work (for metrics).
+  private var observer: (@Sendable (AcceleratorEvent) -> Void)?
+
+  public func observe(_ observer: @escaping @Sendable (AcceleratorEvent) -> Void) { self.observer = observer }
   /// Cumulative figures at the start of the current window.
   private var windowStart: (at: Duration, busy: Duration, switches: Int, switchTime: Duration, served: [String: Duration])
   private var published = AcceleratorView.Metrics()
@@ -232,7 +236,10 @@ public actor AcceleratorRunner {
 
   private func runLoop() async {
     while !Task.isCancelled {
-      switch scheduler.decide(at: now) {
+      let waits = scheduler.statistics.waitCount
+      let decision = scheduler.decide(at: now)
+      if scheduler.statistics.waitCount > waits { observer?(.waited(spec.id, scheduler.statistics.lastWait)) }
+      switch decision {
       case .idle:
         await withCheckedContinuation { continuation in wake = continuation }
       case .run(let guest, let duration, let plannedCost):
@@ -253,6 +260,7 @@ public actor AcceleratorRunner {
             continue
           }
           lastSwitch = cost
+          observer?(.switched(spec.id, cost))
         }
         // Resumed whether a switch happened or the context was loaded already: a waiter is
         // never left behind.
@@ -303,4 +311,12 @@ public actor AcceleratorRunner {
       id: spec.id, cardID: spec.cardID, control: control.kind, policy: scheduler.policy, guests: guests,
       metrics: metrics, loadedGuest: scheduler.loaded, lastSwitchTime: lastSwitch)
   }
+}
+
+/// What an accelerator reports as it goes.
+public enum AcceleratorEvent: Sendable {
+  /// A context switch (save and load) took this long.
+  case switched(String, Duration)
+  /// A guest's work waited this long for the accelerator.
+  case waited(String, Duration)
 }

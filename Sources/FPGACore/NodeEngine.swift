@@ -369,6 +369,11 @@ public actor NodeEngine {
   /// Watchers cut off for falling behind since the start.
   public var watcherCutOffs: UInt64 { broadcaster.cutOffCount }
 
+  /// Calls `observer` with every accelerator's switches and waits (for metrics).
+  public func observeAccelerators(_ observer: @escaping @Sendable (AcceleratorEvent) -> Void) async {
+    for runner in runners.values { await runner.observe(observer) }
+  }
+
   /// Calls `observer` with every operation that ends (for metrics).
   public func observeOperations(_ observer: @escaping @Sendable (OperationRecord) -> Void) {
     operationObserver = observer

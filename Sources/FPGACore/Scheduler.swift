@@ -177,7 +177,13 @@ public struct TimeSharingScheduler: Sendable {
     /// Waits from runnable to running, in microseconds, the last 4,096.
     public private(set) var waits: [Int64] = []
 
+    /// Waits recorded since the start, and the last one.
+    public private(set) var waitCount = 0
+    public private(set) var lastWait: Duration = .zero
+
     mutating func recordWait(_ wait: Duration) {
+      waitCount += 1
+      lastWait = wait
       let micros = wait.components.seconds * 1_000_000 + wait.components.attoseconds / 1_000_000_000_000
       if waits.count >= 4096 { waits.removeFirst(waits.count - 4095) }
       waits.append(micros)

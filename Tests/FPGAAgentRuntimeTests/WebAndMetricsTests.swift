@@ -93,3 +93,21 @@ import Testing
     #expect(MetricsInterceptor.name(.unavailable) == "UNAVAILABLE")
   }
 }
+
+@Suite struct AcceleratorMetricsTests {
+  @Test func switchesAndWaitsReachTheirHistograms() async throws {
+    try await TestAgent.with(configure: { $0.simulator.acceleratorsPerCard = 1 }) { agent in
+      // The runtime's own catalog sees what the accelerators report.
+      let first = try await agent.engine.registerContext(
+        .init(acceleratorID: "card-0000:3b/acc0", guest: "g1", function: "f")).0
+      let second = try await agent.engine.registerContext(
+        .init(acceleratorID: "card-0000:3b/acc0", guest: "g2", function: "f")).0
+      _ = try await agent.engine.switchContext(first.id, now: true, meta: RequestMeta())
+      _ = try await agent.engine.switchContext(second.id, now: true, meta: RequestMeta())
+      let text = await agent.runtime.metrics.scrape(agent.engine)
+      let switches = text.split(separator: "\n").first { $0.hasPrefix(#"fpga_accelerator_context_switches_total{accelerator="card-0000:3b/acc0"}"#) }
+      #expect(switches.flatMap { Int($0.split(separator: " ").last ?? "") }.map { $0 >= 2 } == true, "\(text)")
+      #expect(text.contains(#"fpga_accelerator_context_switch_duration_seconds_bucket{accelerator="card-0000:3b/acc0",le="+Inf"}"#))
+    }
+  }
+}
