@@ -188,8 +188,6 @@ public actor AcceleratorRunner {
       wakeUp()
       return nil
     }
-    current?.cancel()
-    wakeUp()
     let id = nextWaiter
     nextWaiter += 1
     return await withTaskCancellationHandler {
@@ -197,7 +195,11 @@ public actor AcceleratorRunner {
         if Task.isCancelled || loop == nil {
           continuation.resume(returning: .zero)
         } else {
+          // The waiter is in place before the runner is woken: the switch cannot happen (and
+          // resume the waiters) before this caller is among them.
           switchWaiters[guest, default: []].append((id, continuation))
+          current?.cancel()
+          wakeUp()
         }
       }
     } onCancel: {

@@ -885,10 +885,12 @@ def run_browser_flow(driver, agent, base, restart=None):
     page.wait(lambda: page.count(f'div.context[data-context="{context}"]') == 1, "the context's row")
     page.clear_notice()
     page.click(f'div.context[data-context="{context}"] button[data-action="switch"]')
-    page.wait(lambda: page.attr('.accelerator[data-accelerator="card-0000:3b/acc1"]', "data-loaded-guest") == "web-guest",
-              "web-guest loaded on acc1")
+    # The answer first (the notice hides itself after 12 s), then the accelerator's view, which
+    # follows with the next figures.
     page.notice("context")
     assert "switched" in page.text("#notice")
+    page.wait(lambda: page.attr('.accelerator[data-accelerator="card-0000:3b/acc1"]', "data-loaded-guest") == "web-guest",
+              "web-guest loaded on acc1")
     page.wait(lambda: page.attr(f'div.context[data-context="{context}"]', "data-active") == "true", "the context active")
     page.click('button[data-action="edit-policy"][data-accelerator="card-0000:3b/acc0"]')
     assert page.js("return document.getElementById('policy-accelerator').value") == "card-0000:3b/acc0"
