@@ -30,6 +30,8 @@ public final class AgentRuntime: Sendable {
   private let unixServer: GRPCServer<HTTP2ServerTransport.Posix>?
   private let group: ServiceGroup
   let metrics: AgentMetrics
+  /// The audit trail (also of what the agent does on its own).
+  private let audit: AuditLog
   /// The HTTP listener's port once bound.
   private let httpBound = BoundPort()
 
@@ -47,6 +49,7 @@ public final class AgentRuntime: Sendable {
     try SystemCalls.makeDirectories(config.stateDir, mode: 0o700)
     try SystemCalls.requirePrivateDirectory(config.stateDir, key: "state_dir")
     let audit = try AuditLog(path: config.stateDir + "/audit.log")
+    self.audit = audit
     let nodeID = try Self.nodeID(config: config)
 
     let platform: any NodePlatform
@@ -264,6 +267,17 @@ public final class AgentRuntime: Sendable {
     }
     await engine.observeOperations { [metrics] record in metrics.operationEnded(record) }
     await engine.observeAccelerators { [metrics] event in metrics.accelerator(event) }
+    let audit = self.audit
+    await engine.observeEndedAllocations { ended in
+      // The agent itself ended them: its device left the bus, or its VF vanished.
+      let request =
+        #"{"allocationId":\#(WebAPI.quote(ended.allocation.id)),"owner":\#(WebAPI.quote(ended.allocation.owner)),"#
+        + #""vfBdf":\#(WebAPI.quote(ended.allocation.vf.description)),"reason":\#(WebAPI.quote(ended.reason))}"#
+      audit.append(
+        AuditEntry(
+          identity: "agent", transport: "platform", rpc: "AllocationEnded", request: request, status: "ok",
+          revision: ended.revision))
+    }
     let persisted = try await engine.restore()
     try await engine.rescan()
     for id in await engine.recover(from: persisted) {

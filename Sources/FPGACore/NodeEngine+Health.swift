@@ -4,6 +4,8 @@ public struct EndedAllocation: Hashable, Sendable {
   public var allocation: Allocation
   public var reason: String
   public var at: WallTime
+  /// The revision that removed it.
+  public var revision: UInt64 = 0
 
   public init(allocation: Allocation, reason: String, at: WallTime) {
     self.allocation = allocation
@@ -38,6 +40,7 @@ extension NodeEngine {
         endedAllocations[index].reason =
           "PF \(address) is gone from the PCI bus (surprise removal or hot-unplug); VF \(vf) went with it"
         noteDiscrepancy("allocation \(endedAllocations[index].allocation.id): its PF \(address) then left the bus")
+        endedObserver?(endedAllocations[index])
       }
     }
     let present = Set(node.pfs.flatMap { [$0.function.address] + $0.vfs.map(\.address) })
@@ -47,7 +50,10 @@ extension NodeEngine {
         gone[allocation.pf] != nil
         ? "PF \(allocation.pf) is gone from the PCI bus (surprise removal or hot-unplug); VF \(allocation.vf) went with it"
         : "VF \(allocation.vf) vanished from the platform (its PF's VF count changed behind the agent, or the PF is leaving the bus)"
-      endedAllocations.append(EndedAllocation(allocation: allocation, reason: reason, at: now))
+      var ended = EndedAllocation(allocation: allocation, reason: reason, at: now)
+      ended.revision = state.revision + 1  // the scan's changes are the next revision
+      endedAllocations.append(ended)
+      endedObserver?(ended)
       healthTracker.forget(allocation.vf)
     }
     if endedAllocations.count > Self.endedAllocationHistory {

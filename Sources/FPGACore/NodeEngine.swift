@@ -58,6 +58,13 @@ public actor NodeEngine {
   var healthDrains: [String] = []
   /// Told of every operation that ends.
   var operationObserver: (@Sendable (OperationRecord) -> Void)?
+  /// Told of every allocation the agent ends on its own (and of a later, better reason).
+  var endedObserver: (@Sendable (EndedAllocation) -> Void)?
+
+  /// Calls `observer` with every allocation the agent ends on its own (the audit trail).
+  public func observeEndedAllocations(_ observer: @escaping @Sendable (EndedAllocation) -> Void) {
+    endedObserver = observer
+  }
 
   public init(
     nodeID: String, platform: any NodePlatform, clock: any WallClock, hypervisor: (any Hypervisor)? = nil,

@@ -110,6 +110,12 @@ import Testing
         let gone = try await node.getNodeStatus(.init())
         #expect(gone.problems.contains { $0.hasPrefix("PF 0000:3b:00.0 is gone from the PCI bus since") })
         #expect(gone.findings.contains { $0.contains(kept.allocation.id) && $0.contains("is gone") })
+        // The audit trail says the agent ended it, and why.
+        let audit = try String(contentsOfFile: agent.directory + "/state/audit.log", encoding: .utf8)
+        #expect(audit.split(separator: "\n").contains { line in
+          line.contains(#""rpc":"AllocationEnded""#) && line.contains(kept.allocation.id) && line.contains("is gone from the PCI bus")
+            && line.contains(#""identity":"agent""#)
+        }, "\(audit)")
 
         // Hot-added back: managed again, healthy (the counters start afresh).
         for name in links {

@@ -86,8 +86,9 @@ def start_agent(directory, extra=(), env=None, preexec_fn=None, config_text="", 
     process = subprocess.Popen(
         [str(BIN / "fpga-agent"), "--config", config, "--listen", f"127.0.0.1:{port}", "--unix-socket", socket_path,
          "--state-dir", os.path.join(directory, "state"), "--node-id", "interop",
-         # Many agents run at once in the tests: the dashboard on a port of its own unless asked.
-         *([] if "--http-listen" in extra else ["--http-listen", "127.0.0.1:0"]), *extra],
+         # The HTTP listener only where a test asks for it: an ephemeral port of its own could take
+         # the port picked above for gRPC before the gRPC server binds it.
+         *([] if "--http-listen" in extra else ["--http-listen", ""]), *extra],
         stdout=log, stderr=subprocess.STDOUT, env=None if env is None else {**os.environ, **env},
         preexec_fn=preexec_fn,
     )
