@@ -156,3 +156,107 @@ def test_registration_list_and_watch_allocate_and_kubelet_restart(kubelet_and_ag
             restarted_agent.process.wait(timeout=30)
     finally:
         restarted.stop()
+
+
+def _sysfs_tree(root, pf="0000:3b:00.0", vfs=("0000:3b:00.4", "0000:3b:00.5")):
+    """A small sysfs tree as the kernel lays it out (a QDMA PF, its VFs bound to vfio-pci, their
+    IOMMU groups and /dev/vfio nodes), for the agent's linux platform."""
+    sys_root, dev_root = os.path.join(root, "sys"), os.path.join(root, "dev")
+    devices = os.path.join(sys_root, "devices", "pci0000:00")
+    bus = os.path.join(sys_root, "bus", "pci", "devices")
+    drivers = os.path.join(sys_root, "bus", "pci", "drivers")
+    groups = os.path.join(sys_root, "kernel", "iommu_groups")
+    for folder in [devices, bus, groups, os.path.join(dev_root, "vfio")] + [
+            os.path.join(drivers, d) for d in ["qdma-pf", "qdma-vf", "vfio-pci"]]:
+        os.makedirs(folder, exist_ok=True)
+
+    def write(device, name, text):
+        with open(os.path.join(devices, device, name), "w") as f:
+            f.write(text + "\n")
+
+    def device(address, attributes, driver):
+        os.makedirs(os.path.join(devices, address), exist_ok=True)
+        for name, text in attributes.items():
+            write(address, name, text)
+        os.symlink(f"../../../bus/pci/drivers/{driver}", os.path.join(devices, address, "driver"))
+        os.symlink(f"../../../devices/pci0000:00/{address}", os.path.join(bus, address))
+
+    device(pf, {"vendor": "0x10ee", "device": "0x903f", "sriov_totalvfs": "8", "sriov_numvfs": str(len(vfs)),
+                "sriov_offset": "4", "sriov_stride": "1", "sriov_drivers_autoprobe": "0", "sriov_vf_device": "a03f",
+                "numa_node": "0", "aer_dev_fatal": "TOTAL_ERR_FATAL 0", "aer_dev_nonfatal": "TOTAL_ERR_NONFATAL 0",
+                "aer_dev_correctable": "TOTAL_ERR_COR 0"}, "qdma-pf")
+    for index, vf in enumerate(vfs):
+        group = 40 + index
+        device(vf, {"vendor": "0x10ee", "device": "0xa03f", "numa_node": "0", "driver_override": "vfio-pci"}, "vfio-pci")
+        os.symlink(f"../{pf}", os.path.join(devices, vf, "physfn"))
+        os.symlink(f"../{vf}", os.path.join(devices, pf, f"virtfn{index}"))
+        os.makedirs(os.path.join(groups, str(group)), exist_ok=True)
+        os.symlink(f"../../../kernel/iommu_groups/{group}", os.path.join(devices, vf, "iommu_group"))
+        open(os.path.join(dev_root, "vfio", str(group)), "w").close()
+    return sys_root, dev_root, devices
+
+
+def test_the_kubelet_sees_devices_go_unhealthy_and_back():
+    """The linux platform on a sysfs tree: an uncorrectable AER error on the PF makes its VFs
+    Unhealthy for the kubelet; the PF removed and added back (re-enumerated, counters afresh)
+    makes them Healthy again."""
+    with tempfile.TemporaryDirectory(prefix="fpga-dp-health-") as directory:
+        plugins = os.path.join(directory, "dp")
+        os.makedirs(plugins)
+        sys_root, dev_root, devices = _sysfs_tree(os.path.join(directory, "tree"))
+        kubelet = FakeKubelet(plugins)
+        agent = start_agent(directory, ["--kubelet-dir", plugins, "--platform", "linux", "--sysfs-root", sys_root,
+                                        "--dev-root", dev_root], config_text="linux:\n  uevents: false\n")
+        try:
+            kubelet.registrations.get(timeout=30)
+            stream = plugin(plugins).ListAndWatch(dp.Empty())
+            states = queue.Queue()
+
+            def follow():
+                try:
+                    for response in stream:
+                        states.put({d.ID: d.health for d in response.devices})
+                except grpc.RpcError:
+                    pass  # cancelled at the end of the test
+
+            threading.Thread(target=follow, daemon=True).start()
+
+            def until(expected):
+                deadline = time.monotonic() + 30
+                while time.monotonic() < deadline:
+                    try:
+                        seen = states.get(timeout=1)
+                    except queue.Empty:
+                        continue
+                    if seen == expected:
+                        return
+                pytest.fail(f"the kubelet never saw {expected}")
+
+            healthy = {"0000:3b:00.4": "Healthy", "0000:3b:00.5": "Healthy"}
+            until(healthy)
+            node = rpc.NodeAgentStub(grpc.insecure_channel(agent.tcp))
+            with open(os.path.join(devices, "0000:3b:00.0", "aer_dev_fatal"), "w") as f:
+                f.write("DLP 1\nTOTAL_ERR_FATAL 1\n")
+            node.Rescan(pb.RescanRequest(), timeout=30)
+            until({"0000:3b:00.4": "Unhealthy", "0000:3b:00.5": "Unhealthy"})
+            status = node.GetNodeStatus(pb.GetNodeStatusRequest(), timeout=10)
+            assert any("PF 0000:3b:00.0 is unhealthy" in p and "aer-fatal" in p for p in status.problems), status.problems
+            # Removed from the bus, then back: a new device to the kernel, healthy again.
+            bus = os.path.join(sys_root, "bus", "pci", "devices")
+            moved = {name: os.readlink(os.path.join(bus, name)) for name in os.listdir(bus)}
+            for name in moved:
+                os.unlink(os.path.join(bus, name))
+            node.Rescan(pb.RescanRequest(), timeout=30)
+            until({})
+            with open(os.path.join(devices, "0000:3b:00.0", "aer_dev_fatal"), "w") as f:
+                f.write("TOTAL_ERR_FATAL 0\n")
+            for name, target in moved.items():
+                os.symlink(target, os.path.join(bus, name))
+            node.Rescan(pb.RescanRequest(), timeout=30)
+            until(healthy)
+            stream.cancel()
+        finally:
+            kubelet.stop()
+            if agent.process.poll() is None:
+                agent.process.send_signal(signal.SIGTERM)
+                agent.process.wait(timeout=30)
