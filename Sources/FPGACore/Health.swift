@@ -21,12 +21,15 @@ public struct HealthReadings: Hashable, Sendable, Codable {
   /// and the one bound now.
   public var expectedDriver: String?
   public var driver: String?
+  /// Set when the VF is recorded as attached to this VM but no process holds its VFIO group.
+  public var unheldBy: String? = nil
 
   public init(
     correctableErrors: UInt64? = nil, nonfatalErrors: UInt64? = nil, fatalErrors: UInt64? = nil,
     linkSpeed: String? = nil, maxLinkSpeed: String? = nil, linkWidth: Int? = nil, maxLinkWidth: Int? = nil,
-    configAllOnes: Bool = false, expectedDriver: String? = nil, driver: String? = nil
+    configAllOnes: Bool = false, expectedDriver: String? = nil, driver: String? = nil, unheldBy: String? = nil
   ) {
+    self.unheldBy = unheldBy
     self.correctableErrors = correctableErrors
     self.nonfatalErrors = nonfatalErrors
     self.fatalErrors = fatalErrors
@@ -173,6 +176,9 @@ public struct HealthTracker: Sendable {
         found.append(("driver", .degraded, "bound to \(readings.driver ?? "no driver"), expected \(expected)"))
       } else if readings.expectedDriver == nil, let first = entry.baseline.driver, readings.driver != first {
         found.append(("driver", .degraded, "bound to \(readings.driver ?? "no driver"), was \(first) when the agent found it"))
+      }
+      if let vm = readings.unheldBy {
+        found.append(("vfio-holder", .degraded, "recorded as attached to \(vm), but no process holds its VFIO group open"))
       }
       entry.last = readings
       entry.lastAt = now

@@ -66,8 +66,12 @@ extension NodeEngine {
       node.pfs[index].function.health = pfHealth
       for vfIndex in node.pfs[index].vfs.indices {
         let vf = node.pfs[index].vfs[vfIndex]
+        var readings = vf.readings
+        if let vm = unheldAttachments[vf.address], readings != nil {
+          readings?.unheldBy = vm
+        }
         var health = healthTracker.assess(
-          vf.address, readings: vf.readings, noIOMMUGroup: vf.iommuGroup < 0, now: now)
+          vf.address, readings: readings, noIOMMUGroup: vf.iommuGroup < 0, now: now)
         if pfHealth.state >= .unhealthy {
           health.reasons.append(
             DeviceHealth.Reason(
@@ -88,6 +92,21 @@ extension NodeEngine {
         noteDiscrepancy("PF \(address) drained automatically (health.drain_on_fatal): \(pfHealth.summary)")
       }
     }
+  }
+
+  /// Attached VFs whose VFIO group no process holds open: the VM the records name no longer uses
+  /// the device (it crashed, or the device was unplugged behind the agent). Operations under way
+  /// (a paused VF is closed on purpose) and detaches are left alone.
+  func findUnheldAttachments() async {
+    let attached = state.allocations.values.filter { $0.attached && !$0.detaching && reconfiguring[$0.pf] == nil }
+    var unheld: [PCIAddress: String] = [:]
+    for pf in Set(attached.map(\.pf)).sorted() {
+      let holders = await platform.vfHolders(pf: pf)
+      for allocation in attached where allocation.pf == pf && holders[allocation.vf] == nil {
+        unheld[allocation.vf] = allocation.vm ?? "its VM"
+      }
+    }
+    unheldAttachments = unheld
   }
 
   /// The health problems status reports: devices gone, and every device not healthy.

@@ -56,6 +56,8 @@ public actor NodeEngine {
   public internal(set) var endedAllocations: [EndedAllocation] = []
   /// Drains the health policy raised, to record at the next commit of a scan.
   var healthDrains: [String] = []
+  /// Attached VFs no process holds open (VF → its VM), found at the last rescan (linux platform).
+  var unheldAttachments: [PCIAddress: String] = [:]
   /// Told of every operation that ends.
   var operationObserver: (@Sendable (OperationRecord) -> Void)?
   /// Told of every allocation the agent ends on its own (and of a later, better reason).
@@ -94,6 +96,7 @@ public actor NodeEngine {
   public func rescan() async throws(AgentError) -> UInt64 {
     let node = try await platform.discover()
     var found = await platform.capabilities()
+    if found.platform == "linux" { await findUnheldAttachments() }
     var changes = changes(applying: node)
     if let hypervisor {
       let vms = await hypervisor.machines()

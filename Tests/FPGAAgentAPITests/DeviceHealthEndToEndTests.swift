@@ -180,3 +180,32 @@ import Testing
     #expect(gone.state == .unhealthy && gone.reasons.map(\.kind) == ["config-unreadable"])
   }
 }
+
+/// A VF recorded as attached whose VFIO group no process holds: degraded, with the VM named;
+/// healthy again once a VMM holds it.
+@Suite struct VFIOHolderHealthTests {
+  @Test func anAttachedVFNobodyHoldsIsDegraded() async throws {
+    let tree = try DeviceHealthEndToEndTests.tree()
+    let platform = LinuxPlatform(sysfs: tree, holders: ProcVFIOHolders(procRoot: tree.procRoot, devRoot: tree.devRoot))
+    let vf = PCIAddress("0000:3b:00.4")!
+    _ = try await platform.bindToVFIO(vf: vf)
+    let group = try #require(try await platform.discover().pfs[0].vfs.first { $0.address == vf }?.iommuGroup)
+    let store = MemoryStateStore()
+    try await store.commit([
+      .putAllocation(
+        Allocation(
+          id: "alloc-000000000001", vf: vf, pf: PCIAddress("0000:3b:00.0")!, owner: "t", vm: "vm-9", idempotencyKey: nil,
+          createdAt: WallTime(seconds: 1), numaNode: 0, iommuGroup: group, attached: true, deviceID: "alloc-000000000001"))
+    ])
+    let engine = NodeEngine(nodeID: "n", platform: platform, clock: FixedClock(), store: store)
+    _ = try await engine.restore()
+    try await engine.rescan()
+    var health = try #require(try await engine.snapshot().cards[0].pfs[0].vfs.first { $0.function.address == vf }).function.health
+    #expect(health.state == .degraded && health.reasons.map(\.kind) == ["vfio-holder"], "\(health)")
+    #expect(health.summary.contains("attached to vm-9"))
+    tree.hold(vf.description)
+    try await engine.rescan()
+    health = try #require(try await engine.snapshot().cards[0].pfs[0].vfs.first { $0.function.address == vf }).function.health
+    #expect(health.state == .healthy, "\(health)")
+  }
+}

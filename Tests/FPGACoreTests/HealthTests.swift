@@ -51,6 +51,9 @@ import Testing
     // A VF the agent bound to vfio-pci, now bound to something else.
     let stolen = tracker.assess(vf, readings: HealthReadings(expectedDriver: "vfio-pci", driver: "qdma-vf"), now: at(2))
     #expect(stolen.summary == "driver: bound to qdma-vf, expected vfio-pci")
+    let unheld = tracker.assess(
+      PCIAddress("0000:3b:00.6")!, readings: HealthReadings(expectedDriver: "vfio-pci", driver: "vfio-pci", unheldBy: "vm-1"), now: at(2))
+    #expect(unheld.state == .degraded && unheld.summary == "vfio-holder: recorded as attached to vm-1, but no process holds its VFIO group open")
     let dead = tracker.assess(vf, readings: HealthReadings(configAllOnes: true, expectedDriver: "vfio-pci", driver: "vfio-pci"), now: at(3))
     #expect(dead.state == .unhealthy && dead.reasons.map(\.kind) == ["config-unreadable"])
   }
