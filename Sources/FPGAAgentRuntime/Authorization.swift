@@ -46,6 +46,26 @@ enum Permissions {
     return table
   }()
 
+  /// Why `caller` may not call `method`, as every surface answers it (the gRPC listeners, the
+  /// orchestrator link, the dashboard's JSON endpoints); nil when it may. Fail closed: an RPC
+  /// missing from the table is open to no role.
+  static func refusal(_ method: MethodDescriptor, _ caller: Caller) -> RPCError? {
+    guard let role = caller.role else {
+      return RPCError(
+        code: .permissionDenied,
+        message: "\(caller.identity) has no role on this agent; map it in auth.roles (viewer, operator or admin)")
+    }
+    guard let needed = required[method.fullyQualifiedMethod] else {
+      return RPCError(code: .permissionDenied, message: "\(method.method) is not open to any role")
+    }
+    guard role >= needed else {
+      return RPCError(
+        code: .permissionDenied,
+        message: "\(method.method) needs role \(needed.rawValue); \(caller.identity) has role \(role.rawValue): nothing changed")
+    }
+    return nil
+  }
+
   /// RPCs that read only, whatever role they need.
   static let reading: Set<String> = [Method.GetAuditTrail.descriptor.fullyQualifiedMethod]
 
@@ -129,25 +149,17 @@ struct AuthorizationInterceptor: ServerInterceptor {
           return message
         })
     }
-    guard let caller, let role = caller.role else {
-      let error =
-        caller == nil
-        ? RPCError(code: .unauthenticated, message: "no identity: present a client certificate signed by the agent's client CA")
-        : RPCError(
-          code: .permissionDenied,
-          message: "\(caller!.identity) has no role on this agent; map it in auth.roles (viewer, operator or admin)")
-      if mutating { await record(caller, rpc: rpc, request: nil, status: error.code) }
+    guard let caller else {
+      let error = RPCError(
+        code: .unauthenticated, message: "no identity: present a client certificate signed by the agent's client CA")
+      if mutating { await record(nil, rpc: rpc, request: nil, status: error.code) }
       throw error
     }
-    guard let needed = Permissions.required[method] else {
-      throw RPCError(code: .permissionDenied, message: "\(rpc) is not open to any role")
+    if let refusal = Permissions.refusal(context.descriptor, caller) {
+      if mutating { await record(caller, rpc: rpc, request: nil, status: refusal.code) }
+      throw refusal
     }
-    guard role >= needed else {
-      if mutating { await record(caller, rpc: rpc, request: nil, status: .permissionDenied) }
-      throw RPCError(
-        code: .permissionDenied,
-        message: "\(rpc) needs role \(needed.rawValue); \(caller.identity) has role \(role.rawValue): nothing changed")
-    }
+    let role = caller.role ?? .viewer
     do {
       let wrapped = request
       // The handler task is always awaited before this returns: `next` does not outlive the call.

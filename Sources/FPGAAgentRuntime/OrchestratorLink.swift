@@ -224,13 +224,8 @@ struct OrchestratorLink: Service {
     ) async throws {
       rpc = method.method
       audited = try? request.jsonString()
-      let needed = Permissions.required[method.fullyQualifiedMethod] ?? .admin
-      guard role >= needed else {
-        throw RPCError(
-          code: .permissionDenied,
-          message:
-            "\(rpc) needs role \(needed.rawValue); the orchestrator link has role \(role.rawValue) "
-            + "(orchestrator.role): nothing changed")
+      if let refusal = Permissions.refusal(method, Caller(identity: identity, transport: "link", role: role)) {
+        throw RPCError(code: refusal.code, message: refusal.message + " (the link's role is orchestrator.role)")
       }
       try await body(request)
     }

@@ -276,14 +276,8 @@ struct WebAPI: Sendable {
         throw Problem(code: .unauthenticated, message: message)
       }
       caller = resolved
-      guard let role = resolved.role else {
-        throw Problem(code: .permissionDenied, message: "\(resolved.identity) has no role on this agent; map it in auth.roles (viewer, operator or admin)")
-      }
-      let needed = Permissions.required[entry.descriptor.fullyQualifiedMethod] ?? .admin
-      guard role >= needed else {
-        throw Problem(
-          code: .permissionDenied,
-          message: "\(entry.descriptor.method) needs role \(needed.rawValue); \(resolved.identity) has role \(role.rawValue): nothing changed")
+      if let refusal = Permissions.refusal(entry.descriptor, resolved) {
+        throw Problem(code: refusal.code, message: refusal.message)
       }
       let serverContext = Self.context(entry.descriptor, peer: resolved.identity)
       let json = requestJSON ?? "{}"

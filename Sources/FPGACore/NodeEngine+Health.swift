@@ -67,7 +67,12 @@ extension NodeEngine {
       for vfIndex in node.pfs[index].vfs.indices {
         let vf = node.pfs[index].vfs[vfIndex]
         var readings = vf.readings
-        if let vm = unheldAttachments[vf.address], readings != nil {
+        // Found before an await: only while the VF is still attached (a detach may have ended
+        // in between).
+        if let vm = unheldAttachments[vf.address], readings != nil,
+          let id = state.view(of: vf).allocationID, let allocation = state.allocations[id],
+          allocation.attached, !allocation.detaching, allocation.vm == vm
+        {
           readings?.unheldBy = vm
         }
         var health = healthTracker.assess(

@@ -265,8 +265,10 @@ def test_the_orchestrator_link_over_mtls_runs_commands_with_its_role(pki):
             os.mkdir(viewer_dir)
             agent = start_agent(viewer_dir, config_text=_link_config(pki, port, role="viewer"))
             try:
-                orchestrator.wait(lambda v: sum(n.connected for n in v.nodes) == 1 and v.nodes[0].connected
-                                  or any(n.connected and n.node_id == "interop" for n in v.nodes), "reconnected")
+                # The same node id as the first agent: wait for this agent's own connection (the
+                # orchestrator may not yet have noticed that the first one's stream ended).
+                orchestrator.wait(lambda v: any(n.connected and n.node_id == "interop" and n.connections >= 2
+                                                for n in v.nodes), "the viewer agent connected")
                 code, details = code_of(lambda: orchestrator.stub.PlaceVF(
                     opb.PlaceVFRequest(guest="g-2", request_id="r2"), timeout=30))
                 assert code == grpc.StatusCode.PERMISSION_DENIED and "needs role operator" in details, details
