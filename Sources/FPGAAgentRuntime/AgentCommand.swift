@@ -14,7 +14,7 @@ public struct AgentCommand: AsyncParsableCommand {
       Unix socket. Each flag overrides the config file and the FPGA_AGENT_* environment.
       """,
     version: AgentRuntime.version,
-    subcommands: [Serve.self, SRIOVCommand.self],
+    subcommands: [Serve.self, SRIOVCommand.self, DRACommand.self],
     defaultSubcommand: Serve.self)
 
   public init() {}

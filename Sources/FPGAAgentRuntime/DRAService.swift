@@ -18,6 +18,7 @@ struct DRAService: Service {
   let api: KubernetesAPI?
   let logger: Logger
   var resync: Duration = .seconds(10)
+  var fenceLimit: Duration = .seconds(10)
 
   func run() async throws {
     try await driver.restore()
@@ -51,7 +52,26 @@ struct DRAService: Service {
           _ = try await plugin.listeningAddress
           try await registration.serve()
         }
-        if let publisher { group.addTask { await self.publish(publisher) } }
+        if let publisher {
+          // A reconfiguration first publishes its PF's VFs tainted (for at most `fenceLimit`),
+          // so the scheduler stops choosing them before any of them goes.
+          await engine.fenceReconfigurations { [logger, fenceLimit] pf in
+            await withTaskGroup(of: Bool.self) { race in
+              race.addTask { (try? await publisher.sync()) != nil }
+              race.addTask {
+                try? await Task.sleep(for: fenceLimit)
+                return false
+              }
+              if await race.next() != true {
+                logger.warning(
+                  "reconfiguration goes on before its VFs' taints were published",
+                  metadata: ["fpga.pf": "\(pf)", "fpga.limit": "\(fenceLimit)"])
+              }
+              race.cancelAll()
+            }
+          }
+          group.addTask { await self.publish(publisher) }
+        }
       }
     } onGracefulShutdown: {
       registration.beginGracefulShutdown()

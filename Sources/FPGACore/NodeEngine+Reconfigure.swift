@@ -96,17 +96,17 @@ extension NodeEngine {
     let holder = reservations.holder("reconfiguration \(id)")
     reservations.transfer(from: claim.holder, to: holder)
     handedOver = true
-    begin(machine, holder: holder, faultsApply: true)
+    begin(machine, holder: holder, faultsApply: true, fence: true)
     return record
   }
 
   /// Runs the operation's steps in a task of its own; `holder` holds the PF and its allocations.
-  private func begin(_ machine: ReconfigureMachine, holder: Reservations.Holder, faultsApply: Bool) {
+  private func begin(_ machine: ReconfigureMachine, holder: Reservations.Holder, faultsApply: Bool, fence: Bool = false) {
     let pf = machine.journal.pf
     reconfiguring[pf] = machine.id
     reconfigurations[machine.id] = RunningReconfiguration(machine: machine, holder: holder)
     remember(machine.record)
-    operationTasks[machine.id] = Task { await self.run(machine.id, faultsApply: faultsApply) }
+    operationTasks[machine.id] = Task { await self.run(machine.id, faultsApply: faultsApply, fence: fence) }
   }
 
   /// Waits until operation `id` has ended (tests, shutdown).
@@ -149,7 +149,10 @@ extension NodeEngine {
 
   // MARK: Running
 
-  private func run(_ id: String, faultsApply: Bool) async {
+  private func run(_ id: String, faultsApply: Bool, fence: Bool = false) async {
+    if fence, let reconfigurationFence, let pf = reconfigurations[id]?.machine.journal.pf {
+      await reconfigurationFence(pf)
+    }
     while var machine = reconfigurations[id]?.machine {
       guard case .run(let index, let action) = machine.start(at: clock.now()) else { break }
       if stopping { return halt(id, "stopped for the shutdown") }

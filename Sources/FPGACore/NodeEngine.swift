@@ -63,6 +63,15 @@ public actor NodeEngine {
   /// Told of every allocation the agent ends on its own (and of a later, better reason).
   var endedObserver: (@Sendable (EndedAllocation) -> Void)?
 
+  /// Awaited once before a new reconfiguration's first step, with its PF already marked as
+  /// reconfiguring: schedulers' views fence the PF's VFs before any of them goes (DRA publishes
+  /// them tainted). The fence bounds its own wait; a failed fence does not stop the operation.
+  var reconfigurationFence: (@Sendable (PCIAddress) async -> Void)?
+
+  public func fenceReconfigurations(_ fence: @escaping @Sendable (PCIAddress) async -> Void) {
+    reconfigurationFence = fence
+  }
+
   /// Calls `observer` with every allocation the agent ends on its own (the audit trail).
   public func observeEndedAllocations(_ observer: @escaping @Sendable (EndedAllocation) -> Void) {
     endedObserver = observer

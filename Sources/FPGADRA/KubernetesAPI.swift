@@ -63,6 +63,10 @@ public final class KubernetesAPI: Sendable {
     try await call(.GET, "/apis/resource.k8s.io/v1/namespaces/\(Self.segment(namespace))/resourceclaims/\(Self.segment(name))")
   }
 
+  public func node(_ name: String) async throws(KubernetesAPIError) -> Kube.MetadataOnly {
+    try await call(.GET, "/api/v1/nodes/\(Self.segment(name))")
+  }
+
   public func resourceSlices(node: String, driver: String) async throws(KubernetesAPIError) -> [Kube.ResourceSlice] {
     let selector = "spec.nodeName=\(node),spec.driver=\(driver)"
       .addingPercentEncoding(withAllowedCharacters: .urlQueryAllowed.subtracting(CharacterSet(charactersIn: "=,&+"))) ?? ""

@@ -31,6 +31,18 @@ public enum Kube {
     public var kind: String
     public var name: String
     public var uid: String
+
+    public init(apiVersion: String, kind: String, name: String, uid: String) {
+      self.apiVersion = apiVersion
+      self.kind = kind
+      self.name = name
+      self.uid = uid
+    }
+  }
+
+  /// Any object, read for its metadata only (a Node).
+  public struct MetadataOnly: Codable, Hashable, Sendable {
+    public var metadata: ObjectMeta
   }
 
   // MARK: ResourceClaim (read)

@@ -15,6 +15,14 @@ public actor SlicePublisher {
   /// When the pool was last written: accelerators' figures alone republish it at most every
   /// `figuresInterval` (they change every second; the API server need not).
   private var lastWrite: ContinuousClock.Instant?
+  /// The Node the slices belong to (their ownerReference, so deleting the Node deletes them), once
+  /// known; a failed lookup is retried at the next sync and publishing goes on without it.
+  private var nodeOwner: Kube.OwnerReference?
+  private var ownerProblemLogged = false
+  /// One sync at a time (the loop's and a reconfiguration's fence): each reads the slices, then
+  /// writes them with the versions it read.
+  private var syncing = false
+  private var waiting: [CheckedContinuation<Void, Never>] = []
   var figuresInterval: Duration = .seconds(60)
   static let figureAttributes = ["utilizationPercent", "switchOverheadPercent", "meanSwitchMicroseconds", "guests"]
 
@@ -130,9 +138,35 @@ public actor SlicePublisher {
 
   func sliceName(_ index: Int) -> String { "\(settings.nodeName)-\(settings.driverName)-\(index)" }
 
+  /// The Node's ownerReference: looked up once (RBAC: nodes get).
+  private func nodeReference() async -> Kube.OwnerReference? {
+    if let nodeOwner { return nodeOwner }
+    do {
+      let node = try await api.node(settings.nodeName)
+      guard let uid = node.metadata.uid else { return nil }
+      nodeOwner = Kube.OwnerReference(apiVersion: "v1", kind: "Node", name: settings.nodeName, uid: uid)
+    } catch {
+      if !ownerProblemLogged {
+        ownerProblemLogged = true
+        logger.warning(
+          "ResourceSlices are published without an owner: the Node could not be read, so they outlive its deletion",
+          metadata: ["fpga.node": "\(settings.nodeName)", "fpga.error": "\(error)"])
+      }
+    }
+    return nodeOwner
+  }
+
   /// Brings the API server's slices in line with the node; returns whether it wrote anything.
   @discardableResult
   public func sync() async throws(KubernetesAPIError) -> Bool {
+    if syncing {
+      await withCheckedContinuation { waiting.append($0) }  // handed the turn by the sync before
+    } else {
+      syncing = true
+    }
+    defer {
+      if waiting.isEmpty { syncing = false } else { waiting.removeFirst().resume() }
+    }
     let snapshot: InventorySnapshot
     do {
       snapshot = try await engine.snapshot()
@@ -156,16 +190,18 @@ public actor SlicePublisher {
       return false
     }
     generation = max(generation, current) + 1
+    let owner = await nodeReference()
     for (index, devices) in desired.enumerated() {
       var slice = Kube.ResourceSlice(
-        metadata: Kube.ObjectMeta(name: sliceName(index), labels: ["app.kubernetes.io/managed-by": "fpga-agent"]),
+        metadata: Kube.ObjectMeta(
+          name: sliceName(index), labels: ["app.kubernetes.io/managed-by": "fpga-agent"], ownerReferences: owner.map { [$0] }),
         spec: .init(
           driver: settings.driverName, nodeName: settings.nodeName,
           pool: .init(name: settings.nodeName, generation: generation, resourceSliceCount: Int64(desired.count)),
           devices: devices))
       if let old = byName[sliceName(index)] {
         slice.metadata.resourceVersion = old.metadata.resourceVersion
-        slice.metadata.ownerReferences = old.metadata.ownerReferences
+        if owner == nil { slice.metadata.ownerReferences = old.metadata.ownerReferences }
         _ = try await api.update(slice)
       } else {
         _ = try await api.create(slice)

@@ -211,7 +211,8 @@ def validate_claim(obj):
 # --- TLS ----------------------------------------------------------------------------------------
 
 def make_tls(directory):
-    """A CA and a server certificate for 127.0.0.1 and localhost: (ca.crt, server.crt, server.key)."""
+    """A CA and a server certificate for 127.0.0.1, localhost and 10.0.2.2 (the host as QEMU's user
+    network shows it to a guest): (ca.crt, server.crt, server.key)."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -237,7 +238,8 @@ def make_tls(directory):
             .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
             .add_extension(x509.SubjectAlternativeName([
                 x509.DNSName("localhost"), x509.DNSName("kubernetes.default.svc"),
-                x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+                x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.IPAddress(ipaddress.ip_address("10.0.2.2"))]),
+                critical=False)
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
             .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
             .sign(ca_key, hashes.SHA256()))

@@ -437,8 +437,9 @@ def test_resource_slices_published_republished_and_recreated(rig):
     assert all(name_pattern.match(s["metadata"]["name"]) for s in slices), [s["metadata"]["name"] for s in slices]
     for s in slices:
         assert s["spec"]["nodeName"] == NODE and s["spec"]["driver"] == DRIVER
-        for owner in s["metadata"].get("ownerReferences") or []:
-            assert (owner["apiVersion"], owner["kind"], owner["name"], owner["uid"]) == ("v1", "Node", NODE, api.node_uid)
+        # Owned by the Node, so the garbage collector deletes them with it.
+        (owner,) = s["metadata"]["ownerReferences"]
+        assert (owner["apiVersion"], owner["kind"], owner["name"], owner["uid"]) == ("v1", "Node", NODE, api.node_uid)
     devices = check_vf_devices(rig, slices)
     assert len(devices) == 52 and not any(d.get("taints") for d in devices.values())
     # The agent lists its slices by field selector (so it finds what is already there).
@@ -475,7 +476,24 @@ def test_resource_slices_published_republished_and_recreated(rig):
     assert api.writes()[writes:] == []
 
     # More VFs than fit in one slice once any device has a taint (<= 64): the pool is split.
-    run_operation(node, node.Reconfigure(pb.ReconfigureRequest(pf_bdf="0000:3b:00.0", vf_count=64), timeout=30))
+    reconfigured = "0000:3b:00.0"
+    before = {device_name(vf.bdf) for vf, _ in rig.vfs().values() if vf.pf_bdf == reconfigured}
+    with api.lock:
+        rv_before = api.rv
+    run_operation(node, node.Reconfigure(pb.ReconfigureRequest(pf_bdf=reconfigured, vf_count=64), timeout=30))
+    # The PF's VFs were published tainted first, in the old layout, before any of them went: the
+    # first generation written after the request has every one of them, each with the taint.
+    with api.lock:
+        after = [(rv, obj) for rv, _, obj in api.events if rv > rv_before]
+    assert after, "nothing published for the reconfiguration"
+    first = after[0][1]["spec"]["pool"]["generation"]
+    fenced = {d["name"]: d for _, obj in after if obj["spec"]["pool"]["generation"] == first
+              for d in obj["spec"].get("devices", [])
+              if d["attributes"].get(f"{DRIVER}/pf") == {"string": reconfigured}}
+    assert set(fenced) == before, (sorted(before - set(fenced)), sorted(set(fenced) - before))
+    for device in fenced.values():
+        assert any(t["key"] == f"{DRIVER}/draining" and t.get("value", "").endswith("being-reconfigured")
+                   for t in device.get("taints") or []), device
     generation3, slices = api.wait_settled(
         DRIVER, NODE, timeout=45, what="100 VFs in several slices",
         predicate=lambda gen, slices: gen > generation2 and sum(len(s["spec"]["devices"]) for s in slices) >= 100)

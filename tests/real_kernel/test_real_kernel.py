@@ -21,6 +21,7 @@ import subprocess
 import tempfile
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -48,9 +49,10 @@ def require_qemu():
         pytest.skip("qemu-system-x86_64 is not installed (apt-get install qemu-system-x86): real-kernel test NOT RUN")
 
 
-def prepare_guest(work, guest_script):
+def prepare_guest(work, guest_script, replace=None):
     """Copies (stripped) the agent's binaries into WORK/bin, so a rebuild during the run does not
-    matter, and writes the guest script pointing at them; returns (binaries, script)."""
+    matter, and writes the guest script pointing at them (and with `replace`'s other
+    placeholders filled in); returns (binaries, script)."""
     binaries = Path(work) / "bin"
     binaries.mkdir()
     for name in ["fpga-agent", "fpgactl"]:
@@ -61,15 +63,18 @@ def prepare_guest(work, guest_script):
         else:
             shutil.copy(source, target)
     script = Path(work) / "guest.sh"
-    script.write_text((HERE / guest_script).read_text().replace("AGENT_BIN", str(binaries)))
+    text = (HERE / guest_script).read_text().replace("AGENT_BIN", str(binaries))
+    for placeholder, value in (replace or {}).items():
+        text = text.replace(placeholder, str(value))
+    script.write_text(text)
     return binaries, script
 
 
-def run_scenario(guest_script, extra_files=()):
+def run_scenario(guest_script, extra_files=(), env_extra=None, replace=None):
     require_qemu()
     with tempfile.TemporaryDirectory(prefix="fpga-real-kernel-") as work:
-        binaries, script = prepare_guest(work, guest_script)
-        env = dict(os.environ, MEM="1024", QEMU_TIMEOUT="600", RUN_DIR=str(Path(work) / "run"))
+        binaries, script = prepare_guest(work, guest_script, replace)
+        env = dict(os.environ, MEM="1024", QEMU_TIMEOUT="600", RUN_DIR=str(Path(work) / "run"), **(env_extra or {}))
         result = subprocess.run(
             ["bash", str(HERE / "tools" / "run-in-guest.sh"), str(script), str(binaries / "fpga-agent"),
              str(binaries / "fpgactl"), *extra_files],
@@ -400,3 +405,119 @@ def test_the_pf_added_back_is_managed_again(health):
     assert "[succeeded] commit" in added and "sriov_numvfs=2" in added, added
     assert re.search(r"allocated alloc-[0-9a-f]+: VF 0000:01:00\.[12]", added), added
     assert "AGENT-EXIT=0" in section(health, "end") and "END-OF-SCENARIO" in health
+
+
+# --- DRA on a real kernel (issue 17) -------------------------------------------------------------
+
+DRA_DRIVER = "qdma.xilinx.com"
+DRA_VF = "0000:01:00.1"
+DRA_MODULES = "nvme vfio-pci vfio_iommu_type1 virtio_pci virtio_net"
+# QEMU's user network: the guest reaches the host's loopback at 10.0.2.2 (the fake API server).
+DRA_QEMU_EXTRA = "-netdev user,id=n0 -device virtio-net-pci,netdev=n0,romfile="
+
+
+def dra_claim(uid):
+    """A ResourceClaim the scheduler allocated: VF 0000:01:00.1 of the guest's pool."""
+    device = "vf-" + DRA_VF.replace(":", "-").replace(".", "-")
+    return {
+        "apiVersion": "resource.k8s.io/v1", "kind": "ResourceClaim",
+        "metadata": {"name": "vf-claim", "namespace": "default", "uid": uid},
+        "spec": {"devices": {"requests": [
+            {"name": "vf", "exactly": {"deviceClassName": "qdma-vf", "allocationMode": "ExactCount", "count": 1}}]}},
+        "status": {
+            "allocation": {
+                "devices": {"results": [{"request": "vf", "device": device, "driver": DRA_DRIVER, "pool": "guest"}]},
+                "nodeSelector": {"nodeSelectorTerms": [{"matchFields": [
+                    {"key": "metadata.name", "operator": "In", "values": ["guest"]}]}]},
+                "allocationTimestamp": "2026-11-30T12:00:00Z",
+            },
+            "reservedFor": [{"resource": "pods", "name": "vf-claim-pod", "uid": str(uuid.uuid4())}],
+        },
+    }
+
+
+@pytest.fixture(scope="module")
+def dra():
+    """Runs guest-dra.sh against the fake API server; returns (output, the slices seen, the fake)."""
+    import sys
+    sys.path.insert(0, str(ROOT / "tests" / "interop"))
+    from fake_kube_api import FakeKubeAPI
+
+    missing = [path for path in NESTED_QEMU_FILES if not os.path.exists(path)]
+    if missing:
+        pytest.skip(f"nested QEMU files missing ({', '.join(missing)}): real-kernel DRA test NOT RUN")
+    with tempfile.TemporaryDirectory(prefix="fpga-real-kernel-dra-") as directory:
+        api = FakeKubeAPI(directory, node="guest", driver=DRA_DRIVER).start()
+        uid = str(uuid.uuid4())
+        api.put_claim(dra_claim(uid))
+        seen, stop = {}, threading.Event()
+
+        def watch():  # the pool as the API server holds it, while the guest runs
+            while not stop.wait(0.5):
+                for obj in api.slice_list():
+                    for device in obj["spec"].get("devices", []):
+                        seen[device["name"]] = device
+
+        threading.Thread(target=watch, daemon=True).start()
+        try:
+            output = run_scenario(
+                "guest-dra.sh", [str(api.token_file), str(api.ca_file), *NESTED_QEMU_FILES],
+                env_extra={"MODULES": DRA_MODULES, "QEMU_EXTRA": DRA_QEMU_EXTRA},
+                replace={"API_PORT": api.port, "TOKEN_FILE": api.token_file, "CA_FILE": api.ca_file, "CLAIM_UID": uid})
+        finally:
+            stop.set()
+            api.stop()
+        return output, seen, api, uid
+
+
+def test_dra_slices_from_a_real_kernel(dra):
+    output, seen, api, _ = dra
+    assert "DRA-SERVING" in output
+    assert re.search(r"^type +DRAPlugin$", output, re.M) and re.search(r"^name +qdma\.xilinx\.com$", output, re.M)
+    assert re.search(r"^versions +v1\.DRAPlugin, v1beta1\.DRAPlugin", output, re.M)
+    assert not api.problems, api.problems  # every stored slice passed kubernetes-validate --strict and the limits
+    assert not api.unauthorized, api.unauthorized
+    device = seen.get("vf-0000-01-00-1")
+    assert device, f"VF {DRA_VF} never published: {sorted(seen)}"
+    attributes = device["attributes"]
+    assert attributes["resource.kubernetes.io/pciBusID"] == {"string": DRA_VF}
+    group = re.search(r"kernel group=(\d+)", output)
+    assert group, output[-3000:]
+    values = {key: next(iter(value.values())) for key, value in attributes.items()}
+    assert str(values.get(f"{DRA_DRIVER}/iommuGroup")) == group.group(1), attributes
+    assert values.get(f"{DRA_DRIVER}/pf") == "0000:01:00.0", attributes
+
+
+def test_dra_prepare_binds_vfio_and_the_cdi_spec_names_the_real_group(dra):
+    output, _, api, uid = dra
+    prepared = section(output, "prepare the claim")
+    assert f"prepared default/vf-claim ({uid})" in prepared, prepared
+    assert re.search(rf"vf: guest/vf-0000-01-00-1 cdi k8s\.{re.escape(DRA_DRIVER)}/vf={uid}-vf-0000-01-00-1", prepared)
+    named = section(output, "what the spec names")
+    found = re.search(r"spec BDF=(\S+) group=(\d+); kernel group=(\d+) driver=(\S+)", named)
+    assert found, named
+    assert found.groups() == (DRA_VF, found.group(3), found.group(3), "vfio-pci")
+    assert f"metadata names {DRA_VF}" in named
+    assert "DRA-FAIL" not in output, output[output.find("DRA-FAIL") - 3000:]
+    # The agent fetched the claim over TLS with the token.
+    assert any(m == "GET" and p.endswith("/namespaces/default/resourceclaims/vf-claim") for _, m, p, _ in api.log)
+
+
+def test_dra_nested_qemu_opens_the_prepared_vf(dra):
+    output, _, _, _ = dra
+    nested = section(output, "L2 QEMU opens the VF")
+    held = re.search(r"L2 holds /dev/vfio/(\d+): (\d+) fd", nested)
+    assert held and int(held.group(2)) >= 1, nested
+
+
+def test_dra_unprepare_releases_and_a_stale_prepare_is_refused(dra):
+    output, _, _, uid = dra
+    unprepared = section(output, "unprepare")
+    assert f"unprepared default/vf-claim ({uid})" in unprepared and "RC=0" in unprepared
+    assert "CDI specs left: 0; metadata left: 0" in unprepared
+    assert f"claim:default/vf-claim/{uid}" not in unprepared  # the allocation is gone from the inventory
+    stale = section(output, "a stale prepare")
+    assert "RC=1" in stale, stale
+    unknown = section(output, "unprepare of an unknown claim")
+    assert "RC=0" in unknown
+    assert "DRA-DONE" in output and "agent exit 0" in output
