@@ -25,7 +25,8 @@ enum AttachBenchmark {
       "-machine", "q35", "-accel", "tcg", "-nodefaults", "-nographic", "-display", "none", "-m", "64", "-S",
       "-global", "ICH9-LPC.acpi-pci-hotplug-with-bridge-support=off",
       "-device", "pcie-root-port,id=rp1,chassis=1,slot=1", "-device", "pcie-root-port,id=rp2,chassis=2,slot=2",
-      "-qmp", "unix:\(directory)/agent.sock,server=on,wait=off", "-qmp", "unix:\(directory)/raw.sock,server=on,wait=off",
+      "-qmp", "unix:\(directory)/agent.sock,server=on,wait=off", "-qmp",
+      "unix:\(directory)/raw.sock,server=on,wait=off",
     ]
     qemu.standardOutput = FileHandle.nullDevice
     qemu.standardError = FileHandle.nullDevice
@@ -72,7 +73,10 @@ enum AttachBenchmark {
           }
           for _ in 0..<cycles {
             let began = clock.now
-            _ = try await agent.attachVF(.with { $0.allocationID = allocation.id; $0.vm = "vm1" })
+            _ = try await agent.attachVF(
+              .with {
+                $0.allocationID = allocation.id; $0.vm = "vm1"
+              })
             _ = try await agent.detachVF(.with { $0.allocationID = allocation.id })
             agentTimes.append(seconds(clock.now - began) * 1000)
           }
@@ -81,8 +85,12 @@ enum AttachBenchmark {
         func mean(_ values: [Double]) -> Double { values.reduce(0, +) / Double(values.count) }
         print("")
         print("attach+detach on a real QEMU \(raw.version) (edu as the VF), \(rounds) rounds x \(cycles) cycles each:")
-        print("  raw device_add+device_del+DEVICE_DELETED   mean \(format(mean(rawTimes))) ms  p50 \(format(median(rawTimes))) ms")
-        print("  agent AttachVF+DetachVF over gRPC          mean \(format(mean(agentTimes))) ms  p50 \(format(median(agentTimes))) ms")
+        print(
+          "  raw device_add+device_del+DEVICE_DELETED   mean \(format(mean(rawTimes))) ms  p50 \(format(median(rawTimes))) ms"
+        )
+        print(
+          "  agent AttachVF+DetachVF over gRPC          mean \(format(mean(agentTimes))) ms  p50 \(format(median(agentTimes))) ms"
+        )
         print("  ratio: \(format(mean(agentTimes) / mean(rawTimes)))x raw (target <= 1.2)")
       }
       server.beginGracefulShutdown()

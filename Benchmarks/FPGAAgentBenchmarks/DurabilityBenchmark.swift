@@ -21,10 +21,15 @@ enum DurabilityBenchmark {
     for _ in 0..<rounds {
       for (name, makeStore) in [
         ("memory", { () throws -> any StateStore in MemoryStateStore() }),
-        ("sqlite process", { () throws -> any StateStore in try SQLiteStateStore(path: try directory() + "/s.sqlite") }),
-        ("sqlite power", {
-          () throws -> any StateStore in try SQLiteStateStore(path: try directory() + "/s.sqlite", durability: .power)
-        }),
+        (
+          "sqlite process", { () throws -> any StateStore in try SQLiteStateStore(path: try directory() + "/s.sqlite") }
+        ),
+        (
+          "sqlite power",
+          {
+            () throws -> any StateStore in try SQLiteStateStore(path: try directory() + "/s.sqlite", durability: .power)
+          }
+        ),
       ] {
         let engine = NodeEngine(
           nodeID: "b", platform: SimulatedPlatform(node: SimulatedNode(config: .full(cards: 1))), clock: WallClockNow(),
@@ -45,7 +50,9 @@ enum DurabilityBenchmark {
     let memory = median(perPair["memory"]!)
     for name in ["memory", "sqlite process", "sqlite power"] {
       let value = median(perPair[name]!)
-      print("  \(name.padding(toLength: 16, withPad: " ", startingAt: 0)) \(format(value, 1)) us per pair (\(format(value / memory))x memory)")
+      print(
+        "  \(name.padding(toLength: 16, withPad: " ", startingAt: 0)) \(format(value, 1)) us per pair (\(format(value / memory))x memory)"
+      )
     }
 
     print("")
@@ -57,7 +64,8 @@ enum DurabilityBenchmark {
         store: try SQLiteStateStore(path: full + "/state.sqlite"))
       try await engine.rescan()
       for index in 0..<1000 {
-        _ = try await engine.allocate(AllocateRequest(meta: RequestMeta(idempotencyKey: "key-\(index)"), owner: "bench-\(index)"))
+        _ = try await engine.allocate(
+          AllocateRequest(meta: RequestMeta(idempotencyKey: "key-\(index)"), owner: "bench-\(index)"))
       }
     }
     var empty: [Double] = []

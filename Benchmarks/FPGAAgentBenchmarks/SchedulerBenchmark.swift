@@ -14,7 +14,8 @@ enum SchedulerBenchmark {
         for costShare in [0.01, 0.05, 0.20] {
           let guests = (0..<count).map { "g\($0)" }
           let pattern: [UInt32] = [1, 2, 4]
-          let weights = weighted ? Dictionary(uniqueKeysWithValues: guests.enumerated().map { ($1, pattern[$0 % 3]) }) : [:]
+          let weights =
+            weighted ? Dictionary(uniqueKeysWithValues: guests.enumerated().map { ($1, pattern[$0 % 3]) }) : [:]
           let cost = Duration.microseconds(Int64(10_000 * costShare))
           let scheduler = TimeSharingScheduler(
             policy: .init(slice: slice, weights: weights, overcommitLimit: count), switchCost: cost)

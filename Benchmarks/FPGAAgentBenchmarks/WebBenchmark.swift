@@ -54,9 +54,10 @@ enum WebBenchmark {
         var metrics = Sample()
         var state = Sample()
         for _ in 0..<rounds {
-          inventory.merge(try await measure(concurrency: 1, duration: duration) { _ in
-            _ = try await node.getInventory(.init())
-          })
+          inventory.merge(
+            try await measure(concurrency: 1, duration: duration) { _ in
+              _ = try await node.getInventory(.init())
+            })
           metrics.merge(try await measure(concurrency: 1, duration: duration) { _ in _ = try http.get("/metrics") })
           state.merge(try await measure(concurrency: 1, duration: duration) { _ in _ = try http.get("/api/state") })
         }
@@ -64,7 +65,9 @@ enum WebBenchmark {
         let metricsSize = try http.get("/metrics")
         let stateSize = try http.get("/api/state")
         print("")
-        print("web: the agent's HTTP listener on a node of \(vfs) VFs, one call in flight, \(rounds) rounds of \(seconds) s")
+        print(
+          "web: the agent's HTTP listener on a node of \(vfs) VFs, one call in flight, \(rounds) rounds of \(seconds) s"
+        )
         print(row("GetInventory (gRPC, baseline)", inventory) + "  \(inventorySize / 1024) KiB")
         print(row("GET /metrics", metrics) + "  \(metricsSize / 1024) KiB")
         print(row("GET /api/state", state) + "  \(stateSize / 1024) KiB")
@@ -91,7 +94,9 @@ final class HTTPConnection: @unchecked Sendable {
     address.sin_port = in_port_t(UInt16(port).bigEndian)
     address.sin_addr.s_addr = inet_addr("127.0.0.1")
     let connected = withUnsafePointer(to: &address) {
-      $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
+      $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+        connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size))
+      }
     }
     guard connected == 0 else { throw POSIXError(.ECONNREFUSED) }
   }
@@ -116,7 +121,9 @@ final class HTTPConnection: @unchecked Sendable {
           headerEnd = end + 4
           let head = String(decoding: received[0..<end], as: UTF8.self).lowercased()
           for line in head.split(separator: "\r\n") {
-            if line.hasPrefix("content-length:") { length = Int(line.dropFirst(15).trimmingCharacters(in: .whitespaces)) ?? 0 }
+            if line.hasPrefix("content-length:") {
+              length = Int(line.dropFirst(15).trimmingCharacters(in: .whitespaces)) ?? 0
+            }
             if line.hasPrefix("transfer-encoding:") && line.contains("chunked") { chunked = true }
           }
         }
@@ -132,7 +139,8 @@ final class HTTPConnection: @unchecked Sendable {
 
   static func find(_ needle: [UInt8], in haystack: [UInt8]) -> Int? {
     guard haystack.count >= needle.count else { return nil }
-    for index in 0...(haystack.count - needle.count) where haystack[index..<index + needle.count].elementsEqual(needle) {
+    for index in 0...(haystack.count - needle.count) where haystack[index..<index + needle.count].elementsEqual(needle)
+    {
       return index
     }
     return nil

@@ -139,75 +139,85 @@ let server = GRPCServer(
   services: [service, EchoService()])
 
 if options.runs("rpc") {
-try await withThrowingDiscardingTaskGroup { group in
-  group.addTask { try await server.serve() }
-  guard let port = try await server.listeningAddress?.ipv4?.port else { fatalError("server did not start") }
-  try await withGRPCClient(
-    transport: .http2NIOPosix(target: .ipv4(address: "127.0.0.1", port: port), transportSecurity: .plaintext)
-  ) { client in
-    let echo = Fpga_Bench_V1_Echo.Client(wrapping: client)
-    let nodeAgent = Fpga_Agent_V1_NodeAgent.Client(wrapping: client)
-    let message = Fpga_Bench_V1_EchoMessage.with { $0.text = "owner=bench-worker constraints=none" }
-    let duration = Duration.seconds(options.seconds)
-    print("fpga-agent-bench: \(options.concurrency) calls in flight, \(options.rounds) rounds of \(options.seconds) s per phase, one process, loopback TCP")
-    print("node: 4 cards x 4 PFs, \(await engine.status().counts.vfsEnabled) VFs enabled")
+  try await withThrowingDiscardingTaskGroup { group in
+    group.addTask { try await server.serve() }
+    guard let port = try await server.listeningAddress?.ipv4?.port else { fatalError("server did not start") }
+    try await withGRPCClient(
+      transport: .http2NIOPosix(target: .ipv4(address: "127.0.0.1", port: port), transportSecurity: .plaintext)
+    ) { client in
+      let echo = Fpga_Bench_V1_Echo.Client(wrapping: client)
+      let nodeAgent = Fpga_Agent_V1_NodeAgent.Client(wrapping: client)
+      let message = Fpga_Bench_V1_EchoMessage.with { $0.text = "owner=bench-worker constraints=none" }
+      let duration = Duration.seconds(options.seconds)
+      print(
+        "fpga-agent-bench: \(options.concurrency) calls in flight, \(options.rounds) rounds of \(options.seconds) s per phase, one process, loopback TCP"
+      )
+      print("node: 4 cards x 4 PFs, \(await engine.status().counts.vfsEnabled) VFs enabled")
 
-    // Warm-up.
-    _ = try await measure(concurrency: options.concurrency, duration: .milliseconds(500)) { _ in _ = try await echo.get(message) }
+      // Warm-up.
+      _ = try await measure(concurrency: options.concurrency, duration: .milliseconds(500)) { _ in
+        _ = try await echo.get(message)
+      }
 
-    var echoPairs = Sample()
-    var allocPairs = Sample()
-    for _ in 0..<options.rounds {
-      // Baseline: two echo calls back to back, the same shape as allocate-then-release.
-      echoPairs.merge(try await measure(concurrency: options.concurrency, duration: duration) { _ in
-        _ = try await echo.get(message)
-        _ = try await echo.get(message)
-      })
-      allocPairs.merge(try await measure(concurrency: options.concurrency, duration: duration) { worker in
-        let allocation = try await nodeAgent.allocateVF(.with { $0.owner = "bench-worker-\(worker)" })
+      var echoPairs = Sample()
+      var allocPairs = Sample()
+      for _ in 0..<options.rounds {
+        // Baseline: two echo calls back to back, the same shape as allocate-then-release.
+        echoPairs.merge(
+          try await measure(concurrency: options.concurrency, duration: duration) { _ in
+            _ = try await echo.get(message)
+            _ = try await echo.get(message)
+          })
+        allocPairs.merge(
+          try await measure(concurrency: options.concurrency, duration: duration) { worker in
+            let allocation = try await nodeAgent.allocateVF(.with { $0.owner = "bench-worker-\(worker)" })
+            _ = try await nodeAgent.releaseVF(.with { $0.allocationID = allocation.allocation.id })
+          })
+      }
+      print("")
+      print(row("echo pair (2 x Echo.Get)", echoPairs))
+      print(row("AllocateVF + ReleaseVF (durable)", allocPairs))
+      let groups = store.groupStatistics.withLock { $0 }
+      print(
+        "group commit: \(groups.commits) commits in \(groups.transactions) transactions "
+          + "(\(format(Double(groups.commits) / Double(max(groups.transactions, 1)), 1)) per transaction)")
+      print(
+        "ratio: throughput \(format(allocPairs.throughput / echoPairs.throughput))x echo (target >= 0.8), "
+          + "p99 \(format(allocPairs.percentile(0.99) / echoPairs.percentile(0.99)))x echo (target <= 2)")
+
+      // GetInventory of the full node: one call in flight, against a single echo.
+      var echoSingle = Sample()
+      var inventoryCached = Sample()
+      var inventoryFresh = Sample()
+      for _ in 0..<options.rounds {
+        echoSingle.merge(try await measure(concurrency: 1, duration: duration) { _ in _ = try await echo.get(message) })
+        inventoryCached.merge(
+          try await measure(concurrency: 1, duration: duration) { _ in
+            _ = try await nodeAgent.getInventory(.init())
+          })
+      }
+      // A change before every call, so every GetInventory converts the whole inventory anew.
+      let clock = ContinuousClock()
+      let fresh = clock.now
+      while clock.now - fresh < duration * options.rounds {
+        let allocation = try await nodeAgent.allocateVF(.with { $0.owner = "bench" })
+        let began = clock.now
+        let inventory = try await nodeAgent.getInventory(.init())
+        inventoryFresh.latencies.append(nanoseconds(clock.now - began))
+        precondition(inventory.cards.count == 4 && inventory.allocations.count == 1)
         _ = try await nodeAgent.releaseVF(.with { $0.allocationID = allocation.allocation.id })
-      })
+      }
+      inventoryFresh.elapsed = clock.now - fresh
+      print("")
+      print(row("echo (1 in flight)", echoSingle))
+      print(row("GetInventory 1008 VFs, same rev", inventoryCached))
+      print(row("GetInventory 1008 VFs, new rev", inventoryFresh))
+      print(
+        "GetInventory p50: \(format(inventoryCached.percentile(0.5), 3)) ms unchanged, "
+          + "\(format(inventoryFresh.percentile(0.5), 3)) ms after a change (target < 2 ms)")
     }
-    print("")
-    print(row("echo pair (2 x Echo.Get)", echoPairs))
-    print(row("AllocateVF + ReleaseVF (durable)", allocPairs))
-    let groups = store.groupStatistics.withLock { $0 }
-    print("group commit: \(groups.commits) commits in \(groups.transactions) transactions "
-      + "(\(format(Double(groups.commits) / Double(max(groups.transactions, 1)), 1)) per transaction)")
-    print("ratio: throughput \(format(allocPairs.throughput / echoPairs.throughput))x echo (target >= 0.8), "
-      + "p99 \(format(allocPairs.percentile(0.99) / echoPairs.percentile(0.99)))x echo (target <= 2)")
-
-    // GetInventory of the full node: one call in flight, against a single echo.
-    var echoSingle = Sample()
-    var inventoryCached = Sample()
-    var inventoryFresh = Sample()
-    for _ in 0..<options.rounds {
-      echoSingle.merge(try await measure(concurrency: 1, duration: duration) { _ in _ = try await echo.get(message) })
-      inventoryCached.merge(try await measure(concurrency: 1, duration: duration) { _ in
-        _ = try await nodeAgent.getInventory(.init())
-      })
-    }
-    // A change before every call, so every GetInventory converts the whole inventory anew.
-    let clock = ContinuousClock()
-    let fresh = clock.now
-    while clock.now - fresh < duration * options.rounds {
-      let allocation = try await nodeAgent.allocateVF(.with { $0.owner = "bench" })
-      let began = clock.now
-      let inventory = try await nodeAgent.getInventory(.init())
-      inventoryFresh.latencies.append(nanoseconds(clock.now - began))
-      precondition(inventory.cards.count == 4 && inventory.allocations.count == 1)
-      _ = try await nodeAgent.releaseVF(.with { $0.allocationID = allocation.allocation.id })
-    }
-    inventoryFresh.elapsed = clock.now - fresh
-    print("")
-    print(row("echo (1 in flight)", echoSingle))
-    print(row("GetInventory 1008 VFs, same rev", inventoryCached))
-    print(row("GetInventory 1008 VFs, new rev", inventoryFresh))
-    print("GetInventory p50: \(format(inventoryCached.percentile(0.5), 3)) ms unchanged, "
-      + "\(format(inventoryFresh.percentile(0.5), 3)) ms after a change (target < 2 ms)")
+    server.beginGracefulShutdown()
   }
-  server.beginGracefulShutdown()
-}
 
 }
 if options.runs("durability") { try await DurabilityBenchmark.run(rounds: options.rounds) }

@@ -183,14 +183,16 @@ final class Cluster: Sendable {
     return placement
   }
 
-  func placeContext(_ request: Fpga_Orchestrator_V1_PlaceContextRequest) async throws -> Fpga_Orchestrator_V1_Placement {
+  func placeContext(_ request: Fpga_Orchestrator_V1_PlaceContextRequest) async throws -> Fpga_Orchestrator_V1_Placement
+  {
     if let known = placements.withLock({ $0[request.requestID] }) { return known }
     let limit = overcommitLimit
     let chosen = nodes.withLock { nodes -> (String, String, Double)? in
       // Fewest guests first, then the least utilized, then the least switch overhead.
       var best: (nodeID: String, id: String, guests: Int, utilization: Double, overhead: Double)?
       for (nodeID, node) in nodes.sorted(by: { $0.key < $1.key }) where node.connected {
-        for accelerator in node.heartbeat.accelerators where UInt32(accelerator.guests.count) < limit
+        for accelerator in node.heartbeat.accelerators
+        where UInt32(accelerator.guests.count) < limit
           && UInt32(accelerator.guests.count) < accelerator.policy.overcommitLimit
         {
           let candidate = (
@@ -198,7 +200,9 @@ final class Cluster: Sendable {
             utilization: accelerator.metrics.utilization, overhead: accelerator.metrics.switchOverhead
           )
           if let current = best,
-            (current.guests, current.utilization, current.overhead) <= (candidate.guests, candidate.utilization, candidate.overhead)
+            (current.guests, current.utilization, current.overhead) <= (
+              candidate.guests, candidate.utilization, candidate.overhead
+            )
           {
             continue
           }
@@ -214,7 +218,8 @@ final class Cluster: Sendable {
     }
     guard let (nodeID, acceleratorID, utilization) = chosen else {
       throw RPCError(
-        code: .resourceExhausted, message: "every accelerator of the cluster is at the overcommit limit (\(limit) guests)")
+        code: .resourceExhausted,
+        message: "every accelerator of the cluster is at the overcommit limit (\(limit) guests)")
     }
     let result = await send(
       nodeID,
@@ -341,7 +346,12 @@ struct LinkService: Fpga_Orchestrator_V1_Orchestrator.ServiceProtocol {
       node.id.withLock { $0 = hello.nodeID }
       // Welcome first (resume after what is held), then any command that waited.
       let held = cluster.revision(of: hello.nodeID)
-      send.yield(.with { $0.welcome = .with { $0.epoch = cluster.epoch; $0.resumeFrom = held } })
+      send.yield(
+        .with {
+          $0.welcome = .with {
+            $0.epoch = cluster.epoch; $0.resumeFrom = held
+          }
+        })
       cluster.connected(hello.nodeID, platform: hello.capabilities.platform, outbox: send)
     case .inventory(let event):
       guard let nodeID else { return }
@@ -362,19 +372,27 @@ struct LinkService: Fpga_Orchestrator_V1_Orchestrator.ServiceProtocol {
 struct AdminService: Fpga_Orchestrator_V1_ExampleOrchestrator.SimpleServiceProtocol {
   let cluster: Cluster
 
-  func placeVF(request: Fpga_Orchestrator_V1_PlaceVFRequest, context: ServerContext) async throws -> Fpga_Orchestrator_V1_Placement {
+  func placeVF(request: Fpga_Orchestrator_V1_PlaceVFRequest, context: ServerContext) async throws
+    -> Fpga_Orchestrator_V1_Placement
+  {
     try await cluster.placeVF(request)
   }
 
-  func placeContext(request: Fpga_Orchestrator_V1_PlaceContextRequest, context: ServerContext) async throws -> Fpga_Orchestrator_V1_Placement {
+  func placeContext(request: Fpga_Orchestrator_V1_PlaceContextRequest, context: ServerContext) async throws
+    -> Fpga_Orchestrator_V1_Placement
+  {
     try await cluster.placeContext(request)
   }
 
-  func release(request: Fpga_Orchestrator_V1_ReleaseRequest, context: ServerContext) async throws -> Fpga_Orchestrator_V1_Placement {
+  func release(request: Fpga_Orchestrator_V1_ReleaseRequest, context: ServerContext) async throws
+    -> Fpga_Orchestrator_V1_Placement
+  {
     try await cluster.release(request)
   }
 
-  func cluster(request: Fpga_Orchestrator_V1_ClusterRequest, context: ServerContext) async throws -> Fpga_Orchestrator_V1_ClusterView {
+  func cluster(request: Fpga_Orchestrator_V1_ClusterRequest, context: ServerContext) async throws
+    -> Fpga_Orchestrator_V1_ClusterView
+  {
     if request.cutLinks { cluster.generation.add(1, ordering: .relaxed) }
     return cluster.view()
   }
@@ -386,7 +404,8 @@ let security: HTTP2ServerTransport.Posix.TransportSecurity =
   options.tlsCert.isEmpty
   ? .plaintext
   : .mTLS(
-    certificateChain: [.file(path: options.tlsCert, format: .pem)], privateKey: .file(path: options.tlsKey, format: .pem)
+    certificateChain: [.file(path: options.tlsCert, format: .pem)],
+    privateKey: .file(path: options.tlsKey, format: .pem)
   ) { $0.trustRoots = .certificates([.file(path: options.tlsClientCA, format: .pem)]) }
 let server = GRPCServer(
   transport: .http2NIOPosix(address: .ipv4(host: options.host, port: options.port), transportSecurity: security),

@@ -188,7 +188,8 @@ public struct NodeAgentService: Fpga_Agent_V1_NodeAgent.SimpleServiceProtocol {
       allocationID: try Validate.id(request.allocationID, field: "allocation_id", prefix: "alloc-"), timeout: timeout)
     let result = try await engine.detach(command)
     if !result.replayed {
-      logger.info("detached VF", metadata: ["fpga.alloc": "\(result.allocation.id)", "fpga.vf": "\(result.allocation.vf)"])
+      logger.info(
+        "detached VF", metadata: ["fpga.alloc": "\(result.allocation.id)", "fpga.vf": "\(result.allocation.vf)"])
     }
     return .with {
       $0.allocation = .init(result.allocation)
@@ -219,7 +220,10 @@ public struct NodeAgentService: Fpga_Agent_V1_NodeAgent.SimpleServiceProtocol {
       ReconfigureRequest(meta: meta, pf: pf, count: Int(request.vfCount), strategy: strategy, dryRun: request.dryRun))
     logger.info(
       request.dryRun ? "planned a reconfiguration" : "reconfiguration started",
-      metadata: ["fpga.pf": "\(pf)", "fpga.vfs": "\(request.vfCount)", "fpga.strategy": "\(strategy.rawValue)", "fpga.op": "\(record.id)"])
+      metadata: [
+        "fpga.pf": "\(pf)", "fpga.vfs": "\(request.vfCount)", "fpga.strategy": "\(strategy.rawValue)",
+        "fpga.op": "\(record.id)",
+      ])
     return .init(record)
   }
 
@@ -281,9 +285,13 @@ public struct NodeAgentService: Fpga_Agent_V1_NodeAgent.SimpleServiceProtocol {
     if !replayed {
       logger.info(
         "context registered",
-        metadata: ["fpga.context": "\(record.id)", "fpga.accelerator": "\(record.acceleratorID)", "fpga.guest": "\(record.guest)"])
+        metadata: [
+          "fpga.context": "\(record.id)", "fpga.accelerator": "\(record.acceleratorID)",
+          "fpga.guest": "\(record.guest)",
+        ])
     }
-    let active = await engine.listContexts(acceleratorID: record.acceleratorID, guest: record.guest).first?.active ?? false
+    let active =
+      await engine.listContexts(acceleratorID: record.acceleratorID, guest: record.guest).first?.active ?? false
     return .with {
       $0.context = .init(record, active: active)
       $0.replayed = replayed
@@ -346,7 +354,8 @@ public struct NodeAgentService: Fpga_Agent_V1_NodeAgent.SimpleServiceProtocol {
     request: Fpga_Agent_V1_MoveContextRequest, context: ServerContext
   ) async throws -> Fpga_Agent_V1_MoveContextResponse {
     let id = try Validate.id(request.contextID, field: "context_id", prefix: "ctx-")
-    let (record, carried) = try await engine.moveContext(id, to: request.acceleratorID, meta: try RequestMeta(request.meta))
+    let (record, carried) = try await engine.moveContext(
+      id, to: request.acceleratorID, meta: try RequestMeta(request.meta))
     logger.info("context moved", metadata: ["fpga.context": "\(id)", "fpga.accelerator": "\(record.acceleratorID)"])
     return .with {
       $0.context = .init(record, active: false)

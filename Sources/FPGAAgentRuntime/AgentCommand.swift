@@ -14,7 +14,7 @@ public struct AgentCommand: AsyncParsableCommand {
       Unix socket. Each flag overrides the config file and the FPGA_AGENT_* environment.
       """,
     version: AgentRuntime.version,
-    subcommands: [Serve.self, SRIOVCommand.self, DRACommand.self],
+    subcommands: [Serve.self, SRIOVCommand.self, DRACommand.self, ConfigKeysCommand.self],
     defaultSubcommand: Serve.self)
 
   public init() {}
@@ -42,7 +42,7 @@ public struct ConfigOptions: ParsableArguments {
   var tlsClientCA: String?
 
   @Option(name: .long, help: "simulated or linux.")
-  var platform: String?
+  var platform: PlatformKind?
 
   @Option(name: .customLong("state-dir"), help: "Directory for durable state.")
   var stateDir: String?
@@ -51,10 +51,10 @@ public struct ConfigOptions: ParsableArguments {
   var nodeID: String?
 
   @Option(name: .customLong("log-level"), help: "trace, debug, info, notice, warning, error, critical.")
-  var logLevel: String?
+  var logLevel: Logger.Level?
 
   @Option(name: .customLong("log-format"), help: "text or json.")
-  var logFormat: String?
+  var logFormat: AgentLogHandler.Format?
 
   @Option(name: .customLong("sysfs-root"), help: "Where sysfs is mounted (linux platform; default /sys).")
   var sysfsRoot: String?
@@ -64,7 +64,9 @@ public struct ConfigOptions: ParsableArguments {
 
   @Option(
     name: .customLong("selector"),
-    help: "Which PCI functions to manage, repeatable: vendor=10ee,device=903f,driver=qdma-pf,address=0000:3b:00.0 (replaces the config's selectors).")
+    help:
+      "Which PCI functions to manage, repeatable: vendor=10ee,device=903f,driver=qdma-pf,address=0000:3b:00.0 (replaces the config's selectors)."
+  )
   var selectors: [String] = []
 
   @Option(name: .customLong("qmp-socket"), help: "A VM's QMP socket, NAME=PATH (repeatable).")
@@ -82,10 +84,13 @@ public struct ConfigOptions: ParsableArguments {
   @Option(name: .customLong("dra-driver-name"), help: "The DRA driver's name (default qdma.xilinx.com).")
   var draDriverName: String?
 
-  @Option(name: .customLong("dra-registry-dir"), help: "The kubelet's plugin registry (default /var/lib/kubelet/plugins_registry).")
+  @Option(
+    name: .customLong("dra-registry-dir"),
+    help: "The kubelet's plugin registry (default /var/lib/kubelet/plugins_registry).")
   var draRegistryDir: String?
 
-  @Option(name: .customLong("dra-plugins-dir"), help: "The kubelet's plugins directory (default /var/lib/kubelet/plugins).")
+  @Option(
+    name: .customLong("dra-plugins-dir"), help: "The kubelet's plugins directory (default /var/lib/kubelet/plugins).")
   var draPluginsDir: String?
 
   @Option(name: .customLong("cdi-dir"), help: "Where CDI specs are written (default /var/run/cdi).")
@@ -102,21 +107,27 @@ public struct ConfigOptions: ParsableArguments {
 
   @Option(
     name: .customLong("http-listen"),
-    help: "The dashboard, /metrics and /healthz (HOST:PORT, default 127.0.0.1:50080; empty: off; env FPGA_AGENT_HTTP_LISTEN).")
+    help:
+      "The dashboard, /metrics and /healthz (HOST:PORT, default 127.0.0.1:50080; empty: off; env FPGA_AGENT_HTTP_LISTEN)."
+  )
   var httpListen: String?
 
-  @Option(name: .customLong("orchestrator-tls-cert"), help: "The agent's certificate chain (PEM) for the orchestrator link.")
+  @Option(
+    name: .customLong("orchestrator-tls-cert"), help: "The agent's certificate chain (PEM) for the orchestrator link.")
   var orchestratorTLSCert: String?
 
   @Option(name: .customLong("orchestrator-tls-key"), help: "The agent's private key (PEM) for the orchestrator link.")
   var orchestratorTLSKey: String?
 
-  @Option(name: .customLong("orchestrator-tls-ca"), help: "CA bundle (PEM) the orchestrator's certificate must chain to.")
+  @Option(
+    name: .customLong("orchestrator-tls-ca"), help: "CA bundle (PEM) the orchestrator's certificate must chain to.")
   var orchestratorTLSCA: String?
 
   @Option(
     name: .customLong("kubelet-dir"),
-    help: "Serve the Kubernetes device plugin and register with the kubelet in DIR (usually /var/lib/kubelet/device-plugins).")
+    help:
+      "Serve the Kubernetes device plugin and register with the kubelet in DIR (usually /var/lib/kubelet/device-plugins)."
+  )
   var kubeletDir: String?
 
   @Option(name: .customLong("vf-device-model"), help: "QEMU device model for VFs (default vfio-pci; edu in tests).")
@@ -124,56 +135,65 @@ public struct ConfigOptions: ParsableArguments {
 
   public init() {}
 
+  @Option(
+    name: .customLong("set"),
+    help: "KEY=VALUE: any key of the configuration file by its path (repeatable; `fpga-agent config-keys` lists them).")
+  var settings: [String] = []
+
+  /// The flags given, by name (as `ConfigKeys` declares them), in the order they apply.
+  public var flagValues: [(flag: String, values: [String])] {
+    let single: [(String, String?)] = [
+      ("--listen", listen), ("--unix-socket", unixSocket), ("--tls-cert", tlsCert), ("--tls-key", tlsKey),
+      ("--tls-client-ca", tlsClientCA), ("--platform", platform?.rawValue), ("--state-dir", stateDir),
+      ("--node-id", nodeID), ("--log-level", logLevel?.rawValue), ("--log-format", logFormat?.rawValue),
+      ("--sysfs-root", sysfsRoot), ("--dev-root", devRoot), ("--qmp-dir", qmpDir), ("--orchestrator", orchestrator),
+      ("--http-listen", httpListen), ("--dra", dra ? "true" : nil), ("--dra-driver-name", draDriverName),
+      ("--dra-registry-dir", draRegistryDir), ("--dra-plugins-dir", draPluginsDir), ("--cdi-dir", cdiDir),
+      ("--kube-api-server", kubeAPIServer), ("--kube-token-file", kubeTokenFile), ("--kube-ca-file", kubeCAFile),
+      ("--orchestrator-tls-cert", orchestratorTLSCert), ("--orchestrator-tls-key", orchestratorTLSKey),
+      ("--orchestrator-tls-ca", orchestratorTLSCA), ("--kubelet-dir", kubeletDir), ("--vf-device-model", vfDeviceModel),
+    ]
+    var given = single.compactMap { flag, value in value.map { (flag, [$0]) } }
+    if !qmpSockets.isEmpty { given.append(("--qmp-socket", qmpSockets)) }
+    if !selectors.isEmpty { given.append(("--selector", [selectors.joined(separator: ";")])) }
+    return given
+  }
+
   /// The configuration from every source, validated.
   public func resolvedConfig(environment: [String: String]) throws -> AgentConfig {
+    try resolve(environment: environment).config
+  }
+
+  /// The configuration from every source, validated, with where each value came from.
+  public func resolve(environment: [String: String]) throws -> ResolvedConfig {
     var resolved = AgentConfig()
+    var sources: [String: ConfigSource] = [:]
     if let path = config ?? environment["FPGA_AGENT_CONFIG"] {
       guard let text = try SystemCalls.readFile(path) else {
         throw ConfigError(problems: ["config file \(path) does not exist"])
       }
-      try ConfigLoader.apply(yaml: text, source: path, to: &resolved)
+      try ConfigLoader.apply(yaml: text, source: path, to: &resolved, sources: &sources)
     }
-    try ConfigLoader.apply(environment: environment, to: &resolved)
-    if let listen { resolved.server.listen = listen }
-    if let unixSocket { resolved.server.unixSocket = unixSocket }
-    if let tlsCert { resolved.server.tls.cert = tlsCert }
-    if let tlsKey { resolved.server.tls.key = tlsKey }
-    if let tlsClientCA { resolved.server.tls.clientCA = tlsClientCA }
-    if let platform { resolved.platform = platform }
-    if let stateDir { resolved.stateDir = stateDir }
-    if let nodeID { resolved.nodeID = nodeID }
-    if let logLevel { resolved.log.level = logLevel }
-    if let logFormat { resolved.log.format = logFormat }
-    if let sysfsRoot { resolved.linux.sysfsRoot = sysfsRoot }
-    if let devRoot { resolved.linux.devRoot = devRoot }
-    for entry in qmpSockets {
-      guard let equals = entry.firstIndex(of: "="), equals != entry.startIndex else {
-        throw ConfigError(problems: ["--qmp-socket \(quoted(entry)) is not NAME=PATH"])
+    try ConfigLoader.apply(environment: environment, to: &resolved, sources: &sources)
+    let keys = ConfigKeys.all
+    var problems: [String] = []
+    for (flag, values) in flagValues {
+      guard
+        let key = keys.first(where: { $0.flags.contains { $0.split(separator: " ").first.map(String.init) == flag } }),
+        let parse = key.parse
+      else {
+        problems.append("\(flag) sets no configuration key")
+        continue
       }
-      resolved.qemu.sockets[String(entry[..<equals])] = String(entry[entry.index(after: equals)...])
+      for value in values {
+        if let problem = parse(value, &resolved) { problems.append("\(flag) \(problem)") }
+      }
+      sources[key.path] = .flag
     }
-    if let qmpDir { resolved.qemu.socketDir = qmpDir }
-    if let orchestrator { resolved.orchestrator.address = orchestrator }
-    if let httpListen { resolved.http.listen = httpListen }
-    if dra { resolved.kubernetes.dra.enabled = true }
-    if let draDriverName { resolved.kubernetes.dra.driverName = draDriverName }
-    if let draRegistryDir { resolved.kubernetes.dra.registryDir = draRegistryDir }
-    if let draPluginsDir { resolved.kubernetes.dra.pluginsDir = draPluginsDir }
-    if let cdiDir { resolved.kubernetes.dra.cdiDir = cdiDir }
-    if let kubeAPIServer { resolved.kubernetes.api.server = kubeAPIServer }
-    if let kubeTokenFile { resolved.kubernetes.api.tokenFile = kubeTokenFile }
-    if let kubeCAFile { resolved.kubernetes.api.caFile = kubeCAFile }
-    if let orchestratorTLSCert { resolved.orchestrator.tls.cert = orchestratorTLSCert }
-    if let orchestratorTLSKey { resolved.orchestrator.tls.key = orchestratorTLSKey }
-    if let orchestratorTLSCA { resolved.orchestrator.tls.ca = orchestratorTLSCA }
-    if let kubeletDir {
-      resolved.kubernetes.kubeletDir = kubeletDir
-      resolved.kubernetes.devicePlugin = true
-    }
-    if let vfDeviceModel { resolved.qemu.deviceModel = vfDeviceModel }
-    if !selectors.isEmpty { resolved.linux.selectors = try selectors.map(AgentCommand.parseSelector) }
+    if !problems.isEmpty { throw ConfigError(problems: problems) }
+    try ConfigLoader.apply(settings: settings, to: &resolved, sources: &sources)
     try resolved.validate()
-    return resolved
+    return ResolvedConfig(config: resolved, sources: sources)
   }
 
   /// The resolved configuration, or a usage error listing every bad key.
@@ -200,12 +220,18 @@ struct Serve: AsyncParsableCommand {
 
   func run() async throws {
     SystemCalls.lineBufferOutput()
-    let resolved = try options.resolvedOrExit()
     if checkConfig {
-      print("configuration is valid:")
-      print(resolved.summary)
+      // Every key, its value and where it came from; or every problem at once.
+      do {
+        let resolution = try options.resolve(environment: SystemCalls.environment())
+        print("configuration is valid:")
+        print(resolution.listing)
+      } catch let error as ConfigError {
+        throw ValidationError(error.description)
+      }
       return
     }
+    let resolved = try options.resolvedOrExit()
     if dryRun {
       do {
         print(try await DryRun.report(resolved))
@@ -214,8 +240,8 @@ struct Serve: AsyncParsableCommand {
       }
       return
     }
-    let level = Logger.Level(rawValue: resolved.log.level) ?? .info
-    let format = AgentLogHandler.Format(rawValue: resolved.log.format) ?? .text
+    let level = resolved.log.level
+    let format = resolved.log.format
     LoggingSystem.bootstrap { label in AgentLogHandler(label: label, level: level, format: format) }
     let logger = Logger(label: "fpga-agent")
     let runtime: AgentRuntime
@@ -262,87 +288,41 @@ extension AgentCommand {
         }
         selector.pciAddresses.append(address)
       default:
-        throw ConfigError(problems: ["--selector \(quoted(text)): unknown key \(quoted(pieces[0])) (vendor, device, driver, address)"])
+        throw ConfigError(problems: [
+          "--selector \(quoted(text)): unknown key \(quoted(pieces[0])) (vendor, device, driver, address)"
+        ])
       }
     }
     return selector
   }
 }
 
-extension AgentConfig {
-  /// The configuration as YAML, as the agent will use it.
-  public var summary: String {
-    var lines = [
-      "server:",
-      "  listen: \(server.listen)",
-      "  unix_socket: \(server.unixSocket)",
-      "  max_connections: \(server.maxConnections)",
-      "  idle_timeout_seconds: \(server.idleTimeoutSeconds)",
-      "  max_concurrent_streams: \(server.maxConcurrentStreams)",
-      "  max_request_bytes: \(server.maxRequestBytes)",
-      "  default_deadline_seconds: \(server.defaultDeadlineSeconds)",
-      "  insecure: \(server.insecure)",
-      "  tls:",
-      "    cert: \(server.tls.cert)",
-      "    key: \(server.tls.key)",
-      "    client_ca: \(server.tls.clientCA)",
-      "    reload_seconds: \(server.tls.reloadSeconds)",
-      "health:",
-      "  correctable_errors_per_minute: \(health.correctableErrorsPerMinute)",
-      "  drain_on_fatal: \(health.drainOnFatal)",
-      "http:",
-      "  listen: \(http.listen)",
-      "  insecure: \(http.insecure)",
-      "auth:",
-      "  plaintext_role: \(auth.plaintextRole?.rawValue ?? "none")",
-      "  root_is_admin: \(auth.rootIsAdmin)",
-      "  token_file: \(auth.tokenFile)",
-      "  roles:" + (auth.roles.isEmpty ? " {}" : ""),
-    ] + auth.roles.sorted { $0.key < $1.key }.map { "    \($0.key): \($0.value.rawValue)" } + [
-      "shutdown_timeout_seconds: \(shutdownTimeoutSeconds)",
-      "platform: \(platform)",
-      "state_dir: \(stateDir)",
-      "state_durability: \(stateDurability)",
-      "node_id: \(nodeID.isEmpty ? "(from state_dir)" : nodeID)",
-      "rescan_interval_seconds: \(rescanIntervalSeconds)",
-      "log:",
-      "  level: \(log.level)",
-      "  format: \(log.format)",
-      "simulator:",
-      "  cards:",
-    ]
-    for card in simulator.cards {
-      lines.append("    - bus: \"\(hex(Int(card.bus), width: 2))\"")
-      lines.append("      numa_node: \(card.numaNode)")
-      lines.append("      total_vfs: \(card.totalVFs)")
-      lines.append("      enabled_vfs: \(card.enabledVFs)")
+extension PlatformKind: ExpressibleByArgument {}
+extension Durability: ExpressibleByArgument {}
+extension AgentLogHandler.Format: ExpressibleByArgument {}
+extension Logger.Level: @retroactive ExpressibleByArgument {}
+
+/// `fpga-agent config-keys`: every configuration key (the table in docs/operations.md).
+struct ConfigKeysCommand: ParsableCommand {
+  static let configuration = CommandConfiguration(
+    commandName: "config-keys", abstract: "List every configuration key: type, flags, environment, default, meaning.")
+
+  @Flag(name: .long, help: "As the Markdown table of docs/operations.md.")
+  var markdown = false
+
+  func run() {
+    if markdown {
+      print(ConfigKeys.markdownTable)
+      return
     }
-    if !simulator.stateFile.isEmpty { lines.append("  state_file: \(simulator.stateFile)") }
-    if !orchestrator.address.isEmpty {
-      lines += [
-        "orchestrator:", "  address: \(orchestrator.address)", "  heartbeat_seconds: \(orchestrator.heartbeatSeconds)",
-        "  role: \(orchestrator.role.rawValue)", "  insecure: \(orchestrator.insecure)",
-        "  server_name: \(orchestrator.serverName)", "  tls:", "    cert: \(orchestrator.tls.cert)",
-        "    key: \(orchestrator.tls.key)", "    ca: \(orchestrator.tls.ca)",
-      ]
+    for key in ConfigKeys.all {
+      let default_ = key.defaultText
+      print("\(key.path)  (\(key.type); default: \(default_.isEmpty ? "empty" : default_))")
+      var via: [String] = key.flags
+      if let env = key.environment { via.append(env) }
+      if !via.isEmpty { print("    set by: " + via.joined(separator: ", ") + ", --set") }
+      print("    " + key.doc)
     }
-    if kubernetes.dra.enabled {
-      lines += [
-        "dra:", "  driver_name: \(kubernetes.dra.driverName)", "  registry_dir: \(kubernetes.dra.registryDir)",
-        "  plugins_dir: \(kubernetes.dra.pluginsDir)", "  cdi_dir: \(kubernetes.dra.cdiDir)",
-        "  node_name: \(kubernetes.dra.nodeName)", "  publish_slices: \(kubernetes.dra.publishSlices)",
-        "  api_server: \(kubernetes.api.server.isEmpty ? "(in-cluster)" : kubernetes.api.server)",
-      ]
-    }
-    if kubernetes.devicePlugin {
-      lines += ["kubernetes:", "  device_plugin: true", "  kubelet_dir: \(kubernetes.kubeletDir)", "  pools:"]
-      for pool in kubernetes.pools {
-        lines.append("    - resource: \(pool.resource)")
-        if !pool.pfs.isEmpty { lines.append("      pfs: \(pool.pfs)") }
-      }
-    }
-    if !faultInjection.isEmpty { lines.append("fault_injection: \(faultInjection)  # TEST SETTING") }
-    return lines.joined(separator: "\n")
   }
 }
 

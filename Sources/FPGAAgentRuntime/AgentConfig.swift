@@ -2,6 +2,7 @@ import FPGACore
 import FPGADevicePlugin
 import FPGALinux
 import FPGASimulator
+import Logging
 
 /// The agent's configuration: one struct of nested structs. Read from a YAML file, then the
 /// environment (`FPGA_AGENT_*`), then flags; each later source overrides the earlier. Validated
@@ -61,9 +62,9 @@ public struct AgentConfig: Hashable, Sendable {
   /// Logging.
   public struct Log: Hashable, Sendable {
     /// trace, debug, info, notice, warning, error, critical.
-    public var level = "info"
+    public var level: Logger.Level = .info
     /// text or json (one JSON object per line).
-    public var format = "text"
+    public var format: AgentLogHandler.Format = .text
   }
 
   /// The simulated platform.
@@ -95,7 +96,9 @@ public struct AgentConfig: Hashable, Sendable {
     public var jobMilliseconds = 3
     public var stateBytes = 1 << 20
 
-    public init(guest: String, accelerator: String, weight: Int = 1, intervalMilliseconds: Int = 10, jobMilliseconds: Int = 3) {
+    public init(
+      guest: String, accelerator: String, weight: Int = 1, intervalMilliseconds: Int = 10, jobMilliseconds: Int = 3
+    ) {
       self.guest = guest
       self.accelerator = accelerator
       self.weight = weight
@@ -183,12 +186,12 @@ public struct AgentConfig: Hashable, Sendable {
   public var qemu = QEMU()
   public var log = Log()
   /// `simulated` (the default) or `linux`.
-  public var platform = "simulated"
+  public var platform: PlatformKind = .simulated
   /// Directory for the agent's durable state: `node-id` and `state.sqlite`.
   public var stateDir = AgentConfig.defaultStateDir
   /// `process` (a commit survives the agent's crash) or `power` (each commit is flushed to the
   /// disk before it is answered: survives power loss, costs an fsync per change).
-  public var stateDurability = "process"
+  public var stateDurability: Durability = .process
   /// Test setting: `crash-before:STEP`, `crash-after:STEP` or `fail:STEP` of a reconfiguration
   /// (STEP: a step index or kind). Empty in production.
   public var faultInjection = ""
@@ -301,32 +304,20 @@ public struct AgentConfig: Hashable, Sendable {
 
   /// Checks every value; throws a `ConfigError` listing each bad key.
   public func validate() throws(ConfigError) {
-    var problems: [String] = []
+    // Each key's own range, choices, absolute path (ConfigKeys), then the rules across keys.
+    var problems = ConfigKeys.all.compactMap { $0.check(self) }
     if server.listen.isEmpty && server.unixSocket.isEmpty {
       problems.append("server.listen and server.unix_socket are both empty: the agent would serve nothing")
     }
-    if !(1...1_000_000).contains(server.maxConnections) {
-      problems.append("server.max_connections \(server.maxConnections) is out of range: 1-1000000")
-    }
-    if !(1...86_400).contains(server.idleTimeoutSeconds) {
-      problems.append("server.idle_timeout_seconds \(server.idleTimeoutSeconds) is out of range: 1-86400")
-    }
-    if !(1...65_535).contains(server.maxConcurrentStreams) {
-      problems.append("server.max_concurrent_streams \(server.maxConcurrentStreams) is out of range: 1-65535")
-    }
-    if !(0...86_400).contains(server.defaultDeadlineSeconds) {
-      problems.append("server.default_deadline_seconds \(server.defaultDeadlineSeconds) is out of range: 0-86400")
-    }
-    if !(1024...(64 << 20)).contains(server.maxRequestBytes) {
-      problems.append("server.max_request_bytes \(server.maxRequestBytes) is out of range: 1024-67108864")
-    }
-    if !(1...86_400).contains(server.tls.reloadSeconds) {
-      problems.append("server.tls.reload_seconds \(server.tls.reloadSeconds) is out of range: 1-86400")
-    }
     if server.tls.isEnabled {
-      for (key, value) in [("server.tls.cert", server.tls.cert), ("server.tls.key", server.tls.key), ("server.tls.client_ca", server.tls.clientCA)] {
+      for (key, value) in [
+        ("server.tls.cert", server.tls.cert), ("server.tls.key", server.tls.key),
+        ("server.tls.client_ca", server.tls.clientCA),
+      ] {
         if value.isEmpty {
-          problems.append("\(key) is empty: TLS needs server.tls.cert, server.tls.key and server.tls.client_ca (--tls-cert, --tls-key, --tls-client-ca)")
+          problems.append(
+            "\(key) is empty: TLS needs server.tls.cert, server.tls.key and server.tls.client_ca (--tls-cert, --tls-key, --tls-client-ca)"
+          )
         } else if !SystemCalls.isReadableFile(value) {
           problems.append("\(key) \(quoted(value)) is not a readable file")
         }
@@ -357,9 +348,6 @@ public struct AgentConfig: Hashable, Sendable {
           + "--orchestrator-tls-key, --orchestrator-tls-ca; FPGA_AGENT_ORCHESTRATOR_TLS_*), or orchestrator.insecure: "
           + "true to take commands over plaintext anyway")
     }
-    if !(1...1_000_000).contains(health.correctableErrorsPerMinute) {
-      problems.append("health.correctable_errors_per_minute \(health.correctableErrorsPerMinute) is out of range: 1-1000000")
-    }
     if !http.listen.isEmpty {
       if let address = ListenAddress(http.listen) {
         if !address.isLoopback, !http.insecure {
@@ -377,27 +365,17 @@ public struct AgentConfig: Hashable, Sendable {
     for identity in auth.roles.keys.sorted() where !Auth.isIdentity(identity) {
       problems.append("auth.roles key \(quoted(identity)) is not spiffe://…, cn:NAME, token:NAME, uid:N or gid:N")
     }
-    if !(1...600).contains(shutdownTimeoutSeconds) {
-      problems.append("shutdown_timeout_seconds \(shutdownTimeoutSeconds) is out of range: 1-600")
-    }
     if !server.listen.isEmpty, ListenAddress(server.listen) == nil {
       problems.append("server.listen \(quoted(server.listen)) is not HOST:PORT (e.g. 127.0.0.1:50051 or [::1]:50051)")
     }
     if !server.unixSocket.isEmpty {
-      if !server.unixSocket.hasPrefix("/") {
-        problems.append("server.unix_socket \(quoted(server.unixSocket)) must be an absolute path")
-      } else if server.unixSocket.utf8.count > 107 {
-        problems.append("server.unix_socket is \(server.unixSocket.utf8.count) bytes; Unix socket paths are limited to 107")
+      if server.unixSocket.utf8.count > 107 {
+        problems.append(
+          "server.unix_socket is \(server.unixSocket.utf8.count) bytes; Unix socket paths are limited to 107")
       }
     }
-    if !["simulated", "linux"].contains(platform) {
-      problems.append("platform \(quoted(platform)) is not one of: simulated, linux")
-    }
-    if stateDir.isEmpty || !stateDir.hasPrefix("/") {
+    if stateDir.isEmpty {
       problems.append("state_dir \(quoted(stateDir)) must be an absolute path")
-    }
-    if !["process", "power"].contains(stateDurability) {
-      problems.append("state_durability \(quoted(stateDurability)) is not one of: process, power")
     }
     if !faultInjection.isEmpty {
       do throws(AgentError) {
@@ -405,15 +383,6 @@ public struct AgentConfig: Hashable, Sendable {
       } catch {
         problems.append(error.message)
       }
-    }
-    if !(0...16).contains(simulator.acceleratorsPerCard) {
-      problems.append("simulator.accelerators_per_card must be 0-16")
-    }
-    if !(1...1_000_000).contains(simulator.acceleratorSwitchMicroseconds) {
-      problems.append("simulator.accelerator_switch_us must be 1-1000000")
-    }
-    if !(1...1_000_000).contains(simulator.acceleratorBandwidthMBps) {
-      problems.append("simulator.accelerator_bandwidth_mb_s must be 1-1000000")
     }
     for (index, workload) in simulator.workloads.enumerated() {
       let key = "simulator.workloads[\(index)]"
@@ -439,24 +408,18 @@ public struct AgentConfig: Hashable, Sendable {
     if !orchestrator.address.isEmpty, ListenAddress(orchestrator.address) == nil {
       problems.append("orchestrator.address \(quoted(orchestrator.address)) is not HOST:PORT")
     }
-    if !(1...300).contains(orchestrator.heartbeatSeconds) {
-      problems.append("orchestrator.heartbeat_seconds must be 1-300")
-    }
     if kubernetes.dra.enabled {
       let name = kubernetes.dra.driverName
       let labels = name.split(separator: ".", omittingEmptySubsequences: false)
       if name.count > 63 || labels.count < 2
         || !labels.allSatisfy({ label in
-          !label.isEmpty && label.allSatisfy { $0.isLowercase || $0.isNumber || $0 == "-" } && label.first != "-" && label.last != "-"
+          !label.isEmpty && label.allSatisfy { $0.isLowercase || $0.isNumber || $0 == "-" } && label.first != "-"
+            && label.last != "-"
         })
       {
-        problems.append("kubernetes.dra.driver_name \(quoted(name)) is not a DNS subdomain of at most 63 characters with a dot (e.g. qdma.xilinx.com)")
-      }
-      for (key, value) in [
-        ("kubernetes.dra.registry_dir", kubernetes.dra.registryDir), ("kubernetes.dra.plugins_dir", kubernetes.dra.pluginsDir),
-        ("kubernetes.dra.cdi_dir", kubernetes.dra.cdiDir),
-      ] where !value.hasPrefix("/") {
-        problems.append("\(key) \(quoted(value)) must be an absolute path")
+        problems.append(
+          "kubernetes.dra.driver_name \(quoted(name)) is not a DNS subdomain of at most 63 characters with a dot (e.g. qdma.xilinx.com)"
+        )
       }
       if !kubernetes.api.server.isEmpty, !kubernetes.api.server.hasPrefix("https://") {
         problems.append("kubernetes.api.server \(quoted(kubernetes.api.server)) must be an https:// URL")
@@ -468,35 +431,25 @@ public struct AgentConfig: Hashable, Sendable {
       } else if kubernetes.kubeletDir.utf8.count > 60 {
         problems.append("kubernetes.kubelet_dir is too long for the Unix socket paths in it (at most 60 bytes)")
       }
-      if kubernetes.pools.isEmpty { problems.append("kubernetes.pools is empty: the device plugin would offer nothing") }
+      if kubernetes.pools.isEmpty {
+        problems.append("kubernetes.pools is empty: the device plugin would offer nothing")
+      }
     }
     var resources = Set<String>()
     for (index, pool) in kubernetes.pools.enumerated() {
       if !DevicePluginPool.validate(pool.resource) {
-        problems.append("kubernetes.pools[\(index)].resource \(quoted(pool.resource)) is not domain/name (e.g. xilinx.com/qdma-vf)")
+        problems.append(
+          "kubernetes.pools[\(index)].resource \(quoted(pool.resource)) is not domain/name (e.g. xilinx.com/qdma-vf)")
       }
-      if !resources.insert(pool.resource).inserted { problems.append("kubernetes.pools[\(index)].resource repeats \(pool.resource)") }
+      if !resources.insert(pool.resource).inserted {
+        problems.append("kubernetes.pools[\(index)].resource repeats \(pool.resource)")
+      }
       for pf in pool.pfs where PCIAddress(pf) == nil {
         problems.append("kubernetes.pools[\(index)].pfs: \(quoted(pf)) is not a PCI address (DDDD:BB:DD.F)")
       }
     }
-    if !(1...10_000).contains(sharing.sliceMilliseconds) { problems.append("sharing.slice_ms must be 1-10000") }
-    if !(1...64).contains(sharing.overcommitLimit) { problems.append("sharing.overcommit_limit must be 1-64") }
-    if !(1...3600).contains(sharing.metricsIntervalSeconds) { problems.append("sharing.metrics_interval_seconds must be 1-3600") }
-    if !simulator.stateFile.isEmpty && !simulator.stateFile.hasPrefix("/") {
-      problems.append("simulator.state_file \(quoted(simulator.stateFile)) must be an absolute path")
-    }
     if !nodeID.isEmpty, (try? Validate.vmName(nodeID, field: "node_id")) == nil {
       problems.append("node_id \(quoted(nodeID)) must be 1-64 of A-Z a-z 0-9 . _ -")
-    }
-    if !["trace", "debug", "info", "notice", "warning", "error", "critical"].contains(log.level) {
-      problems.append("log.level \(quoted(log.level)) is not one of: trace, debug, info, notice, warning, error, critical")
-    }
-    if !["text", "json"].contains(log.format) {
-      problems.append("log.format \(quoted(log.format)) is not one of: text, json")
-    }
-    if rescanIntervalSeconds < 0 {
-      problems.append("rescan_interval_seconds must be 0 (off) or more")
     }
     problems += SimulatorConfig(cards: simulator.cards).problems()
     var vmNames = Set<String>()
@@ -507,23 +460,17 @@ public struct AgentConfig: Hashable, Sendable {
       if !vmNames.insert(vm.name).inserted { problems.append("simulator.vms[\(index)].name \(vm.name) is used twice") }
       if !(0...32).contains(vm.rootPorts) { problems.append("simulator.vms[\(index)].root_ports must be 0-32") }
     }
-    if !linux.sysfsRoot.hasPrefix("/") { problems.append("linux.sysfs_root \(quoted(linux.sysfsRoot)) must be an absolute path") }
-    if !linux.devRoot.hasPrefix("/") { problems.append("linux.dev_root \(quoted(linux.devRoot)) must be an absolute path") }
-    if linux.watchdogSeconds < 1 { problems.append("linux.watchdog_seconds must be at least 1") }
     for (name, path) in qemu.sockets.sorted(by: { $0.key < $1.key }) {
       if (try? Validate.vmName(name)) == nil {
-        problems.append("qemu.sockets: VM name \(quoted(name)) must be 1-64 of A-Z a-z 0-9 . _ -, not starting with . or -")
+        problems.append(
+          "qemu.sockets: VM name \(quoted(name)) must be 1-64 of A-Z a-z 0-9 . _ -, not starting with . or -")
       }
       if !path.hasPrefix("/") { problems.append("qemu.sockets.\(name) \(quoted(path)) must be an absolute path") }
     }
-    if !qemu.socketDir.isEmpty && !qemu.socketDir.hasPrefix("/") {
-      problems.append("qemu.socket_dir \(quoted(qemu.socketDir)) must be an absolute path")
-    }
-    if qemu.deviceModel.isEmpty || !qemu.deviceModel.allSatisfy({ $0.isLetter || $0.isNumber || $0 == "-" || $0 == "_" }) {
+    if qemu.deviceModel.isEmpty
+      || !qemu.deviceModel.allSatisfy({ $0.isLetter || $0.isNumber || $0 == "-" || $0 == "_" })
+    {
       problems.append("qemu.device_model \(quoted(qemu.deviceModel)) is not a QEMU device model name")
-    }
-    if !(1...600).contains(qemu.detachTimeoutSeconds) {
-      problems.append("qemu.detach_timeout_seconds must be 1-600")
     }
     if linux.selectors.isEmpty { problems.append("linux.selectors is empty: the agent would manage nothing") }
     if !problems.isEmpty { throw ConfigError(problems: problems) }

@@ -54,7 +54,7 @@ public final class AgentRuntime: Sendable {
 
     let platform: any NodePlatform
     switch config.platform {
-    case "simulated":
+    case .simulated:
       let node = try Self.simulatedNode(config.simulator)
       simulatedNode = node
       platform = SimulatedPlatform(node: node)
@@ -76,8 +76,9 @@ public final class AgentRuntime: Sendable {
     }
     let store = try SQLiteStateStore(
       path: config.stateDir + "/" + SQLiteStateStore.fileName,
-      durability: config.stateDurability == "power" ? .power : .process)
-    let faults = config.faultInjection.isEmpty
+      durability: config.stateDurability == .power ? .power : .process)
+    let faults =
+      config.faultInjection.isEmpty
       ? nil : try FaultInjection.parse(config.faultInjection) { reason in SystemCalls.crash(reason) }
     let runners = try Self.accelerators(config)
     engine = NodeEngine(
@@ -94,7 +95,8 @@ public final class AgentRuntime: Sendable {
       auditTrail: { [audit] limit in (audit.last(limit), audit.path) })
     let services: [any RegistrableRPCService] = [nodeAgent, health]
     let metrics = AgentMetrics(
-      version: Self.version, storeStatistics: { [store] in store.groupStatistics.withLock { ($0.transactions, $0.commits) } })
+      version: Self.version,
+      storeStatistics: { [store] in store.groupStatistics.withLock { ($0.transactions, $0.commits) } })
     self.metrics = metrics
     let listeners = (config.server.listen.isEmpty ? 0 : 1) + (config.server.unixSocket.isEmpty ? 0 : 1)
 
@@ -131,7 +133,7 @@ public final class AgentRuntime: Sendable {
           MetricsInterceptor(metrics: metrics),
           AuthorizationInterceptor(
             resolver: CallerResolver(auth: config.auth, tls: config.server.tls.isEnabled), unix: false, audit: audit,
-            engine: engine)
+            engine: engine),
         ])
     } else {
       tcpServer = nil
@@ -148,7 +150,7 @@ public final class AgentRuntime: Sendable {
         interceptors: [
           MetricsInterceptor(metrics: metrics),
           AuthorizationInterceptor(
-            resolver: CallerResolver(auth: config.auth, tls: false), unix: true, audit: audit, engine: engine)
+            resolver: CallerResolver(auth: config.auth, tls: false), unix: true, audit: audit, engine: engine),
         ])
     } else {
       unixServer = nil
@@ -159,7 +161,8 @@ public final class AgentRuntime: Sendable {
     if let unixServer {
       serviceList.append(
         ServerService(
-          server: unixServer, name: "unix", socketPath: config.server.unixSocket, socketGroup: config.server.socketGroup,
+          server: unixServer, name: "unix", socketPath: config.server.unixSocket,
+          socketGroup: config.server.socketGroup,
           logger: logger))
     }
     if let reloader { serviceList.append(reloader) }
@@ -179,9 +182,12 @@ public final class AgentRuntime: Sendable {
       try SystemCalls.makeDirectories(config.kubernetes.kubeletDir)
       for pool in config.kubernetes.pools {
         let plugin = DevicePlugin(
-          engine: engine, pool: DevicePluginPool(resourceName: pool.resource, pfs: Set(pool.pfs.compactMap { PCIAddress($0) })),
+          engine: engine,
+          pool: DevicePluginPool(resourceName: pool.resource, pfs: Set(pool.pfs.compactMap { PCIAddress($0) })),
           directory: config.kubernetes.kubeletDir, logger: logger,
-          interceptors: [MetricsInterceptor(metrics: metrics), DevicePluginAuditInterceptor(audit: audit, engine: engine)])
+          interceptors: [
+            MetricsInterceptor(metrics: metrics), DevicePluginAuditInterceptor(audit: audit, engine: engine),
+          ])
         metrics.track(resource: pool.resource, plugin.registered)
         serviceList.append(DevicePluginLifecycle(plugin: plugin))
       }
@@ -191,19 +197,21 @@ public final class AgentRuntime: Sendable {
         driverName: config.kubernetes.dra.driverName, registryDir: config.kubernetes.dra.registryDir,
         pluginsDir: config.kubernetes.dra.pluginsDir, cdiDir: config.kubernetes.dra.cdiDir,
         nodeName: config.kubernetes.dra.nodeName.isEmpty ? nodeID : config.kubernetes.dra.nodeName,
-        deviceRoot: config.platform == "linux" ? config.linux.devRoot : "/dev")
+        deviceRoot: config.platform == .linux ? config.linux.devRoot : "/dev")
       // The server from the configuration, else the pod's environment; the token and CA from
       // the configuration (their defaults are the service account's).
       let server =
         config.kubernetes.api.server.isEmpty
         ? KubernetesAPISettings.inCluster(environment: SystemCalls.environment())?.server : config.kubernetes.api.server
       let apiSettings = server.map {
-        KubernetesAPISettings(server: $0, tokenFile: config.kubernetes.api.tokenFile, caFile: config.kubernetes.api.caFile)
+        KubernetesAPISettings(
+          server: $0, tokenFile: config.kubernetes.api.tokenFile, caFile: config.kubernetes.api.caFile)
       }
       let api = try apiSettings.map { try KubernetesAPI(settings: $0) }
       if api == nil {
         logger.warning(
-          "DRA: no Kubernetes API (kubernetes.api.server, or in-cluster): claims cannot be prepared, slices are not published")
+          "DRA: no Kubernetes API (kubernetes.api.server, or in-cluster): claims cannot be prepared, slices are not published"
+        )
       }
       let node = engine
       let driver = DRADriver(
@@ -215,14 +223,14 @@ public final class AgentRuntime: Sendable {
             ? api.map { SlicePublisher(api: $0, settings: settings, engine: node, logger: logger) } : nil,
           api: api, logger: logger))
     }
-    if let source = uevents ?? (config.platform == "linux" && config.linux.uevents ? NetlinkUevents() : nil) {
+    if let source = uevents ?? (config.platform == .linux && config.linux.uevents ? NetlinkUevents() : nil) {
       serviceList.append(DeviceEventsService(engine: engine, source: source, logger: logger))
     }
     if !runners.isEmpty {
       serviceList.append(
         AcceleratorService(
           engine: engine, logger: logger, interval: .seconds(config.sharing.metricsIntervalSeconds),
-          workloads: config.platform == "simulated" ? config.simulator.workloads : []))
+          workloads: config.platform == .simulated ? config.simulator.workloads : []))
     }
     if let listen = ListenAddress(config.http.listen) {
       let bound = httpBound
@@ -399,7 +407,7 @@ public final class AgentRuntime: Sendable {
   static func accelerators(_ config: AgentConfig) throws -> [AcceleratorRunner] {
     let policy = TimeSharingScheduler.Policy(
       slice: .milliseconds(config.sharing.sliceMilliseconds), overcommitLimit: config.sharing.overcommitLimit)
-    guard config.platform == "simulated" else {
+    guard config.platform == .simulated else {
       return try config.linux.accelerators.map { accelerator in
         guard let pf = PCIAddress(accelerator.pf), let id = accelerator.id else {
           throw ConfigError(problems: ["linux.accelerators: \(quoted(accelerator.pf)) is not a PCI address"])
@@ -408,7 +416,8 @@ public final class AgentRuntime: Sendable {
           config.linux.sysfsRoot, "bus/pci/devices/\(pf)/resource\(accelerator.bar)")
         do throws(AgentError) {
           return AcceleratorRunner(
-            spec: AcceleratorSpec(id: id, cardID: Card.id(for: pf), nominalSwitchCost: .microseconds(500), policy: policy),
+            spec: AcceleratorSpec(
+              id: id, cardID: Card.id(for: pf), nominalSwitchCost: .microseconds(500), policy: policy),
             control: try BARAcceleratorControl(path: path, slot: accelerator.slot))
         } catch {
           throw ConfigError(problems: ["linux.accelerators \(id): \(error.message)"])
@@ -439,7 +448,9 @@ public final class AgentRuntime: Sendable {
       do {
         hardware = try JSONDecoder().decode(SimulatedNode.Hardware.self, from: Data(text.utf8))
       } catch {
-        throw ConfigError(problems: ["simulator.state_file \(path) cannot be read (\(error)); delete it to start from simulator.cards"])
+        throw ConfigError(problems: [
+          "simulator.state_file \(path) cannot be read (\(error)); delete it to start from simulator.cards"
+        ])
       }
     }
     return SimulatedNode(config: config, hardware: hardware) { hardware in
@@ -575,7 +586,9 @@ struct AcceleratorService: Service {
     await withDiscardingTaskGroup { group in
       for workload in workloads {
         group.addTask {
-          for await _ in PeriodicTicks(interval: .milliseconds(workload.intervalMilliseconds)).cancelOnGracefulShutdown() {
+          for await _ in PeriodicTicks(interval: .milliseconds(workload.intervalMilliseconds))
+            .cancelOnGracefulShutdown()
+          {
             await engine.submitWork(
               guest: workload.guest, acceleratorID: workload.accelerator, work: .milliseconds(workload.jobMilliseconds))
           }
@@ -693,7 +706,10 @@ struct DeviceEventsService: Service {
       group.addTask {
         for await event in source.events().cancelOnGracefulShutdown() where event.concernsPCIDevices {
           logger.debug(
-            "uevent", metadata: ["fpga.action": "\(event.action)", "fpga.device": "\(event.pciSlot?.description ?? event.devpath)"])
+            "uevent",
+            metadata: [
+              "fpga.action": "\(event.action)", "fpga.device": "\(event.pciSlot?.description ?? event.devpath)",
+            ])
           wake.yield()
         }
         wake.finish()
@@ -702,7 +718,9 @@ struct DeviceEventsService: Service {
         do {
           let before = await engine.revision
           let after = try await engine.rescan()
-          if after != before { logger.info("device event: rescan found changes", metadata: ["fpga.revision": "\(after)"]) }
+          if after != before {
+            logger.info("device event: rescan found changes", metadata: ["fpga.revision": "\(after)"])
+          }
         } catch {
           logger.error("rescan after a device event failed", metadata: ["fpga.error": "\(error)"])
         }

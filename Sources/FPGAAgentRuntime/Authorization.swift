@@ -61,7 +61,9 @@ enum Permissions {
     guard role >= needed else {
       return RPCError(
         code: .permissionDenied,
-        message: "\(method.method) needs role \(needed.rawValue); \(caller.identity) has role \(role.rawValue): nothing changed")
+        message:
+          "\(method.method) needs role \(needed.rawValue); \(caller.identity) has role \(role.rawValue): nothing changed"
+      )
     }
     return nil
   }
@@ -191,7 +193,11 @@ struct AuthorizationInterceptor: ServerInterceptor {
     let work = Task { try await body() }
     do {
       return try await withTaskCancellationHandler {
-        try await withRPCCancellationHandler { try await work.value } onCancelRPC: { work.cancel() }
+        try await withRPCCancellationHandler {
+          try await work.value
+        } onCancelRPC: {
+          work.cancel()
+        }
       } onCancel: {
         work.cancel()
       }
@@ -393,7 +399,8 @@ final class StreamHeaders: ChannelInboundHandler {
       return connection.eventLoop.makeSucceededFuture(nil)
     }
     let future: EventLoopFuture<PeerCredentials> = provider.unsafeGetSocketOption(
-      level: NIOBSDSocket.OptionLevel(rawValue: SOL_SOCKET), name: NIOBSDSocket.Option(rawValue: PeerCredentials.option))
+      level: NIOBSDSocket.OptionLevel(rawValue: SOL_SOCKET), name: NIOBSDSocket.Option(rawValue: PeerCredentials.option)
+    )
     return future.map { credentials -> String? in "\(credentials.uid):\(credentials.gid)" }
       .recover { _ -> String? in nil }
   }

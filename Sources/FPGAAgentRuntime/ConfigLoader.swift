@@ -4,42 +4,23 @@ import FPGASimulator
 import Yams
 
 /// Builds an `AgentConfig` from its sources, in order: defaults, YAML file, environment.
-/// (Flags are applied last by the command.) Unknown keys and ill-typed values are errors that
-/// name the key.
+/// (Flags are applied last by the command.) Every key comes from `ConfigKeys.all`: unknown keys
+/// and ill-typed values are errors that name the key's path, all reported at once.
 public enum ConfigLoader {
   /// The environment variables read, each overriding one key.
-  public static let environmentKeys: [(variable: String, key: String)] = [
-    ("FPGA_AGENT_LISTEN", "server.listen"),
-    ("FPGA_AGENT_UNIX_SOCKET", "server.unix_socket"),
-    ("FPGA_AGENT_PLATFORM", "platform"),
-    ("FPGA_AGENT_STATE_DIR", "state_dir"),
-    ("FPGA_AGENT_NODE_ID", "node_id"),
-    ("FPGA_AGENT_RESCAN_INTERVAL_SECONDS", "rescan_interval_seconds"),
-    ("FPGA_AGENT_SHUTDOWN_TIMEOUT_SECONDS", "shutdown_timeout_seconds"),
-    ("FPGA_AGENT_MAX_CONNECTIONS", "server.max_connections"),
-    ("FPGA_AGENT_IDLE_TIMEOUT_SECONDS", "server.idle_timeout_seconds"),
-    ("FPGA_AGENT_TLS_CERT", "server.tls.cert"),
-    ("FPGA_AGENT_TLS_KEY", "server.tls.key"),
-    ("FPGA_AGENT_TLS_CLIENT_CA", "server.tls.client_ca"),
-    ("FPGA_AGENT_INSECURE", "server.insecure"),
-    ("FPGA_AGENT_HTTP_LISTEN", "http.listen"),
-    ("FPGA_AGENT_ORCHESTRATOR_TLS_CERT", "orchestrator.tls.cert"),
-    ("FPGA_AGENT_ORCHESTRATOR_TLS_KEY", "orchestrator.tls.key"),
-    ("FPGA_AGENT_ORCHESTRATOR_TLS_CA", "orchestrator.tls.ca"),
-    ("FPGA_AGENT_LOG_LEVEL", "log.level"),
-    ("FPGA_AGENT_LOG_FORMAT", "log.format"),
-    ("FPGA_AGENT_SYSFS_ROOT", "linux.sysfs_root"),
-    ("FPGA_AGENT_DEV_ROOT", "linux.dev_root"),
-    ("FPGA_AGENT_QMP_DIR", "qemu.socket_dir"),
-    ("FPGA_AGENT_STATE_DURABILITY", "state_durability"),
-    ("FPGA_AGENT_FAULT_INJECTION", "fault_injection"),
-    ("FPGA_AGENT_SIMULATOR_STATE_FILE", "simulator.state_file"),
-    ("FPGA_AGENT_KUBELET_DIR", "kubernetes.kubelet_dir"),
-    ("FPGA_AGENT_ORCHESTRATOR", "orchestrator.address"),
-  ]
+  public static var environmentKeys: [(variable: String, key: String)] {
+    ConfigKeys.all.compactMap { key in key.environment.map { ($0, key.path) } }
+  }
 
   /// Reads `yaml` (a file's text) over `config`.
   public static func apply(yaml: String, source: String, to config: inout AgentConfig) throws(ConfigError) {
+    var sources: [String: ConfigSource] = [:]
+    try apply(yaml: yaml, source: source, to: &config, sources: &sources)
+  }
+
+  static func apply(
+    yaml: String, source: String, to config: inout AgentConfig, sources: inout [String: ConfigSource]
+  ) throws(ConfigError) {
     let root: Any?
     do {
       root = try Yams.load(yaml: yaml)
@@ -47,261 +28,81 @@ public enum ConfigLoader {
       throw ConfigError(problems: ["\(source) is not valid YAML: \(error)"])
     }
     guard let root else { return }
-    guard let top = root as? [String: Any] else {
+    guard root is [String: Any] else {
       throw ConfigError(problems: ["\(source): the top level must be a mapping of keys"])
     }
-    var problems: [String] = []
-    let reader = Reader(problems: [])
-    for (key, value) in top.sorted(by: { $0.key < $1.key }) {
-      switch key {
-      case "server":
-        reader.mapping(value, "server") { key, value, path in
-          switch key {
-          case "listen": reader.string(value, path).map { config.server.listen = $0 }
-          case "unix_socket": reader.string(value, path).map { config.server.unixSocket = $0 }
-          case "max_connections": reader.int(value, path).map { config.server.maxConnections = $0 }
-          case "idle_timeout_seconds": reader.int(value, path).map { config.server.idleTimeoutSeconds = $0 }
-          case "max_concurrent_streams": reader.int(value, path).map { config.server.maxConcurrentStreams = $0 }
-          case "max_request_bytes": reader.int(value, path).map { config.server.maxRequestBytes = $0 }
-          case "default_deadline_seconds": reader.int(value, path).map { config.server.defaultDeadlineSeconds = $0 }
-          case "insecure": reader.bool(value, path).map { config.server.insecure = $0 }
-          case "socket_group": reader.string(value, path).map { config.server.socketGroup = $0 }
-          case "tls":
-            reader.mapping(value, path) { key, value, path in
-              switch key {
-              case "cert": reader.string(value, path).map { config.server.tls.cert = $0 }
-              case "key": reader.string(value, path).map { config.server.tls.key = $0 }
-              case "client_ca": reader.string(value, path).map { config.server.tls.clientCA = $0 }
-              case "reload_seconds": reader.int(value, path).map { config.server.tls.reloadSeconds = $0 }
-              default: reader.unknown(path)
-              }
-            }
-          default: reader.unknown(path)
-          }
+    let keys = ConfigKeys.all
+    let leaves = Dictionary(keys.map { ($0.path, $0) }, uniquingKeysWith: { a, _ in a })
+    let sections = Set(
+      keys.flatMap { key in
+        let parts = key.path.split(separator: ".")
+        return (1..<parts.count).map { parts[..<$0].joined(separator: ".") }
+      })
+    let reader = ConfigReader(problems: [])
+    func walk(_ value: Any, _ prefix: String) {
+      reader.mapping(value, prefix) { name, value, _ in
+        let path = prefix.isEmpty ? name : prefix + "." + name
+        if let key = leaves[path] {
+          key.read(value, path, reader, &config)
+          sources[path] = .file
+        } else if sections.contains(path) {
+          walk(value, path)
+        } else {
+          reader.unknown(path)
         }
-      case "auth":
-        reader.mapping(value, "auth") { key, value, path in
-          switch key {
-          case "roles":
-            reader.mapping(value, path) { identity, value, path in
-              guard let text = reader.string(value, path) else { return }
-              guard let role = Role(rawValue: text) else {
-                return reader.problems.append("\(path) \(quoted(text)) is not a role: viewer, operator or admin")
-              }
-              config.auth.roles[identity] = role
-            }
-          case "plaintext_role":
-            guard let text = reader.string(value, path) else { break }
-            if text == "none" {
-              config.auth.plaintextRole = nil
-            } else if let role = Role(rawValue: text) {
-              config.auth.plaintextRole = role
-            } else {
-              reader.problems.append("\(path) \(quoted(text)) is not a role: viewer, operator, admin or none")
-            }
-          case "root_is_admin": reader.bool(value, path).map { config.auth.rootIsAdmin = $0 }
-          case "token_file": reader.string(value, path).map { config.auth.tokenFile = $0 }
-          default: reader.unknown(path)
-          }
-        }
-      case "log":
-        reader.mapping(value, "log") { key, value, path in
-          switch key {
-          case "level": reader.string(value, path).map { config.log.level = $0 }
-          case "format": reader.string(value, path).map { config.log.format = $0 }
-          default: reader.unknown(path)
-          }
-        }
-      case "platform": reader.string(value, key).map { config.platform = $0 }
-      case "state_dir": reader.string(value, key).map { config.stateDir = $0 }
-      case "state_durability": reader.string(value, key).map { config.stateDurability = $0 }
-      case "fault_injection": reader.string(value, key).map { config.faultInjection = $0 }
-      case "node_id": reader.string(value, key).map { config.nodeID = $0 }
-      case "rescan_interval_seconds": reader.int(value, key).map { config.rescanIntervalSeconds = $0 }
-      case "shutdown_timeout_seconds": reader.int(value, key).map { config.shutdownTimeoutSeconds = $0 }
-      case "linux":
-        reader.mapping(value, "linux") { key, value, path in
-          switch key {
-          case "sysfs_root": reader.string(value, path).map { config.linux.sysfsRoot = $0 }
-          case "dev_root": reader.string(value, path).map { config.linux.devRoot = $0 }
-          case "watchdog_seconds": reader.int(value, path).map { config.linux.watchdogSeconds = $0 }
-          case "selectors": reader.selectors(value, path).map { config.linux.selectors = $0 }
-          case "accelerators": reader.barAccelerators(value, path).map { config.linux.accelerators = $0 }
-          case "uevents": reader.bool(value, path).map { config.linux.uevents = $0 }
-          default: reader.unknown(path)
-          }
-        }
-      case "health":
-        reader.mapping(value, "health") { key, value, path in
-          switch key {
-          case "correctable_errors_per_minute":
-            reader.int(value, path).map { config.health.correctableErrorsPerMinute = $0 }
-          case "drain_on_fatal": reader.bool(value, path).map { config.health.drainOnFatal = $0 }
-          default: reader.unknown(path)
-          }
-        }
-      case "qemu":
-        reader.mapping(value, "qemu") { key, value, path in
-          switch key {
-          case "sockets":
-            reader.mapping(value, path) { name, value, path in
-              reader.string(value, path).map { config.qemu.sockets[name] = $0 }
-            }
-          case "socket_dir": reader.string(value, path).map { config.qemu.socketDir = $0 }
-          case "device_model": reader.string(value, path).map { config.qemu.deviceModel = $0 }
-          case "detach_timeout_seconds": reader.int(value, path).map { config.qemu.detachTimeoutSeconds = $0 }
-          case "pause_commands":
-            let items = (value as? [Any]) ?? [value]
-            config.qemu.pauseCommands = items.enumerated().compactMap { reader.string($1, "\(path)[\($0)]") }
-          default: reader.unknown(path)
-          }
-        }
-      case "simulator":
-        reader.mapping(value, "simulator") { key, value, path in
-          switch key {
-          case "cards": reader.cards(value, path).map { config.simulator.cards = $0 }
-          case "vms": reader.vms(value, path).map { config.simulator.vms = $0 }
-          case "state_file": reader.string(value, path).map { config.simulator.stateFile = $0 }
-          case "accelerators_per_card": reader.int(value, path).map { config.simulator.acceleratorsPerCard = $0 }
-          case "accelerator_switch_us": reader.int(value, path).map { config.simulator.acceleratorSwitchMicroseconds = $0 }
-          case "accelerator_bandwidth_mb_s": reader.int(value, path).map { config.simulator.acceleratorBandwidthMBps = $0 }
-          case "workloads": reader.workloads(value, path).map { config.simulator.workloads = $0 }
-          default: reader.unknown(path)
-          }
-        }
-      case "http":
-        reader.mapping(value, "http") { key, value, path in
-          switch key {
-          case "listen": reader.string(value, path).map { config.http.listen = $0 }
-          case "insecure": reader.bool(value, path).map { config.http.insecure = $0 }
-          default: reader.unknown(path)
-          }
-        }
-      case "orchestrator":
-        reader.mapping(value, "orchestrator") { key, value, path in
-          switch key {
-          case "address": reader.string(value, path).map { config.orchestrator.address = $0 }
-          case "heartbeat_seconds": reader.int(value, path).map { config.orchestrator.heartbeatSeconds = $0 }
-          case "server_name": reader.string(value, path).map { config.orchestrator.serverName = $0 }
-          case "insecure": reader.bool(value, path).map { config.orchestrator.insecure = $0 }
-          case "role":
-            guard let text = reader.string(value, path) else { break }
-            guard let role = Role(rawValue: text) else {
-              reader.problems.append("\(path) \(quoted(text)) is not a role: viewer, operator or admin")
-              break
-            }
-            config.orchestrator.role = role
-          case "tls":
-            reader.mapping(value, path) { key, value, path in
-              switch key {
-              case "cert": reader.string(value, path).map { config.orchestrator.tls.cert = $0 }
-              case "key": reader.string(value, path).map { config.orchestrator.tls.key = $0 }
-              case "ca": reader.string(value, path).map { config.orchestrator.tls.ca = $0 }
-              default: reader.unknown(path)
-              }
-            }
-          default: reader.unknown(path)
-          }
-        }
-      case "kubernetes":
-        reader.mapping(value, "kubernetes") { key, value, path in
-          switch key {
-          case "device_plugin": reader.bool(value, path).map { config.kubernetes.devicePlugin = $0 }
-          case "kubelet_dir": reader.string(value, path).map { config.kubernetes.kubeletDir = $0 }
-          case "pools": reader.pools(value, path).map { config.kubernetes.pools = $0 }
-          case "dra":
-            reader.mapping(value, path) { key, value, path in
-              switch key {
-              case "enabled": reader.bool(value, path).map { config.kubernetes.dra.enabled = $0 }
-              case "driver_name": reader.string(value, path).map { config.kubernetes.dra.driverName = $0 }
-              case "registry_dir": reader.string(value, path).map { config.kubernetes.dra.registryDir = $0 }
-              case "plugins_dir": reader.string(value, path).map { config.kubernetes.dra.pluginsDir = $0 }
-              case "cdi_dir": reader.string(value, path).map { config.kubernetes.dra.cdiDir = $0 }
-              case "node_name": reader.string(value, path).map { config.kubernetes.dra.nodeName = $0 }
-              case "publish_slices": reader.bool(value, path).map { config.kubernetes.dra.publishSlices = $0 }
-              default: reader.unknown(path)
-              }
-            }
-          case "api":
-            reader.mapping(value, path) { key, value, path in
-              switch key {
-              case "server": reader.string(value, path).map { config.kubernetes.api.server = $0 }
-              case "token_file": reader.string(value, path).map { config.kubernetes.api.tokenFile = $0 }
-              case "ca_file": reader.string(value, path).map { config.kubernetes.api.caFile = $0 }
-              default: reader.unknown(path)
-              }
-            }
-          default: reader.unknown(path)
-          }
-        }
-      case "sharing":
-        reader.mapping(value, "sharing") { key, value, path in
-          switch key {
-          case "slice_ms": reader.int(value, path).map { config.sharing.sliceMilliseconds = $0 }
-          case "overcommit_limit": reader.int(value, path).map { config.sharing.overcommitLimit = $0 }
-          case "metrics_interval_seconds": reader.int(value, path).map { config.sharing.metricsIntervalSeconds = $0 }
-          default: reader.unknown(path)
-          }
-        }
-      default: reader.unknown(key)
       }
     }
-    problems += reader.problems
-    if !problems.isEmpty {
-      throw ConfigError(problems: problems.map { "\(source): \($0)" })
+    walk(root, "")
+    if !reader.problems.isEmpty {
+      throw ConfigError(problems: reader.problems.map { "\(source): \($0)" })
     }
   }
 
   /// Applies the `FPGA_AGENT_*` variables found in `environment` over `config`.
   public static func apply(environment: [String: String], to config: inout AgentConfig) throws(ConfigError) {
+    var sources: [String: ConfigSource] = [:]
+    try apply(environment: environment, to: &config, sources: &sources)
+  }
+
+  static func apply(
+    environment: [String: String], to config: inout AgentConfig, sources: inout [String: ConfigSource]
+  ) throws(ConfigError) {
     var problems: [String] = []
-    for (variable, key) in environmentKeys {
-      guard let value = environment[variable] else { continue }
-      switch key {
-      case "server.listen": config.server.listen = value
-      case "server.unix_socket": config.server.unixSocket = value
-      case "server.tls.cert": config.server.tls.cert = value
-      case "server.tls.key": config.server.tls.key = value
-      case "server.tls.client_ca": config.server.tls.clientCA = value
-      case "server.insecure":
-        guard let flag = ["true": true, "1": true, "false": false, "0": false][value] else {
-          problems.append("\(variable) (server.insecure) \(quoted(value)) is not true or false")
-          continue
-        }
-        config.server.insecure = flag
-      case "platform": config.platform = value
-      case "state_dir": config.stateDir = value
-      case "node_id": config.nodeID = value
-      case "log.level": config.log.level = value
-      case "log.format": config.log.format = value
-      case "linux.sysfs_root": config.linux.sysfsRoot = value
-      case "linux.dev_root": config.linux.devRoot = value
-      case "qemu.socket_dir": config.qemu.socketDir = value
-      case "state_durability": config.stateDurability = value
-      case "fault_injection": config.faultInjection = value
-      case "simulator.state_file": config.simulator.stateFile = value
-      case "orchestrator.address": config.orchestrator.address = value
-      case "http.listen": config.http.listen = value
-      case "orchestrator.tls.cert": config.orchestrator.tls.cert = value
-      case "orchestrator.tls.key": config.orchestrator.tls.key = value
-      case "orchestrator.tls.ca": config.orchestrator.tls.ca = value
-      case "kubernetes.kubelet_dir":
-        config.kubernetes.kubeletDir = value
-        config.kubernetes.devicePlugin = true
-      case "rescan_interval_seconds", "shutdown_timeout_seconds", "server.max_connections",
-        "server.idle_timeout_seconds":
-        guard let number = Int(value) else {
-          problems.append("\(variable) (\(key)) \(quoted(value)) is not a whole number")
-          continue
-        }
-        switch key {
-        case "rescan_interval_seconds": config.rescanIntervalSeconds = number
-        case "shutdown_timeout_seconds": config.shutdownTimeoutSeconds = number
-        case "server.max_connections": config.server.maxConnections = number
-        default: config.server.idleTimeoutSeconds = number
-        }
-      default:
-        problems.append("\(variable) names key \(key), which the environment cannot set")
+    for key in ConfigKeys.all {
+      guard let variable = key.environment, let value = environment[variable], let parse = key.parse else { continue }
+      if let problem = parse(value, &config) {
+        problems.append("\(variable) (\(key.path)) \(problem)")
+      } else {
+        sources[key.path] = .environment
+      }
+    }
+    if !problems.isEmpty { throw ConfigError(problems: problems) }
+  }
+
+  /// `KEY=VALUE` settings (`--set`), in order.
+  static func apply(settings: [String], to config: inout AgentConfig, sources: inout [String: ConfigSource])
+    throws(ConfigError)
+  {
+    var problems: [String] = []
+    for setting in settings {
+      guard let equals = setting.firstIndex(of: "=") else {
+        problems.append("--set \(quoted(setting)) is not KEY=VALUE")
+        continue
+      }
+      let path = String(setting[..<equals])
+      let value = String(setting[setting.index(after: equals)...])
+      guard let key = ConfigKeys.key(path) else {
+        problems.append("--set: unknown key \(path) (`fpga-agent config-keys` lists them)")
+        continue
+      }
+      guard let parse = key.parse else {
+        problems.append("--set: \(path) is a \(key.type) and can only be set in the configuration file")
+        continue
+      }
+      if let problem = parse(value, &config) {
+        problems.append("--set \(path) \(problem)")
+      } else {
+        sources[path] = .flag
       }
     }
     if !problems.isEmpty { throw ConfigError(problems: problems) }
@@ -309,7 +110,7 @@ public enum ConfigLoader {
 }
 
 /// Walks YAML values, collecting a problem per bad key instead of stopping at the first.
-private final class Reader {
+final class ConfigReader {
   var problems: [String]
 
   init(problems: [String]) { self.problems = problems }
@@ -346,6 +147,18 @@ private final class Reader {
     return nil
   }
 
+  func roles(_ value: Any, _ path: String) -> [String: Role]? {
+    var roles: [String: Role] = [:]
+    mapping(value, path) { identity, value, path in
+      guard let text = string(value, path) else { return }
+      guard let role = Role(rawValue: text) else {
+        return problems.append("\(path) \(quoted(text)) is not a role: viewer, operator or admin")
+      }
+      roles[identity] = role
+    }
+    return roles
+  }
+
   func ints(_ value: Any, _ path: String) -> [Int]? {
     guard let list = value as? [Any] else {
       problems.append("\(path) must be a list of whole numbers")
@@ -380,8 +193,14 @@ private final class Reader {
       mapping(item, "\(path)[\(index)]") { key, value, path in
         let items = (value as? [Any]) ?? [value]
         switch key {
-        case "vendors": selector.vendors = items.enumerated().compactMap { hexByte($1, "\(path)[\($0)]", limit: 0xffff).map(UInt16.init) }
-        case "devices": selector.devices = items.enumerated().compactMap { hexByte($1, "\(path)[\($0)]", limit: 0xffff).map(UInt16.init) }
+        case "vendors":
+          selector.vendors = items.enumerated().compactMap {
+            hexByte($1, "\(path)[\($0)]", limit: 0xffff).map(UInt16.init)
+          }
+        case "devices":
+          selector.devices = items.enumerated().compactMap {
+            hexByte($1, "\(path)[\($0)]", limit: 0xffff).map(UInt16.init)
+          }
         case "drivers": selector.drivers = items.enumerated().compactMap { string($1, "\(path)[\($0)]") }
         case "pci_addresses":
           selector.pciAddresses = items.enumerated().compactMap { offset, item in

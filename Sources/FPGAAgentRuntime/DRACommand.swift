@@ -9,7 +9,8 @@ import GRPCNIOTransportHTTP2
 /// (`kubernetes.dra.*`, `--dra-*`), exactly as the serving agent computes them.
 struct DRACommand: AsyncParsableCommand {
   static let configuration = CommandConfiguration(
-    commandName: "dra", abstract: "Call this node's DRA driver as the kubelet would (registration, prepare, unprepare).",
+    commandName: "dra",
+    abstract: "Call this node's DRA driver as the kubelet would (registration, prepare, unprepare).",
     subcommands: [Info.self, Prepare.self, Unprepare.self])
 
   static func settings(_ options: ConfigOptions) throws -> DRASettings {
@@ -23,7 +24,8 @@ struct DRACommand: AsyncParsableCommand {
   static func withClient<Result: Sendable>(
     socket: String, _ body: (GRPCClient<HTTP2ClientTransport.Posix>) async throws -> Result
   ) async throws -> Result {
-    let transport = try HTTP2ClientTransport.Posix(target: .unixDomainSocket(path: socket), transportSecurity: .plaintext)
+    let transport = try HTTP2ClientTransport.Posix(
+      target: .unixDomainSocket(path: socket), transportSecurity: .plaintext)
     do {
       return try await withGRPCClient(transport: transport) { try await body($0) }
     } catch let error as RPCError {
@@ -69,7 +71,8 @@ struct DRACommand: AsyncParsableCommand {
     func run() async throws {
       let settings = try DRACommand.settings(options)
       let info = try await DRACommand.withClient(socket: settings.registrationSocket) { client in
-        try await Pluginregistration_Registration.Client(wrapping: client).getInfo(.init(), options: DRACommand.callOptions)
+        try await Pluginregistration_Registration.Client(wrapping: client).getInfo(
+          .init(), options: DRACommand.callOptions)
       }
       print("type      \(info.type)")
       print("name      \(info.name)")
@@ -87,7 +90,11 @@ struct DRACommand: AsyncParsableCommand {
     func run() async throws {
       let settings = try DRACommand.settings(options)
       let request = K8s_Io_Kubelet_Pkg_Apis_Dra_V1_NodePrepareResourcesRequest.with {
-        $0.claims = [.with { $0.namespace = claim.namespace; $0.name = claim.name; $0.uid = claim.uid }]
+        $0.claims = [
+          .with {
+            $0.namespace = claim.namespace; $0.name = claim.name; $0.uid = claim.uid
+          }
+        ]
       }
       let response = try await DRACommand.withClient(socket: claim.socket ?? settings.pluginSocket) { client in
         try await K8s_Io_Kubelet_Pkg_Apis_Dra_V1_DRAPlugin.Client(wrapping: client).nodePrepareResources(
@@ -119,7 +126,11 @@ struct DRACommand: AsyncParsableCommand {
     func run() async throws {
       let settings = try DRACommand.settings(options)
       let request = K8s_Io_Kubelet_Pkg_Apis_Dra_V1_NodeUnprepareResourcesRequest.with {
-        $0.claims = [.with { $0.namespace = claim.namespace; $0.name = claim.name; $0.uid = claim.uid }]
+        $0.claims = [
+          .with {
+            $0.namespace = claim.namespace; $0.name = claim.name; $0.uid = claim.uid
+          }
+        ]
       }
       let response = try await DRACommand.withClient(socket: claim.socket ?? settings.pluginSocket) { client in
         try await K8s_Io_Kubelet_Pkg_Apis_Dra_V1_DRAPlugin.Client(wrapping: client).nodeUnprepareResources(

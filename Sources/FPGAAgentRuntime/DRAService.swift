@@ -32,7 +32,8 @@ struct DRAService: Service {
         DRAPlugins.healthV1alpha1(engine, pool: settings.nodeName),
       ])
     let registration = GRPCServer(
-      transport: .http2NIOPosix(address: .unixDomainSocket(path: settings.registrationSocket), transportSecurity: .plaintext),
+      transport: .http2NIOPosix(
+        address: .unixDomainSocket(path: settings.registrationSocket), transportSecurity: .plaintext),
       services: [DRAPlugins.registration(settings, logger: logger)])
     defer {
       SystemCalls.removeSocket(settings.registrationSocket)
@@ -102,7 +103,8 @@ struct DRAService: Service {
         } catch {
           failures += 1
           if failures == 1 || failures % 30 == 0 {
-            logger.error("cannot publish ResourceSlices", metadata: ["fpga.error": "\(error)", "fpga.attempts": "\(failures)"])
+            logger.error(
+              "cannot publish ResourceSlices", metadata: ["fpga.error": "\(error)", "fpga.attempts": "\(failures)"])
           }
         }
       }
@@ -115,6 +117,7 @@ struct DRAService: Service {
 struct NoKubernetesAPI: ClaimSource {
   func resourceClaim(namespace: String, name: String) async throws -> Kube.ResourceClaim {
     throw DRAFailure(
-      "no Kubernetes API is configured: set kubernetes.api.server (--kube-api-server) or run in a pod (KUBERNETES_SERVICE_HOST)")
+      "no Kubernetes API is configured: set kubernetes.api.server (--kube-api-server) or run in a pod (KUBERNETES_SERVICE_HOST)"
+    )
   }
 }

@@ -8,7 +8,7 @@ public enum DryRun {
     let platform: any NodePlatform
     var header: String
     switch config.platform {
-    case "simulated":
+    case .simulated:
       platform = SimulatedPlatform(node: SimulatedNode(config: SimulatorConfig(cards: config.simulator.cards)))
       header = "platform simulated"
     default:

@@ -8,7 +8,7 @@ import Logging
 /// Writes one line per log record to standard error: `text` (time, level, message, key=value
 /// metadata) or `json` (one object per line, for log collectors).
 public struct AgentLogHandler: LogHandler {
-  public enum Format: String, Sendable { case text, json }
+  public enum Format: String, Sendable, CaseIterable { case text, json }
 
   public var metadata: Logger.Metadata = [:]
   public var logLevel: Logger.Level
@@ -65,7 +65,10 @@ public struct AgentLogHandler: LogHandler {
       case "\n": out += "\\n"
       case "\r": out += "\\r"
       case "\t": out += "\\t"
-      case _ where scalar.value < 0x20: out += "\\u" + String(repeating: "0", count: 4 - String(scalar.value, radix: 16).count) + String(scalar.value, radix: 16)
+      case _ where scalar.value < 0x20:
+        out +=
+          "\\u" + String(repeating: "0", count: 4 - String(scalar.value, radix: 16).count)
+          + String(scalar.value, radix: 16)
       default: out.unicodeScalars.append(scalar)
       }
     }

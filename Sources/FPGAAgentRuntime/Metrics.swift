@@ -61,7 +61,8 @@ final class AgentMetrics: Sendable {
   func operationEnded(_ record: OperationRecord) {
     if let finished = record.finishedAt {
       events.histogram(
-        name: "fpga_agent_operation_duration_seconds", labels: [("kind", record.kind), ("result", record.state.rawValue)],
+        name: "fpga_agent_operation_duration_seconds",
+        labels: [("kind", record.kind), ("result", record.state.rawValue)],
         buckets: Self.stepBuckets, help: "Operations from start to end, by kind and result."
       ).record(finished.since(record.createdAt))
     }
@@ -140,7 +141,8 @@ final class AgentMetrics: Sendable {
       state.gauge(name: "fpga_orchestrator_link_up", help: "1 while the orchestrator link is connected.")
         .set(status.link.state == .connected ? 1.0 : 0.0)
       state.counter(
-        name: "fpga_orchestrator_link_connections_total", help: "Connections the orchestrator link has made since the start."
+        name: "fpga_orchestrator_link_connections_total",
+        help: "Connections the orchestrator link has made since the start."
       ).increment(by: Int64(status.link.connections))
     }
     for (resource, registration) in kubelet.withLock({ $0 }).sorted(by: { $0.key < $1.key }) {
@@ -171,8 +173,10 @@ final class AgentMetrics: Sendable {
           .set(Double(pf.function.numVFs))
         state.gauge(name: "fpga_pf_sriov_total_vfs", labels: labels, help: "VFs the PF supports (sriov_totalvfs).")
           .set(Double(pf.function.totalVFs))
-        state.gauge(name: "fpga_pf_draining", labels: labels, help: "1 while the PF (or its card) takes no allocations.")
-          .set(pf.draining || card.card.draining ? 1.0 : 0.0)
+        state.gauge(
+          name: "fpga_pf_draining", labels: labels, help: "1 while the PF (or its card) takes no allocations."
+        )
+        .set(pf.draining || card.card.draining ? 1.0 : 0.0)
         for health in DeviceHealth.State.allCases {
           state.gauge(
             name: "fpga_pf_health", labels: labels + [("state", health.rawValue)],
@@ -211,7 +215,8 @@ final class AgentMetrics: Sendable {
         for (name, count) in byState.sorted(by: { $0.key < $1.key }) {
           state.gauge(
             name: "fpga_vfs", labels: labels + [("state", name)],
-            help: "VFs of the PF by state: free, allocated, attached (in a VM), unallocatable (unreadable or no IOMMU group)."
+            help:
+              "VFs of the PF by state: free, allocated, attached (in a VM), unallocatable (unreadable or no IOMMU group)."
           ).set(Double(count))
         }
       }
@@ -236,16 +241,19 @@ final class AgentMetrics: Sendable {
         help: "Share of the last window spent switching contexts (0-1)."
       ).set(metrics.switchOverhead)
       state.gauge(
-        name: "fpga_accelerator_switches_per_second", labels: labels, help: "Context switches per second over the last window."
+        name: "fpga_accelerator_switches_per_second", labels: labels,
+        help: "Context switches per second over the last window."
       ).set(metrics.switchesPerSecond)
       state.gauge(
-        name: "fpga_accelerator_switch_mean_seconds", labels: labels, help: "Mean context switch time over the last window."
+        name: "fpga_accelerator_switch_mean_seconds", labels: labels,
+        help: "Mean context switch time over the last window."
       ).set(metrics.meanSwitchTime.seconds)
       state.gauge(
         name: "fpga_accelerator_wait_p50_seconds", labels: labels, help: "Median wait of a job for the accelerator."
       ).set(metrics.waitP50.seconds)
       state.gauge(
-        name: "fpga_accelerator_wait_p99_seconds", labels: labels, help: "99th percentile wait of a job for the accelerator."
+        name: "fpga_accelerator_wait_p99_seconds", labels: labels,
+        help: "99th percentile wait of a job for the accelerator."
       ).set(metrics.waitP99.seconds)
       state.gauge(name: "fpga_accelerator_guests", labels: labels, help: "Guests bound to the accelerator.")
         .set(Double(accelerator.guests.count))

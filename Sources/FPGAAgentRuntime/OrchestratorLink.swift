@@ -103,7 +103,8 @@ struct OrchestratorLink: Service {
     let transport = try HTTP2ClientTransport.Posix(target: target, transportSecurity: security, config: config)
     try await withGRPCClient(transport: transport) { client in
       let orchestrator = Fpga_Orchestrator_V1_Orchestrator.Client(wrapping: client)
-      let (outbox, send) = AsyncStream.makeStream(of: Fpga_Orchestrator_V1_AgentMessage.self, bufferingPolicy: .bufferingOldest(outboxLimit))
+      let (outbox, send) = AsyncStream.makeStream(
+        of: Fpga_Orchestrator_V1_AgentMessage.self, bufferingPolicy: .bufferingOldest(outboxLimit))
       let hello = Fpga_Orchestrator_V1_AgentMessage.with {
         $0.hello = .with {
           $0.nodeID = engine.nodeID
@@ -305,12 +306,15 @@ struct OrchestratorLink: Service {
       audit.append(
         AuditEntry(
           identity: identity, transport: "link", rpc: rpc, request: audited,
-          status: result.code == 0 ? "ok" : Status.Code(rawValue: Int(result.code)).flatMap(RPCError.Code.init).map { "\($0)" } ?? "\(result.code)",
+          status: result.code == 0
+            ? "ok"
+            : Status.Code(rawValue: Int(result.code)).flatMap(RPCError.Code.init).map { "\($0)" } ?? "\(result.code)",
           revision: await engine.revision, commandID: command.commandID))
     }
     if result.code != 0 {
       logger.info(
-        "orchestrator command refused", metadata: ["fpga.command": "\(command.commandID)", "fpga.error": "\(result.message)"])
+        "orchestrator command refused",
+        metadata: ["fpga.command": "\(command.commandID)", "fpga.error": "\(result.message)"])
     }
     return result
   }

@@ -53,7 +53,7 @@ struct SRIOVCommand: AsyncParsableCommand {
 
     func run() async throws {
       var config = try options.resolvedOrExit()
-      config.platform = "linux"
+      config.platform = .linux
       print(try await DryRun.report(config))
     }
   }

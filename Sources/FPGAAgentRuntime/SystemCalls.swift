@@ -29,7 +29,8 @@ public enum SystemCalls {
     let mode = info.st_mode & 0o777
     guard mode & 0o077 == 0 else {
       throw Failure(
-        operation: "\(key) has mode \(String(mode, radix: 8)), open to other users: run `chmod 700 \(path)` (it holds the node's records and audit trail); refusing",
+        operation:
+          "\(key) has mode \(String(mode, radix: 8)), open to other users: run `chmod 700 \(path)` (it holds the node's records and audit trail); refusing",
         path: path, errno: EPERM)
     }
   }
@@ -39,7 +40,9 @@ public enum SystemCalls {
     if !group.isEmpty {
       var gid = gid_t(UInt32(group) ?? UInt32.max)
       if UInt32(group) == nil {
-        guard let entry = getgrnam(group) else { throw Failure(operation: "find group \(group) for", path: path, errno: ENOENT) }
+        guard let entry = getgrnam(group) else {
+          throw Failure(operation: "find group \(group) for", path: path, errno: ENOENT)
+        }
         gid = entry.pointee.gr_gid
       }
       guard chown(path, uid_t.max, gid) == 0 else { throw Failure(operation: "chown", path: path, errno: errno) }

@@ -28,7 +28,9 @@ enum WebServer {
     router.get("/") { _, _ in
       Response(
         status: .ok,
-        headers: [.contentType: "text/html; charset=utf-8", .cacheControl: "no-cache", .contentSecurityPolicy: WebAPI.csp],
+        headers: [
+          .contentType: "text/html; charset=utf-8", .cacheControl: "no-cache", .contentSecurityPolicy: WebAPI.csp,
+        ],
         body: .init(byteBuffer: ByteBuffer(string: DashboardPage.html)))
     }
     router.get("/healthz") { _, _ in
@@ -45,7 +47,8 @@ enum WebServer {
     }
     router.get("/api/whoami") { request, context in
       let caller = try api.caller(request, context)
-      return WebAPI.json(#"{"identity":\#(WebAPI.quote(caller.identity)),"role":\#(WebAPI.quote(caller.role?.rawValue ?? "none"))}"#)
+      return WebAPI.json(
+        #"{"identity":\#(WebAPI.quote(caller.identity)),"role":\#(WebAPI.quote(caller.role?.rawValue ?? "none"))}"#)
     }
     router.get("/api/state") { request, context in
       try api.authorize(request, context, needs: .viewer)
@@ -191,7 +194,8 @@ struct WebAPI: Sendable {
       throw HTTPError(.forbidden, message: "\(caller.identity) has no role on this agent; map it in auth.roles")
     }
     guard role >= needs else {
-      throw HTTPError(.forbidden, message: "this needs role \(needs.rawValue); \(caller.identity) has role \(role.rawValue)")
+      throw HTTPError(
+        .forbidden, message: "this needs role \(needs.rawValue); \(caller.identity) has role \(role.rawValue)")
     }
   }
 
@@ -202,7 +206,8 @@ struct WebAPI: Sendable {
     let inventory = try await service.getInventory(request: .init(), context: context)
     let contexts = try await service.listContexts(request: .init(), context: context)
     let operations = await engine.recentOperations(50).map { try? Fpga_Agent_V1_Operation($0).jsonString() }
-    return #"{"revision":\#(inventory.revision),"status":\#(try status.jsonString()),"inventory":\#(try inventory.jsonString()),"contexts":\#(try contexts.jsonString()),"operations":[\#(operations.compactMap { $0 }.joined(separator: ","))]}"#
+    return
+      #"{"revision":\#(inventory.revision),"status":\#(try status.jsonString()),"inventory":\#(try inventory.jsonString()),"contexts":\#(try contexts.jsonString()),"operations":[\#(operations.compactMap { $0 }.joined(separator: ","))]}"#
   }
 
   /// Server-sent events: `revision` on every inventory change (or `operation` records of one
@@ -216,7 +221,9 @@ struct WebAPI: Sendable {
           group.addTask {
             if let updates = try? await engine.watchOperation(operation) {
               for await record in updates {
-                if let json = try? Fpga_Agent_V1_Operation(record).jsonString() { feed.yield("event: operation\ndata: \(json)\n\n") }
+                if let json = try? Fpga_Agent_V1_Operation(record).jsonString() {
+                  feed.yield("event: operation\ndata: \(json)\n\n")
+                }
               }
             }
             feed.finish()
@@ -225,13 +232,17 @@ struct WebAPI: Sendable {
           group.addTask {
             let subscription = await engine.watch(from: await engine.revision)
             defer { subscription.cancel() }
-            for await event in subscription.events { feed.yield("event: revision\ndata: {\"revision\":\(event.revision)}\n\n") }
+            for await event in subscription.events {
+              feed.yield("event: revision\ndata: {\"revision\":\(event.revision)}\n\n")
+            }
             feed.finish()
           }
           group.addTask {
             guard let updates = try? await engine.watchOperations() else { return }
             for await record in updates {
-              if let json = try? Fpga_Agent_V1_Operation(record).jsonString() { feed.yield("event: operation\ndata: \(json)\n\n") }
+              if let json = try? Fpga_Agent_V1_Operation(record).jsonString() {
+                feed.yield("event: operation\ndata: \(json)\n\n")
+              }
             }
           }
         }
@@ -250,7 +261,8 @@ struct WebAPI: Sendable {
       try await writer.finish(nil)
     }
     return Response(
-      status: .ok, headers: [.contentType: "text/event-stream", .cacheControl: "no-cache", .init("X-Accel-Buffering")!: "no"],
+      status: .ok,
+      headers: [.contentType: "text/event-stream", .cacheControl: "no-cache", .init("X-Accel-Buffering")!: "no"],
       body: body)
   }
 
@@ -263,7 +275,9 @@ struct WebAPI: Sendable {
     var mutating = false
     do {
       guard let entry = Self.methods[method] else {
-        throw Problem(code: .notFound, message: "no method \(quoted(method)); the methods are \(Self.methods.keys.sorted().joined(separator: ", "))")
+        throw Problem(
+          code: .notFound,
+          message: "no method \(quoted(method)); the methods are \(Self.methods.keys.sorted().joined(separator: ", "))")
       }
       mutating = Permissions.isMutating(entry.descriptor.fullyQualifiedMethod)
       var request = request
@@ -290,7 +304,9 @@ struct WebAPI: Sendable {
     } catch {
       let problem = Self.problem(error)
       if mutating { await record(caller, rpc: method, request: requestJSON, status: "\(problem.code)") }
-      metrics.handled(service: "http", method: method, code: MetricsInterceptor.name(problem.code), after: ContinuousClock.now - started)
+      metrics.handled(
+        service: "http", method: method, code: MetricsInterceptor.name(problem.code),
+        after: ContinuousClock.now - started)
       var response = Self.json(
         #"{"code":\#(Self.quote(MetricsInterceptor.name(problem.code))),"message":\#(Self.quote(problem.message))}"#,
         status: Self.status(problem.code))
@@ -337,7 +353,8 @@ struct WebAPI: Sendable {
     case let error as JSONDecodingError:
       return Problem(code: .invalidArgument, message: "the request is not valid JSON for this method: \(error)")
     case let error as HTTPError:
-      return Problem(code: error.status == .contentTooLarge ? .resourceExhausted : .invalidArgument, message: "\(error)")
+      return Problem(
+        code: error.status == .contentTooLarge ? .resourceExhausted : .invalidArgument, message: "\(error)")
     default: return Problem(code: .internalError, message: "\(error)")
     }
   }
@@ -366,7 +383,8 @@ struct WebAPI: Sendable {
 
   /// A JSON string literal.
   static func quote(_ text: String) -> String {
-    guard let data = try? JSONSerialization.data(withJSONObject: [text]), let array = String(data: data, encoding: .utf8)
+    guard let data = try? JSONSerialization.data(withJSONObject: [text]),
+      let array = String(data: data, encoding: .utf8)
     else { return "\"\"" }
     return String(array.dropFirst().dropLast())
   }
@@ -409,11 +427,14 @@ struct WebAPI: Sendable {
       method(M.GetOperation.descriptor) { service in { try await service.getOperation(request: $0, context: $1) } },
       method(M.DrainDevice.descriptor) { service in { try await service.drainDevice(request: $0, context: $1) } },
       method(M.UndrainDevice.descriptor) { service in { try await service.undrainDevice(request: $0, context: $1) } },
-      method(M.RegisterContext.descriptor) { service in { try await service.registerContext(request: $0, context: $1) } },
+      method(M.RegisterContext.descriptor) { service in { try await service.registerContext(request: $0, context: $1) }
+      },
       method(M.ListContexts.descriptor) { service in { try await service.listContexts(request: $0, context: $1) } },
       method(M.DeleteContext.descriptor) { service in { try await service.deleteContext(request: $0, context: $1) } },
       method(M.SwitchContext.descriptor) { service in { try await service.switchContext(request: $0, context: $1) } },
-      method(M.SetSharingPolicy.descriptor) { service in { try await service.setSharingPolicy(request: $0, context: $1) } },
+      method(M.SetSharingPolicy.descriptor) { service in
+        { try await service.setSharingPolicy(request: $0, context: $1) }
+      },
       method(M.MoveContext.descriptor) { service in { try await service.moveContext(request: $0, context: $1) } },
       method(M.GetAuditTrail.descriptor) { service in { try await service.getAuditTrail(request: $0, context: $1) } },
     ])

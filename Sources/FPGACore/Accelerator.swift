@@ -117,7 +117,8 @@ public actor AcceleratorRunner {
 
   public func observe(_ observer: @escaping @Sendable (AcceleratorEvent) -> Void) { self.observer = observer }
   /// Cumulative figures at the start of the current window.
-  private var windowStart: (at: Duration, busy: Duration, switches: Int, switchTime: Duration, served: [String: Duration])
+  private var windowStart:
+    (at: Duration, busy: Duration, switches: Int, switchTime: Duration, served: [String: Duration])
   private var published = AcceleratorView.Metrics()
   private var publishedShares: [String: Double] = [:]
 
@@ -156,7 +157,9 @@ public actor AcceleratorRunner {
 
   public func setPolicy(_ policy: TimeSharingScheduler.Policy) throws(AgentError) {
     var merged = policy
-    for (guest, weight) in scheduler.policy.weights where merged.weights[guest] == nil { merged.weights[guest] = weight }
+    for (guest, weight) in scheduler.policy.weights where merged.weights[guest] == nil {
+      merged.weights[guest] = weight
+    }
     try scheduler.setPolicy(merged)
   }
 

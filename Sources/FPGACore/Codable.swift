@@ -16,4 +16,3 @@ extension PCIAddress: Codable {
     try container.encode(description)
   }
 }
-

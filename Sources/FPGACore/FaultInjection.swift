@@ -13,7 +13,9 @@ public struct FaultInjection: Sendable {
   /// Ends the process at once (the runtime passes one that calls `_exit`).
   public var crash: @Sendable (String) -> Never
 
-  public init(effect: Effect, kind: ReconfigureAction.Kind? = nil, index: Int? = nil, crash: @escaping @Sendable (String) -> Never) {
+  public init(
+    effect: Effect, kind: ReconfigureAction.Kind? = nil, index: Int? = nil, crash: @escaping @Sendable (String) -> Never
+  ) {
     self.effect = effect
     self.kind = kind
     self.index = index
@@ -21,17 +23,21 @@ public struct FaultInjection: Sendable {
   }
 
   /// Parses a spec; the error names the accepted forms.
-  public static func parse(_ spec: String, crash: @escaping @Sendable (String) -> Never) throws(AgentError) -> FaultInjection {
+  public static func parse(_ spec: String, crash: @escaping @Sendable (String) -> Never) throws(AgentError)
+    -> FaultInjection
+  {
     let parts = spec.split(separator: ":", maxSplits: 1).map(String.init)
     let kinds = ReconfigureAction.Kind.allCases.map(\.rawValue).joined(separator: ", ")
     guard parts.count == 2, let effect = Effect(rawValue: parts[0]) else {
       throw AgentError(
         .invalidArgument,
-        "fault_injection \(quoted(spec)) is not crash-before:STEP, crash-after:STEP or fail:STEP (STEP: a step index or one of \(kinds))")
+        "fault_injection \(quoted(spec)) is not crash-before:STEP, crash-after:STEP or fail:STEP (STEP: a step index or one of \(kinds))"
+      )
     }
     if let index = Int(parts[1]), index >= 1 { return FaultInjection(effect: effect, index: index, crash: crash) }
     guard let kind = ReconfigureAction.Kind(rawValue: parts[1]) else {
-      throw AgentError(.invalidArgument, "fault_injection step \(quoted(parts[1])) is not a step number (from 1) or one of \(kinds)")
+      throw AgentError(
+        .invalidArgument, "fault_injection step \(quoted(parts[1])) is not a step number (from 1) or one of \(kinds)")
     }
     return FaultInjection(effect: effect, kind: kind, crash: crash)
   }

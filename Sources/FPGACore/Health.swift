@@ -135,7 +135,8 @@ public struct HealthTracker: Sendable {
   ) -> DeviceHealth {
     var found: [(kind: String, state: State, detail: String)] = []
     typealias State = DeviceHealth.State
-    var entry = memory[address] ?? Memory(baseline: readings ?? HealthReadings(), last: readings ?? HealthReadings(), lastAt: now)
+    var entry =
+      memory[address] ?? Memory(baseline: readings ?? HealthReadings(), last: readings ?? HealthReadings(), lastAt: now)
     if unreadable {
       found.append(("unreadable", .unhealthy, "its sysfs attributes cannot be read"))
     } else if noIOMMUGroup {
@@ -151,20 +152,26 @@ public struct HealthTracker: Sendable {
       }
       if let nonfatal = readings.nonfatalErrors, nonfatal > (entry.baseline.nonfatalErrors ?? 0) {
         let count = nonfatal - (entry.baseline.nonfatalErrors ?? 0)
-        found.append(("aer-nonfatal", .unhealthy, "\(count) uncorrectable non-fatal error\(count == 1 ? "" : "s") (AER)"))
+        found.append(
+          ("aer-nonfatal", .unhealthy, "\(count) uncorrectable non-fatal error\(count == 1 ? "" : "s") (AER)"))
       }
-      if let correctable = readings.correctableErrors, let previous = entry.last.correctableErrors, correctable > previous {
+      if let correctable = readings.correctableErrors, let previous = entry.last.correctableErrors,
+        correctable > previous
+      {
         let seconds = max(1, Double(now.seconds - entry.lastAt.seconds))
         let perMinute = Double(correctable - previous) * 60 / seconds
         if perMinute > policy.correctableErrorsPerMinute {
-          found.append((
-            "aer-correctable", .degraded,
-            "\(correctable - previous) correctable errors in \(Int(seconds)) s (\(Int(perMinute))/min, threshold \(Int(policy.correctableErrorsPerMinute))/min)"
-          ))
+          found.append(
+            (
+              "aer-correctable", .degraded,
+              "\(correctable - previous) correctable errors in \(Int(seconds)) s (\(Int(perMinute))/min, threshold \(Int(policy.correctableErrorsPerMinute))/min)"
+            ))
         }
       }
       // 255 is the kernel's "unknown" maximum width (a link capabilities register reading 0).
-      if let width = readings.linkWidth, let maxWidth = readings.maxLinkWidth, width > 0, maxWidth < 255, width < maxWidth {
+      if let width = readings.linkWidth, let maxWidth = readings.maxLinkWidth, width > 0, maxWidth < 255,
+        width < maxWidth
+      {
         found.append(("link-width", .degraded, "link trained at x\(width) of x\(maxWidth)"))
       }
       if let speed = readings.linkSpeed, let maxSpeed = readings.maxLinkSpeed, let current = Self.gigatransfers(speed),
@@ -175,10 +182,12 @@ public struct HealthTracker: Sendable {
       if let expected = readings.expectedDriver, readings.driver != expected {
         found.append(("driver", .degraded, "bound to \(readings.driver ?? "no driver"), expected \(expected)"))
       } else if readings.expectedDriver == nil, let first = entry.baseline.driver, readings.driver != first {
-        found.append(("driver", .degraded, "bound to \(readings.driver ?? "no driver"), was \(first) when the agent found it"))
+        found.append(
+          ("driver", .degraded, "bound to \(readings.driver ?? "no driver"), was \(first) when the agent found it"))
       }
       if let vm = readings.unheldBy {
-        found.append(("vfio-holder", .degraded, "recorded as attached to \(vm), but no process holds its VFIO group open"))
+        found.append(
+          ("vfio-holder", .degraded, "recorded as attached to \(vm), but no process holds its VFIO group open"))
       }
       entry.last = readings
       entry.lastAt = now
@@ -192,7 +201,8 @@ public struct HealthTracker: Sendable {
     entry.since = since
     let state = reasons.map(\.state).max() ?? .healthy
     let health = DeviceHealth(
-      state: state, reasons: reasons, since: state == entry.health.state && memory[address] != nil ? entry.health.since : now)
+      state: state, reasons: reasons,
+      since: state == entry.health.state && memory[address] != nil ? entry.health.since : now)
     entry.health = health
     memory[address] = entry
     return health

@@ -282,7 +282,8 @@ public struct InventoryState: Sendable {
         throw AgentError(.notFound, "VF \(wanted) does not exist on this node; `fpgactl inventory --vfs` lists them")
       }
       if let operation = busy[vf.pfAddress] {
-        throw AgentError(.unavailable, "PF \(vf.pfAddress) is being reconfigured (operation \(operation)); retry when it ends")
+        throw AgentError(
+          .unavailable, "PF \(vf.pfAddress) is being reconfigured (operation \(operation)); retry when it ends")
       }
       if let holder = allocationByVF[wanted] {
         throw AgentError(.failedPrecondition, "VF \(wanted) is already allocated (\(holder))")
@@ -294,7 +295,9 @@ public struct InventoryState: Sendable {
     }
     if let pf = constraints.pf, let operation = busy[pf] {
       throw AgentError(
-        .unavailable, "PF \(pf) is being reconfigured (operation \(operation)); retry when it ends (`fpgactl operation \(operation) --watch`)")
+        .unavailable,
+        "PF \(pf) is being reconfigured (operation \(operation)); retry when it ends (`fpgactl operation \(operation) --watch`)"
+      )
     }
     if let cardID = constraints.cardID, cards[cardID] == nil {
       throw AgentError(

@@ -49,7 +49,8 @@ public enum SRIOVErrors {
         cause: cause)
     case .ENOENT:
       return AgentError(
-        .failedPrecondition, "PF \(pf) has no driver bound: bind its PF driver (qdma-pf on QDMA cards) before changing its VF count",
+        .failedPrecondition,
+        "PF \(pf) has no driver bound: bind its PF driver (qdma-pf on QDMA cards) before changing its VF count",
         cause: cause)
     case .EPERM:
       return AgentError(

@@ -16,19 +16,24 @@ extension NodeEngine {
     var allocation = try existingAllocation(request.allocationID)
     guard let vm = state.vms[request.vm] else {
       throw AgentError(
-        .notFound, "VM \(request.vm) is not known to this agent; `fpgactl vms` lists them (configure --qmp-socket NAME=PATH)")
+        .notFound,
+        "VM \(request.vm) is not known to this agent; `fpgactl vms` lists them (configure --qmp-socket NAME=PATH)")
     }
     if allocation.attached, !reservations.isHeld(.allocation(allocation.id)) {
       if allocation.vm == request.vm, let port = allocation.rootPort, !allocation.detaching {
-        return AttachResult(allocation: allocation, deviceID: allocation.deviceID ?? allocation.id, rootPort: port, replayed: true)
+        return AttachResult(
+          allocation: allocation, deviceID: allocation.deviceID ?? allocation.id, rootPort: port, replayed: true)
       }
       throw AgentError(
         .failedPrecondition,
-        "allocation \(allocation.id) is attached to VM \(allocation.vm ?? "?"); detach it first (`fpgactl detach \(allocation.id)`)")
+        "allocation \(allocation.id) is attached to VM \(allocation.vm ?? "?"); detach it first (`fpgactl detach \(allocation.id)`)"
+      )
     }
     if let intended = allocation.vm, intended != request.vm {
       throw AgentError(
-        .failedPrecondition, "allocation \(allocation.id) was made for VM \(intended), not \(request.vm); allocate another VF for \(request.vm)")
+        .failedPrecondition,
+        "allocation \(allocation.id) was made for VM \(intended), not \(request.vm); allocate another VF for \(request.vm)"
+      )
     }
     guard vm.state != .unreachable else {
       throw AgentError(.unavailable, "VM \(vm.name) is unreachable: \(vm.error ?? "its QMP socket does not answer")")
@@ -129,9 +134,12 @@ extension NodeEngine {
       do {
         try await store.commit([.putAllocation(allocation)])
       } catch {
-        noteDiscrepancy("device \(device.deviceID) in VM \(device.vm) holds VF \(host) but could not be recorded: \(error.message)")
+        noteDiscrepancy(
+          "device \(device.deviceID) in VM \(device.vm) holds VF \(host) but could not be recorded: \(error.message)")
       }
-      noteDiscrepancy("VM \(device.vm) holds VF \(host) as device \(device.deviceID), which no allocation recorded: adopted as allocation \(device.deviceID) (owner \"recovered\")")
+      noteDiscrepancy(
+        "VM \(device.vm) holds VF \(host) as device \(device.deviceID), which no allocation recorded: adopted as allocation \(device.deviceID) (owner \"recovered\")"
+      )
       changes += state.insert(allocation)
     }
     publish(changes)

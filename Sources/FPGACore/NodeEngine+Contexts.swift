@@ -32,7 +32,9 @@ extension NodeEngine {
   /// Registers a guest's context on an accelerator, binding the guest to it. One context per
   /// guest and accelerator: registering the same again returns it; a different one is refused;
   /// while another registration for the guest there is under way, ABORTED.
-  public func registerContext(_ request: RegisterContextRequest) async throws(AgentError) -> (ContextRecord, replayed: Bool) {
+  public func registerContext(_ request: RegisterContextRequest) async throws(AgentError) -> (
+    ContextRecord, replayed: Bool
+  ) {
     let admission: Admission
     switch try await admit("RegisterContext", request.meta, fingerprint: request.fingerprint) {
     case .replay(.context(let record)):
@@ -54,17 +56,20 @@ extension NodeEngine {
     guard request.savedStateBytes <= ContextLimits.savedStateBytes else {
       throw AgentError(
         .invalidArgument,
-        "saved_state_bytes \(request.savedStateBytes) is beyond the limit of \(ContextLimits.savedStateBytes) bytes (\(ContextLimits.savedStateBytes >> 20) MiB) a context switch may move")
+        "saved_state_bytes \(request.savedStateBytes) is beyond the limit of \(ContextLimits.savedStateBytes) bytes (\(ContextLimits.savedStateBytes >> 20) MiB) a context switch may move"
+      )
     }
     if let existing = contexts.values.first(where: { $0.acceleratorID == request.acceleratorID && $0.guest == guest }),
       !reservations.isHeld(.guestSlot(accelerator: request.acceleratorID, guest: guest))
     {
-      let same = existing.function == request.function && existing.parameters == request.parameters
+      let same =
+        existing.function == request.function && existing.parameters == request.parameters
         && existing.savedStateBytes == request.savedStateBytes && existing.weight == max(1, request.weight)
       guard same else {
         throw AgentError(
           .failedPrecondition,
-          "guest \(guest) already has context \(existing.id) on \(request.acceleratorID); delete it first (`fpgactl context delete \(existing.id)`)")
+          "guest \(guest) already has context \(existing.id) on \(request.acceleratorID); delete it first (`fpgactl context delete \(existing.id)`)"
+        )
       }
       return (existing, true)
     }
@@ -107,7 +112,8 @@ extension NodeEngine {
     }
     let record = try existingContext(id)
     let claim = try self.claim(
-      admission, [.context(id), .guestSlot(accelerator: record.acceleratorID, guest: record.guest)], as: "deletion of \(id)")
+      admission, [.context(id), .guestSlot(accelerator: record.acceleratorID, guest: record.guest)],
+      as: "deletion of \(id)")
     defer { settle(claim) }
     let idempotency = claim.record(.deleted)
     try await commit(claim, [.deleteContext(id)] + (idempotency.map { [.putIdempotency($0)] } ?? []))
@@ -196,7 +202,8 @@ extension NodeEngine {
     guard record.acceleratorID != acceleratorID else { return (record, .zero) }
     if contexts.values.contains(where: { $0.acceleratorID == acceleratorID && $0.guest == record.guest }) {
       throw AgentError(
-        .failedPrecondition, "guest \(record.guest) already has a context on \(acceleratorID); delete one of the two first")
+        .failedPrecondition,
+        "guest \(record.guest) already has a context on \(acceleratorID); delete one of the two first")
     }
     let from = record.acceleratorID
     let claim = try self.claim(
@@ -207,7 +214,8 @@ extension NodeEngine {
       ], as: "move of \(id)")
     defer { settle(claim) }
     let source = runners[from]
-    try await target.bind(guest: record.guest, context: record.id, stateBytes: record.savedStateBytes, weight: record.weight)
+    try await target.bind(
+      guest: record.guest, context: record.id, stateBytes: record.savedStateBytes, weight: record.weight)
     record.acceleratorID = acceleratorID
     do {
       try await commit(claim, [.putContext(record)])
@@ -280,12 +288,15 @@ extension NodeEngine {
     }
     for record in persisted.contexts.sorted(by: { $0.id < $1.id }) {
       guard let runner = runners[record.acceleratorID] else {
-        noteDiscrepancy("context \(record.id) of \(record.guest) is on accelerator \(record.acceleratorID), which this node no longer has: kept, inactive")
+        noteDiscrepancy(
+          "context \(record.id) of \(record.guest) is on accelerator \(record.acceleratorID), which this node no longer has: kept, inactive"
+        )
         contexts[record.id] = record
         continue
       }
       do {
-        try await runner.bind(guest: record.guest, context: record.id, stateBytes: record.savedStateBytes, weight: record.weight)
+        try await runner.bind(
+          guest: record.guest, context: record.id, stateBytes: record.savedStateBytes, weight: record.weight)
       } catch {
         noteDiscrepancy("context \(record.id) could not be bound again: \(error.message)")
       }
@@ -326,7 +337,8 @@ extension Validate {
         throw AgentError(.invalidArgument, "parameter name \(quoted(key)) must be 1-64 of A-Z a-z 0-9 . _ -")
       }
       guard value.utf8.count <= 1024, value.utf8.allSatisfy({ $0 >= 0x20 && $0 < 0x7f }) else {
-        throw AgentError(.invalidArgument, "parameter \(key): the value must be at most 1,024 printable ASCII characters")
+        throw AgentError(
+          .invalidArgument, "parameter \(key): the value must be at most 1,024 printable ASCII characters")
       }
     }
   }

@@ -43,7 +43,8 @@ extension NodeEngine {
       if let record = operationLog[id] { return record }
       throw AgentError(
         .failedPrecondition,
-        "idempotency key \(quoted(meta.idempotencyKey ?? "")) already drained \(target.name) as operation \(id), whose record is no longer kept; it is not run again")
+        "idempotency key \(quoted(meta.idempotencyKey ?? "")) already drained \(target.name) as operation \(id), whose record is no longer kept; it is not run again"
+      )
     case .replay:
       throw AgentError(.internal, "idempotency record of another kind")
     case .proceed(let admitted):
@@ -60,14 +61,22 @@ extension NodeEngine {
     for allocation in held {
       if releaseUnattached && !allocation.attached && !reservations.isHeld(.allocation(allocation.id)) {
         released.append(allocation)
-        steps.append(.init(description: "release unattached allocation \(allocation.id) (VF \(allocation.vf))", state: .succeeded, startedAt: now, finishedAt: now))
-        impacts.append(.init(allocationID: allocation.id, vf: allocation.vf, vm: allocation.vm, outcome: "lost", guestSees: "nothing"))
+        steps.append(
+          .init(
+            description: "release unattached allocation \(allocation.id) (VF \(allocation.vf))", state: .succeeded,
+            startedAt: now, finishedAt: now))
+        impacts.append(
+          .init(
+            allocationID: allocation.id, vf: allocation.vf, vm: allocation.vm, outcome: "lost", guestSees: "nothing"))
       } else {
-        impacts.append(.init(allocationID: allocation.id, vf: allocation.vf, vm: allocation.vm, outcome: "kept", guestSees: "nothing"))
+        impacts.append(
+          .init(
+            allocationID: allocation.id, vf: allocation.vf, vm: allocation.vm, outcome: "kept", guestSees: "nothing"))
       }
     }
     let claim = try self.claim(
-      admission, pfs.sorted().map { .drainFlag($0) } + released.map { .allocation($0.id) }, as: "drain of \(target.name)")
+      admission, pfs.sorted().map { .drainFlag($0) } + released.map { .allocation($0.id) },
+      as: "drain of \(target.name)")
     defer { settle(claim) }
     // The flag is up in memory before the first suspension; a failed write takes it down.
     let wasDraining = isDraining(target)

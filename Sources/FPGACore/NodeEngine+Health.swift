@@ -80,7 +80,8 @@ extension NodeEngine {
         if pfHealth.state >= .unhealthy {
           health.reasons.append(
             DeviceHealth.Reason(
-              kind: "parent", state: pfHealth.state, detail: "its PF \(address) is \(pfHealth.state.rawValue): \(pfHealth.summary)",
+              kind: "parent", state: pfHealth.state,
+              detail: "its PF \(address) is \(pfHealth.state.rawValue): \(pfHealth.summary)",
               since: pfHealth.since))
           if pfHealth.state > health.state {
             health.state = pfHealth.state
@@ -125,10 +126,14 @@ extension NodeEngine {
       if pf.health.state != .healthy {
         problems.append("PF \(address) is \(pf.health.state.rawValue) since \(pf.health.since): \(pf.health.summary)")
       }
-      for vf in state.vfs(of: address) where vf.health.state != .healthy && !vf.health.reasons.contains(where: {
-        $0.kind == "parent" || $0.kind == "no-iommu-group"
-      }) {
-        problems.append("VF \(vf.address) is \(vf.health.state.rawValue) since \(vf.health.since): \(vf.health.summary)")
+      for vf in state.vfs(of: address)
+      where vf.health.state != .healthy
+        && !vf.health.reasons.contains(where: {
+          $0.kind == "parent" || $0.kind == "no-iommu-group"
+        })
+      {
+        problems.append(
+          "VF \(vf.address) is \(vf.health.state.rawValue) since \(vf.health.since): \(vf.health.summary)")
       }
     }
     return problems

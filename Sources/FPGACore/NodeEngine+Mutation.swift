@@ -61,7 +61,8 @@ extension NodeEngine {
       guard pending == fingerprint else {
         throw AgentError(
           .invalidArgument,
-          "idempotency key \(quoted(key)) is in use by a different \(scope) request under way: use a new key for a new request")
+          "idempotency key \(quoted(key)) is in use by a different \(scope) request under way: use a new key for a new request"
+        )
       }
       await withCheckedContinuation { continuation in keyWaiters[scopedKey, default: []].append(continuation) }
     }
@@ -69,7 +70,8 @@ extension NodeEngine {
 
   /// Step 2: takes the request's key and `resources`, all or none, and raises the epoch. Must be
   /// called in the same synchronous turn as `admit` returned and the validation ran.
-  func claim(_ admission: Admission, _ resources: [Reservations.Resource], as what: String) throws(AgentError) -> Claim {
+  func claim(_ admission: Admission, _ resources: [Reservations.Resource], as what: String) throws(AgentError) -> Claim
+  {
     let holder = reservations.holder(what)
     try reservations.take(resources, for: holder)
     if let scopedKey = admission.scopedKey { keysInFlight[scopedKey] = admission.fingerprint }

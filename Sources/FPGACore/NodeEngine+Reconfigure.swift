@@ -14,10 +14,13 @@ extension NodeEngine {
       guard request.dryRun else {
         throw AgentError(
           .failedPrecondition,
-          "idempotency key \(quoted(request.meta.idempotencyKey ?? "")) already started operation \(id), whose record is no longer kept (the last \(operationLog.history) finished operations are); it is not run again: use a new key for a new reconfiguration")
+          "idempotency key \(quoted(request.meta.idempotencyKey ?? "")) already started operation \(id), whose record is no longer kept (the last \(operationLog.history) finished operations are); it is not run again: use a new key for a new reconfiguration"
+        )
       }
       // A plan no longer kept is made again: a dry run changes nothing.
-      admission = Admission(scope: "Reconfigure", meta: RequestMeta(orchestratorEpoch: request.meta.orchestratorEpoch), fingerprint: fingerprint)
+      admission = Admission(
+        scope: "Reconfigure", meta: RequestMeta(orchestratorEpoch: request.meta.orchestratorEpoch),
+        fingerprint: fingerprint)
     case .proceed(let admitted):
       admission = admitted
     }
@@ -26,11 +29,14 @@ extension NodeEngine {
     }
     if let running = reconfiguring[pf.address] {
       throw AgentError(
-        .aborted, "PF \(pf.address) is already being reconfigured by \(running); watch it with `fpgactl operation \(running) --watch`")
+        .aborted,
+        "PF \(pf.address) is already being reconfigured by \(running); watch it with `fpgactl operation \(running) --watch`"
+      )
     }
     guard (0...pf.totalVFs).contains(request.count) else {
       throw AgentError(
-        .invalidArgument, "vf_count \(request.count) is out of range for PF \(pf.address): it supports 0 to \(pf.totalVFs) VFs")
+        .invalidArgument,
+        "vf_count \(request.count) is out of range for PF \(pf.address): it supports 0 to \(pf.totalVFs) VFs")
     }
     guard pf.driver != nil || pf.numVFs == request.count else {
       throw AgentError(
@@ -57,11 +63,14 @@ extension NodeEngine {
     // VFs held open by something the plan does not release (a VM the agent does not manage, a
     // cold-plugged device): the kernel will block the write of 0 until they let go.
     let released = Set(plan.actions.filter { $0.kind == .pause || $0.kind == .detach }.compactMap(\.vf))
-    let blockers = request.count == pf.numVFs ? [:] : await platform.vfHolders(pf: pf.address).filter { !released.contains($0.key) }
+    let blockers =
+      request.count == pf.numVFs ? [:] : await platform.vfHolders(pf: pf.address).filter { !released.contains($0.key) }
     var warning = ""
     if !blockers.isEmpty {
-      warning = "; the kernel will block it until "
-        + blockers.sorted { $0.key < $1.key }.map { "VF \($0.key) is released by \($0.value)" }.joined(separator: " and ")
+      warning =
+        "; the kernel will block it until "
+        + blockers.sorted { $0.key < $1.key }.map { "VF \($0.key) is released by \($0.value)" }.joined(
+          separator: " and ")
         + ", which no allocation of this agent attaches"
     }
     let now = clock.now()
@@ -101,7 +110,8 @@ extension NodeEngine {
   }
 
   /// Runs the operation's steps in a task of its own; `holder` holds the PF and its allocations.
-  private func begin(_ machine: ReconfigureMachine, holder: Reservations.Holder, faultsApply: Bool, fence: Bool = false) {
+  private func begin(_ machine: ReconfigureMachine, holder: Reservations.Holder, faultsApply: Bool, fence: Bool = false)
+  {
     let pf = machine.journal.pf
     reconfiguring[pf] = machine.id
     reconfigurations[machine.id] = RunningReconfiguration(machine: machine, holder: holder)
@@ -126,11 +136,13 @@ extension NodeEngine {
       guard let machine = ReconfigureMachine(recovering: stored) else { continue }
       let pf = machine.journal.pf
       let holder = reservations.holder("reconfiguration \(machine.id)")
-      let resources = [.pf(pf)] + state.allocations.values.filter { $0.pf == pf }.map { Reservations.Resource.allocation($0.id) }
+      let resources =
+        [.pf(pf)] + state.allocations.values.filter { $0.pf == pf }.map { Reservations.Resource.allocation($0.id) }
       do {
         try reservations.take(resources, for: holder)
       } catch {
-        noteDiscrepancy("operation \(machine.id) could not reserve PF \(pf): \(error.message); it resumes at the next start")
+        noteDiscrepancy(
+          "operation \(machine.id) could not reserve PF \(pf): \(error.message); it resumes at the next start")
         continue
       }
       noteDiscrepancy(
@@ -158,7 +170,9 @@ extension NodeEngine {
       if stopping { return halt(id, "stopped for the shutdown") }
       let journal = machine.journal
       let fault = faultsApply ? faults.flatMap { $0.matches(action, at: index, in: journal.actions) ? $0 : nil } : nil
-      if let fault, fault.effect == .crashBefore { fault.crash("injected crash before step \(index + 1) (\(action.kind.rawValue))") }
+      if let fault, fault.effect == .crashBefore {
+        fault.crash("injected crash before step \(index + 1) (\(action.kind.rawValue))")
+      }
       guard await save(machine) else { return }
       if stopping { return halt(id, "stopped for the shutdown") }
       do throws(AgentError) {
@@ -177,7 +191,9 @@ extension NodeEngine {
         machine.failed(error.message, at: clock.now())
         guard await save(machine) else { return }
       }
-      if let fault, fault.effect == .crashAfter { fault.crash("injected crash after step \(index + 1) (\(action.kind.rawValue))") }
+      if let fault, fault.effect == .crashAfter {
+        fault.crash("injected crash after step \(index + 1) (\(action.kind.rawValue))")
+      }
     }
     end(id)
   }
@@ -375,7 +391,9 @@ public struct ReconfigureRequest: Hashable, Sendable {
   public var strategy: ReconfigureStrategy
   public var dryRun: Bool
 
-  public init(meta: RequestMeta = .init(), pf: PCIAddress, count: Int, strategy: ReconfigureStrategy = .auto, dryRun: Bool = false) {
+  public init(
+    meta: RequestMeta = .init(), pf: PCIAddress, count: Int, strategy: ReconfigureStrategy = .auto, dryRun: Bool = false
+  ) {
     self.meta = meta
     self.pf = pf
     self.count = count
@@ -470,10 +488,12 @@ public struct ReconfigureJournal: Hashable, Sendable, Codable {
       let uncertain = state != .succeeded
       switch action.kind {
       case .pause:
-        undo.append(.init(kind: .resume, allocationID: action.allocationID, vm: action.vm, vf: action.vf, tolerant: uncertain))
+        undo.append(
+          .init(kind: .resume, allocationID: action.allocationID, vm: action.vm, vf: action.vf, tolerant: uncertain))
       case .detach:
         undo.append(.init(kind: .bind, vf: action.vf, tolerant: true))
-        undo.append(.init(kind: .reattach, allocationID: action.allocationID, vm: action.vm, vf: action.vf, tolerant: uncertain))
+        undo.append(
+          .init(kind: .reattach, allocationID: action.allocationID, vm: action.vm, vf: action.vf, tolerant: uncertain))
       default: continue
       }
     }
@@ -489,7 +509,9 @@ public struct ReconfigureJournal: Hashable, Sendable, Codable {
     for action in actions where action.kind == .pause || action.kind == .detach {
       undo.append(.init(kind: .bind, vf: action.vf, tolerant: true))
       undo.append(
-        .init(kind: action.kind == .pause ? .resume : .reattach, allocationID: action.allocationID, vm: action.vm, vf: action.vf))
+        .init(
+          kind: action.kind == .pause ? .resume : .reattach, allocationID: action.allocationID, vm: action.vm,
+          vf: action.vf))
     }
     return undo
   }
@@ -524,24 +546,31 @@ struct ReconfigurePlanner {
       let kept = (indexOf[allocation.vf] ?? .max) < count
       let vm = allocation.vm ?? "?"
       if unchanged {
-        impacts.append(.init(allocationID: allocation.id, vf: allocation.vf, vm: allocation.vm, outcome: "kept", guestSees: "nothing"))
+        impacts.append(
+          .init(
+            allocationID: allocation.id, vf: allocation.vf, vm: allocation.vm, outcome: "kept", guestSees: "nothing"))
         continue
       }
       if !kept {
         if allocation.attached {
           before.append(.init(kind: .detach, allocationID: allocation.id, vm: vm, vf: allocation.vf))
           if strategy == .refuseIfDisruptive {
-            refusals.append("\(allocation.id) in VM \(vm) is on VF \(allocation.vf), which the new count removes (the guest would see an unplug)")
+            refusals.append(
+              "\(allocation.id) in VM \(vm) is on VF \(allocation.vf), which the new count removes (the guest would see an unplug)"
+            )
           }
         }
         releases.append(.init(kind: .release, allocationID: allocation.id, vf: allocation.vf))
         impacts.append(
-          .init(allocationID: allocation.id, vf: allocation.vf, vm: allocation.vm, outcome: "lost",
+          .init(
+            allocationID: allocation.id, vf: allocation.vf, vm: allocation.vm, outcome: "lost",
             guestSees: allocation.attached ? "unplug" : "nothing"))
         continue
       }
       guard allocation.attached else {
-        impacts.append(.init(allocationID: allocation.id, vf: allocation.vf, vm: allocation.vm, outcome: "kept", guestSees: "nothing"))
+        impacts.append(
+          .init(
+            allocationID: allocation.id, vf: allocation.vf, vm: allocation.vm, outcome: "kept", guestSees: "nothing"))
         continue
       }
       let canPause = vms[vm]?.vfioPause ?? false
@@ -559,7 +588,8 @@ struct ReconfigurePlanner {
       binds.append(.init(kind: .bind, vf: allocation.vf))
       after.append(.init(kind: pause ? .resume : .reattach, allocationID: allocation.id, vm: vm, vf: allocation.vf))
       impacts.append(
-        .init(allocationID: allocation.id, vf: allocation.vf, vm: allocation.vm,
+        .init(
+          allocationID: allocation.id, vf: allocation.vf, vm: allocation.vm,
           outcome: pause ? "kept-paused" : "kept-reattached", guestSees: pause ? "pause" : "unplug and replug"))
     }
     if !refusals.isEmpty {

@@ -12,7 +12,8 @@ extension NodeEngine {
     where reconfiguring[allocation.pf] == nil && !reservations.isHeld(.allocation(allocation.id)) {
       if state.vf(allocation.vf) == nil {
         noteDiscrepancy(
-          "allocation \(allocation.id) (owner \(allocation.owner)) was on VF \(allocation.vf), which no longer exists: ended")
+          "allocation \(allocation.id) (owner \(allocation.owner)) was on VF \(allocation.vf), which no longer exists: ended"
+        )
         edits.append(.remove(allocation))
       }
     }
@@ -20,17 +21,21 @@ extension NodeEngine {
       let plugged = await hypervisor.pluggedDevices()
       let reachable = Set(state.vms.values.filter { $0.state != .unreachable }.map(\.name))
       for allocation in state.allocations.values.sorted(by: { $0.id < $1.id })
-      where allocation.attached && reconfiguring[allocation.pf] == nil && !reservations.isHeld(.allocation(allocation.id))
+      where allocation.attached && reconfiguring[allocation.pf] == nil
+        && !reservations.isHeld(.allocation(allocation.id))
         && !edits.contains(where: { if case .remove(let gone) = $0 { gone.id == allocation.id } else { false } })
       {
         let deviceID = allocation.deviceID ?? allocation.id
         if let found = plugged.first(where: { $0.deviceID == deviceID }) {
-          if found.vm != allocation.vm || (found.rootPort != nil && found.rootPort != allocation.rootPort) || allocation.detaching {
+          if found.vm != allocation.vm || (found.rootPort != nil && found.rootPort != allocation.rootPort)
+            || allocation.detaching
+          {
             var fixed = allocation
             fixed.vm = found.vm
             fixed.rootPort = found.rootPort ?? allocation.rootPort
             fixed.detaching = false
-            noteDiscrepancy("allocation \(allocation.id) is plugged into VM \(found.vm) at \(fixed.rootPort ?? "?"): record updated")
+            noteDiscrepancy(
+              "allocation \(allocation.id) is plugged into VM \(found.vm) at \(fixed.rootPort ?? "?"): record updated")
             edits.append(.update(fixed))
           }
         } else if let vm = allocation.vm, reachable.contains(vm) {
@@ -40,7 +45,8 @@ extension NodeEngine {
           fixed.deviceID = nil
           fixed.rootPort = nil
           noteDiscrepancy(
-            "allocation \(allocation.id) was recorded as attached to VM \(vm), which does not have device \(deviceID): now unattached")
+            "allocation \(allocation.id) was recorded as attached to VM \(vm), which does not have device \(deviceID): now unattached"
+          )
           edits.append(.update(fixed))
         }
       }

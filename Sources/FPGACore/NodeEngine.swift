@@ -109,7 +109,8 @@ public actor NodeEngine {
     var changes = changes(applying: node)
     if let hypervisor {
       let vms = await hypervisor.machines()
-      found.vfioPause = !vms.isEmpty && vms.allSatisfy { $0.vfioPause || $0.state == .unreachable }
+      found.vfioPause =
+        !vms.isEmpty && vms.allSatisfy { $0.vfioPause || $0.state == .unreachable }
         && vms.contains { $0.vfioPause }
       changes += state.apply(vms: vms)
     }
@@ -268,7 +269,8 @@ public actor NodeEngine {
       allocation = existing
     } else {
       allocation = try await allocate(
-        AllocateRequest(meta: RequestMeta(idempotencyKey: key), owner: owner, vm: nil, constraints: .init(vf: vf))).allocation
+        AllocateRequest(meta: RequestMeta(idempotencyKey: key), owner: owner, vm: nil, constraints: .init(vf: vf))
+      ).allocation
     }
     return (allocation, try await prepareForPassthrough(vf: vf))
   }
@@ -310,7 +312,8 @@ public actor NodeEngine {
     // handed out before the release is durable; a failed write leaves it as it was.
     let claim = try self.claim(admission, [.allocation(allocation.id)], as: "release")
     defer { settle(claim) }
-    let record = claim.record(.released(ReleaseResult(allocation: allocation, replayed: false, revision: state.revision + 1)))
+    let record = claim.record(
+      .released(ReleaseResult(allocation: allocation, replayed: false, revision: state.revision + 1)))
     try await commit(claim, [.deleteAllocation(allocation.id)] + (record.map { [.putIdempotency($0)] } ?? []))
     var revision = state.revision
     if let (_, changes) = state.remove(allocation: allocation.id) { revision = publish(changes) }
@@ -417,7 +420,8 @@ public actor NodeEngine {
       // One VF, one allocation: a second record for a VF (never written by this agent) is
       // reported and left out rather than trusted.
       if let first = taken[allocation.vf] {
-        noteDiscrepancy("allocations \(first) and \(allocation.id) both name VF \(allocation.vf): \(allocation.id) left out")
+        noteDiscrepancy(
+          "allocations \(first) and \(allocation.id) both name VF \(allocation.vf): \(allocation.id) left out")
         continue
       }
       taken[allocation.vf] = allocation.id
@@ -485,7 +489,9 @@ public struct AllocateRequest: Hashable, Sendable {
   public var vm: String?
   public var constraints: AllocationConstraints
 
-  public init(meta: RequestMeta = .init(), owner: String, vm: String? = nil, constraints: AllocationConstraints = .init()) {
+  public init(
+    meta: RequestMeta = .init(), owner: String, vm: String? = nil, constraints: AllocationConstraints = .init()
+  ) {
     self.meta = meta
     self.owner = owner
     self.vm = vm

@@ -53,7 +53,8 @@ struct OperationLog {
 
   /// Every change to any operation from now on, until `close()`.
   mutating func feed(ended: @escaping @Sendable (UInt64) -> Void) -> AsyncStream<OperationRecord> {
-    let (stream, continuation) = AsyncStream.makeStream(of: OperationRecord.self, bufferingPolicy: .bufferingNewest(256))
+    let (stream, continuation) = AsyncStream.makeStream(
+      of: OperationRecord.self, bufferingPolicy: .bufferingNewest(256))
     let watcher = nextWatcher
     nextWatcher += 1
     feeds[watcher] = continuation

@@ -107,7 +107,8 @@ public struct ReconfigureMachine: Hashable, Sendable {
   /// Turns the operation into its rollback: the steps not yet done are skipped; `actions` and a
   /// final commit are appended.
   private mutating func append(_ actions: [ReconfigureAction]) {
-    for index in record.steps.indices where record.steps[index].state == .pending || record.steps[index].state == .running {
+    for index in record.steps.indices
+    where record.steps[index].state == .pending || record.steps[index].state == .running {
       record.steps[index].state = .planned
       record.steps[index].error = "skipped: rolled back"
     }

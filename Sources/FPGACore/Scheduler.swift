@@ -270,7 +270,9 @@ public struct SharingSimulation: Sendable {
       decisions += 1
       switch scheduler.decide(at: now) {
       case .idle:
-        let upcoming = zip(loads, nextArrival).filter { $0.0.interval != nil || $0.1 > now }.map(\.1).filter { $0 > now }
+        let upcoming = zip(loads, nextArrival).filter { $0.0.interval != nil || $0.1 > now }.map(\.1).filter {
+          $0 > now
+        }
         now = min(end, upcoming.min() ?? end)
       case .run(let guest, let duration, let cost):
         let run = min(duration, max(.zero, end - now - cost))

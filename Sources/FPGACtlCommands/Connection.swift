@@ -21,7 +21,8 @@ public struct ServerOptions: ParsableArguments {
   @Option(name: .customLong("tls-key"), help: "Its private key (PEM) (env FPGACTL_TLS_KEY).")
   var tlsKey: String?
 
-  @Option(name: .customLong("tls-ca"), help: "CA bundle (PEM) the agent's certificate must chain to (env FPGACTL_TLS_CA).")
+  @Option(
+    name: .customLong("tls-ca"), help: "CA bundle (PEM) the agent's certificate must chain to (env FPGACTL_TLS_CA).")
   var tlsCA: String?
 
   @Option(name: .long, help: "Seconds to wait for each call.")
@@ -41,8 +42,10 @@ public struct ServerOptions: ParsableArguments {
   }
 
   var usesTLS: Bool {
-    [tlsCert, tlsKey, tlsCA, environmentValue("FPGACTL_TLS_CERT"), environmentValue("FPGACTL_TLS_KEY"),
-      environmentValue("FPGACTL_TLS_CA")].contains { $0 != nil }
+    [
+      tlsCert, tlsKey, tlsCA, environmentValue("FPGACTL_TLS_CERT"), environmentValue("FPGACTL_TLS_KEY"),
+      environmentValue("FPGACTL_TLS_CA"),
+    ].contains { $0 != nil }
   }
 
   /// mTLS when a certificate, key or CA is given (all three are needed).
@@ -109,7 +112,8 @@ public struct ServerOptions: ParsableArguments {
       if !Array(error.metadata[stringValues: "fpga-error-source"]).isEmpty { throw error }
       var detail = error.message
       if usesTLS {
-        detail += "; the TLS handshake may have failed: check that --tls-ca holds the CA of the agent's certificate "
+        detail +=
+          "; the TLS handshake may have failed: check that --tls-ca holds the CA of the agent's certificate "
           + "(which must name this address), and that --tls-cert was issued by the agent's client CA and has not expired"
       }
       throw CtlError.unreachable(address: address, detail: detail)

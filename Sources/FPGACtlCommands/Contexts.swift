@@ -39,7 +39,8 @@ struct ContextCommand: AsyncParsableCommand {
     subcommands: [Register.self, Switch.self, Move.self, Delete.self])
 
   struct Move: AsyncParsableCommand {
-    static let configuration = CommandConfiguration(abstract: "Move a context, with its pending work, to another accelerator.")
+    static let configuration = CommandConfiguration(
+      abstract: "Move a context, with its pending work, to another accelerator.")
 
     @OptionGroup var options: ServerOptions
     @Argument(help: "The context (ctx-…).") var id: String
@@ -111,7 +112,9 @@ struct ContextCommand: AsyncParsableCommand {
             $0.timing = now ? .now : .nextSlice
           }, options: options.callOptions)
       }
-      say(response.switched ? "switched to \(id) in \(Render.millis(response.switchTime))" : "\(id) runs at the next slice")
+      say(
+        response.switched
+          ? "switched to \(id) in \(Render.millis(response.switchTime))" : "\(id) runs at the next slice")
     }
   }
 

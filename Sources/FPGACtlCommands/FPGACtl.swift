@@ -139,7 +139,8 @@ struct WhoAmI: AsyncParsableCommand {
 struct Audit: AsyncParsableCommand {
   static let configuration = CommandConfiguration(
     abstract: "Show the last entries of the agent's audit trail (admin).",
-    discussion: "One line per mutating request, allowed or denied, from the API, the orchestrator link and the device plugin.")
+    discussion:
+      "One line per mutating request, allowed or denied, from the API, the orchestrator link and the device plugin.")
 
   @OptionGroup var options: ServerOptions
   @Option(name: [.customShort("n"), .long], help: "How many entries (newest kept).") var limit: UInt32 = 20
@@ -187,7 +188,10 @@ struct Rescan: AsyncParsableCommand {
 
   func run() async throws {
     let response = try await options.withAgent { try await $0.rescan(.init(), options: options.callOptions) }
-    say(response.changed ? "rescanned: changes found (revision \(response.revision))" : "rescanned: no changes (revision \(response.revision))")
+    say(
+      response.changed
+        ? "rescanned: changes found (revision \(response.revision))"
+        : "rescanned: no changes (revision \(response.revision))")
   }
 }
 
@@ -243,7 +247,9 @@ struct Release: AsyncParsableCommand {
           $0.allocationID = id
         }, options: options.callOptions)
     }
-    say("\(response.replayed ? "already released" : "released") \(response.allocation.id): VF \(response.allocation.vfBdf) is free")
+    say(
+      "\(response.replayed ? "already released" : "released") \(response.allocation.id): VF \(response.allocation.vfBdf) is free"
+    )
   }
 }
 
@@ -277,7 +283,8 @@ struct Watch: AsyncParsableCommand {
 }
 
 struct VMs: AsyncParsableCommand {
-  static let configuration = CommandConfiguration(commandName: "vms", abstract: "List the VMs the agent can plug VFs into.")
+  static let configuration = CommandConfiguration(
+    commandName: "vms", abstract: "List the VMs the agent can plug VFs into.")
 
   @OptionGroup var options: ServerOptions
 
@@ -330,7 +337,9 @@ struct Detach: AsyncParsableCommand {
           if let wait { $0.timeout = .with { $0.seconds = Int64(wait) } }
         }, options: callOptions)
     }
-    say("\(response.replayed ? "already detached" : "detached") \(response.allocation.id): VF \(response.allocation.vfBdf) left its VM")
+    say(
+      "\(response.replayed ? "already detached" : "detached") \(response.allocation.id): VF \(response.allocation.vfBdf) left its VM"
+    )
   }
 }
 

@@ -69,10 +69,13 @@ enum Render {
     }
     lines += table(
       ["PF", "CARD", "DEVICE", "DRIVER", "VFS", "FREE", "ALLOCATED", "NUMA", "QMAX", "DRAINING", "HEALTH"], pfRows)
-    let unwell = inventory.cards.flatMap(\.pfs).flatMap { pf in [(pf.bdf, pf.health)] + pf.vfs.map { ($0.bdf, $0.health) } }
-      .filter { $0.1.state != .healthy && $0.1.state != .unspecified && !$0.1.reasons.contains { $0.kind == "parent" } }
+    let unwell = inventory.cards.flatMap(\.pfs).flatMap { pf in
+      [(pf.bdf, pf.health)] + pf.vfs.map { ($0.bdf, $0.health) }
+    }
+    .filter { $0.1.state != .healthy && $0.1.state != .unspecified && !$0.1.reasons.contains { $0.kind == "parent" } }
     for (device, health) in unwell {
-      lines.append("\(device) \(health.state.word): " + health.reasons.map { "\($0.kind): \($0.detail)" }.joined(separator: "; "))
+      lines.append(
+        "\(device) \(health.state.word): " + health.reasons.map { "\($0.kind): \($0.detail)" }.joined(separator: "; "))
     }
     if withVFs {
       lines.append("")
@@ -140,7 +143,8 @@ enum Render {
     case .cardRemoved(let id): "card \(id) removed"
     case .pfUpdated(let pf): "PF \(pf.bdf) updated (\(pf.numVfs)/\(pf.totalVfs) VFs, draining \(yesNo(pf.draining)))"
     case .pfRemoved(let bdf): "PF \(bdf) removed"
-    case .vfUpdated(let vf): "VF \(vf.bdf) \(vfState(vf.state))\(vf.allocationID.isEmpty ? "" : " by \(vf.allocationID)")"
+    case .vfUpdated(let vf):
+      "VF \(vf.bdf) \(vfState(vf.state))\(vf.allocationID.isEmpty ? "" : " by \(vf.allocationID)")"
     case .vfRemoved(let bdf): "VF \(bdf) removed"
     case .allocationUpdated(let allocation):
       "allocation \(allocation.id) holds VF \(allocation.vfBdf) for \(allocation.owner)"
@@ -163,7 +167,9 @@ enum Render {
     }
     for impact in operation.impacts {
       let vm = impact.vm.isEmpty ? "" : " in VM \(impact.vm)"
-      lines.append("  allocation \(impact.allocationID) (VF \(impact.vfBdf)\(vm)): \(impact.outcome), guest sees \(impact.guestSees)")
+      lines.append(
+        "  allocation \(impact.allocationID) (VF \(impact.vfBdf)\(vm)): \(impact.outcome), guest sees \(impact.guestSees)"
+      )
     }
     if !operation.error.isEmpty { lines.append("  error: \(operation.error)") }
     return lines
@@ -192,7 +198,9 @@ enum Render {
     var lines = ["operation \(operation.id) \(opState(operation.state))"]
     for impact in operation.impacts {
       let vm = impact.vm.isEmpty ? "" : " in VM \(impact.vm)"
-      lines.append("  allocation \(impact.allocationID) (VF \(impact.vfBdf)\(vm)): \(impact.outcome), guest sees \(impact.guestSees)")
+      lines.append(
+        "  allocation \(impact.allocationID) (VF \(impact.vfBdf)\(vm)): \(impact.outcome), guest sees \(impact.guestSees)"
+      )
     }
     if !operation.error.isEmpty { lines.append("  error: \(operation.error)") }
     return lines
@@ -201,7 +209,10 @@ enum Render {
   static func accelerators(_ accelerators: [Fpga_Agent_V1_Accelerator]) -> [String] {
     guard !accelerators.isEmpty else { return ["no accelerators on this node"] }
     var lines = table(
-      ["ACCELERATOR", "CONTROL", "GUESTS", "LOADED", "UTIL", "SWITCH/S", "SWITCH", "OVERHEAD", "WAIT P50", "WAIT P99", "OVERCOMMIT"],
+      [
+        "ACCELERATOR", "CONTROL", "GUESTS", "LOADED", "UTIL", "SWITCH/S", "SWITCH", "OVERHEAD", "WAIT P50", "WAIT P99",
+        "OVERCOMMIT",
+      ],
       accelerators.map { accelerator in
         let metrics = accelerator.metrics
         return [
@@ -238,7 +249,8 @@ enum Render {
     let rows = inventory.vms.map { vm in
       [
         vm.name, vm.state, "\(vm.freeRootPorts)/\(vm.rootPorts)", yesNo(vm.vfioPause),
-        attached[vm.name].map { $0.map { "\($0.vfBdf)\($0.detaching ? " (detaching)" : "")" }.joined(separator: ",") } ?? "-",
+        attached[vm.name].map { $0.map { "\($0.vfBdf)\($0.detaching ? " (detaching)" : "")" }.joined(separator: ",") }
+          ?? "-",
         vm.error.isEmpty ? vm.qmpSocket : vm.error,
       ]
     }

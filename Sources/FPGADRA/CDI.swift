@@ -10,7 +10,8 @@ enum CDI {
 
   /// `PCI_RESOURCE_QDMA_XILINX_COM_VF`: the variable a container finds its VFs' BDFs in.
   static func environmentName(_ settings: DRASettings) -> String {
-    "PCI_RESOURCE_" + (settings.driverName + "/vf").uppercased().map { $0.isLetter || $0.isNumber ? String($0) : "_" }.joined()
+    "PCI_RESOURCE_"
+      + (settings.driverName + "/vf").uppercased().map { $0.isLetter || $0.isNumber ? String($0) : "_" }.joined()
   }
 
   struct Spec: Encodable {
@@ -53,7 +54,8 @@ enum CDI {
         return Device(
           name: "\(claim.uid)-\(device.device)",
           containerEdits: Edits(
-            env: ["FPGA_ACCELERATOR=\(accelerator)", "FPGA_CONTEXT=\(device.contextID ?? "")"], deviceNodes: nil, mounts: nil))
+            env: ["FPGA_ACCELERATOR=\(accelerator)", "FPGA_CONTEXT=\(device.contextID ?? "")"], deviceNodes: nil,
+            mounts: nil))
       }
       func node(_ path: String) -> DeviceNode {
         let host = settings.deviceRoot == "/dev" ? nil : settings.deviceRoot + path.dropFirst(4)
@@ -63,12 +65,15 @@ enum CDI {
       return Device(
         name: "\(claim.uid)-\(device.device)",
         containerEdits: Edits(
-          env: ["\(environmentName(settings))=\(bdfs)", "\(environmentName(settings))_\(sanitized(device.request))=\(bdfs)"],
+          env: [
+            "\(environmentName(settings))=\(bdfs)", "\(environmentName(settings))_\(sanitized(device.request))=\(bdfs)",
+          ],
           deviceNodes: [node("/dev/vfio/vfio"), node(device.vfioDevice)],
           mounts: [
             Mount(
               hostPath: metadataPath(claim, device.request),
-              containerPath: "\(metadataMountRoot)/\(claim.name)/\(device.request)/\(settings.driverName)-metadata.json",
+              containerPath:
+                "\(metadataMountRoot)/\(claim.name)/\(device.request)/\(settings.driverName)-metadata.json",
               type: "bind", options: ["ro", "bind"])
           ]))
     }

@@ -98,7 +98,8 @@ public actor DRADriver {
   static let tombstoneKind = "dra-tombstone"
   static let tombstoneLimit = 4096
 
-  public init(settings: DRASettings, engine: NodeEngine, store: any StateStore, claims: any ClaimSource, logger: Logger) {
+  public init(settings: DRASettings, engine: NodeEngine, store: any StateStore, claims: any ClaimSource, logger: Logger)
+  {
     self.settings = settings
     self.engine = engine
     self.store = store
@@ -123,7 +124,9 @@ public actor DRADriver {
         do {
           try writeFiles(claim)
         } catch {
-          logger.error("cannot rewrite the CDI spec of a prepared claim", metadata: ["fpga.claim": "\(claim.uid)", "fpga.error": "\(error)"])
+          logger.error(
+            "cannot rewrite the CDI spec of a prepared claim",
+            metadata: ["fpga.claim": "\(claim.uid)", "fpga.error": "\(error)"])
         }
       case .started:
         // The kubelet retries Prepare; start it afresh.
@@ -142,7 +145,9 @@ public actor DRADriver {
       do {
         results[reference.uid] = .success(try await prepare(reference))
       } catch {
-        logger.warning("claim preparation failed", metadata: ["fpga.claim": "\(reference.description)", "fpga.error": "\(error.message)"])
+        logger.warning(
+          "claim preparation failed",
+          metadata: ["fpga.claim": "\(reference.description)", "fpga.error": "\(error.message)"])
         results[reference.uid] = .failure(error)
       }
     }
@@ -151,7 +156,8 @@ public actor DRADriver {
 
   func prepare(_ reference: ClaimReference) async throws(DRAFailure) -> [PreparedDevice] {
     guard !tombstoneSet.contains(reference.uid) else {
-      throw DRAFailure("claim \(reference.description) was unprepared on this node: a stale Prepare cannot take its devices again")
+      throw DRAFailure(
+        "claim \(reference.description) was unprepared on this node: a stale Prepare cannot take its devices again")
     }
     if let known = prepared[reference.uid], known.state == .completed {
       try? writeFiles(known)
@@ -169,11 +175,14 @@ public actor DRADriver {
     }
     guard claim.metadata.uid == reference.uid else {
       throw DRAFailure(
-        "claim \(reference.namespace)/\(reference.name) got replaced: its uid is \(claim.metadata.uid ?? "none"), the kubelet asked for \(reference.uid)")
+        "claim \(reference.namespace)/\(reference.name) got replaced: its uid is \(claim.metadata.uid ?? "none"), the kubelet asked for \(reference.uid)"
+      )
     }
     let results = (claim.status?.allocation?.devices?.results ?? []).filter { $0.driver == settings.driverName }
     guard claim.status?.allocation != nil, !results.isEmpty else {
-      throw DRAFailure("claim \(reference.description) is not allocated to driver \(settings.driverName) (status.allocation has no result for it)")
+      throw DRAFailure(
+        "claim \(reference.description) is not allocated to driver \(settings.driverName) (status.allocation has no result for it)"
+      )
     }
     var journal = PreparedClaim(
       namespace: reference.namespace, name: reference.name, uid: reference.uid, state: .started, devices: [])
@@ -183,7 +192,9 @@ public actor DRADriver {
       let owner = readable.utf8.count <= 128 ? readable : "claim:\(reference.uid)"
       for result in results {
         guard result.pool == settings.nodeName else {
-          throw DRAFailure("device \(result.device) of claim \(reference.description) is from pool \(result.pool), not this node's (\(settings.nodeName))")
+          throw DRAFailure(
+            "device \(result.device) of claim \(reference.description) is from pool \(result.pool), not this node's (\(settings.nodeName))"
+          )
         }
         if let accelerator = DeviceNames.accelerator(result.device) {
           // A time share of an accelerator: the claim becomes a guest with its context there.
@@ -201,14 +212,17 @@ public actor DRADriver {
           continue
         }
         guard let vf = DeviceNames.vf(result.device) else {
-          throw DRAFailure("device \(quoted(result.device)) of claim \(reference.description) is not one of this driver's VFs (vf-DDDD-BB-DD-F)")
+          throw DRAFailure(
+            "device \(quoted(result.device)) of claim \(reference.description) is not one of this driver's VFs (vf-DDDD-BB-DD-F)"
+          )
         }
         let (allocation, device) = try await engine.allocateOwned(
           vf: vf, owner: owner, key: "dra-\(reference.uid)-\(result.device)")
         journal.devices.append(
           PreparedDevice(
             request: result.request, pool: result.pool, device: result.device, vf: vf.description,
-            allocationID: allocation.id, vfioDevice: device, cdiID: "\(settings.cdiKind)=\(reference.uid)-\(result.device)",
+            allocationID: allocation.id, vfioDevice: device,
+            cdiID: "\(settings.cdiKind)=\(reference.uid)-\(result.device)",
             shareID: result.shareID))
         try await record(journal)
       }
@@ -218,7 +232,9 @@ public actor DRADriver {
       prepared[reference.uid] = journal
       logger.info(
         "claim prepared",
-        metadata: ["fpga.claim": "\(reference.description)", "fpga.vfs": "\(journal.devices.map(\.vf).joined(separator: ","))"])
+        metadata: [
+          "fpga.claim": "\(reference.description)", "fpga.vfs": "\(journal.devices.map(\.vf).joined(separator: ","))",
+        ])
       return journal.devices
     } catch {
       await undo(journal)
@@ -234,7 +250,8 @@ public actor DRADriver {
     var results: [String: DRAFailure?] = [:]
     for reference in references {
       guard busy.insert(reference.uid).inserted else {
-        results[reference.uid] = DRAFailure("claim \(reference.description) is being prepared or unprepared right now; retry")
+        results[reference.uid] = DRAFailure(
+          "claim \(reference.description) is being prepared or unprepared right now; retry")
         continue
       }
       defer { busy.remove(reference.uid) }
@@ -258,18 +275,21 @@ public actor DRADriver {
       if let context = device.contextID {
         do {
           try await engine.deleteContext(context, meta: RequestMeta())
-        } catch where error.code == .notFound {
+        } catch  where error.code == .notFound {
         } catch {
-          logger.error("cannot delete a claim's context", metadata: ["fpga.claim": "\(claim.uid)", "fpga.error": "\(error.message)"])
+          logger.error(
+            "cannot delete a claim's context",
+            metadata: ["fpga.claim": "\(claim.uid)", "fpga.error": "\(error.message)"])
         }
         continue
       }
       do {
         _ = try await engine.release(ReleaseRequest(allocationID: device.allocationID))
-      } catch where error.code == .notFound {
+      } catch  where error.code == .notFound {
         // Already ended (its device left the bus, or released by hand): nothing to do.
       } catch {
-        logger.error("cannot release a claim's VF", metadata: ["fpga.claim": "\(claim.uid)", "fpga.error": "\(error.message)"])
+        logger.error(
+          "cannot release a claim's VF", metadata: ["fpga.claim": "\(claim.uid)", "fpga.error": "\(error.message)"])
       }
     }
     removeFiles(claim)
@@ -279,7 +299,9 @@ public actor DRADriver {
 
   private func entomb(_ uid: String) async throws(DRAFailure) {
     guard !tombstoneSet.contains(uid) else { return }
-    var changes: [StoreChange] = [.putRecord(Self.tombstoneKind, uid, String(format: "%020.6f", Date().timeIntervalSince1970))]
+    var changes: [StoreChange] = [
+      .putRecord(Self.tombstoneKind, uid, String(format: "%020.6f", Date().timeIntervalSince1970))
+    ]
     tombstones.append(uid)
     tombstoneSet.insert(uid)
     while tombstones.count > Self.tombstoneLimit {
@@ -312,7 +334,9 @@ public actor DRADriver {
 
   /// A share's function and weight, from the claim's opaque configuration for this driver
   /// (`{"function": "fft", "weight": 2}`), for the request or the whole claim.
-  static func parameters(_ claim: Kube.ResourceClaim, request: String, driver: String) -> (function: String, weight: UInt32) {
+  static func parameters(_ claim: Kube.ResourceClaim, request: String, driver: String) -> (
+    function: String, weight: UInt32
+  ) {
     var function = "default"
     var weight: UInt32 = 1
     for config in claim.status?.allocation?.devices?.config ?? [] {
@@ -345,7 +369,8 @@ public actor DRADriver {
       try manager.createDirectory(atPath: settings.cdiDir, withIntermediateDirectories: true)
       for request in Set(claim.devices.map(\.request)) {
         let path = metadataPath(claim, request: request)
-        try manager.createDirectory(atPath: (path as NSString).deletingLastPathComponent, withIntermediateDirectories: true)
+        try manager.createDirectory(
+          atPath: (path as NSString).deletingLastPathComponent, withIntermediateDirectories: true)
         try CDI.atomicWrite(path, CDI.metadata(claim, request: request, settings: settings))
       }
       try CDI.atomicWrite(specPath(claim.uid), CDI.spec(claim, settings: settings, metadataPath: metadataPath))

@@ -11,7 +11,9 @@ struct RegistrationService: Pluginregistration_Registration.SimpleServiceProtoco
 
   static let versions = ["v1.DRAPlugin", "v1beta1.DRAPlugin", "v1.DRAResourceHealth", "v1alpha1.DRAResourceHealth"]
 
-  func getInfo(request: Pluginregistration_InfoRequest, context: ServerContext) async throws -> Pluginregistration_PluginInfo {
+  func getInfo(request: Pluginregistration_InfoRequest, context: ServerContext) async throws
+    -> Pluginregistration_PluginInfo
+  {
     .with {
       $0.type = "DRAPlugin"
       $0.name = settings.driverName
@@ -39,7 +41,8 @@ struct DRAPluginV1: K8s_Io_Kubelet_Pkg_Apis_Dra_V1_DRAPlugin.SimpleServiceProtoc
   func nodePrepareResources(
     request: K8s_Io_Kubelet_Pkg_Apis_Dra_V1_NodePrepareResourcesRequest, context: ServerContext
   ) async throws -> K8s_Io_Kubelet_Pkg_Apis_Dra_V1_NodePrepareResourcesResponse {
-    let results = await driver.prepare(request.claims.map { ClaimReference(namespace: $0.namespace, uid: $0.uid, name: $0.name) })
+    let results = await driver.prepare(
+      request.claims.map { ClaimReference(namespace: $0.namespace, uid: $0.uid, name: $0.name) })
     return .with { response in
       for (uid, result) in results {
         response.claims[uid] = .with { claim in
@@ -64,7 +67,8 @@ struct DRAPluginV1: K8s_Io_Kubelet_Pkg_Apis_Dra_V1_DRAPlugin.SimpleServiceProtoc
   func nodeUnprepareResources(
     request: K8s_Io_Kubelet_Pkg_Apis_Dra_V1_NodeUnprepareResourcesRequest, context: ServerContext
   ) async throws -> K8s_Io_Kubelet_Pkg_Apis_Dra_V1_NodeUnprepareResourcesResponse {
-    let results = await driver.unprepare(request.claims.map { ClaimReference(namespace: $0.namespace, uid: $0.uid, name: $0.name) })
+    let results = await driver.unprepare(
+      request.claims.map { ClaimReference(namespace: $0.namespace, uid: $0.uid, name: $0.name) })
     return .with { response in
       for (uid, failure) in results { response.claims[uid] = .with { $0.error = failure?.message ?? "" } }
     }
@@ -78,7 +82,8 @@ struct DRAPluginV1beta1: K8s_Io_Kubelet_Pkg_Apis_Dra_V1beta1_DRAPlugin.SimpleSer
   func nodePrepareResources(
     request: K8s_Io_Kubelet_Pkg_Apis_Dra_V1beta1_NodePrepareResourcesRequest, context: ServerContext
   ) async throws -> K8s_Io_Kubelet_Pkg_Apis_Dra_V1beta1_NodePrepareResourcesResponse {
-    let results = await driver.prepare(request.claims.map { ClaimReference(namespace: $0.namespace, uid: $0.uid, name: $0.name) })
+    let results = await driver.prepare(
+      request.claims.map { ClaimReference(namespace: $0.namespace, uid: $0.uid, name: $0.name) })
     return .with { response in
       for (uid, result) in results {
         response.claims[uid] = .with { claim in
@@ -102,7 +107,8 @@ struct DRAPluginV1beta1: K8s_Io_Kubelet_Pkg_Apis_Dra_V1beta1_DRAPlugin.SimpleSer
   func nodeUnprepareResources(
     request: K8s_Io_Kubelet_Pkg_Apis_Dra_V1beta1_NodeUnprepareResourcesRequest, context: ServerContext
   ) async throws -> K8s_Io_Kubelet_Pkg_Apis_Dra_V1beta1_NodeUnprepareResourcesResponse {
-    let results = await driver.unprepare(request.claims.map { ClaimReference(namespace: $0.namespace, uid: $0.uid, name: $0.name) })
+    let results = await driver.unprepare(
+      request.claims.map { ClaimReference(namespace: $0.namespace, uid: $0.uid, name: $0.name) })
     return .with { response in
       for (uid, failure) in results { response.claims[uid] = .with { $0.error = failure?.message ?? "" } }
     }
@@ -123,7 +129,9 @@ enum DeviceHealthFeed {
       let health = view.function.health
       return Entry(
         device: DeviceNames.name(of: view.function.address), healthy: view.function.isPassthroughCapable,
-        message: String((health.summary.isEmpty ? health.state.rawValue : "\(health.state.rawValue): \(health.summary)").prefix(1024)))
+        message: String(
+          (health.summary.isEmpty ? health.state.rawValue : "\(health.state.rawValue): \(health.summary)").prefix(1024))
+      )
     }
   }
 

@@ -26,7 +26,8 @@ public struct KubernetesAPISettings: Hashable, Sendable {
     }
     let authority = host.contains(":") ? "[\(host)]:\(port)" : "\(host):\(port)"
     let account = "/var/run/secrets/kubernetes.io/serviceaccount"
-    return KubernetesAPISettings(server: "https://\(authority)", tokenFile: account + "/token", caFile: account + "/ca.crt")
+    return KubernetesAPISettings(
+      server: "https://\(authority)", tokenFile: account + "/token", caFile: account + "/ca.crt")
   }
 }
 
@@ -60,7 +61,8 @@ public final class KubernetesAPI: Sendable {
   // MARK: Verbs
 
   public func resourceClaim(namespace: String, name: String) async throws(KubernetesAPIError) -> Kube.ResourceClaim {
-    try await call(.GET, "/apis/resource.k8s.io/v1/namespaces/\(Self.segment(namespace))/resourceclaims/\(Self.segment(name))")
+    try await call(
+      .GET, "/apis/resource.k8s.io/v1/namespaces/\(Self.segment(namespace))/resourceclaims/\(Self.segment(name))")
   }
 
   public func node(_ name: String) async throws(KubernetesAPIError) -> Kube.MetadataOnly {
@@ -68,8 +70,10 @@ public final class KubernetesAPI: Sendable {
   }
 
   public func resourceSlices(node: String, driver: String) async throws(KubernetesAPIError) -> [Kube.ResourceSlice] {
-    let selector = "spec.nodeName=\(node),spec.driver=\(driver)"
-      .addingPercentEncoding(withAllowedCharacters: .urlQueryAllowed.subtracting(CharacterSet(charactersIn: "=,&+"))) ?? ""
+    let selector =
+      "spec.nodeName=\(node),spec.driver=\(driver)"
+      .addingPercentEncoding(withAllowedCharacters: .urlQueryAllowed.subtracting(CharacterSet(charactersIn: "=,&+")))
+      ?? ""
     let list: Kube.List<Kube.ResourceSlice> = try await call(
       .GET, "/apis/resource.k8s.io/v1/resourceslices?fieldSelector=\(selector)")
     // A server that ignores the selector must not make the driver touch others' slices.
@@ -81,7 +85,8 @@ public final class KubernetesAPI: Sendable {
   }
 
   public func update(_ slice: Kube.ResourceSlice) async throws(KubernetesAPIError) -> Kube.ResourceSlice {
-    try await call(.PUT, "/apis/resource.k8s.io/v1/resourceslices/\(Self.segment(slice.metadata.name ?? ""))", body: slice)
+    try await call(
+      .PUT, "/apis/resource.k8s.io/v1/resourceslices/\(Self.segment(slice.metadata.name ?? ""))", body: slice)
   }
 
   public func deleteResourceSlice(_ name: String) async throws(KubernetesAPIError) {
@@ -98,7 +103,8 @@ public final class KubernetesAPI: Sendable {
     _ method: HTTPMethod, _ path: String, body: (some Encodable)? = Optional<Kube.Status>.none
   ) async throws(KubernetesAPIError) -> Output {
     do {
-      let token = (try String(contentsOfFile: settings.tokenFile, encoding: .utf8)).trimmingCharacters(in: .whitespacesAndNewlines)
+      let token = (try String(contentsOfFile: settings.tokenFile, encoding: .utf8)).trimmingCharacters(
+        in: .whitespacesAndNewlines)
       var request = HTTPClientRequest(url: settings.server + path)
       request.method = method
       request.headers.add(name: "Authorization", value: "Bearer \(token)")

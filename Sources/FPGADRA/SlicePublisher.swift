@@ -76,7 +76,8 @@ public actor SlicePublisher {
           ]
           if let root = vf.pcieRoot { attributes["resource.kubernetes.io/pcieRoot"] = .string(root) }
           devices.append(
-            Kube.Device(name: DeviceNames.name(of: vf.address), attributes: attributes, taints: taints.isEmpty ? nil : taints))
+            Kube.Device(
+              name: DeviceNames.name(of: vf.address), attributes: attributes, taints: taints.isEmpty ? nil : taints))
         }
       }
     }
@@ -96,12 +97,15 @@ public actor SlicePublisher {
             "\(domain)/guests": .int(accelerator.guests.count),
             "\(domain)/utilizationPercent": .int(Int((accelerator.metrics.utilization * 100).rounded())),
             "\(domain)/switchOverheadPercent": .int(Int((accelerator.metrics.switchOverhead * 100).rounded())),
-            "\(domain)/meanSwitchMicroseconds": .int(Int(accelerator.metrics.meanSwitchTime.components.seconds * 1_000_000
-              + accelerator.metrics.meanSwitchTime.components.attoseconds / 1_000_000_000_000)),
+            "\(domain)/meanSwitchMicroseconds": .int(
+              Int(
+                accelerator.metrics.meanSwitchTime.components.seconds * 1_000_000
+                  + accelerator.metrics.meanSwitchTime.components.attoseconds / 1_000_000_000_000)),
           ],
           capacity: [
             "guests": Kube.Capacity(
-              value: "\(limit)", requestPolicy: Kube.RequestPolicy(default: "1", validRange: Kube.ValidRange(min: "1", step: "1")))
+              value: "\(limit)",
+              requestPolicy: Kube.RequestPolicy(default: "1", validRange: Kube.ValidRange(min: "1", step: "1")))
           ],
           allowMultipleAllocations: true))
     }
@@ -133,7 +137,9 @@ public actor SlicePublisher {
   /// Splits the devices into slices within the API's limits.
   static func chunks(_ devices: [Kube.Device]) -> [[Kube.Device]] {
     let limit = devices.contains { $0.taints != nil } ? devicesPerSliceWithTaints : devicesPerSlice
-    return stride(from: 0, to: max(devices.count, 1), by: limit).map { Array(devices[$0..<min($0 + limit, devices.count)]) }
+    return stride(from: 0, to: max(devices.count, 1), by: limit).map {
+      Array(devices[$0..<min($0 + limit, devices.count)])
+    }
   }
 
   func sliceName(_ index: Int) -> String { "\(settings.nodeName)-\(settings.driverName)-\(index)" }
@@ -179,12 +185,15 @@ public actor SlicePublisher {
     let current = existing.map(\.spec.pool.generation).max() ?? 0
     let figuresDue = lastWrite.map { ContinuousClock.now - $0 >= figuresInterval } ?? true
     let same: ([Kube.Device], [Kube.Device]) -> Bool = { [settings] published, wanted in
-      figuresDue ? published == wanted : Self.withoutFigures(published, settings) == Self.withoutFigures(wanted, settings)
+      figuresDue
+        ? published == wanted : Self.withoutFigures(published, settings) == Self.withoutFigures(wanted, settings)
     }
     let consistent =
       existing.count == desired.count && Set(existing.map(\.spec.pool.generation)).count == 1
       && existing.allSatisfy { $0.spec.pool.resourceSliceCount == Int64(desired.count) }
-      && desired.indices.allSatisfy { index in byName[sliceName(index)].map { same($0.spec.devices, desired[index]) } ?? false }
+      && desired.indices.allSatisfy { index in
+        byName[sliceName(index)].map { same($0.spec.devices, desired[index]) } ?? false
+      }
     if consistent {
       generation = max(generation, current)
       return false
@@ -194,7 +203,8 @@ public actor SlicePublisher {
     for (index, devices) in desired.enumerated() {
       var slice = Kube.ResourceSlice(
         metadata: Kube.ObjectMeta(
-          name: sliceName(index), labels: ["app.kubernetes.io/managed-by": "fpga-agent"], ownerReferences: owner.map { [$0] }),
+          name: sliceName(index), labels: ["app.kubernetes.io/managed-by": "fpga-agent"],
+          ownerReferences: owner.map { [$0] }),
         spec: .init(
           driver: settings.driverName, nodeName: settings.nodeName,
           pool: .init(name: settings.nodeName, generation: generation, resourceSliceCount: Int64(desired.count)),

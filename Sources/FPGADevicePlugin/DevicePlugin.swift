@@ -22,14 +22,16 @@ public struct DevicePluginPool: Hashable, Sendable {
   /// (KubeVirt's own rule, which keeps a `-`), and the same with `-` as `_` when that differs
   /// (the spelling shells accept): both are set, so either reader finds the BDFs.
   public var environmentVariables: [String] {
-    let kubevirt = "PCI_RESOURCE_" + resourceName.uppercased().map { $0 == "/" || $0 == "." ? "_" : $0 }.map(String.init).joined()
+    let kubevirt =
+      "PCI_RESOURCE_" + resourceName.uppercased().map { $0 == "/" || $0 == "." ? "_" : $0 }.map(String.init).joined()
     let shell = kubevirt.replacingOccurrences(of: "-", with: "_")
     return shell == kubevirt ? [kubevirt] : [shell, kubevirt]
   }
 
   /// The plugin's socket file name in the kubelet's directory.
   public var socketName: String {
-    "fpga-agent-" + resourceName.map { $0.isLetter || $0.isNumber || $0 == "-" ? $0 : "_" }.map(String.init).joined() + ".sock"
+    "fpga-agent-" + resourceName.map { $0.isLetter || $0.isNumber || $0 == "-" ? $0 : "_" }.map(String.init).joined()
+      + ".sock"
   }
 
   /// A resource name as the kubelet accepts it: `domain/name`, a DNS-like domain.
@@ -38,7 +40,9 @@ public struct DevicePluginPool: Hashable, Sendable {
     guard parts.count == 2, parts[0].contains("."), (1...63).contains(parts[1].count), name.count <= 253 else {
       return false
     }
-    return name.allSatisfy { $0.isASCII && ($0.isLowercase || $0.isNumber || $0 == "." || $0 == "-" || $0 == "/" || $0 == "_") }
+    return name.allSatisfy {
+      $0.isASCII && ($0.isLowercase || $0.isNumber || $0 == "." || $0 == "-" || $0 == "/" || $0 == "_")
+    }
   }
 }
 
@@ -95,7 +99,8 @@ public struct DevicePlugin: Sendable {
           try? await Task.sleep(for: checkInterval)
         }
         if !Task.isCancelled {
-          logger.warning("device plugin socket removed (kubelet restart?): serving and registering again",
+          logger.warning(
+            "device plugin socket removed (kubelet restart?): serving and registering again",
             metadata: ["fpga.resource": "\(pool.resourceName)"])
         }
         server.beginGracefulShutdown()
@@ -168,7 +173,8 @@ struct DevicePluginService: V1beta1_DevicePlugin.ServiceProtocol {
         for view in pf.vfs {
           let vf = view.function
           let owner = snapshot.allocations.first { $0.id == view.allocationID }?.owner
-          let healthy = vf.isPassthroughCapable && !pf.draining && !card.card.draining && view.state != .unhealthy
+          let healthy =
+            vf.isPassthroughCapable && !pf.draining && !card.card.draining && view.state != .unhealthy
             && (owner == nil || owner == "kubelet")
           devices.append(
             .with {
@@ -245,12 +251,19 @@ struct DevicePluginService: V1beta1_DevicePlugin.ServiceProtocol {
     var rest = available.filter { !chosen.contains($0) }
     let byNUMA = Dictionary(grouping: rest, by: { numa[$0] ?? -1 })
     let byPF = Dictionary(grouping: rest, by: { pf[$0] ?? "" })
-    let wantedNUMA = chosen.first.flatMap { numa[$0] }
+    let wantedNUMA =
+      chosen.first.flatMap { numa[$0] }
       ?? byNUMA.max { ($0.value.count, -$0.key) < ($1.value.count, -$1.key) }?.key
     let wantedPFs = Set(chosen.compactMap { pf[$0] })
     rest.sort { a, b in
-      let keyA = (numa[a] == wantedNUMA ? 0 : 1, wantedPFs.contains(pf[a] ?? "") ? 0 : 1, -(byPF[pf[a] ?? ""]?.count ?? 0), pf[a] ?? "", a)
-      let keyB = (numa[b] == wantedNUMA ? 0 : 1, wantedPFs.contains(pf[b] ?? "") ? 0 : 1, -(byPF[pf[b] ?? ""]?.count ?? 0), pf[b] ?? "", b)
+      let keyA = (
+        numa[a] == wantedNUMA ? 0 : 1, wantedPFs.contains(pf[a] ?? "") ? 0 : 1, -(byPF[pf[a] ?? ""]?.count ?? 0),
+        pf[a] ?? "", a
+      )
+      let keyB = (
+        numa[b] == wantedNUMA ? 0 : 1, wantedPFs.contains(pf[b] ?? "") ? 0 : 1, -(byPF[pf[b] ?? ""]?.count ?? 0),
+        pf[b] ?? "", b
+      )
       return keyA < keyB
     }
     while chosen.count < size, !rest.isEmpty { chosen.append(rest.removeFirst()) }

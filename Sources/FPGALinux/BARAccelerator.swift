@@ -69,7 +69,8 @@ public final class BARAcceleratorControl: AcceleratorControl, @unchecked Sendabl
     let needed = (slot + 1) * AcceleratorRegisters.windowSize
     guard slot >= 0, Int(info.st_size) >= needed else {
       throw AgentError(
-        .failedPrecondition, "accelerator BAR \(path) is \(info.st_size) bytes: too small for slot \(slot) (needs \(needed))")
+        .failedPrecondition,
+        "accelerator BAR \(path) is \(info.st_size) bytes: too small for slot \(slot) (needs \(needed))")
     }
     guard let mapped = mmap(nil, needed, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0), mapped != MAP_FAILED else {
       throw AgentError(.unavailable, "cannot map accelerator BAR \(path)", cause: String(cString: strerror(errno)))
@@ -148,7 +149,9 @@ public final class BARAcceleratorControl: AcceleratorControl, @unchecked Sendabl
     }
     write32(AcceleratorRegisters.contextHandle, handle(for: context))
     write64(AcceleratorRegisters.stateSize, stateBytes)
-    write64(AcceleratorRegisters.runBudget, UInt64(max(0, budget.components.seconds * 1_000_000_000 + budget.components.attoseconds / 1_000_000_000)))
+    write64(
+      AcceleratorRegisters.runBudget,
+      UInt64(max(0, budget.components.seconds * 1_000_000_000 + budget.components.attoseconds / 1_000_000_000)))
     write32(AcceleratorRegisters.sequence, sequence)
     write32(AcceleratorRegisters.command, command.rawValue)
     let clock = ContinuousClock()
@@ -162,7 +165,8 @@ public final class BARAcceleratorControl: AcceleratorControl, @unchecked Sendabl
       }
       guard clock.now < deadline else {
         throw AgentError(
-          .unavailable, "accelerator slot \(slot) of \(path) did not finish command \(command) within \(timeout + budget)")
+          .unavailable,
+          "accelerator slot \(slot) of \(path) did not finish command \(command) within \(timeout + budget)")
       }
       // Not cancellable: a cancelled run still waits for the card to acknowledge its stop.
       let wait = pause

@@ -42,7 +42,9 @@ public final class BlockingWorker: Sendable {
     let answered = Mutex(false)
     let first: Value? = await withCheckedContinuation { continuation in
       let answer: @Sendable (Value?) -> Void = { value in
-        if !answered.withLock({ answered in defer { answered = true }; return answered }) {
+        if !answered.withLock({ answered in
+          defer { answered = true }; return answered
+        }) {
           continuation.resume(returning: value)
         }
       }

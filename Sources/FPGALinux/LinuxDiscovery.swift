@@ -42,12 +42,16 @@ public struct LinuxDiscovery: Sendable {
         problems.append("PF \(address): its driver link cannot be read (\(error)); it is not managed")
         continue
       }
-      guard selectors.contains(where: { $0.matches(address: address, vendor: UInt16(vendor), device: UInt16(device), driver: driver) })
+      guard
+        selectors.contains(where: {
+          $0.matches(address: address, vendor: UInt16(vendor), device: UInt16(device), driver: driver)
+        })
       else { continue }
       // One device that cannot be read costs that device only: it is reported, and when it was
       // read before its VFs are kept (so no allocation ends) but none of them is handed out.
       do {
-        pfs.append(try readPF(address, vendor: UInt16(vendor), device: UInt16(device), driver: driver, problems: &problems))
+        pfs.append(
+          try readPF(address, vendor: UInt16(vendor), device: UInt16(device), driver: driver, problems: &problems))
       } catch {
         problems.append("PF \(address) cannot be read (\(error)): none of its VFs is allocated until it reads cleanly")
         if var known = cached[address] {
@@ -116,9 +120,12 @@ public struct LinuxDiscovery: Sendable {
 
   func readVF(_ address: PCIAddress, pf: PCIAddress, index: Int) throws(SysfsError) -> VirtualFunction {
     let driver = try sysfs.linkName(.device(address, "driver"))
-    let override = (try? sysfs.read(.device(address, "driver_override"))).flatMap { $0.isEmpty || $0 == "(null)" ? nil : $0 }
+    let override = (try? sysfs.read(.device(address, "driver_override"))).flatMap {
+      $0.isEmpty || $0 == "(null)" ? nil : $0
+    }
     let group = try sysfs.linkName(.device(address, "iommu_group")).flatMap { Int($0) } ?? -1
-    let vfio = group >= 0 && driver == "vfio-pci" && sysfs.deviceNodeExists("vfio/\(group)") ? "/dev/vfio/\(group)" : nil
+    let vfio =
+      group >= 0 && driver == "vfio-pci" && sysfs.deviceNodeExists("vfio/\(group)") ? "/dev/vfio/\(group)" : nil
     var function = VirtualFunction(
       address: address, pfAddress: pf, index: index,
       vendorID: UInt16(try hexValue(.device(address, "vendor"))),
@@ -168,7 +175,8 @@ public struct LinuxDiscovery: Sendable {
       nonfatalErrors: total("aer_dev_nonfatal", "TOTAL_ERR_NONFATAL"),
       fatalErrors: total("aer_dev_fatal", "TOTAL_ERR_FATAL"),
       linkSpeed: text("current_link_speed"), maxLinkSpeed: text("max_link_speed"),
-      linkWidth: text("current_link_width").flatMap { Int($0) }, maxLinkWidth: text("max_link_width").flatMap { Int($0) },
+      linkWidth: text("current_link_width").flatMap { Int($0) },
+      maxLinkWidth: text("max_link_width").flatMap { Int($0) },
       configAllOnes: config.count == 4 && config.allSatisfy { $0 == 0xff },
       expectedDriver: expectedDriver, driver: driver)
   }

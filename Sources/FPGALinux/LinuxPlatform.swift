@@ -145,7 +145,8 @@ public struct LinuxPlatform: NodePlatform {
     guard after == count else {
       throw AgentError(
         .internal,
-        "PF \(pf): the driver enabled \(after) VFs instead of \(count) (the kernel log says why; QDMA reports success when pci_enable_sriov fails)")
+        "PF \(pf): the driver enabled \(after) VFs instead of \(count) (the kernel log says why; QDMA reports success when pci_enable_sriov fails)"
+      )
     }
   }
 
@@ -175,7 +176,8 @@ public struct LinuxPlatform: NodePlatform {
       result = await completion.value
     }
     if let result {
-      throw SRIOVErrors.numVFsWrite(result.kernelErrno ?? .EIO, pf: pf, requested: value, current: current, total: total)
+      throw SRIOVErrors.numVFsWrite(
+        result.kernelErrno ?? .EIO, pf: pf, requested: value, current: current, total: total)
     }
   }
 
@@ -203,7 +205,9 @@ public struct LinuxPlatform: NodePlatform {
   /// verify the driver link (drivers_probe succeeds even when the probe fails), wait for
   /// `/dev/vfio/N`. Returns the device node.
   @discardableResult
-  public func bindToVFIO(vf: PCIAddress, clock: any Clock<Duration> = ContinuousClock()) async throws(AgentError) -> String {
+  public func bindToVFIO(vf: PCIAddress, clock: any Clock<Duration> = ContinuousClock()) async throws(AgentError)
+    -> String
+  {
     guard sysfs.exists(.device(vf, "physfn")) else {
       throw AgentError(.failedPrecondition, "\(vf) is not a VF (it has no physfn link); only VFs are bound to vfio-pci")
     }
@@ -262,7 +266,8 @@ public struct LinuxPlatform: NodePlatform {
     guard users.isEmpty else {
       throw AgentError(
         .failedPrecondition,
-        "VF \(vf) is in use: /dev/vfio/\(group) is held open by \(users.joined(separator: ", ")); detach it from its VM first")
+        "VF \(vf) is in use: /dev/vfio/\(group) is held open by \(users.joined(separator: ", ")); detach it from its VM first"
+      )
     }
   }
 

@@ -122,7 +122,8 @@ public struct LinuxSysfs: Sysfs {
 
   /// The real path of `path`; throws ENOENT when missing and EXDEV when it leaves the root.
   func confined(_ path: SysfsPath) throws(SysfsError) -> String {
-    for component in path.components where component.isEmpty || component == "." || component == ".." || component.contains("/") {
+    for component in path.components
+    where component.isEmpty || component == "." || component == ".." || component.contains("/") {
       throw SysfsError(operation: "refuse path component \"\(component)\" in", path: path.description, errno: EINVAL)
     }
     let full = root + "/" + path.description

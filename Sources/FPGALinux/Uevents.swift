@@ -22,7 +22,9 @@ public struct Uevent: Hashable, Sendable {
   /// Parses a kernel uevent datagram (`ACTION@DEVPATH\0KEY=VALUE\0...`); nil for anything else
   /// (udev's re-broadcasts start with `libudev`).
   public init?(datagram: [UInt8]) {
-    let fields = datagram.split(separator: 0, omittingEmptySubsequences: true).map { String(decoding: $0, as: UTF8.self) }
+    let fields = datagram.split(separator: 0, omittingEmptySubsequences: true).map {
+      String(decoding: $0, as: UTF8.self)
+    }
     guard let header = fields.first, header.contains("@"), !header.hasPrefix("libudev") else { return nil }
     var values: [String: String] = [:]
     for field in fields.dropFirst() {
@@ -55,11 +57,14 @@ public struct NetlinkUevents: UeventSource {
 
   /// Opens the socket now, so an error (no permission, no netlink) is reported at start.
   public static func open() throws(SysfsError) -> Int32 {
-    let fd = socket(AF_NETLINK, Int32(SOCK_RAW.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 15 /* NETLINK_KOBJECT_UEVENT */)
+    let fd = socket(
+      AF_NETLINK, Int32(SOCK_RAW.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 15 /* NETLINK_KOBJECT_UEVENT */)
     guard fd >= 0 else { throw SysfsError(operation: "open the uevent netlink socket", path: "netlink", errno: errno) }
     var address = NetlinkAddress(family: sa_family_t(AF_NETLINK), pad: 0, pid: 0, groups: 1)  // the kernel's group
     let bound = withUnsafePointer(to: &address) {
-      $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<NetlinkAddress>.size)) }
+      $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+        bind(fd, $0, socklen_t(MemoryLayout<NetlinkAddress>.size))
+      }
     }
     guard bound == 0 else {
       let failure = errno

@@ -73,7 +73,8 @@ public actor QEMUHypervisor: Hypervisor {
     guard let port = ports.free.first(where: { !(reserved[vm]?.contains($0) ?? false) }) else {
       throw AgentError(
         .resourceExhausted,
-        "VM \(vm) has no free hot-pluggable root port (\(ports.all.count) ports, all occupied): start it with more empty pcie-root-port devices")
+        "VM \(vm) has no free hot-pluggable root port (\(ports.all.count) ports, all occupied): start it with more empty pcie-root-port devices"
+      )
     }
     reserved[vm, default: []].insert(port)
     defer { reserved[vm]?.remove(port) }
@@ -101,7 +102,8 @@ public actor QEMUHypervisor: Hypervisor {
     do {
       do {
         _ = try await client.execute("device_del", ["id": .string(deviceID)], timeout: settings.commandTimeout)
-      } catch let error where error.kind == .commandFailed && error.message.contains("already in the process of unplug") {
+      } catch let error where error.kind == .commandFailed && error.message.contains("already in the process of unplug")
+      {
         // An earlier request is pending: keep waiting for the guest.
       } catch let error where error.errorClass == "DeviceNotFound" {
         deleted.cancel()
@@ -145,7 +147,8 @@ public actor QEMUHypervisor: Hypervisor {
     guard settings.pauseCommands.count == 2, let command, commands.contains(command) else {
       throw AgentError(
         .failedPrecondition,
-        "QEMU of VM \(vm) cannot \(doing) a VFIO device (no \(command ?? "pause") command); use the detach-reattach strategy")
+        "QEMU of VM \(vm) cannot \(doing) a VFIO device (no \(command ?? "pause") command); use the detach-reattach strategy"
+      )
     }
     do {
       _ = try await client.execute(command, ["id": .string(deviceID)], timeout: settings.commandTimeout)
@@ -178,7 +181,7 @@ public actor QEMUHypervisor: Hypervisor {
     let cached = try await client(name)
     do {
       return (cached, try await cached.execute("query-status", timeout: settings.commandTimeout))
-    } catch where error.kind == .disconnected {
+    } catch  where error.kind == .disconnected {
       clients[name] = nil
     } catch {
       throw map(error, vm: name, doing: "query-status")
@@ -227,12 +230,14 @@ public actor QEMUHypervisor: Hypervisor {
 
   private func rootPorts(_ client: QMPClient) async throws(AgentError) -> (all: [String], free: [String]) {
     do {
-      let entries = try await client.execute("qom-list", ["path": "/machine/peripheral"], timeout: settings.commandTimeout)
+      let entries =
+        try await client.execute("qom-list", ["path": "/machine/peripheral"], timeout: settings.commandTimeout)
         .arrayValue ?? []
       var ports: [String] = []
       var devices: [String] = []
       for entry in entries {
-        guard let name = entry["name"]?.stringValue, let type = entry["type"]?.stringValue, type.hasPrefix("child<") else {
+        guard let name = entry["name"]?.stringValue, let type = entry["type"]?.stringValue, type.hasPrefix("child<")
+        else {
           continue
         }
         if type == "child<pcie-root-port>" { ports.append(name) } else { devices.append(name) }
@@ -256,10 +261,12 @@ public actor QEMUHypervisor: Hypervisor {
   }
 
   private func peripheralNames(_ client: QMPClient) async throws(QMPError) -> Set<String> {
-    let entries = try await client.execute("qom-list", ["path": "/machine/peripheral"], timeout: settings.commandTimeout)
-    return Set((entries.arrayValue ?? []).compactMap { entry in
-      entry["type"]?.stringValue?.hasPrefix("child<") == true ? entry["name"]?.stringValue : nil
-    })
+    let entries = try await client.execute(
+      "qom-list", ["path": "/machine/peripheral"], timeout: settings.commandTimeout)
+    return Set(
+      (entries.arrayValue ?? []).compactMap { entry in
+        entry["type"]?.stringValue?.hasPrefix("child<") == true ? entry["name"]?.stringValue : nil
+      })
   }
 
   private func commandNames(_ client: QMPClient) async throws(QMPError) -> Set<String> {
@@ -278,7 +285,8 @@ public actor QEMUHypervisor: Hypervisor {
       return AgentError(.unavailable, "VM \(vm) is unreachable: \(error.message)", cause: doing)
     case .disconnected:
       clients[vm] = nil
-      return AgentError(.unavailable, "the QEMU of VM \(vm) went away during \(doing) (it exited or was killed)", cause: error.message)
+      return AgentError(
+        .unavailable, "the QEMU of VM \(vm) went away during \(doing) (it exited or was killed)", cause: error.message)
     case .timeout:
       return AgentError(.unavailable, "the QEMU of VM \(vm) did not answer \(doing) in time", cause: error.message)
     case .cancelled:

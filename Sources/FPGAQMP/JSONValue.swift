@@ -68,7 +68,11 @@ extension JSONValue: Codable {
     case .null: try container.encodeNil()
     case .bool(let flag): try container.encode(flag)
     case .number(let number):
-      if number.rounded() == number, abs(number) < 1e15 { try container.encode(Int64(number)) } else { try container.encode(number) }
+      if number.rounded() == number, abs(number) < 1e15 {
+        try container.encode(Int64(number))
+      } else {
+        try container.encode(number)
+      }
     case .string(let text): try container.encode(text)
     case .array(let items): try container.encode(items)
     case .object(let object): try container.encode(object)

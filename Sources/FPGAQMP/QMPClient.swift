@@ -274,26 +274,26 @@ fileprivate final class Connection: Sendable {
   }
 
   private func waitForEvent(expectation id: UInt64) async throws -> JSONValue {
-      try await withCheckedThrowingContinuation { continuation in
-        let ready = state.withLock { state -> Result<JSONValue, QMPError>?? in
-          guard var waiter = state.waiters[id] else { return .some(nil) }
-          if let result = waiter.result {
-            state.waiters[id] = nil
-            return .some(result)
-          }
-          waiter.continuation = continuation
-          state.waiters[id] = waiter
-          return .none
+    try await withCheckedThrowingContinuation { continuation in
+      let ready = state.withLock { state -> Result<JSONValue, QMPError>?? in
+        guard var waiter = state.waiters[id] else { return .some(nil) }
+        if let result = waiter.result {
+          state.waiters[id] = nil
+          return .some(result)
         }
-        switch ready {
-        case .none:
-          if Task.isCancelled {
-            finish(expectation: id, .failure(QMPError(.cancelled, "the wait for an event was cancelled")))
-          }
-        case .some(nil): continuation.resume(throwing: QMPError(.protocolViolation, "this event was already waited for"))
-        case .some(let result?): continuation.resume(with: result.mapError { $0 as any Error })
-        }
+        waiter.continuation = continuation
+        state.waiters[id] = waiter
+        return .none
       }
+      switch ready {
+      case .none:
+        if Task.isCancelled {
+          finish(expectation: id, .failure(QMPError(.cancelled, "the wait for an event was cancelled")))
+        }
+      case .some(nil): continuation.resume(throwing: QMPError(.protocolViolation, "this event was already waited for"))
+      case .some(let result?): continuation.resume(with: result.mapError { $0 as any Error })
+      }
+    }
   }
 
   func cancel(expectation id: UInt64) {
@@ -358,7 +358,11 @@ fileprivate final class Connection: Sendable {
     } else if let event = message["event"]?.stringValue {
       let data = message["data"] ?? .object([:])
       let (stream, matched) = state.withLock { state in
-        (state.events, state.waiters.filter { $0.value.result == nil && $0.value.name == event && $0.value.predicate(data) }.map(\.key))
+        (
+          state.events,
+          state.waiters.filter { $0.value.result == nil && $0.value.name == event && $0.value.predicate(data) }.map(
+            \.key)
+        )
       }
       stream?.yield(QMPEvent(name: event, data: data))
       for id in matched { finish(expectation: id, .success(data)) }

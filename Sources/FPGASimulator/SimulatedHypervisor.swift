@@ -51,12 +51,15 @@ public actor SimulatedHypervisor: Hypervisor {
     guard let vm = vms[name] else { throw AgentError(.notFound, "VM \(name) is not known") }
     let used = plugged[name] ?? [:]
     if used.values.contains(where: { $0.id == deviceID }) {
-      throw AgentError(.failedPrecondition, "the VMM of VM \(name) refused device_add: Duplicate device ID '\(deviceID)'")
+      throw AgentError(
+        .failedPrecondition, "the VMM of VM \(name) refused device_add: Duplicate device ID '\(deviceID)'")
     }
-    guard let port = (1...max(vm.rootPorts, 1)).map({ "rp\($0)" }).first(where: { used[$0] == nil }), vm.rootPorts > 0 else {
+    guard let port = (1...max(vm.rootPorts, 1)).map({ "rp\($0)" }).first(where: { used[$0] == nil }), vm.rootPorts > 0
+    else {
       throw AgentError(
         .resourceExhausted,
-        "VM \(name) has no free hot-pluggable root port (\(vm.rootPorts) ports, all occupied): start it with more empty pcie-root-port devices")
+        "VM \(name) has no free hot-pluggable root port (\(vm.rootPorts) ports, all occupied): start it with more empty pcie-root-port devices"
+      )
     }
     do {
       try node.hold(vf: vf, by: name)
@@ -97,7 +100,8 @@ public actor SimulatedHypervisor: Hypervisor {
     do {
       try node.hold(vf: device.vf, by: name)
     } catch {
-      throw AgentError(.failedPrecondition, "the VMM of VM \(name) cannot re-open VF \(device.vf) for \(deviceID): \(error)")
+      throw AgentError(
+        .failedPrecondition, "the VMM of VM \(name) cannot re-open VF \(device.vf) for \(deviceID): \(error)")
     }
     paused.remove(deviceID)
   }
@@ -107,7 +111,8 @@ public actor SimulatedHypervisor: Hypervisor {
       throw AgentError(.notFound, "VM \(name) has no device \(deviceID)")
     }
     guard vm.vfioPause else {
-      throw AgentError(.failedPrecondition, "the VMM of VM \(name) cannot pause VFIO devices; use the detach-reattach strategy")
+      throw AgentError(
+        .failedPrecondition, "the VMM of VM \(name) cannot pause VFIO devices; use the detach-reattach strategy")
     }
     return device
   }

@@ -63,7 +63,9 @@ public final class SimulatedNode: Sendable {
     if let hardware {
       state.withLock { state in
         state.pfs = hardware.pfs
-        state.vfs = hardware.vfs.mapValues { var vf = $0; vf.holder = nil; return vf }
+        state.vfs = hardware.vfs.mapValues {
+          var vf = $0; vf.holder = nil; return vf
+        }
         state.nextGroup = hardware.nextGroup
         state.loadedDrivers = hardware.loadedDrivers
       }

@@ -47,10 +47,11 @@ public struct SimulatorConfig: Hashable, Sendable {
 
   /// `count` cards with every VF enabled and bound to vfio-pci (benchmarks, scale tests).
   public static func full(cards count: Int) -> SimulatorConfig {
-    SimulatorConfig(cards: (0..<count).map { index in
-      Card(
-        bus: UInt8(0x10 + index * 0x20), numaNode: index % 2, enabledVFs: [64, 60, 60, 68])
-    })
+    SimulatorConfig(
+      cards: (0..<count).map { index in
+        Card(
+          bus: UInt8(0x10 + index * 0x20), numaNode: index % 2, enabledVFs: [64, 60, 60, 68])
+      })
   }
 
   /// Checks the shape; returns a sentence per problem.

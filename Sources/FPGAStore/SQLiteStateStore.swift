@@ -124,7 +124,8 @@ public final class SQLiteStateStore: StateStore {
     if last == "v3" { return migrator }
     migrator.registerMigration("v4") { db in
       try db.execute(
-        sql: "CREATE TABLE records (kind TEXT NOT NULL, key TEXT NOT NULL, body TEXT NOT NULL, PRIMARY KEY (kind, key))")
+        sql: "CREATE TABLE records (kind TEXT NOT NULL, key TEXT NOT NULL, body TEXT NOT NULL, PRIMARY KEY (kind, key))"
+      )
     }
     return migrator
   }
@@ -153,12 +154,15 @@ public final class SQLiteStateStore: StateStore {
               fingerprint: try decoder.decode(String.self, from: Data((row["fingerprint"] as String).utf8)),
               outcome: try decoder.decode(IdempotentOutcome.self, from: Data(outcome.utf8))))
         }
-        state.epoch = UInt64(try String.fetchOne(db, sql: "SELECT value FROM settings WHERE name = 'epoch'") ?? "0") ?? 0
-        state.starts = UInt64(try String.fetchOne(db, sql: "SELECT value FROM settings WHERE name = 'starts'") ?? "0") ?? 0
+        state.epoch =
+          UInt64(try String.fetchOne(db, sql: "SELECT value FROM settings WHERE name = 'epoch'") ?? "0") ?? 0
+        state.starts =
+          UInt64(try String.fetchOne(db, sql: "SELECT value FROM settings WHERE name = 'starts'") ?? "0") ?? 0
         state.drains = Set(try String.fetchAll(db, sql: "SELECT target FROM drains"))
         let operations = try String.fetchAll(
           db,
-          sql: "SELECT body FROM (SELECT body, created, rowid FROM operations ORDER BY created DESC, rowid DESC LIMIT ?) ORDER BY created, rowid",
+          sql:
+            "SELECT body FROM (SELECT body, created, rowid FROM operations ORDER BY created DESC, rowid DESC LIMIT ?) ORDER BY created, rowid",
           arguments: [Self.operationHistory])
         let unfinished = try String.fetchAll(
           db, sql: "SELECT body FROM operations WHERE unfinished = 1 ORDER BY created, rowid")
@@ -167,7 +171,8 @@ public final class SQLiteStateStore: StateStore {
         }
         for row in try Row.fetchAll(db, sql: "SELECT accelerator_id, body FROM policies") {
           let body: String = row["body"]
-          state.policies[row["accelerator_id"]] = try decoder.decode(TimeSharingScheduler.Policy.self, from: Data(body.utf8))
+          state.policies[row["accelerator_id"]] = try decoder.decode(
+            TimeSharingScheduler.Policy.self, from: Data(body.utf8))
         }
         for row in try Row.fetchAll(db, sql: "SELECT kind, key, body FROM records") {
           state.records[row["kind"], default: [:]][row["key"]] = row["body"] as String
@@ -268,7 +273,8 @@ public final class SQLiteStateStore: StateStore {
       ).execute(
         arguments: [
           allocation.id, allocation.vf.description, allocation.pf.description, allocation.owner, allocation.vm,
-          allocation.idempotencyKey, allocation.createdAt.seconds, allocation.createdAt.nanoseconds, allocation.numaNode,
+          allocation.idempotencyKey, allocation.createdAt.seconds, allocation.createdAt.nanoseconds,
+          allocation.numaNode,
           allocation.iommuGroup, allocation.attached, allocation.deviceID, allocation.rootPort, allocation.detaching,
         ])
     case .deleteAllocation(let id):
@@ -276,11 +282,13 @@ public final class SQLiteStateStore: StateStore {
     case .putIdempotency(let record):
       // Fingerprints hold NUL separators, which SQLite text does not keep: stored as JSON.
       try db.cachedStatement(
-        sql: "INSERT OR REPLACE INTO idempotency (scope, key, fingerprint, outcome) VALUES (?, ?, ?, ?)").execute(
+        sql: "INSERT OR REPLACE INTO idempotency (scope, key, fingerprint, outcome) VALUES (?, ?, ?, ?)"
+      ).execute(
         arguments: [record.scope, record.key, try json(record.fingerprint), try json(record.outcome)])
       if idempotencyWrites.add(1, ordering: .relaxed).newValue % 512 == 0 {
         try db.cachedStatement(
-          sql: "DELETE FROM idempotency WHERE seq <= (SELECT MAX(seq) FROM idempotency) - ?").execute(
+          sql: "DELETE FROM idempotency WHERE seq <= (SELECT MAX(seq) FROM idempotency) - ?"
+        ).execute(
           arguments: [Self.idempotencyCapacity])
       }
     case .setEpoch(let epoch):
@@ -291,11 +299,14 @@ public final class SQLiteStateStore: StateStore {
             WHEN length(excluded.value) > length(value)
               OR (length(excluded.value) = length(value) AND excluded.value > value) THEN excluded.value
             ELSE value END
-          """).execute(
+          """
+      ).execute(
         arguments: [String(epoch)])
     case .setStarts(let starts):
       try db.cachedStatement(
-        sql: "INSERT INTO settings (name, value) VALUES ('starts', ?) ON CONFLICT(name) DO UPDATE SET value = excluded.value").execute(
+        sql:
+          "INSERT INTO settings (name, value) VALUES ('starts', ?) ON CONFLICT(name) DO UPDATE SET value = excluded.value"
+      ).execute(
         arguments: [String(starts)])
     case .putContext(let record):
       try db.cachedStatement(sql: "INSERT OR REPLACE INTO contexts (id, body) VALUES (?, ?)").execute(
@@ -322,7 +333,8 @@ public final class SQLiteStateStore: StateStore {
         sql: """
           INSERT INTO operations (id, kind, target, state, unfinished, created, body) VALUES (?, ?, ?, ?, ?, ?, ?)
           ON CONFLICT(id) DO UPDATE SET state = excluded.state, unfinished = excluded.unfinished, body = excluded.body
-          """).execute(
+          """
+      ).execute(
         arguments: [
           record.id, record.kind, record.target, record.state.rawValue, operation.journal != nil,
           record.createdAt.seconds, try json(operation),
@@ -332,7 +344,8 @@ public final class SQLiteStateStore: StateStore {
           sql: """
             DELETE FROM operations WHERE unfinished = 0 AND rowid NOT IN
               (SELECT rowid FROM operations WHERE unfinished = 0 ORDER BY created DESC, rowid DESC LIMIT ?)
-            """).execute(
+            """
+        ).execute(
           arguments: [Self.operationHistory])
       }
     }
@@ -342,11 +355,13 @@ public final class SQLiteStateStore: StateStore {
     let vf: String = row["vf"]
     let pf: String = row["pf"]
     guard let vfAddress = PCIAddress(vf), let pfAddress = PCIAddress(pf) else {
-      throw DatabaseError(resultCode: .SQLITE_CORRUPT, message: "allocation \(row["id"] as String? ?? "?") has a bad address")
+      throw DatabaseError(
+        resultCode: .SQLITE_CORRUPT, message: "allocation \(row["id"] as String? ?? "?") has a bad address")
     }
     return Allocation(
       id: row["id"], vf: vfAddress, pf: pfAddress, owner: row["owner"], vm: row["vm"],
-      idempotencyKey: row["idempotency_key"], createdAt: WallTime(seconds: row["created_s"], nanoseconds: row["created_ns"]),
+      idempotencyKey: row["idempotency_key"],
+      createdAt: WallTime(seconds: row["created_s"], nanoseconds: row["created_ns"]),
       numaNode: row["numa_node"], iommuGroup: row["iommu_group"], attached: row["attached"], deviceID: row["device_id"],
       rootPort: row["root_port"], detaching: row["detaching"])
   }
@@ -361,7 +376,8 @@ public final class SQLiteStateStore: StateStore {
     guard let error = error as? DatabaseError else {
       return AgentError(
         .internal,
-        "state store \(path) holds records this agent cannot read (\(error)); move the file aside to start empty, or restore a backup")
+        "state store \(path) holds records this agent cannot read (\(error)); move the file aside to start empty, or restore a backup"
+      )
     }
     switch error.resultCode {
     case .SQLITE_CORRUPT, .SQLITE_NOTADB:
@@ -377,7 +393,8 @@ public final class SQLiteStateStore: StateStore {
         cause: error.description)
     case .SQLITE_FULL:
       return AgentError(
-        .resourceExhausted, "state store \(path): the disk is full; free space in its directory", cause: error.description)
+        .resourceExhausted, "state store \(path): the disk is full; free space in its directory",
+        cause: error.description)
     default:
       return AgentError(.unavailable, "state store \(path) cannot be read", cause: error.description)
     }

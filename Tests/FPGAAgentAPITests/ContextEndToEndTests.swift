@@ -15,50 +15,61 @@ import Testing
       try await agent.withClient { nodeAgent, _ in
         var ids: [String: String] = [:]
         for (guest, weight) in [("vm-a", 1), ("vm-b", 2)] {
-          let response = try await nodeAgent.registerContext(.with {
-            $0.context.acceleratorID = Self.accelerator
-            $0.context.guest = guest
-            $0.context.function = "aes256-gcm"
-            $0.context.parameters = ["key-bits": "256"]
-            $0.context.savedStateBytes = 1 << 20
-            $0.context.weight = UInt32(weight)
-          })
+          let response = try await nodeAgent.registerContext(
+            .with {
+              $0.context.acceleratorID = Self.accelerator
+              $0.context.guest = guest
+              $0.context.function = "aes256-gcm"
+              $0.context.parameters = ["key-bits": "256"]
+              $0.context.savedStateBytes = 1 << 20
+              $0.context.weight = UInt32(weight)
+            })
           #expect(!response.replayed && response.context.id.hasPrefix("ctx-"))
           ids[guest] = response.context.id
         }
         // The same registration again is the same context.
-        let again = try await nodeAgent.registerContext(.with {
-          $0.context.acceleratorID = Self.accelerator; $0.context.guest = "vm-a"; $0.context.function = "aes256-gcm"
-          $0.context.parameters = ["key-bits": "256"]; $0.context.savedStateBytes = 1 << 20; $0.context.weight = 1
-        })
+        let again = try await nodeAgent.registerContext(
+          .with {
+            $0.context.acceleratorID = Self.accelerator; $0.context.guest = "vm-a"; $0.context.function = "aes256-gcm"
+            $0.context.parameters = ["key-bits": "256"]; $0.context.savedStateBytes = 1 << 20; $0.context.weight = 1
+          })
         #expect(again.replayed && again.context.id == ids["vm-a"])
 
-        let switched = try await nodeAgent.switchContext(.with { $0.contextID = ids["vm-b"]!; $0.timing = .now })
+        let switched = try await nodeAgent.switchContext(
+          .with {
+            $0.contextID = ids["vm-b"]!; $0.timing = .now
+          })
         #expect(switched.switched)
         // Loading a 1 MiB state over 4 GB/s plus the fixed 200 µs: at least the fixed part.
         #expect(switched.switchTime.nanos >= 200_000 || switched.switchTime.seconds > 0)
-        let later = try await nodeAgent.switchContext(.with { $0.contextID = ids["vm-a"]!; $0.timing = .nextSlice })
+        let later = try await nodeAgent.switchContext(
+          .with {
+            $0.contextID = ids["vm-a"]!; $0.timing = .nextSlice
+          })
         #expect(!later.switched)
 
-        let policy = try await nodeAgent.setSharingPolicy(.with {
-          $0.policy.acceleratorID = Self.accelerator
-          $0.policy.timeSlice = .with { $0.nanos = 5_000_000 }
-          $0.policy.overcommitLimit = 2
-          $0.policy.weights = ["vm-a": 3]
-        })
+        let policy = try await nodeAgent.setSharingPolicy(
+          .with {
+            $0.policy.acceleratorID = Self.accelerator
+            $0.policy.timeSlice = .with { $0.nanos = 5_000_000 }
+            $0.policy.overcommitLimit = 2
+            $0.policy.weights = ["vm-a": 3]
+          })
         #expect(policy.policy.weights == ["vm-a": 3, "vm-b": 2] && policy.policy.overcommitLimit == 2)
         let full = await rpcFailure {
-          _ = try await nodeAgent.registerContext(.with {
-            $0.context.acceleratorID = Self.accelerator; $0.context.guest = "vm-c"; $0.context.function = "sha3"
-          })
+          _ = try await nodeAgent.registerContext(
+            .with {
+              $0.context.acceleratorID = Self.accelerator; $0.context.guest = "vm-c"; $0.context.function = "sha3"
+            })
         }
         #expect(full?.0 == .resourceExhausted)
         #expect(full?.1.contains("overcommit limit") == true)
         let tooLow = await rpcFailure {
-          _ = try await nodeAgent.setSharingPolicy(.with {
-            $0.policy.acceleratorID = Self.accelerator; $0.policy.timeSlice = .with { $0.nanos = 5_000_000 }
-            $0.policy.overcommitLimit = 1
-          })
+          _ = try await nodeAgent.setSharingPolicy(
+            .with {
+              $0.policy.acceleratorID = Self.accelerator; $0.policy.timeSlice = .with { $0.nanos = 5_000_000 }
+              $0.policy.overcommitLimit = 1
+            })
         }
         #expect(tooLow?.0 == .resourceExhausted)
 
@@ -82,29 +93,37 @@ import Testing
     try await TestAgent.with(configure: { $0.simulator.acceleratorsPerCard = 1 }) { agent in
       try await agent.withClient { nodeAgent, _ in
         let unknown = await rpcFailure {
-          _ = try await nodeAgent.registerContext(.with {
-            $0.context.acceleratorID = "card-0000:99/acc7"; $0.context.guest = "g"; $0.context.function = "f"
-          })
+          _ = try await nodeAgent.registerContext(
+            .with {
+              $0.context.acceleratorID = "card-0000:99/acc7"; $0.context.guest = "g"; $0.context.function = "f"
+            })
         }
         #expect(unknown?.0 == .notFound && unknown?.1.contains("it has: card-0000:3b/acc0, card-0000:d8/acc0") == true)
         let guest = await rpcFailure {
-          _ = try await nodeAgent.registerContext(.with {
-            $0.context.acceleratorID = Self.accelerator; $0.context.guest = "../x"; $0.context.function = "f"
-          })
+          _ = try await nodeAgent.registerContext(
+            .with {
+              $0.context.acceleratorID = Self.accelerator; $0.context.guest = "../x"; $0.context.function = "f"
+            })
         }
         #expect(guest?.0 == .invalidArgument)
         let function = await rpcFailure {
-          _ = try await nodeAgent.registerContext(.with {
-            $0.context.acceleratorID = Self.accelerator; $0.context.guest = "g"; $0.context.function = ""
-          })
+          _ = try await nodeAgent.registerContext(
+            .with {
+              $0.context.acceleratorID = Self.accelerator; $0.context.guest = "g"; $0.context.function = ""
+            })
         }
         #expect(function?.0 == .invalidArgument)
         let id = await rpcFailure { _ = try await nodeAgent.switchContext(.with { $0.contextID = "../ctx" }) }
         #expect(id?.0 == .invalidArgument)
-        let missing = await rpcFailure { try await nodeAgent.deleteContext(.with { $0.contextID = "ctx-000000000000" }) }
+        let missing = await rpcFailure {
+          try await nodeAgent.deleteContext(.with { $0.contextID = "ctx-000000000000" })
+        }
         #expect(missing?.0 == .notFound)
         let slice = await rpcFailure {
-          _ = try await nodeAgent.setSharingPolicy(.with { $0.policy.acceleratorID = Self.accelerator; $0.policy.overcommitLimit = 2 })
+          _ = try await nodeAgent.setSharingPolicy(
+            .with {
+              $0.policy.acceleratorID = Self.accelerator; $0.policy.overcommitLimit = 2
+            })
         }
         #expect(slice?.0 == .invalidArgument)
       }
@@ -155,11 +174,16 @@ import Testing
       try await agent.withClient { nodeAgent, _ in
         let inventory = try await nodeAgent.getInventory(.init())
         #expect(inventory.accelerators.map { "\($0.id) \($0.control)" } == ["card-0000:3b/acc1 bar"])
-        let context = try await nodeAgent.registerContext(.with {
-          $0.context.acceleratorID = "card-0000:3b/acc1"; $0.context.guest = "vm-1"; $0.context.function = "fft"
-          $0.context.savedStateBytes = 4096
-        }).context
-        let switched = try await nodeAgent.switchContext(.with { $0.contextID = context.id; $0.timing = .now })
+        let context = try await nodeAgent.registerContext(
+          .with {
+            $0.context.acceleratorID = "card-0000:3b/acc1"; $0.context.guest = "vm-1"; $0.context.function = "fft"
+            $0.context.savedStateBytes = 4096
+          }
+        ).context
+        let switched = try await nodeAgent.switchContext(
+          .with {
+            $0.contextID = context.id; $0.timing = .now
+          })
         #expect(switched.switched)
         #expect(card.commands.contains("1:load:1:4096"))
       }

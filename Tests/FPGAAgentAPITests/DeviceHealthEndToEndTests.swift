@@ -54,7 +54,7 @@ import Testing
     let uevents = FakeUevents()
     try await TestAgent.with(
       configure: { config in
-        config.platform = "linux"
+        config.platform = .linux
         config.linux.sysfsRoot = tree.sysRoot
         config.linux.devRoot = tree.devRoot
       }, uevents: uevents
@@ -64,12 +64,18 @@ import Testing
         var inventory = try await node.getInventory(.init())
         #expect(inventory.cards[0].pfs.map(\.health.state) == [.healthy, .healthy])
         #expect(inventory.cards[0].pfs[1].readings.aerFatal == 0 && inventory.cards[0].pfs[1].readings.linkWidth == 16)
-        let kept = try await node.allocateVF(.with { $0.owner = "tenant"; $0.constraints.pfBdf = "0000:3b:00.0" })
+        let kept = try await node.allocateVF(
+          .with {
+            $0.owner = "tenant"; $0.constraints.pfBdf = "0000:3b:00.0"
+          })
 
         // PF1 logs an uncorrectable fatal error and trains at x4: the kernel says "change".
         for (file, text) in Self.aer(fatal: 1) { try Self.put(tree, "0000:3b:00.1", file, text) }
         try Self.put(tree, "0000:3b:00.1", "current_link_width", "4")
-        uevents.send(Uevent(action: "change", devpath: "/devices/pci0000:00/0000:3b:00.1", subsystem: "pci", pciSlot: PCIAddress("0000:3b:00.1")))
+        uevents.send(
+          Uevent(
+            action: "change", devpath: "/devices/pci0000:00/0000:3b:00.1", subsystem: "pci",
+            pciSlot: PCIAddress("0000:3b:00.1")))
         try await eventually("PF1 unhealthy") {
           try await node.getInventory(.init()).cards[0].pfs[1].health.state == .unhealthy
         }
@@ -81,12 +87,17 @@ import Testing
         #expect(pf1.vfs.allSatisfy { $0.health.state == .unhealthy && $0.state == .unhealthy })
         #expect(pf1.vfs[0].health.reasons.contains { $0.kind == "parent" && $0.detail.contains("0000:3b:00.1") })
         let refused = await rpcFailure {
-          _ = try await node.allocateVF(.with { $0.owner = "t"; $0.constraints.pfBdf = "0000:3b:00.1" })
+          _ = try await node.allocateVF(
+            .with {
+              $0.owner = "t"; $0.constraints.pfBdf = "0000:3b:00.1"
+            })
         }
         #expect(refused?.0 == .resourceExhausted)
         let status = await fpgactlStatus(agent)
         #expect(status.contains("DEGRADED"))
-        #expect(status.contains("PF 0000:3b:00.1 is unhealthy since") && status.contains("aer-fatal: 1 uncorrectable fatal error"))
+        #expect(
+          status.contains("PF 0000:3b:00.1 is unhealthy since")
+            && status.contains("aer-fatal: 1 uncorrectable fatal error"))
 
         // PF0 falls off the bus while its VF is allocated: gone, the allocation ends with why.
         let hidden = tree.directory + "/hidden"
@@ -94,13 +105,18 @@ import Testing
         let links = try FileManager.default.contentsOfDirectory(atPath: tree.sysRoot + "/bus/pci/devices")
           .filter { name in
             name == "0000:3b:00.0"
-              || ((try? FileManager.default.destinationOfSymbolicLink(atPath: tree.sysRoot + "/bus/pci/devices/\(name)/physfn"))?
+              || ((try? FileManager.default.destinationOfSymbolicLink(
+                atPath: tree.sysRoot + "/bus/pci/devices/\(name)/physfn"))?
                 .hasSuffix("0000:3b:00.0") ?? false)
           }
         for name in links {
-          try FileManager.default.moveItem(atPath: tree.sysRoot + "/bus/pci/devices/\(name)", toPath: hidden + "/\(name)")
+          try FileManager.default.moveItem(
+            atPath: tree.sysRoot + "/bus/pci/devices/\(name)", toPath: hidden + "/\(name)")
         }
-        uevents.send(Uevent(action: "remove", devpath: "/devices/pci0000:00/0000:3b:00.0", subsystem: "pci", pciSlot: PCIAddress("0000:3b:00.0")))
+        uevents.send(
+          Uevent(
+            action: "remove", devpath: "/devices/pci0000:00/0000:3b:00.0", subsystem: "pci",
+            pciSlot: PCIAddress("0000:3b:00.0")))
         try await eventually("PF0 gone") { try await node.getInventory(.init()).allocations.isEmpty }
         inventory = try await node.getInventory(.init())
         #expect(inventory.cards[0].pfs.map(\.bdf) == ["0000:3b:00.1"])
@@ -112,21 +128,30 @@ import Testing
         #expect(gone.findings.contains { $0.contains(kept.allocation.id) && $0.contains("is gone") })
         // The audit trail says the agent ended it, and why.
         let audit = try String(contentsOfFile: agent.directory + "/state/audit.log", encoding: .utf8)
-        #expect(audit.split(separator: "\n").contains { line in
-          line.contains(#""rpc":"AllocationEnded""#) && line.contains(kept.allocation.id) && line.contains("is gone from the PCI bus")
-            && line.contains(#""identity":"agent""#)
-        }, "\(audit)")
+        #expect(
+          audit.split(separator: "\n").contains { line in
+            line.contains(#""rpc":"AllocationEnded""#) && line.contains(kept.allocation.id)
+              && line.contains("is gone from the PCI bus")
+              && line.contains(#""identity":"agent""#)
+          }, "\(audit)")
 
         // Hot-added back: managed again, healthy (the counters start afresh).
         for name in links {
-          try FileManager.default.moveItem(atPath: hidden + "/\(name)", toPath: tree.sysRoot + "/bus/pci/devices/\(name)")
+          try FileManager.default.moveItem(
+            atPath: hidden + "/\(name)", toPath: tree.sysRoot + "/bus/pci/devices/\(name)")
         }
-        uevents.send(Uevent(action: "add", devpath: "/devices/pci0000:00/0000:3b:00.0", subsystem: "pci", pciSlot: PCIAddress("0000:3b:00.0")))
+        uevents.send(
+          Uevent(
+            action: "add", devpath: "/devices/pci0000:00/0000:3b:00.0", subsystem: "pci",
+            pciSlot: PCIAddress("0000:3b:00.0")))
         try await eventually("PF0 back") { try await node.getInventory(.init()).cards[0].pfs.count == 2 }
         let back = try await node.getInventory(.init()).cards[0].pfs[0]
         #expect(back.bdf == "0000:3b:00.0" && back.health.state == .healthy && back.vfs.count == 2)
         #expect(try await !node.getNodeStatus(.init()).problems.contains { $0.contains("0000:3b:00.0") })
-        _ = try await node.allocateVF(.with { $0.owner = "again"; $0.constraints.pfBdf = "0000:3b:00.0" })
+        _ = try await node.allocateVF(
+          .with {
+            $0.owner = "again"; $0.constraints.pfBdf = "0000:3b:00.0"
+          })
       }
     }
   }
@@ -145,15 +170,22 @@ import Testing
 @Suite struct DevicePluginHealthTests {
   @Test func vfsOfAnUnhealthyPFAreUnhealthyForTheKubelet() async throws {
     let tree = try DeviceHealthEndToEndTests.tree()
-    for (file, text) in DeviceHealthEndToEndTests.aer(fatal: 0) { try DeviceHealthEndToEndTests.put(tree, "0000:3b:00.1", file, text) }
+    for (file, text) in DeviceHealthEndToEndTests.aer(fatal: 0) {
+      try DeviceHealthEndToEndTests.put(tree, "0000:3b:00.1", file, text)
+    }
     let engine = NodeEngine(nodeID: "n", platform: LinuxPlatform(sysfs: tree), clock: FixedClock())
     try await engine.rescan()
     let pool = DevicePluginPool(resourceName: "xilinx.com/qdma-vf", pfs: [])
     func health() async throws -> [String: String] {
-      Dictionary(uniqueKeysWithValues: DevicePluginService.devices(try await engine.snapshot(), pool: pool).map { ($0.id, $0.health) })
+      Dictionary(
+        uniqueKeysWithValues: DevicePluginService.devices(try await engine.snapshot(), pool: pool).map {
+          ($0.id, $0.health)
+        })
     }
     #expect(Set(try await health().values) == ["Healthy"])
-    for (file, text) in DeviceHealthEndToEndTests.aer(fatal: 0, nonfatal: 2) { try DeviceHealthEndToEndTests.put(tree, "0000:3b:00.1", file, text) }
+    for (file, text) in DeviceHealthEndToEndTests.aer(fatal: 0, nonfatal: 2) {
+      try DeviceHealthEndToEndTests.put(tree, "0000:3b:00.1", file, text)
+    }
     try await engine.rescan()
     let after = try await health()
     let pf1VFs = try await engine.snapshot().cards[0].pfs[1].vfs.map(\.function.address.description)
@@ -171,7 +203,8 @@ import Testing
     try await engine.rescan()
     let vf = try await engine.snapshot().cards[0].pfs[0].vfs[0].function.address
     let path = tree.sysRoot + "/bus/pci/devices/\(vf)/config"
-    try Data([0xff, 0xff, 0xff, 0xff, 0x06, 0x04, 0x10, 0x00, 0x02, 0x02, 0x08, 0x01]).write(to: URL(fileURLWithPath: path))
+    try Data([0xff, 0xff, 0xff, 0xff, 0x06, 0x04, 0x10, 0x00, 0x02, 0x02, 0x08, 0x01]).write(
+      to: URL(fileURLWithPath: path))
     try await engine.rescan()
     #expect(try await engine.snapshot().cards[0].pfs[0].vfs[0].function.health.state == .healthy)
     try Data(repeating: 0xff, count: 64).write(to: URL(fileURLWithPath: path))
@@ -194,18 +227,22 @@ import Testing
     try await store.commit([
       .putAllocation(
         Allocation(
-          id: "alloc-000000000001", vf: vf, pf: PCIAddress("0000:3b:00.0")!, owner: "t", vm: "vm-9", idempotencyKey: nil,
-          createdAt: WallTime(seconds: 1), numaNode: 0, iommuGroup: group, attached: true, deviceID: "alloc-000000000001"))
+          id: "alloc-000000000001", vf: vf, pf: PCIAddress("0000:3b:00.0")!, owner: "t", vm: "vm-9",
+          idempotencyKey: nil,
+          createdAt: WallTime(seconds: 1), numaNode: 0, iommuGroup: group, attached: true,
+          deviceID: "alloc-000000000001"))
     ])
     let engine = NodeEngine(nodeID: "n", platform: platform, clock: FixedClock(), store: store)
     _ = try await engine.restore()
     try await engine.rescan()
-    var health = try #require(try await engine.snapshot().cards[0].pfs[0].vfs.first { $0.function.address == vf }).function.health
+    var health = try #require(try await engine.snapshot().cards[0].pfs[0].vfs.first { $0.function.address == vf })
+      .function.health
     #expect(health.state == .degraded && health.reasons.map(\.kind) == ["vfio-holder"], "\(health)")
     #expect(health.summary.contains("attached to vm-9"))
     tree.hold(vf.description)
     try await engine.rescan()
-    health = try #require(try await engine.snapshot().cards[0].pfs[0].vfs.first { $0.function.address == vf }).function.health
+    health = try #require(try await engine.snapshot().cards[0].pfs[0].vfs.first { $0.function.address == vf }).function
+      .health
     #expect(health.state == .healthy, "\(health)")
   }
 }

@@ -29,7 +29,10 @@ import Testing
         // Several changes between two reads.
         _ = try await nodeAgent.undrainDevice(.with { $0.device = "card-0000:d8" })
         _ = try await nodeAgent.releaseVF(.with { $0.allocationID = ids[0] })
-        _ = try await nodeAgent.allocateVF(.with { $0.owner = "late"; $0.constraints.numaNode = 1 })
+        _ = try await nodeAgent.allocateVF(
+          .with {
+            $0.owner = "late"; $0.constraints.numaNode = 1
+          })
         try await check()
         // A reshaping change (VFs vanish): a full conversion.
         try await agent.node.writeNumVFs(pf: PCIAddress("0000:3b:00.3")!, "0")

@@ -26,7 +26,7 @@ import Testing
 
   static func onTree(_ tree: FakeKernelSysfs) -> (inout AgentConfig) -> Void {
     { config in
-      config.platform = "linux"
+      config.platform = .linux
       config.linux.sysfsRoot = tree.sysRoot
       config.linux.devRoot = tree.devRoot
     }
@@ -60,10 +60,30 @@ import Testing
         let third = try await nodeAgent.allocateVF(.with { $0.owner = "t" })
         #expect(third.allocation.vfBdf == "0000:3b:00.4")
 
-        #expect(await rpcFailure { _ = try await nodeAgent.allocateVF(.with { $0.owner = "t"; $0.constraints.pfBdf = "0000:3b:00.1" }) }?.0 == .resourceExhausted)
-        #expect(await rpcFailure { _ = try await nodeAgent.allocateVF(.with { $0.owner = "t"; $0.constraints.pfBdf = "0000:3b:00.0/../x" }) }?.0 == .invalidArgument)
-        #expect(await rpcFailure { _ = try await nodeAgent.allocateVF(.with { $0.owner = "t"; $0.constraints.pfBdf = "0000:01:00.0" }) }?.0 == .notFound)
-        #expect(await rpcFailure { _ = try await nodeAgent.releaseVF(.with { $0.allocationID = "alloc-ffffffffffff" }) }?.0 == .notFound)
+        #expect(
+          await rpcFailure {
+            _ = try await nodeAgent.allocateVF(
+              .with {
+                $0.owner = "t"; $0.constraints.pfBdf = "0000:3b:00.1"
+              })
+          }?.0 == .resourceExhausted)
+        #expect(
+          await rpcFailure {
+            _ = try await nodeAgent.allocateVF(
+              .with {
+                $0.owner = "t"; $0.constraints.pfBdf = "0000:3b:00.0/../x"
+              })
+          }?.0 == .invalidArgument)
+        #expect(
+          await rpcFailure {
+            _ = try await nodeAgent.allocateVF(
+              .with {
+                $0.owner = "t"; $0.constraints.pfBdf = "0000:01:00.0"
+              })
+          }?.0 == .notFound)
+        #expect(
+          await rpcFailure { _ = try await nodeAgent.releaseVF(.with { $0.allocationID = "alloc-ffffffffffff" }) }?.0
+            == .notFound)
         #expect(tree.writes.count == 6, "serving and allocating wrote nothing to sysfs")
       }
     }
@@ -115,13 +135,15 @@ import Testing
     Self.onTree(tree)(&config)
     let report = try await DryRun.report(config)
     let groups = try tree.list(.iommuGroups)
-    #expect(report.hasPrefix("""
-      platform linux, sysfs root \(tree.sysRoot), device root \(tree.devRoot)
-      IOMMU yes, vfio-pci loaded, QDMA driver qdma-pf
-      would manage 2 PFs:
-        PF 0000:3b:00.0  10ee:903f  driver qdma-pf  VFs 4/64  offset 4 stride 1  autoprobe 0  NUMA 0  qmax 0
-          VF 0 0000:3b:00.4  driver none  override none  IOMMU group 22  no /dev/vfio node
-      """))
+    #expect(
+      report.hasPrefix(
+        """
+        platform linux, sysfs root \(tree.sysRoot), device root \(tree.devRoot)
+        IOMMU yes, vfio-pci loaded, QDMA driver qdma-pf
+        would manage 2 PFs:
+          PF 0000:3b:00.0  10ee:903f  driver qdma-pf  VFs 4/64  offset 4 stride 1  autoprobe 0  NUMA 0  qmax 0
+            VF 0 0000:3b:00.4  driver none  override none  IOMMU group 22  no /dev/vfio node
+        """))
     #expect(report.hasSuffix("dry run: nothing was written"))
     #expect(!groups.isEmpty)
     #expect(tree.writes.count == 6, "nothing written")

@@ -70,7 +70,9 @@ import Testing
 
         let released = try await nodeAgent.releaseVF(.with { $0.allocationID = first.allocation.id })
         #expect(released.allocation.id == first.allocation.id && released.revision == first.revision + 1)
-        let again = await rpcFailure { _ = try await nodeAgent.releaseVF(.with { $0.allocationID = first.allocation.id }) }
+        let again = await rpcFailure {
+          _ = try await nodeAgent.releaseVF(.with { $0.allocationID = first.allocation.id })
+        }
         #expect(again?.0 == .notFound)
         #expect(again?.1.hasPrefix("allocation \(first.allocation.id) does not exist") == true)
         #expect(try await nodeAgent.getNodeStatus(.init()).vfsAllocated == 0)
@@ -84,16 +86,36 @@ import Testing
         let revision = try await nodeAgent.getNodeStatus(.init()).revision
         let cases: [(Fpga_Agent_V1_AllocateVFRequest, String)] = [
           (.with { $0.owner = "" }, "owner is required: say who the VF is for (1-128 printable ASCII characters)"),
-          (.with { $0.owner = "o"; $0.constraints.pfBdf = "0000:3b:00" },
-           "constraints.pf_bdf \"0000:3b:00\" is not a PCI address: expected DDDD:BB:DD.F in lower-case hex, e.g. 0000:3b:00.4"),
-          (.with { $0.owner = "o"; $0.vm = "../etc" },
-           "vm \"../etc\" is not a valid VM name: use 1-64 of A-Z a-z 0-9 . _ -, not starting with . or -"),
-          (.with { $0.owner = "o"; $0.constraints.numaNode = -1 },
-           "constraints.numa_node -1 is out of range: NUMA nodes are 0-1023"),
-          (.with { $0.owner = "o"; $0.meta.idempotencyKey = "tab\tkey" },
-           "idempotency_key \"tab?key\" has characters outside printable ASCII (0x20-0x7e)"),
-          (.with { $0.owner = "o"; $0.constraints.cardID = "card-zz" },
-           "constraints.card_id \"card-zz\" is not a card id: expected card-DDDD:BB, e.g. card-0000:3b"),
+          (
+            .with {
+              $0.owner = "o"; $0.constraints.pfBdf = "0000:3b:00"
+            },
+            "constraints.pf_bdf \"0000:3b:00\" is not a PCI address: expected DDDD:BB:DD.F in lower-case hex, e.g. 0000:3b:00.4"
+          ),
+          (
+            .with {
+              $0.owner = "o"; $0.vm = "../etc"
+            },
+            "vm \"../etc\" is not a valid VM name: use 1-64 of A-Z a-z 0-9 . _ -, not starting with . or -"
+          ),
+          (
+            .with {
+              $0.owner = "o"; $0.constraints.numaNode = -1
+            },
+            "constraints.numa_node -1 is out of range: NUMA nodes are 0-1023"
+          ),
+          (
+            .with {
+              $0.owner = "o"; $0.meta.idempotencyKey = "tab\tkey"
+            },
+            "idempotency_key \"tab?key\" has characters outside printable ASCII (0x20-0x7e)"
+          ),
+          (
+            .with {
+              $0.owner = "o"; $0.constraints.cardID = "card-zz"
+            },
+            "constraints.card_id \"card-zz\" is not a card id: expected card-DDDD:BB, e.g. card-0000:3b"
+          ),
         ]
         for (request, message) in cases {
           let error = await rpcFailure { _ = try await nodeAgent.allocateVF(request) }
@@ -111,25 +133,43 @@ import Testing
     try await TestAgent.with { agent in
       try await agent.withClient { nodeAgent, _ in
         let unknownPF = await rpcFailure {
-          _ = try await nodeAgent.allocateVF(.with { $0.owner = "o"; $0.constraints.pfBdf = "0000:99:00.0" })
+          _ = try await nodeAgent.allocateVF(
+            .with {
+              $0.owner = "o"; $0.constraints.pfBdf = "0000:99:00.0"
+            })
         }
         #expect(unknownPF?.0 == .notFound)
         let empty = await rpcFailure {
-          _ = try await nodeAgent.allocateVF(.with { $0.owner = "o"; $0.constraints.pfBdf = "0000:3b:00.2" })
+          _ = try await nodeAgent.allocateVF(
+            .with {
+              $0.owner = "o"; $0.constraints.pfBdf = "0000:3b:00.2"
+            })
         }
         #expect(empty?.0 == .resourceExhausted)
-        #expect(empty?.1 == "no enabled VF matching PF 0000:3b:00.2: enable VFs with `fpgactl reconfigure PF N` or relax the constraints")
+        #expect(
+          empty?.1
+            == "no enabled VF matching PF 0000:3b:00.2: enable VFs with `fpgactl reconfigure PF N` or relax the constraints"
+        )
 
         _ = try await nodeAgent.drainDevice(.with { $0.device = "0000:3b:00.0" })
         let draining = await rpcFailure {
-          _ = try await nodeAgent.allocateVF(.with { $0.owner = "o"; $0.constraints.pfBdf = "0000:3b:00.0" })
+          _ = try await nodeAgent.allocateVF(
+            .with {
+              $0.owner = "o"; $0.constraints.pfBdf = "0000:3b:00.0"
+            })
         }
         #expect(draining?.0 == .failedPrecondition)
         #expect(draining?.1 == "PF 0000:3b:00.0 is draining; undrain it (`fpgactl undrain 0000:3b:00.0`) first")
 
-        _ = try await nodeAgent.allocateVF(.with { $0.owner = "o"; $0.meta.orchestratorEpoch = 9 })
+        _ = try await nodeAgent.allocateVF(
+          .with {
+            $0.owner = "o"; $0.meta.orchestratorEpoch = 9
+          })
         let stale = await rpcFailure {
-          _ = try await nodeAgent.allocateVF(.with { $0.owner = "o"; $0.meta.orchestratorEpoch = 8 })
+          _ = try await nodeAgent.allocateVF(
+            .with {
+              $0.owner = "o"; $0.meta.orchestratorEpoch = 8
+            })
         }
         #expect(stale?.0 == .failedPrecondition)
         #expect(stale?.1.hasPrefix("orchestrator epoch 8 is stale") == true)
@@ -140,19 +180,24 @@ import Testing
   @Test func drainUndrainAndOperations() async throws {
     try await TestAgent.with { agent in
       try await agent.withClient { nodeAgent, _ in
-        let allocation = try await nodeAgent.allocateVF(.with { $0.owner = "o"; $0.constraints.cardID = "card-0000:d8" })
-        let operation = try await nodeAgent.drainDevice(.with {
-          $0.device = "card-0000:d8"
-          $0.releaseUnattached = true
-          $0.meta.idempotencyKey = "drain-1"
-        })
+        let allocation = try await nodeAgent.allocateVF(
+          .with {
+            $0.owner = "o"; $0.constraints.cardID = "card-0000:d8"
+          })
+        let operation = try await nodeAgent.drainDevice(
+          .with {
+            $0.device = "card-0000:d8"
+            $0.releaseUnattached = true
+            $0.meta.idempotencyKey = "drain-1"
+          })
         #expect(operation.kind == "drain" && operation.state == .succeeded && operation.target == "card-0000:d8")
         #expect(operation.impacts.map(\.allocationID) == [allocation.allocation.id])
-        let replay = try await nodeAgent.drainDevice(.with {
-          $0.device = "card-0000:d8"
-          $0.releaseUnattached = true
-          $0.meta.idempotencyKey = "drain-1"
-        })
+        let replay = try await nodeAgent.drainDevice(
+          .with {
+            $0.device = "card-0000:d8"
+            $0.releaseUnattached = true
+            $0.meta.idempotencyKey = "drain-1"
+          })
         #expect(replay.id == operation.id)
         #expect(try await nodeAgent.getOperation(.with { $0.id = operation.id }) == operation)
         let watched = try await nodeAgent.watchOperation(.with { $0.id = operation.id }) { response in
@@ -178,31 +223,55 @@ import Testing
       try await agent.withClient { nodeAgent, _ in
         var ids: [String] = []
         for vm in ["vm-1", "vm-2"] {
-          let allocation = try await nodeAgent.allocateVF(.with {
-            $0.owner = "team"
-            $0.constraints.pfBdf = "0000:3b:00.0"
-          }).allocation
-          _ = try await nodeAgent.attachVF(.with { $0.allocationID = allocation.id; $0.vm = vm })
+          let allocation = try await nodeAgent.allocateVF(
+            .with {
+              $0.owner = "team"
+              $0.constraints.pfBdf = "0000:3b:00.0"
+            }
+          ).allocation
+          _ = try await nodeAgent.attachVF(
+            .with {
+              $0.allocationID = allocation.id; $0.vm = vm
+            })
           ids.append(allocation.id)
         }
-        let plan = try await nodeAgent.reconfigure(.with { $0.pfBdf = "0000:3b:00.0"; $0.vfCount = 4; $0.dryRun = true })
+        let plan = try await nodeAgent.reconfigure(
+          .with {
+            $0.pfBdf = "0000:3b:00.0"; $0.vfCount = 4; $0.dryRun = true
+          })
         #expect(plan.state == .planned)
         #expect(plan.impacts.map(\.guestSees) == ["pause", "unplug and replug"])
         #expect(try await nodeAgent.getInventory(.init()).cards[0].pfs[0].numVfs == 16)
 
         let refused = await rpcFailure {
-          _ = try await nodeAgent.reconfigure(.with { $0.pfBdf = "0000:3b:00.0"; $0.vfCount = 4; $0.strategy = .pause })
+          _ = try await nodeAgent.reconfigure(
+            .with {
+              $0.pfBdf = "0000:3b:00.0"; $0.vfCount = 4; $0.strategy = .pause
+            })
         }
         #expect(refused?.0 == .failedPrecondition)
         #expect(refused?.1.contains("VM vm-2 holds \(ids[1])") == true)
-        let tooMany = await rpcFailure { _ = try await nodeAgent.reconfigure(.with { $0.pfBdf = "0000:3b:00.0"; $0.vfCount = 65 }) }
+        let tooMany = await rpcFailure {
+          _ = try await nodeAgent.reconfigure(
+            .with {
+              $0.pfBdf = "0000:3b:00.0"; $0.vfCount = 65
+            })
+        }
         #expect(tooMany?.0 == .invalidArgument)
-        let unknown = await rpcFailure { _ = try await nodeAgent.reconfigure(.with { $0.pfBdf = "0000:77:00.0"; $0.vfCount = 1 }) }
+        let unknown = await rpcFailure {
+          _ = try await nodeAgent.reconfigure(
+            .with {
+              $0.pfBdf = "0000:77:00.0"; $0.vfCount = 1
+            })
+        }
         #expect(unknown?.0 == .notFound)
         let malformed = await rpcFailure { _ = try await nodeAgent.reconfigure(.with { $0.pfBdf = "x" }) }
         #expect(malformed?.0 == .invalidArgument)
 
-        let started = try await nodeAgent.reconfigure(.with { $0.pfBdf = "0000:3b:00.0"; $0.vfCount = 4 })
+        let started = try await nodeAgent.reconfigure(
+          .with {
+            $0.pfBdf = "0000:3b:00.0"; $0.vfCount = 4
+          })
         let states = try await nodeAgent.watchOperation(.with { $0.id = started.id }) { response in
           var seen: [Fpga_Agent_V1_OperationState] = []
           for try await operation in response.messages { seen.append(operation.state) }

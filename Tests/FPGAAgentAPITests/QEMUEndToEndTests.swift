@@ -28,14 +28,22 @@ struct QEMUEndToEndTests {
         #expect(vms.map(\.name) == ["vm1"])
         #expect(vms.first?.state == "prelaunch" && vms.first?.rootPorts == 2 && vms.first?.freeRootPorts == 2)
 
-        let allocation = try await nodeAgent.allocateVF(.with { $0.owner = "t"; $0.vm = "vm1" }).allocation
-        let attached = try await nodeAgent.attachVF(.with { $0.allocationID = allocation.id; $0.vm = "vm1" })
+        let allocation = try await nodeAgent.allocateVF(
+          .with {
+            $0.owner = "t"; $0.vm = "vm1"
+          }
+        ).allocation
+        let attached = try await nodeAgent.attachVF(
+          .with {
+            $0.allocationID = allocation.id; $0.vm = "vm1"
+          })
         #expect(attached.rootPort == "rp1" && attached.deviceID == allocation.id)
         #expect(attached.allocation.attached && attached.allocation.rootPort == "rp1")
 
         // QEMU really has it, on rp1.
         let client = try await QMPClient.connect(path: qemu.inspectionSocketPath)
-        let bus = try await client.execute("qom-get", ["path": .string("/machine/peripheral/\(allocation.id)"), "property": "parent_bus"])
+        let bus = try await client.execute(
+          "qom-get", ["path": .string("/machine/peripheral/\(allocation.id)"), "property": "parent_bus"])
         #expect(bus.stringValue == "/machine/peripheral/rp1/rp1")
 
         let inventory = try await nodeAgent.getInventory(.init())
@@ -43,7 +51,9 @@ struct QEMUEndToEndTests {
         let vf = inventory.cards.flatMap(\.pfs).flatMap(\.vfs).first { $0.bdf == allocation.vfBdf }
         #expect(vf?.state == .attached && vf?.vm == "vm1")
 
-        let releaseAttached = await rpcFailure { _ = try await nodeAgent.releaseVF(.with { $0.allocationID = allocation.id }) }
+        let releaseAttached = await rpcFailure {
+          _ = try await nodeAgent.releaseVF(.with { $0.allocationID = allocation.id })
+        }
         #expect(releaseAttached?.0 == .failedPrecondition)
 
         let detached = try await nodeAgent.detachVF(.with { $0.allocationID = allocation.id })
@@ -63,16 +73,32 @@ struct QEMUEndToEndTests {
       try await agent.withClient { nodeAgent, _ in
         var ids: [String] = []
         for _ in 0..<2 {
-          let allocation = try await nodeAgent.allocateVF(.with { $0.owner = "t"; $0.constraints.pfBdf = "0000:3b:00.0" }).allocation
-          _ = try await nodeAgent.attachVF(.with { $0.allocationID = allocation.id; $0.vm = "vm1" })
+          let allocation = try await nodeAgent.allocateVF(
+            .with {
+              $0.owner = "t"; $0.constraints.pfBdf = "0000:3b:00.0"
+            }
+          ).allocation
+          _ = try await nodeAgent.attachVF(
+            .with {
+              $0.allocationID = allocation.id; $0.vm = "vm1"
+            })
           ids.append(allocation.id)
         }
         let refused = await rpcFailure {
-          _ = try await nodeAgent.reconfigure(.with { $0.pfBdf = "0000:3b:00.0"; $0.vfCount = 1; $0.strategy = .refuseIfDisruptive })
+          _ = try await nodeAgent.reconfigure(
+            .with {
+              $0.pfBdf = "0000:3b:00.0"; $0.vfCount = 1; $0.strategy = .refuseIfDisruptive
+            })
         }
         #expect(refused?.0 == .failedPrecondition)
-        let started = try await nodeAgent.reconfigure(.with { $0.pfBdf = "0000:3b:00.0"; $0.vfCount = 1 })
-        #expect(started.impacts.map { "\($0.outcome)/\($0.guestSees)" } == ["kept-reattached/unplug and replug", "lost/unplug"])
+        let started = try await nodeAgent.reconfigure(
+          .with {
+            $0.pfBdf = "0000:3b:00.0"; $0.vfCount = 1
+          })
+        #expect(
+          started.impacts.map { "\($0.outcome)/\($0.guestSees)" } == [
+            "kept-reattached/unplug and replug", "lost/unplug",
+          ])
         await agent.engine.waitForOperation(started.id)
         let done = try await nodeAgent.getOperation(.with { $0.id = started.id })
         #expect(done.state == .succeeded, "\(done)")
@@ -93,14 +119,37 @@ struct QEMUEndToEndTests {
       try await agent.withClient { nodeAgent, _ in
         let first = try await nodeAgent.allocateVF(.with { $0.owner = "t" }).allocation
         let second = try await nodeAgent.allocateVF(.with { $0.owner = "t" }).allocation
-        _ = try await nodeAgent.attachVF(.with { $0.allocationID = first.id; $0.vm = "vm1" })
-        let full = await rpcFailure { _ = try await nodeAgent.attachVF(.with { $0.allocationID = second.id; $0.vm = "vm1" }) }
+        _ = try await nodeAgent.attachVF(
+          .with {
+            $0.allocationID = first.id; $0.vm = "vm1"
+          })
+        let full = await rpcFailure {
+          _ = try await nodeAgent.attachVF(
+            .with {
+              $0.allocationID = second.id; $0.vm = "vm1"
+            })
+        }
         #expect(full?.0 == .resourceExhausted)
-        #expect(full?.1 == "VM vm1 has no free hot-pluggable root port (1 ports, all occupied): start it with more empty pcie-root-port devices")
-        let unknownVM = await rpcFailure { _ = try await nodeAgent.attachVF(.with { $0.allocationID = second.id; $0.vm = "vm9" }) }
+        #expect(
+          full?.1
+            == "VM vm1 has no free hot-pluggable root port (1 ports, all occupied): start it with more empty pcie-root-port devices"
+        )
+        let unknownVM = await rpcFailure {
+          _ = try await nodeAgent.attachVF(
+            .with {
+              $0.allocationID = second.id; $0.vm = "vm9"
+            })
+        }
         #expect(unknownVM?.0 == .notFound)
-        #expect(unknownVM?.1 == "VM vm9 is not known to this agent; `fpgactl vms` lists them (configure --qmp-socket NAME=PATH)")
-        let twice = await rpcFailure { _ = try await nodeAgent.attachVF(.with { $0.allocationID = first.id; $0.vm = "vm1" }) }
+        #expect(
+          unknownVM?.1
+            == "VM vm9 is not known to this agent; `fpgactl vms` lists them (configure --qmp-socket NAME=PATH)")
+        let twice = await rpcFailure {
+          _ = try await nodeAgent.attachVF(
+            .with {
+              $0.allocationID = first.id; $0.vm = "vm1"
+            })
+        }
         #expect(twice == nil, "attaching again where it already is answers with the attachment")
       }
     }
@@ -111,19 +160,31 @@ struct QEMUEndToEndTests {
     try await TestAgent.with(configure: Self.withVM(qemu)) { agent in
       try await agent.withClient { nodeAgent, _ in
         let allocation = try await nodeAgent.allocateVF(.with { $0.owner = "t" }).allocation
-        _ = try await nodeAgent.attachVF(.with { $0.allocationID = allocation.id; $0.vm = "vm1" })
+        _ = try await nodeAgent.attachVF(
+          .with {
+            $0.allocationID = allocation.id; $0.vm = "vm1"
+          })
         let stuck = await rpcFailure {
-          _ = try await nodeAgent.detachVF(.with { $0.allocationID = allocation.id; $0.timeout = .with { $0.nanos = 500_000_000 } })
+          _ = try await nodeAgent.detachVF(
+            .with {
+              $0.allocationID = allocation.id; $0.timeout = .with { $0.nanos = 500_000_000 }
+            })
         }
         #expect(stuck?.0 == .unavailable)
-        #expect(stuck?.1 == "VM vm1 has not acknowledged the unplug of \(allocation.id) within 0.5 seconds: the device stays in the guest, state detaching; the guest OS must handle PCIe hot-unplug (retry DetachVF to keep waiting)")
+        #expect(
+          stuck?.1
+            == "VM vm1 has not acknowledged the unplug of \(allocation.id) within 0.5 seconds: the device stays in the guest, state detaching; the guest OS must handle PCIe hot-unplug (retry DetachVF to keep waiting)"
+        )
         let inventory = try await nodeAgent.getInventory(.init())
         let held = inventory.allocations.first { $0.id == allocation.id }
         #expect(held?.attached == true && held?.detaching == true)
         #expect(inventory.cards.flatMap(\.pfs).flatMap(\.vfs).first { $0.bdf == allocation.vfBdf }?.state == .detaching)
         // A retry keeps waiting instead of failing on QEMU's "already in the process of unplug".
         let retry = await rpcFailure {
-          _ = try await nodeAgent.detachVF(.with { $0.allocationID = allocation.id; $0.timeout = .with { $0.nanos = 300_000_000 } })
+          _ = try await nodeAgent.detachVF(
+            .with {
+              $0.allocationID = allocation.id; $0.timeout = .with { $0.nanos = 300_000_000 }
+            })
         }
         #expect(retry?.0 == .unavailable)
       }
@@ -135,9 +196,15 @@ struct QEMUEndToEndTests {
     try await TestAgent.with(configure: Self.withVM(qemu)) { agent in
       try await agent.withClient { nodeAgent, _ in
         let allocation = try await nodeAgent.allocateVF(.with { $0.owner = "t" }).allocation
-        _ = try await nodeAgent.attachVF(.with { $0.allocationID = allocation.id; $0.vm = "vm1" })
+        _ = try await nodeAgent.attachVF(
+          .with {
+            $0.allocationID = allocation.id; $0.vm = "vm1"
+          })
         async let detach = rpcFailure {
-          _ = try await nodeAgent.detachVF(.with { $0.allocationID = allocation.id; $0.timeout = .with { $0.seconds = 30 } })
+          _ = try await nodeAgent.detachVF(
+            .with {
+              $0.allocationID = allocation.id; $0.timeout = .with { $0.seconds = 30 }
+            })
         }
         try await Task.sleep(for: .milliseconds(300))
         qemu.kill()
@@ -148,7 +215,12 @@ struct QEMUEndToEndTests {
         #expect(vm?.state == "unreachable")
         #expect(vm?.error.hasPrefix("VM vm1 is unreachable: ") == true, "\(vm?.error ?? "no VM")")
         let other = try await nodeAgent.allocateVF(.with { $0.owner = "t" }).allocation
-        let unreachable = await rpcFailure { _ = try await nodeAgent.attachVF(.with { $0.allocationID = other.id; $0.vm = "vm1" }) }
+        let unreachable = await rpcFailure {
+          _ = try await nodeAgent.attachVF(
+            .with {
+              $0.allocationID = other.id; $0.vm = "vm1"
+            })
+        }
         #expect(unreachable?.0 == .unavailable)
       }
     }
@@ -163,7 +235,10 @@ extension QEMUEndToEndTests {
     try await TestAgent.with(configure: Self.withVM(first)) { agent in
       try await agent.withClient { nodeAgent, _ in
         let allocation = try await nodeAgent.allocateVF(.with { $0.owner = "t" }).allocation
-        _ = try await nodeAgent.attachVF(.with { $0.allocationID = allocation.id; $0.vm = "vm1" })
+        _ = try await nodeAgent.attachVF(
+          .with {
+            $0.allocationID = allocation.id; $0.vm = "vm1"
+          })
         _ = try await nodeAgent.detachVF(.with { $0.allocationID = allocation.id })
         first.kill()
         _ = try await nodeAgent.rescan(.init())
@@ -174,7 +249,10 @@ extension QEMUEndToEndTests {
         let second = try QEMUProcess(rootPorts: 2, directory: directory)
         _ = try await nodeAgent.rescan(.init())
         #expect(try await nodeAgent.getInventory(.init()).vms.first?.state == "prelaunch")
-        let attached = try await nodeAgent.attachVF(.with { $0.allocationID = allocation.id; $0.vm = "vm1" })
+        let attached = try await nodeAgent.attachVF(
+          .with {
+            $0.allocationID = allocation.id; $0.vm = "vm1"
+          })
         #expect(attached.rootPort == "rp1")
         second.kill()
       }
@@ -192,12 +270,18 @@ extension QEMUEndToEndTests {
       switch command {
       case "query-status": .success(["status": "running", "running": true])
       case "query-commands":
-        .success(.array(["device_add", "device_del", "qom-list", "x-vfio-pause", "x-vfio-resume"].map { ["name": .string($0)] }))
-      case "qom-list": .success([["name": "rp1", "type": "child<pcie-root-port>"], ["name": "alloc-00000000beef", "type": "child<vfio-pci>"]])
+        .success(
+          .array(
+            ["device_add", "device_del", "qom-list", "x-vfio-pause", "x-vfio-resume"].map { ["name": .string($0)] }))
+      case "qom-list":
+        .success([
+          ["name": "rp1", "type": "child<pcie-root-port>"], ["name": "alloc-00000000beef", "type": "child<vfio-pci>"],
+        ])
       case "qom-get":
         arguments?["property"]?.stringValue == "host"
           ? .success("0000:3b:00.5") : .success("/machine/peripheral/rp1/rp1")
-      default: .failure(QMPError(.commandFailed, "The command \(command) has not been found", errorClass: "CommandNotFound"))
+      default:
+        .failure(QMPError(.commandFailed, "The command \(command) has not been found", errorClass: "CommandNotFound"))
       }
     }
     defer { server.stop() }
@@ -213,7 +297,14 @@ extension QEMUEndToEndTests {
         #expect(recovered?.rootPort == "rp1" && recovered?.owner == "recovered")
         // The recovered VF is not handed out again.
         var handedOut: [String] = []
-        for _ in 0..<15 { handedOut.append(try await nodeAgent.allocateVF(.with { $0.owner = "t"; $0.constraints.pfBdf = "0000:3b:00.0" }).allocation.vfBdf) }
+        for _ in 0..<15 {
+          handedOut.append(
+            try await nodeAgent.allocateVF(
+              .with {
+                $0.owner = "t"; $0.constraints.pfBdf = "0000:3b:00.0"
+              }
+            ).allocation.vfBdf)
+        }
         #expect(!handedOut.contains("0000:3b:00.5"))
       }
     }
@@ -224,11 +315,17 @@ extension QEMUEndToEndTests {
       try await agent.withClient { nodeAgent, _ in
         let allocation = try await nodeAgent.allocateVF(.with { $0.owner = "t" }).allocation
         do {
-          _ = try await nodeAgent.attachVF(.with { $0.allocationID = allocation.id; $0.vm = "vm1" })
+          _ = try await nodeAgent.attachVF(
+            .with {
+              $0.allocationID = allocation.id; $0.vm = "vm1"
+            })
           Issue.record("expected FAILED_PRECONDITION")
         } catch let error as RPCError {
           #expect(error.code == .failedPrecondition)
-          #expect(error.message == "no VMs are configured on this agent: start it with --qmp-socket NAME=PATH (repeatable) or --qmp-dir DIR")
+          #expect(
+            error.message
+              == "no VMs are configured on this agent: start it with --qmp-socket NAME=PATH (repeatable) or --qmp-dir DIR"
+          )
         }
       }
     }
@@ -247,24 +344,39 @@ extension QEMUEndToEndTests {
       switch command {
       case "query-status": return .success(["status": "running", "running": true])
       case "query-commands":
-        return .success(.array(["device_add", "device_del", "qom-list", "x-vfio-pause", "x-vfio-resume"].map { ["name": .string($0)] }))
-      case "qom-list": return .success([["name": "rp1", "type": "child<pcie-root-port>"], ["name": "alloc-00000000beef", "type": "child<vfio-pci>"]])
+        return .success(
+          .array(
+            ["device_add", "device_del", "qom-list", "x-vfio-pause", "x-vfio-resume"].map { ["name": .string($0)] }))
+      case "qom-list":
+        return .success([
+          ["name": "rp1", "type": "child<pcie-root-port>"], ["name": "alloc-00000000beef", "type": "child<vfio-pci>"],
+        ])
       case "qom-get":
-        return arguments?["property"]?.stringValue == "host" ? .success("0000:3b:00.5") : .success("/machine/peripheral/rp1/rp1")
+        return arguments?["property"]?.stringValue == "host"
+          ? .success("0000:3b:00.5") : .success("/machine/peripheral/rp1/rp1")
       case "x-vfio-pause", "x-vfio-resume", "device_del", "device_add":
         calls.withLock { $0.append("\(command) \(arguments?["id"]?.stringValue ?? "?")") }
         return .success([:])
-      default: return .failure(QMPError(.commandFailed, "The command \(command) has not been found", errorClass: "CommandNotFound"))
+      default:
+        return .failure(
+          QMPError(.commandFailed, "The command \(command) has not been found", errorClass: "CommandNotFound"))
       }
     }
     defer { server.stop() }
     try await TestAgent.with(configure: { $0.qemu.socketDir = directory }) { agent in
       try await agent.withClient { nodeAgent, _ in
-        let plan = try await nodeAgent.reconfigure(.with {
-          $0.pfBdf = "0000:3b:00.0"; $0.vfCount = 4; $0.strategy = .pause; $0.dryRun = true
-        })
-        #expect(plan.impacts.map { "\($0.allocationID) \($0.outcome) \($0.guestSees)" } == ["alloc-00000000beef kept-paused pause"])
-        let started = try await nodeAgent.reconfigure(.with { $0.pfBdf = "0000:3b:00.0"; $0.vfCount = 4; $0.strategy = .pause })
+        let plan = try await nodeAgent.reconfigure(
+          .with {
+            $0.pfBdf = "0000:3b:00.0"; $0.vfCount = 4; $0.strategy = .pause; $0.dryRun = true
+          })
+        #expect(
+          plan.impacts.map { "\($0.allocationID) \($0.outcome) \($0.guestSees)" } == [
+            "alloc-00000000beef kept-paused pause"
+          ])
+        let started = try await nodeAgent.reconfigure(
+          .with {
+            $0.pfBdf = "0000:3b:00.0"; $0.vfCount = 4; $0.strategy = .pause
+          })
         await agent.engine.waitForOperation(started.id)
         let done = try await nodeAgent.getOperation(.with { $0.id = started.id })
         #expect(done.state == .succeeded, "\(done)")

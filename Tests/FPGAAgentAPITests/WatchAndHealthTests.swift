@@ -26,14 +26,16 @@ import Testing
         #expect(changes.contains { $0.vfUpdated.state == .allocated })
 
         // Resume after the snapshot: only the missed delta comes.
-        let resumed = try await nodeAgent.watchInventory(.with { $0.fromRevision = events[0].revision }) { response -> Fpga_Agent_V1_InventoryEvent? in
+        let resumed = try await nodeAgent.watchInventory(.with { $0.fromRevision = events[0].revision }) {
+          response -> Fpga_Agent_V1_InventoryEvent? in
           for try await event in response.messages { return event }
           return nil
         }
         #expect(resumed == events[1])
 
         // A revision the agent never had: a fresh snapshot, flagged.
-        let resync = try await nodeAgent.watchInventory(.with { $0.fromRevision = 1_000 }) { response -> Fpga_Agent_V1_InventoryEvent? in
+        let resync = try await nodeAgent.watchInventory(.with { $0.fromRevision = 1_000 }) {
+          response -> Fpga_Agent_V1_InventoryEvent? in
           for try await event in response.messages { return event }
           return nil
         }
@@ -87,7 +89,8 @@ import Testing
           return statuses
         }
         #expect(statuses == [.serving, .notServing])
-        let unknown = try await health.watch(.with { $0.service = "nope" }) { response -> Grpc_Health_V1_HealthCheckResponse.ServingStatus? in
+        let unknown = try await health.watch(.with { $0.service = "nope" }) {
+          response -> Grpc_Health_V1_HealthCheckResponse.ServingStatus? in
           for try await message in response.messages { return message.status }
           return nil
         }

@@ -8,7 +8,7 @@ import Testing
     let config = AgentConfig()
     try config.validate()
     #expect(config.server.listen == "127.0.0.1:50051")
-    #expect(config.platform == "simulated")
+    #expect(config.platform == .simulated)
     #expect(config.simulator.cards.count == 2)
   }
 
@@ -18,29 +18,33 @@ import Testing
     defer { try? FileManager.default.removeItem(atPath: directory) }
     let path = directory + "/agent.yaml"
     try """
-      server:
-        listen: 0.0.0.0:6000
-        unix_socket: /run/x/agent.sock
-      state_dir: /var/lib/x
-      log:
-        level: debug
-      simulator:
-        cards:
-          - bus: "5e"
-            numa_node: 1
-            total_vfs: [8, 8]
-            enabled_vfs: [2, 0]
-      """.write(toFile: path, atomically: true, encoding: .utf8)
+    server:
+      listen: 0.0.0.0:6000
+      unix_socket: /run/x/agent.sock
+    state_dir: /var/lib/x
+    log:
+      level: debug
+    simulator:
+      cards:
+        - bus: "5e"
+          numa_node: 1
+          total_vfs: [8, 8]
+          enabled_vfs: [2, 0]
+    """.write(toFile: path, atomically: true, encoding: .utf8)
     let command = try ConfigOptions.parse(["--config", path, "--listen", "127.0.0.1:7000"])
-    let config = try command.resolvedConfig(environment: ["FPGA_AGENT_LOG_FORMAT": "json", "FPGA_AGENT_LISTEN": "127.0.0.1:6500"])
+    let config = try command.resolvedConfig(environment: [
+      "FPGA_AGENT_LOG_FORMAT": "json", "FPGA_AGENT_LISTEN": "127.0.0.1:6500",
+    ])
     #expect(config.server.listen == "127.0.0.1:7000", "the flag wins over env and file")
     #expect(config.server.unixSocket == "/run/x/agent.sock")
     #expect(config.stateDir == "/var/lib/x")
-    #expect(config.log.level == "debug" && config.log.format == "json")
+    #expect(config.log.level == .debug && config.log.format == .json)
     #expect(config.simulator.cards.count == 1)
     #expect(config.simulator.cards[0].bus == 0x5e && config.simulator.cards[0].totalVFs == [8, 8])
 
-    let fromEnv = try ConfigOptions.parse(["--config", path]).resolvedConfig(environment: ["FPGA_AGENT_LISTEN": "127.0.0.1:6500"])
+    let fromEnv = try ConfigOptions.parse(["--config", path]).resolvedConfig(environment: [
+      "FPGA_AGENT_LISTEN": "127.0.0.1:6500"
+    ])
     #expect(fromEnv.server.listen == "127.0.0.1:6500", "env wins over the file")
   }
 
@@ -59,12 +63,13 @@ import Testing
           """, source: "agent.yaml", to: &config)
       Issue.record("expected a ConfigError")
     } catch {
-      #expect(Set(error.problems) == [
-        "agent.yaml: unknown key platfrom",
-        "agent.yaml: rescan_interval_seconds must be a whole number",
-        "agent.yaml: unknown key server.listn",
-        "agent.yaml: simulator.cards[0].bus must be a number from 0 to 255 (or hex text like \"3b\")",
-      ])
+      #expect(
+        Set(error.problems) == [
+          "agent.yaml: unknown key platfrom",
+          "agent.yaml: rescan_interval_seconds must be a whole number",
+          "agent.yaml: unknown key server.listn",
+          "agent.yaml: simulator.cards[0].bus must be a number from 0 to 255 (or hex text like \"3b\")",
+        ])
     }
   }
 
@@ -72,45 +77,71 @@ import Testing
     var config = AgentConfig()
     config.server.listen = "localhost"
     config.server.unixSocket = "relative.sock"
-    config.platform = "windows"
     config.stateDir = "state"
-    config.log.level = "loud"
+    config.sharing.overcommitLimit = 0
     do {
       try config.validate()
       Issue.record("expected a ConfigError")
     } catch {
-      #expect(error.problems == [
-        "server.listen \"localhost\" is not HOST:PORT (e.g. 127.0.0.1:50051 or [::1]:50051)",
-        "server.unix_socket \"relative.sock\" must be an absolute path",
-        "platform \"windows\" is not one of: simulated, linux",
-        "state_dir \"state\" must be an absolute path",
-        "log.level \"loud\" is not one of: trace, debug, info, notice, warning, error, critical",
-      ])
+      // Each key's own checks (declaration order), then the rules across keys.
+      #expect(
+        error.problems == [
+          "server.unix_socket \"relative.sock\" must be an absolute path",
+          "state_dir \"state\" must be an absolute path",
+          "sharing.overcommit_limit 0 is out of range: 1-64",
+          "server.listen \"localhost\" is not HOST:PORT (e.g. 127.0.0.1:50051 or [::1]:50051)",
+        ])
     }
+  }
+
+  @Test func closedSetsAreRefusedWhereTheyAreRead() {
+    var config = AgentConfig()
+    #expect(throws: ConfigError.self) {
+      try ConfigLoader.apply(yaml: "platform: windows\nlog:\n  level: loud\n", source: "agent.yaml", to: &config)
+    }
+    do {
+      try ConfigLoader.apply(yaml: "platform: windows\nlog:\n  level: loud\n", source: "agent.yaml", to: &config)
+    } catch {
+      #expect(
+        error.problems == [
+          "agent.yaml: log.level \"loud\" is not one of: trace, debug, info, notice, warning, error, critical",
+          "agent.yaml: platform \"windows\" is not one of: simulated, linux",
+        ])
+    }
+    do {
+      try ConfigLoader.apply(environment: ["FPGA_AGENT_STATE_DURABILITY": "sometimes"], to: &config)
+      Issue.record("expected a ConfigError")
+    } catch {
+      #expect(
+        error.problems == ["FPGA_AGENT_STATE_DURABILITY (state_durability) \"sometimes\" is not one of: process, power"]
+      )
+    }
+    // As flags, by the argument parser.
+    #expect(throws: (any Error).self) { _ = try ConfigOptions.parse(["--platform", "windows"]) }
+    #expect((try? ConfigOptions.parse(["--log-level", "trace"]).resolvedConfig(environment: [:]))?.log.level == .trace)
   }
 
   @Test func durabilityAndFaultInjectionAreChecked() throws {
     var config = AgentConfig()
     try ConfigLoader.apply(
       environment: [
-        "FPGA_AGENT_STATE_DURABILITY": "sometimes", "FPGA_AGENT_FAULT_INJECTION": "crash-during:write-zero",
-        "FPGA_AGENT_SIMULATOR_STATE_FILE": "hw.json",
+        "FPGA_AGENT_FAULT_INJECTION": "crash-during:write-zero", "FPGA_AGENT_SIMULATOR_STATE_FILE": "hw.json",
       ], to: &config)
     do {
       try config.validate()
       Issue.record("expected a ConfigError")
     } catch {
-      #expect(error.problems == [
-        "state_durability \"sometimes\" is not one of: process, power",
-        "fault_injection \"crash-during:write-zero\" is not crash-before:STEP, crash-after:STEP or fail:STEP (STEP: a step index or one of plan, pause, detach, write-zero, write-count, release, verify, bind, resume, reattach, commit)",
-        "simulator.state_file \"hw.json\" must be an absolute path",
-      ])
+      #expect(
+        error.problems == [
+          "simulator.state_file \"hw.json\" must be an absolute path",
+          "fault_injection \"crash-during:write-zero\" is not crash-before:STEP, crash-after:STEP or fail:STEP (STEP: a step index or one of plan, pause, detach, write-zero, write-count, release, verify, bind, resume, reattach, commit)",
+        ])
     }
     try ConfigLoader.apply(
       yaml: "state_durability: power\nfault_injection: \"crash-after:4\"\n", source: "agent.yaml", to: &config)
     config.simulator.stateFile = "/tmp/hw.json"
     try config.validate()
-    #expect(config.stateDurability == "power" && config.faultInjection == "crash-after:4")
+    #expect(config.stateDurability == .power && config.faultInjection == "crash-after:4")
   }
 
   @Test func orchestratorAndKubernetesKeysAreChecked() throws {
@@ -130,26 +161,120 @@ import Testing
       try config.validate()
       Issue.record("expected a ConfigError")
     } catch {
-      #expect(error.problems == [
-        "orchestrator.address \"nowhere\" is not HOST:PORT",
-        "kubernetes.kubelet_dir \"relative/dir\" must be an absolute path",
-        "kubernetes.pools[0].resource \"qdma-vf\" is not domain/name (e.g. xilinx.com/qdma-vf)",
-        "kubernetes.pools[0].pfs: \"3b:00.0\" is not a PCI address (DDDD:BB:DD.F)",
-      ])
+      #expect(
+        error.problems == [
+          "orchestrator.address \"nowhere\" is not HOST:PORT",
+          "kubernetes.kubelet_dir \"relative/dir\" must be an absolute path",
+          "kubernetes.pools[0].resource \"qdma-vf\" is not domain/name (e.g. xilinx.com/qdma-vf)",
+          "kubernetes.pools[0].pfs: \"3b:00.0\" is not a PCI address (DDDD:BB:DD.F)",
+        ])
     }
     // A plaintext link off loopback is refused, naming what to set.
     #expect {
       _ = try ConfigOptions.parse(["--orchestrator", "10.0.0.5:50060"]).resolvedConfig(environment: [:])
     } throws: { error in
-      (error as? ConfigError)?.problems.contains { $0.contains("orchestrator.tls.cert") && $0.contains("orchestrator.insecure") } ?? false
+      (error as? ConfigError)?.problems.contains {
+        $0.contains("orchestrator.tls.cert") && $0.contains("orchestrator.insecure")
+      } ?? false
     }
-    let flags = try ConfigOptions.parse(["--orchestrator", "10.0.0.5:50060", "--kubelet-dir", "/var/lib/kubelet/device-plugins"])
-      .resolvedConfig(environment: ["FPGA_AGENT_ORCHESTRATOR_TLS_CERT": "/dev/null", "FPGA_AGENT_ORCHESTRATOR_TLS_KEY": "/dev/null", "FPGA_AGENT_ORCHESTRATOR_TLS_CA": "/dev/null"])
+    let flags = try ConfigOptions.parse([
+      "--orchestrator", "10.0.0.5:50060", "--kubelet-dir", "/var/lib/kubelet/device-plugins",
+    ])
+    .resolvedConfig(environment: [
+      "FPGA_AGENT_ORCHESTRATOR_TLS_CERT": "/dev/null", "FPGA_AGENT_ORCHESTRATOR_TLS_KEY": "/dev/null",
+      "FPGA_AGENT_ORCHESTRATOR_TLS_CA": "/dev/null",
+    ])
     #expect(flags.orchestrator.address == "10.0.0.5:50060" && flags.orchestrator.tls.ca == "/dev/null")
     #expect(flags.kubernetes.devicePlugin && flags.kubernetes.kubeletDir == "/var/lib/kubelet/device-plugins")
     try flags.validate()
-    #expect(flags.summary.contains("orchestrator:\n  address: 10.0.0.5:50060"))
-    #expect(flags.summary.contains("  role: operator"))
+    #expect(flags.orchestrator.role == .operator)
+  }
+
+  /// The one declaration per key reaches the file, the environment, the flags, `--set` and the
+  /// listing `--check-config` prints, each value with its source.
+  @Test func everySourceIsNamedInTheListing() throws {
+    let directory = NSTemporaryDirectory() + "fpga-config-" + UUID().uuidString.prefix(8)
+    try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+    defer { try? FileManager.default.removeItem(atPath: directory) }
+    let path = directory + "/agent.yaml"
+    try "http:\n  listen: 127.0.0.1:6080\nsharing:\n  slice_ms: 25\n".write(
+      toFile: path, atomically: true, encoding: .utf8)
+    let resolution = try ConfigOptions.parse([
+      "--config", path, "--node-id", "n1", "--set", "sharing.overcommit_limit=8", "--set",
+      "kubernetes.dra.publish_slices=false",
+    ]).resolve(environment: ["FPGA_AGENT_RESCAN_INTERVAL_SECONDS": "0"])
+    let lines = Set(resolution.listing.split(separator: "\n").map(String.init))
+    for line in [
+      "http.listen: 127.0.0.1:6080  # file", "sharing.slice_ms: 25  # file", "node_id: n1  # flag",
+      "sharing.overcommit_limit: 8  # flag", "kubernetes.dra.publish_slices: false  # flag",
+      "rescan_interval_seconds: 0  # environment", "server.listen: 127.0.0.1:50051  # default",
+      "platform: simulated  # default",
+    ] {
+      #expect(lines.contains(line), "missing \(line)")
+    }
+    #expect(lines.count == ConfigKeys.all.count, "one line per key")
+    // --set names the key it refuses.
+    #expect {
+      _ = try ConfigOptions.parse(["--set", "sharing.overcommit=8", "--set", "simulator.cards=[]", "--set", "x"])
+        .resolve(environment: [:])
+    } throws: { error in
+      (error as? ConfigError)?.problems == [
+        "--set: unknown key sharing.overcommit (`fpga-agent config-keys` lists them)",
+        "--set: simulator.cards is a list and can only be set in the configuration file",
+        "--set \"x\" is not KEY=VALUE",
+      ]
+    }
+  }
+
+  @Test func aMisspelledKeyIsRefusedWithItsPath() {
+    var config = AgentConfig()
+    do {
+      try ConfigLoader.apply(
+        yaml: "kubernetes:\n  dra:\n    enabeld: true\n  api:\n    server: https://k:6443\n",
+        source: "agent.yaml", to: &config)
+      Issue.record("expected a ConfigError")
+    } catch {
+      #expect(error.problems == ["agent.yaml: unknown key kubernetes.dra.enabeld"])
+    }
+  }
+
+  /// Every flag the parser declares sets its key; every environment variable and path is unique.
+  @Test func flagsAndVariablesFollowTheDeclarations() throws {
+    let keys = ConfigKeys.all
+    #expect(Set(keys.map(\.path)).count == keys.count)
+    let variables = keys.compactMap(\.environment)
+    #expect(Set(variables).count == variables.count)
+    let options = try ConfigOptions.parse([
+      "--listen", "127.0.0.1:1", "--unix-socket", "/tmp/a.sock", "--tls-cert", "/c", "--tls-key", "/k",
+      "--tls-client-ca", "/ca", "--platform", "linux", "--state-dir", "/s", "--node-id", "n", "--log-level", "debug",
+      "--log-format", "json", "--sysfs-root", "/sys", "--dev-root", "/dev", "--selector", "vendor=10ee",
+      "--qmp-socket", "vm=/q.sock", "--qmp-dir", "/q", "--orchestrator", "127.0.0.1:2", "--dra",
+      "--dra-driver-name", "a.b", "--dra-registry-dir", "/r", "--dra-plugins-dir", "/p", "--cdi-dir", "/cdi",
+      "--kube-api-server", "https://k:1", "--kube-token-file", "/t", "--kube-ca-file", "/kca", "--http-listen", "",
+      "--orchestrator-tls-cert", "/oc", "--orchestrator-tls-key", "/ok", "--orchestrator-tls-ca", "/oca",
+      "--kubelet-dir", "/kd", "--vf-device-model", "edu",
+    ])
+    let flagged = options.flagValues.map(\.flag)
+    let declared = Set(keys.flatMap { $0.flags.compactMap { $0.split(separator: " ").first.map(String.init) } })
+    #expect(
+      Set(flagged) == declared,
+      "flags without a key: \(Set(flagged).subtracting(declared)); keys naming a missing flag: \(declared.subtracting(flagged))"
+    )
+  }
+
+  /// docs/operations.md's key table is the declarations' (regenerate: `fpga-agent config-keys --markdown`).
+  @Test func theDocumentedTableIsGenerated() throws {
+    let path = ShippedConfigTests.root.appendingPathComponent("docs/operations.md").path
+    let text = try String(contentsOfFile: path, encoding: .utf8)
+    let begin = "<!-- config-keys:begin (generated by `fpga-agent config-keys --markdown`) -->\n"
+    let end = "\n<!-- config-keys:end -->"
+    guard let from = text.range(of: begin), let to = text.range(of: end, range: from.upperBound..<text.endIndex) else {
+      Issue.record("docs/operations.md has no generated key table")
+      return
+    }
+    #expect(
+      String(text[from.upperBound..<to.lowerBound]) == ConfigKeys.markdownTable,
+      "docs/operations.md's key table is stale: run scripts/generate-config-docs")
   }
 
   @Test func listenAddresses() {
@@ -172,6 +297,6 @@ import Testing
     let config = try command.resolvedConfig(environment: [:])
     #expect(config.server.unixSocket == "/run/fpga-agent/agent.sock")
     #expect(config.simulator.cards.map(\.bus) == [0x3b, 0xd8])
-    #expect(config.log.format == "json")
+    #expect(config.log.format == .json)
   }
 }

@@ -12,7 +12,8 @@ import Testing
       let delay = OrchestratorLink.backoff(attempt: attempt)
       let expected = min(10.0, 0.2 * Double(1 << min(attempt - 1, 10)))
       let seconds = Double(delay.components.seconds) + Double(delay.components.attoseconds) / 1e18
-      #expect(seconds >= expected * 0.75 - 0.001 && seconds <= expected * 1.25 + 0.001, "attempt \(attempt): \(seconds)")
+      #expect(
+        seconds >= expected * 0.75 - 0.001 && seconds <= expected * 1.25 + 0.001, "attempt \(attempt): \(seconds)")
     }
   }
 
@@ -36,9 +37,15 @@ import Testing
       stale.epoch = 2
       let refused = await link.execute(stale)
       #expect(refused.code == Int32(RPCErrorCodeValue.failedPrecondition) && refused.message.contains("stale"))
-      let anonymous = await link.execute(.with { $0.epoch = 3; $0.allocate = .with { $0.owner = "g" } })
+      let anonymous = await link.execute(
+        .with {
+          $0.epoch = 3; $0.allocate = .with { $0.owner = "g" }
+        })
       #expect(anonymous.code == Int32(RPCErrorCodeValue.invalidArgument))
-      let empty = await link.execute(.with { $0.commandID = "cmd-3"; $0.epoch = 3 })
+      let empty = await link.execute(
+        .with {
+          $0.commandID = "cmd-3"; $0.epoch = 3
+        })
       #expect(empty.code == Int32(RPCErrorCodeValue.invalidArgument) && empty.message.contains("nothing to do"))
     }
   }
@@ -51,18 +58,20 @@ import Testing
         logger: .init(label: "t"))
       // Two ids that agree on their first 128 characters are two commands, never one.
       let long = String(repeating: "c", count: 128)
-      let tooLong = await link.execute(.with {
-        $0.commandID = long + "-a"
-        $0.epoch = 1
-        $0.allocate = .with { $0.owner = "a" }
-      })
+      let tooLong = await link.execute(
+        .with {
+          $0.commandID = long + "-a"
+          $0.epoch = 1
+          $0.allocate = .with { $0.owner = "a" }
+        })
       #expect(tooLong.code == Int32(RPCErrorCodeValue.invalidArgument) && tooLong.message.contains("at most 128"))
       // A command and a local call with the same key: one allocation, the second a replay.
-      let viaLink = await link.execute(.with {
-        $0.commandID = "shared-key"
-        $0.epoch = 1
-        $0.allocate = .with { $0.owner = "a" }
-      })
+      let viaLink = await link.execute(
+        .with {
+          $0.commandID = "shared-key"
+          $0.epoch = 1
+          $0.allocate = .with { $0.owner = "a" }
+        })
       #expect(viaLink.code == 0)
       let local = try await agent.engine.allocate(
         AllocateRequest(meta: .init(idempotencyKey: "shared-key", orchestratorEpoch: 1), owner: "a"))

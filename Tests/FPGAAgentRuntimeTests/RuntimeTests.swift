@@ -43,7 +43,9 @@ import Testing
     }
     // A file that is not a socket is never removed.
     FileManager.default.createFile(atPath: directory + "/agent.sock", contents: Data("keep".utf8))
-    #expect(throws: SystemCalls.Failure.self) { try AgentRuntime(config: config(in: directory), logger: Logger(label: "t")) }
+    #expect(throws: SystemCalls.Failure.self) {
+      try AgentRuntime(config: config(in: directory), logger: Logger(label: "t"))
+    }
     #expect(FileManager.default.fileExists(atPath: directory + "/agent.sock"))
   }
 
@@ -51,7 +53,7 @@ import Testing
     let directory = try temporaryDirectory()
     defer { try? FileManager.default.removeItem(atPath: directory) }
     var linux = config(in: directory)
-    linux.platform = "linux"
+    linux.platform = .linux
     linux.linux.sysfsRoot = directory + "/no-such-sys"
     do {
       _ = try AgentRuntime(config: linux, logger: Logger(label: "t"))

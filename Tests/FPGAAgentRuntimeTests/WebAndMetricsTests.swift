@@ -23,7 +23,9 @@ import Testing
     #expect(ops.identity == "token:ops" && ops.role == .operator && ops.transport == "http")
     let grafana = try access.caller(authorization: "Bearer view-token-0123456789abcd", peer: "10.0.0.1")
     #expect(grafana.identity == "token:grafana" && grafana.role == .viewer)
-    #expect(throws: WebAccess.Failure.self) { try access.caller(authorization: "Bearer op-token-0123456789abcdeX", peer: "p") }
+    #expect(throws: WebAccess.Failure.self) {
+      try access.caller(authorization: "Bearer op-token-0123456789abcdeX", peer: "p")
+    }
     #expect(throws: WebAccess.Failure.self) { try access.caller(authorization: "Bearer op-token", peer: "p") }
     #expect(throws: WebAccess.Failure.self) { try access.caller(authorization: "Digest x", peer: "p") }
     // No credentials: the plaintext role on loopback, nothing elsewhere.
@@ -81,8 +83,10 @@ import Testing
       #expect(sum(emptied, "fpga_vfs", ["pf=\"\(pf)\""]) == 0)
       #expect(sum(emptied, "fpga_pf_sriov_vfs", ["pf=\"\(pf)\""]) == 0)
       #expect(emptied.contains(#"fpga_agent_operations_total{kind="reconfigure",result="succeeded"} 1"#))
-      #expect(emptied.contains(#"fpga_agent_operation_duration_seconds_count{kind="reconfigure",result="succeeded"} 1"#))
-      #expect(emptied.contains(#"fpga_agent_operation_step_duration_seconds_count{kind="reconfigure",step="verify"} 1"#))
+      #expect(
+        emptied.contains(#"fpga_agent_operation_duration_seconds_count{kind="reconfigure",result="succeeded"} 1"#))
+      #expect(
+        emptied.contains(#"fpga_agent_operation_step_duration_seconds_count{kind="reconfigure",step="verify"} 1"#))
       #expect(emptied.contains("fpga_store_commits_total 7") && emptied.contains("fpga_store_transactions_total 3"))
       #expect(emptied.contains("fpga_agent_watcher_cutoffs_total 0"))
     }
@@ -99,15 +103,21 @@ import Testing
     try await TestAgent.with(configure: { $0.simulator.acceleratorsPerCard = 1 }) { agent in
       // The runtime's own catalog sees what the accelerators report.
       let first = try await agent.engine.registerContext(
-        .init(acceleratorID: "card-0000:3b/acc0", guest: "g1", function: "f")).0
+        .init(acceleratorID: "card-0000:3b/acc0", guest: "g1", function: "f")
+      ).0
       let second = try await agent.engine.registerContext(
-        .init(acceleratorID: "card-0000:3b/acc0", guest: "g2", function: "f")).0
+        .init(acceleratorID: "card-0000:3b/acc0", guest: "g2", function: "f")
+      ).0
       _ = try await agent.engine.switchContext(first.id, now: true, meta: RequestMeta())
       _ = try await agent.engine.switchContext(second.id, now: true, meta: RequestMeta())
       let text = await agent.runtime.metrics.scrape(agent.engine)
-      let switches = text.split(separator: "\n").first { $0.hasPrefix(#"fpga_accelerator_context_switches_total{accelerator="card-0000:3b/acc0"}"#) }
+      let switches = text.split(separator: "\n").first {
+        $0.hasPrefix(#"fpga_accelerator_context_switches_total{accelerator="card-0000:3b/acc0"}"#)
+      }
       #expect(switches.flatMap { Int($0.split(separator: " ").last ?? "") }.map { $0 >= 2 } == true, "\(text)")
-      #expect(text.contains(#"fpga_accelerator_context_switch_duration_seconds_bucket{accelerator="card-0000:3b/acc0",le="+Inf"}"#))
+      #expect(
+        text.contains(
+          #"fpga_accelerator_context_switch_duration_seconds_bucket{accelerator="card-0000:3b/acc0",le="+Inf"}"#))
     }
   }
 }

@@ -41,11 +41,15 @@ import Testing
 
   @Test func exhaustionIsResourceExhaustedWithAHint() async throws {
     let (engine, _) = try await makeEngine()
-    for _ in 0..<4 { _ = try await engine.allocate(AllocateRequest(owner: "o", constraints: .init(pf: address("0000:3b:00.3")))) }
-    await #expect(throws: AgentError(
-      .resourceExhausted,
-      "all 4 enabled VFs matching PF 0000:3b:00.3 are allocated or unhealthy: release one, enable more VFs with `fpgactl reconfigure PF N`, or relax the constraints"
-    )) {
+    for _ in 0..<4 {
+      _ = try await engine.allocate(AllocateRequest(owner: "o", constraints: .init(pf: address("0000:3b:00.3"))))
+    }
+    await #expect(
+      throws: AgentError(
+        .resourceExhausted,
+        "all 4 enabled VFs matching PF 0000:3b:00.3 are allocated or unhealthy: release one, enable more VFs with `fpgactl reconfigure PF N`, or relax the constraints"
+      )
+    ) {
       try await engine.allocate(AllocateRequest(owner: "o", constraints: .init(pf: address("0000:3b:00.3"))))
     }
     await #expect(throws: AgentError.self) {
@@ -56,14 +60,19 @@ import Testing
   @Test func unknownAndContradictoryConstraints() async throws {
     let (engine, _) = try await makeEngine()
     let revision = await engine.revision
-    await #expect(throws: AgentError(.notFound, "PF 0000:99:00.0 is not managed by this node; `fpgactl inventory` lists the PFs")) {
+    await #expect(
+      throws: AgentError(.notFound, "PF 0000:99:00.0 is not managed by this node; `fpgactl inventory` lists the PFs")
+    ) {
       try await engine.allocate(AllocateRequest(owner: "o", constraints: .init(pf: address("0000:99:00.0"))))
     }
-    await #expect(throws: AgentError(.notFound, "card \"card-0000:99\" is not on this node; `fpgactl inventory` lists the cards")) {
+    await #expect(
+      throws: AgentError(.notFound, "card \"card-0000:99\" is not on this node; `fpgactl inventory` lists the cards")
+    ) {
       try await engine.allocate(AllocateRequest(owner: "o", constraints: .init(cardID: "card-0000:99")))
     }
     do {
-      _ = try await engine.allocate(AllocateRequest(owner: "o", constraints: .init(cardID: "card-0000:d8", pf: address("0000:3b:00.0"))))
+      _ = try await engine.allocate(
+        AllocateRequest(owner: "o", constraints: .init(cardID: "card-0000:d8", pf: address("0000:3b:00.0"))))
       Issue.record("expected an error")
     } catch { #expect(error.code == .invalidArgument) }
     #expect(await engine.revision == revision, "a refused request changes nothing")
@@ -105,9 +114,11 @@ import Testing
   @Test func theSameKeyForADifferentRequestIsRefused() async throws {
     let (engine, _) = try await makeEngine()
     _ = try await engine.allocate(AllocateRequest(meta: RequestMeta(idempotencyKey: "k-1"), owner: "o"))
-    await #expect(throws: AgentError(
-      .invalidArgument,
-      "idempotency key \"k-1\" was already used for a different AllocateVF request: use a new key for a new request")) {
+    await #expect(
+      throws: AgentError(
+        .invalidArgument,
+        "idempotency key \"k-1\" was already used for a different AllocateVF request: use a new key for a new request")
+    ) {
       try await engine.allocate(AllocateRequest(meta: RequestMeta(idempotencyKey: "k-1"), owner: "other"))
     }
   }
@@ -150,9 +161,10 @@ import Testing
     node.setPFDriver(address("0000:3b:00.2"), nil)
     try await engine.rescan()
     let status = await engine.status()
-    #expect(status.capabilities.problems == [
-      "PF 0000:3b:00.2 has no driver bound: its VF count cannot change (bind its PF driver, qdma-pf on QDMA cards)"
-    ])
+    #expect(
+      status.capabilities.problems == [
+        "PF 0000:3b:00.2 has no driver bound: its VF count cannot change (bind its PF driver, qdma-pf on QDMA cards)"
+      ])
     #expect(status.health == .degraded)
   }
 }

@@ -11,7 +11,8 @@ final class RecordingHypervisor: Hypervisor {
 
   func machines() async -> [VirtualMachineInfo] {
     ["vm1", "vm2"].map {
-      VirtualMachineInfo(name: $0, state: .running, qemuStatus: "running", qmpSocket: "/x", rootPorts: 2, freeRootPorts: 2)
+      VirtualMachineInfo(
+        name: $0, state: .running, qemuStatus: "running", qmpSocket: "/x", rootPorts: 2, freeRootPorts: 2)
     }
   }
 
@@ -38,10 +39,12 @@ final class RecordingHypervisor: Hypervisor {
 
 @Suite struct AttachTests {
   func engine(_ hypervisor: RecordingHypervisor) async throws -> (NodeEngine, SimulatedNode) {
-    let node = SimulatedNode(config: SimulatorConfig(cards: [
-      .init(bus: 0x3b, numaNode: 0, enabledVFs: [2, 0, 0, 0], bindToVFIO: false)
-    ]))
-    let engine = NodeEngine(nodeID: "n", platform: SimulatedPlatform(node: node), clock: StillClock(), hypervisor: hypervisor)
+    let node = SimulatedNode(
+      config: SimulatorConfig(cards: [
+        .init(bus: 0x3b, numaNode: 0, enabledVFs: [2, 0, 0, 0], bindToVFIO: false)
+      ]))
+    let engine = NodeEngine(
+      nodeID: "n", platform: SimulatedPlatform(node: node), clock: StillClock(), hypervisor: hypervisor)
     try await engine.rescan()
     return (engine, node)
   }
@@ -54,9 +57,10 @@ final class RecordingHypervisor: Hypervisor {
     let result = try await engine.attach(AttachRequest(allocationID: allocation.id, vm: "vm1"))
     #expect(result.rootPort == "rp1" && result.allocation.attached)
     #expect(node.scan().pfs[0].vfs[0].driver == "vfio-pci")
-    #expect(node.writeLog.suffix(3) == [
-      "0000:3b:00.4/driver_override=vfio-pci", "0000:3b:00.4/driver/unbind", "drivers_probe=0000:3b:00.4",
-    ])
+    #expect(
+      node.writeLog.suffix(3) == [
+        "0000:3b:00.4/driver_override=vfio-pci", "0000:3b:00.4/driver/unbind", "drivers_probe=0000:3b:00.4",
+      ])
     #expect(hypervisor.calls.withLock { $0 } == ["attach 0000:3b:00.4 vm1 \(allocation.id)"])
     let view = try await engine.snapshot().cards[0].pfs[0].vfs[0]
     #expect(view.state == .attached && view.vm == "vm1" && view.function.driver == "vfio-pci")
@@ -87,10 +91,14 @@ final class RecordingHypervisor: Hypervisor {
     let request = AttachRequest(meta: RequestMeta(idempotencyKey: "a1"), allocationID: allocation.id, vm: "vm1")
     _ = try await engine.attach(request)
     #expect(try await engine.attach(request).replayed)
-    await #expect(throws: AgentError.self) { try await engine.attach(AttachRequest(allocationID: allocation.id, vm: "vm2")) }
+    await #expect(throws: AgentError.self) {
+      try await engine.attach(AttachRequest(allocationID: allocation.id, vm: "vm2"))
+    }
     let other = try await engine.allocate(AllocateRequest(owner: "o", vm: "vm1")).allocation
-    await #expect(throws: AgentError(
-      .failedPrecondition, "allocation \(other.id) was made for VM vm1, not vm2; allocate another VF for vm2")) {
+    await #expect(
+      throws: AgentError(
+        .failedPrecondition, "allocation \(other.id) was made for VM vm1, not vm2; allocate another VF for vm2")
+    ) {
       try await engine.attach(AttachRequest(allocationID: other.id, vm: "vm2"))
     }
     #expect(hypervisor.calls.withLock { $0.count } == 1)

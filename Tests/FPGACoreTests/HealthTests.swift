@@ -11,27 +11,41 @@ import Testing
   @Test func countersAreJudgedFromTheFirstScanAndByRate() {
     var tracker = HealthTracker(policy: HealthPolicy(correctableErrorsPerMinute: 60))
     // Errors logged before the agent started do not count.
-    #expect(tracker.assess(vf, readings: HealthReadings(correctableErrors: 500, nonfatalErrors: 0, fatalErrors: 3), now: t0).state == .healthy)
+    #expect(
+      tracker.assess(vf, readings: HealthReadings(correctableErrors: 500, nonfatalErrors: 0, fatalErrors: 3), now: t0)
+        .state == .healthy)
     // 30 more correctable in 60 s: 30/min, under the threshold.
-    #expect(tracker.assess(vf, readings: HealthReadings(correctableErrors: 530, nonfatalErrors: 0, fatalErrors: 3), now: at(60)).state == .healthy)
+    #expect(
+      tracker.assess(
+        vf, readings: HealthReadings(correctableErrors: 530, nonfatalErrors: 0, fatalErrors: 3), now: at(60)
+      ).state == .healthy)
     // 200 in 60 s: degraded, with the figure.
-    let degraded = tracker.assess(vf, readings: HealthReadings(correctableErrors: 730, nonfatalErrors: 0, fatalErrors: 3), now: at(120))
+    let degraded = tracker.assess(
+      vf, readings: HealthReadings(correctableErrors: 730, nonfatalErrors: 0, fatalErrors: 3), now: at(120))
     #expect(degraded.state == .degraded && degraded.since == at(120))
     #expect(degraded.reasons.first?.detail.contains("200 correctable errors in 60 s") == true)
     // Quiet again: healthy.
-    #expect(tracker.assess(vf, readings: HealthReadings(correctableErrors: 730, nonfatalErrors: 0, fatalErrors: 3), now: at(180)).state == .healthy)
+    #expect(
+      tracker.assess(
+        vf, readings: HealthReadings(correctableErrors: 730, nonfatalErrors: 0, fatalErrors: 3), now: at(180)
+      ).state == .healthy)
     // One new fatal error: unhealthy, and it stays so (since the first time it was seen).
-    let fatal = tracker.assess(vf, readings: HealthReadings(correctableErrors: 730, nonfatalErrors: 0, fatalErrors: 4), now: at(240))
+    let fatal = tracker.assess(
+      vf, readings: HealthReadings(correctableErrors: 730, nonfatalErrors: 0, fatalErrors: 4), now: at(240))
     #expect(fatal.state == .unhealthy && !fatal.isUsable)
-    #expect(fatal.reasons.map(\.kind) == ["aer-fatal"] && fatal.reasons[0].detail.hasPrefix("1 uncorrectable fatal error"))
-    let later = tracker.assess(vf, readings: HealthReadings(correctableErrors: 730, nonfatalErrors: 0, fatalErrors: 4), now: at(300))
+    #expect(
+      fatal.reasons.map(\.kind) == ["aer-fatal"] && fatal.reasons[0].detail.hasPrefix("1 uncorrectable fatal error"))
+    let later = tracker.assess(
+      vf, readings: HealthReadings(correctableErrors: 730, nonfatalErrors: 0, fatalErrors: 4), now: at(300))
     #expect(later.state == .unhealthy && later.since == at(240) && later.reasons[0].since == at(240))
   }
 
   @Test func aDegradedLinkAnUnboundDriverAndAllOnes() {
     var tracker = HealthTracker()
     let link = tracker.assess(
-      vf, readings: HealthReadings(linkSpeed: "8.0 GT/s PCIe", maxLinkSpeed: "8.0 GT/s PCIe", linkWidth: 4, maxLinkWidth: 16),
+      vf,
+      readings: HealthReadings(
+        linkSpeed: "8.0 GT/s PCIe", maxLinkSpeed: "8.0 GT/s PCIe", linkWidth: 4, maxLinkWidth: 16),
       now: t0)
     #expect(link.state == .degraded && link.summary == "link-width: link trained at x4 of x16")
     // The kernel's "unknown" maximum width (255, a capabilities register reading 0) is not a
@@ -40,7 +54,9 @@ import Testing
       PCIAddress("0000:3b:00.7")!, readings: HealthReadings(linkWidth: 1, maxLinkWidth: 255), now: t0)
     #expect(unknown.state == .healthy)
     let slow = tracker.assess(
-      vf, readings: HealthReadings(linkSpeed: "2.5 GT/s PCIe", maxLinkSpeed: "8.0 GT/s PCIe", linkWidth: 16, maxLinkWidth: 16),
+      vf,
+      readings: HealthReadings(
+        linkSpeed: "2.5 GT/s PCIe", maxLinkSpeed: "8.0 GT/s PCIe", linkWidth: 16, maxLinkWidth: 16),
       now: t0)
     #expect(slow.reasons.map(\.kind) == ["link-speed"])
     // A PF bound to qdma-pf when first seen, unbound since.
@@ -52,9 +68,13 @@ import Testing
     let stolen = tracker.assess(vf, readings: HealthReadings(expectedDriver: "vfio-pci", driver: "qdma-vf"), now: at(2))
     #expect(stolen.summary == "driver: bound to qdma-vf, expected vfio-pci")
     let unheld = tracker.assess(
-      PCIAddress("0000:3b:00.6")!, readings: HealthReadings(expectedDriver: "vfio-pci", driver: "vfio-pci", unheldBy: "vm-1"), now: at(2))
-    #expect(unheld.state == .degraded && unheld.summary == "vfio-holder: recorded as attached to vm-1, but no process holds its VFIO group open")
-    let dead = tracker.assess(vf, readings: HealthReadings(configAllOnes: true, expectedDriver: "vfio-pci", driver: "vfio-pci"), now: at(3))
+      PCIAddress("0000:3b:00.6")!,
+      readings: HealthReadings(expectedDriver: "vfio-pci", driver: "vfio-pci", unheldBy: "vm-1"), now: at(2))
+    #expect(
+      unheld.state == .degraded
+        && unheld.summary == "vfio-holder: recorded as attached to vm-1, but no process holds its VFIO group open")
+    let dead = tracker.assess(
+      vf, readings: HealthReadings(configAllOnes: true, expectedDriver: "vfio-pci", driver: "vfio-pci"), now: at(3))
     #expect(dead.state == .unhealthy && dead.reasons.map(\.kind) == ["config-unreadable"])
   }
 

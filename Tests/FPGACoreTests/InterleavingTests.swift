@@ -103,12 +103,15 @@ import Testing
     let plan = try await n.engine.reconfigure(ReconfigureRequest(meta: meta, pf: pf, count: 4, dryRun: true))
     let replan = try await n.engine.reconfigure(ReconfigureRequest(meta: meta, pf: pf, count: 4, dryRun: true))
     #expect(plan.id == replan.id)
-    await expectInvalid { _ = try await n.engine.reconfigure(ReconfigureRequest(meta: meta, pf: pf, count: 2, dryRun: true)) }
+    await expectInvalid {
+      _ = try await n.engine.reconfigure(ReconfigureRequest(meta: meta, pf: pf, count: 2, dryRun: true))
+    }
   }
 
   @Test func plansNeverPushARealOperationOutOfReach() async throws {
     let n = try await GatedNode()
-    let first = try await n.engine.reconfigure(ReconfigureRequest(meta: .init(idempotencyKey: "grow"), pf: pf, count: 8))
+    let first = try await n.engine.reconfigure(
+      ReconfigureRequest(meta: .init(idempotencyKey: "grow"), pf: pf, count: 8))
     await n.engine.waitForOperation(first.id)
     for count in 0..<1030 {
       _ = try await n.engine.reconfigure(ReconfigureRequest(pf: pf, count: count % 8, dryRun: true))
@@ -116,7 +119,8 @@ import Testing
     let since = try await n.engine.reconfigure(ReconfigureRequest(pf: pf, count: 4))  // another change since
     await n.engine.waitForOperation(since.id)
     #expect(numVFs(n) == 4)
-    let retry = try await n.engine.reconfigure(ReconfigureRequest(meta: .init(idempotencyKey: "grow"), pf: pf, count: 8))
+    let retry = try await n.engine.reconfigure(
+      ReconfigureRequest(meta: .init(idempotencyKey: "grow"), pf: pf, count: 8))
     #expect(retry.id == first.id)
     #expect(retry.state == .succeeded)
   }
@@ -167,7 +171,8 @@ import Testing
 
   @Test func noAttachPlugsAVFOfAPFWhoseReconfigurationPlans() async throws {
     let n = try await GatedNode()
-    let allocation = try await n.engine.allocate(AllocateRequest(owner: "o", vm: "vm-2", constraints: .init(pf: pf))).allocation
+    let allocation = try await n.engine.allocate(AllocateRequest(owner: "o", vm: "vm-2", constraints: .init(pf: pf)))
+      .allocation
     n.platform.gate.park { $0 == "vfHolders" }
     let first = Task { try await n.engine.reconfigure(ReconfigureRequest(pf: pf, count: 0)) }
     await n.platform.gate.parked()
@@ -185,7 +190,9 @@ import Testing
 
   @Test func anAttachEndingDuringAReconfigurationLeavesThePFReserved() async throws {
     let n = try await GatedNode()
-    let other = try await n.engine.allocate(AllocateRequest(owner: "o", vm: "vm-2", constraints: .init(pf: PCIAddress("0000:3b:00.1")!))).allocation
+    let other = try await n.engine.allocate(
+      AllocateRequest(owner: "o", vm: "vm-2", constraints: .init(pf: PCIAddress("0000:3b:00.1")!))
+    ).allocation
     n.platform.gate.park { $0 == "setVFCount" }
     let record = try await n.engine.reconfigure(ReconfigureRequest(pf: pf, count: 6))
     await n.platform.gate.parked()
@@ -290,7 +297,8 @@ import Testing
   @Test func aRefusedRequestRaisesNoEpoch() async throws {
     let n = try await GatedNode()
     await #expect(throws: AgentError.self) {
-      try await n.engine.release(ReleaseRequest(meta: .init(orchestratorEpoch: .max), allocationID: "alloc-000000000000"))
+      try await n.engine.release(
+        ReleaseRequest(meta: .init(orchestratorEpoch: .max), allocationID: "alloc-000000000000"))
     }
     #expect(await n.engine.highestEpoch == 0)
     #expect(n.store.persisted.epoch == 0)

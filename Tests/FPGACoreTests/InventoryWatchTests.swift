@@ -134,7 +134,8 @@ import Testing
 
   @Test func drainingACardCanReleaseUnattachedAllocations() async throws {
     let (engine, _) = try await makeEngine()
-    let held = try await engine.allocate(AllocateRequest(owner: "o", constraints: .init(cardID: "card-0000:d8"))).allocation
+    let held = try await engine.allocate(AllocateRequest(owner: "o", constraints: .init(cardID: "card-0000:d8")))
+      .allocation
     let record = try await engine.drain(.card("card-0000:d8"), releaseUnattached: true, meta: .init())
     #expect(record.impacts.map(\.allocationID) == [held.id])
     #expect(record.impacts.map(\.outcome) == ["lost"])

@@ -26,7 +26,10 @@ import Testing
       Issue.record("expected an error")
     } catch {
       #expect(error.code == .invalidArgument)
-      #expect(error.message == "constraints.pf_bdf \"nope\" is not a PCI address: expected DDDD:BB:DD.F in lower-case hex, e.g. 0000:3b:00.4")
+      #expect(
+        error.message
+          == "constraints.pf_bdf \"nope\" is not a PCI address: expected DDDD:BB:DD.F in lower-case hex, e.g. 0000:3b:00.4"
+      )
     }
   }
 

@@ -161,7 +161,8 @@ import Testing
       detachTimeout: .seconds(3600))
     _ = try await engine.restore()
     try await engine.rescan()
-    let allocation = try await engine.allocate(AllocateRequest(owner: "o", vm: "silent", constraints: .init(pf: pf))).allocation
+    let allocation = try await engine.allocate(AllocateRequest(owner: "o", vm: "silent", constraints: .init(pf: pf)))
+      .allocation
     _ = try await engine.attach(AttachRequest(allocationID: allocation.id, vm: "silent"))
     let record = try await engine.reconfigure(ReconfigureRequest(pf: pf, count: 0, strategy: .detachReattach))
     for await update in try await engine.watchOperation(record.id)

@@ -33,7 +33,8 @@ import Testing
       made.append(result.allocation)
     }
     return Fixture(
-      engine: engine, node: node, hypervisor: hypervisor, store: store, paused: made[0], replugged: made[1], idle: made[2])
+      engine: engine, node: node, hypervisor: hypervisor, store: store, paused: made[0], replugged: made[1],
+      idle: made[2])
   }
 
   func numVFs(_ node: SimulatedNode) -> Int {
@@ -45,13 +46,15 @@ import Testing
     let writes = f.node.writeLog.count
     let plan = try await f.engine.reconfigure(ReconfigureRequest(pf: pf, count: 2, dryRun: true))
     #expect(plan.state == .planned)
-    #expect(plan.impacts.map { "\($0.allocationID) \($0.outcome) \($0.guestSees)" } == [
-      "\(f.paused.id) kept-paused pause", "\(f.replugged.id) kept-reattached unplug and replug",
-      "\(f.idle.id) lost nothing",
-    ])
-    #expect(plan.steps.map(\.description).map { String($0.prefix(while: { $0 != " " })) } == [
-      "plan", "pause", "detach", "write", "write", "end", "verify", "bind", "bind", "resume", "re-attach", "commit",
-    ])
+    #expect(
+      plan.impacts.map { "\($0.allocationID) \($0.outcome) \($0.guestSees)" } == [
+        "\(f.paused.id) kept-paused pause", "\(f.replugged.id) kept-reattached unplug and replug",
+        "\(f.idle.id) lost nothing",
+      ])
+    #expect(
+      plan.steps.map(\.description).map { String($0.prefix(while: { $0 != " " })) } == [
+        "plan", "pause", "detach", "write", "write", "end", "verify", "bind", "bind", "resume", "re-attach", "commit",
+      ])
     #expect(f.node.writeLog.count == writes)
     #expect(numVFs(f.node) == 16)
     #expect(f.store.persisted.operations.isEmpty)
@@ -127,7 +130,10 @@ import Testing
     await f.engine.waitForOperation(started.id)
     let done = try await f.engine.operation(started.id)
     #expect(done.state == .failed)
-    #expect(done.steps.contains { $0.description.hasPrefix("roll back: resume device \(f.paused.id)") && $0.state == .succeeded })
+    #expect(
+      done.steps.contains {
+        $0.description.hasPrefix("roll back: resume device \(f.paused.id)") && $0.state == .succeeded
+      })
     #expect(numVFs(f.node) == 16)
     #expect(!f.node.writeLog.contains { $0.hasSuffix("sriov_numvfs=0") })
     #expect(try await f.engine.snapshot().allocations.filter(\.attached).count == 2)
@@ -144,7 +150,10 @@ import Testing
     _ = try await SimulatedPlatform(node: node).prepareForPassthrough(vf: cold)
     try node.hold(vf: cold, by: "cold-vm")
     let plan = try await engine.reconfigure(ReconfigureRequest(pf: pf, count: 1, dryRun: true))
-    #expect(plan.steps.contains { $0.description.contains("the kernel will block it until VF \(cold) is released by VM cold-vm") })
+    #expect(
+      plan.steps.contains {
+        $0.description.contains("the kernel will block it until VF \(cold) is released by VM cold-vm")
+      })
     let started = try await engine.reconfigure(ReconfigureRequest(pf: pf, count: 1))
     var waiting: String?
     for _ in 0..<500 where waiting == nil {
@@ -163,7 +172,8 @@ import Testing
   @Test func anOperationCutAfterTheWriteOfZeroIsRolledForwardAtStart() async throws {
     let store = MemoryStateStore()
     let f = try await fixture(store: store)
-    let plan = try await f.engine.reconfigure(ReconfigureRequest(pf: pf, count: 2, strategy: .detachReattach, dryRun: true))
+    let plan = try await f.engine.reconfigure(
+      ReconfigureRequest(pf: pf, count: 2, strategy: .detachReattach, dryRun: true))
     // Replay the first steps by hand on the "hardware", as the dead agent had done.
     try await f.hypervisor.detach(deviceID: f.paused.id, from: "vm-1", timeout: .seconds(1))
     try await f.hypervisor.detach(deviceID: f.replugged.id, from: "vm-2", timeout: .seconds(1))
@@ -191,11 +201,13 @@ import Testing
       detached.map { .putAllocation($0) } + [
         .putOperation(
           StoredOperation(
-            record: record, journal: ReconfigureJournal(pf: pf, from: 16, to: 2, strategy: .detachReattach, actions: actions)))
+            record: record,
+            journal: ReconfigureJournal(pf: pf, from: 16, to: 2, strategy: .detachReattach, actions: actions)))
       ])
 
     let restarted = NodeEngine(
-      nodeID: "n", platform: SimulatedPlatform(node: f.node), clock: StillClock(), hypervisor: f.hypervisor, store: store)
+      nodeID: "n", platform: SimulatedPlatform(node: f.node), clock: StillClock(), hypervisor: f.hypervisor,
+      store: store)
     let persisted = try await restarted.restore()
     try await restarted.rescan()
     let taken = await restarted.recover(from: persisted)

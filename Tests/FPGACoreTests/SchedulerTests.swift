@@ -26,7 +26,8 @@ import Testing
   }
 
   @Test func unequalWeightsShareInProportion() throws {
-    let result = try simulate(guests: ["a", "b", "c"], weights: ["a": 1, "b": 2, "c": 4], switchCost: .microseconds(500))
+    let result = try simulate(
+      guests: ["a", "b", "c"], weights: ["a": 1, "b": 2, "c": 4], switchCost: .microseconds(500))
     let a = seconds(result.served["a"]!)
     let b = seconds(result.served["b"]!)
     let c = seconds(result.served["c"]!)

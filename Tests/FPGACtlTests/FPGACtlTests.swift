@@ -21,23 +21,24 @@ func fpgactl(_ arguments: [String]) async -> (code: Int32, out: String, err: Str
     try await TestAgent.with { agent in
       let result = await fpgactl(["inventory", "--server", "127.0.0.1:\(agent.port)"])
       #expect(result.code == 0)
-      #expect(result.out == """
-        CARD          MODEL                 NUMA  PFS  VFS     DRAINING
-        card-0000:3b  Xilinx QDMA Gen3 x16  0     4    28/252  no
-        card-0000:d8  Xilinx QDMA Gen3 x16  1     4    24/252  no
+      #expect(
+        result.out == """
+          CARD          MODEL                 NUMA  PFS  VFS     DRAINING
+          card-0000:3b  Xilinx QDMA Gen3 x16  0     4    28/252  no
+          card-0000:d8  Xilinx QDMA Gen3 x16  1     4    24/252  no
 
-        PF            CARD          DEVICE     DRIVER   VFS    FREE  ALLOCATED  NUMA  QMAX  DRAINING  HEALTH
-        0000:3b:00.0  card-0000:3b  10ee:903f  qdma-pf  16/64  16    0          0     0     no        healthy
-        0000:3b:00.1  card-0000:3b  10ee:913f  qdma-pf  8/60   8     0          0     0     no        healthy
-        0000:3b:00.2  card-0000:3b  10ee:923f  qdma-pf  0/60   0     0          0     0     no        healthy
-        0000:3b:00.3  card-0000:3b  10ee:933f  qdma-pf  4/68   4     0          0     0     no        healthy
-        0000:d8:00.0  card-0000:d8  10ee:903f  qdma-pf  16/64  16    0          1     0     no        healthy
-        0000:d8:00.1  card-0000:d8  10ee:913f  qdma-pf  8/60   8     0          1     0     no        healthy
-        0000:d8:00.2  card-0000:d8  10ee:923f  qdma-pf  0/60   0     0          1     0     no        healthy
-        0000:d8:00.3  card-0000:d8  10ee:933f  qdma-pf  0/68   0     0          1     0     no        healthy
+          PF            CARD          DEVICE     DRIVER   VFS    FREE  ALLOCATED  NUMA  QMAX  DRAINING  HEALTH
+          0000:3b:00.0  card-0000:3b  10ee:903f  qdma-pf  16/64  16    0          0     0     no        healthy
+          0000:3b:00.1  card-0000:3b  10ee:913f  qdma-pf  8/60   8     0          0     0     no        healthy
+          0000:3b:00.2  card-0000:3b  10ee:923f  qdma-pf  0/60   0     0          0     0     no        healthy
+          0000:3b:00.3  card-0000:3b  10ee:933f  qdma-pf  4/68   4     0          0     0     no        healthy
+          0000:d8:00.0  card-0000:d8  10ee:903f  qdma-pf  16/64  16    0          1     0     no        healthy
+          0000:d8:00.1  card-0000:d8  10ee:913f  qdma-pf  8/60   8     0          1     0     no        healthy
+          0000:d8:00.2  card-0000:d8  10ee:923f  qdma-pf  0/60   0     0          1     0     no        healthy
+          0000:d8:00.3  card-0000:d8  10ee:933f  qdma-pf  0/68   0     0          1     0     no        healthy
 
-        no allocations (revision 1)
-        """)
+          no allocations (revision 1)
+          """)
       #expect(result.err.isEmpty)
     }
   }
@@ -50,46 +51,61 @@ func fpgactl(_ arguments: [String]) async -> (code: Int32, out: String, err: Str
       ])
       #expect(allocated.code == 0)
       let id = try #require(allocated.out.split(separator: " ").dropFirst().first.map { String($0.dropLast()) })
-      #expect(allocated.out == "allocated \(id): VF 0000:d8:08.4 (PF 0000:d8:00.1, NUMA 1, IOMMU group 144) for tenant-a")
+      #expect(
+        allocated.out == "allocated \(id): VF 0000:d8:08.4 (PF 0000:d8:00.1, NUMA 1, IOMMU group 144) for tenant-a")
       let replay = await fpgactl([
         "--server", server, "allocate", "--pf", "0000:d8:00.1", "--owner", "tenant-a", "--vm", "vm-7", "--key", "k1",
       ])
-      #expect(replay.out == "already allocated \(id): VF 0000:d8:08.4 (PF 0000:d8:00.1, NUMA 1, IOMMU group 144) for tenant-a")
+      #expect(
+        replay.out == "already allocated \(id): VF 0000:d8:08.4 (PF 0000:d8:00.1, NUMA 1, IOMMU group 144) for tenant-a"
+      )
 
       let inventory = await fpgactl(["inventory", "--server", server])
-      let tail = inventory.out.split(separator: "\n", omittingEmptySubsequences: false).suffix(3).joined(separator: "\n")
-      #expect(tail == """
-        ALLOCATION          VF            PF            OWNER     VM    NUMA  IOMMU  ATTACHED
-        \(id)  0000:d8:08.4  0000:d8:00.1  tenant-a  vm-7  1     144    no
-        1 allocations (revision 2)
-        """)
+      let tail = inventory.out.split(separator: "\n", omittingEmptySubsequences: false).suffix(3).joined(
+        separator: "\n")
+      #expect(
+        tail == """
+          ALLOCATION          VF            PF            OWNER     VM    NUMA  IOMMU  ATTACHED
+          \(id)  0000:d8:08.4  0000:d8:00.1  tenant-a  vm-7  1     144    no
+          1 allocations (revision 2)
+          """)
 
       let released = await fpgactl(["release", id, "--server", server])
       #expect(released == (0, "released \(id): VF 0000:d8:08.4 is free", ""))
       let twice = await fpgactl(["release", id, "--server", server])
       #expect(twice.code == 1)
-      #expect(twice.err == "error: NOT_FOUND: allocation \(id) does not exist (already released, or never made); `fpgactl inventory` lists the allocations")
+      #expect(
+        twice.err
+          == "error: NOT_FOUND: allocation \(id) does not exist (already released, or never made); `fpgactl inventory` lists the allocations"
+      )
     }
   }
 
   @Test func statusAndErrors() async throws {
     try await TestAgent.with { agent in
       let status = await fpgactl(["status", "--server", "127.0.0.1:\(agent.port)"])
-      #expect(status.out == """
-        node      node-test on \(SystemCalls.hostname())
-        health    SERVING
-        platform  simulated (IOMMU yes, vfio-pci yes, QDMA driver qdma-pf, VFIO pause no)
-        version   0.1.0, up 0s
-        revision  1
-        devices   2 cards, 8 PFs, 52/504 VFs enabled, 0 allocated, 52 free
-        epoch     0
-        problems  none
-        """)
+      #expect(
+        status.out == """
+          node      node-test on \(SystemCalls.hostname())
+          health    SERVING
+          platform  simulated (IOMMU yes, vfio-pci yes, QDMA driver qdma-pf, VFIO pause no)
+          version   0.1.0, up 0s
+          revision  1
+          devices   2 cards, 8 PFs, 52/504 VFs enabled, 0 allocated, 52 free
+          epoch     0
+          problems  none
+          """)
       let exhausted = await fpgactl(["allocate", "--pf", "0000:3b:00.2", "--server", "127.0.0.1:\(agent.port)"])
       #expect(exhausted.code == 1)
-      #expect(exhausted.err == "error: RESOURCE_EXHAUSTED: no enabled VF matching PF 0000:3b:00.2: enable VFs with `fpgactl reconfigure PF N` or relax the constraints")
+      #expect(
+        exhausted.err
+          == "error: RESOURCE_EXHAUSTED: no enabled VF matching PF 0000:3b:00.2: enable VFs with `fpgactl reconfigure PF N` or relax the constraints"
+      )
       let malformed = await fpgactl(["allocate", "--pf", "3b:00.2", "--server", "127.0.0.1:\(agent.port)"])
-      #expect(malformed.err == "error: INVALID_ARGUMENT: constraints.pf_bdf \"3b:00.2\" is not a PCI address: expected DDDD:BB:DD.F in lower-case hex, e.g. 0000:3b:00.4")
+      #expect(
+        malformed.err
+          == "error: INVALID_ARGUMENT: constraints.pf_bdf \"3b:00.2\" is not a PCI address: expected DDDD:BB:DD.F in lower-case hex, e.g. 0000:3b:00.4"
+      )
     }
   }
 
@@ -101,11 +117,12 @@ func fpgactl(_ arguments: [String]) async -> (code: Int32, out: String, err: Str
       let id = allocation.out.split(separator: " ")[1].dropLast()
       let result = await watched
       #expect(result.code == 0)
-      #expect(result.out == """
-        revision 1: snapshot of 2 cards, 8 PFs, 52 VFs, 0 allocations
-        revision 2: allocation \(id) holds VF 0000:3b:00.4 for w
-        revision 2: VF 0000:3b:00.4 allocated by \(id)
-        """)
+      #expect(
+        result.out == """
+          revision 1: snapshot of 2 cards, 8 PFs, 52 VFs, 0 allocations
+          revision 2: allocation \(id) holds VF 0000:3b:00.4 for w
+          revision 2: VF 0000:3b:00.4 allocated by \(id)
+          """)
     }
   }
 
@@ -115,10 +132,11 @@ func fpgactl(_ arguments: [String]) async -> (code: Int32, out: String, err: Str
       let drained = await fpgactl(["drain", "0000:3b:00.3", "--server", server])
       #expect(drained.code == 0)
       let opID = drained.out.split(separator: " ")[1]
-      #expect(drained.out == """
-        operation \(opID) (drain 0000:3b:00.3): succeeded
-          1. [succeeded] stop new allocations on PF 0000:3b:00.3
-        """)
+      #expect(
+        drained.out == """
+          operation \(opID) (drain 0000:3b:00.3): succeeded
+            1. [succeeded] stop new allocations on PF 0000:3b:00.3
+          """)
       let shown = await fpgactl(["operation", String(opID), "--server", server])
       #expect(shown.out == drained.out)
       let undrained = await fpgactl(["undrain", "0000:3b:00.3", "--server", server])
@@ -140,21 +158,27 @@ func fpgactl(_ arguments: [String]) async -> (code: Int32, out: String, err: Str
       let plan = await fpgactl(["reconfigure", "0000:3b:00.3", "2", "--dry-run", "--server", server])
       let planID = plan.out.split(separator: " ")[1]
       #expect(plan.code == 0)
-      #expect(plan.out == """
-        operation \(planID) (reconfigure 0000:3b:00.3): planned
-          1. [succeeded] plan the new layout of PF 0000:3b:00.3
-          2. [planned] detach \(id) (VF 0000:3b:17.4) from VM vm-2: the guest sees an unplug
-          3. [planned] write 0 to sriov_numvfs of 0000:3b:00.3: its VFs are removed
-          4. [planned] write 2 to sriov_numvfs of 0000:3b:00.3 (autoprobe off)
-          5. [planned] verify that 0000:3b:00.3 has 2 VFs and record the new layout
-          6. [planned] bind VF 0000:3b:17.4 to vfio-pci
-          7. [planned] re-attach \(id) (VF 0000:3b:17.4) to VM vm-2
-          8. [planned] commit
-          allocation \(id) (VF 0000:3b:17.4 in VM vm-2): kept-reattached, guest sees unplug and replug
-        """)
-      let refused = await fpgactl(["reconfigure", "0000:3b:00.3", "2", "--strategy", "refuse-if-disruptive", "--server", server])
+      #expect(
+        plan.out == """
+          operation \(planID) (reconfigure 0000:3b:00.3): planned
+            1. [succeeded] plan the new layout of PF 0000:3b:00.3
+            2. [planned] detach \(id) (VF 0000:3b:17.4) from VM vm-2: the guest sees an unplug
+            3. [planned] write 0 to sriov_numvfs of 0000:3b:00.3: its VFs are removed
+            4. [planned] write 2 to sriov_numvfs of 0000:3b:00.3 (autoprobe off)
+            5. [planned] verify that 0000:3b:00.3 has 2 VFs and record the new layout
+            6. [planned] bind VF 0000:3b:17.4 to vfio-pci
+            7. [planned] re-attach \(id) (VF 0000:3b:17.4) to VM vm-2
+            8. [planned] commit
+            allocation \(id) (VF 0000:3b:17.4 in VM vm-2): kept-reattached, guest sees unplug and replug
+          """)
+      let refused = await fpgactl([
+        "reconfigure", "0000:3b:00.3", "2", "--strategy", "refuse-if-disruptive", "--server", server,
+      ])
       #expect(refused.code == 1)
-      #expect(refused.err.hasPrefix("error: FAILED_PRECONDITION: strategy refuse-if-disruptive refuses this reconfiguration of PF 0000:3b:00.3: VM vm-2 holds \(id)"))
+      #expect(
+        refused.err.hasPrefix(
+          "error: FAILED_PRECONDITION: strategy refuse-if-disruptive refuses this reconfiguration of PF 0000:3b:00.3: VM vm-2 holds \(id)"
+        ))
       let bad = await fpgactl(["reconfigure", "0000:3b:00.3", "2", "--strategy", "gentle", "--server", server])
       #expect(bad.code == 2)
       let run = await fpgactl(["reconfigure", "0000:3b:00.3", "2", "--server", server])
@@ -162,10 +186,11 @@ func fpgactl(_ arguments: [String]) async -> (code: Int32, out: String, err: Str
       let lines = run.out.split(separator: "\n").map(String.init)
       #expect(lines.first?.hasSuffix(": reconfiguring 0000:3b:00.3 to 2 VFs (strategy auto)") == true)
       for step in 2...8 { #expect(lines.contains { $0.hasPrefix("  \(step)/8 [succeeded] ") }, "step \(step)") }
-      #expect(lines.suffix(2) == [
-        "operation \(lines[0].split(separator: " ")[1].dropLast()) succeeded",
-        "  allocation \(id) (VF 0000:3b:17.4 in VM vm-2): kept-reattached, guest sees unplug and replug",
-      ])
+      #expect(
+        lines.suffix(2) == [
+          "operation \(lines[0].split(separator: " ")[1].dropLast()) succeeded",
+          "  allocation \(id) (VF 0000:3b:17.4 in VM vm-2): kept-reattached, guest sees unplug and replug",
+        ])
     }
   }
 
@@ -180,11 +205,15 @@ func fpgactl(_ arguments: [String]) async -> (code: Int32, out: String, err: Str
       let id = String(registered.out.split(separator: " ")[1].dropLast())
       #expect(registered.out == "registered \(id): guest vm-1 on card-0000:3b/acc0 (sha3, weight 2)")
       let listed = await fpgactl(["contexts", "--server", server])
-      #expect(listed.out.split(separator: "\n").first == "CONTEXT           ACCELERATOR        GUEST  FUNCTION  WEIGHT  STATE   ACTIVE")
+      #expect(
+        listed.out.split(separator: "\n").first
+          == "CONTEXT           ACCELERATOR        GUEST  FUNCTION  WEIGHT  STATE   ACTIVE")
       #expect(listed.out.contains("\(id)  card-0000:3b/acc0  vm-1   sha3      2       4096 B"))
       let switched = await fpgactl(["context", "switch", id, "--now", "--server", server])
       #expect(switched.code == 0 && switched.out.hasPrefix("switched to \(id) in "))
-      let policy = await fpgactl(["policy", "card-0000:3b/acc0", "--slice-ms", "5", "--limit", "2", "--weight", "vm-1=3", "--server", server])
+      let policy = await fpgactl([
+        "policy", "card-0000:3b/acc0", "--slice-ms", "5", "--limit", "2", "--weight", "vm-1=3", "--server", server,
+      ])
       #expect(policy.out == "card-0000:3b/acc0: slice 5.0 ms, at most 2 guests, weights vm-1=3")
       let badWeight = await fpgactl(["policy", "card-0000:3b/acc0", "--weight", "vm-1", "--server", server])
       #expect(badWeight.code == 2 && badWeight.err == "error: --weight vm-1: expected GUEST=WEIGHT")
@@ -199,14 +228,18 @@ func fpgactl(_ arguments: [String]) async -> (code: Int32, out: String, err: Str
       #expect(deleted.out == "deleted \(id)")
       #expect(await fpgactl(["contexts", "--server", server]).out == "no contexts")
       let unknown = await fpgactl(["context", "register", "card-0000:77/acc0", "vm-1", "sha3", "--server", server])
-      #expect(unknown.code == 1 && unknown.err.hasPrefix("error: NOT_FOUND: accelerator \"card-0000:77/acc0\" is not on this node"))
+      #expect(
+        unknown.code == 1
+          && unknown.err.hasPrefix("error: NOT_FOUND: accelerator \"card-0000:77/acc0\" is not on this node"))
     }
   }
 
   @Test func anUnreachableAgentIsSaidPlainly() async throws {
     let result = await fpgactl(["status", "--server", "unix:/nonexistent/fpga-agent.sock"])
     #expect(result.code == 3)
-    #expect(result.err.hasPrefix("error: cannot reach the agent at unix:/nonexistent/fpga-agent.sock: is fpga-agent running there?"))
+    #expect(
+      result.err.hasPrefix(
+        "error: cannot reach the agent at unix:/nonexistent/fpga-agent.sock: is fpga-agent running there?"))
     let usage = await fpgactl(["status", "--server", "host:notaport"])
     #expect(usage.code == 2)
     #expect(usage.err == "error: --server host:notaport: expected HOST:PORT or unix:PATH")
@@ -222,18 +255,20 @@ struct FPGACtlQEMUTests {
       config.qemu.deviceModel = "edu"
     }) { agent in
       let server = "127.0.0.1:\(agent.port)"
-      #expect(await fpgactl(["vms", "--server", server]).out == """
-        VM   STATE      FREE PORTS  VFIO PAUSE  VFS  QMP SOCKET / ERROR
-        vm1  prelaunch  2/2         no          -    \(qemu.socketPath)
-        """)
+      #expect(
+        await fpgactl(["vms", "--server", server]).out == """
+          VM   STATE      FREE PORTS  VFIO PAUSE  VFS  QMP SOCKET / ERROR
+          vm1  prelaunch  2/2         no          -    \(qemu.socketPath)
+          """)
       let allocated = await fpgactl(["allocate", "--server", server])
       let id = String(allocated.out.split(separator: " ")[1].dropLast())
       let attached = await fpgactl(["attach", id, "vm1", "--server", server])
       #expect(attached == (0, "attached \(id): VF 0000:3b:00.4 is device \(id) in VM vm1, root port rp1", ""))
-      #expect(await fpgactl(["vms", "--server", server]).out == """
-        VM   STATE      FREE PORTS  VFIO PAUSE  VFS           QMP SOCKET / ERROR
-        vm1  prelaunch  1/2         no          0000:3b:00.4  \(qemu.socketPath)
-        """)
+      #expect(
+        await fpgactl(["vms", "--server", server]).out == """
+          VM   STATE      FREE PORTS  VFIO PAUSE  VFS           QMP SOCKET / ERROR
+          vm1  prelaunch  1/2         no          0000:3b:00.4  \(qemu.socketPath)
+          """)
       let detached = await fpgactl(["detach", id, "--server", server])
       #expect(detached == (0, "detached \(id): VF 0000:3b:00.4 left its VM", ""))
       let notAttached = await fpgactl(["detach", id, "--server", server])
@@ -247,11 +282,12 @@ struct FPGACtlQEMUTests {
   @Test func attachAndDetachOnTheDefaultNode() async throws {
     try await TestAgent.with { agent in
       let server = "127.0.0.1:\(agent.port)"
-      #expect(await fpgactl(["vms", "--server", server]).out == """
-        VM    STATE    FREE PORTS  VFIO PAUSE  VFS  QMP SOCKET / ERROR
-        vm-1  running  4/4         yes         -    (simulated)
-        vm-2  running  2/2         no          -    (simulated)
-        """)
+      #expect(
+        await fpgactl(["vms", "--server", server]).out == """
+          VM    STATE    FREE PORTS  VFIO PAUSE  VFS  QMP SOCKET / ERROR
+          vm-1  running  4/4         yes         -    (simulated)
+          vm-2  running  2/2         no          -    (simulated)
+          """)
       let allocated = await fpgactl(["allocate", "--pf", "0000:3b:00.3", "--server", server])
       let id = String(allocated.out.split(separator: " ")[1].dropLast())
       let attached = await fpgactl(["attach", id, "vm-2", "--server", server])
@@ -291,15 +327,18 @@ struct FPGACtlQEMUTests {
     try FileManager.default.removeItem(atPath: devices + "0000:3b:00.1/sriov_vf_device")
     let oddVF = "0000:3b:00.2"
     let vfs = try FileManager.default.contentsOfDirectory(atPath: devices).filter { $0.hasPrefix("0000:3b:") }.sorted()
-    let firstVFOfPF2 = try #require(vfs.first { name in
-      (try? FileManager.default.destinationOfSymbolicLink(atPath: devices + name + "/physfn"))?.hasSuffix(oddVF) ?? false
-    })
+    let firstVFOfPF2 = try #require(
+      vfs.first { name in
+        (try? FileManager.default.destinationOfSymbolicLink(atPath: devices + name + "/physfn"))?.hasSuffix(oddVF)
+          ?? false
+      })
     try FileManager.default.removeItem(atPath: devices + firstVFOfPF2 + "/iommu_group")
-    try FileManager.default.createSymbolicLink(atPath: devices + firstVFOfPF2 + "/iommu_group", withDestinationPath: "/tmp")
+    try FileManager.default.createSymbolicLink(
+      atPath: devices + firstVFOfPF2 + "/iommu_group", withDestinationPath: "/tmp")
     try "lots\n".write(toFile: devices + "0000:3b:00.3/sriov_totalvfs", atomically: true, encoding: .utf8)
 
     try await TestAgent.with(configure: { config in
-      config.platform = "linux"
+      config.platform = .linux
       config.linux.sysfsRoot = tree.sysRoot
       config.linux.devRoot = tree.devRoot
     }) { agent in

@@ -21,7 +21,9 @@ final class Claims: ClaimSource, Sendable {
     return claim
   }
 
-  static func claim(_ name: String, uid: String, devices: [String], driver: String = "qdma.xilinx.com", pool: String = "node-a")
+  static func claim(
+    _ name: String, uid: String, devices: [String], driver: String = "qdma.xilinx.com", pool: String = "node-a"
+  )
     -> Kube.ResourceClaim
   {
     var claim = Kube.ResourceClaim(metadata: .init(name: name, namespace: "ns", uid: uid), status: nil)
@@ -44,7 +46,8 @@ final class Claims: ClaimSource, Sendable {
       cdiDir: directory + "/cdi", nodeName: "node-a")
     let store = MemoryStateStore()
     let engine = NodeEngine(
-      nodeID: "node-a", platform: SimulatedPlatform(node: SimulatedNode(config: .default)), clock: FixedTestClock(), store: store)
+      nodeID: "node-a", platform: SimulatedPlatform(node: SimulatedNode(config: .default)), clock: FixedTestClock(),
+      store: store)
     return (settings, engine, store, directory)
   }
 
@@ -54,18 +57,25 @@ final class Claims: ClaimSource, Sendable {
     try await engine.rescan()
     let claims = Claims()
     let driver = DRADriver(settings: settings, engine: engine, store: store, claims: claims, logger: Logger(label: "t"))
-    let vfs = try await engine.snapshot().cards[0].pfs[0].vfs.prefix(2).map { DeviceNames.name(of: $0.function.address) }
+    let vfs = try await engine.snapshot().cards[0].pfs[0].vfs.prefix(2).map {
+      DeviceNames.name(of: $0.function.address)
+    }
     #expect(vfs == ["vf-0000-3b-00-4", "vf-0000-3b-00-5"])
     claims.put(Claims.claim("gpu-claim", uid: "uid-1", devices: vfs))
     let reference = ClaimReference(namespace: "ns", uid: "uid-1", name: "gpu-claim")
 
     let first = try #require(try await driver.prepare([reference])["uid-1"]?.get())
-    #expect(first.map(\.cdiID) == ["k8s.qdma.xilinx.com/vf=uid-1-vf-0000-3b-00-4", "k8s.qdma.xilinx.com/vf=uid-1-vf-0000-3b-00-5"])
+    #expect(
+      first.map(\.cdiID) == [
+        "k8s.qdma.xilinx.com/vf=uid-1-vf-0000-3b-00-4", "k8s.qdma.xilinx.com/vf=uid-1-vf-0000-3b-00-5",
+      ])
     var owners = try await engine.snapshot().allocations.map(\.owner)
     #expect(owners == ["claim:ns/gpu-claim/uid-1", "claim:ns/gpu-claim/uid-1"])
     // The CDI spec: one device per VF, vfio nodes, the BDFs in the environment, KubeVirt's file.
-    let spec = try JSONSerialization.jsonObject(
-      with: Data(contentsOf: URL(fileURLWithPath: settings.cdiDir + "/k8s.qdma.xilinx.com-vf_uid-1.json"))) as! [String: Any]
+    let spec =
+      try JSONSerialization.jsonObject(
+        with: Data(contentsOf: URL(fileURLWithPath: settings.cdiDir + "/k8s.qdma.xilinx.com-vf_uid-1.json")))
+      as! [String: Any]
     #expect(spec["cdiVersion"] as? String == "0.5.0" && spec["kind"] as? String == "k8s.qdma.xilinx.com/vf")
     let devices = spec["devices"] as! [[String: Any]]
     #expect(devices.map { $0["name"] as! String } == ["uid-1-vf-0000-3b-00-4", "uid-1-vf-0000-3b-00-5"])
@@ -74,7 +84,9 @@ final class Claims: ClaimSource, Sendable {
     #expect(nodes[0] == "/dev/vfio/vfio" && nodes[1] == first[0].vfioDevice && nodes[1].hasPrefix("/dev/vfio/"))
     #expect((edits["env"] as! [String]).contains("PCI_RESOURCE_QDMA_XILINX_COM_VF=0000:3b:00.4,0000:3b:00.5"))
     let mount = (edits["mounts"] as! [[String: Any]])[0]
-    #expect(mount["containerPath"] as? String == "/var/run/kubernetes.io/dra-device-attributes/resourceclaims/gpu-claim/vf/qdma.xilinx.com-metadata.json")
+    #expect(
+      mount["containerPath"] as? String
+        == "/var/run/kubernetes.io/dra-device-attributes/resourceclaims/gpu-claim/vf/qdma.xilinx.com-metadata.json")
     let metadata = try String(contentsOfFile: mount["hostPath"] as! String, encoding: .utf8)
     #expect(metadata.contains(#""resource.kubernetes.io/pciBusID":{"string":"0000:3b:00.4"}"#))
 
@@ -156,7 +168,8 @@ final class Claims: ClaimSource, Sendable {
     #expect(first.taints?.map(\.key) == ["qdma.xilinx.com/allocated"])
     let drained = devices.filter { $0.attributes?["qdma.xilinx.com/pf"] == .string("0000:3b:00.1") }
     #expect(!drained.isEmpty && drained.allSatisfy { $0.taints?.map(\.key) == ["qdma.xilinx.com/draining"] })
-    #expect(devices.allSatisfy { ($0.taints ?? []).allSatisfy { ($0.value ?? "").count <= 63 && $0.effect == "NoSchedule" } })
+    #expect(
+      devices.allSatisfy { ($0.taints ?? []).allSatisfy { ($0.value ?? "").count <= 63 && $0.effect == "NoSchedule" } })
     let reconfiguring = SlicePublisher.devices(
       try await engine.snapshot(), settings: settings, reconfiguring: [PCIAddress("0000:d8:00.0")!])
     #expect(reconfiguring.filter { $0.taints?.first?.value == "PF-0000-d8-00.0-is-being-reconfigured" }.count == 16)
@@ -164,7 +177,9 @@ final class Claims: ClaimSource, Sendable {
     #expect(chunks.map(\.count) == [52])
     let many = (0..<200).map { Kube.Device(name: "d\($0)") }
     #expect(SlicePublisher.chunks(many).map(\.count) == [128, 72])
-    #expect(SlicePublisher.chunks(many + [Kube.Device(name: "t", taints: [.init(key: "k", effect: "NoSchedule")])]).map(\.count) == [64, 64, 64, 9])
+    #expect(
+      SlicePublisher.chunks(many + [Kube.Device(name: "t", taints: [.init(key: "k", effect: "NoSchedule")])]).map(
+        \.count) == [64, 64, 64, 9])
     #expect(DeviceNames.vf("vf-0000-3b-00-4") == PCIAddress("0000:3b:00.4") && DeviceNames.vf("gpu-0") == nil)
   }
 }
@@ -202,14 +217,19 @@ final class FixedTestClock: WallClock {
     let claims = Claims()
     var claim = Claims.claim("share", uid: "uid-s", devices: ["acc-0000-3b-0"])
     claim.status?.allocation?.devices?.config = [
-      .init(requests: ["vf"], opaque: .init(driver: "qdma.xilinx.com", parameters: .object(["function": .string("fft"), "weight": .number(3)])))
+      .init(
+        requests: ["vf"],
+        opaque: .init(
+          driver: "qdma.xilinx.com", parameters: .object(["function": .string("fft"), "weight": .number(3)])))
     ]
     claims.put(claim)
     let driver = DRADriver(settings: settings, engine: engine, store: store, claims: claims, logger: Logger(label: "t"))
     let reference = ClaimReference(namespace: "ns", uid: "uid-s", name: "share")
     let prepared = try #require(try await driver.prepare([reference])["uid-s"]?.get())
     let contexts = await engine.listContexts().map(\.0)
-    #expect(contexts.count == 1 && contexts[0].guest == "claim-uid-s" && contexts[0].function == "fft" && contexts[0].weight == 3)
+    #expect(
+      contexts.count == 1 && contexts[0].guest == "claim-uid-s" && contexts[0].function == "fft"
+        && contexts[0].weight == 3)
     #expect(prepared[0].contextID == contexts[0].id)
     let spec = try String(contentsOfFile: settings.cdiDir + "/k8s.qdma.xilinx.com-vf_uid-s.json", encoding: .utf8)
     #expect(spec.contains("FPGA_CONTEXT=\(contexts[0].id)") && spec.contains("FPGA_ACCELERATOR=card-0000:3b/acc0"))

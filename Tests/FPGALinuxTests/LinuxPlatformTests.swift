@@ -65,14 +65,15 @@ import Testing
     try await platform.setVFCount(pf: pf0, to: 8)
     try await platform.setVFCount(pf: pf0, to: 8)  // no-op
     try await platform.setVFCount(pf: pf0, to: 0)
-    #expect(tree.writes == [
-      "bus/pci/devices/0000:3b:00.0/sriov_drivers_autoprobe=0",
-      "bus/pci/devices/0000:3b:00.0/sriov_numvfs=4",
-      "bus/pci/devices/0000:3b:00.0/sriov_drivers_autoprobe=0",
-      "bus/pci/devices/0000:3b:00.0/sriov_numvfs=0",
-      "bus/pci/devices/0000:3b:00.0/sriov_numvfs=8",
-      "bus/pci/devices/0000:3b:00.0/sriov_numvfs=0",
-    ])
+    #expect(
+      tree.writes == [
+        "bus/pci/devices/0000:3b:00.0/sriov_drivers_autoprobe=0",
+        "bus/pci/devices/0000:3b:00.0/sriov_numvfs=4",
+        "bus/pci/devices/0000:3b:00.0/sriov_drivers_autoprobe=0",
+        "bus/pci/devices/0000:3b:00.0/sriov_numvfs=0",
+        "bus/pci/devices/0000:3b:00.0/sriov_numvfs=8",
+        "bus/pci/devices/0000:3b:00.0/sriov_numvfs=0",
+      ])
     #expect(try await platform.discover().pfs[0].vfs.isEmpty)
   }
 
@@ -108,14 +109,19 @@ import Testing
     silent.enableFailsSilently = true
     let tree = try FakeKernelSysfs(pfs: [noMailbox, silent])
     let platform = LinuxPlatform(sysfs: tree)
-    await #expect(throws: AgentError(
-      .failedPrecondition, "PF 0000:3b:00.0 cannot enable VFs: its bitstream has no mailbox, so SR-IOV is unavailable",
-      cause: "sriov_numvfs write of 2 returned EPERM (errno 1)")) {
+    await #expect(
+      throws: AgentError(
+        .failedPrecondition,
+        "PF 0000:3b:00.0 cannot enable VFs: its bitstream has no mailbox, so SR-IOV is unavailable",
+        cause: "sriov_numvfs write of 2 returned EPERM (errno 1)")
+    ) {
       try await platform.setVFCount(pf: pf0, to: 2)
     }
-    await #expect(throws: AgentError(
-      .invalidArgument, "PF 0000:3b:00.0 supports at most 64 VFs (sriov_totalvfs); 65 asked",
-      cause: "checked against sriov_totalvfs=64 before writing anything")) {
+    await #expect(
+      throws: AgentError(
+        .invalidArgument, "PF 0000:3b:00.0 supports at most 64 VFs (sriov_totalvfs); 65 asked",
+        cause: "checked against sriov_totalvfs=64 before writing anything")
+    ) {
       try await platform.setVFCount(pf: pf0, to: 65)
     }
     do {
@@ -140,7 +146,9 @@ import Testing
       Issue.record("expected the watchdog to fire")
     } catch {
       #expect(error.code == .unavailable)
-      #expect(error.message == "PF 0000:3b:00.0: the VF count write is still blocked in the kernel; a VF of it is still held by a VM")
+      #expect(
+        error.message
+          == "PF 0000:3b:00.0: the VF count write is still blocked in the kernel; a VF of it is still held by a VM")
     }
     #expect(platform.worker.isBusy("0000:3b:00.0"))
     await #expect(throws: AgentError.self) { try await platform.setVFCount(pf: pf0, to: 0) }
@@ -162,11 +170,12 @@ import Testing
     let node = try await platform.bindToVFIO(vf: vf)
     #expect(try tree.linkName(.device(vf, "driver")) == "vfio-pci")
     #expect(node.hasPrefix("/dev/vfio/"))
-    #expect(tree.writes.suffix(3) == [
-      "bus/pci/devices/0000:3b:00.4/driver_override=vfio-pci",
-      "bus/pci/drivers/qdma-vf/unbind=0000:3b:00.4",
-      "bus/pci/drivers_probe=0000:3b:00.4",
-    ])
+    #expect(
+      tree.writes.suffix(3) == [
+        "bus/pci/devices/0000:3b:00.4/driver_override=vfio-pci",
+        "bus/pci/drivers/qdma-vf/unbind=0000:3b:00.4",
+        "bus/pci/drivers_probe=0000:3b:00.4",
+      ])
     try platform.unbind(vf: vf)
     #expect(try tree.linkName(.device(vf, "driver")) == nil)
     await #expect(throws: AgentError.self) { try await platform.bindToVFIO(vf: pf0) }
@@ -186,9 +195,12 @@ import Testing
     let node = try await platform.bindToVFIO(vf: vf)
     tree.hold("0000:3b:00.4")
     let group = node.split(separator: "/").last!
-    #expect(throws: AgentError(
-      .failedPrecondition,
-      "VF 0000:3b:00.4 is in use: /dev/vfio/\(group) is held open by qemu-system-x86 (pid \(4242 + Int(group)!)); detach it from its VM first")) {
+    #expect(
+      throws: AgentError(
+        .failedPrecondition,
+        "VF 0000:3b:00.4 is in use: /dev/vfio/\(group) is held open by qemu-system-x86 (pid \(4242 + Int(group)!)); detach it from its VM first"
+      )
+    ) {
       try platform.unbind(vf: vf)
     }
     #expect(try tree.linkName(.device(vf, "driver")) == "vfio-pci")
@@ -229,7 +241,9 @@ import Testing
     try platform.setQmax(pf: pf0, to: 1024)
     #expect(try await platform.discover().pfs[0].function.qmax == 1024)
     try tree.unbindPFDriver("0000:3b:00.0")
-    #expect(throws: AgentError(.failedPrecondition, "0000:3b:00.0 has no qdma/qmax: it is not bound to the QDMA driver")) {
+    #expect(
+      throws: AgentError(.failedPrecondition, "0000:3b:00.0 has no qdma/qmax: it is not bound to the QDMA driver")
+    ) {
       try platform.setQmax(pf: pf0, to: 8)
     }
   }

@@ -9,18 +9,29 @@ import Testing
 
 @Suite struct UeventTests {
   @Test func kernelDatagramsParseAndUdevOnesAreIgnored() {
-    let kernel = Array("change@/devices/pci0000:00/0000:3b:00.0\0ACTION=change\0DEVPATH=/devices/pci0000:00/0000:3b:00.0\0SUBSYSTEM=pci\0PCI_SLOT_NAME=0000:3B:00.0\0SEQNUM=7\0".utf8)
+    let kernel = Array(
+      "change@/devices/pci0000:00/0000:3b:00.0\0ACTION=change\0DEVPATH=/devices/pci0000:00/0000:3b:00.0\0SUBSYSTEM=pci\0PCI_SLOT_NAME=0000:3B:00.0\0SEQNUM=7\0"
+        .utf8)
     let event = Uevent(datagram: kernel)
-    #expect(event == Uevent(action: "change", devpath: "/devices/pci0000:00/0000:3b:00.0", subsystem: "pci", pciSlot: PCIAddress("0000:3b:00.0")))
+    #expect(
+      event
+        == Uevent(
+          action: "change", devpath: "/devices/pci0000:00/0000:3b:00.0", subsystem: "pci",
+          pciSlot: PCIAddress("0000:3b:00.0")))
     #expect(event?.concernsPCIDevices == true)
     #expect(Uevent(datagram: Array("libudev\0\u{1}\u{2}".utf8)) == nil)
-    #expect(Uevent(datagram: Array("add@/devices/virtual/net/lo\0ACTION=add\0DEVPATH=/devices/virtual/net/lo\0SUBSYSTEM=net\0".utf8))?.concernsPCIDevices == false)
+    #expect(
+      Uevent(
+        datagram: Array(
+          "add@/devices/virtual/net/lo\0ACTION=add\0DEVPATH=/devices/virtual/net/lo\0SUBSYSTEM=net\0".utf8))?
+        .concernsPCIDevices == false)
   }
 
   /// The real kernel: writing "change" to a PCI device's `uevent` attribute makes the kernel
   /// broadcast a uevent for it, which the netlink reader must deliver.
   @Test func theKernelsNetlinkSocketDeliversAPCIEvent() async throws {
-    guard geteuid() == 0, let device = try? FileManager.default.contentsOfDirectory(atPath: "/sys/bus/pci/devices").sorted().first
+    guard geteuid() == 0,
+      let device = try? FileManager.default.contentsOfDirectory(atPath: "/sys/bus/pci/devices").sorted().first
     else {
       print("skipped: needs root and a PCI device in /sys")
       return

@@ -37,7 +37,9 @@ struct QMPClientRealQEMUTests {
     await #expect(throws: QMPError(.commandFailed, "Device 'nosuch' not found", errorClass: "DeviceNotFound")) {
       try await client.execute("device_del", ["id": "nosuch"])
     }
-    await #expect(throws: QMPError(.commandFailed, "'nosuchdev' is not a valid device model name", errorClass: "GenericError")) {
+    await #expect(
+      throws: QMPError(.commandFailed, "'nosuchdev' is not a valid device model name", errorClass: "GenericError")
+    ) {
       try await client.execute("device_add", ["driver": "nosuchdev", "id": "y", "bus": "rp1"])
     }
     _ = try await client.execute("device_add", ["driver": "edu", "id": "dup", "bus": "rp1"])
@@ -54,7 +56,9 @@ struct QMPClientRealQEMUTests {
     _ = try await client.execute("device_del", ["id": "vf0"])
     await #expect(throws: QMPError.self) { try await deleted.wait(timeout: .milliseconds(500)) }
     // The device is still there, and a second request says so.
-    await #expect(throws: QMPError(.commandFailed, "Device vf0 is already in the process of unplug", errorClass: "GenericError")) {
+    await #expect(
+      throws: QMPError(.commandFailed, "Device vf0 is already in the process of unplug", errorClass: "GenericError")
+    ) {
       try await client.execute("device_del", ["id": "vf0"])
     }
   }
@@ -94,10 +98,15 @@ struct QMPClientRealQEMUTests {
 
 @Suite struct JSONValueTests {
   @Test func roundTrip() throws {
-    let value: JSONValue = ["execute": "device_add", "arguments": ["driver": "vfio-pci", "x-req": true, "n": 3, "list": [1, "a"]]]
+    let value: JSONValue = [
+      "execute": "device_add", "arguments": ["driver": "vfio-pci", "x-req": true, "n": 3, "list": [1, "a"]],
+    ]
     let text = String(decoding: value.serialized, as: UTF8.self)
     #expect(text == #"{"arguments":{"driver":"vfio-pci","list":[1,"a"],"n":3,"x-req":true},"execute":"device_add"}"#)
     #expect(try JSONValue.parse(value.serialized) == value)
-    #expect(try JSONValue.parse(Data("{\"a\":false,\"b\":null,\"c\":1.5}".utf8)) == ["a": false, "b": .null, "c": .number(1.5)])
+    #expect(
+      try JSONValue.parse(Data("{\"a\":false,\"b\":null,\"c\":1.5}".utf8)) == [
+        "a": false, "b": .null, "c": .number(1.5),
+      ])
   }
 }

@@ -69,7 +69,8 @@ import Testing
     let node = SimulatedNode()
     node.setPFDriver(pf2, nil)
     await #expect(throws: KernelErrno.ENOENT) { try await node.writeNumVFs(pf: pf2, "4") }
-    let noMailbox = SimulatedNode(config: SimulatorConfig(cards: [.init(bus: 0x3b, numaNode: 0, enabledVFs: [], mailbox: false)]))
+    let noMailbox = SimulatedNode(
+      config: SimulatorConfig(cards: [.init(bus: 0x3b, numaNode: 0, enabledVFs: [], mailbox: false)]))
     await #expect(throws: KernelErrno.EPERM) { try await noMailbox.writeNumVFs(pf: pf2, "4") }
   }
 
@@ -130,7 +131,8 @@ import Testing
   @Test func errnosBecomeActionableErrors() {
     let error = SRIOVErrors.numVFsWrite(.EBUSY, pf: pf0, requested: 8, current: 16, total: 64)
     #expect(error.code == .failedPrecondition)
-    #expect(error.message == "PF 0000:3b:00.0 already has 16 VFs enabled; the kernel only changes a non-zero count through 0")
+    #expect(
+      error.message == "PF 0000:3b:00.0 already has 16 VFs enabled; the kernel only changes a non-zero count through 0")
     #expect(error.cause == "sriov_numvfs write of 8 returned EBUSY (errno 16)")
     #expect(SRIOVErrors.numVFsWrite(.ERANGE, pf: pf0, requested: 65, current: 0, total: 64).code == .invalidArgument)
     #expect(SRIOVErrors.numVFsWrite(.ENOENT, pf: pf0, requested: 1, current: 0, total: 64).code == .failedPrecondition)

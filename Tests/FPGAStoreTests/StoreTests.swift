@@ -84,7 +84,10 @@ func allocation(_ id: String, vf: String, attached: Bool = false) -> Allocation 
     #expect(try store.appliedMigrations() == ["v1", "v2", "v3", "v4"])
     let state = try store.load()
     #expect(state.allocations == [kept])
-    #expect(state.idempotency == [IdempotencyRecord(scope: "DrainDevice", key: "k1", fingerprint: "f", outcome: .operation("op-9"))])
+    #expect(
+      state.idempotency == [
+        IdempotencyRecord(scope: "DrainDevice", key: "k1", fingerprint: "f", outcome: .operation("op-9"))
+      ])
     #expect(state.epoch == 12)
     try await store.commit([.setDrain("0000:3b:00.0", true)])  // the new tables work
     #expect(try store.load().drains == ["0000:3b:00.0"])
@@ -175,7 +178,8 @@ func allocation(_ id: String, vf: String, attached: Bool = false) -> Allocation 
     let first: AllocationResult
     do {
       let engine = NodeEngine(
-        nodeID: "n", platform: SimulatedPlatform(node: node), clock: StillClock(), store: try SQLiteStateStore(path: path))
+        nodeID: "n", platform: SimulatedPlatform(node: node), clock: StillClock(),
+        store: try SQLiteStateStore(path: path))
       _ = try await engine.restore()
       try await engine.rescan()
       first = try await engine.allocate(
@@ -185,14 +189,19 @@ func allocation(_ id: String, vf: String, attached: Bool = false) -> Allocation 
       _ = try await engine.drain(.pf(PCIAddress("0000:d8:00.1")!), releaseUnattached: false, meta: .init())
     }
     let engine = NodeEngine(
-      nodeID: "n", platform: SimulatedPlatform(node: node), clock: StillClock(), store: try SQLiteStateStore(path: path))
+      nodeID: "n", platform: SimulatedPlatform(node: node), clock: StillClock(), store: try SQLiteStateStore(path: path)
+    )
     _ = try await engine.restore()
     try await engine.rescan()
     // Revisions of the earlier run are never this run's: resuming from one gets a resync snapshot.
     #expect(await engine.revision > first.revision + 1_000_000)
     let watch = await engine.watch(from: first.revision)
     var iterator = watch.events.makeAsyncIterator()
-    if case .snapshot(_, let resync)? = await iterator.next() { #expect(resync) } else { Issue.record("expected a snapshot") }
+    if case .snapshot(_, let resync)? = await iterator.next() {
+      #expect(resync)
+    } else {
+      Issue.record("expected a snapshot")
+    }
     let snapshot = try await engine.snapshot()
     #expect(snapshot.allocations == [first.allocation])
     let pf = snapshot.cards.flatMap(\.pfs).first { $0.function.address == PCIAddress("0000:d8:00.1")! }
@@ -217,7 +226,8 @@ func allocation(_ id: String, vf: String, attached: Bool = false) -> Allocation 
     ghost.owner = "team-x"
     let kept = allocation("alloc-kept", vf: "0000:3b:00.4")
     try await store.commit([.putAllocation(ghost), .putAllocation(kept)])
-    let engine = NodeEngine(nodeID: "n", platform: SimulatedPlatform(node: SimulatedNode()), clock: StillClock(), store: store)
+    let engine = NodeEngine(
+      nodeID: "n", platform: SimulatedPlatform(node: SimulatedNode()), clock: StillClock(), store: store)
     _ = try await engine.restore()
     try await engine.rescan()
     let found = await engine.reconcile()

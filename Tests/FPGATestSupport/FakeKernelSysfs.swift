@@ -25,7 +25,9 @@ public final class FakeKernelSysfs: Sysfs, @unchecked Sendable {
     /// True models QDMA when pci_enable_sriov fails: the write succeeds, 0 VFs appear.
     public var enableFailsSilently = false
 
-    public init(_ address: String, device: UInt16 = 0x903f, vfDevice: UInt16 = 0xa03f, totalVFs: Int = 64, offset: Int = 4) {
+    public init(
+      _ address: String, device: UInt16 = 0x903f, vfDevice: UInt16 = 0xa03f, totalVFs: Int = 64, offset: Int = 4
+    ) {
       self.address = PCIAddress(address)!
       self.device = device
       self.vfDevice = vfDevice
@@ -62,7 +64,9 @@ public final class FakeKernelSysfs: Sysfs, @unchecked Sendable {
     sysRoot = directory + "/sys"
     devRoot = directory + "/dev"
     procRoot = directory + "/proc"
-    for folder in ["sys/bus/pci/devices", "sys/bus/pci/drivers", "sys/kernel/iommu_groups", "sys/devices/pci0000:00", "dev/vfio"] {
+    for folder in [
+      "sys/bus/pci/devices", "sys/bus/pci/drivers", "sys/kernel/iommu_groups", "sys/devices/pci0000:00", "dev/vfio",
+    ] {
       try FileManager.default.createDirectory(atPath: directory + "/" + folder, withIntermediateDirectories: true)
     }
     FileManager.default.createFile(atPath: devRoot + "/vfio/vfio", contents: nil)
@@ -74,7 +78,8 @@ public final class FakeKernelSysfs: Sysfs, @unchecked Sendable {
         model.pfs[pf.address] = pf
         model.numVFs[pf.address] = 0
         model.autoprobe[pf.address] = true
-        try createFunction(pf.address, vendor: pf.vendor, device: pf.device, numa: pf.numaNode, model: &model, iommu: iommu)
+        try createFunction(
+          pf.address, vendor: pf.vendor, device: pf.device, numa: pf.numaNode, model: &model, iommu: iommu)
         let dir = devicePath(pf.address)
         try put(dir + "/sriov_totalvfs", "\(pf.totalVFs)")
         try put(dir + "/sriov_numvfs", "0")
@@ -125,7 +130,9 @@ public final class FakeKernelSysfs: Sysfs, @unchecked Sendable {
     case (3, "drivers_probe"):
       guard let device = PCIAddress(text) else { throw errno(19, path) }
       try model.withLock { (model) throws(SysfsError) in
-        guard model.bound[device] == nil, let function = model.vfPF[device] ?? model.pfs[device]?.address else { return }
+        guard model.bound[device] == nil, let function = model.vfPF[device] ?? model.pfs[device]?.address else {
+          return
+        }
         _ = function
         let wanted = model.override[device] ?? (model.vfPF[device] != nil ? "qdma-vf" : nil)
         guard let wanted, wanted != "none", reader.exists(.driver(wanted)) else { return }
@@ -153,7 +160,8 @@ public final class FakeKernelSysfs: Sysfs, @unchecked Sendable {
     let process = procRoot + "/\(4242 + group)"
     try? FileManager.default.createDirectory(atPath: process + "/fd", withIntermediateDirectories: true)
     try? "qemu-system-x86\n".write(toFile: process + "/comm", atomically: false, encoding: .utf8)
-    try? FileManager.default.createSymbolicLink(atPath: process + "/fd/7", withDestinationPath: devRoot + "/vfio/\(group)")
+    try? FileManager.default.createSymbolicLink(
+      atPath: process + "/fd/7", withDestinationPath: devRoot + "/vfio/\(group)")
   }
 
   /// The VM lets go; a blocked `sriov_numvfs` write of 0 goes on.
@@ -172,7 +180,9 @@ public final class FakeKernelSysfs: Sysfs, @unchecked Sendable {
   public func loadDriver(_ name: String) throws {
     let folder = sysRoot + "/bus/pci/drivers/" + name
     try FileManager.default.createDirectory(atPath: folder, withIntermediateDirectories: true)
-    for file in ["bind", "unbind", "new_id"] { FileManager.default.createFile(atPath: folder + "/" + file, contents: nil) }
+    for file in ["bind", "unbind", "new_id"] {
+      FileManager.default.createFile(atPath: folder + "/" + file, contents: nil)
+    }
   }
 
   /// Unbinds the PF's driver (VFs stay enabled, as the kernel does).
@@ -219,7 +229,9 @@ public final class FakeKernelSysfs: Sysfs, @unchecked Sendable {
 
   private func createVF(index: Int, of pf: PCIAddress, model: inout Model) throws {
     let spec = model.pfs[pf]!
-    guard let vf = PCIAddress(domain: pf.domain, routingID: pf.routingID + spec.offset + spec.stride * index) else { return }
+    guard let vf = PCIAddress(domain: pf.domain, routingID: pf.routingID + spec.offset + spec.stride * index) else {
+      return
+    }
     try createFunction(vf, vendor: spec.vendor, device: spec.vfDevice, numa: spec.numaNode, model: &model, iommu: true)
     model.vfPF[vf] = pf
     try symlink(devicePath(vf) + "/physfn", "../" + pf.description)
@@ -232,7 +244,9 @@ public final class FakeKernelSysfs: Sysfs, @unchecked Sendable {
   private func removeVF(_ vf: PCIAddress, of pf: PCIAddress, model: inout Model) throws {
     if model.bound[vf] != nil { try unbind(vf, model: &model) }
     let index = try FileManager.default.contentsOfDirectory(atPath: devicePath(pf)).first { name in
-      name.hasPrefix("virtfn") && (try? FileManager.default.destinationOfSymbolicLink(atPath: devicePath(pf) + "/" + name)) == "../" + vf.description
+      name.hasPrefix("virtfn")
+        && (try? FileManager.default.destinationOfSymbolicLink(atPath: devicePath(pf) + "/" + name)) == "../"
+          + vf.description
     }
     if let index { try FileManager.default.removeItem(atPath: devicePath(pf) + "/" + index) }
     if let group = model.groups.removeValue(forKey: vf) {
@@ -244,14 +258,17 @@ public final class FakeKernelSysfs: Sysfs, @unchecked Sendable {
     model.override[vf] = nil
   }
 
-  private func createFunction(_ address: PCIAddress, vendor: UInt16, device: UInt16, numa: Int, model: inout Model, iommu: Bool) throws {
+  private func createFunction(
+    _ address: PCIAddress, vendor: UInt16, device: UInt16, numa: Int, model: inout Model, iommu: Bool
+  ) throws {
     let dir = devicePath(address)
     try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
     try put(dir + "/vendor", "0x" + hex(Int(vendor), width: 4))
     try put(dir + "/device", "0x" + hex(Int(device), width: 4))
     try put(dir + "/numa_node", "\(numa)")
     try put(dir + "/driver_override", "(null)")
-    try symlink(sysRoot + "/bus/pci/devices/" + address.description, "../../../devices/pci0000:00/" + address.description)
+    try symlink(
+      sysRoot + "/bus/pci/devices/" + address.description, "../../../devices/pci0000:00/" + address.description)
     if iommu {
       let group = model.nextGroup
       model.nextGroup += 1
@@ -265,7 +282,9 @@ public final class FakeKernelSysfs: Sysfs, @unchecked Sendable {
 
   private func bind(_ device: PCIAddress, to driver: String, model: inout Model) throws {
     try symlink(devicePath(device) + "/driver", "../../../bus/pci/drivers/" + driver)
-    try symlink(sysRoot + "/bus/pci/drivers/\(driver)/" + device.description, "../../../../devices/pci0000:00/" + device.description)
+    try symlink(
+      sysRoot + "/bus/pci/drivers/\(driver)/" + device.description,
+      "../../../../devices/pci0000:00/" + device.description)
     model.bound[device] = driver
     if driver == "vfio-pci", let group = model.groups[device] {
       FileManager.default.createFile(atPath: devRoot + "/vfio/\(group)", contents: nil)

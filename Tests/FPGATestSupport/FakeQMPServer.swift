@@ -24,9 +24,13 @@ public final class FakeQMPServer: @unchecked Sendable {
     }
     unlink(path)
     let bound = withUnsafePointer(to: &address) {
-      $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(listener, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+      $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+        bind(listener, $0, socklen_t(MemoryLayout<sockaddr_un>.size))
+      }
     }
-    guard bound == 0, listen(listener, 8) == 0 else { throw QMPError(.connectFailed, "fake QMP server cannot bind \(path)") }
+    guard bound == 0, listen(listener, 8) == 0 else {
+      throw QMPError(.connectFailed, "fake QMP server cannot bind \(path)")
+    }
     let thread = Thread { [self] in self.acceptLoop() }
     thread.start()
   }
@@ -60,7 +64,9 @@ public final class FakeQMPServer: @unchecked Sendable {
       let data = value.serialized + Data("\r\n".utf8)
       _ = data.withUnsafeBytes { Foundation.send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
     }
-    send(["QMP": ["version": ["qemu": ["major": 7, "minor": 2, "micro": 99], "package": "fake"], "capabilities": ["oob"]]])
+    send([
+      "QMP": ["version": ["qemu": ["major": 7, "minor": 2, "micro": 99], "package": "fake"], "capabilities": ["oob"]]
+    ])
     var buffer = Data()
     var chunk = [UInt8](repeating: 0, count: 4096)
     while true {
@@ -80,7 +86,9 @@ public final class FakeQMPServer: @unchecked Sendable {
         switch handler(command, message["arguments"]) {
         case .success(let value): send(["return": value, "id": id])
         case .failure(let error):
-          send(["error": ["class": .string(error.errorClass ?? "GenericError"), "desc": .string(error.message)], "id": id])
+          send([
+            "error": ["class": .string(error.errorClass ?? "GenericError"), "desc": .string(error.message)], "id": id,
+          ])
         }
       }
     }

@@ -35,9 +35,10 @@ public final class QEMUProcess: @unchecked Sendable {
     for port in 1...max(rootPorts, 1) where rootPorts > 0 {
       arguments += ["-device", "pcie-root-port,id=rp\(port),chassis=\(port),slot=\(port)"]
     }
-    arguments += extra + [
-      "-qmp", "unix:\(socketPath),server=on,wait=off", "-qmp", "unix:\(inspectionSocketPath),server=on,wait=off",
-    ]
+    arguments +=
+      extra + [
+        "-qmp", "unix:\(socketPath),server=on,wait=off", "-qmp", "unix:\(inspectionSocketPath),server=on,wait=off",
+      ]
     process.arguments = arguments
     process.standardOutput = FileHandle.nullDevice
     process.standardError = FileHandle(forWritingAtPath: "/dev/null")

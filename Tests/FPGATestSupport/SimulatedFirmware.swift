@@ -17,7 +17,10 @@ public final class SimulatedFirmware: @unchecked Sendable {
   /// Commands carried out, e.g. "0:save:1:1048576".
   private let log = Mutex<[String]>([])
 
-  public init(path: String, slots: Int, fixed: Duration = .microseconds(100), bytesPerSecond: Double = 4e9, magic: UInt32 = AcceleratorRegisters.magicValue) throws {
+  public init(
+    path: String, slots: Int, fixed: Duration = .microseconds(100), bytesPerSecond: Double = 4e9,
+    magic: UInt32 = AcceleratorRegisters.magicValue
+  ) throws {
     self.path = path
     self.slots = slots
     self.fixed = fixed
@@ -25,7 +28,8 @@ public final class SimulatedFirmware: @unchecked Sendable {
     length = slots * AcceleratorRegisters.windowSize
     FileManager.default.createFile(atPath: path, contents: Data(count: length))
     let fd = open(path, O_RDWR)
-    guard fd >= 0, let mapped = mmap(nil, length, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0), mapped != MAP_FAILED else {
+    guard fd >= 0, let mapped = mmap(nil, length, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0), mapped != MAP_FAILED
+    else {
       throw CocoaError(.fileReadUnknown)
     }
     close(fd)
@@ -80,7 +84,9 @@ public final class SimulatedFirmware: @unchecked Sendable {
       var error: UInt32 = 0
       switch AcceleratorRegisters.Command(rawValue: command) {
       case .save?, .load?:
-        if handle == 0 { error = 2 } else {
+        if handle == 0 {
+          error = 2
+        } else {
           sleepFor(fixed + .nanoseconds(Int64(Double(size) / bytesPerSecond * 1e9)))
         }
       case .run?:
@@ -96,9 +102,13 @@ public final class SimulatedFirmware: @unchecked Sendable {
       let elapsed = ContinuousClock.now - began
       let name = AcceleratorRegisters.Command(rawValue: command).map { "\($0)" } ?? "command \(command)"
       log.withLock { $0.append("\(slot):\(name):\(handle):\(size)") }
-      write64(slot, AcceleratorRegisters.elapsed, UInt64(elapsed.components.seconds * 1_000_000_000 + elapsed.components.attoseconds / 1_000_000_000))
+      write64(
+        slot, AcceleratorRegisters.elapsed,
+        UInt64(elapsed.components.seconds * 1_000_000_000 + elapsed.components.attoseconds / 1_000_000_000))
       write32(slot, AcceleratorRegisters.errorCode, error)
-      write32(slot, AcceleratorRegisters.status, error == 0 ? AcceleratorRegisters.Status.done.rawValue : AcceleratorRegisters.Status.error.rawValue)
+      write32(
+        slot, AcceleratorRegisters.status,
+        error == 0 ? AcceleratorRegisters.Status.done.rawValue : AcceleratorRegisters.Status.error.rawValue)
       write32(slot, AcceleratorRegisters.command, 0)
       write32(slot, AcceleratorRegisters.acknowledged, sequence)
       done = sequence

@@ -82,7 +82,8 @@ public struct TestAgent: Sendable {
   /// Runs `body` with a client of the node API over TCP (or the Unix socket).
   public func withClient<Result: Sendable>(
     unixSocket: Bool = false,
-    _ body: (Fpga_Agent_V1_NodeAgent.Client<HTTP2ClientTransport.Posix>, GRPCClient<HTTP2ClientTransport.Posix>) async throws -> Result
+    _ body: (Fpga_Agent_V1_NodeAgent.Client<HTTP2ClientTransport.Posix>, GRPCClient<HTTP2ClientTransport.Posix>)
+      async throws -> Result
   ) async throws -> Result {
     let target: any ResolvableTarget =
       unixSocket ? .unixDomainSocket(path: socketPath) : .ipv4(address: "127.0.0.1", port: port)
