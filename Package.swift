@@ -141,3 +141,12 @@ let package = Package(
     ),
   ]
 )
+
+// Stricter language settings on every target of the project: `any` spelled out for every
+// existential, and members visible only through modules the file imports itself.
+for target in package.targets {
+  target.swiftSettings =
+    (target.swiftSettings ?? []) + [
+      .enableUpcomingFeature("ExistentialAny"), .enableUpcomingFeature("MemberImportVisibility"),
+    ]
+}

@@ -7,6 +7,7 @@ import Foundation
 import GRPCCore
 import GRPCNIOTransportHTTP2
 import Logging
+import SwiftProtobuf
 
 /// Agent AttachVF+DetachVF (gRPC → engine → QMP) against raw device_add+device_del (+ waiting
 /// for DEVICE_DELETED) on the same QEMU, in the same run. QEMU's `edu` device stands in for a VF.

@@ -1,4 +1,5 @@
 import FPGACore
+import Foundation
 
 /// Time-sharing of one accelerator in virtual time: fairness (Jain's index of service per
 /// weight), utilization against the ideal given the switch cost, and the wall-clock cost of a

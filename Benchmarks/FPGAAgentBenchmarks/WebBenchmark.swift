@@ -9,6 +9,7 @@ import Foundation
 import GRPCCore
 import GRPCNIOTransportHTTP2
 import Logging
+import SwiftProtobuf
 
 /// What the dashboard and Prometheus cost: `GET /metrics` and `GET /api/state` of a 1,008-VF
 /// node against a `GetInventory` of the same node over gRPC (the baseline), one call in flight,

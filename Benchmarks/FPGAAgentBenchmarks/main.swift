@@ -7,6 +7,7 @@ import GRPCNIOTransportHTTP2
 import Logging
 import Synchronization
 import Foundation
+import SwiftProtobuf
 
 // fpga-agent-bench: throughput and latency of the node API against an echo baseline served by
 // the same server stack, in the same process and the same run. Build with -c release.

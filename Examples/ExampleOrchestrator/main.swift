@@ -15,6 +15,7 @@ import Foundation
 import GRPCCore
 import GRPCNIOTransportHTTP2
 import Synchronization
+import SwiftProtobuf
 
 struct Options {
   var host = "127.0.0.1"

@@ -1,6 +1,7 @@
 import FPGACore
 import GRPCCore
 import Synchronization
+import SwiftProtobuf
 
 /// `grpc.health.v1.Health`: the serving status of the server ("") and of each service, set by
 /// the daemon (SERVING once the platform is scanned, NOT_SERVING on shutdown).

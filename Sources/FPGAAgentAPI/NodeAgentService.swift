@@ -2,6 +2,7 @@ import FPGACore
 import GRPCCore
 import Logging
 import Synchronization
+import SwiftProtobuf
 
 /// The node API (`fpga.agent.v1.NodeAgent`): parses and validates requests, calls the engine,
 /// converts results. It holds no state of its own beyond a cache of the encoded inventory.

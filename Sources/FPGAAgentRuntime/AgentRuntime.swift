@@ -14,6 +14,7 @@ import NIOCore
 import Synchronization
 import Logging
 import ServiceLifecycle
+import UnixSignals
 
 /// The daemon: the engine on its platform, the node API and health served over TCP and a Unix
 /// socket, and the periodic rescan, all in one ServiceGroup that shuts down in reverse order.

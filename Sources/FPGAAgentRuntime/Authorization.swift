@@ -8,6 +8,8 @@ import NIOHTTP2
 import Synchronization
 import SwiftProtobuf
 import X509
+import NIOHPACK
+import CoreFoundation
 
 /// Who is calling, as the agent sees it, and what it may do.
 struct Caller: Sendable {

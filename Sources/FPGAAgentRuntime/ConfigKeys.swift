@@ -2,6 +2,7 @@ import FPGACore
 import FPGALinux
 import FPGASimulator
 import Logging
+import Foundation
 
 /// Where a resolved value came from.
 public enum ConfigSource: String, Sendable, Hashable {

@@ -2,6 +2,7 @@ import ArgumentParser
 import FPGADRA
 import GRPCCore
 import GRPCNIOTransportHTTP2
+import SwiftProtobuf
 
 /// `fpga-agent dra …`: talks to a running agent's DRA driver the way the kubelet does, over the
 /// same sockets and protos. For operators checking a node without a kubelet at hand (and for the

@@ -4,6 +4,7 @@ import FPGADevicePlugin
 import GRPCCore
 import Prometheus
 import Synchronization
+import Foundation
 
 /// The agent's metrics, in one catalog (swift-prometheus crashes when one name is registered
 /// twice with another type, help text or label set: every name is made here, nowhere else).

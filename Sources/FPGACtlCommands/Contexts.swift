@@ -1,6 +1,7 @@
 import ArgumentParser
 import FPGAAgentAPI
 import GRPCCore
+import SwiftProtobuf
 
 struct Accelerators: AsyncParsableCommand {
   static let configuration = CommandConfiguration(

@@ -1,6 +1,7 @@
 import ArgumentParser
 import FPGAAgentAPI
 import GRPCCore
+import SwiftProtobuf
 
 /// `fpgactl`: the command line of the node API.
 public struct FPGACtl: AsyncParsableCommand {

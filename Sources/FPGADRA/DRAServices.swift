@@ -2,6 +2,7 @@ import Foundation
 import FPGACore
 import GRPCCore
 import Logging
+import SwiftProtobuf
 
 /// `pluginregistration.Registration` on `<registry>/<driver>-reg.sock`: how the kubelet's plugin
 /// watcher learns the driver's name, endpoint and the versions it speaks (v1 first).

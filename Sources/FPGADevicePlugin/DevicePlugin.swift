@@ -5,6 +5,7 @@ import Foundation
 import GRPCCore
 import GRPCNIOTransportHTTP2
 import Logging
+import SwiftProtobuf
 
 /// A pool of VFs offered to Kubernetes as one extended resource.
 public struct DevicePluginPool: Hashable, Sendable {

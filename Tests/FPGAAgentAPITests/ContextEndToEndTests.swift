@@ -5,6 +5,7 @@ import FPGATestSupport
 import Foundation
 import GRPCCore
 import Testing
+import SwiftProtobuf
 
 /// Contexts and time sharing through the gRPC API, on simulated accelerators.
 @Suite struct ContextEndToEndTests {

@@ -8,6 +8,8 @@ import FPGATestSupport
 import Foundation
 import Synchronization
 import Testing
+import SwiftProtobuf
+import GRPCCore
 
 /// Device health on a kernel-faithful fake tree, with uevents fed through the same seam as the
 /// kernel's netlink socket: AER counters, a device that leaves the bus and comes back.

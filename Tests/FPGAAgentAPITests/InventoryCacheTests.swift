@@ -3,6 +3,8 @@ import FPGACore
 import FPGATestSupport
 import GRPCCore
 import Testing
+import SwiftProtobuf
+import FPGASimulator
 
 /// GetInventory keeps its wire-form inventory current by applying deltas; it must always equal a
 /// fresh conversion of the engine's snapshot.

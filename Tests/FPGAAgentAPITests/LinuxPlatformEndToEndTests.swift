@@ -5,6 +5,7 @@ import FPGALinux
 import FPGATestSupport
 import GRPCCore
 import Testing
+import SwiftProtobuf
 
 /// The gRPC API with `platform: linux` on a kernel-faithful fake sysfs tree.
 @Suite struct LinuxPlatformEndToEndTests {

@@ -3,6 +3,7 @@ import FPGACore
 import FPGATestSupport
 import GRPCCore
 import Testing
+import SwiftProtobuf
 
 /// Every implemented RPC through a real server on loopback, success and error paths.
 @Suite struct NodeAgentEndToEndTests {

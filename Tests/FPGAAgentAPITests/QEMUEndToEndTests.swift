@@ -7,6 +7,7 @@ import Foundation
 import GRPCCore
 import Synchronization
 import Testing
+import SwiftProtobuf
 
 /// allocate → attach → detach → release through the gRPC API against a real QEMU (q35, TCG,
 /// native PCIe hot-plug, empty root ports), with QEMU's `edu` device standing in for a VF.

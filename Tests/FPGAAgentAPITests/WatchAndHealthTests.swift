@@ -3,6 +3,8 @@ import FPGACore
 import FPGATestSupport
 import GRPCCore
 import Testing
+import SwiftProtobuf
+import FPGAAgentRuntime
 
 @Suite struct WatchInventoryTests {
   @Test func snapshotThenDeltasThenResume() async throws {

@@ -2,6 +2,9 @@ import FPGAAgentRuntime
 import FPGACore
 import Foundation
 import Testing
+import Logging
+import FPGASimulator
+import ArgumentParser
 
 @Suite struct ConfigTests {
   @Test func defaultsAreValid() throws {

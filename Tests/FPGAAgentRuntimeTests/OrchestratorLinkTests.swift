@@ -3,6 +3,8 @@ import FPGAAgentAPI
 import FPGACore
 import FPGATestSupport
 import Testing
+import SwiftProtobuf
+import Logging
 
 /// The link's own rules; the whole link runs against the example orchestrator in
 /// tests/interop/test_orchestrator.py.

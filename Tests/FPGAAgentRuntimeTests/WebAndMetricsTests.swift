@@ -4,6 +4,7 @@ import Foundation
 import Testing
 
 @testable import FPGAAgentRuntime
+import GRPCCore
 
 @Suite struct WebAccessTests {
   func access(plaintext: Bool = true) throws -> WebAccess {

@@ -5,6 +5,8 @@ import FPGATestSupport
 import Foundation
 import Synchronization
 import Testing
+import FPGASimulator
+import FPGALinux
 
 /// Runs fpgactl in-process and captures what it prints.
 func fpgactl(_ arguments: [String]) async -> (code: Int32, out: String, err: String) {
