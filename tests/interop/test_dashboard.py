@@ -734,7 +734,9 @@ class Page:
             if condition():
                 return
             time.sleep(0.1)
-        raise AssertionError(f"timed out waiting for {what}")
+        notice = self.js("const n = document.getElementById('notice');"
+                         "return n ? [n.hidden, n.textContent, JSON.stringify(n.dataset)] : null")
+        raise AssertionError(f"timed out waiting for {what} (the notice: {notice})")
 
     def check_no_error(self):
         if not self.js("return document.getElementById('error-banner').hidden"):
@@ -868,6 +870,10 @@ def run_browser_flow(driver, agent, base, restart=None):
         return page.attr(f'#operations .op[data-op="{operation}"]', "data-state") == "OPERATION_STATE_SUCCEEDED"
 
     page.wait(done, "the reconfiguration to succeed", timeout=30)
+    # The page says so too (its own follow-up of the operation, up to 0.7 s after the event):
+    # waited for, so it cannot overwrite the next action's notice.
+    page.wait(lambda: page.attr("#notice", "data-op") == operation and "succeeded" in (page.text("#notice") or ""),
+              "the page's notice that the reconfiguration succeeded")
     steps = page.js("return Array.from(document.querySelectorAll(arguments[0])).map(e => e.dataset.state)",
                     f'#operations .op[data-op="{operation}"] .op-step')
     assert steps and set(steps) == {"OPERATION_STATE_SUCCEEDED"}, steps

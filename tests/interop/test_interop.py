@@ -193,7 +193,7 @@ def test_invalid_configuration_is_refused_naming_the_key():
         out = subprocess.run([str(BIN / "fpga-agent"), "--platform", "windows", "--state-dir", directory],
                              capture_output=True, text=True, timeout=30)
         assert out.returncode != 0
-        assert 'platform "windows" is not one of: simulated, linux' in out.stderr
+        assert "The value 'windows' is invalid for '--platform <platform>'. Please provide one of 'simulated' and 'linux'" in out.stderr
 
 
 def test_a_corrupt_state_store_stops_the_agent_and_is_left_alone():
