@@ -44,7 +44,7 @@ let package = Package(
     // The domain: inventory, allocation rules, revisions, kernel rules. No I/O.
     .target(name: "FPGACore"),
     // The simulated node: cards, PFs, VFs under the kernel's SR-IOV rules.
-    .target(name: "FPGASimulator", dependencies: ["FPGACore"]),
+    .target(name: "FPGASimulator", dependencies: ["FPGACore", "FPGALinux"]),
     // The Linux platform: sysfs SR-IOV, QDMA and VFIO behind narrow protocols.
     .target(name: "FPGALinux", dependencies: ["FPGACore"]),
     // The durable state: allocations, idempotency keys, epoch, journal, in SQLite.
@@ -111,7 +111,8 @@ let package = Package(
     .target(
       name: "FPGATestSupport",
       dependencies: [
-        "FPGACore", "FPGALinux", "FPGAQMP", "FPGAAgentRuntime", "FPGAAgentAPI", grpcCore, grpcHTTP2, logging,
+        "FPGACore", "FPGALinux", "FPGASimulator", "FPGAQMP", "FPGAAgentRuntime", "FPGAAgentAPI", grpcCore, grpcHTTP2,
+        logging,
       ],
       path: "Tests/FPGATestSupport"
     ),

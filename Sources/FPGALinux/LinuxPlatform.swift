@@ -8,6 +8,10 @@ public struct LinuxPlatform: NodePlatform {
   public let watchdog: Duration
   public let worker = BlockingWorker()
   public let holders: any VFIOHolderFinding
+  /// How long a VF count write may block before it is reported (default: `watchdog`).
+  public let writeReportDelay: Duration
+  /// The platform's name in its capabilities: `linux`, or `simulated` over the simulated kernel.
+  public let name: String
   /// The last scan of each PF, returned for a PF whose VF count write is in flight.
   private let lastScan = LastScan()
   /// QDMA PF driver names, newest first.
@@ -15,12 +19,14 @@ public struct LinuxPlatform: NodePlatform {
 
   public init(
     sysfs: any Sysfs, selectors: [PFSelector] = [.qdma], watchdog: Duration = .seconds(15),
-    holders: any VFIOHolderFinding = ProcVFIOHolders()
+    writeReportDelay: Duration? = nil, holders: any VFIOHolderFinding = ProcVFIOHolders(), name: String = "linux"
   ) {
     self.sysfs = sysfs
     self.holders = holders
     self.selectors = selectors
     self.watchdog = watchdog
+    self.writeReportDelay = writeReportDelay ?? watchdog
+    self.name = name
   }
 
   /// Scans sysfs on a thread of its own (a read the kernel holds cannot freeze the agent's
@@ -86,8 +92,12 @@ public struct LinuxPlatform: NodePlatform {
     if !vfio {
       problems.append("vfio-pci is not loaded (no bus/pci/drivers/vfio-pci): run `modprobe vfio-pci`")
     }
+    if qdma == nil, selectors == [.qdma] {
+      problems.append(
+        "no QDMA PF driver is loaded (no bus/pci/drivers/qdma-pf): VF counts cannot change; run `modprobe qdma-pf`")
+    }
     return PlatformCapabilities(
-      platform: "linux", iommu: !groups.isEmpty, vfioPCI: vfio, qdmaDriver: qdma, vfioPause: false,
+      platform: name, iommu: !groups.isEmpty, vfioPCI: vfio, qdmaDriver: qdma, vfioPause: false,
       problems: problems)
   }
 
@@ -155,7 +165,7 @@ public struct LinuxPlatform: NodePlatform {
     whileBlocked: (@Sendable (String) async -> Void)?
   ) async throws(AgentError) {
     let sysfs = self.sysfs
-    let outcome = await worker.run(key: pf.description, watchdog: watchdog) { () -> SysfsError? in
+    let outcome = await worker.run(key: pf.description, watchdog: writeReportDelay) { () -> SysfsError? in
       do throws(SysfsError) {
         try sysfs.write(.device(pf, "sriov_numvfs"), String(value))
         return nil

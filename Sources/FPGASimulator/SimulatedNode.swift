@@ -1,4 +1,6 @@
 import FPGACore
+import FPGALinux
+import Foundation
 import Synchronization
 
 /// A simulated node that behaves like the kernel's SR-IOV and VFIO sysfs interface: every
@@ -17,6 +19,14 @@ public final class SimulatedNode: Sendable {
     var mailbox = true
     var numaNode: Int
     var qmax = 0
+    /// Optional so that hardware files written before these existed still load.
+    var vendorID: UInt16?
+    var driverOverride: String?
+    /// QDMA when pci_enable_sriov fails: the write succeeds and no VF appears.
+    var enableFailsSilently: Bool?
+    var iommuGroup: Int?
+    /// The root complex the function sits under (`pciDDDD:BB`); nil: its own bus.
+    var pcieRoot: String?
   }
 
   struct VF: Sendable, Codable, Hashable {
@@ -34,6 +44,8 @@ public final class SimulatedNode: Sendable {
     var vfs: [PCIAddress: VF] = [:]
     var nextGroup: Int
     var loadedDrivers: Set<String> = ["qdma-pf", "qdma-vf", "vfio-pci"]
+    /// Whether the host has an IOMMU: without one no function has a group.
+    var iommu = true
     /// Writes of 0 waiting for held VFs to be released.
     var blockedWrites: [CheckedContinuation<Void, Never>] = []
     var writes: [String] = []
@@ -42,7 +54,9 @@ public final class SimulatedNode: Sendable {
   static let vendorID: UInt16 = 0x10ee
   static let queueLimit = 2048
 
-  private let state: Mutex<State>
+  let state: Mutex<State>
+  /// Signalled when a VM lets go of a VF: a blocked synchronous write of 0 tries again.
+  private let releasedSignal = NSCondition()
   /// Called with the hardware's state after every accepted write (to keep it in a file, so the
   /// simulated cards outlive the agent's process like real ones).
   private let onChange: (@Sendable (Hardware) -> Void)?
@@ -83,6 +97,42 @@ public final class SimulatedNode: Sendable {
     self.init(config: config, onChange: nil)
   }
 
+  /// One PCI function with SR-IOV, as a test lays out a host (any vendor, ids and VF layout).
+  public struct FunctionSpec: Sendable {
+    public var address: PCIAddress
+    public var vendor: UInt16 = 0x10ee
+    public var device: UInt16 = 0x903f
+    public var vfDevice: UInt16 = 0xa03f
+    public var totalVFs = 64
+    public var offset = 4
+    public var stride = 1
+    public var driver: String? = "qdma-pf"
+    public var numaNode = 0
+    public var mailbox = true
+    public var enableFailsSilently = false
+    public var pcieRoot: String?
+
+    public init(address: PCIAddress) { self.address = address }
+  }
+
+  /// A host with exactly these functions, these drivers loaded, an IOMMU or not; groups are
+  /// numbered from `firstIOMMUGroup` in order (functions first, then VFs as they appear).
+  public convenience init(functions: [FunctionSpec], drivers: Set<String>, iommu: Bool, firstIOMMUGroup: Int = 20) {
+    self.init(config: SimulatorConfig(cards: [], firstIOMMUGroup: firstIOMMUGroup), onChange: nil)
+    state.withLock { state in
+      state.loadedDrivers = drivers
+      state.iommu = iommu
+      for spec in functions {
+        state.pfs[spec.address] = PF(
+          deviceID: spec.device, vfDeviceID: spec.vfDevice, totalVFs: spec.totalVFs, offset: spec.offset,
+          stride: spec.stride, driver: spec.driver, mailbox: spec.mailbox, numaNode: spec.numaNode,
+          vendorID: spec.vendor, enableFailsSilently: spec.enableFailsSilently,
+          iommuGroup: iommu ? state.nextGroup : nil, pcieRoot: spec.pcieRoot)
+        if iommu { state.nextGroup += 1 }
+      }
+    }
+  }
+
   private init(config: SimulatorConfig, onChange: (@Sendable (Hardware) -> Void)?) {
     self.onChange = onChange
     var state = State(nextGroup: config.firstIOMMUGroup)
@@ -96,7 +146,9 @@ public final class SimulatedNode: Sendable {
         let address = PCIAddress(domain: card.domain, bus: card.bus, device: 0, function: UInt8(index))!
         state.pfs[address] = PF(
           deviceID: 0x903f + UInt16(index) * 0x100, vfDeviceID: 0xa03f + UInt16(index) * 0x100,
-          totalVFs: total, offset: offset, mailbox: card.mailbox, numaNode: card.numaNode)
+          totalVFs: total, offset: offset, mailbox: card.mailbox, numaNode: card.numaNode,
+          // PFs' groups count down from below the VFs' first, so VF groups stay as configured.
+          iommuGroup: config.firstIOMMUGroup - 1 - state.pfs.count)
         let enabled = index < card.enabledVFs.count ? card.enabledVFs[index] : 0
         if enabled > 0 {
           state.pfs[address]!.autoprobe = !card.bindToVFIO
@@ -115,27 +167,10 @@ public final class SimulatedNode: Sendable {
 
   // MARK: Reading (what sysfs shows)
 
-  /// Every PF with its VFs, as a platform scan sees them.
+  /// Every PF with its VFs, as a platform scan sees them: the Linux platform's own discovery
+  /// over this node's sysfs (one reading of sysfs, not a second model of it).
   public func scan() -> DiscoveredNode {
-    state.withLock { state in
-      let pfs = state.pfs.keys.sorted().map { address in
-        let pf = state.pfs[address]!
-        let function = PhysicalFunction(
-          address: address, vendorID: Self.vendorID, deviceID: pf.deviceID, vfDeviceID: pf.vfDeviceID,
-          totalVFs: pf.totalVFs, numVFs: pf.numVFs, vfOffset: pf.offset, vfStride: pf.stride,
-          driversAutoprobe: pf.autoprobe, driver: pf.driver, numaNode: pf.numaNode, qmax: pf.qmax)
-        let vfs = Self.vfAddresses(state, of: address).map { vfAddress in
-          let vf = state.vfs[vfAddress]!
-          return VirtualFunction(
-            address: vfAddress, pfAddress: address, index: vf.index, vendorID: Self.vendorID,
-            deviceID: pf.vfDeviceID, iommuGroup: vf.iommuGroup, numaNode: pf.numaNode,
-            driver: vf.driver, driverOverride: vf.driverOverride,
-            vfioDevice: vf.driver == "vfio-pci" ? "/dev/vfio/\(vf.iommuGroup)" : nil)
-        }
-        return DiscoveredPF(function: function, vfs: vfs)
-      }
-      return DiscoveredNode(pfs: pfs)
-    }
+    (try? LinuxDiscovery(sysfs: self, selectors: [.any]).discover()) ?? DiscoveredNode(pfs: [])
   }
 
   /// The drivers currently loaded.
@@ -147,41 +182,52 @@ public final class SimulatedNode: Sendable {
   // MARK: Writing (what sysfs accepts)
 
   /// `echo VALUE > /sys/bus/pci/devices/PF/sriov_numvfs`. A write of 0 blocks, like vfio-pci's
-  /// remove path, while a VF of the PF is held open by a VM.
+  /// remove path, while a VF of the PF is held open by a VM (the task waits).
   public func writeNumVFs(pf address: PCIAddress, _ value: String) async throws(KernelErrno) {
-    while true {
-      let outcome: Result<Bool, KernelErrno> = state.withLock { state in
-        state.writes.append("\(address)/sriov_numvfs=\(value)")
-        guard let pf = state.pfs[address] else { return .failure(.ENOENT) }
-        guard let count = Int(value), count >= 0 else { return .failure(.EINVAL) }
-        if count > pf.totalVFs { return .failure(.ERANGE) }
-        if count == pf.numVFs { return .success(true) }
-        guard let driver = pf.driver, state.loadedDrivers.contains(driver) else { return .failure(.ENOENT) }
-        if !pf.mailbox { return .failure(.EPERM) }
-        if count != 0 && pf.numVFs != 0 { return .failure(.EBUSY) }
-        if count == 0 {
-          if Self.vfAddresses(state, of: address).contains(where: { state.vfs[$0]?.holder != nil }) {
-            state.writes.removeLast()  // the write is retried when a holder lets go
-            return .success(false)
-          }
-          for vf in Self.vfAddresses(state, of: address) { state.vfs[vf] = nil }
-          state.pfs[address]!.numVFs = 0
-        } else {
-          Self.enable(&state, pf: address, count: count)
-        }
-        return .success(true)
-      }
-      switch outcome {
-      case .failure(let errno): throw errno
-      case .success(true):
-        save()
-        return
-      case .success(false):
-        await withCheckedContinuation { continuation in
-          state.withLock { $0.blockedWrites.append(continuation) }
-        }
+    while try !attemptNumVFs(pf: address, value) {
+      await withCheckedContinuation { continuation in
+        state.withLock { $0.blockedWrites.append(continuation) }
       }
     }
+  }
+
+  /// The same write from a thread that may block (the Linux platform's worker, through the
+  /// `Sysfs` seam): it waits, uninterruptibly like `vfio_unregister_group_dev`, for the release.
+  func writeNumVFsBlocking(pf address: PCIAddress, _ value: String) throws(KernelErrno) {
+    while try !attemptNumVFs(pf: address, value) {
+      releasedSignal.lock()
+      _ = releasedSignal.wait(until: Date().addingTimeInterval(0.05))
+      releasedSignal.unlock()
+    }
+  }
+
+  /// The kernel's rules for a VF count write (drivers/pci/iov.c, the QDMA driver, vfio-pci):
+  /// true when done, false when it must wait for a holder to let go.
+  private func attemptNumVFs(pf address: PCIAddress, _ value: String) throws(KernelErrno) -> Bool {
+    let outcome: Result<Bool, KernelErrno> = state.withLock { state in
+      state.writes.append("\(address)/sriov_numvfs=\(value)")
+      guard let pf = state.pfs[address] else { return .failure(.ENOENT) }
+      guard let count = Int(value), count >= 0 else { return .failure(.EINVAL) }
+      if count > pf.totalVFs { return .failure(.ERANGE) }
+      if count == pf.numVFs { return .success(true) }
+      guard let driver = pf.driver, state.loadedDrivers.contains(driver) else { return .failure(.ENOENT) }
+      if !pf.mailbox { return .failure(.EPERM) }
+      if count != 0 && pf.numVFs != 0 { return .failure(.EBUSY) }
+      if count == 0 {
+        if Self.vfAddresses(state, of: address).contains(where: { state.vfs[$0]?.holder != nil }) {
+          state.writes.removeLast()  // the write is retried when a holder lets go
+          return .success(false)
+        }
+        for vf in Self.vfAddresses(state, of: address) { state.vfs[vf] = nil }
+        state.pfs[address]!.numVFs = 0
+      } else if pf.enableFailsSilently != true {
+        Self.enable(&state, pf: address, count: count)
+      }
+      return .success(true)
+    }
+    let done = try outcome.get()
+    if done { save() }
+    return done
   }
 
   /// `echo 0|1 > sriov_drivers_autoprobe`.
@@ -198,34 +244,52 @@ public final class SimulatedNode: Sendable {
     }
   }
 
-  /// `echo NAME > driver_override` of a VF; an empty write clears it.
+  /// `echo NAME > driver_override` of a function; an empty write clears it.
   public func writeDriverOverride(vf address: PCIAddress, _ value: String) throws(KernelErrno) {
     defer { save() }
     try state.withLock { (state) throws(KernelErrno) in
       state.writes.append("\(address)/driver_override=\(value)")
-      guard state.vfs[address] != nil else { throw .ENOENT }
       guard value.utf8.count < 4096 else { throw .EINVAL }
+      if state.pfs[address] != nil {
+        state.pfs[address]!.driverOverride = value.isEmpty ? nil : value
+        return
+      }
+      guard state.vfs[address] != nil else { throw .ENOENT }
       state.vfs[address]!.driverOverride = value.isEmpty ? nil : value
     }
   }
 
-  /// `echo BDF > driver/unbind` of a VF. ENOENT when no driver is bound (the file is absent).
+  /// `echo BDF > driver/unbind`. ENOENT when no driver is bound (the file is absent); EBUSY for
+  /// a VF a VM holds. A PF's VFs stay enabled.
   public func unbind(vf address: PCIAddress) throws(KernelErrno) {
     defer { save() }
     try state.withLock { (state) throws(KernelErrno) in
       state.writes.append("\(address)/driver/unbind")
+      if let pf = state.pfs[address] {
+        guard pf.driver != nil else { throw .ENOENT }
+        state.pfs[address]!.driver = nil
+        return
+      }
       guard let vf = state.vfs[address], vf.driver != nil else { throw .ENOENT }
       if vf.holder != nil { throw .EBUSY }
       state.vfs[address]!.driver = nil
     }
   }
 
-  /// `echo BDF > /sys/bus/pci/drivers_probe`: binds the VF to its override driver, or to
-  /// qdma-vf when there is none; nothing when already bound or the override is `none`.
+  /// `echo BDF > /sys/bus/pci/drivers_probe`: binds the function to its override driver, or a
+  /// VF to qdma-vf when there is none; nothing when already bound or the override is `none`.
+  /// vfio-pci refuses a PF with SR-IOV enabled: the probe fails, the write succeeds.
   public func probe(vf address: PCIAddress) throws(KernelErrno) {
     defer { save() }
     try state.withLock { (state) throws(KernelErrno) in
       state.writes.append("drivers_probe=\(address)")
+      if let pf = state.pfs[address] {
+        guard pf.driver == nil, let wanted = pf.driverOverride, wanted != "none",
+          state.loadedDrivers.contains(wanted), !(wanted == "vfio-pci" && pf.numVFs > 0)
+        else { return }
+        state.pfs[address]!.driver = wanted
+        return
+      }
       guard let vf = state.vfs[address] else { throw .ENODEV }
       guard vf.driver == nil else { return }
       let wanted = vf.driverOverride ?? "qdma-vf"
@@ -251,10 +315,11 @@ public final class SimulatedNode: Sendable {
   // MARK: What VMs and modules do (test controls)
 
   /// A VM opens the VF's /dev/vfio/N. Only possible when bound to vfio-pci.
-  public func hold(vf address: PCIAddress, by vm: String) throws(KernelErrno) {
+  /// (`requireVFIO: false`: a test's stand-in for any holder of the device.)
+  public func hold(vf address: PCIAddress, by vm: String, requireVFIO: Bool = true) throws(KernelErrno) {
     try state.withLock { (state) throws(KernelErrno) in
       guard let vf = state.vfs[address] else { throw .ENODEV }
-      guard vf.driver == "vfio-pci" else { throw .ENODEV }
+      guard vf.driver == "vfio-pci" || !requireVFIO else { throw .ENODEV }
       guard vf.holder == nil else { throw .EBUSY }
       state.vfs[address]!.holder = vm
     }
@@ -275,6 +340,9 @@ public final class SimulatedNode: Sendable {
       return state.blockedWrites
     }
     for continuation in waiting { continuation.resume() }
+    releasedSignal.lock()
+    releasedSignal.broadcast()
+    releasedSignal.unlock()
   }
 
   /// `modprobe -r` / `modprobe` of a driver.
@@ -297,7 +365,7 @@ public final class SimulatedNode: Sendable {
 
   // MARK: Kernel internals
 
-  private static func vfAddresses(_ state: State, of pf: PCIAddress) -> [PCIAddress] {
+  static func vfAddresses(_ state: State, of pf: PCIAddress) -> [PCIAddress] {
     guard let entry = state.pfs[pf] else { return [] }
     return (0..<entry.numVFs).compactMap {
       PCIAddress(domain: pf.domain, routingID: pf.routingID + entry.offset + entry.stride * $0)
@@ -311,113 +379,39 @@ public final class SimulatedNode: Sendable {
     let autoprobe = state.pfs[address]!.autoprobe
     for (index, vf) in vfAddresses(state, of: address).enumerated() {
       let driver = autoprobe && state.loadedDrivers.contains("qdma-vf") ? "qdma-vf" : nil
-      state.vfs[vf] = VF(pf: address, index: index, driver: driver, iommuGroup: state.nextGroup)
-      state.nextGroup += 1
+      state.vfs[vf] = VF(pf: address, index: index, driver: driver, iommuGroup: state.iommu ? state.nextGroup : -1)
+      if state.iommu { state.nextGroup += 1 }
     }
   }
 }
 
-/// The simulated node as the agent's platform.
+/// The simulated node as the agent's platform: the production `LinuxPlatform` (discovery, VF
+/// counts, vfio-pci binding, holders) over the node's sysfs, named `simulated`.
 public struct SimulatedPlatform: NodePlatform {
   public let node: SimulatedNode
-  /// How long a blocked VF count write waits before it is reported.
-  public var blockReportDelay: Duration
+  public let linux: LinuxPlatform
 
+  /// `blockReportDelay`: how long a blocked VF count write waits before it is reported.
   public init(node: SimulatedNode, blockReportDelay: Duration = .milliseconds(200)) {
     self.node = node
-    self.blockReportDelay = blockReportDelay
+    linux = LinuxPlatform(
+      sysfs: node, selectors: [.qdma], watchdog: .seconds(15), writeReportDelay: blockReportDelay, holders: node,
+      name: "simulated")
   }
 
-  public func discover() async throws(AgentError) -> DiscoveredNode { node.scan() }
+  public func discover() async throws(AgentError) -> DiscoveredNode { try await linux.discover() }
 
-  /// The same sequence as on Linux: driver_override, unbind, drivers_probe, verify.
   public func prepareForPassthrough(vf: PCIAddress) async throws(AgentError) -> String {
-    guard let found = node.scan().pfs.flatMap(\.vfs).first(where: { $0.address == vf }) else {
-      throw AgentError(.notFound, "VF \(vf) does not exist")
-    }
-    if found.driver != "vfio-pci" {
-      do {
-        try node.writeDriverOverride(vf: vf, "vfio-pci")
-        if found.driver != nil { try node.unbind(vf: vf) }
-        try node.probe(vf: vf)
-      } catch {
-        throw AgentError(.failedPrecondition, "VF \(vf) could not be bound to vfio-pci", cause: error.description)
-      }
-    }
-    guard let bound = node.scan().pfs.flatMap(\.vfs).first(where: { $0.address == vf }), bound.driver == "vfio-pci",
-      let device = bound.vfioDevice
-    else {
-      throw AgentError(.failedPrecondition, "VF \(vf) did not bind to vfio-pci: is vfio-pci loaded?")
-    }
-    return device
+    try await linux.prepareForPassthrough(vf: vf)
   }
 
-  /// Autoprobe off, through 0, re-read: the Linux platform's sequence. A write the simulated
-  /// kernel blocks is reported after `blockReportDelay`, then awaited.
   public func setVFCount(
     pf: PCIAddress, to count: Int, whileBlocked: @escaping @Sendable (String) async -> Void
   ) async throws(AgentError) {
-    guard let found = node.scan().pfs.first(where: { $0.function.address == pf })?.function else {
-      throw AgentError(.notFound, "PF \(pf) does not exist")
-    }
-    guard count != found.numVFs else { return }
-    guard (0...found.totalVFs).contains(count) else {
-      throw SRIOVErrors.numVFsWrite(.ERANGE, pf: pf, requested: count, current: found.numVFs, total: found.totalVFs)
-    }
-    do throws(KernelErrno) {
-      if count > 0 { try node.writeAutoprobe(pf: pf, "0") }
-    } catch {
-      throw SRIOVErrors.numVFsWrite(error, pf: pf, requested: count, current: found.numVFs, total: found.totalVFs)
-    }
-    if found.numVFs != 0 { try await write(pf: pf, 0, current: found.numVFs, total: found.totalVFs, whileBlocked) }
-    if count > 0 { try await write(pf: pf, count, current: 0, total: found.totalVFs, whileBlocked) }
-    let after = node.scan().pfs.first { $0.function.address == pf }?.function.numVFs ?? 0
-    guard after == count else {
-      throw AgentError(.internal, "PF \(pf): the driver enabled \(after) VFs instead of \(count)")
-    }
+    try await linux.setVFCount(pf: pf, to: count, whileBlocked: whileBlocked)
   }
 
-  private func write(
-    pf: PCIAddress, _ value: Int, current: Int, total: Int, _ whileBlocked: @escaping @Sendable (String) async -> Void
-  ) async throws(AgentError) {
-    let node = self.node
-    let write = Task { () -> KernelErrno? in
-      do throws(KernelErrno) {
-        try await node.writeNumVFs(pf: pf, String(value))
-        return nil
-      } catch {
-        return error
-      }
-    }
-    let reporter = Task {
-      try await Task.sleep(for: blockReportDelay)
-      let held = node.holders(of: pf).map { "VF \($0.vf) held by VM \($0.vm)" }
-      await whileBlocked(
-        "the kernel blocks the write of \(value) to sriov_numvfs of \(pf) until its VFs are released: "
-          + held.joined(separator: "; "))
-    }
-    let errno = await write.value
-    reporter.cancel()
-    if let errno {
-      throw SRIOVErrors.numVFsWrite(errno, pf: pf, requested: value, current: current, total: total)
-    }
-  }
+  public func vfHolders(pf: PCIAddress) async -> [PCIAddress: String] { await linux.vfHolders(pf: pf) }
 
-  public func vfHolders(pf: PCIAddress) async -> [PCIAddress: String] {
-    Dictionary(node.holders(of: pf).map { ($0.vf, "VM \($0.vm)") }, uniquingKeysWith: { a, _ in a })
-  }
-
-  public func capabilities() async -> PlatformCapabilities {
-    let drivers = node.loadedDrivers
-    var problems: [String] = []
-    if !drivers.contains("vfio-pci") {
-      problems.append("vfio-pci is not loaded: VFs cannot be passed to VMs (modprobe vfio-pci)")
-    }
-    if !drivers.contains("qdma-pf") {
-      problems.append("qdma-pf is not loaded: VF counts cannot change (modprobe qdma-pf)")
-    }
-    return PlatformCapabilities(
-      platform: "simulated", iommu: true, vfioPCI: drivers.contains("vfio-pci"),
-      qdmaDriver: drivers.contains("qdma-pf") ? "qdma-pf" : nil, vfioPause: false, problems: problems)
-  }
+  public func capabilities() async -> PlatformCapabilities { await linux.capabilities() }
 }
