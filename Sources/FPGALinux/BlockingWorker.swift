@@ -49,13 +49,15 @@ public final class BlockingWorker: Sendable {
         }
       }
       let watchdogTask = Task {
-        try? await Task.sleep(for: watchdog)
+        // Cancelled: the call answered first. (A cancelled sleep must not answer "still
+        // blocked": it would race the call's own answer.)
+        guard (try? await Task.sleep(for: watchdog)) != nil else { return }
         answer(nil)
       }
       Task {
         let value = await completion.value
-        watchdogTask.cancel()
         answer(value)
+        watchdogTask.cancel()
       }
     }
     if let first { return .finished(first) }

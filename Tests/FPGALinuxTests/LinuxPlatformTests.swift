@@ -336,3 +336,18 @@ import Testing
 final class FixedClock: WallClock {
   func now() -> WallTime { WallTime(seconds: 1_800_000_000) }
 }
+
+/// The worker's watchdog never answers for a call that returned: its cancelled sleep used to race
+/// the call's own answer, and an instant call (a scan of the simulated kernel) could be reported
+/// as blocked for 15 s.
+@Suite struct BlockingWorkerTests {
+  @Test func aCallThatReturnsIsNeverReportedBlocked() async {
+    let worker = BlockingWorker()
+    var blocked = 0
+    for index in 0..<10_000 {
+      if case .stillBlocked = await worker.run(key: "k", watchdog: .seconds(60), { index }) { blocked += 1 }
+    }
+    #expect(blocked == 0)
+    #expect(!worker.isBusy("k"))
+  }
+}
