@@ -129,9 +129,12 @@ public struct HealthTracker: Sendable {
 
   /// The device's health from this scan's `readings` (nil: the platform reads no health, as the
   /// simulated node) and the facts the inventory already knows.
+  /// `driverChanges`: whether a driver other than the one first seen is a finding (PFs; a VF's
+  /// expected driver is its `driver_override`, and a VF re-created by a VF count change starts
+  /// with none).
   public mutating func assess(
     _ address: PCIAddress, readings: HealthReadings?, noIOMMUGroup: Bool = false, unreadable: Bool = false,
-    now: WallTime
+    driverChanges: Bool = true, now: WallTime
   ) -> DeviceHealth {
     var found: [(kind: String, state: State, detail: String)] = []
     typealias State = DeviceHealth.State
@@ -181,7 +184,9 @@ public struct HealthTracker: Sendable {
       }
       if let expected = readings.expectedDriver, readings.driver != expected {
         found.append(("driver", .degraded, "bound to \(readings.driver ?? "no driver"), expected \(expected)"))
-      } else if readings.expectedDriver == nil, let first = entry.baseline.driver, readings.driver != first {
+      } else if driverChanges, readings.expectedDriver == nil, let first = entry.baseline.driver,
+        readings.driver != first
+      {
         found.append(
           ("driver", .degraded, "bound to \(readings.driver ?? "no driver"), was \(first) when the agent found it"))
       }

@@ -44,6 +44,11 @@ extension NodeEngine {
       }
     }
     let present = Set(node.pfs.flatMap { [$0.function.address] + $0.vfs.map(\.address) })
+    // A VF that left is a new function when it comes back (a VF count change re-creates them):
+    // it is judged from its own first reading then.
+    for pf in state.pfAddresses {
+      for vf in state.vfs(of: pf) where !present.contains(vf.address) { healthTracker.forget(vf.address) }
+    }
     for allocation in state.allocations.values.sorted(by: { $0.id < $1.id })
     where !present.contains(allocation.vf) && reconfiguring[allocation.pf] == nil {
       let reason =
@@ -76,7 +81,7 @@ extension NodeEngine {
           readings?.unheldBy = vm
         }
         var health = healthTracker.assess(
-          vf.address, readings: readings, noIOMMUGroup: vf.iommuGroup < 0, now: now)
+          vf.address, readings: readings, noIOMMUGroup: vf.iommuGroup < 0, driverChanges: false, now: now)
         if pfHealth.state >= .unhealthy {
           health.reasons.append(
             DeviceHealth.Reason(

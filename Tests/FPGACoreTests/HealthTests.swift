@@ -85,3 +85,23 @@ import Testing
     #expect(WallTime(seconds: 1_800_000_000).description == "2027-01-15T08:00:00Z")
   }
 }
+
+/// Health through the production platform on the simulated kernel.
+@Suite struct RecreatedVFHealthTests {
+  /// A VF count change re-creates a PF's VFs at the same addresses, without a driver (autoprobe
+  /// off): they are new functions, not VFs whose vfio-pci binding was lost.
+  @Test func vfsRecreatedByAReconfigurationAreHealthy() async throws {
+    let (engine, _) = try await makeEngine()
+    let pf = address("0000:3b:00.0")
+    let before = try await engine.snapshot().cards.flatMap(\.pfs).first { $0.function.address == pf }!
+    #expect(before.vfs.count == 16 && before.vfs.allSatisfy { $0.function.driver == "vfio-pci" })
+    let operation = try await engine.reconfigure(ReconfigureRequest(pf: pf, count: 8, strategy: .detachReattach))
+    await engine.waitForOperation(operation.id)
+    try await engine.rescan()
+    let after = try await engine.snapshot().cards.flatMap(\.pfs).first { $0.function.address == pf }!
+    #expect(after.vfs.count == 8)
+    #expect(
+      after.vfs.allSatisfy { $0.function.health.state == .healthy }, "\(after.vfs.map(\.function.health.summary))")
+    #expect(await engine.status().health == .serving)
+  }
+}
