@@ -86,6 +86,7 @@ let package = Package(
         .product(name: "NIOCertificateReloading", package: "swift-nio-extras"),
         .product(name: "Hummingbird", package: "hummingbird"),
         .product(name: "Prometheus", package: "swift-prometheus"),
+        .product(name: "GRPCInProcessTransport", package: "grpc-swift-2"),
       ]
     ),
     // fpgactl's subcommands, as a library so tests run them on their exact output.

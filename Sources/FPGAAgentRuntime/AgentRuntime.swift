@@ -8,6 +8,7 @@ import FPGAQEMU
 import FPGASimulator
 import FPGAStore
 import GRPCCore
+import GRPCInProcessTransport
 import GRPCNIOTransportHTTP2
 import NIOCertificateReloading
 import NIOCore
@@ -39,7 +40,7 @@ public final class AgentRuntime: Sendable {
   /// Builds everything; serves nothing until `run`.
   public init(
     config: AgentConfig, logger: Logger, clock: any WallClock = SystemWallClock(),
-    handleSignals: Bool = false, uevents: (any UeventSource)? = nil
+    handleSignals: Bool = false, uevents: (any UeventSource)? = nil, inProcess: InProcessTransport? = nil
   ) throws {
     try config.validate()
     self.config = config
@@ -159,6 +160,19 @@ public final class AgentRuntime: Sendable {
 
     var serviceList: [any Service] = []
     if let tcpServer { serviceList.append(ServerService(server: tcpServer, name: "tcp")) }
+    // The node API without sockets (tests that need none): the same services and interceptors,
+    // callers taken as plaintext ones.
+    if let inProcess {
+      serviceList.append(
+        InProcessServerService(
+          server: GRPCServer(
+            transport: inProcess.server, services: services,
+            interceptors: [
+              MetricsInterceptor(metrics: metrics),
+              AuthorizationInterceptor(
+                resolver: CallerResolver(auth: config.auth, tls: false), unix: false, audit: audit, engine: engine),
+            ])))
+    }
     if let unixServer {
       serviceList.append(
         ServerService(
@@ -502,6 +516,19 @@ struct ServerService: Service {
         }
         try await group.waitForAll()
       }
+    } onGracefulShutdown: {
+      server.beginGracefulShutdown()
+    }
+  }
+}
+
+/// The node API served in-process (`InProcessTransport`), in the same ServiceGroup.
+struct InProcessServerService: Service {
+  let server: GRPCServer<InProcessTransport.Server>
+
+  func run() async throws {
+    try await withGracefulShutdownHandler {
+      try await server.serve()
     } onGracefulShutdown: {
       server.beginGracefulShutdown()
     }

@@ -12,8 +12,8 @@ import SwiftProtobuf
   static let accelerator = "card-0000:3b/acc0"
 
   @Test func registerSwitchPolicyListDelete() async throws {
-    try await TestAgent.with(configure: { $0.simulator.acceleratorsPerCard = 1 }) { agent in
-      try await agent.withClient { nodeAgent, _ in
+    try await TestAgent.with(configure: { $0.simulator.acceleratorsPerCard = 1 }, inProcess: true) { agent in
+      try await agent.withInProcessClient { nodeAgent, _ in
         var ids: [String: String] = [:]
         for (guest, weight) in [("vm-a", 1), ("vm-b", 2)] {
           let response = try await nodeAgent.registerContext(
@@ -91,8 +91,8 @@ import SwiftProtobuf
   }
 
   @Test func badInputIsRefusedPrecisely() async throws {
-    try await TestAgent.with(configure: { $0.simulator.acceleratorsPerCard = 1 }) { agent in
-      try await agent.withClient { nodeAgent, _ in
+    try await TestAgent.with(configure: { $0.simulator.acceleratorsPerCard = 1 }, inProcess: true) { agent in
+      try await agent.withInProcessClient { nodeAgent, _ in
         let unknown = await rpcFailure {
           _ = try await nodeAgent.registerContext(
             .with {

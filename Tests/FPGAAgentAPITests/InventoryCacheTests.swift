@@ -10,8 +10,8 @@ import FPGASimulator
 /// fresh conversion of the engine's snapshot.
 @Suite struct InventoryCacheTests {
   @Test func incrementalInventoryEqualsAFreshConversion() async throws {
-    try await TestAgent.with { agent in
-      try await agent.withClient { nodeAgent, _ in
+    try await TestAgent.with(inProcess: true) { agent in
+      try await agent.withInProcessClient { nodeAgent, _ in
         func check() async throws {
           let served = try await nodeAgent.getInventory(.init())
           let fresh = Fpga_Agent_V1_Inventory(try await agent.engine.snapshot())

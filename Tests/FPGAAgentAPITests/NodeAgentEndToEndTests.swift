@@ -8,8 +8,8 @@ import SwiftProtobuf
 /// Every implemented RPC through a real server on loopback, success and error paths.
 @Suite struct NodeAgentEndToEndTests {
   @Test func statusDescribesTheSimulatedNode() async throws {
-    try await TestAgent.with { agent in
-      try await agent.withClient { nodeAgent, _ in
+    try await TestAgent.with(inProcess: true) { agent in
+      try await agent.withInProcessClient { nodeAgent, _ in
         let status = try await nodeAgent.getNodeStatus(.init())
         #expect(status.nodeID == "node-test")
         #expect(status.health == .serving)
@@ -26,8 +26,8 @@ import SwiftProtobuf
   }
 
   @Test func inventoryListsCardsPFsAndVFs() async throws {
-    try await TestAgent.with { agent in
-      try await agent.withClient { nodeAgent, _ in
+    try await TestAgent.with(inProcess: true) { agent in
+      try await agent.withInProcessClient { nodeAgent, _ in
         let inventory = try await nodeAgent.getInventory(.init())
         #expect(inventory.nodeID == "node-test")
         #expect(inventory.cards.map(\.id) == ["card-0000:3b", "card-0000:d8"])
@@ -51,8 +51,8 @@ import SwiftProtobuf
   }
 
   @Test func allocateAndReleaseWithIdempotency() async throws {
-    try await TestAgent.with { agent in
-      try await agent.withClient { nodeAgent, _ in
+    try await TestAgent.with(inProcess: true) { agent in
+      try await agent.withInProcessClient { nodeAgent, _ in
         let request = Fpga_Agent_V1_AllocateVFRequest.with {
           $0.meta.idempotencyKey = "job-17"
           $0.owner = "tenant-a"
@@ -82,8 +82,8 @@ import SwiftProtobuf
   }
 
   @Test func malformedRequestsAreInvalidArgumentAndChangeNothing() async throws {
-    try await TestAgent.with { agent in
-      try await agent.withClient { nodeAgent, _ in
+    try await TestAgent.with(inProcess: true) { agent in
+      try await agent.withInProcessClient { nodeAgent, _ in
         let revision = try await nodeAgent.getNodeStatus(.init()).revision
         let cases: [(Fpga_Agent_V1_AllocateVFRequest, String)] = [
           (.with { $0.owner = "" }, "owner is required: say who the VF is for (1-128 printable ASCII characters)"),
@@ -131,8 +131,8 @@ import SwiftProtobuf
   }
 
   @Test func statesAndResourcesMapToTheirCodes() async throws {
-    try await TestAgent.with { agent in
-      try await agent.withClient { nodeAgent, _ in
+    try await TestAgent.with(inProcess: true) { agent in
+      try await agent.withInProcessClient { nodeAgent, _ in
         let unknownPF = await rpcFailure {
           _ = try await nodeAgent.allocateVF(
             .with {
@@ -179,8 +179,8 @@ import SwiftProtobuf
   }
 
   @Test func drainUndrainAndOperations() async throws {
-    try await TestAgent.with { agent in
-      try await agent.withClient { nodeAgent, _ in
+    try await TestAgent.with(inProcess: true) { agent in
+      try await agent.withInProcessClient { nodeAgent, _ in
         let allocation = try await nodeAgent.allocateVF(
           .with {
             $0.owner = "o"; $0.constraints.cardID = "card-0000:d8"
@@ -220,8 +220,8 @@ import SwiftProtobuf
   }
 
   @Test func reconfigureThroughTheAPIPlansRunsAndReportsEachStep() async throws {
-    try await TestAgent.with { agent in
-      try await agent.withClient { nodeAgent, _ in
+    try await TestAgent.with(inProcess: true) { agent in
+      try await agent.withInProcessClient { nodeAgent, _ in
         var ids: [String] = []
         for vm in ["vm-1", "vm-2"] {
           let allocation = try await nodeAgent.allocateVF(

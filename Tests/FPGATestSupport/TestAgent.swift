@@ -5,6 +5,7 @@ import FPGALinux
 import FPGASimulator
 import Foundation
 import GRPCCore
+import GRPCInProcessTransport
 import GRPCNIOTransportHTTP2
 import Logging
 import Synchronization
@@ -28,6 +29,8 @@ public struct TestAgent: Sendable {
   public let socketPath: String
   public let directory: String
   public let clock: FixedClock
+  /// Set when the agent serves in-process too (`with(inProcess: true)`).
+  public let inProcess: InProcessTransport?
 
   public var node: SimulatedNode { runtime.simulatedNode! }
   public var engine: NodeEngine { runtime.engine }
@@ -38,6 +41,7 @@ public struct TestAgent: Sendable {
     nodeID: String = "node-test",
     configure: (inout AgentConfig) -> Void = { _ in },
     uevents: (any UeventSource)? = nil,
+    inProcess: Bool = false,
     _ body: (TestAgent) async throws -> Result
   ) async throws -> Result {
     let directory = NSTemporaryDirectory() + "fpga-agent-test-" + UUID().uuidString.prefix(8)
@@ -55,10 +59,18 @@ public struct TestAgent: Sendable {
     config.simulator.acceleratorsPerCard = 0
     config.simulator.workloads = []
     configure(&config)
+    // In-process: no Unix socket and no HTTP listener to set up and tear down (the TCP listener
+    // stays, on an ephemeral port, for what needs one).
+    let transport = inProcess ? InProcessTransport() : nil
+    if inProcess {
+      config.server.unixSocket = ""
+      config.http.listen = ""
+    }
     var logger = Logger(label: "fpga-agent-test")
     logger.logLevel = .critical
     let clock = FixedClock()
-    let runtime = try AgentRuntime(config: config, logger: logger, clock: clock, uevents: uevents)
+    let runtime = try AgentRuntime(
+      config: config, logger: logger, clock: clock, uevents: uevents, inProcess: transport)
     return try await withThrowingTaskGroup(of: Void.self) { group in
       group.addTask { try await runtime.run() }
       defer { try? FileManager.default.removeItem(atPath: directory) }
@@ -66,7 +78,8 @@ public struct TestAgent: Sendable {
         let port = try await runtime.tcpPort() ?? 0
         try await runtime.unixSocketReady()
         let agent = TestAgent(
-          runtime: runtime, port: port, socketPath: config.server.unixSocket, directory: directory, clock: clock)
+          runtime: runtime, port: port, socketPath: config.server.unixSocket, directory: directory, clock: clock,
+          inProcess: transport)
         let result = try await body(agent)
         await runtime.shutdown()
         try await group.waitForAll()
@@ -90,6 +103,20 @@ public struct TestAgent: Sendable {
     return try await withGRPCClient(
       transport: try .http2NIOPosix(target: target, transportSecurity: .plaintext)
     ) { client in
+      try await body(Fpga_Agent_V1_NodeAgent.Client(wrapping: client), client)
+    }
+  }
+}
+
+extension TestAgent {
+  /// Runs `body` with a client of the node API over the in-process transport (no socket, no
+  /// HTTP/2 framing): the agent must have been started with `inProcess: true`.
+  public func withInProcessClient<Result: Sendable>(
+    _ body: (Fpga_Agent_V1_NodeAgent.Client<InProcessTransport.Client>, GRPCClient<InProcessTransport.Client>)
+      async throws -> Result
+  ) async throws -> Result {
+    guard let inProcess else { fatalError("withInProcessClient: start the agent with TestAgent.with(inProcess: true)") }
+    return try await withGRPCClient(transport: inProcess.client) { client in
       try await body(Fpga_Agent_V1_NodeAgent.Client(wrapping: client), client)
     }
   }
