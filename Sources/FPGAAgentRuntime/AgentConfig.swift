@@ -272,6 +272,7 @@ public struct AgentConfig: Hashable, Sendable {
       public var nodeName = ""
       /// Publish ResourceSlices (needs the API).
       public var publishSlices = true
+      public var reconfigurationFenceSeconds = 10
     }
 
     public struct API: Hashable, Sendable {

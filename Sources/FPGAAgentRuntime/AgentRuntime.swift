@@ -236,7 +236,7 @@ public final class AgentRuntime: Sendable {
           settings: settings, driver: driver, engine: engine,
           publisher: config.kubernetes.dra.publishSlices
             ? api.map { SlicePublisher(api: $0, settings: settings, engine: node, logger: logger) } : nil,
-          api: api, logger: logger))
+          api: api, logger: logger, fenceLimit: .seconds(config.kubernetes.dra.reconfigurationFenceSeconds)))
     }
     if let source = uevents ?? (config.platform == .linux && config.linux.uevents ? NetlinkUevents() : nil) {
       serviceList.append(DeviceEventsService(engine: engine, source: source, logger: logger))

@@ -441,6 +441,10 @@ public enum ConfigKeys {
       .bool(
         "kubernetes.dra.publish_slices", \.kubernetes.dra.publishSlices,
         "publish the node's ResourceSlices (needs the API)"),
+      .int(
+        "kubernetes.dra.reconfiguration_fence_seconds", \.kubernetes.dra.reconfigurationFenceSeconds, 0...300,
+        "how long a reconfiguration waits for its VFs' `NoSchedule` taints to reach the API server before its first step; 0: it does not wait"
+      ),
       .string(
         "kubernetes.api.server", \.kubernetes.api.server, flags: ["--kube-api-server"],
         default: "in-cluster (`KUBERNETES_SERVICE_HOST`, `KUBERNETES_SERVICE_PORT`)",

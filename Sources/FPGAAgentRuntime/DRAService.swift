@@ -17,8 +17,8 @@ struct DRAService: Service {
   let publisher: SlicePublisher?
   let api: KubernetesAPI?
   let logger: Logger
-  var resync: Duration = .seconds(10)
   var fenceLimit: Duration = .seconds(10)
+  var resync: Duration = .seconds(10)
 
   func run() async throws {
     try await driver.restore()
@@ -53,7 +53,7 @@ struct DRAService: Service {
           _ = try await plugin.listeningAddress
           try await registration.serve()
         }
-        if let publisher {
+        if let publisher, fenceLimit > .zero {
           // A reconfiguration first publishes its PF's VFs tainted (for at most `fenceLimit`),
           // so the scheduler stops choosing them before any of them goes.
           await engine.fenceReconfigurations { [logger, fenceLimit] pf in
@@ -71,8 +71,8 @@ struct DRAService: Service {
               race.cancelAll()
             }
           }
-          group.addTask { await self.publish(publisher) }
         }
+        if let publisher { group.addTask { await self.publish(publisher) } }
       }
     } onGracefulShutdown: {
       registration.beginGracefulShutdown()
