@@ -18,9 +18,9 @@ generate() { # OUT_DIR PROTO...
   rm -f "$out"/*.pb.swift "$out"/*.grpc.swift
   protoc --proto_path="$root/Protos" \
     --plugin=protoc-gen-swift="$tools/protoc-gen-swift" --swift_out="$out" \
-    --swift_opt=Visibility=Public --swift_opt=FileNaming=PathToUnderscores \
+    --swift_opt=Visibility=Public --swift_opt=FileNaming=PathToUnderscores --swift_opt=UseAccessLevelOnImports=true \
     --plugin=protoc-gen-grpc-swift-2="$tools/protoc-gen-grpc-swift-2" --grpc-swift-2_out="$out" \
-    --grpc-swift-2_opt=Visibility=Public --grpc-swift-2_opt=FileNaming=PathToUnderscores \
+    --grpc-swift-2_opt=Visibility=Public --grpc-swift-2_opt=FileNaming=PathToUnderscores --grpc-swift-2_opt=UseAccessLevelOnImports=true \
     --grpc-swift-2_opt=Server=true,Client=true \
     "$@"
 }

@@ -1,5 +1,5 @@
-import FPGACore
-import GRPCCore
+public import FPGACore
+public import GRPCCore
 
 /// The one place where the agent's errors become gRPC statuses.
 extension AgentError: RPCErrorConvertible {

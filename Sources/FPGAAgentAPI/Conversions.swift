@@ -1,5 +1,5 @@
-import FPGACore
-import SwiftProtobuf
+public import FPGACore
+public import SwiftProtobuf
 
 /// Core values to their wire form. One direction only: requests are parsed in the services,
 /// where each field is validated.

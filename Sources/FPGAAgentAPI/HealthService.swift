@@ -1,5 +1,5 @@
 import FPGACore
-import GRPCCore
+public import GRPCCore
 import Synchronization
 import SwiftProtobuf
 

@@ -1,6 +1,6 @@
-import FPGACore
-import GRPCCore
-import Logging
+public import FPGACore
+public import GRPCCore
+public import Logging
 import Synchronization
 import SwiftProtobuf
 

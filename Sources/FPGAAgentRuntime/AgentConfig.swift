@@ -1,8 +1,8 @@
 import FPGACore
 import FPGADevicePlugin
-import FPGALinux
-import FPGASimulator
-import Logging
+public import FPGALinux
+public import FPGASimulator
+public import Logging
 
 /// The agent's configuration: one struct of nested structs. Read from a YAML file, then the
 /// environment (`FPGA_AGENT_*`), then flags; each later source overrides the earlier. Validated

@@ -1,19 +1,19 @@
-import FPGAAgentAPI
+public import FPGAAgentAPI
 import Foundation
-import FPGACore
+public import FPGACore
 import FPGADevicePlugin
 import FPGADRA
-import FPGALinux
+public import FPGALinux
 import FPGAQEMU
-import FPGASimulator
+public import FPGASimulator
 import FPGAStore
 import GRPCCore
-import GRPCInProcessTransport
+public import GRPCInProcessTransport
 import GRPCNIOTransportHTTP2
 import NIOCertificateReloading
 import NIOCore
 import Synchronization
-import Logging
+public import Logging
 import ServiceLifecycle
 import UnixSignals
 

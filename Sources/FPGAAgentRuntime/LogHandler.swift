@@ -3,7 +3,7 @@
 #elseif canImport(Darwin)
   import Darwin
 #endif
-import Logging
+public import Logging
 
 /// Writes one line per log record to standard error: `text` (time, level, message, key=value
 /// metadata) or `json` (one object per line, for log collectors).

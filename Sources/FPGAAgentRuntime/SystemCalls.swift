@@ -1,9 +1,9 @@
 #if canImport(Glibc)
-  @preconcurrency import Glibc
+  @preconcurrency public import Glibc
 #elseif canImport(Darwin)
-  import Darwin
+  public import Darwin
 #endif
-import FPGACore
+public import FPGACore
 
 /// Every system call the daemon's wiring makes, in one place. Each failure carries its errno.
 public enum SystemCalls {

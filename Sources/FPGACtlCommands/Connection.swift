@@ -3,7 +3,7 @@
 #elseif canImport(Darwin)
   import Darwin
 #endif
-import ArgumentParser
+public import ArgumentParser
 import FPGAAgentAPI
 import GRPCCore
 import GRPCNIOTransportHTTP2

@@ -1,4 +1,4 @@
-import ArgumentParser
+public import ArgumentParser
 import FPGAAgentAPI
 import GRPCCore
 import SwiftProtobuf

@@ -1,6 +1,6 @@
-import FPGACore
+public import FPGACore
 import Foundation
-import Logging
+public import Logging
 
 /// Where the DRA driver lives on the node, and what it is called.
 public struct DRASettings: Hashable, Sendable {

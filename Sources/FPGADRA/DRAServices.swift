@@ -1,7 +1,7 @@
 import Foundation
-import FPGACore
-import GRPCCore
-import Logging
+public import FPGACore
+public import GRPCCore
+public import Logging
 import SwiftProtobuf
 
 /// `pluginregistration.Registration` on `<registry>/<driver>-reg.sock`: how the kubelet's plugin

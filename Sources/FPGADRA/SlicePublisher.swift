@@ -1,5 +1,5 @@
-import FPGACore
-import Logging
+public import FPGACore
+public import Logging
 
 /// Publishes the node's pool as `resource.k8s.io/v1` ResourceSlices: every enabled VF a device
 /// with the standard and the driver's own attributes; VFs the scheduler must not pick (draining,

@@ -1,10 +1,10 @@
 import Synchronization
 import FPGAAgentAPI
-import FPGACore
+public import FPGACore
 import Foundation
-import GRPCCore
+public import GRPCCore
 import GRPCNIOTransportHTTP2
-import Logging
+public import Logging
 import SwiftProtobuf
 
 /// A pool of VFs offered to Kubernetes as one extended resource.

@@ -3,7 +3,7 @@
 #elseif canImport(Darwin)
   import Darwin
 #endif
-import FPGACore
+public import FPGACore
 import Synchronization
 
 /// The register map of an accelerator slot in a PCI BAR (docs/accelerator-registers.md).

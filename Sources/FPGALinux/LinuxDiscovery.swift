@@ -1,4 +1,4 @@
-import FPGACore
+public import FPGACore
 
 /// Reads the PFs that the selectors match, with their SR-IOV attributes and enabled VFs, from
 /// sysfs alone: `sriov_*`, `virtfnN` links, each VF's driver, `driver_override`, IOMMU group,

@@ -1,4 +1,4 @@
-import FPGACore
+public import FPGACore
 import Synchronization
 
 /// The agent's platform on a Linux host: discovery and operations on sysfs.

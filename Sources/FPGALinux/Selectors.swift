@@ -1,4 +1,4 @@
-import FPGACore
+public import FPGACore
 
 /// Which PCI functions the agent manages, in the manner of the SR-IOV device plugin's
 /// selectors: a function is managed when any selector matches it, and a selector matches when

@@ -1,4 +1,4 @@
-import FPGACore
+public import FPGACore
 
 /// A path under the sysfs root, built only from fixed names and validated values (PCI
 /// addresses, driver names, attribute names), never from raw input.

@@ -1,7 +1,7 @@
 #if canImport(Glibc)
   @preconcurrency import Glibc
 #endif
-import FPGACore
+public import FPGACore
 import Foundation
 
 /// A kernel uevent about a device: `add`, `remove`, `bind`, `unbind`, `change`, ...

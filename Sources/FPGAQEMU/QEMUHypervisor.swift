@@ -1,4 +1,4 @@
-import FPGACore
+public import FPGACore
 import FPGAQMP
 import Foundation
 

@@ -1,4 +1,4 @@
-import Foundation
+public import Foundation
 
 /// A JSON value, as QMP speaks it.
 public enum JSONValue: Hashable, Sendable, CustomStringConvertible {

@@ -1,4 +1,4 @@
-import FPGACore
+public import FPGACore
 
 /// An accelerator slot of a simulated card: saving or loading a context takes a fixed time plus
 /// its state size over the card's bandwidth (like a DMA of the state to host memory); running

@@ -1,4 +1,4 @@
-import FPGACore
+public import FPGACore
 
 /// Simulated VMs for the embedded default node, so attach and detach can be tried without QEMU.
 /// They follow QEMU's rules: a device goes into a free root port, an unplug completes only when

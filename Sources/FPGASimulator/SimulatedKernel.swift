@@ -1,5 +1,5 @@
 import FPGACore
-import FPGALinux
+public import FPGALinux
 import Synchronization
 
 /// The simulated node as a kernel behind the Linux platform's `Sysfs` seam: the attributes,

@@ -1,5 +1,5 @@
-import FPGACore
-import FPGALinux
+public import FPGACore
+public import FPGALinux
 import Foundation
 import Synchronization
 

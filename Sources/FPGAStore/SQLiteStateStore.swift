@@ -1,7 +1,7 @@
-import FPGACore
+public import FPGACore
 import Foundation
-import GRDB
-import Synchronization
+public import GRDB
+public import Synchronization
 
 /// The agent's durable state in one SQLite file (`STATE_DIR/state.sqlite`, WAL journal):
 /// every `commit` is one transaction. The schema is versioned by GRDB's migrator; a file that

@@ -1,6 +1,6 @@
-import FPGACore
-import FPGALinux
-import FPGASimulator
+public import FPGACore
+public import FPGALinux
+public import FPGASimulator
 import Foundation
 import Synchronization
 

@@ -1,4 +1,4 @@
-import FPGAQMP
+public import FPGAQMP
 import Foundation
 import Synchronization
 

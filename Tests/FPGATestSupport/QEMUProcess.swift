@@ -1,4 +1,4 @@
-import Foundation
+public import Foundation
 
 /// A real `qemu-system-x86_64` for tests: q35 under TCG, stopped (`-S`), no guest OS, empty
 /// PCIe root ports, QMP on a Unix socket in a temporary folder.

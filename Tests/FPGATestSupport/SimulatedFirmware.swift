@@ -1,4 +1,4 @@
-import FPGALinux
+public import FPGALinux
 import Foundation
 import Synchronization
 

@@ -1,12 +1,12 @@
-import FPGAAgentAPI
-import FPGAAgentRuntime
-import FPGACore
-import FPGALinux
-import FPGASimulator
+public import FPGAAgentAPI
+public import FPGAAgentRuntime
+public import FPGACore
+public import FPGALinux
+public import FPGASimulator
 import Foundation
-import GRPCCore
-import GRPCInProcessTransport
-import GRPCNIOTransportHTTP2
+public import GRPCCore
+public import GRPCInProcessTransport
+public import GRPCNIOTransportHTTP2
 import Logging
 import Synchronization
 

@@ -11,8 +11,8 @@
 // For information on using the generated types, please see the documentation:
 //   https://github.com/grpc/grpc-swift
 
-import GRPCCore
-import GRPCProtobuf
+public import GRPCCore
+internal import GRPCProtobuf
 
 // MARK: - grpc.health.v1.Health
 

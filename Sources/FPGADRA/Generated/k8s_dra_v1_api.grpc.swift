@@ -13,8 +13,8 @@
 // For information on using the generated types, please see the documentation:
 //   https://github.com/grpc/grpc-swift
 
-import GRPCCore
-import GRPCProtobuf
+public import GRPCCore
+internal import GRPCProtobuf
 
 // MARK: - k8s.io.kubelet.pkg.apis.dra.v1.DRAPlugin
 
