@@ -30,7 +30,11 @@ struct DRACommand: AsyncParsableCommand {
     do {
       return try await withGRPCClient(transport: transport) { try await body($0) }
     } catch let error as RPCError {
-      printError("error: \(socket): \(error.code): \(error.message)")
+      let hint =
+        error.code == .unavailable
+        ? "; is the agent running with kubernetes.dra.enabled (--dra) and the same --dra-* settings as this command?"
+        : ""
+      printError("error: \(socket): \(error.code): \(error.message)\(hint)")
       throw ExitCode(1)
     }
   }
