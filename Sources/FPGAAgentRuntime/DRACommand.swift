@@ -34,7 +34,8 @@ struct DRACommand: AsyncParsableCommand {
         error.code == .unavailable
         ? "; is the agent running with kubernetes.dra.enabled (--dra) and the same --dra-* settings as this command?"
         : ""
-      printError("error: \(socket): \(error.code): \(error.message)\(hint)")
+      let message = error.message.hasSuffix(".") ? String(error.message.dropLast()) : error.message
+      printError("error: \(socket): \(error.code): \(message)\(hint)")
       throw ExitCode(1)
     }
   }
