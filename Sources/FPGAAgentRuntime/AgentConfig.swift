@@ -1,4 +1,5 @@
 import FPGACore
+import FPGADRA
 import FPGADevicePlugin
 public import FPGALinux
 public import FPGASimulator
@@ -475,6 +476,17 @@ public struct AgentConfig: Hashable, Sendable {
     }
     if linux.selectors.isEmpty { problems.append("linux.selectors is empty: the agent would manage nothing") }
     if !problems.isEmpty { throw ConfigError(problems: problems) }
+  }
+}
+
+extension AgentConfig {
+  /// The DRA driver's sockets and folders; the node's name defaults to the agent's node id.
+  func draSettings(nodeID: String) -> DRASettings {
+    DRASettings(
+      driverName: kubernetes.dra.driverName, registryDir: kubernetes.dra.registryDir,
+      pluginsDir: kubernetes.dra.pluginsDir, cdiDir: kubernetes.dra.cdiDir,
+      nodeName: kubernetes.dra.nodeName.isEmpty ? nodeID : kubernetes.dra.nodeName,
+      deviceRoot: platform == .linux ? linux.devRoot : "/dev")
   }
 }
 

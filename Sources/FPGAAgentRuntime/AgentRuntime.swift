@@ -208,11 +208,7 @@ public final class AgentRuntime: Sendable {
       }
     }
     if config.kubernetes.dra.enabled {
-      let settings = DRASettings(
-        driverName: config.kubernetes.dra.driverName, registryDir: config.kubernetes.dra.registryDir,
-        pluginsDir: config.kubernetes.dra.pluginsDir, cdiDir: config.kubernetes.dra.cdiDir,
-        nodeName: config.kubernetes.dra.nodeName.isEmpty ? nodeID : config.kubernetes.dra.nodeName,
-        deviceRoot: config.platform == .linux ? config.linux.devRoot : "/dev")
+      let settings = config.draSettings(nodeID: nodeID)
       // The server from the configuration, else the pod's environment; the token and CA from
       // the configuration (their defaults are the service account's).
       let server =

@@ -7,11 +7,6 @@ import Yams
 /// (Flags are applied last by the command.) Every key comes from `ConfigKeys.all`: unknown keys
 /// and ill-typed values are errors that name the key's path, all reported at once.
 public enum ConfigLoader {
-  /// The environment variables read, each overriding one key.
-  public static var environmentKeys: [(variable: String, key: String)] {
-    ConfigKeys.all.compactMap { key in key.environment.map { ($0, key.path) } }
-  }
-
   /// Reads `yaml` (a file's text) over `config`.
   public static func apply(yaml: String, source: String, to config: inout AgentConfig) throws(ConfigError) {
     var sources: [String: ConfigSource] = [:]

@@ -14,12 +14,9 @@ struct DRACommand: AsyncParsableCommand {
     abstract: "Call this node's DRA driver as the kubelet would (registration, prepare, unprepare).",
     subcommands: [Info.self, Prepare.self, Unprepare.self])
 
+  /// The sockets as the serving agent computes them (its node name does not matter here).
   static func settings(_ options: ConfigOptions) throws -> DRASettings {
-    let config = try options.resolvedOrExit()
-    let dra = config.kubernetes.dra
-    return DRASettings(
-      driverName: dra.driverName, registryDir: dra.registryDir, pluginsDir: dra.pluginsDir, cdiDir: dra.cdiDir,
-      nodeName: dra.nodeName)
+    try options.resolvedOrExit().draSettings(nodeID: "")
   }
 
   static func withClient<Result: Sendable>(

@@ -57,18 +57,11 @@ struct DRAService: Service {
           // A reconfiguration first publishes its PF's VFs tainted (for at most `fenceLimit`),
           // so the scheduler stops choosing them before any of them goes.
           await engine.fenceReconfigurations { [logger, fenceLimit] pf in
-            await withTaskGroup(of: Bool.self) { race in
-              race.addTask { (try? await publisher.sync()) != nil }
-              race.addTask {
-                try? await Task.sleep(for: fenceLimit)
-                return false
-              }
-              if await race.next() != true {
-                logger.warning(
-                  "reconfiguration goes on before its VFs' taints were published",
-                  metadata: ["fpga.pf": "\(pf)", "fpga.limit": "\(fenceLimit)"])
-              }
-              race.cancelAll()
+            let published = await Self.within(fenceLimit) { (try? await publisher.sync()) != nil }
+            if !published {
+              logger.warning(
+                "reconfiguration goes on before its VFs' taints were published",
+                metadata: ["fpga.pf": "\(pf)", "fpga.limit": "\(fenceLimit)"])
             }
           }
         }
@@ -79,6 +72,23 @@ struct DRAService: Service {
       plugin.beginGracefulShutdown()
     }
     await api?.shutdown()
+  }
+
+  /// `work`'s answer if it comes within `limit`, else false at `limit`; late work goes on on its
+  /// own. (A task group would wait for it: a sync queued behind one stuck on the API server
+  /// would hold the reconfiguration far past its limit.)
+  static func within(_ limit: Duration, _ work: @escaping @Sendable () async -> Bool) async -> Bool {
+    let (answers, answer) = AsyncStream.makeStream(of: Bool.self, bufferingPolicy: .bufferingOldest(1))
+    Task { answer.yield(await work()) }
+    let timer = Task {
+      try? await Task.sleep(for: limit)
+      answer.yield(false)
+    }
+    var first = answers.makeAsyncIterator()
+    let result = await first.next() ?? false
+    timer.cancel()
+    answer.finish()
+    return result
   }
 
   /// Syncs the slices now, after every inventory change (coalesced), and every `resync`.

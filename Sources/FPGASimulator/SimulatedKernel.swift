@@ -211,10 +211,12 @@ extension SimulatedNode: Sysfs, VFIOHolderFinding {
       case .vf(let address, ["driver_override"]), .pf(let address, ["driver_override"]):
         try writeDriverOverride(vf: address, text)
       case .driver(let driver, ["unbind"]):
-        guard let device = PCIAddress(text),
-          state.withLock({ ($0.vfs[device]?.driver ?? $0.pfs[device]?.driver) == driver })
-        else { throw KernelErrno.ENODEV }
-        try unbind(vf: device)
+        guard let device = PCIAddress(text) else { throw KernelErrno.ENODEV }
+        do throws(KernelErrno) {
+          try unbind(vf: device, from: driver)
+        } catch {
+          throw error == .ENOENT ? .ENODEV : error  // nothing bound: not this driver's device either
+        }
       case .driversProbe:
         guard let device = PCIAddress(text) else { throw KernelErrno.ENODEV }
         try probe(vf: device)

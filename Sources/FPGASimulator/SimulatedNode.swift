@@ -112,7 +112,15 @@ public final class SimulatedNode: Sendable {
     public var enableFailsSilently = false
     public var pcieRoot: String?
 
-    public init(address: PCIAddress) { self.address = address }
+    public init(
+      address: PCIAddress, device: UInt16 = 0x903f, vfDevice: UInt16 = 0xa03f, totalVFs: Int = 64, offset: Int = 4
+    ) {
+      self.address = address
+      self.device = device
+      self.vfDevice = vfDevice
+      self.totalVFs = totalVFs
+      self.offset = offset
+    }
   }
 
   /// A host with exactly these functions, these drivers loaded, an IOMMU or not; groups are
@@ -125,7 +133,9 @@ public final class SimulatedNode: Sendable {
       for spec in functions {
         state.pfs[spec.address] = PF(
           deviceID: spec.device, vfDeviceID: spec.vfDevice, totalVFs: spec.totalVFs, offset: spec.offset,
-          stride: spec.stride, driver: spec.driver, mailbox: spec.mailbox, numaNode: spec.numaNode,
+          // A function is bound only to a driver that is loaded.
+          stride: spec.stride, driver: spec.driver.flatMap { drivers.contains($0) ? $0 : nil }, mailbox: spec.mailbox,
+          numaNode: spec.numaNode,
           vendorID: spec.vendor, enableFailsSilently: spec.enableFailsSilently,
           iommuGroup: iommu ? state.nextGroup : nil, pcieRoot: spec.pcieRoot)
         if iommu { state.nextGroup += 1 }
@@ -259,18 +269,21 @@ public final class SimulatedNode: Sendable {
     }
   }
 
-  /// `echo BDF > driver/unbind`. ENOENT when no driver is bound (the file is absent); EBUSY for
-  /// a VF a VM holds. A PF's VFs stay enabled.
-  public func unbind(vf address: PCIAddress) throws(KernelErrno) {
+  /// `echo BDF > driver/unbind`. ENOENT when no driver is bound (the file is absent); ENODEV
+  /// when written to another driver's `unbind` than the bound one (`from`, checked in the same
+  /// step as the unbinding); EBUSY for a VF a VM holds. A PF's VFs stay enabled.
+  public func unbind(vf address: PCIAddress, from expected: String? = nil) throws(KernelErrno) {
     defer { save() }
     try state.withLock { (state) throws(KernelErrno) in
       state.writes.append("\(address)/driver/unbind")
       if let pf = state.pfs[address] {
-        guard pf.driver != nil else { throw .ENOENT }
+        guard let driver = pf.driver else { throw .ENOENT }
+        if let expected, expected != driver { throw .ENODEV }
         state.pfs[address]!.driver = nil
         return
       }
-      guard let vf = state.vfs[address], vf.driver != nil else { throw .ENOENT }
+      guard let vf = state.vfs[address], let driver = vf.driver else { throw .ENOENT }
+      if let expected, expected != driver { throw .ENODEV }
       if vf.holder != nil { throw .EBUSY }
       state.vfs[address]!.driver = nil
     }

@@ -3,6 +3,7 @@ import FPGALinux
 import FPGATestSupport
 import Foundation
 import Testing
+import FPGASimulator
 
 /// The Linux platform against the kernel-faithful fake tree: discovery and every SR-IOV rule.
 @Suite struct LinuxPlatformTests {
@@ -350,5 +351,15 @@ final class FixedClock: WallClock {
     }
     #expect(blocked == 0)
     #expect(!worker.isBusy("k"))
+  }
+}
+
+@Suite struct QDMADriverProblemTests {
+  /// With the default (QDMA) selectors and no QDMA PF driver loaded, the startup checks say so.
+  @Test func aMissingQDMADriverIsAProblem() async throws {
+    let tree = try FakeKernelSysfs(pfs: LinuxPlatformTests.qdmaCard(), drivers: ["qdma-vf", "vfio-pci"])
+    let problems = await LinuxPlatform(sysfs: tree).capabilities().problems
+    #expect(problems.contains { $0.hasPrefix("no QDMA PF driver is loaded") }, "\(problems)")
+    #expect(await LinuxPlatform(sysfs: tree, selectors: [.any]).capabilities().problems.isEmpty)
   }
 }

@@ -13,47 +13,8 @@ import Synchronization
 /// brought in line with the kernel's state after each one. The rules live in the simulator
 /// alone; this file only draws them. Files a test adds (AER counters, BARs) are left alone.
 public final class FakeKernelSysfs: Sysfs, @unchecked Sendable {
-  public struct PF: Sendable {
-    public var address: PCIAddress
-    public var vendor: UInt16 = 0x10ee
-    public var device: UInt16 = 0x903f
-    public var vfDevice: UInt16 = 0xa03f
-    public var totalVFs = 64
-    public var offset = 4
-    public var stride = 1
-    public var driver: String? = "qdma-pf"
-    public var numaNode = 0
-    /// False models a QDMA bitstream without mailbox: VF count writes fail with EPERM.
-    public var mailbox = true
-    /// True models QDMA when pci_enable_sriov fails: the write succeeds, 0 VFs appear.
-    public var enableFailsSilently = false
-
-    public init(
-      _ address: String, device: UInt16 = 0x903f, vfDevice: UInt16 = 0xa03f, totalVFs: Int = 64, offset: Int = 4
-    ) {
-      self.address = PCIAddress(address)!
-      self.device = device
-      self.vfDevice = vfDevice
-      self.totalVFs = totalVFs
-      self.offset = offset
-    }
-
-    var spec: SimulatedNode.FunctionSpec {
-      var spec = SimulatedNode.FunctionSpec(address: address)
-      spec.vendor = vendor
-      spec.device = device
-      spec.vfDevice = vfDevice
-      spec.totalVFs = totalVFs
-      spec.offset = offset
-      spec.stride = stride
-      spec.driver = driver
-      spec.numaNode = numaNode
-      spec.mailbox = mailbox
-      spec.enableFailsSilently = enableFailsSilently
-      spec.pcieRoot = FakeKernelSysfs.root
-      return spec
-    }
-  }
+  /// A function of the host the tree shows: the simulated kernel's own description.
+  public typealias PF = SimulatedNode.FunctionSpec
 
   /// One drawn entry: a file's contents, or a link's target.
   enum Item: Hashable {
@@ -89,7 +50,12 @@ public final class FakeKernelSysfs: Sysfs, @unchecked Sendable {
     }
     FileManager.default.createFile(atPath: devRoot + "/vfio/vfio", contents: nil)
     FileManager.default.createFile(atPath: sysRoot + "/bus/pci/drivers_probe", contents: nil)
-    node = SimulatedNode(functions: pfs.map(\.spec), drivers: Set(drivers), iommu: iommu)
+    node = SimulatedNode(
+      functions: pfs.map { pf in
+        var pf = pf
+        pf.pcieRoot = pf.pcieRoot ?? Self.root
+        return pf
+      }, drivers: Set(drivers), iommu: iommu)
     reader = try LinuxSysfs(root: sysRoot, devRoot: devRoot)
     for driver in drivers { try makeDriverFolder(driver) }
     draw()
@@ -246,5 +212,14 @@ public final class FakeKernelSysfs: Sysfs, @unchecked Sendable {
     let parts = path.split(separator: "/")
     guard parts.count >= 4, parts[0] == "sys", parts[1] == "devices" else { return nil }
     return parts.prefix(4).joined(separator: "/")
+  }
+}
+
+extension SimulatedNode.FunctionSpec {
+  /// `FakeKernelSysfs.PF("0000:3b:00.0", device: 0x903f, …)`.
+  public init(
+    _ address: String, device: UInt16 = 0x903f, vfDevice: UInt16 = 0xa03f, totalVFs: Int = 64, offset: Int = 4
+  ) {
+    self.init(address: PCIAddress(address)!, device: device, vfDevice: vfDevice, totalVFs: totalVFs, offset: offset)
   }
 }
