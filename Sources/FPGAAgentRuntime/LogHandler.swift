@@ -1,4 +1,7 @@
 #if canImport(Glibc)
+  // `timespec` is declared by Glibc and again by CoreFoundation's headers; with
+  // MemberImportVisibility the file must import whichever one the compiler picks.
+  @preconcurrency import CoreFoundation
   @preconcurrency import Glibc
 #elseif canImport(Darwin)
   import Darwin
