@@ -1,6 +1,5 @@
 import FPGACore
 public import FPGALinux
-import Synchronization
 
 /// The simulated node as a kernel behind the Linux platform's `Sysfs` seam: the attributes,
 /// links and listings `LinuxDiscovery` reads are rendered from the node's state, and every write

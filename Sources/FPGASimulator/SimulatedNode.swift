@@ -1,7 +1,6 @@
 public import FPGACore
 public import FPGALinux
 import Foundation
-import Synchronization
 
 /// A simulated node that behaves like the kernel's SR-IOV and VFIO sysfs interface: every
 /// operation is a sysfs write with the kernel's errno answers (drivers/pci/iov.c, the QDMA
@@ -54,7 +53,7 @@ public final class SimulatedNode: Sendable {
   static let vendorID: UInt16 = 0x10ee
   static let queueLimit = 2048
 
-  let state: Mutex<State>
+  let state: Locked<State>
   /// Signalled when a VM lets go of a VF: a blocked synchronous write of 0 tries again.
   private let releasedSignal = NSCondition()
   /// Called with the hardware's state after every accepted write (to keep it in a file, so the
@@ -172,7 +171,7 @@ public final class SimulatedNode: Sendable {
         }
       }
     }
-    self.state = Mutex(state)
+    self.state = Locked(state)
   }
 
   // MARK: Reading (what sysfs shows)
