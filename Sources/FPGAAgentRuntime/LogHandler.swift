@@ -1,11 +1,3 @@
-#if canImport(Glibc)
-  // `timespec` is declared by Glibc and again by CoreFoundation's headers; with
-  // MemberImportVisibility the file must import whichever one the compiler picks.
-  @preconcurrency import CoreFoundation
-  @preconcurrency import Glibc
-#elseif canImport(Darwin)
-  import Darwin
-#endif
 public import Logging
 
 /// Writes one line per log record to standard error: `text` (time, level, message, key=value
@@ -50,7 +42,7 @@ public struct AgentLogHandler: LogHandler {
       }
       line = "{" + object.joined(separator: ",") + "}"
     }
-    fputs(line + "\n", stderr)
+    SystemCalls.writeStandardError(line + "\n")
   }
 
   static func textValue(_ value: Logger.MetadataValue) -> String {
@@ -79,16 +71,5 @@ public struct AgentLogHandler: LogHandler {
   }
 
   /// UTC time with milliseconds, RFC 3339.
-  static func timestamp() -> String {
-    var spec = timespec()
-    clock_gettime(CLOCK_REALTIME, &spec)
-    var parts = tm()
-    var seconds = spec.tv_sec
-    gmtime_r(&seconds, &parts)
-    var buffer = [CChar](repeating: 0, count: 32)
-    strftime(&buffer, buffer.count, "%Y-%m-%dT%H:%M:%S", &parts)
-    let millis = Int(spec.tv_nsec / 1_000_000)
-    let padded = millis < 10 ? "00\(millis)" : millis < 100 ? "0\(millis)" : "\(millis)"
-    return buffer.withUnsafeBufferPointer { String(cString: $0.baseAddress!) } + "." + padded + "Z"
-  }
+  static func timestamp() -> String { SystemCalls.rfc3339(SystemWallClock().now()) }
 }

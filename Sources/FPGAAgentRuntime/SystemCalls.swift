@@ -1,4 +1,8 @@
 #if canImport(Glibc)
+  // Foundation, imported elsewhere in this module, loads CoreFoundation, whose headers declare
+  // `timespec`, `tm` and `stderr` again. Which module owns a C declaration then depends on the
+  // build's file order, so this file imports both (and is the module's only user of them).
+  @preconcurrency public import CoreFoundation
   @preconcurrency public import Glibc
 #elseif canImport(Darwin)
   public import Darwin
@@ -223,10 +227,10 @@ public enum SystemCalls {
     return result == 0
   }
 
-  /// Makes standard error and output line-buffered, so logs survive a kill.
+  /// Makes standard output line-buffered, so what was printed survives a kill. Standard error
+  /// needs nothing: `writeStandardError` writes each text with write(2).
   public static func lineBufferOutput() {
     setvbuf(stdout, nil, _IOLBF, 0)
-    setvbuf(stderr, nil, _IOLBF, 0)
   }
 }
 
@@ -242,5 +246,34 @@ public struct SystemWallClock: WallClock {
 }
 
 extension SystemCalls {
-  public static func writeStandardError(_ text: String) { fputs(text, stderr) }
+  /// Writes `text` to file descriptor 2 with as few write(2) calls as the kernel allows (one for
+  /// a log line), so lines from concurrent tasks do not interleave. Bypasses stdio's `stderr`.
+  public static func writeStandardError(_ text: String) {
+    var bytes = Array(text.utf8)
+    var offset = 0
+    while offset < bytes.count {
+      let written = bytes.withUnsafeMutableBytes { raw in
+        write(STDERR_FILENO, raw.baseAddress! + offset, raw.count - offset)
+      }
+      if written > 0 {
+        offset += written
+      } else if written < 0 && errno == EINTR {
+        continue
+      } else {
+        return
+      }
+    }
+  }
+
+  /// `time` in UTC with milliseconds, RFC 3339 (`2026-11-30T19:00:48.123Z`).
+  public static func rfc3339(_ time: WallTime) -> String {
+    var parts = tm()
+    var seconds = time_t(time.seconds)
+    gmtime_r(&seconds, &parts)
+    var buffer = [CChar](repeating: 0, count: 32)
+    strftime(&buffer, buffer.count, "%Y-%m-%dT%H:%M:%S", &parts)
+    let millis = Int(time.nanoseconds / 1_000_000)
+    let padded = millis < 10 ? "00\(millis)" : millis < 100 ? "0\(millis)" : "\(millis)"
+    return buffer.withUnsafeBufferPointer { String(cString: $0.baseAddress!) } + "." + padded + "Z"
+  }
 }
