@@ -134,8 +134,8 @@ public final class AgentRuntime: Sendable {
         interceptors: [
           MetricsInterceptor(metrics: metrics),
           AuthorizationInterceptor(
-            resolver: CallerResolver(auth: config.auth, tls: config.server.tls.isEnabled), unix: false, audit: audit,
-            engine: engine),
+            resolver: CallerResolver(auth: config.auth, listener: .tcp(tls: config.server.tls.isEnabled)),
+            audit: audit, engine: engine),
         ])
     } else {
       tcpServer = nil
@@ -152,7 +152,7 @@ public final class AgentRuntime: Sendable {
         interceptors: [
           MetricsInterceptor(metrics: metrics),
           AuthorizationInterceptor(
-            resolver: CallerResolver(auth: config.auth, tls: false), unix: true, audit: audit, engine: engine),
+            resolver: CallerResolver(auth: config.auth, listener: .unix), audit: audit, engine: engine),
         ])
     } else {
       unixServer = nil
@@ -160,8 +160,8 @@ public final class AgentRuntime: Sendable {
 
     var serviceList: [any Service] = []
     if let tcpServer { serviceList.append(ServerService(server: tcpServer, name: "tcp")) }
-    // The node API without sockets (tests that need none): the same services and interceptors,
-    // callers taken as plaintext ones.
+    // The node API without sockets (tests and embedders that need none): the same services and
+    // interceptors; a caller in the agent's own process is admin, audited as `in-process`.
     if let inProcess {
       serviceList.append(
         InProcessServerService(
@@ -170,7 +170,7 @@ public final class AgentRuntime: Sendable {
             interceptors: [
               MetricsInterceptor(metrics: metrics),
               AuthorizationInterceptor(
-                resolver: CallerResolver(auth: config.auth, tls: false), unix: false, audit: audit, engine: engine),
+                resolver: CallerResolver(auth: config.auth, listener: .inProcess), audit: audit, engine: engine),
             ])))
     }
     if let unixServer {
@@ -227,12 +227,14 @@ public final class AgentRuntime: Sendable {
       let node = engine
       let driver = DRADriver(
         settings: settings, engine: node, store: store, claims: api ?? NoKubernetesAPI(), logger: logger)
+      let publisher =
+        config.kubernetes.dra.publishSlices
+        ? api.map { SlicePublisher(api: $0, settings: settings, engine: node, logger: logger) } : nil
+      metrics.track(dra: driver, publisher: publisher)
       serviceList.append(
         DRAService(
-          settings: settings, driver: driver, engine: engine,
-          publisher: config.kubernetes.dra.publishSlices
-            ? api.map { SlicePublisher(api: $0, settings: settings, engine: node, logger: logger) } : nil,
-          api: api, logger: logger, fenceLimit: .seconds(config.kubernetes.dra.reconfigurationFenceSeconds)))
+          settings: settings, driver: driver, engine: engine, publisher: publisher, api: api, metrics: metrics,
+          logger: logger, fenceLimit: .seconds(config.kubernetes.dra.reconfigurationFenceSeconds)))
     }
     if let source = uevents ?? (config.platform == .linux && config.linux.uevents ? NetlinkUevents() : nil) {
       serviceList.append(DeviceEventsService(engine: engine, source: source, logger: logger))
@@ -632,7 +634,7 @@ struct DevicePluginLifecycle: Service {
   let plugin: DevicePlugin
 
   func run() async throws {
-    try await cancelWhenGracefulShutdown {
+    await cancelWhenGracefulShutdown {
       await plugin.run()
     }
   }

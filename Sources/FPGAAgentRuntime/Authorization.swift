@@ -13,9 +13,10 @@ import CoreFoundation
 
 /// Who is calling, as the agent sees it, and what it may do.
 struct Caller: Sendable {
-  /// `spiffe://…`, `cn:NAME`, `uid:N`, `plaintext:PEER`, `orchestrator:ADDRESS`, `kubelet`.
+  /// `spiffe://…`, `cn:NAME`, `uid:N`, `plaintext:PEER`, `orchestrator:ADDRESS`, `kubelet`,
+  /// `in-process`.
   var identity: String
-  /// `tcp-tls`, `tcp-plaintext`, `unix`, `link`, `device-plugin`.
+  /// `tcp-tls`, `tcp-plaintext`, `unix`, `link`, `device-plugin`, `in-process`.
   var transport: String
   var role: Role?
 }
@@ -81,16 +82,37 @@ enum Permissions {
 
 /// Turns a call's transport facts into a `Caller`: a verified client certificate on TCP, the
 /// peer's uid on the Unix socket (added by the agent to the stream's headers, never taken from
-/// the client), the configured plaintext role on plaintext TCP.
+/// the client), the configured plaintext role on plaintext TCP, admin in the agent's own process.
 struct CallerResolver: Sendable {
+  /// Where the node API is served.
+  enum Listener: Sendable {
+    case tcp(tls: Bool)
+    case unix
+    /// `InProcessTransport`: only code in the agent's process (tests, embedders) can call it.
+    case inProcess
+
+    /// The audit trail's `transport` of a call without an identity.
+    var name: String {
+      switch self {
+      case .tcp: "tcp"
+      case .unix: "unix"
+      case .inProcess: "in-process"
+      }
+    }
+  }
+
   let auth: AgentConfig.Auth
-  let tls: Bool
+  let listener: Listener
 
   /// The header the agent sets on Unix-socket streams (a client's own value is removed).
   static let peerHeader = "fpga-internal-peer-cred"
 
-  func caller(_ context: ServerContext, _ metadata: Metadata, unix: Bool) -> Caller? {
-    if unix {
+  func caller(_ context: ServerContext, _ metadata: Metadata) -> Caller? {
+    let tls: Bool
+    switch listener {
+    case .inProcess: return Caller(identity: "in-process", transport: "in-process", role: .admin)
+    case .tcp(let secured): tls = secured
+    case .unix:
       guard let credentials = metadata[stringValues: Self.peerHeader].first(where: { _ in true }) else { return nil }
       let parts = credentials.split(separator: ":")
       guard parts.count == 2, let uid = UInt32(parts[0]), let gid = UInt32(parts[1]) else { return nil }
@@ -127,7 +149,6 @@ struct CallerResolver: Sendable {
 /// `fpga-role` in the response headers; `fpgactl whoami` shows them).
 struct AuthorizationInterceptor: ServerInterceptor {
   let resolver: CallerResolver
-  let unix: Bool
   let audit: AuditLog?
   let engine: NodeEngine
 
@@ -141,7 +162,7 @@ struct AuthorizationInterceptor: ServerInterceptor {
     }
     let mutating = Permissions.isMutating(method)
     let rpc = context.descriptor.method
-    let caller = resolver.caller(context, request.metadata, unix: unix)
+    let caller = resolver.caller(context, request.metadata)
     let captured = Mutex<String?>(nil)
     var request = request
     if mutating {
@@ -218,7 +239,7 @@ struct AuthorizationInterceptor: ServerInterceptor {
     guard let audit else { return }
     audit.append(
       AuditEntry(
-        identity: caller?.identity ?? "unauthenticated", transport: caller?.transport ?? (unix ? "unix" : "tcp"),
+        identity: caller?.identity ?? "unauthenticated", transport: caller?.transport ?? resolver.listener.name,
         rpc: rpc, request: request, status: status.map { "\($0)" } ?? "ok", revision: await engine.revision))
   }
 }

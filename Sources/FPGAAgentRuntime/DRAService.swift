@@ -16,6 +16,8 @@ struct DRAService: Service {
   let engine: NodeEngine
   let publisher: SlicePublisher?
   let api: KubernetesAPI?
+  /// The kubelet's calls are counted and timed like the node API's (`grpc_server_*`).
+  let metrics: AgentMetrics?
   let logger: Logger
   var fenceLimit: Duration = .seconds(10)
   var resync: Duration = .seconds(10)
@@ -30,7 +32,8 @@ struct DRAService: Service {
       services: [
         DRAPlugins.v1(driver), DRAPlugins.v1beta1(driver), DRAPlugins.healthV1(engine, pool: settings.nodeName),
         DRAPlugins.healthV1alpha1(engine, pool: settings.nodeName),
-      ])
+      ],
+      interceptors: metrics.map { [MetricsInterceptor(metrics: $0)] } ?? [])
     let registration = GRPCServer(
       transport: .http2NIOPosix(
         address: .unixDomainSocket(path: settings.registrationSocket), transportSecurity: .plaintext),
@@ -130,4 +133,7 @@ struct NoKubernetesAPI: ClaimSource {
       "no Kubernetes API is configured: set kubernetes.api.server (--kube-api-server) or run in a pod (KUBERNETES_SERVICE_HOST)"
     )
   }
+
+  /// Nothing to report to: a claim prepared before the API was unset is unprepared all the same.
+  func reportDevices(_ devices: [Kube.AllocatedDeviceStatus], of claim: ClaimReference, driver: String) async throws {}
 }

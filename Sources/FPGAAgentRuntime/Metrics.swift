@@ -1,6 +1,7 @@
 import FPGAAgentAPI
 import FPGACore
 import FPGADevicePlugin
+import FPGADRA
 import GRPCCore
 import Prometheus
 import Synchronization
@@ -20,6 +21,8 @@ final class AgentMetrics: Sendable {
   let version: String
   /// The device plugins' registrations, by resource name.
   private let kubelet = Mutex<[String: RegistrationState]>([:])
+  /// The DRA driver and its slice publisher, when DRA is on.
+  private let dra = Mutex<(driver: DRADriver, publisher: SlicePublisher?)?>(nil)
 
   /// RPC latency buckets: 1 ms to 60 s (a detach waits on a guest; a switch on a slice).
   static let latencyBuckets: [Duration] = [
@@ -36,6 +39,11 @@ final class AgentMetrics: Sendable {
   /// Reports a device plugin's registration as `fpga_kubelet_registered{resource}`.
   func track(resource: String, _ registration: RegistrationState) {
     kubelet.withLock { $0[resource] = registration }
+  }
+
+  /// Reports the DRA driver's claims and the pool's publishing as `fpga_dra_*`.
+  func track(dra driver: DRADriver, publisher: SlicePublisher?) {
+    dra.withLock { $0 = (driver, publisher) }
   }
 
   /// One RPC answered (gRPC or the dashboard's JSON endpoints), go-grpc-prometheus style.
@@ -151,6 +159,37 @@ final class AgentMetrics: Sendable {
         name: "fpga_kubelet_registered", labels: [("resource", resource)],
         help: "1 while the kubelet has accepted the device plugin's registration."
       ).set(registration.isRegistered ? 1.0 : 0.0)
+    }
+    if let tracked = dra.withLock({ $0 }) {
+      let figures = await tracked.driver.figures
+      state.gauge(name: "fpga_dra_prepared_claims", help: "ResourceClaims prepared on the node now.")
+        .set(Double(figures.preparedNow))
+      for (call, result, count) in [
+        ("prepare", "ok", figures.prepared), ("prepare", "failed", figures.prepareFailures),
+        ("unprepare", "ok", figures.unprepared), ("unprepare", "failed", figures.unprepareFailures),
+      ] {
+        state.counter(
+          name: "fpga_dra_claims_total", labels: [("call", call), ("result", result)],
+          help:
+            "Claims the kubelet asked to prepare or unprepare since the start, by answer (a batch counts each claim)."
+        ).increment(by: Int64(count))
+      }
+      state.counter(
+        name: "fpga_dra_claim_status_failures_total",
+        help: "Reports of prepared devices to a claim's status.devices the API server refused (RBAC, a deleted claim)."
+      ).increment(by: Int64(figures.statusFailures))
+      if let publisher = tracked.publisher {
+        let published = await publisher.figures
+        state.gauge(name: "fpga_dra_pool_generation", help: "The generation of the node's pool of ResourceSlices.")
+          .set(Double(published.generation))
+        state.gauge(
+          name: "fpga_dra_slices_synced",
+          help: "1 when the last sync brought the ResourceSlices in line with the node, 0 when it failed."
+        ).set(published.lastSyncSucceeded == false ? 0.0 : 1.0)
+        state.counter(
+          name: "fpga_dra_slice_sync_failures_total", help: "ResourceSlice syncs that failed since the start."
+        ).increment(by: Int64(published.syncFailures))
+      }
     }
     for (tally, count) in ended.sorted(by: { ($0.key.kind, $0.key.result) < ($1.key.kind, $1.key.result) })
     where tally.result != "planned" {

@@ -35,7 +35,7 @@ struct OrchestratorLink: Service {
   var identity: String { "orchestrator:\(serverName ?? address.host)" }
 
   func run() async throws {
-    try await cancelWhenGracefulShutdown {
+    await cancelWhenGracefulShutdown {
       await self.loop()
     }
   }

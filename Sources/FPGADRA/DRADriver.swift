@@ -94,6 +94,7 @@ public actor DRADriver {
   private var tombstoneSet: Set<String> = []
   /// Claims being prepared or unprepared right now.
   private var busy: Set<String> = []
+  private var counts = Figures()
   static let claimKind = "dra-claim"
   static let tombstoneKind = "dra-tombstone"
   static let tombstoneLimit = 4096
@@ -144,7 +145,9 @@ public actor DRADriver {
     for reference in references {
       do {
         results[reference.uid] = .success(try await prepare(reference))
+        counts.prepared += 1
       } catch {
+        counts.prepareFailures += 1
         logger.warning(
           "claim preparation failed",
           metadata: ["fpga.claim": "\(reference.description)", "fpga.error": "\(error.message)"])
@@ -235,6 +238,7 @@ public actor DRADriver {
         metadata: [
           "fpga.claim": "\(reference.description)", "fpga.vfs": "\(journal.devices.map(\.vf).joined(separator: ","))",
         ])
+      await report(journal, withdraw: false)
       return journal.devices
     } catch {
       await undo(journal)
@@ -252,18 +256,22 @@ public actor DRADriver {
       guard busy.insert(reference.uid).inserted else {
         results[reference.uid] = DRAFailure(
           "claim \(reference.description) is being prepared or unprepared right now; retry")
+        counts.unprepareFailures += 1
         continue
       }
       defer { busy.remove(reference.uid) }
       if let claim = prepared[reference.uid] {
         await undo(claim)
         logger.info("claim unprepared", metadata: ["fpga.claim": "\(reference.description)"])
+        await report(claim, withdraw: true)
       }
       do {
         try await entomb(reference.uid)
         results[reference.uid] = .some(nil)
+        counts.unprepared += 1
       } catch {
         results[reference.uid] = error
+        counts.unprepareFailures += 1
       }
     }
     return results
@@ -295,6 +303,55 @@ public actor DRADriver {
     removeFiles(claim)
     prepared[claim.uid] = nil
     try? await store.commit([.deleteRecord(Self.claimKind, claim.uid)])
+  }
+
+  // MARK: Claim status
+
+  /// Tells the API server what was prepared: this driver's entries in the claim's
+  /// `status.devices`, each `Ready` with the VF's address and VFIO group or the share's context
+  /// (what `kubectl get resourceclaim -o yaml` shows). Withdrawn at Unprepare. Informational:
+  /// a failure is logged and changes nothing on the node. Runs while the claim is busy, so a
+  /// claim's reports are in the order of its Prepare and Unprepare.
+  private func report(_ claim: PreparedClaim, withdraw: Bool) async {
+    let reference = ClaimReference(namespace: claim.namespace, uid: claim.uid, name: claim.name)
+    let now = ISO8601DateFormatter().string(from: Date())
+    let devices = withdraw ? [] : claim.devices.map { Self.status(of: $0, driver: settings.driverName, at: now) }
+    do {
+      try await claims.reportDevices(devices, of: reference, driver: settings.driverName)
+    } catch let error as KubernetesAPIError where withdraw && (error.status == 404 || error.status == 409) {
+      // The claim was deleted or replaced: no entry of this driver is left on it.
+    } catch {
+      counts.statusFailures += 1
+      var metadata: Logger.Metadata = ["fpga.claim": "\(reference.description)", "fpga.error": "\(error)"]
+      if (error as? KubernetesAPIError)?.status == 403 {
+        metadata["fpga.hint"] =
+          "grant patch on resourceclaims/status and, from Kubernetes 1.36, associated-node:patch on resourceclaims/driver for \(settings.driverName)"
+      }
+      logger.warning(
+        withdraw ? "cannot withdraw the claim's device status" : "cannot report the claim's device status",
+        metadata: metadata)
+    }
+  }
+
+  /// A prepared device as a `status.devices` entry.
+  static func status(of device: PreparedDevice, driver: String, at time: String) -> Kube.AllocatedDeviceStatus {
+    var data: [String: JSONAny] = ["cdiDeviceID": .string(device.cdiID)]
+    let message: String
+    if let accelerator = device.accelerator, let context = device.contextID {
+      data["accelerator"] = .string(accelerator)
+      data["context"] = .string(context)
+      message = "context \(context) registered on accelerator \(accelerator)"
+    } else {
+      data["pciBusID"] = .string(device.vf)
+      data["vfioDevice"] = .string(device.vfioDevice)
+      message = "VF \(device.vf) bound to vfio-pci, \(device.vfioDevice)"
+    }
+    return Kube.AllocatedDeviceStatus(
+      driver: driver, pool: device.pool, device: device.device, shareID: device.shareID,
+      conditions: [
+        Kube.Condition(type: "Ready", status: "True", reason: "Prepared", message: message, lastTransitionTime: time)
+      ],
+      data: .object(data))
   }
 
   private func entomb(_ uid: String) async throws(DRAFailure) {
@@ -352,6 +409,23 @@ public actor DRADriver {
   /// The claims prepared now (for health and tests).
   public var preparedClaims: [PreparedClaim] { prepared.values.sorted { $0.uid < $1.uid } }
 
+  /// What the driver did since the start, for /metrics: claims answered by call and result,
+  /// status reports refused, and the claims prepared now.
+  public struct Figures: Hashable, Sendable {
+    public var preparedNow = 0
+    public var prepared = 0
+    public var prepareFailures = 0
+    public var unprepared = 0
+    public var unprepareFailures = 0
+    public var statusFailures = 0
+  }
+
+  public var figures: Figures {
+    var figures = counts
+    figures.preparedNow = prepared.count
+    return figures
+  }
+
   // MARK: Files
 
   /// Where KubeVirt's metadata file of a request is kept on the host.
@@ -387,12 +461,20 @@ public actor DRADriver {
   }
 }
 
-/// Reads ResourceClaims (the API server, or a test's table).
+/// Reads ResourceClaims and reports on them (the API server, or a test's table).
 public protocol ClaimSource: Sendable {
   func resourceClaim(namespace: String, name: String) async throws -> Kube.ResourceClaim
+  /// Makes `devices` the driver's entries in the claim's `status.devices` (none when empty).
+  func reportDevices(_ devices: [Kube.AllocatedDeviceStatus], of claim: ClaimReference, driver: String) async throws
 }
 
-extension KubernetesAPI: ClaimSource {}
+extension KubernetesAPI: ClaimSource {
+  public func reportDevices(
+    _ devices: [Kube.AllocatedDeviceStatus], of claim: ClaimReference, driver: String
+  ) async throws {
+    try await applyDeviceStatus(devices, namespace: claim.namespace, name: claim.name, uid: claim.uid, driver: driver)
+  }
+}
 
 /// A claim's failure, as the kubelet shows it.
 public struct DRAFailure: Error, Hashable, Sendable, CustomStringConvertible {

@@ -76,43 +76,36 @@ struct DRAPluginV1: K8s_Io_Kubelet_Pkg_Apis_Dra_V1_DRAPlugin.SimpleServiceProtoc
   }
 }
 
-/// `k8s.io.kubelet.pkg.apis.dra.v1beta1.DRAPlugin` (kubelets 1.32-1.33): the same, without share ids.
+/// `k8s.io.kubelet.pkg.apis.dra.v1beta1.DRAPlugin` (kubelets 1.32-1.33): the v1 service, its
+/// messages translated through the wire format (same names and numbers; no share ids).
 struct DRAPluginV1beta1: K8s_Io_Kubelet_Pkg_Apis_Dra_V1beta1_DRAPlugin.SimpleServiceProtocol {
-  let driver: DRADriver
+  let v1: DRAPluginV1
 
   func nodePrepareResources(
     request: K8s_Io_Kubelet_Pkg_Apis_Dra_V1beta1_NodePrepareResourcesRequest, context: ServerContext
   ) async throws -> K8s_Io_Kubelet_Pkg_Apis_Dra_V1beta1_NodePrepareResourcesResponse {
-    let results = await driver.prepare(
-      request.claims.map { ClaimReference(namespace: $0.namespace, uid: $0.uid, name: $0.name) })
-    return .with { response in
-      for (uid, result) in results {
-        response.claims[uid] = .with { claim in
-          switch result {
-          case .success(let devices):
-            claim.devices = devices.map { device in
-              .with {
-                $0.requestNames = [device.request]
-                $0.poolName = device.pool
-                $0.deviceName = device.device
-                $0.cdiDeviceIds = [device.cdiID]
-              }
-            }
-          case .failure(let error): claim.error = error.message
-          }
-        }
-      }
+    var response = try await v1.nodePrepareResources(request: WireTranslation.convert(request), context: context)
+    for (uid, var claim) in response.claims {
+      for index in claim.devices.indices { claim.devices[index].clearShareID() }
+      response.claims[uid] = claim
     }
+    return try WireTranslation.convert(response)
   }
 
   func nodeUnprepareResources(
     request: K8s_Io_Kubelet_Pkg_Apis_Dra_V1beta1_NodeUnprepareResourcesRequest, context: ServerContext
   ) async throws -> K8s_Io_Kubelet_Pkg_Apis_Dra_V1beta1_NodeUnprepareResourcesResponse {
-    let results = await driver.unprepare(
-      request.claims.map { ClaimReference(namespace: $0.namespace, uid: $0.uid, name: $0.name) })
-    return .with { response in
-      for (uid, failure) in results { response.claims[uid] = .with { $0.error = failure?.message ?? "" } }
-    }
+    try WireTranslation.convert(
+      try await v1.nodeUnprepareResources(request: WireTranslation.convert(request), context: context))
+  }
+}
+
+/// The kubelet's older API versions (DRAPlugin v1beta1, DRAResourceHealth v1alpha1) have the v1
+/// messages' field names and numbers, so one implementation serves all: a message is re-read as
+/// its counterpart from its bytes.
+enum WireTranslation {
+  static func convert<Target: SwiftProtobuf.Message>(_ message: some SwiftProtobuf.Message) throws -> Target {
+    try Target(serializedBytes: message.serializedBytes() as [UInt8])
   }
 }
 
@@ -170,53 +163,38 @@ struct HealthV1: V1_DRAResourceHealth.ServiceProtocol {
     request: ServerRequest<V1_NodeWatchResourcesRequest>, context: ServerContext
   ) async throws -> StreamingServerResponse<V1_NodeWatchResourcesResponse> {
     StreamingServerResponse { writer in
-      try await DeviceHealthFeed.stream(engine) { entries in
-        let now = Int64(Date().timeIntervalSince1970)
-        try await writer.write(
-          .with {
-            $0.devices = entries.map { entry in
-              .with {
-                $0.device = .with {
-                  $0.poolName = pool
-                  $0.deviceName = entry.device
-                }
-                $0.health = entry.healthy ? .healthy : .unhealthy
-                $0.lastUpdatedTime = now
-                $0.message = entry.message
-              }
-            }
-          })
-      }
+      try await DeviceHealthFeed.stream(engine) { try await writer.write(message($0)) }
       return [:]
+    }
+  }
+
+  func message(_ entries: [DeviceHealthFeed.Entry]) -> V1_NodeWatchResourcesResponse {
+    let now = Int64(Date().timeIntervalSince1970)
+    return .with {
+      $0.devices = entries.map { entry in
+        .with {
+          $0.device = .with {
+            $0.poolName = pool
+            $0.deviceName = entry.device
+          }
+          $0.health = entry.healthy ? .healthy : .unhealthy
+          $0.lastUpdatedTime = now
+          $0.message = entry.message
+        }
+      }
     }
   }
 }
 
+/// `v1alpha1.DRAResourceHealth` (kubelets 1.34-1.36): the v1 messages, translated.
 struct HealthV1alpha1: V1alpha1_DRAResourceHealth.ServiceProtocol {
-  let engine: NodeEngine
-  let pool: String
+  let v1: HealthV1
 
   func nodeWatchResources(
     request: ServerRequest<V1alpha1_NodeWatchResourcesRequest>, context: ServerContext
   ) async throws -> StreamingServerResponse<V1alpha1_NodeWatchResourcesResponse> {
     StreamingServerResponse { writer in
-      try await DeviceHealthFeed.stream(engine) { entries in
-        let now = Int64(Date().timeIntervalSince1970)
-        try await writer.write(
-          .with {
-            $0.devices = entries.map { entry in
-              .with {
-                $0.device = .with {
-                  $0.poolName = pool
-                  $0.deviceName = entry.device
-                }
-                $0.health = entry.healthy ? .healthy : .unhealthy
-                $0.lastUpdatedTime = now
-                $0.message = entry.message
-              }
-            }
-          })
-      }
+      try await DeviceHealthFeed.stream(v1.engine) { try await writer.write(WireTranslation.convert(v1.message($0))) }
       return [:]
     }
   }
@@ -228,11 +206,13 @@ public enum DRAPlugins {
     RegistrationService(settings: settings, logger: logger)
   }
   public static func v1(_ driver: DRADriver) -> any RegistrableRPCService { DRAPluginV1(driver: driver) }
-  public static func v1beta1(_ driver: DRADriver) -> any RegistrableRPCService { DRAPluginV1beta1(driver: driver) }
+  public static func v1beta1(_ driver: DRADriver) -> any RegistrableRPCService {
+    DRAPluginV1beta1(v1: DRAPluginV1(driver: driver))
+  }
   public static func healthV1(_ engine: NodeEngine, pool: String) -> any RegistrableRPCService {
     HealthV1(engine: engine, pool: pool)
   }
   public static func healthV1alpha1(_ engine: NodeEngine, pool: String) -> any RegistrableRPCService {
-    HealthV1alpha1(engine: engine, pool: pool)
+    HealthV1alpha1(v1: HealthV1(engine: engine, pool: pool))
   }
 }

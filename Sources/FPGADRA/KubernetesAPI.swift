@@ -36,6 +36,11 @@ public struct KubernetesAPIError: Error, Hashable, Sendable, CustomStringConvert
   public var status: Int
   public var message: String
 
+  public init(status: Int, message: String) {
+    self.status = status
+    self.message = message
+  }
+
   public var description: String { status == 0 ? message : "the Kubernetes API answered \(status): \(message)" }
 }
 
@@ -63,6 +68,21 @@ public final class KubernetesAPI: Sendable {
   public func resourceClaim(namespace: String, name: String) async throws(KubernetesAPIError) -> Kube.ResourceClaim {
     try await call(
       .GET, "/apis/resource.k8s.io/v1/namespaces/\(Self.segment(namespace))/resourceclaims/\(Self.segment(name))")
+  }
+
+  /// Server-side apply of this driver's entries in a claim's `status.devices` (the driver is the
+  /// field manager). Needs `patch` on `resourceclaims/status` and, from Kubernetes 1.36,
+  /// `associated-node:patch` on `resourceclaims/driver` for the driver's name.
+  public func applyDeviceStatus(
+    _ devices: [Kube.AllocatedDeviceStatus], namespace: String, name: String, uid: String, driver: String,
+    timeoutSeconds: Int64 = 5
+  ) async throws(KubernetesAPIError) {
+    let _: Kube.MetadataOnly = try await call(
+      .PATCH,
+      "/apis/resource.k8s.io/v1/namespaces/\(Self.segment(namespace))/resourceclaims/\(Self.segment(name))/status"
+        + "?fieldManager=\(Self.segment(driver))&force=true",
+      body: Kube.ClaimDeviceStatusApply(namespace: namespace, name: name, uid: uid, devices: devices),
+      contentType: "application/apply-patch+yaml", timeout: .seconds(timeoutSeconds))
   }
 
   public func node(_ name: String) async throws(KubernetesAPIError) -> Kube.MetadataOnly {
@@ -100,7 +120,8 @@ public final class KubernetesAPI: Sendable {
   }
 
   private func call<Output: Decodable>(
-    _ method: HTTPMethod, _ path: String, body: (some Encodable)? = Optional<Kube.Status>.none
+    _ method: HTTPMethod, _ path: String, body: (some Encodable)? = Optional<Kube.Status>.none,
+    contentType: String = "application/json", timeout: TimeAmount = .seconds(30)
   ) async throws(KubernetesAPIError) -> Output {
     do {
       let token = (try String(contentsOfFile: settings.tokenFile, encoding: .utf8)).trimmingCharacters(
@@ -113,10 +134,11 @@ public final class KubernetesAPI: Sendable {
       if let body {
         let encoder = JSONEncoder()
         encoder.outputFormatting = [.sortedKeys]
-        request.headers.add(name: "Content-Type", value: "application/json")
+        // JSON is YAML too: an apply patch is sent as JSON with the apply content type.
+        request.headers.add(name: "Content-Type", value: contentType)
         request.body = .bytes(ByteBuffer(bytes: Array(try encoder.encode(body))))
       }
-      let response = try await client.execute(request, timeout: .seconds(30))
+      let response = try await client.execute(request, timeout: timeout)
       let bytes = try await response.body.collect(upTo: 32 << 20)
       let data = Data(bytes.readableBytesView)
       guard (200..<300).contains(response.status.code) else {

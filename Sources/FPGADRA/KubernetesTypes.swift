@@ -58,7 +58,12 @@ public enum Kube {
 
     public struct Status: Codable, Hashable, Sendable {
       public var allocation: Allocation?
-      public init(allocation: Allocation?) { self.allocation = allocation }
+      /// What the drivers report about the devices they prepared (each driver its own entries).
+      public var devices: [AllocatedDeviceStatus]?
+      public init(allocation: Allocation?, devices: [AllocatedDeviceStatus]? = nil) {
+        self.allocation = allocation
+        self.devices = devices
+      }
     }
 
     public struct Allocation: Codable, Hashable, Sendable {
@@ -100,6 +105,75 @@ public enum Kube {
     public struct Opaque: Codable, Hashable, Sendable {
       public var driver: String
       public var parameters: JSONAny?
+    }
+  }
+
+  // MARK: ResourceClaim status (written: the driver's own `status.devices` entries)
+
+  /// One entry of a claim's `status.devices`: a device this driver prepared, with a `Ready`
+  /// condition and the driver's data (the VF's address and VFIO group, or the share's context).
+  public struct AllocatedDeviceStatus: Codable, Hashable, Sendable {
+    public var driver: String
+    public var pool: String
+    public var device: String
+    public var shareID: String?
+    public var conditions: [Condition]?
+    public var data: JSONAny?
+
+    public init(
+      driver: String, pool: String, device: String, shareID: String? = nil, conditions: [Condition]? = nil,
+      data: JSONAny? = nil
+    ) {
+      self.driver = driver
+      self.pool = pool
+      self.device = device
+      self.shareID = shareID
+      self.conditions = conditions
+      self.data = data
+    }
+  }
+
+  /// `metav1.Condition`.
+  public struct Condition: Codable, Hashable, Sendable {
+    public var type: String
+    public var status: String
+    public var reason: String
+    public var message: String
+    /// RFC 3339, seconds.
+    public var lastTransitionTime: String
+    public var observedGeneration: Int64?
+
+    public init(
+      type: String, status: String, reason: String, message: String, lastTransitionTime: String,
+      observedGeneration: Int64? = nil
+    ) {
+      self.type = type
+      self.status = status
+      self.reason = reason
+      self.message = message
+      self.lastTransitionTime = lastTransitionTime
+      self.observedGeneration = observedGeneration
+    }
+  }
+
+  /// The body of a server-side apply of a claim's `status.devices`: the driver, as field
+  /// manager, sends exactly its entries; the API server keeps everyone else's and removes the
+  /// driver's entries it no longer sends (an empty list removes them all). The uid makes the
+  /// apply fail (409) on a claim that was replaced.
+  public struct ClaimDeviceStatusApply: Encodable, Sendable {
+    public var apiVersion = "resource.k8s.io/v1"
+    public var kind = "ResourceClaim"
+    public var metadata: ObjectMeta
+    public var status: DevicesOnly
+
+    public struct DevicesOnly: Encodable, Sendable {
+      /// Never omitted: `[]` is how the driver withdraws its entries.
+      public var devices: [AllocatedDeviceStatus]
+    }
+
+    public init(namespace: String, name: String, uid: String, devices: [AllocatedDeviceStatus]) {
+      metadata = ObjectMeta(name: name, namespace: namespace, uid: uid)
+      status = DevicesOnly(devices: devices)
     }
   }
 

@@ -23,6 +23,10 @@ public actor SlicePublisher {
   /// writes them with the versions it read.
   private var syncing = false
   private var waiting: [CheckedContinuation<Void, Never>] = []
+  /// Whether the last sync brought the API server in line (nil before the first), and how many
+  /// failed since the start: for /metrics.
+  private var lastSyncSucceeded: Bool?
+  private var syncFailures = 0
   var figuresInterval: Duration = .seconds(60)
   static let figureAttributes = ["utilizationPercent", "switchOverheadPercent", "meanSwitchMicroseconds", "guests"]
 
@@ -173,6 +177,31 @@ public actor SlicePublisher {
     defer {
       if waiting.isEmpty { syncing = false } else { waiting.removeFirst().resume() }
     }
+    do {
+      let wrote = try await reconcile()
+      lastSyncSucceeded = true
+      return wrote
+    } catch {
+      lastSyncSucceeded = false
+      syncFailures += 1
+      throw error
+    }
+  }
+
+  /// The publisher's state, for /metrics.
+  public struct Figures: Hashable, Sendable {
+    /// The pool generation last written or found.
+    public var generation: Int64
+    public var lastSyncSucceeded: Bool?
+    public var syncFailures: Int
+  }
+
+  public var figures: Figures {
+    Figures(generation: generation, lastSyncSucceeded: lastSyncSucceeded, syncFailures: syncFailures)
+  }
+
+  /// One sync's work (the caller holds the turn).
+  private func reconcile() async throws(KubernetesAPIError) -> Bool {
     let snapshot: InventorySnapshot
     do {
       snapshot = try await engine.snapshot()

@@ -77,6 +77,12 @@ import SwiftProtobuf
         #expect(again?.0 == .notFound)
         #expect(again?.1.hasPrefix("allocation \(first.allocation.id) does not exist") == true)
         #expect(try await nodeAgent.getNodeStatus(.init()).vfsAllocated == 0)
+
+        // A caller in the agent's own process is admin, and audited as such (not as plaintext TCP).
+        let trail = try await nodeAgent.getAuditTrail(.init()).entries
+        #expect(trail.map(\.rpc) == ["AllocateVF", "AllocateVF", "ReleaseVF", "ReleaseVF"])
+        #expect(trail.map(\.status) == ["ok", "ok", "ok", "notFound"])
+        #expect(trail.allSatisfy { $0.identity == "in-process" && $0.transport == "in-process" })
       }
     }
   }

@@ -14,11 +14,21 @@ final class Claims: ClaimSource, Sendable {
     table.withLock { $0["\(claim.metadata.namespace ?? "")/\(claim.metadata.name ?? "")"] = claim }
   }
 
+  /// Every status report: (claim uid, driver, the entries sent).
+  let reports = Mutex<[(String, String, [Kube.AllocatedDeviceStatus])]>([])
+  /// Answers every report with this error when set (an API server refusing the patch).
+  let reportFailure = Mutex<KubernetesAPIError?>(nil)
+
   func resourceClaim(namespace: String, name: String) async throws -> Kube.ResourceClaim {
     guard let claim = table.withLock({ $0["\(namespace)/\(name)"] }) else {
       throw DRAFailure("resourceclaims \"\(name)\" not found")
     }
     return claim
+  }
+
+  func reportDevices(_ devices: [Kube.AllocatedDeviceStatus], of claim: ClaimReference, driver: String) async throws {
+    reports.withLock { $0.append((claim.uid, driver, devices)) }
+    if let failure = reportFailure.withLock({ $0 }) { throw failure }
   }
 
   static func claim(
@@ -90,10 +100,24 @@ final class Claims: ClaimSource, Sendable {
     let metadata = try String(contentsOfFile: mount["hostPath"] as! String, encoding: .utf8)
     #expect(metadata.contains(#""resource.kubernetes.io/pciBusID":{"string":"0000:3b:00.4"}"#))
 
-    // Prepare again: the same devices, nothing new.
+    // The claim's status.devices: one Ready entry per VF, with its address and VFIO group.
+    let reported = claims.reports.withLock { $0 }
+    #expect(reported.map { "\($0.0) \($0.1)" } == ["uid-1 qdma.xilinx.com"])
+    let entries = try #require(reported.first?.2)
+    #expect(
+      entries.map(\.device) == vfs && entries.allSatisfy { $0.driver == "qdma.xilinx.com" && $0.pool == "node-a" })
+    #expect(entries[0].data?["pciBusID"] == .string("0000:3b:00.4"))
+    #expect(entries[0].data?["vfioDevice"] == .string(first[0].vfioDevice))
+    #expect(entries[0].data?["cdiDeviceID"] == .string(first[0].cdiID))
+    let ready = try #require(entries[0].conditions?.first)
+    #expect(ready.type == "Ready" && ready.status == "True" && ready.reason == "Prepared")
+    #expect(ready.message == "VF 0000:3b:00.4 bound to vfio-pci, \(first[0].vfioDevice)")
+
+    // Prepare again: the same devices, nothing new (and no second report).
     let again = try #require(try await driver.prepare([reference])["uid-1"]?.get())
     #expect(again == first)
     #expect(try await engine.snapshot().allocations.count == 2)
+    #expect(claims.reports.withLock { $0.count } == 1)
 
     // Unprepare: the allocations end, the files go; again, and an unknown claim: fine too.
     let undone = await driver.unprepare([reference, ClaimReference(namespace: "ns", uid: "uid-x", name: "never")])
@@ -101,11 +125,36 @@ final class Claims: ClaimSource, Sendable {
     owners = try await engine.snapshot().allocations.map(\.owner)
     #expect(owners.isEmpty)
     #expect(!FileManager.default.fileExists(atPath: settings.cdiDir + "/k8s.qdma.xilinx.com-vf_uid-1.json"))
+    // The driver's entries are withdrawn (an empty apply), once.
+    #expect(claims.reports.withLock { $0.map { "\($0.0) \($0.2.count)" } } == ["uid-1 2", "uid-1 0"])
     #expect(await driver.unprepare([reference])["uid-1"] == .some(nil))
+    #expect(claims.reports.withLock { $0.count } == 2)
     // A stale Prepare retry after Unprepare takes nothing.
     let stale = try #require(await driver.prepare([reference])["uid-1"])
     #expect(throws: DRAFailure.self) { try stale.get() }
     #expect(try await engine.snapshot().allocations.isEmpty)
+  }
+
+  /// The status is for people and controllers to read: an API server that refuses it (no RBAC
+  /// for `resourceclaims/status`, a deleted claim) fails neither Prepare nor Unprepare.
+  @Test func aRefusedStatusReportChangesNothingOnTheNode() async throws {
+    let (settings, engine, store, directory) = try fixture()
+    defer { try? FileManager.default.removeItem(atPath: directory) }
+    try await engine.rescan()
+    let claims = Claims()
+    claims.reportFailure.withLock { $0 = KubernetesAPIError(status: 403, message: "forbidden") }
+    let driver = DRADriver(settings: settings, engine: engine, store: store, claims: claims, logger: Logger(label: "t"))
+    let vf = try #require(try await engine.snapshot().cards[0].pfs[0].vfs.first?.function.address)
+    claims.put(Claims.claim("c", uid: "uid-2", devices: [DeviceNames.name(of: vf)]))
+    let reference = ClaimReference(namespace: "ns", uid: "uid-2", name: "c")
+    let devices = try #require(try await driver.prepare([reference])["uid-2"]?.get())
+    #expect(devices.map(\.vf) == [vf.description])
+    #expect(try await engine.snapshot().allocations.map(\.owner) == ["claim:ns/c/uid-2"])
+    #expect(FileManager.default.fileExists(atPath: settings.cdiDir + "/k8s.qdma.xilinx.com-vf_uid-2.json"))
+    claims.reportFailure.withLock { $0 = KubernetesAPIError(status: 404, message: "not found") }
+    #expect(await driver.unprepare([reference])["uid-2"] == .some(nil))
+    #expect(try await engine.snapshot().allocations.isEmpty)
+    #expect(claims.reports.withLock { $0.map(\.2.count) } == [1, 0])
   }
 
   @Test func replacedUnallocatedAndForeignClaimsAreRefused() async throws {

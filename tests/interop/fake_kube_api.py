@@ -3,8 +3,11 @@ bearer token, so the agent's real in-cluster client path runs (TLS verification 
 `Authorization: Bearer <token>`).
 
 It serves what a DRA driver touches, with the API server's observable behaviour where it matters:
-- ResourceClaims the test creates: GET `/apis/resource.k8s.io/v1/namespaces/NS/resourceclaims/NAME`
-  and PUT `.../status`;
+- ResourceClaims the test creates: GET `/apis/resource.k8s.io/v1/namespaces/NS/resourceclaims/NAME`,
+  PUT `.../status`, and server-side apply of `status.devices` (PATCH `.../status` with
+  `application/apply-patch+yaml` and a `fieldManager`: a list map keyed by driver, device, pool and
+  shareID, each manager owning the entries it sent; the uid is a precondition; entries must name
+  allocated devices of the writer's driver, as the 1.36 per-driver authorization requires);
 - ResourceSlices: list (with `fieldSelector` on spec.nodeName and spec.driver, `labelSelector`
   equality), `?watch=1` (chunked JSON event stream, with synthetic ADDED events when no
   resourceVersion is given), GET, POST (also with generateName), PUT (optimistic concurrency on
@@ -294,6 +297,9 @@ class FakeKubeAPI:
         self.lock = threading.Condition()
         self.rv = 100
         self.claims = {}  # (namespace, name) -> object
+        self.device_status_owners = {}  # (namespace, name) -> {entry key: field manager}
+        self.applied = []  # accepted status applies: ((namespace, name), field manager, [entries sent])
+        self.refuse_status_writes = False  # answer status applies 403, as without the RBAC for them
         self.slices = {}  # name -> object
         self.events = []  # (rv, type, object) of ResourceSlices
         self.problems = []  # refused writes: (method, path, [problem])
@@ -355,6 +361,7 @@ class FakeKubeAPI:
             stored["metadata"]["resourceVersion"] = self._next_rv()
             stored["metadata"].setdefault("creationTimestamp", _now())
             self.claims[(claim["metadata"]["namespace"], claim["metadata"]["name"])] = stored
+            self.device_status_owners.pop((claim["metadata"]["namespace"], claim["metadata"]["name"]), None)
 
     def delete_claim(self, namespace, name):
         with self.lock:
@@ -421,7 +428,81 @@ class FakeKubeAPI:
             return 422, _status(422, "Invalid", f"ResourceSlice is invalid: {'; '.join(problems)}")
         return None
 
-    def handle(self, method, path, query, body):
+    def _apply_device_status(self, key, claim, query, body, content_type):
+        """Server-side apply of a claim's status.devices by one field manager."""
+        name = key[1]
+        if self.refuse_status_writes:
+            return 403, _status(403, "Forbidden", f'resourceclaims.resource.k8s.io "{name}" is forbidden: User '
+                                                  '"system:serviceaccount:fpga-system:fpga-agent" cannot patch resource '
+                                                  '"resourceclaims/status" in API group "resource.k8s.io"')
+        if content_type != "application/apply-patch+yaml":
+            return 415, _status(415, "UnsupportedMediaType", f"the body of the request was in an unknown format: {content_type}")
+        manager = query.get("fieldManager", [""])[0]
+        if not manager:
+            return 400, _status(400, "BadRequest", "PATCH with apply requires a fieldManager")
+        if (body.get("apiVersion"), body.get("kind")) != ("resource.k8s.io/v1", "ResourceClaim"):
+            return 400, _status(400, "BadRequest", f"apply of {body.get('apiVersion')}/{body.get('kind')}")
+        if body.get("metadata", {}).get("uid") not in (None, claim["metadata"]["uid"]):
+            return 409, _status(409, "Conflict", f'Operation cannot be fulfilled on resourceclaims "{name}": '
+                                                 "Precondition failed: UID in precondition does not match")
+        problems = []
+        if set(body) - {"apiVersion", "kind", "metadata", "status"} or set(body.get("status") or {}) - {"devices"}:
+            problems.append(f"a driver applies status.devices only, not {sorted(set(body) | set(body.get('status') or {}))}")
+        sent = (body.get("status") or {}).get("devices")
+        if not isinstance(sent, list):
+            problems.append("status.devices missing: an apply that omits it withdraws nothing")
+            sent = []
+
+        def entry_key(d):
+            return (d.get("driver"), d.get("device"), d.get("pool"), d.get("shareID"))
+
+        allocated = {(r["driver"], r["device"], r["pool"], r.get("shareID"))
+                     for r in (((claim.get("status") or {}).get("allocation") or {}).get("devices") or {}).get("results") or []}
+        for index, entry in enumerate(sent):
+            if entry.get("driver") != self.driver:
+                # 1.36+: resourceclaims/driver is authorized per driver name.
+                return 403, _status(403, "Forbidden", f"status.devices[{index}]: driver {entry.get('driver')!r} is not "
+                                                      f"{self.driver!r}, the only driver this writer may report for")
+            if entry_key(entry) not in allocated:
+                problems.append(f"status.devices[{index}]: {entry_key(entry)} is not an allocated device of the claim")
+        if len({entry_key(e) for e in sent}) != len(sent):
+            problems.append("status.devices: an entry twice")
+        if problems:
+            self.problems.append(("PATCH", f"resourceclaims/{name}/status", problems))
+            return 422, _status(422, "Invalid", "; ".join(problems))
+        with self.lock:
+            current = copy.deepcopy(self.claims.get(key))
+            if current is None:
+                return 404, _status(404, "NotFound", f'resourceclaims.resource.k8s.io "{name}" not found')
+            owners = self.device_status_owners.setdefault(key, {})
+            sent_keys = {entry_key(e) for e in sent}
+            status = current.setdefault("status", {})
+            kept = [e for e in status.get("devices") or []
+                    if entry_key(e) not in sent_keys and owners.get(entry_key(e)) != manager]
+            for k in [k for k, m in owners.items() if m == manager]:
+                del owners[k]
+            for k in sent_keys:
+                owners[k] = manager
+            status["devices"] = kept + copy.deepcopy(sent)
+            if not status["devices"]:
+                del status["devices"]
+            try:
+                validate_claim(current)
+            except Exception as e:  # noqa: BLE001 - jsonschema's and pydantic's errors alike
+                self.problems.append(("PATCH", f"resourceclaims/{name}/status", [str(e)[:500]]))
+                return 422, _status(422, "Invalid", f"ResourceClaim is invalid: {str(e)[:300]}")
+            current["metadata"]["resourceVersion"] = self._next_rv()
+            self.claims[key] = current
+            self.applied.append((key, manager, copy.deepcopy(sent)))
+        return 200, current
+
+    def device_status(self, namespace, name):
+        """The claim's status.devices as stored now."""
+        with self.lock:
+            claim = self.claims.get((namespace, name)) or {}
+            return copy.deepcopy((claim.get("status") or {}).get("devices") or [])
+
+    def handle(self, method, path, query, body, content_type=None):
         """-> (code, object) or (code, generator of events) for a watch."""
         parts = [p for p in path.split("/") if p]
         # Node
@@ -444,6 +525,8 @@ class FakeKubeAPI:
                 return 404, _status(404, "NotFound", f'resourceclaims.resource.k8s.io "{name}" not found')
             if method == "GET" and len(rest) == 4:
                 return 200, claim
+            if method == "PATCH" and rest[4:] == ["status"]:
+                return self._apply_device_status((namespace, name), claim, query, body, content_type)
             if method == "PUT" and rest[4:] == ["status"]:
                 if body.get("metadata", {}).get("uid") not in (None, claim["metadata"]["uid"]):
                     return 409, _status(409, "Conflict", "uid precondition failed")
@@ -659,7 +742,8 @@ class _Handler(BaseHTTPRequestHandler):
         except ValueError as e:
             api.log.append((time.time(), method, url.path, 400))
             return self._send(400, _status(400, "BadRequest", f"body is not JSON: {e}"))
-        code, result = api.handle(method, url.path, parse_qs(url.query), body)
+        content_type = (self.headers.get("Content-Type") or "").split(";")[0].strip() or None
+        code, result = api.handle(method, url.path, parse_qs(url.query), body, content_type)
         api.log.append((time.time(), method, url.path + ("?" + url.query if url.query else ""), code))
         if isinstance(result, dict):
             return self._send(code, result)

@@ -28,6 +28,7 @@ import subprocess
 import tempfile
 import threading
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 
@@ -35,7 +36,7 @@ import grpc
 import pytest
 import yaml
 
-from conftest import ROOT, start_agent
+from conftest import ROOT, free_port, start_agent
 from fake_kube_api import FakeKubeAPI, slice_limit_problems
 from fpga.agent.v1 import agent_pb2 as pb
 from fpga.agent.v1 import agent_pb2_grpc as rpc
@@ -552,8 +553,13 @@ def test_prepare_and_unprepare_in_batches(rig):
     a, b, c = Claim("default", "vm-a"), Claim("tenant-a", "pod-b"), Claim("default", "pod-c")
     api.put_claim(make_claim(a.namespace, a.name, a.uid, [("vf", device_name(vf[0]))]))
     # Two VFs for one request, and a result of another driver (not ours: left alone).
-    api.put_claim(make_claim(b.namespace, b.name, b.uid, [
-        ("vfs", device_name(vf[1])), ("vfs", device_name(vf[2])), ("gpu", "gpu-0", "gpu.example.com", NODE)]))
+    claim_b = make_claim(b.namespace, b.name, b.uid, [
+        ("vfs", device_name(vf[1])), ("vfs", device_name(vf[2])), ("gpu", "gpu-0", "gpu.example.com", NODE)])
+    # The other driver reported its device already: its entry must survive ours coming and going.
+    gpu_status = {"driver": "gpu.example.com", "pool": NODE, "device": "gpu-0", "conditions": [
+        {"type": "Ready", "status": "True", "reason": "Configured", "message": "", "lastTransitionTime": "2026-11-30T12:00:01Z"}]}
+    claim_b["status"]["devices"] = [gpu_status]
+    api.put_claim(claim_b)
     api.put_claim(make_claim(c.namespace, c.name, c.uid, [("vf", device_name(vf[3]))]))
 
     reply = kubelet.prepare([a, b, c])
@@ -582,6 +588,22 @@ def test_prepare_and_unprepare_in_batches(rig):
     check_metadata(rig, a, "vf", [vf[0]])
     check_metadata(rig, b, "vfs", [vf[1], vf[2]])
     assert not rig.metadata_path(b, "gpu").exists()
+    # status.devices (server-side apply, the driver as field manager): a Ready entry per VF with
+    # its address and VFIO group, next to the other driver's untouched entry.
+    for claim, bdfs in ((a, vf[:1]), (b, vf[1:3]), (c, vf[3:4])):
+        entries = api.device_status(claim.namespace, claim.name)
+        ours = sorted((e for e in entries if e["driver"] == DRIVER), key=lambda e: e["device"])
+        assert [e["device"] for e in ours] == [device_name(bdf) for bdf in bdfs], entries
+        for entry, bdf in zip(ours, bdfs):
+            assert entry["pool"] == NODE and "shareID" not in entry
+            (ready,) = entry["conditions"]
+            assert (ready["type"], ready["status"], ready["reason"]) == ("Ready", "True", "Prepared")
+            assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", ready["lastTransitionTime"]), ready
+            assert entry["data"] == {"pciBusID": bdf, "vfioDevice": vfs[bdf][0].vfio_device,
+                                     "cdiDeviceID": f"k8s.{DRIVER}/vf={claim.uid}-{device_name(bdf)}"}
+    assert [e for e in api.device_status(b.namespace, b.name) if e["driver"] != DRIVER] == [gpu_status]
+    applies = [entry for entry in api.writes() if entry[1] == "PATCH"]
+    assert len(applies) == 3 and all(f"fieldManager={DRIVER}" in entry[2] and entry[3] == 200 for entry in applies), applies
     allocations = sorted((x.id, x.vf_bdf) for x in rig.inventory().allocations)
 
     # Idempotent: the same batch again, and a part of it, give the same answers and change nothing.
@@ -650,6 +672,9 @@ def test_prepare_and_unprepare_in_batches(rig):
     assert list(rig.cdi.iterdir()) == []
     for claim, request in ((a, "vf"), (b, "vfs"), (c, "vf")):
         assert not rig.metadata_path(claim, request).exists()
+    # The driver's status entries are withdrawn; the other driver's stays.
+    assert api.device_status(a.namespace, a.name) == [] and api.device_status(c.namespace, c.name) == []
+    assert api.device_status(b.namespace, b.name) == [gpu_status]
     # Again: still fine.
     assert {uid: r.error for uid, r in kubelet.unprepare([a, b]).items()} == {a.uid: "", b.uid: ""}
     # A stale Prepare retry after Unprepare (the kubelet's retry racing the pod's end) must not
@@ -694,7 +719,74 @@ def test_sigkill_between_prepare_and_unprepare(rig):
     assert {uid: r.error for uid, r in reply.items()} == {a.uid: "", b.uid: ""}
     assert not any(o.startswith("claim:") for o in rig.owners().values())
     assert list(rig.cdi.iterdir()) == []
+    # The status entries reported before the kill are withdrawn by the restarted agent.
+    assert rig.api.device_status(a.namespace, a.name) == [] and rig.api.device_status(b.namespace, b.name) == []
     rig.assert_api_clean()
+
+
+# --- Metrics -------------------------------------------------------------------------------------
+
+def dra_metrics(port):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    found = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            found[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return found
+
+
+def test_metrics_count_claims_status_reports_and_the_pools_publishing(rig):
+    """/metrics: claims answered by call and result, claims prepared now, refused status reports,
+    the pool's generation and whether its last sync worked, and the kubelet's calls timed like the
+    node API's."""
+    port = free_port()
+    rig.start(extra=rig.flags() + ["--http-listen", f"127.0.0.1:{port}"])
+    rig.kubelet.register()
+    generation, _ = rig.api.wait_settled(DRIVER, NODE, what="the pool")
+    vf = free_vfs(rig, 2)
+    good, unallocated, refused = Claim("default", "m-good"), Claim("default", "m-unallocated"), Claim("default", "m-refused")
+    rig.api.put_claim(make_claim("default", good.name, good.uid, [("vf", device_name(vf[0]))]))
+    rig.api.put_claim(make_claim("default", unallocated.name, unallocated.uid, [("vf", device_name(vf[1]))], allocated=False))
+    reply = rig.kubelet.prepare([good, unallocated])
+    assert reply[good.uid].error == "" and reply[unallocated.uid].error
+    found = dra_metrics(port)
+    assert found[("fpga_dra_prepared_claims", ())] == 1
+    assert found[("fpga_dra_claims_total", (("call", "prepare"), ("result", "ok")))] == 1
+    assert found[("fpga_dra_claims_total", (("call", "prepare"), ("result", "failed")))] == 1
+    assert found[("fpga_dra_claim_status_failures_total", ())] == 0
+    assert found[("fpga_dra_slices_synced", ())] == 1
+    assert found[("fpga_dra_pool_generation", ())] >= generation
+    prepare_calls = ("grpc_server_handled_total", (("grpc_code", "OK"), ("grpc_method", "NodePrepareResources"),
+                                                   ("grpc_service", "k8s.io.kubelet.pkg.apis.dra.v1.DRAPlugin")))
+    assert found.get(prepare_calls) == 1, sorted(k for k in found if k[0] == "grpc_server_handled_total")
+
+    # Without the RBAC for claim status, Prepare still works; the refusal is counted (and logged).
+    rig.api.refuse_status_writes = True
+    rig.api.put_claim(make_claim("default", refused.name, refused.uid, [("vf", device_name(vf[1]))]))
+    assert rig.kubelet.prepare([refused])[refused.uid].error == ""
+    assert rig.owners()[vf[1]] == refused.owner and rig.spec_path(refused).exists()
+    found = dra_metrics(port)
+    assert found[("fpga_dra_claim_status_failures_total", ())] == 1
+    assert found[("fpga_dra_prepared_claims", ())] == 2
+    log = (rig.directory / "agent.log").read_text()
+    assert "cannot report the claim's device status" in log and "associated-node:patch on resourceclaims/driver" in log
+    rig.api.refuse_status_writes = False
+
+    reply = rig.kubelet.unprepare([good, refused])
+    assert {uid: r.error for uid, r in reply.items()} == {good.uid: "", refused.uid: ""}
+    found = dra_metrics(port)
+    assert found[("fpga_dra_prepared_claims", ())] == 0
+    assert found[("fpga_dra_claims_total", (("call", "unprepare"), ("result", "ok")))] == 2
+
+    # The agent's token is revoked: the next sync (an inventory change starts one) fails, and says so.
+    rig.api.token = "revoked"
+    rig.node().AllocateVF(pb.AllocateVFRequest(owner="metrics"), timeout=10)
+    found = wait_for(lambda: (lambda f: f if f[("fpga_dra_slices_synced", ())] == 0 else None)(dra_metrics(port)),
+                     30, "fpga_dra_slices_synced to fall to 0")
+    assert found[("fpga_dra_slice_sync_failures_total", ())] >= 1
 
 
 # --- Accelerator shares --------------------------------------------------------------------------
@@ -751,6 +843,11 @@ def test_accelerator_shares(rig):
     assert sorted((c.accelerator_id, c.function, c.weight) for c in contexts) == [
         ("card-0000:3b/acc0", "fft", 1), ("card-0000:3b/acc0", "fft", 3)]
     assert len({c.guest for c in contexts}) == 2
+    for claim, _ in claims:  # status.devices: the share (by its shareID) and its context
+        (entry,) = rig.api.device_status(claim.namespace, claim.name)
+        assert entry["device"] == "acc-0000-3b-0" and entry["shareID"] == shares[claim.uid]
+        assert entry["data"]["accelerator"] == "card-0000:3b/acc0" and entry["data"]["context"] in {c.id for c in contexts}
+        assert entry["conditions"][0]["status"] == "True"
     # Idempotent, like VFs.
     again = rig.kubelet.prepare([c for c, _ in claims])
     assert {uid: [d.share_id for d in r.devices] for uid, r in again.items()} == {uid: [s] for uid, s in shares.items()}
@@ -759,6 +856,7 @@ def test_accelerator_shares(rig):
     assert {uid: r.error for uid, r in reply.items()} == {c.uid: "" for c, _ in claims}
     assert {c.id for c in node.ListContexts(pb.ListContextsRequest(), timeout=10).contexts} == before
     assert list(rig.cdi.iterdir()) == []
+    assert all(rig.api.device_status(c.namespace, c.name) == [] for c, _ in claims)
     rig.assert_api_clean()
 
 

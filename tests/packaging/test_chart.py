@@ -304,6 +304,8 @@ def test_dra_objects(chart):
          "verbs": ["get", "list", "watch", "create", "update", "delete"]},
         {"apiGroups": ["resource.k8s.io"], "resources": ["resourceclaims"], "verbs": ["get", "list", "watch"]},
         {"apiGroups": ["resource.k8s.io"], "resources": ["resourceclaims/status"], "verbs": ["update", "patch"]},
+        {"apiGroups": ["resource.k8s.io"], "resources": ["resourceclaims/driver"], "resourceNames": ["fpga.example.org"],
+         "verbs": ["associated-node:update", "associated-node:patch"]},
         {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get"]}]
     (binding,) = kind(docs, "ClusterRoleBinding")
     assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",

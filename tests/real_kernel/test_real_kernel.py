@@ -503,6 +503,19 @@ def test_dra_prepare_binds_vfio_and_the_cdi_spec_names_the_real_group(dra):
     assert any(m == "GET" and p.endswith("/namespaces/default/resourceclaims/vf-claim") for _, m, p, _ in api.log)
 
 
+def test_dra_claim_status_names_the_real_vf_then_is_withdrawn(dra):
+    output, _, api, _ = dra
+    applies = [sent for (claim, manager, sent) in api.applied if claim == ("default", "vf-claim") and manager == DRA_DRIVER]
+    assert len(applies) == 2 and applies[1] == [], f"want the report at prepare and its withdrawal at unprepare: {applies}"
+    (entry,) = applies[0]
+    group = re.search(r"kernel group=(\d+)", output).group(1)
+    assert (entry["driver"], entry["pool"], entry["device"]) == (DRA_DRIVER, "guest", "vf-0000-01-00-1")
+    assert entry["data"]["pciBusID"] == DRA_VF and entry["data"]["vfioDevice"] == f"/dev/vfio/{group}", entry
+    assert entry["conditions"][0]["type"] == "Ready" and entry["conditions"][0]["status"] == "True"
+    assert api.device_status("default", "vf-claim") == []
+    assert not api.problems, api.problems  # every apply passed the API server's checks
+
+
 def test_dra_nested_qemu_opens_the_prepared_vf(dra):
     output, _, _, _ = dra
     nested = section(output, "L2 QEMU opens the VF")

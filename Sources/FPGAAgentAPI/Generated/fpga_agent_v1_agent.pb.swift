@@ -2544,10 +2544,10 @@ public nonisolated struct Fpga_Agent_V1_AuditEntry: Sendable {
   /// When the answer was decided (RFC 3339, UTC).
   public var time: String = String()
 
-  /// spiffe://..., cn:NAME, uid:N, plaintext:PEER, orchestrator:NAME or kubelet.
+  /// spiffe://..., cn:NAME, uid:N, plaintext:PEER, orchestrator:NAME, kubelet or in-process.
   public var identity: String = String()
 
-  /// tcp-tls, tcp-plaintext, unix, link or device-plugin.
+  /// tcp-tls, tcp-plaintext, unix, link, device-plugin or in-process.
   public var transport: String = String()
 
   /// The RPC or command, e.g. AllocateVF.
