@@ -182,10 +182,12 @@ final class AgentMetrics: Sendable {
         let published = await publisher.figures
         state.gauge(name: "fpga_dra_pool_generation", help: "The generation of the node's pool of ResourceSlices.")
           .set(Double(published.generation))
-        state.gauge(
-          name: "fpga_dra_slices_synced",
-          help: "1 when the last sync brought the ResourceSlices in line with the node, 0 when it failed."
-        ).set(published.lastSyncSucceeded == false ? 0.0 : 1.0)
+        if let synced = published.lastSyncSucceeded {  // absent until the first sync ends
+          state.gauge(
+            name: "fpga_dra_slices_synced",
+            help: "1 when the last sync brought the ResourceSlices in line with the node, 0 when it failed."
+          ).set(synced ? 1.0 : 0.0)
+        }
         state.counter(
           name: "fpga_dra_slice_sync_failures_total", help: "ResourceSlice syncs that failed since the start."
         ).increment(by: Int64(published.syncFailures))

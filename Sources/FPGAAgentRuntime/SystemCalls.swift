@@ -1,7 +1,8 @@
 #if canImport(Glibc)
   // Foundation, imported elsewhere in this module, loads CoreFoundation, whose headers declare
-  // `timespec`, `tm` and `stderr` again. Which module owns a C declaration then depends on the
-  // build's file order, so this file imports both (and is the module's only user of them).
+  // `timespec`, `tm`, `mode_t` and `stderr` again. Which module owns a C declaration then depends
+  // on the build's file order, so this file imports both. Standard error and clock formatting are
+  // here and nowhere else in the module (SystemdNotify.swift uses Glibc for its socket only).
   @preconcurrency public import CoreFoundation
   @preconcurrency public import Glibc
 #elseif canImport(Darwin)

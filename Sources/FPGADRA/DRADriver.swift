@@ -76,6 +76,9 @@ public struct PreparedClaim: Codable, Hashable, Sendable {
   public var uid: String
   public var state: State
   public var devices: [PreparedDevice]
+  /// The claim's allocation when it was prepared (`DRADriver.allocationKey`): a tombstone keeps
+  /// it, so a new allocation of the same claim is told from a stale retry of this one.
+  public var allocation: String? = nil
 }
 
 /// The DRA driver's node side: prepares claims into allocated, vfio-pci-bound VFs with a CDI
@@ -89,9 +92,11 @@ public actor DRADriver {
   let claims: any ClaimSource
   let logger: Logger
   private var prepared: [String: PreparedClaim] = [:]
-  /// Unprepared claim UIDs, oldest first (bounded).
+  /// Unprepared claim UIDs, oldest first (bounded), and what each tombstone knows.
   private var tombstones: [String] = []
-  private var tombstoneSet: Set<String> = []
+  private var tombstoneInfo: [String: Tombstone] = [:]
+  /// Prepared claims whose status report failed: reported again at the kubelet's next Prepare.
+  private var unreported: Set<String> = []
   /// Claims being prepared or unprepared right now.
   private var busy: Set<String> = []
   private var counts = Figures()
@@ -117,8 +122,9 @@ public actor DRADriver {
       guard let claim = try? decoder.decode(PreparedClaim.self, from: Data(body.utf8)) else { continue }
       prepared[uid] = claim
     }
-    tombstones = (persisted.records[Self.tombstoneKind] ?? [:]).sorted { $0.value < $1.value }.map(\.key)
-    tombstoneSet = Set(tombstones)
+    let buried = persisted.records[Self.tombstoneKind] ?? [:]
+    tombstones = buried.sorted { $0.value < $1.value }.map(\.key)
+    tombstoneInfo = buried.mapValues(Tombstone.init(record:))
     for claim in prepared.values.sorted(by: { $0.uid < $1.uid }) {
       switch claim.state {
       case .completed:
@@ -158,12 +164,12 @@ public actor DRADriver {
   }
 
   func prepare(_ reference: ClaimReference) async throws(DRAFailure) -> [PreparedDevice] {
-    guard !tombstoneSet.contains(reference.uid) else {
-      throw DRAFailure(
-        "claim \(reference.description) was unprepared on this node: a stale Prepare cannot take its devices again")
-    }
     if let known = prepared[reference.uid], known.state == .completed {
       try? writeFiles(known)
+      if unreported.contains(reference.uid), busy.insert(reference.uid).inserted {
+        defer { busy.remove(reference.uid) }
+        await report(known, withdraw: false)
+      }
       return known.devices
     }
     guard busy.insert(reference.uid).inserted else {
@@ -187,8 +193,19 @@ public actor DRADriver {
         "claim \(reference.description) is not allocated to driver \(settings.driverName) (status.allocation has no result for it)"
       )
     }
+    let allocation = Self.allocationKey(claim, driver: settings.driverName)
+    if let tombstone = tombstoneInfo[reference.uid] {
+      // The kubelet may retry a Prepare after its Unprepare: that one must take nothing. A claim
+      // deallocated and allocated again (a standalone claim used by another pod) is new.
+      guard tombstone.admits(allocation, of: claim) else {
+        throw DRAFailure(
+          "claim \(reference.description) was unprepared on this node: a stale Prepare cannot take its devices again")
+      }
+      try await exhume(reference.uid)
+    }
     var journal = PreparedClaim(
-      namespace: reference.namespace, name: reference.name, uid: reference.uid, state: .started, devices: [])
+      namespace: reference.namespace, name: reference.name, uid: reference.uid, state: .started, devices: [],
+      allocation: allocation)
     try await record(journal)
     do {
       let readable = "claim:\(reference.namespace)/\(reference.name)/\(reference.uid)"
@@ -204,7 +221,8 @@ public actor DRADriver {
           let parameters = Self.parameters(claim, request: result.request, driver: settings.driverName)
           let (context, _) = try await engine.registerContext(
             NodeEngine.RegisterContextRequest(
-              meta: RequestMeta(idempotencyKey: "dra-\(reference.uid)-\(result.device)"), acceleratorID: accelerator,
+              meta: RequestMeta(idempotencyKey: "dra-\(reference.uid)-\(result.device)-\(Self.digest(allocation))"),
+              acceleratorID: accelerator,
               guest: Self.guest(reference), function: parameters.function, weight: parameters.weight))
           journal.devices.append(
             PreparedDevice(
@@ -220,7 +238,7 @@ public actor DRADriver {
           )
         }
         let (allocation, device) = try await engine.allocateOwned(
-          vf: vf, owner: owner, key: "dra-\(reference.uid)-\(result.device)")
+          vf: vf, owner: owner, key: "dra-\(reference.uid)-\(result.device)-\(Self.digest(allocation))")
         journal.devices.append(
           PreparedDevice(
             request: result.request, pool: result.pool, device: result.device, vf: vf.description,
@@ -260,13 +278,14 @@ public actor DRADriver {
         continue
       }
       defer { busy.remove(reference.uid) }
-      if let claim = prepared[reference.uid] {
+      let claim = prepared[reference.uid]
+      if let claim {
         await undo(claim)
         logger.info("claim unprepared", metadata: ["fpga.claim": "\(reference.description)"])
         await report(claim, withdraw: true)
       }
       do {
-        try await entomb(reference.uid)
+        try await entomb(reference.uid, allocation: claim?.allocation)
         results[reference.uid] = .some(nil)
         counts.unprepared += 1
       } catch {
@@ -318,10 +337,12 @@ public actor DRADriver {
     let devices = withdraw ? [] : claim.devices.map { Self.status(of: $0, driver: settings.driverName, at: now) }
     do {
       try await claims.reportDevices(devices, of: reference, driver: settings.driverName)
+      unreported.remove(claim.uid)
     } catch let error as KubernetesAPIError where withdraw && (error.status == 404 || error.status == 409) {
       // The claim was deleted or replaced: no entry of this driver is left on it.
     } catch {
       counts.statusFailures += 1
+      if withdraw { unreported.remove(claim.uid) } else { unreported.insert(claim.uid) }
       var metadata: Logger.Metadata = ["fpga.claim": "\(reference.description)", "fpga.error": "\(error)"]
       if (error as? KubernetesAPIError)?.status == 403 {
         metadata["fpga.hint"] =
@@ -354,22 +375,82 @@ public actor DRADriver {
       data: .object(data))
   }
 
-  private func entomb(_ uid: String) async throws(DRAFailure) {
-    guard !tombstoneSet.contains(uid) else { return }
-    var changes: [StoreChange] = [
-      .putRecord(Self.tombstoneKind, uid, String(format: "%020.6f", Date().timeIntervalSince1970))
-    ]
+  private func entomb(_ uid: String, allocation: String?) async throws(DRAFailure) {
+    guard tombstoneInfo[uid] == nil else { return }
+    let tombstone = Tombstone(time: Date().timeIntervalSince1970, allocation: allocation)
+    var changes: [StoreChange] = [.putRecord(Self.tombstoneKind, uid, tombstone.record)]
     tombstones.append(uid)
-    tombstoneSet.insert(uid)
+    tombstoneInfo[uid] = tombstone
     while tombstones.count > Self.tombstoneLimit {
       let oldest = tombstones.removeFirst()
-      tombstoneSet.remove(oldest)
+      tombstoneInfo[oldest] = nil
       changes.append(.deleteRecord(Self.tombstoneKind, oldest))
     }
     do {
       try await store.commit(changes)
     } catch {
       throw DRAFailure("cannot record the unpreparation: \(error.message)")
+    }
+  }
+
+  /// Forgets a tombstone: its claim was allocated again.
+  private func exhume(_ uid: String) async throws(DRAFailure) {
+    do {
+      try await store.commit([.deleteRecord(Self.tombstoneKind, uid)])
+    } catch {
+      throw DRAFailure("cannot record the new allocation of claim \(uid): \(error.message)")
+    }
+    tombstones.removeAll { $0 == uid }
+    tombstoneInfo[uid] = nil
+  }
+
+  /// A claim's allocation to this driver as one text: the scheduler's timestamp and the results
+  /// (request, pool, device, share). Equal for the retries of one allocation; a deallocation and
+  /// a new allocation change the timestamp (and usually the devices).
+  static func allocationKey(_ claim: Kube.ResourceClaim, driver: String) -> String {
+    let allocation = claim.status?.allocation
+    let results = (allocation?.devices?.results ?? []).filter { $0.driver == driver }
+      .map { "\($0.request)/\($0.pool)/\($0.device)/\($0.shareID ?? "")" }.sorted()
+    return "at=\(allocation?.allocationTimestamp ?? "")," + results.joined(separator: ",")
+  }
+
+  /// FNV-1a (32 bits) of a text as 8 hex digits, stable across processes (Swift's `Hasher` is
+  /// not): an allocation's part of the idempotency keys of what it takes, so that a claim
+  /// allocated again does not replay what its earlier allocation took and gave back.
+  static func digest(_ text: String) -> String {
+    var hash: UInt32 = 0x811c_9dc5
+    for byte in text.utf8 { hash = (hash ^ UInt32(byte)) &* 0x0100_0193 }
+    let hex = String(hash, radix: 16)
+    return String(repeating: "0", count: 8 - hex.count) + hex
+  }
+
+  /// An unprepared claim: when, and the allocation it had (nil when this node never prepared it,
+  /// or for tombstones of older agents). Stored as `<seconds> <allocation>`.
+  struct Tombstone: Hashable {
+    var time: Double
+    var allocation: String?
+
+    init(time: Double, allocation: String?) {
+      self.time = time
+      self.allocation = allocation
+    }
+
+    init(record: String) {
+      let parts = record.split(separator: " ", maxSplits: 1)
+      time = parts.first.flatMap { Double($0) } ?? 0
+      allocation = parts.count == 2 ? String(parts[1]) : nil
+    }
+
+    var record: String { String(format: "%020.6f", time) + (allocation.map { " " + $0 } ?? "") }
+
+    /// Whether a Prepare of the claim, allocated as `key` now, is for a new allocation. Without
+    /// the old allocation, only one the scheduler made over a minute after the Unprepare surely is.
+    func admits(_ key: String, of claim: Kube.ResourceClaim) -> Bool {
+      if let allocation { return key != allocation }
+      guard let text = claim.status?.allocation?.allocationTimestamp,
+        let allocated = ISO8601DateFormatter().date(from: text)
+      else { return false }
+      return allocated.timeIntervalSince1970 > time + 60
     }
   }
 

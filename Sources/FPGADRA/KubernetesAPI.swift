@@ -133,7 +133,9 @@ public final class KubernetesAPI: Sendable {
       request.headers.add(name: "User-Agent", value: "fpga-agent")
       if let body {
         let encoder = JSONEncoder()
-        encoder.outputFormatting = [.sortedKeys]
+        // Slashes unescaped: an apply patch is read as YAML, and YAML 1.1 parsers (the API
+        // server's) refuse JSON's `\/`.
+        encoder.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
         // JSON is YAML too: an apply patch is sent as JSON with the apply content type.
         request.headers.add(name: "Content-Type", value: contentType)
         request.body = .bytes(ByteBuffer(bytes: Array(try encoder.encode(body))))

@@ -68,7 +68,13 @@ public enum Kube {
 
     public struct Allocation: Codable, Hashable, Sendable {
       public var devices: DeviceAllocation?
-      public init(devices: DeviceAllocation?) { self.devices = devices }
+      /// When the scheduler allocated the claim (RFC 3339); tells a new allocation of a claim
+      /// from a stale retry of an old one.
+      public var allocationTimestamp: String?
+      public init(devices: DeviceAllocation?, allocationTimestamp: String? = nil) {
+        self.devices = devices
+        self.allocationTimestamp = allocationTimestamp
+      }
     }
 
     public struct DeviceAllocation: Codable, Hashable, Sendable {
@@ -158,8 +164,8 @@ public enum Kube {
 
   /// The body of a server-side apply of a claim's `status.devices`: the driver, as field
   /// manager, sends exactly its entries; the API server keeps everyone else's and removes the
-  /// driver's entries it no longer sends (an empty list removes them all). The uid makes the
-  /// apply fail (409) on a claim that was replaced.
+  /// driver's entries it no longer sends (no entries: `status: {}`, which withdraws them all).
+  /// The uid makes the apply fail (409) on a claim that was replaced.
   public struct ClaimDeviceStatusApply: Encodable, Sendable {
     public var apiVersion = "resource.k8s.io/v1"
     public var kind = "ResourceClaim"
@@ -167,13 +173,13 @@ public enum Kube {
     public var status: DevicesOnly
 
     public struct DevicesOnly: Encodable, Sendable {
-      /// Never omitted: `[]` is how the driver withdraws its entries.
-      public var devices: [AllocatedDeviceStatus]
+      /// Left out when empty: what a manager omits, it no longer owns.
+      public var devices: [AllocatedDeviceStatus]?
     }
 
     public init(namespace: String, name: String, uid: String, devices: [AllocatedDeviceStatus]) {
       metadata = ObjectMeta(name: name, namespace: namespace, uid: uid)
-      status = DevicesOnly(devices: devices)
+      status = DevicesOnly(devices: devices.isEmpty ? nil : devices)
     }
   }
 

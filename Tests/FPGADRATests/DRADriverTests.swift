@@ -32,7 +32,8 @@ final class Claims: ClaimSource, Sendable {
   }
 
   static func claim(
-    _ name: String, uid: String, devices: [String], driver: String = "qdma.xilinx.com", pool: String = "node-a"
+    _ name: String, uid: String, devices: [String], driver: String = "qdma.xilinx.com", pool: String = "node-a",
+    allocatedAt: String? = nil
   )
     -> Kube.ResourceClaim
   {
@@ -42,7 +43,7 @@ final class Claims: ClaimSource, Sendable {
         allocation: .init(
           devices: .init(
             results: devices.map { .init(request: "vf", driver: driver, pool: pool, device: $0, shareID: nil) },
-            config: nil)))
+            config: nil), allocationTimestamp: allocatedAt))
     }
     return claim
   }
@@ -133,6 +134,38 @@ final class Claims: ClaimSource, Sendable {
     let stale = try #require(await driver.prepare([reference])["uid-1"])
     #expect(throws: DRAFailure.self) { try stale.get() }
     #expect(try await engine.snapshot().allocations.isEmpty)
+
+    // The same claim deallocated and allocated again (a standalone claim, another pod): new, so
+    // prepared; then unprepared, and its own stale retry refused in turn.
+    claims.put(Claims.claim("gpu-claim", uid: "uid-1", devices: vfs, allocatedAt: "2026-11-30T13:00:00Z"))
+    let renewed = try #require(try await driver.prepare([reference])["uid-1"]?.get())
+    #expect(renewed.map(\.device) == vfs)
+    #expect(
+      try await engine.snapshot().allocations.map(\.owner) == ["claim:ns/gpu-claim/uid-1", "claim:ns/gpu-claim/uid-1"])
+    #expect(await driver.unprepare([reference])["uid-1"] == .some(nil))
+    let staleAgain = try #require(await driver.prepare([reference])["uid-1"])
+    #expect(throws: DRAFailure.self) { try staleAgain.get() }
+    #expect(try await engine.snapshot().allocations.isEmpty)
+  }
+
+  /// A tombstone survives a restart with the allocation it buried; one without (a claim never
+  /// prepared here) admits only an allocation made over a minute after the Unprepare.
+  @Test func tombstonesTellANewAllocationFromAStaleRetry() throws {
+    let claim = { (at: String?) in Claims.claim("c", uid: "u", devices: ["vf-0000-3b-00-4"], allocatedAt: at) }
+    let key = DRADriver.allocationKey(claim("2026-11-30T12:00:00Z"), driver: "qdma.xilinx.com")
+    #expect(key == "at=2026-11-30T12:00:00Z,vf/node-a/vf-0000-3b-00-4/")
+    #expect(DRADriver.digest("") == "811c9dc5" && DRADriver.digest("a") == "e40c292c")  // FNV-1a's vectors
+    let buried = DRADriver.Tombstone(record: DRADriver.Tombstone(time: 1_800_000_000, allocation: key).record)
+    #expect(buried == DRADriver.Tombstone(time: 1_800_000_000, allocation: key))
+    #expect(!buried.admits(key, of: claim("2026-11-30T12:00:00Z")))
+    let later = claim("2026-11-30T12:05:00Z")
+    #expect(buried.admits(DRADriver.allocationKey(later, driver: "qdma.xilinx.com"), of: later))
+    // Unprepared without having been prepared here (at 1_800_000_000 = 2027-01-15T08:00:00Z).
+    let blind = DRADriver.Tombstone(record: String(format: "%020.6f", 1_800_000_000.0))
+    #expect(blind == DRADriver.Tombstone(time: 1_800_000_000, allocation: nil))
+    #expect(!blind.admits("any", of: claim("2027-01-15T08:00:30Z")))
+    #expect(blind.admits("any", of: claim("2027-01-15T08:01:01Z")))
+    #expect(!blind.admits("any", of: claim(nil)))
   }
 
   /// The status is for people and controllers to read: an API server that refuses it (no RBAC
@@ -151,10 +184,20 @@ final class Claims: ClaimSource, Sendable {
     #expect(devices.map(\.vf) == [vf.description])
     #expect(try await engine.snapshot().allocations.map(\.owner) == ["claim:ns/c/uid-2"])
     #expect(FileManager.default.fileExists(atPath: settings.cdiDir + "/k8s.qdma.xilinx.com-vf_uid-2.json"))
+    #expect(await driver.figures.statusFailures == 1)
+    // The kubelet's next Prepare of the claim reports again; once it went through, no more.
+    claims.reportFailure.withLock { $0 = nil }
+    #expect(try await driver.prepare([reference])["uid-2"]?.get() == devices)
+    #expect(try await driver.prepare([reference])["uid-2"]?.get() == devices)
+    #expect(claims.reports.withLock { $0.map(\.2.count) } == [1, 1])
+    // A claim already gone when its entries are withdrawn is no failure.
     claims.reportFailure.withLock { $0 = KubernetesAPIError(status: 404, message: "not found") }
     #expect(await driver.unprepare([reference])["uid-2"] == .some(nil))
     #expect(try await engine.snapshot().allocations.isEmpty)
-    #expect(claims.reports.withLock { $0.map(\.2.count) } == [1, 0])
+    #expect(claims.reports.withLock { $0.map(\.2.count) } == [1, 1, 0])
+    #expect(await driver.figures.statusFailures == 1)
+    let figures = await driver.figures
+    #expect(figures.prepared == 3 && figures.unprepared == 1 && figures.preparedNow == 0)
   }
 
   @Test func replacedUnallocatedAndForeignClaimsAreRefused() async throws {

@@ -448,9 +448,10 @@ class FakeKubeAPI:
         problems = []
         if set(body) - {"apiVersion", "kind", "metadata", "status"} or set(body.get("status") or {}) - {"devices"}:
             problems.append(f"a driver applies status.devices only, not {sorted(set(body) | set(body.get('status') or {}))}")
-        sent = (body.get("status") or {}).get("devices")
+        # What a manager leaves out it no longer owns: `status: {}` withdraws its entries.
+        sent = (body.get("status") or {}).get("devices") or []
         if not isinstance(sent, list):
-            problems.append("status.devices missing: an apply that omits it withdraws nothing")
+            problems.append(f"status.devices is not a list: {sent!r}")
             sent = []
 
         def entry_key(d):
@@ -743,6 +744,11 @@ class _Handler(BaseHTTPRequestHandler):
             api.log.append((time.time(), method, url.path, 400))
             return self._send(400, _status(400, "BadRequest", f"body is not JSON: {e}"))
         content_type = (self.headers.get("Content-Type") or "").split(";")[0].strip() or None
+        if content_type == "application/apply-patch+yaml" and b"\\/" in raw:
+            # The API server reads an apply patch as YAML 1.1 (go-yaml v2), which has no `\/` escape.
+            api.problems.append((method, url.path, ["apply body has JSON's \\/ escape, which YAML 1.1 refuses"]))
+            api.log.append((time.time(), method, url.path, 400))
+            return self._send(400, _status(400, "BadRequest", "error decoding YAML: found unknown escape character"))
         code, result = api.handle(method, url.path, parse_qs(url.query), body, content_type)
         api.log.append((time.time(), method, url.path + ("?" + url.query if url.query else ""), code))
         if isinstance(result, dict):

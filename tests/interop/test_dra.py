@@ -76,7 +76,7 @@ def claim_uid():
             return uid
 
 
-def make_claim(namespace, name, uid, results, allocated=True):
+def make_claim(namespace, name, uid, results, allocated=True, allocated_at="2026-11-30T12:00:00Z"):
     """A resource.k8s.io/v1 ResourceClaim; results: [(request, device)] or [(request, device, driver, pool)]."""
     results = [r if len(r) == 4 else (r[0], r[1], DRIVER, NODE) for r in results]
     requests = {}
@@ -95,7 +95,7 @@ def make_claim(namespace, name, uid, results, allocated=True):
                 "devices": {"results": [{"request": r, "device": d, "driver": drv, "pool": p} for r, d, drv, p in results]},
                 "nodeSelector": {"nodeSelectorTerms": [{"matchFields": [
                     {"key": "metadata.name", "operator": "In", "values": [NODE]}]}]},
-                "allocationTimestamp": "2026-11-30T12:00:00Z",
+                "allocationTimestamp": allocated_at,
             },
             "reservedFor": [{"resource": "pods", "name": f"{name}-pod", "uid": str(uuid.uuid4())}],
         }
@@ -682,6 +682,13 @@ def test_prepare_and_unprepare_in_batches(rig):
     stale = kubelet.prepare([a])
     assert stale[a.uid].error and not stale[a.uid].devices
     assert vf[0] not in rig.owners() and not rig.spec_path(a).exists()
+    # The same claim deallocated and allocated again later (a standalone claim another pod uses):
+    # a new allocation, prepared; unprepared again, its own stale retry is refused in turn.
+    api.put_claim(make_claim(a.namespace, a.name, a.uid, [("vf", device_name(vf[0]))], allocated_at="2026-11-30T12:30:00Z"))
+    assert prepared(kubelet.prepare([a]), a) == expected[a.uid]
+    assert rig.owners()[vf[0]] == a.owner and rig.spec_path(a).exists()
+    assert {uid: r.error for uid, r in kubelet.unprepare([a]).items()} == {a.uid: ""}
+    assert kubelet.prepare([a])[a.uid].error and vf[0] not in rig.owners()
     rig.assert_api_clean()
 
 
