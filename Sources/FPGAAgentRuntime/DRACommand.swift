@@ -64,6 +64,26 @@ struct DRACommand: AsyncParsableCommand {
 
     var namespace: String { String(claim.split(separator: "/")[0]) }
     var name: String { String(claim.split(separator: "/")[1]) }
+
+    /// Calls the v1 plugin service on the claim's socket with this claim as the kubelet names it.
+    func call<Result: Sendable>(
+      _ options: ConfigOptions,
+      _ body: (
+        K8s_Io_Kubelet_Pkg_Apis_Dra_V1_DRAPlugin.Client<HTTP2ClientTransport.Posix>,
+        [K8s_Io_Kubelet_Pkg_Apis_Dra_V1_Claim]
+      )
+        async throws -> Result
+    ) async throws -> Result {
+      let socket = try socket ?? DRACommand.settings(options).pluginSocket
+      let claims = [
+        K8s_Io_Kubelet_Pkg_Apis_Dra_V1_Claim.with {
+          $0.namespace = namespace; $0.name = name; $0.uid = uid
+        }
+      ]
+      return try await DRACommand.withClient(socket: socket) { client in
+        try await body(K8s_Io_Kubelet_Pkg_Apis_Dra_V1_DRAPlugin.Client(wrapping: client), claims)
+      }
+    }
   }
 
   struct Info: AsyncParsableCommand {
@@ -91,17 +111,8 @@ struct DRACommand: AsyncParsableCommand {
     @OptionGroup var claim: Claim
 
     func run() async throws {
-      let settings = try DRACommand.settings(options)
-      let request = K8s_Io_Kubelet_Pkg_Apis_Dra_V1_NodePrepareResourcesRequest.with {
-        $0.claims = [
-          .with {
-            $0.namespace = claim.namespace; $0.name = claim.name; $0.uid = claim.uid
-          }
-        ]
-      }
-      let response = try await DRACommand.withClient(socket: claim.socket ?? settings.pluginSocket) { client in
-        try await K8s_Io_Kubelet_Pkg_Apis_Dra_V1_DRAPlugin.Client(wrapping: client).nodePrepareResources(
-          request, options: DRACommand.callOptions)
+      let response = try await claim.call(options) { plugin, claims in
+        try await plugin.nodePrepareResources(.with { $0.claims = claims }, options: DRACommand.callOptions)
       }
       guard let result = response.claims[claim.uid] else {
         printError("error: the driver answered nothing for claim \(claim.uid)")
@@ -127,17 +138,8 @@ struct DRACommand: AsyncParsableCommand {
     @OptionGroup var claim: Claim
 
     func run() async throws {
-      let settings = try DRACommand.settings(options)
-      let request = K8s_Io_Kubelet_Pkg_Apis_Dra_V1_NodeUnprepareResourcesRequest.with {
-        $0.claims = [
-          .with {
-            $0.namespace = claim.namespace; $0.name = claim.name; $0.uid = claim.uid
-          }
-        ]
-      }
-      let response = try await DRACommand.withClient(socket: claim.socket ?? settings.pluginSocket) { client in
-        try await K8s_Io_Kubelet_Pkg_Apis_Dra_V1_DRAPlugin.Client(wrapping: client).nodeUnprepareResources(
-          request, options: DRACommand.callOptions)
+      let response = try await claim.call(options) { plugin, claims in
+        try await plugin.nodeUnprepareResources(.with { $0.claims = claims }, options: DRACommand.callOptions)
       }
       let error = response.claims[claim.uid]?.error ?? "the driver answered nothing for claim \(claim.uid)"
       guard error.isEmpty else {
