@@ -246,7 +246,9 @@ def test_the_orchestrator_link_over_mtls_runs_commands_with_its_role(pki):
             os.mkdir(operator_dir)
             agent = start_agent(operator_dir, config_text=_link_config(pki, port))
             try:
-                orchestrator.wait(lambda v: any(n.connected for n in v.nodes), "the agent connected over mTLS")
+                # Connected and its inventory reported (the placement needs its free VFs).
+                orchestrator.wait(lambda v: any(n.connected and n.vfs_free > 0 for n in v.nodes),
+                                  "the agent connected over mTLS")
                 placed = orchestrator.stub.PlaceVF(opb.PlaceVFRequest(guest="g-1", request_id="r1"), timeout=30)
                 assert placed.allocation_id.startswith("alloc-")
                 line = next(l for l in _audit(agent) if l["transport"] == "link")
@@ -268,7 +270,7 @@ def test_the_orchestrator_link_over_mtls_runs_commands_with_its_role(pki):
                 # The same node id as the first agent: wait for this agent's own connection (the
                 # orchestrator may not yet have noticed that the first one's stream ended).
                 orchestrator.wait(lambda v: any(n.connected and n.node_id == "interop" and n.connections >= 2
-                                                for n in v.nodes), "the viewer agent connected")
+                                                and n.vfs_free > 0 for n in v.nodes), "the viewer agent connected")
                 code, details = code_of(lambda: orchestrator.stub.PlaceVF(
                     opb.PlaceVFRequest(guest="g-2", request_id="r2"), timeout=30))
                 assert code == grpc.StatusCode.PERMISSION_DENIED and "needs role operator" in details, details
