@@ -323,6 +323,28 @@ extension Fpga_Agent_V1_NodeStatus {
       $0.connections = status.link.connections
       $0.acknowledgedRevision = status.link.acknowledgedRevision
     }
+    if let report = status.layoutRestore { layoutRestore = .init(report) }
+  }
+}
+
+extension Fpga_Agent_V1_LayoutRestore {
+  init(_ report: LayoutRestoreReport) {
+    self.init()
+    bootID = report.bootID ?? ""
+    rebooted = report.rebooted
+    enabled = report.enabled
+    pfs = report.pfs.map { entry in
+      .with {
+        $0.pfBdf = entry.pf.description
+        $0.foundVfs = UInt32(clamping: entry.found)
+        $0.recordedVfs = UInt32(clamping: entry.recorded)
+        $0.operationID = entry.operationID ?? ""
+        $0.result = entry.result.rawValue
+        $0.error = entry.error ?? ""
+        $0.allocationsKept = UInt32(clamping: entry.allocationsKept)
+        $0.vfsBound = UInt32(clamping: entry.vfsBound)
+      }
+    }
   }
 }
 

@@ -178,11 +178,9 @@ public struct NodeAgentService: Fpga_Agent_V1_NodeAgent.SimpleServiceProtocol {
   ) async throws -> Fpga_Agent_V1_DetachVFResponse {
     var timeout = defaultDetachTimeout
     if request.hasTimeout {
-      let seconds = Double(request.timeout.seconds) + Double(request.timeout.nanos) / 1e9
-      guard seconds > 0, seconds <= 600 else {
-        throw AgentError(.invalidArgument, "timeout must be between 0 and 600 seconds")
-      }
-      timeout = .milliseconds(Int64(seconds * 1000))
+      timeout = try Validate.duration(
+        seconds: request.timeout.seconds, nanos: request.timeout.nanos, field: "timeout", in: Bounds.detachTimeout,
+        rangeText: Bounds.detachTimeoutText)
     }
     let command = DetachRequest(
       meta: try RequestMeta(request.meta),
@@ -214,9 +212,8 @@ public struct NodeAgentService: Fpga_Agent_V1_NodeAgent.SimpleServiceProtocol {
     case .UNRECOGNIZED(let value):
       throw AgentError(.invalidArgument, "strategy \(value) is not a known ReconfigureStrategy")
     }
-    guard request.vfCount <= 4096 else {
-      throw AgentError(.invalidArgument, "vf_count \(request.vfCount) is beyond any PF's total_vfs")
-    }
+    _ = try Validate.number(
+      request.vfCount, field: "vf_count", in: Bounds.vfCount, note: "no PF has more VFs; its total_vfs is the limit")
     let record = try await engine.reconfigure(
       ReconfigureRequest(meta: meta, pf: pf, count: Int(request.vfCount), strategy: strategy, dryRun: request.dryRun))
     logger.info(
@@ -278,6 +275,10 @@ public struct NodeAgentService: Fpga_Agent_V1_NodeAgent.SimpleServiceProtocol {
     request: Fpga_Agent_V1_RegisterContextRequest, context: ServerContext
   ) async throws -> Fpga_Agent_V1_RegisterContextResponse {
     let given = request.context
+    _ = try Validate.number(given.weight, field: "context.weight", in: 0...Bounds.weight.upperBound, note: "0 means 1")
+    _ = try Validate.number(
+      given.savedStateBytes, field: "context.saved_state_bytes", in: Bounds.savedStateBytes,
+      note: "256 MiB: what one context switch may move")
     let (record, replayed) = try await engine.registerContext(
       .init(
         meta: try RequestMeta(request.meta), acceleratorID: given.acceleratorID, guest: given.guest,
@@ -339,12 +340,28 @@ public struct NodeAgentService: Fpga_Agent_V1_NodeAgent.SimpleServiceProtocol {
     request: Fpga_Agent_V1_SetSharingPolicyRequest, context: ServerContext
   ) async throws -> Fpga_Agent_V1_SetSharingPolicyResponse {
     let given = request.policy
-    guard given.hasTimeSlice, given.timeSlice.seconds >= 0, given.timeSlice.nanos >= 0 else {
-      throw AgentError(.invalidArgument, "policy.time_slice is required (a positive duration, e.g. 10 ms)")
+    // Every number is checked here, before the engine computes anything from it (its
+    // idempotency fingerprint included).
+    guard given.hasTimeSlice else {
+      throw AgentError(
+        .invalidArgument, "policy.time_slice is required: \(Bounds.timeSliceText), e.g. {nanos: 10000000} for 10 ms")
     }
-    let slice = Duration.seconds(given.timeSlice.seconds) + .nanoseconds(Int64(given.timeSlice.nanos))
-    let policy = TimeSharingScheduler.Policy(
-      slice: slice, weights: given.weights, overcommitLimit: Int(min(given.overcommitLimit, 10_000)))
+    let slice = try Validate.duration(
+      seconds: given.timeSlice.seconds, nanos: given.timeSlice.nanos, field: "policy.time_slice",
+      in: Bounds.timeSlice, rangeText: Bounds.timeSliceText)
+    let limit = try Validate.number(
+      given.overcommitLimit, field: "policy.overcommit_limit", in: Bounds.overcommitLimit, note: "guests")
+    guard given.weights.count <= Bounds.weightEntries else {
+      throw AgentError(
+        .invalidArgument, "policy.weights has \(given.weights.count) entries: at most \(Bounds.weightEntries)")
+    }
+    for (guest, weight) in given.weights.sorted(by: { $0.key < $1.key }) {
+      guard try Validate.vmName(guest, field: "policy.weights key") != nil else {
+        throw AgentError(.invalidArgument, "policy.weights has an empty guest name")
+      }
+      _ = try Validate.number(weight, field: "policy.weights[\(guest)]", in: Bounds.weight)
+    }
+    let policy = TimeSharingScheduler.Policy(slice: slice, weights: given.weights, overcommitLimit: Int(limit))
     let applied = try await engine.setSharingPolicy(
       acceleratorID: given.acceleratorID, policy: policy, meta: try RequestMeta(request.meta))
     logger.info("sharing policy set", metadata: ["fpga.accelerator": "\(given.acceleratorID)"])
@@ -369,9 +386,7 @@ public struct NodeAgentService: Fpga_Agent_V1_NodeAgent.SimpleServiceProtocol {
   public func getAuditTrail(
     request: Fpga_Agent_V1_GetAuditTrailRequest, context: ServerContext
   ) async throws -> Fpga_Agent_V1_GetAuditTrailResponse {
-    guard request.limit <= 10_000 else {
-      throw AgentError(.invalidArgument, "limit \(request.limit) is over 10000")
-    }
+    _ = try Validate.number(request.limit, field: "limit", in: Bounds.auditLimit, note: "0 means 100")
     guard let auditTrail else {
       throw AgentError(.failedPrecondition, "this agent keeps no audit trail")
     }
@@ -382,12 +397,28 @@ public struct NodeAgentService: Fpga_Agent_V1_NodeAgent.SimpleServiceProtocol {
     }
   }
 
-  private func numaNode(_ value: Int32) throws(AgentError) -> Int {
-    guard (0...1023).contains(value) else {
-      throw AgentError(
-        .invalidArgument, "constraints.numa_node \(value) is out of range: NUMA nodes are 0-1023")
+  // MARK: Device health
+
+  public func clearDeviceHealth(
+    request: Fpga_Agent_V1_ClearDeviceHealthRequest, context: ServerContext
+  ) async throws -> Fpga_Agent_V1_ClearDeviceHealthResponse {
+    let meta = try RequestMeta(request.meta)
+    let device = try PCIAddress.parse(request.device, field: "device")
+    let reason = try Validate.healthClearReason(request.reason)
+    let (health, revision, replayed) = try await engine.clearHealth(device, reason: reason, meta: meta)
+    if !replayed {
+      logger.notice(
+        "device health cleared", metadata: ["fpga.device": "\(device)", "fpga.reason": "\(reason)"])
     }
-    return Int(value)
+    return .with {
+      $0.health = .init(health)
+      $0.revision = revision
+      $0.replayed = replayed
+    }
+  }
+
+  private func numaNode(_ value: Int32) throws(AgentError) -> Int {
+    Int(try Validate.number(value, field: "constraints.numa_node", in: Bounds.numaNode, note: "NUMA nodes"))
   }
 }
 

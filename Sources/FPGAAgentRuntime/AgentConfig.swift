@@ -141,6 +141,16 @@ public struct AgentConfig: Hashable, Sendable {
 
   public var health = Health()
 
+  public var layout = Layout()
+
+  /// What the agent does with the VF layouts it recorded (see `PFLayout`).
+  public struct Layout: Hashable, Sendable {
+    /// Re-create recorded layouts after a host reboot.
+    public var restoreOnBoot = true
+    /// The kernel's boot id (linux platform).
+    public var bootIDFile = "/proc/sys/kernel/random/boot_id"
+  }
+
   /// Device health thresholds.
   public struct Health: Hashable, Sendable {
     /// Correctable AER errors per minute above which a device is degraded.
@@ -276,11 +286,17 @@ public struct AgentConfig: Hashable, Sendable {
       public var reconfigurationFenceSeconds = 10
     }
 
+    /// Explicit settings override the kubeconfig's; without either, the pod's (in-cluster).
     public struct API: Hashable, Sendable {
-      /// `https://HOST:PORT`; empty: KUBERNETES_SERVICE_HOST/PORT.
+      /// `https://HOST:PORT`; empty: the kubeconfig's, else KUBERNETES_SERVICE_HOST/PORT.
       public var server = ""
-      public var tokenFile = "/var/run/secrets/kubernetes.io/serviceaccount/token"
-      public var caFile = "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt"
+      /// Empty: the kubeconfig user's, else the service account's.
+      public var tokenFile = ""
+      public var caFile = ""
+      /// A kubeconfig file (the first of `KUBECONFIG`'s list); empty: none.
+      public var kubeconfig = ""
+      /// The kubeconfig's context; empty: its current-context.
+      public var context = ""
     }
   }
 
@@ -394,7 +410,10 @@ public struct AgentConfig: Hashable, Sendable {
       if !(1...1000).contains(workload.weight) { problems.append("\(key).weight must be 1-1000") }
       if !(1...60_000).contains(workload.intervalMilliseconds) { problems.append("\(key).interval_ms must be 1-60000") }
       if !(1...60_000).contains(workload.jobMilliseconds) { problems.append("\(key).job_ms must be 1-60000") }
-      if workload.stateBytes < 0 { problems.append("\(key).state_bytes must be 0 or more") }
+      if !(0...Int(ContextLimits.savedStateBytes)).contains(workload.stateBytes) {
+        problems.append(
+          "\(key).state_bytes \(workload.stateBytes) is out of range: 0-\(ContextLimits.savedStateBytes) (256 MiB)")
+      }
     }
     var acceleratorIDs = Set<String>()
     for (index, accelerator) in linux.accelerators.enumerated() {
@@ -425,6 +444,11 @@ public struct AgentConfig: Hashable, Sendable {
       }
       if !kubernetes.api.server.isEmpty, !kubernetes.api.server.hasPrefix("https://") {
         problems.append("kubernetes.api.server \(quoted(kubernetes.api.server)) must be an https:// URL")
+      }
+      if !kubernetes.api.context.isEmpty, kubernetes.api.kubeconfig.isEmpty {
+        problems.append(
+          "kubernetes.api.context \(quoted(kubernetes.api.context)) chooses a context, but no kubeconfig is given (kubernetes.api.kubeconfig, --kubeconfig, KUBECONFIG)"
+        )
       }
     }
     if kubernetes.devicePlugin {

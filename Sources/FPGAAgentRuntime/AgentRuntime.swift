@@ -62,7 +62,7 @@ public final class AgentRuntime: Sendable {
       platform = SimulatedPlatform(node: node)
     default:
       simulatedNode = nil
-      platform = try Self.linuxPlatform(config.linux)
+      platform = try Self.linuxPlatform(config.linux, bootIDFile: config.layout.bootIDFile)
     }
     var hypervisor: (any Hypervisor)?
     if !config.qemu.isConfigured, let simulatedNode, !config.simulator.vms.isEmpty {
@@ -209,19 +209,17 @@ public final class AgentRuntime: Sendable {
     }
     if config.kubernetes.dra.enabled {
       let settings = config.draSettings(nodeID: nodeID)
-      // The server from the configuration, else the pod's environment; the token and CA from
-      // the configuration (their defaults are the service account's).
-      let server =
-        config.kubernetes.api.server.isEmpty
-        ? KubernetesAPISettings.inCluster(environment: SystemCalls.environment())?.server : config.kubernetes.api.server
-      let apiSettings = server.map {
-        KubernetesAPISettings(
-          server: $0, tokenFile: config.kubernetes.api.tokenFile, caFile: config.kubernetes.api.caFile)
-      }
+      // Explicit settings over a kubeconfig's, else the pod's service account.
+      let given = config.kubernetes.api
+      let kubeconfig = try given.kubeconfig.isEmpty ? nil : Kubeconfig.load(path: given.kubeconfig)
+      let apiSettings = try KubernetesAPISettings.resolve(
+        explicit: .init(server: given.server, tokenFile: given.tokenFile, caFile: given.caFile), kubeconfig: kubeconfig,
+        context: given.context.isEmpty ? nil : given.context, environment: SystemCalls.environment())
+      if let apiSettings { logger.info("DRA: Kubernetes API \(apiSettings.summary)") }
       let api = try apiSettings.map { try KubernetesAPI(settings: $0) }
       if api == nil {
         logger.warning(
-          "DRA: no Kubernetes API (kubernetes.api.server, or in-cluster): claims cannot be prepared, slices are not published"
+          "DRA: no Kubernetes API (kubernetes.api.kubeconfig or server, or in-cluster): claims cannot be prepared, slices are not published"
         )
       }
       let node = engine
@@ -300,6 +298,21 @@ public final class AgentRuntime: Sendable {
           revision: ended.revision))
     }
     let persisted = try await engine.restore()
+    let restored = await engine.restoreLayouts(persisted, enabled: config.layout.restoreOnBoot)
+    if restored.rebooted {
+      logger.notice("\(restored.summary)")
+      for entry in restored.pfs {
+        let request =
+          #"{"pfBdf":\#(WebAPI.quote(entry.pf.description)),"foundVfs":\#(entry.found),"recordedVfs":\#(entry.recorded),"#
+          + #""operationId":\#(WebAPI.quote(entry.operationID ?? "")),"allocationsKept":\#(entry.allocationsKept),"#
+          + #""vfsBound":\#(entry.vfsBound),"result":\#(WebAPI.quote(entry.result.rawValue))}"#
+        audit.append(
+          AuditEntry(
+            identity: "agent", transport: "platform", rpc: "LayoutRestored", request: request,
+            status: entry.result == .restored ? "ok" : (entry.result == .skipped ? "skipped" : "failed"),
+            revision: await engine.revision))
+      }
+    }
     try await engine.rescan()
     for id in await engine.recover(from: persisted) {
       logger.warning("taking up an operation left unfinished by the last run", metadata: ["fpga.operation": "\(id)"])
@@ -352,10 +365,12 @@ public final class AgentRuntime: Sendable {
   }
 
   /// The Linux platform on the configured roots.
-  public static func linuxPlatform(_ linux: AgentConfig.Linux) throws -> LinuxPlatform {
+  public static func linuxPlatform(
+    _ linux: AgentConfig.Linux, bootIDFile: String = "/proc/sys/kernel/random/boot_id"
+  ) throws -> LinuxPlatform {
     let sysfs: LinuxSysfs
     do {
-      sysfs = try LinuxSysfs(root: linux.sysfsRoot, devRoot: linux.devRoot)
+      sysfs = try LinuxSysfs(root: linux.sysfsRoot, devRoot: linux.devRoot, bootIDPath: bootIDFile)
     } catch {
       throw ConfigError(problems: ["linux.sysfs_root \(quoted(linux.sysfsRoot)) cannot be opened: \(error)"])
     }

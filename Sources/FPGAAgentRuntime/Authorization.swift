@@ -43,6 +43,7 @@ enum Permissions {
     for method in [
       Method.Reconfigure.descriptor, Method.DrainDevice.descriptor, Method.UndrainDevice.descriptor,
       Method.SetSharingPolicy.descriptor, Method.Rescan.descriptor, Method.GetAuditTrail.descriptor,
+      Method.ClearDeviceHealth.descriptor,
     ] {
       table[method.fullyQualifiedMethod] = .admin
     }

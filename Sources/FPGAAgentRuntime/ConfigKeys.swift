@@ -261,6 +261,14 @@ public enum ConfigKeys {
         "correctable AER errors per minute above which a device is degraded"),
       .bool(
         "health.drain_on_fatal", \.health.drainOnFatal, "drain a PF when it reports an uncorrectable fatal error"),
+      // Layouts.
+      .bool(
+        "layout.restore_on_boot", \.layout.restoreOnBoot, env: "FPGA_AGENT_LAYOUT_RESTORE_ON_BOOT",
+        "after a host reboot (the kernel's boot id changed), re-create each managed PF's recorded VF layout (VF count, qdma/qmax, allocated VFs bound to vfio-pci) before reconciling, so allocations keep their VFs; off: the PFs stay as found and allocations on missing VFs end"
+      ),
+      .string(
+        "layout.boot_id_file", \.layout.bootIDFile, env: "FPGA_AGENT_BOOT_ID_FILE", absolutePath: true,
+        "where the linux platform reads the kernel's boot id"),
       // The Linux platform.
       .string(
         "linux.sysfs_root", \.linux.sysfsRoot, env: "FPGA_AGENT_SYSFS_ROOT", flags: ["--sysfs-root"],
@@ -445,16 +453,32 @@ public enum ConfigKeys {
         "kubernetes.dra.reconfiguration_fence_seconds", \.kubernetes.dra.reconfigurationFenceSeconds, 0...300,
         "how long a reconfiguration waits for its VFs' `NoSchedule` taints to reach the API server before its first step; 0: it does not wait"
       ),
+      .custom(
+        "kubernetes.api.kubeconfig", \.kubernetes.api.kubeconfig, type: "path", flags: ["--kubeconfig"],
+        env: "KUBECONFIG", default: "none (in-cluster)",
+        "a kubeconfig: the server, CA, token or client certificate of its current context (\"The Kubernetes API\"); of `KUBECONFIG`'s colon-separated list only the first file is read. The other `kubernetes.api` keys override its fields",
+        read: { reader, value, path in reader.string(value, path) },
+        parse: { text, config in
+          config.kubernetes.api.kubeconfig = text.split(separator: ":").first.map(String.init) ?? ""
+          return nil
+        },
+        show: { $0 }),
+      .string(
+        "kubernetes.api.context", \.kubernetes.api.context, flags: ["--kube-context"],
+        default: "the kubeconfig's `current-context`", "the kubeconfig's context to use"),
       .string(
         "kubernetes.api.server", \.kubernetes.api.server, flags: ["--kube-api-server"],
-        default: "in-cluster (`KUBERNETES_SERVICE_HOST`, `KUBERNETES_SERVICE_PORT`)",
+        default: "the kubeconfig's, else in-cluster (`KUBERNETES_SERVICE_HOST`, `KUBERNETES_SERVICE_PORT`)",
         "the API server, `https://HOST:PORT`"),
       .string(
-        "kubernetes.api.token_file", \.kubernetes.api.tokenFile, flags: ["--kube-token-file"], absolutePath: true,
+        "kubernetes.api.token_file", \.kubernetes.api.tokenFile, flags: ["--kube-token-file"],
+        default: "the kubeconfig user's, else `/var/run/secrets/kubernetes.io/serviceaccount/token`",
+        absolutePath: true,
         "the bearer token (read again for each request: bound tokens rotate)"),
       .string(
-        "kubernetes.api.ca_file", \.kubernetes.api.caFile, flags: ["--kube-ca-file"], absolutePath: true,
-        "the CA the server's certificate must chain to"),
+        "kubernetes.api.ca_file", \.kubernetes.api.caFile, flags: ["--kube-ca-file"],
+        default: "the kubeconfig cluster's, else `/var/run/secrets/kubernetes.io/serviceaccount/ca.crt`",
+        absolutePath: true, "the CA the server's certificate must chain to"),
     ]
   }
 

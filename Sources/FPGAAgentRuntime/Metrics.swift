@@ -131,6 +131,18 @@ final class AgentMetrics: Sendable {
     }
     state.gauge(name: "fpga_node_problems", help: "Problems the node reports (unreadable devices, missing IOMMU, ...).")
       .set(Double(status.capabilities.problems.count))
+    if let restore = status.layoutRestore {
+      state.gauge(
+        name: "fpga_host_rebooted_at_start",
+        help: "1 when the host had rebooted since the agent's previous run (its boot id changed), else 0."
+      ).set(restore.rebooted ? 1.0 : 0.0)
+      for result in [LayoutRestoreReport.Result.restored, .failed, .skipped, .running] {
+        state.gauge(
+          name: "fpga_layout_restore_pfs", labels: [("result", result.rawValue)],
+          help: "PFs whose recorded VF layout the agent restored (or failed to, or skipped) after the last reboot."
+        ).set(Double(restore.pfs.filter { $0.result == result }.count))
+      }
+    }
     state.gauge(name: "fpga_agent_watchers", help: "Open inventory watch streams.").set(Double(status.watchers))
     state.counter(
       name: "fpga_agent_watcher_cutoffs_total",

@@ -110,22 +110,114 @@ public struct HealthPolicy: Hashable, Sendable {
   }
 }
 
-/// Turns readings into health, remembering what it needs across scans: the counters at the
-/// first scan (errors are counted from there: a device that logged errors before the agent
-/// started is judged by what it does now, and the figures say so), the last counters and their
-/// time (rates), and since when each reason holds.
+/// Uncorrectable errors a device had logged before the agent first saw it: not counted against
+/// it as new errors (it may have been reset or repaired since), but not forgotten either: the
+/// device is degraded with the figures until an operator clears them or it is re-enumerated.
+public struct HealthHistory: Hashable, Sendable, Codable {
+  public var fatal: UInt64
+  public var nonfatal: UInt64
+  /// When the agent first saw the device with them.
+  public var seenAt: WallTime
+
+  public init(fatal: UInt64, nonfatal: UInt64, seenAt: WallTime) {
+    self.fatal = fatal
+    self.nonfatal = nonfatal
+    self.seenAt = seenAt
+  }
+}
+
+/// What the agent remembers of one device's health, kept in the state store so a judgement
+/// survives a restart: the counters errors are counted from (`baseline`), the last readings and
+/// their time (rates; a counter lower than its last reading means the device was re-enumerated
+/// and is judged afresh), since when each reason holds, the judgement itself, and the errors it
+/// had before the agent first saw it.
+public struct HealthMemory: Hashable, Sendable, Codable {
+  public var address: PCIAddress
+  public var baseline: HealthReadings
+  public var last: HealthReadings
+  public var lastAt: WallTime
+  public var since: [String: WallTime] = [:]
+  public var health = DeviceHealth()
+  public var history: HealthHistory?
+  /// Set by an operator's clear: who cleared it, why and when (kept for the record).
+  public var cleared: String?
+
+  public init(address: PCIAddress, baseline: HealthReadings, last: HealthReadings, lastAt: WallTime) {
+    self.address = address
+    self.baseline = baseline
+    self.last = last
+    self.lastAt = lastAt
+  }
+
+  /// The part worth writing: the readings' time changes at every scan and is left out.
+  var durable: HealthMemory {
+    var copy = self
+    copy.lastAt = WallTime(seconds: 0)
+    return copy
+  }
+
+  /// Some uncorrectable counter is below its last reading: AER counters only reset when the
+  /// device is enumerated again (a reboot, a remove and rescan, a VF re-created).
+  func isReset(by readings: HealthReadings) -> Bool {
+    func lower(_ now: UInt64?, _ before: UInt64?) -> Bool {
+      guard let now, let before else { return false }
+      return now < before
+    }
+    return lower(readings.fatalErrors, last.fatalErrors) || lower(readings.nonfatalErrors, last.nonfatalErrors)
+      || lower(readings.correctableErrors, last.correctableErrors)
+  }
+}
+
+/// Turns readings into health, remembering what it needs across scans and, through the state
+/// store, across restarts (`HealthMemory`): errors are counted from the counters at the first
+/// scan; a device first seen with uncorrectable errors already logged is degraded with their
+/// figures ("aer-history") until cleared; a device whose counters went down was re-enumerated
+/// and is judged afresh.
 public struct HealthTracker: Sendable {
   public var policy: HealthPolicy
-  private struct Memory: Sendable {
-    var baseline: HealthReadings
-    var last: HealthReadings
-    var lastAt: WallTime
-    var since: [String: WallTime] = [:]
-    var health = DeviceHealth()
-  }
-  private var memory: [PCIAddress: Memory] = [:]
+  private var memory: [PCIAddress: HealthMemory] = [:]
+  /// What the store holds (as `durable`), to write only what changed.
+  private var saved: [PCIAddress: HealthMemory] = [:]
 
   public init(policy: HealthPolicy = HealthPolicy()) { self.policy = policy }
+
+  /// Takes back what the store kept (at start-up, before the first scan).
+  public mutating func restore(_ memories: [HealthMemory]) {
+    for entry in memories {
+      memory[entry.address] = entry
+      saved[entry.address] = entry.durable
+    }
+  }
+
+  /// What the store must learn: memories that changed since the last save, and devices forgotten.
+  public func unsaved() -> (put: [HealthMemory], delete: [PCIAddress]) {
+    let put = memory.values.filter { saved[$0.address] != $0.durable }.sorted { $0.address < $1.address }
+    let delete = saved.keys.filter { memory[$0] == nil }.sorted()
+    return (put, delete)
+  }
+
+  /// The store has `put` and no longer has `delete`.
+  public mutating func markSaved(put: [HealthMemory], delete: [PCIAddress]) {
+    for entry in put { saved[entry.address] = entry.durable }
+    for address in delete where memory[address] == nil { saved[address] = nil }
+  }
+
+  /// The remembered state of a device (nil: never assessed, or forgotten).
+  public func memory(of address: PCIAddress) -> HealthMemory? { memory[address] }
+
+  /// An operator's clear: the counters read last become the baseline, the errors logged before
+  /// the agent saw the device are accepted, and every reason starts afresh at the next
+  /// assessment. Returns false when the device has no memory (never assessed).
+  public mutating func clear(_ address: PCIAddress, note: String) -> Bool {
+    guard var entry = memory[address] else { return false }
+    entry.baseline = entry.last
+    entry.history = nil
+    entry.since = [:]
+    entry.health = DeviceHealth(state: .healthy, reasons: [], since: entry.lastAt)
+    entry.cleared = note
+    memory[address] = entry
+    return true
+  }
 
   /// The device's health from this scan's `readings` (nil: the platform reads no health, as the
   /// simulated node) and the facts the inventory already knows.
@@ -138,12 +230,35 @@ public struct HealthTracker: Sendable {
   ) -> DeviceHealth {
     var found: [(kind: String, state: State, detail: String)] = []
     typealias State = DeviceHealth.State
+    if let readings, let known = memory[address], known.isReset(by: readings) {
+      memory[address] = nil  // re-enumerated: a new device as far as its counters go
+    }
+    let known = memory[address] != nil
     var entry =
-      memory[address] ?? Memory(baseline: readings ?? HealthReadings(), last: readings ?? HealthReadings(), lastAt: now)
+      memory[address]
+      ?? {
+        var fresh = HealthMemory(
+          address: address, baseline: readings ?? HealthReadings(), last: readings ?? HealthReadings(), lastAt: now)
+        let fatal = readings?.fatalErrors ?? 0
+        let nonfatal = readings?.nonfatalErrors ?? 0
+        if fatal > 0 || nonfatal > 0 { fresh.history = HealthHistory(fatal: fatal, nonfatal: nonfatal, seenAt: now) }
+        return fresh
+      }()
     if unreadable {
       found.append(("unreadable", .unhealthy, "its sysfs attributes cannot be read"))
     } else if noIOMMUGroup {
       found.append(("no-iommu-group", .unhealthy, "no IOMMU group: it cannot be passed through"))
+    }
+    if let history = entry.history {
+      let figures = [
+        history.fatal > 0 ? "\(history.fatal) uncorrectable fatal" : nil,
+        history.nonfatal > 0 ? "\(history.nonfatal) uncorrectable non-fatal" : nil,
+      ].compactMap { $0 }.joined(separator: " and ")
+      found.append(
+        (
+          "aer-history", .degraded,
+          "\(figures) error\(history.fatal + history.nonfatal == 1 ? "" : "s") (AER) logged before the agent first saw it at \(history.seenAt); `fpgactl health clear` accepts them"
+        ))
     }
     if let readings {
       if readings.configAllOnes {
@@ -161,7 +276,7 @@ public struct HealthTracker: Sendable {
       if let correctable = readings.correctableErrors, let previous = entry.last.correctableErrors,
         correctable > previous
       {
-        let seconds = max(1, Double(now.seconds - entry.lastAt.seconds))
+        let seconds = max(1, Double(now.seconds.subtractingReportingOverflow(entry.lastAt.seconds).partialValue))
         let perMinute = Double(correctable - previous) * 60 / seconds
         if perMinute > policy.correctableErrorsPerMinute {
           found.append(
@@ -207,7 +322,7 @@ public struct HealthTracker: Sendable {
     let state = reasons.map(\.state).max() ?? .healthy
     let health = DeviceHealth(
       state: state, reasons: reasons,
-      since: state == entry.health.state && memory[address] != nil ? entry.health.since : now)
+      since: state == entry.health.state && known ? entry.health.since : now)
     entry.health = health
     memory[address] = entry
     return health
@@ -215,6 +330,15 @@ public struct HealthTracker: Sendable {
 
   /// A device that left the bus: forgotten, so a device that comes back starts afresh.
   public mutating func forget(_ address: PCIAddress) { memory[address] = nil }
+
+  /// Every device forgotten (the host rebooted: each was enumerated again).
+  public mutating func forgetAll() { memory = [:] }
+
+  /// Devices not in `present` forgotten (the first scan after a start: what left while the agent
+  /// was down comes back as a new device).
+  public mutating func forget(allBut present: Set<PCIAddress>) {
+    memory = memory.filter { present.contains($0.key) }
+  }
 
   /// "8.0 GT/s PCIe" → 8.0.
   static func gigatransfers(_ text: String) -> Double? {

@@ -276,6 +276,17 @@ public protocol NodePlatform: Sendable {
   ) async throws(AgentError)
   /// Who holds each of the PF's VFs open now (`/dev/vfio/N`), as "VF → holder" texts.
   func vfHolders(pf: PCIAddress) async -> [PCIAddress: String]
+  /// The kernel's id of the current boot (it changes at every host reboot); nil when unknown.
+  func bootID() async -> String?
+  /// Sets a QDMA PF's queue count (`qdma/qmax`), as recorded layouts restore it.
+  func setQueueCount(pf: PCIAddress, to qmax: Int) async throws(AgentError)
+}
+
+extension NodePlatform {
+  public func bootID() async -> String? { nil }
+  public func setQueueCount(pf: PCIAddress, to qmax: Int) async throws(AgentError) {
+    throw AgentError(.unimplemented, "this platform cannot set a PF's queue count")
+  }
 }
 
 /// A human-readable model name for a QDMA PF device id (`0x9PGL`: PF P, Gen G, lanes L).

@@ -44,6 +44,10 @@ extension NodeEngine {
       }
     }
     let present = Set(node.pfs.flatMap { [$0.function.address] + $0.vfs.map(\.address) })
+    if !healthPruned {
+      healthPruned = true
+      healthTracker.forget(allBut: present)
+    }
     // A VF that left is a new function when it comes back (a VF count change re-creates them):
     // it is judged from its own first reading then.
     for pf in state.pfAddresses {

@@ -110,8 +110,7 @@ extension NodeEngine {
   }
 
   /// Runs the operation's steps in a task of its own; `holder` holds the PF and its allocations.
-  private func begin(_ machine: ReconfigureMachine, holder: Reservations.Holder, faultsApply: Bool, fence: Bool = false)
-  {
+  func begin(_ machine: ReconfigureMachine, holder: Reservations.Holder, faultsApply: Bool, fence: Bool = false) {
     let pf = machine.journal.pf
     reconfiguring[pf] = machine.id
     reconfigurations[machine.id] = RunningReconfiguration(machine: machine, holder: holder)
@@ -141,6 +140,7 @@ extension NodeEngine {
       do {
         try reservations.take(resources, for: holder)
       } catch {
+        if reconfiguring[pf] == machine.id { reconfiguring[pf] = nil }
         noteDiscrepancy(
           "operation \(machine.id) could not reserve PF \(pf): \(error.message); it resumes at the next start")
         continue
@@ -328,10 +328,15 @@ extension NodeEngine {
       try await store.commit(edits.map(\.storeChange))
       apply(edits)
       await publishScan(changes(applying: node, verified: journal.pf))
+      restoreFailed.remove(journal.pf)
+      await saveLearned(verified: journal.pf)
       return []
     case .bind:
       guard let vf = action.vf else { return [] }
       _ = try await prepareForPassthrough(vf: vf)
+      return []
+    case .setQmax:
+      try await platform.setQueueCount(pf: journal.pf, to: action.count ?? 0)
       return []
     }
   }
@@ -409,6 +414,8 @@ public struct ReconfigureAction: Hashable, Sendable, Codable {
     case writeZero = "write-zero"
     case writeCount = "write-count"
     case release, verify, bind, resume, reattach, commit
+    /// A layout restore sets the PF's QDMA queue count before its VFs (`count` is the qmax).
+    case setQmax = "set-qmax"
 
     var isCountChange: Bool { self == .writeZero || self == .writeCount || self == .verify }
   }
@@ -449,6 +456,7 @@ public struct ReconfigureAction: Hashable, Sendable, Codable {
     case .resume: return "resume device \(allocation)\(on) in VM \(vm ?? "?")"
     case .reattach: return "re-attach \(allocation)\(on) to VM \(vm ?? "?")"
     case .commit: return "commit"
+    case .setQmax: return "write \(count.map(String.init) ?? "?") to qdma/qmax of \(pf)"
     }
   }
 }
@@ -461,6 +469,9 @@ public struct ReconfigureJournal: Hashable, Sendable, Codable {
   public var strategy: ReconfigureStrategy
   public var actions: [ReconfigureAction]
   public var rollingBack = false
+  /// A restore of a recorded layout: a restart rolls it forward whatever step it reached (there
+  /// is nothing to roll back to but a PF without its VFs).
+  public var forwardOnly: Bool?
 
   public init(pf: PCIAddress, from: Int, to: Int, strategy: ReconfigureStrategy, actions: [ReconfigureAction]) {
     self.pf = pf

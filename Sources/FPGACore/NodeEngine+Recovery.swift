@@ -38,6 +38,16 @@ extension NodeEngine {
               "allocation \(allocation.id) is plugged into VM \(found.vm) at \(fixed.rootPort ?? "?"): record updated")
             edits.append(.update(fixed))
           }
+        } else if hostRebooted, let vm = allocation.vm, !reachable.contains(vm) {
+          var fixed = allocation
+          fixed.attached = false
+          fixed.detaching = false
+          fixed.deviceID = nil
+          fixed.rootPort = nil
+          noteDiscrepancy(
+            "allocation \(allocation.id) was attached to VM \(vm), which does not run since the host rebooted: now unattached, its VF kept"
+          )
+          edits.append(.update(fixed))
         } else if let vm = allocation.vm, reachable.contains(vm) {
           var fixed = allocation
           fixed.attached = false
@@ -49,6 +59,23 @@ extension NodeEngine {
           )
           edits.append(.update(fixed))
         }
+      }
+    }
+    if hostRebooted, hypervisor == nil {
+      for allocation in state.allocations.values.sorted(by: { $0.id < $1.id })
+      where allocation.attached && reconfiguring[allocation.pf] == nil
+        && !reservations.isHeld(.allocation(allocation.id))
+        && !edits.contains(where: { if case .remove(let gone) = $0 { gone.id == allocation.id } else { false } })
+      {
+        var fixed = allocation
+        fixed.attached = false
+        fixed.detaching = false
+        fixed.deviceID = nil
+        fixed.rootPort = nil
+        noteDiscrepancy(
+          "allocation \(allocation.id) was attached to VM \(allocation.vm ?? "?") before the host rebooted: now unattached, its VF kept"
+        )
+        edits.append(.update(fixed))
       }
     }
     do {

@@ -58,6 +58,19 @@ public actor NodeEngine {
   var healthDrains: [String] = []
   /// Attached VFs no process holds open (VF → its VM), found at the last rescan (linux platform).
   var unheldAttachments: [PCIAddress: String] = [:]
+  /// Each managed PF's VF layout as the store has it (see `NodeEngine+Layouts.swift`).
+  var recordedLayouts: [PCIAddress: PFLayout] = [:]
+  /// PFs whose layout restore after a reboot failed: their record is kept, not overwritten by
+  /// the layout found, until the agent changes them.
+  var restoreFailed: Set<PCIAddress> = []
+  /// The host rebooted since the last run (its boot id changed).
+  var hostRebooted = false
+  /// What start-up found of the boot and restored.
+  var layoutReport: LayoutRestoreReport?
+  /// The steps of restores under way, to count what they did.
+  var reconfigureActions: [String: [ReconfigureAction]] = [:]
+  /// Whether the first scan has dropped the health memories of devices no longer present.
+  var healthPruned = false
   /// Told of every operation that ends.
   var operationObserver: (@Sendable (OperationRecord) -> Void)?
   /// Told of every allocation the agent ends on its own (and of a later, better reason).
@@ -136,6 +149,7 @@ public actor NodeEngine {
   @discardableResult
   func publishScan(_ changes: [InventoryChange]) async -> UInt64 {
     let revision = publish(changes)
+    await saveLearned()
     if !healthDrains.isEmpty {
       let drains = healthDrains
       healthDrains = []
@@ -188,10 +202,17 @@ public actor NodeEngine {
       found.problems.append(
         "PF \(address) has no driver bound: its VF count cannot change (bind its PF driver, qdma-pf on QDMA cards)")
     }
-    return NodeStatusValue(
+    var status = NodeStatusValue(
       nodeID: nodeID, startedAt: startedAt, now: clock.now(), revision: state.revision,
       counts: state.counts, capabilities: found, orchestratorEpoch: highestEpoch,
       watchers: broadcaster.watcherCount, link: link, findings: discrepancies)
+    status.layoutRestore = layoutReport
+    for entry in layoutReport?.pfs ?? [] where entry.result == .failed {
+      status.capabilities.problems.append(
+        "PF \(entry.pf)'s recorded layout (\(entry.recorded) VFs) could not be restored after the reboot: \(entry.error ?? "unknown error"); reconfigure it (`fpgactl reconfigure \(entry.pf) \(entry.recorded)`) once the cause is fixed"
+      )
+    }
+    return status
   }
 
   /// Starts a watch: a snapshot (revision 0 or too old) or the missed deltas, then every change.
@@ -428,6 +449,13 @@ public actor NodeEngine {
       changes += state.insert(allocation)
     }
     for record in persisted.idempotency { ledger.record(record) }
+    healthTracker.restore(Array(persisted.health.values))
+    // PFs an unfinished operation was changing: the first scan keeps their allocations until
+    // `recover` takes the operation up (its verify step decides what the PF has).
+    for operation in persisted.operations {
+      guard let journal = operation.journal, !operation.record.state.isTerminal else { continue }
+      reconfiguring[journal.pf] = operation.record.id
+    }
     highestEpoch = max(highestEpoch, persisted.epoch)
     pendingDrains = persisted.drains
     for operation in persisted.operations.suffix(operationLog.history) {
@@ -542,6 +570,8 @@ public struct NodeStatusValue: Hashable, Sendable {
   public var link: OrchestratorLinkStatus
   /// What reconciliation found and fixed, oldest first.
   public var findings: [String]
+  /// The host's boot and the layouts restored at start-up.
+  public var layoutRestore: LayoutRestoreReport?
 
   /// Serving when nothing is wrong, degraded when the platform reports problems but devices
   /// are managed, not serving when no device can be managed.

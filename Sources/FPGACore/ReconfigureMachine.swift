@@ -28,7 +28,7 @@ public struct ReconfigureMachine: Hashable, Sendable {
     guard let journal = stored.journal, !stored.record.state.isTerminal else { return nil }
     self.record = stored.record
     self.journal = journal
-    if !journal.rollingBack && !journal.countWriteBegan(record) {
+    if !journal.rollingBack && !journal.countWriteBegan(record) && journal.forwardOnly != true {
       self.journal.rollingBack = true
       record.error = "the agent stopped during this operation; it was rolled back at restart"
       append(self.journal.rollbackBeforeCountWrite(record))

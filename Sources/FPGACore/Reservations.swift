@@ -17,6 +17,8 @@ struct Reservations {
     case guestSlot(accelerator: String, guest: String)
     /// An accelerator's sharing policy.
     case policy(String)
+    /// A device's health memory (an operator's clear).
+    case health(PCIAddress)
 
     var description: String {
       switch self {
@@ -24,6 +26,7 @@ struct Reservations {
       case .pf(let address): "PF \(address)"
       case .drainFlag(let address): "the drain flag of PF \(address)"
       case .context(let id): "context \(id)"
+      case .health(let address): "the health of \(address)"
       case .guestSlot(let accelerator, let guest): "guest \(guest)'s context on \(accelerator)"
       case .policy(let id): "the sharing policy of \(id)"
       }

@@ -30,6 +30,12 @@ public struct PersistedState: Hashable, Sendable {
   /// Records of the agent's other parts (e.g. the DRA driver's prepared claims), by kind then
   /// key, each an encoded value.
   public var records: [String: [String: String]] = [:]
+  /// What the agent learned of each device's health (judgements and their baselines).
+  public var health: [PCIAddress: HealthMemory] = [:]
+  /// The VF layout of each managed PF as last seen, restored after a host reboot.
+  public var layouts: [PCIAddress: PFLayout] = [:]
+  /// The kernel's boot id the last run saw (nil: none recorded yet).
+  public var bootID: String?
 
   public init() {}
 
@@ -64,6 +70,10 @@ public struct PersistedState: Hashable, Sendable {
         }
       case .putRecord(let kind, let key, let value): records[kind, default: [:]][key] = value
       case .deleteRecord(let kind, let key): records[kind]?[key] = nil
+      case .putHealth(let memory): health[memory.address] = memory
+      case .deleteHealth(let address): health[address] = nil
+      case .putLayout(let layout): layouts[layout.pf] = layout
+      case .setBootID(let id): bootID = id
       }
     }
   }
@@ -89,6 +99,13 @@ public enum StoreChange: Hashable, Sendable {
   /// A record of another part of the agent: kind, key, encoded value.
   case putRecord(String, String, String)
   case deleteRecord(String, String)
+  /// A device's health memory; removed when the device is forgotten.
+  case putHealth(HealthMemory)
+  case deleteHealth(PCIAddress)
+  /// A PF's VF layout as last seen.
+  case putLayout(PFLayout)
+  /// The boot id of the host this run started on.
+  case setBootID(String)
 }
 
 /// The result an idempotency key replays.

@@ -13,6 +13,7 @@ public struct FPGACtl: AsyncParsableCommand {
       Status.self, Inventory.self, Rescan.self, Allocate.self, Release.self, Watch.self, Drain.self,
       Undrain.self, Reconfigure.self, OperationCommand.self, VMs.self, Attach.self, Detach.self,
       Accelerators.self, Contexts.self, ContextCommand.self, Policy.self, WhoAmI.self, Audit.self,
+      HealthCommand.self,
     ])
 
   public init() {}

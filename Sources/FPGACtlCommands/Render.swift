@@ -39,6 +39,22 @@ enum Render {
           + "\(link.acknowledgedRevision)\(link.error.isEmpty ? "" : " (last error: \(link.error))")",
       ])
     }
+    let restore = status.layoutRestore
+    if !restore.bootID.isEmpty {
+      rows.append([
+        "boot",
+        restore.rebooted
+          ? "host rebooted since the last run (boot \(restore.bootID)); layout restore \(restore.enabled ? "on" : "off")"
+          : "no reboot since the last run (boot \(restore.bootID))",
+      ])
+      for pf in restore.pfs {
+        let detail =
+          pf.result == "restored"
+          ? "restored \(pf.recordedVfs) VFs (found \(pf.foundVfs)), \(pf.allocationsKept) allocations kept, \(pf.vfsBound) bound to vfio-pci, \(pf.operationID)"
+          : "\(pf.result): \(pf.foundVfs) of \(pf.recordedVfs) VFs\(pf.error.isEmpty ? "" : " (\(pf.error))")"
+        rows.append(["restore", "PF \(pf.pfBdf) \(detail)"])
+      }
+    }
     rows += status.findings.suffix(5).map { ["found", $0] }
     let problems = status.problems.isEmpty ? [["problems", "none"]] : status.problems.map { ["problem", $0] }
     return table(["", ""], rows + problems).dropFirst().map { $0 }

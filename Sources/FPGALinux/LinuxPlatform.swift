@@ -79,6 +79,12 @@ public struct LinuxPlatform: NodePlatform {
   /// The worker key of a scan (never a PCI address).
   static let scanKey = "scan"
 
+  public func bootID() async -> String? { sysfs.bootID() }
+
+  public func setQueueCount(pf: PCIAddress, to qmax: Int) async throws(AgentError) {
+    try setQmax(pf: pf, to: qmax)
+  }
+
   public func capabilities() async -> PlatformCapabilities {
     let groups = (try? sysfs.list(.iommuGroups)) ?? []
     let vfio = sysfs.exists(.driver("vfio-pci"))

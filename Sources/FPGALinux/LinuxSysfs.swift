@@ -10,11 +10,16 @@ import FPGACore
 public struct LinuxSysfs: Sysfs {
   public let root: String
   public let devRoot: String
+  /// The kernel's id of this boot (`/proc/sys/kernel/random/boot_id`); tests name a file.
+  public let bootIDPath: String
   private let resolvedRoot: String
 
-  public init(root: String = "/sys", devRoot: String = "/dev") throws(SysfsError) {
+  public init(
+    root: String = "/sys", devRoot: String = "/dev", bootIDPath: String = "/proc/sys/kernel/random/boot_id"
+  ) throws(SysfsError) {
     self.root = root
     self.devRoot = devRoot
+    self.bootIDPath = bootIDPath
     guard let resolved = Self.realpath(root) else {
       throw SysfsError(operation: "open sysfs root", path: root, errno: errno)
     }
@@ -40,6 +45,18 @@ public struct LinuxSysfs: Sysfs {
     var text = String(decoding: bytes, as: UTF8.self)
     while text.hasSuffix("\n") { text.removeLast() }
     return text
+  }
+
+  /// The boot id, or nil when the file cannot be read or is not a plain id (at most 64
+  /// characters of hex digits and dashes).
+  public func bootID() -> String? {
+    let fd = open(bootIDPath, O_RDONLY | O_CLOEXEC)
+    guard fd >= 0 else { return nil }
+    defer { close(fd) }
+    var buffer = [UInt8](repeating: 0, count: 128)
+    let count = Glibc.read(fd, &buffer, buffer.count)
+    guard count > 0 else { return nil }
+    return BootID.validated(String(decoding: buffer[0..<count], as: UTF8.self))
   }
 
   public func readBytes(_ path: SysfsPath, count: Int) throws(SysfsError) -> [UInt8] {

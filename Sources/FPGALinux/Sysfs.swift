@@ -64,4 +64,10 @@ public protocol Sysfs: Sendable {
   func exists(_ path: SysfsPath) -> Bool
   /// Whether `/dev/<relative>` exists under the device root.
   func deviceNodeExists(_ relative: String) -> Bool
+  /// The kernel's id of the current boot, nil when unknown: it changes at every host reboot.
+  func bootID() -> String?
+}
+
+extension Sysfs {
+  public func bootID() -> String? { nil }
 }

@@ -48,6 +48,8 @@ public final class SimulatedNode: Sendable {
     /// Writes of 0 waiting for held VFs to be released.
     var blockedWrites: [CheckedContinuation<Void, Never>] = []
     var writes: [String] = []
+    /// The simulated kernel's boot id: new at every `reboot()`.
+    var bootID = SimulatedNode.newBootID()
   }
 
   static let vendorID: UInt16 = 0x10ee
@@ -66,6 +68,8 @@ public final class SimulatedNode: Sendable {
     var vfs: [PCIAddress: VF]
     var nextGroup: Int
     var loadedDrivers: Set<String>
+    /// Optional so that hardware files written before it existed still load.
+    var bootID: String?
   }
 
   /// A node whose cards are in `hardware` (from an earlier run), or built from `config`.
@@ -81,14 +85,41 @@ public final class SimulatedNode: Sendable {
         }
         state.nextGroup = hardware.nextGroup
         state.loadedDrivers = hardware.loadedDrivers
+        if let bootID = hardware.bootID { state.bootID = bootID }
       }
     }
     save()
   }
 
   public var hardware: Hardware {
-    state.withLock { Hardware(pfs: $0.pfs, vfs: $0.vfs, nextGroup: $0.nextGroup, loadedDrivers: $0.loadedDrivers) }
+    state.withLock {
+      Hardware(pfs: $0.pfs, vfs: $0.vfs, nextGroup: $0.nextGroup, loadedDrivers: $0.loadedDrivers, bootID: $0.bootID)
+    }
   }
+
+  /// The simulated kernel's id of this boot.
+  public func bootID() -> String? { state.withLock { $0.bootID } }
+
+  /// A host reboot: every PF comes back with no VFs, autoprobe on, no driver override, qmax 0;
+  /// no VM holds anything; the boot id changes. What `hardware` keeps follows.
+  public func reboot() {
+    state.withLock { state in
+      // Groups are handed out again from where the VFs' started, as a kernel enumerating the
+      // same devices in the same order does.
+      if let first = state.vfs.values.map(\.iommuGroup).min() { state.nextGroup = first }
+      state.vfs = [:]
+      for address in state.pfs.keys {
+        state.pfs[address]!.numVFs = 0
+        state.pfs[address]!.autoprobe = true
+        state.pfs[address]!.driverOverride = nil
+        state.pfs[address]!.qmax = 0
+      }
+      state.bootID = Self.newBootID()
+    }
+    save()
+  }
+
+  static func newBootID() -> String { UUID().uuidString.lowercased() }
 
   private func save() { onChange?(hardware) }
 
@@ -426,4 +457,10 @@ public struct SimulatedPlatform: NodePlatform {
   public func vfHolders(pf: PCIAddress) async -> [PCIAddress: String] { await linux.vfHolders(pf: pf) }
 
   public func capabilities() async -> PlatformCapabilities { await linux.capabilities() }
+
+  public func bootID() async -> String? { await linux.bootID() }
+
+  public func setQueueCount(pf: PCIAddress, to qmax: Int) async throws(AgentError) {
+    try await linux.setQueueCount(pf: pf, to: qmax)
+  }
 }

@@ -127,6 +127,12 @@ public final class SQLiteStateStore: StateStore {
         sql: "CREATE TABLE records (kind TEXT NOT NULL, key TEXT NOT NULL, body TEXT NOT NULL, PRIMARY KEY (kind, key))"
       )
     }
+    if last == "v4" { return migrator }
+    migrator.registerMigration("v5") { db in
+      // Device health memories and PF layouts, one JSON body per device (HealthMemory, PFLayout).
+      try db.execute(sql: "CREATE TABLE device_health (address TEXT PRIMARY KEY NOT NULL, body TEXT NOT NULL)")
+      try db.execute(sql: "CREATE TABLE pf_layouts (pf TEXT PRIMARY KEY NOT NULL, body TEXT NOT NULL)")
+    }
     return migrator
   }
 
@@ -174,6 +180,15 @@ public final class SQLiteStateStore: StateStore {
           state.policies[row["accelerator_id"]] = try decoder.decode(
             TimeSharingScheduler.Policy.self, from: Data(body.utf8))
         }
+        for body in try String.fetchAll(db, sql: "SELECT body FROM device_health ORDER BY address") {
+          let memory = try decoder.decode(HealthMemory.self, from: Data(body.utf8))
+          state.health[memory.address] = memory
+        }
+        for body in try String.fetchAll(db, sql: "SELECT body FROM pf_layouts ORDER BY pf") {
+          let layout = try decoder.decode(PFLayout.self, from: Data(body.utf8))
+          state.layouts[layout.pf] = layout
+        }
+        state.bootID = try String.fetchOne(db, sql: "SELECT value FROM settings WHERE name = 'boot_id'")
         for row in try Row.fetchAll(db, sql: "SELECT kind, key, body FROM records") {
           state.records[row["kind"], default: [:]][row["key"]] = row["body"] as String
         }
@@ -321,6 +336,20 @@ public final class SQLiteStateStore: StateStore {
         arguments: [kind, key, body])
     case .deleteRecord(let kind, let key):
       try db.cachedStatement(sql: "DELETE FROM records WHERE kind = ? AND key = ?").execute(arguments: [kind, key])
+    case .putHealth(let memory):
+      try db.cachedStatement(sql: "INSERT OR REPLACE INTO device_health (address, body) VALUES (?, ?)").execute(
+        arguments: [memory.address.description, try json(memory)])
+    case .deleteHealth(let address):
+      try db.cachedStatement(sql: "DELETE FROM device_health WHERE address = ?").execute(
+        arguments: [address.description])
+    case .putLayout(let layout):
+      try db.cachedStatement(sql: "INSERT OR REPLACE INTO pf_layouts (pf, body) VALUES (?, ?)").execute(
+        arguments: [layout.pf.description, try json(layout)])
+    case .setBootID(let id):
+      try db.cachedStatement(
+        sql:
+          "INSERT INTO settings (name, value) VALUES ('boot_id', ?) ON CONFLICT(name) DO UPDATE SET value = excluded.value"
+      ).execute(arguments: [id])
     case .setDrain(let target, let on):
       if on {
         try db.cachedStatement(sql: "INSERT OR IGNORE INTO drains (target) VALUES (?)").execute(arguments: [target])

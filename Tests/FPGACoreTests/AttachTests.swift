@@ -8,9 +8,12 @@ final class RecordingHypervisor: Hypervisor {
   let passesThroughVFIO = true
   let calls = Mutex<[String]>([])
   let failDetach = Mutex<AgentError?>(nil)
+  let names: [String]
+
+  init(machines names: [String] = ["vm1", "vm2"]) { self.names = names }
 
   func machines() async -> [VirtualMachineInfo] {
-    ["vm1", "vm2"].map {
+    names.map {
       VirtualMachineInfo(
         name: $0, state: .running, qemuStatus: "running", qmpSocket: "/x", rootPorts: 2, freeRootPorts: 2)
     }

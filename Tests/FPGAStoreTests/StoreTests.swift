@@ -52,7 +52,7 @@ func allocation(_ id: String, vf: String, attached: Bool = false) -> Allocation 
     #expect(state.drains == ["card-0000:d8", "0000:3b:00.1"])
     #expect(state.operations == [StoredOperation(record: record, journal: journal)])
     #expect(state.records == ["dra-claim": ["uid-1": "{\"a\":1}"], "dra-tombstone": ["uid-2": "1"]])
-    #expect(try reopened.appliedMigrations() == ["v1", "v2", "v3", "v4"])
+    #expect(try reopened.appliedMigrations() == ["v1", "v2", "v3", "v4", "v5"])
   }
 
   @Test func aStoreOfTheFirstSchemaIsMigratedWithItsRecords() async throws {
@@ -81,7 +81,7 @@ func allocation(_ id: String, vf: String, attached: Bool = false) -> Allocation 
       #expect(try await queue.read { db in try db.tableExists("operations") } == false)
     }
     let store = try SQLiteStateStore(path: path)
-    #expect(try store.appliedMigrations() == ["v1", "v2", "v3", "v4"])
+    #expect(try store.appliedMigrations() == ["v1", "v2", "v3", "v4", "v5"])
     let state = try store.load()
     #expect(state.allocations == [kept])
     #expect(

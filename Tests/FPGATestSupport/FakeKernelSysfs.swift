@@ -63,6 +63,17 @@ public final class FakeKernelSysfs: Sysfs, @unchecked Sendable {
 
   deinit { try? FileManager.default.removeItem(atPath: directory) }
 
+  /// The kernel's boot id as a file (`layout.boot_id_file`), redrawn at every change.
+  public var bootIDPath: String { directory + "/boot_id" }
+  public func bootID() -> String? { node.bootID() }
+
+  /// A host reboot: every PF back to 0 VFs, a new boot id. AER counters a test wrote are left
+  /// as they are (a test resets them, as the kernel does).
+  public func reboot() {
+    node.reboot()
+    draw()
+  }
+
   // MARK: Sysfs (reads through the real implementation)
 
   public func read(_ path: SysfsPath) throws(SysfsError) -> String { try reader.read(path) }
@@ -170,7 +181,8 @@ public final class FakeKernelSysfs: Sysfs, @unchecked Sendable {
   /// Brings the tree in line with the kernel: only what changed since the last drawing is
   /// touched, so files a test placed (or removed) elsewhere stay as it left them.
   private func draw() {
-    let wanted = picture()
+    var wanted = picture()
+    wanted["boot_id"] = .file(node.bootID() ?? "")
     drawn.withLock { drawn in
       let fm = FileManager.default
       // Gone: whole devices first (with whatever a test put in them), then single entries.

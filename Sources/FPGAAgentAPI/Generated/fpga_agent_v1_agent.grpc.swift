@@ -298,6 +298,19 @@ public enum Fpga_Agent_V1_NodeAgent: Sendable {
                 type: .unary
             )
         }
+        /// Namespace for "ClearDeviceHealth" metadata.
+        public enum ClearDeviceHealth: Sendable {
+            /// Request type for "ClearDeviceHealth".
+            public typealias Input = Fpga_Agent_V1_ClearDeviceHealthRequest
+            /// Response type for "ClearDeviceHealth".
+            public typealias Output = Fpga_Agent_V1_ClearDeviceHealthResponse
+            /// Descriptor for "ClearDeviceHealth".
+            public static let descriptor = GRPCCore.MethodDescriptor(
+                service: GRPCCore.ServiceDescriptor(fullyQualifiedService: "fpga.agent.v1.NodeAgent"),
+                method: "ClearDeviceHealth",
+                type: .unary
+            )
+        }
         /// Descriptors for all methods in the "fpga.agent.v1.NodeAgent" service.
         public static let descriptors: [GRPCCore.MethodDescriptor] = [
             GetNodeStatus.descriptor,
@@ -319,7 +332,8 @@ public enum Fpga_Agent_V1_NodeAgent: Sendable {
             SwitchContext.descriptor,
             SetSharingPolicy.descriptor,
             MoveContext.descriptor,
-            GetAuditTrail.descriptor
+            GetAuditTrail.descriptor,
+            ClearDeviceHealth.descriptor
         ]
     }
 }
@@ -715,6 +729,26 @@ extension Fpga_Agent_V1_NodeAgent {
             request: GRPCCore.StreamingServerRequest<Fpga_Agent_V1_GetAuditTrailRequest>,
             context: GRPCCore.ServerContext
         ) async throws -> GRPCCore.StreamingServerResponse<Fpga_Agent_V1_GetAuditTrailResponse>
+
+        /// Handle the "ClearDeviceHealth" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Clears a device's health judgement (admin): the errors counted so far become its new
+        /// > baseline, so it is healthy again unless a new error arrives. The reason is kept in the audit
+        /// > trail. A judgement is otherwise kept across agent restarts until the device is re-enumerated.
+        ///
+        /// - Parameters:
+        ///   - request: A streaming request of `Fpga_Agent_V1_ClearDeviceHealthRequest` messages.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A streaming response of `Fpga_Agent_V1_ClearDeviceHealthResponse` messages.
+        func clearDeviceHealth(
+            request: GRPCCore.StreamingServerRequest<Fpga_Agent_V1_ClearDeviceHealthRequest>,
+            context: GRPCCore.ServerContext
+        ) async throws -> GRPCCore.StreamingServerResponse<Fpga_Agent_V1_ClearDeviceHealthResponse>
     }
 
     /// Service protocol for the "fpga.agent.v1.NodeAgent" service.
@@ -1094,6 +1128,26 @@ extension Fpga_Agent_V1_NodeAgent {
             request: GRPCCore.ServerRequest<Fpga_Agent_V1_GetAuditTrailRequest>,
             context: GRPCCore.ServerContext
         ) async throws -> GRPCCore.ServerResponse<Fpga_Agent_V1_GetAuditTrailResponse>
+
+        /// Handle the "ClearDeviceHealth" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Clears a device's health judgement (admin): the errors counted so far become its new
+        /// > baseline, so it is healthy again unless a new error arrives. The reason is kept in the audit
+        /// > trail. A judgement is otherwise kept across agent restarts until the device is re-enumerated.
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Fpga_Agent_V1_ClearDeviceHealthRequest` message.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A response containing a single `Fpga_Agent_V1_ClearDeviceHealthResponse` message.
+        func clearDeviceHealth(
+            request: GRPCCore.ServerRequest<Fpga_Agent_V1_ClearDeviceHealthRequest>,
+            context: GRPCCore.ServerContext
+        ) async throws -> GRPCCore.ServerResponse<Fpga_Agent_V1_ClearDeviceHealthResponse>
     }
 
     /// Simple service protocol for the "fpga.agent.v1.NodeAgent" service.
@@ -1473,6 +1527,26 @@ extension Fpga_Agent_V1_NodeAgent {
             request: Fpga_Agent_V1_GetAuditTrailRequest,
             context: GRPCCore.ServerContext
         ) async throws -> Fpga_Agent_V1_GetAuditTrailResponse
+
+        /// Handle the "ClearDeviceHealth" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Clears a device's health judgement (admin): the errors counted so far become its new
+        /// > baseline, so it is healthy again unless a new error arrives. The reason is kept in the audit
+        /// > trail. A judgement is otherwise kept across agent restarts until the device is re-enumerated.
+        ///
+        /// - Parameters:
+        ///   - request: A `Fpga_Agent_V1_ClearDeviceHealthRequest` message.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A `Fpga_Agent_V1_ClearDeviceHealthResponse` to respond with.
+        func clearDeviceHealth(
+            request: Fpga_Agent_V1_ClearDeviceHealthRequest,
+            context: GRPCCore.ServerContext
+        ) async throws -> Fpga_Agent_V1_ClearDeviceHealthResponse
     }
 }
 
@@ -1700,6 +1774,17 @@ extension Fpga_Agent_V1_NodeAgent.StreamingServiceProtocol {
                 )
             }
         )
+        router.registerHandler(
+            forMethod: Fpga_Agent_V1_NodeAgent.Method.ClearDeviceHealth.descriptor,
+            deserializer: GRPCProtobuf.ProtobufDeserializer<Fpga_Agent_V1_ClearDeviceHealthRequest>(),
+            serializer: GRPCProtobuf.ProtobufSerializer<Fpga_Agent_V1_ClearDeviceHealthResponse>(),
+            handler: { request, context in
+                try await self.clearDeviceHealth(
+                    request: request,
+                    context: context
+                )
+            }
+        )
     }
 }
 
@@ -1920,6 +2005,17 @@ extension Fpga_Agent_V1_NodeAgent.ServiceProtocol {
         context: GRPCCore.ServerContext
     ) async throws -> GRPCCore.StreamingServerResponse<Fpga_Agent_V1_GetAuditTrailResponse> {
         let response = try await self.getAuditTrail(
+            request: GRPCCore.ServerRequest(stream: request),
+            context: context
+        )
+        return GRPCCore.StreamingServerResponse(single: response)
+    }
+
+    public func clearDeviceHealth(
+        request: GRPCCore.StreamingServerRequest<Fpga_Agent_V1_ClearDeviceHealthRequest>,
+        context: GRPCCore.ServerContext
+    ) async throws -> GRPCCore.StreamingServerResponse<Fpga_Agent_V1_ClearDeviceHealthResponse> {
+        let response = try await self.clearDeviceHealth(
             request: GRPCCore.ServerRequest(stream: request),
             context: context
         )
@@ -2191,6 +2287,19 @@ extension Fpga_Agent_V1_NodeAgent.SimpleServiceProtocol {
     ) async throws -> GRPCCore.ServerResponse<Fpga_Agent_V1_GetAuditTrailResponse> {
         return GRPCCore.ServerResponse<Fpga_Agent_V1_GetAuditTrailResponse>(
             message: try await self.getAuditTrail(
+                request: request.message,
+                context: context
+            ),
+            metadata: [:]
+        )
+    }
+
+    public func clearDeviceHealth(
+        request: GRPCCore.ServerRequest<Fpga_Agent_V1_ClearDeviceHealthRequest>,
+        context: GRPCCore.ServerContext
+    ) async throws -> GRPCCore.ServerResponse<Fpga_Agent_V1_ClearDeviceHealthResponse> {
+        return GRPCCore.ServerResponse<Fpga_Agent_V1_ClearDeviceHealthResponse>(
+            message: try await self.clearDeviceHealth(
                 request: request.message,
                 context: context
             ),
@@ -2676,6 +2785,31 @@ extension Fpga_Agent_V1_NodeAgent {
             deserializer: some GRPCCore.MessageDeserializer<Fpga_Agent_V1_GetAuditTrailResponse>,
             options: GRPCCore.CallOptions,
             onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Fpga_Agent_V1_GetAuditTrailResponse>) async throws -> Result
+        ) async throws -> Result where Result: Sendable
+
+        /// Call the "ClearDeviceHealth" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Clears a device's health judgement (admin): the errors counted so far become its new
+        /// > baseline, so it is healthy again unless a new error arrives. The reason is kept in the audit
+        /// > trail. A judgement is otherwise kept across agent restarts until the device is re-enumerated.
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Fpga_Agent_V1_ClearDeviceHealthRequest` message.
+        ///   - serializer: A serializer for `Fpga_Agent_V1_ClearDeviceHealthRequest` messages.
+        ///   - deserializer: A deserializer for `Fpga_Agent_V1_ClearDeviceHealthResponse` messages.
+        ///   - options: Options to apply to this RPC.
+        ///   - handleResponse: A closure which handles the response and returns its result to
+        ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+        ///       already finished.
+        /// - Returns: The result of `handleResponse`.
+        func clearDeviceHealth<Result>(
+            request: GRPCCore.ClientRequest<Fpga_Agent_V1_ClearDeviceHealthRequest>,
+            serializer: some GRPCCore.MessageSerializer<Fpga_Agent_V1_ClearDeviceHealthRequest>,
+            deserializer: some GRPCCore.MessageDeserializer<Fpga_Agent_V1_ClearDeviceHealthResponse>,
+            options: GRPCCore.CallOptions,
+            onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Fpga_Agent_V1_ClearDeviceHealthResponse>) async throws -> Result
         ) async throws -> Result where Result: Sendable
     }
 
@@ -3380,6 +3514,42 @@ extension Fpga_Agent_V1_NodeAgent {
                 onResponse: handleResponse
             )
         }
+
+        /// Call the "ClearDeviceHealth" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Clears a device's health judgement (admin): the errors counted so far become its new
+        /// > baseline, so it is healthy again unless a new error arrives. The reason is kept in the audit
+        /// > trail. A judgement is otherwise kept across agent restarts until the device is re-enumerated.
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Fpga_Agent_V1_ClearDeviceHealthRequest` message.
+        ///   - serializer: A serializer for `Fpga_Agent_V1_ClearDeviceHealthRequest` messages.
+        ///   - deserializer: A deserializer for `Fpga_Agent_V1_ClearDeviceHealthResponse` messages.
+        ///   - options: Options to apply to this RPC.
+        ///   - handleResponse: A closure which handles the response and returns its result to
+        ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+        ///       already finished.
+        /// - Returns: The result of `handleResponse`.
+        public func clearDeviceHealth<Result>(
+            request: GRPCCore.ClientRequest<Fpga_Agent_V1_ClearDeviceHealthRequest>,
+            serializer: some GRPCCore.MessageSerializer<Fpga_Agent_V1_ClearDeviceHealthRequest>,
+            deserializer: some GRPCCore.MessageDeserializer<Fpga_Agent_V1_ClearDeviceHealthResponse>,
+            options: GRPCCore.CallOptions = .defaults,
+            onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Fpga_Agent_V1_ClearDeviceHealthResponse>) async throws -> Result = { response in
+                try response.message
+            }
+        ) async throws -> Result where Result: Sendable {
+            try await self.client.unary(
+                request: request,
+                descriptor: Fpga_Agent_V1_NodeAgent.Method.ClearDeviceHealth.descriptor,
+                serializer: serializer,
+                deserializer: deserializer,
+                options: options,
+                onResponse: handleResponse
+            )
+        }
     }
 }
 
@@ -3963,6 +4133,37 @@ extension Fpga_Agent_V1_NodeAgent.ClientProtocol {
             request: request,
             serializer: GRPCProtobuf.ProtobufSerializer<Fpga_Agent_V1_GetAuditTrailRequest>(),
             deserializer: GRPCProtobuf.ProtobufDeserializer<Fpga_Agent_V1_GetAuditTrailResponse>(),
+            options: options,
+            onResponse: handleResponse
+        )
+    }
+
+    /// Call the "ClearDeviceHealth" method.
+    ///
+    /// > Source IDL Documentation:
+    /// >
+    /// > Clears a device's health judgement (admin): the errors counted so far become its new
+    /// > baseline, so it is healthy again unless a new error arrives. The reason is kept in the audit
+    /// > trail. A judgement is otherwise kept across agent restarts until the device is re-enumerated.
+    ///
+    /// - Parameters:
+    ///   - request: A request containing a single `Fpga_Agent_V1_ClearDeviceHealthRequest` message.
+    ///   - options: Options to apply to this RPC.
+    ///   - handleResponse: A closure which handles the response and returns its result to
+    ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+    ///       already finished.
+    /// - Returns: The result of `handleResponse`.
+    public func clearDeviceHealth<Result>(
+        request: GRPCCore.ClientRequest<Fpga_Agent_V1_ClearDeviceHealthRequest>,
+        options: GRPCCore.CallOptions = .defaults,
+        onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Fpga_Agent_V1_ClearDeviceHealthResponse>) async throws -> Result = { response in
+            try response.message
+        }
+    ) async throws -> Result where Result: Sendable {
+        try await self.clearDeviceHealth(
+            request: request,
+            serializer: GRPCProtobuf.ProtobufSerializer<Fpga_Agent_V1_ClearDeviceHealthRequest>(),
+            deserializer: GRPCProtobuf.ProtobufDeserializer<Fpga_Agent_V1_ClearDeviceHealthResponse>(),
             options: options,
             onResponse: handleResponse
         )
@@ -4628,6 +4829,41 @@ extension Fpga_Agent_V1_NodeAgent.ClientProtocol {
             metadata: metadata
         )
         return try await self.getAuditTrail(
+            request: request,
+            options: options,
+            onResponse: handleResponse
+        )
+    }
+
+    /// Call the "ClearDeviceHealth" method.
+    ///
+    /// > Source IDL Documentation:
+    /// >
+    /// > Clears a device's health judgement (admin): the errors counted so far become its new
+    /// > baseline, so it is healthy again unless a new error arrives. The reason is kept in the audit
+    /// > trail. A judgement is otherwise kept across agent restarts until the device is re-enumerated.
+    ///
+    /// - Parameters:
+    ///   - message: request message to send.
+    ///   - metadata: Additional metadata to send, defaults to empty.
+    ///   - options: Options to apply to this RPC, defaults to `.defaults`.
+    ///   - handleResponse: A closure which handles the response and returns its result to
+    ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+    ///       already finished.
+    /// - Returns: The result of `handleResponse`.
+    public func clearDeviceHealth<Result>(
+        _ message: Fpga_Agent_V1_ClearDeviceHealthRequest,
+        metadata: GRPCCore.Metadata = [:],
+        options: GRPCCore.CallOptions = .defaults,
+        onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Fpga_Agent_V1_ClearDeviceHealthResponse>) async throws -> Result = { response in
+            try response.message
+        }
+    ) async throws -> Result where Result: Sendable {
+        let request = GRPCCore.ClientRequest<Fpga_Agent_V1_ClearDeviceHealthRequest>(
+            message: message,
+            metadata: metadata
+        )
+        return try await self.clearDeviceHealth(
             request: request,
             options: options,
             onResponse: handleResponse

@@ -655,7 +655,8 @@ public nonisolated struct Fpga_Agent_V1_HealthReason: Sendable {
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
   // methods supported on all messages.
 
-  /// aer-fatal, aer-nonfatal, aer-correctable, link-speed, link-width, config-unreadable, driver,
+  /// aer-fatal, aer-nonfatal, aer-correctable, aer-history (uncorrectable errors logged before the
+  /// agent first saw the device), link-speed, link-width, config-unreadable, driver, vfio-holder,
   /// no-iommu-group, unreadable, gone, parent.
   public var kind: String = String()
 
@@ -1368,11 +1369,133 @@ public nonisolated struct Fpga_Agent_V1_NodeStatus: @unchecked Sendable {
     set {_uniqueStorage()._findings = newValue}
   }
 
+  /// What the agent found of the host's boot at start-up, and the VF layouts it restored.
+  public var layoutRestore: Fpga_Agent_V1_LayoutRestore {
+    get {_storage._layoutRestore ?? Fpga_Agent_V1_LayoutRestore()}
+    set {_uniqueStorage()._layoutRestore = newValue}
+  }
+  /// Returns true if `layoutRestore` has been explicitly set.
+  public var hasLayoutRestore: Bool {_storage._layoutRestore != nil}
+  /// Clears the value of `layoutRestore`. Subsequent reads from it will return its default value.
+  public mutating func clearLayoutRestore() {_uniqueStorage()._layoutRestore = nil}
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
 
   fileprivate var _storage = _StorageClass.defaultInstance
+}
+
+/// The host's boot as the agent saw it at start-up and what it restored after a reboot.
+public nonisolated struct Fpga_Agent_V1_LayoutRestore: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  /// The kernel's boot_id now; empty when the platform has none.
+  public var bootID: String = String()
+
+  /// The host rebooted since the agent's last run (the boot_id changed).
+  public var rebooted: Bool = false
+
+  /// layout.restore_on_boot: restoring is on.
+  public var enabled: Bool = false
+
+  /// One entry per managed PF found with fewer VFs than recorded.
+  public var pfs: [Fpga_Agent_V1_PFRestore] = []
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+/// A PF whose recorded layout was re-created after a reboot (or could not be).
+public nonisolated struct Fpga_Agent_V1_PFRestore: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var pfBdf: String = String()
+
+  /// VFs found at boot and VFs recorded.
+  public var foundVfs: UInt32 = 0
+
+  public var recordedVfs: UInt32 = 0
+
+  /// The operation that restored it (kind "restore"); `fpgactl operation ID` shows its steps.
+  public var operationID: String = String()
+
+  /// "restored", "failed", "skipped" (restore_on_boot off) or "running".
+  public var result: String = String()
+
+  /// Why it failed or was skipped.
+  public var error: String = String()
+
+  /// Allocations on the PF kept with their VFs.
+  public var allocationsKept: UInt32 = 0
+
+  /// VFs bound to vfio-pci again (those allocated).
+  public var vfsBound: UInt32 = 0
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+/// Clears a device's health judgement.
+public nonisolated struct Fpga_Agent_V1_ClearDeviceHealthRequest: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var meta: Fpga_Agent_V1_RequestMeta {
+    get {_meta ?? Fpga_Agent_V1_RequestMeta()}
+    set {_meta = newValue}
+  }
+  /// Returns true if `meta` has been explicitly set.
+  public var hasMeta: Bool {self._meta != nil}
+  /// Clears the value of `meta`. Subsequent reads from it will return its default value.
+  public mutating func clearMeta() {self._meta = nil}
+
+  /// A PF or VF BDF, e.g. "0000:3b:00.4".
+  public var device: String = String()
+
+  /// Why (required, 1-256 characters): kept in the audit trail, e.g. "card reseated, ticket 4711".
+  public var reason: String = String()
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+
+  fileprivate var _meta: Fpga_Agent_V1_RequestMeta? = nil
+}
+
+/// The device's health after the clear.
+public nonisolated struct Fpga_Agent_V1_ClearDeviceHealthResponse: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var health: Fpga_Agent_V1_DeviceHealth {
+    get {_health ?? Fpga_Agent_V1_DeviceHealth()}
+    set {_health = newValue}
+  }
+  /// Returns true if `health` has been explicitly set.
+  public var hasHealth: Bool {self._health != nil}
+  /// Clears the value of `health`. Subsequent reads from it will return its default value.
+  public mutating func clearHealth() {self._health = nil}
+
+  /// The revision that published it.
+  public var revision: UInt64 = 0
+
+  /// The request was a retry of one already done (same idempotency key).
+  public var replayed: Bool = false
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+
+  fileprivate var _health: Fpga_Agent_V1_DeviceHealth? = nil
 }
 
 /// Restricts where a VF may come from; an empty field does not restrict.
@@ -4016,7 +4139,7 @@ nonisolated extension Fpga_Agent_V1_Capabilities: SwiftProtobuf.Message, SwiftPr
 
 nonisolated extension Fpga_Agent_V1_NodeStatus: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".NodeStatus"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}node_id\0\u{1}hostname\0\u{3}agent_version\0\u{1}health\0\u{1}problems\0\u{1}capabilities\0\u{1}revision\0\u{3}started_at\0\u{1}uptime\0\u{1}cards\0\u{1}pfs\0\u{3}vfs_total\0\u{3}vfs_enabled\0\u{3}vfs_allocated\0\u{3}vfs_free\0\u{3}orchestrator_epoch\0\u{1}orchestrator\0\u{1}findings\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}node_id\0\u{1}hostname\0\u{3}agent_version\0\u{1}health\0\u{1}problems\0\u{1}capabilities\0\u{1}revision\0\u{3}started_at\0\u{1}uptime\0\u{1}cards\0\u{1}pfs\0\u{3}vfs_total\0\u{3}vfs_enabled\0\u{3}vfs_allocated\0\u{3}vfs_free\0\u{3}orchestrator_epoch\0\u{1}orchestrator\0\u{1}findings\0\u{3}layout_restore\0")
 
   fileprivate class _StorageClass {
     var _nodeID: String = String()
@@ -4037,6 +4160,7 @@ nonisolated extension Fpga_Agent_V1_NodeStatus: SwiftProtobuf.Message, SwiftProt
     var _orchestratorEpoch: UInt64 = 0
     var _orchestrator: Fpga_Agent_V1_OrchestratorLink? = nil
     var _findings: [String] = []
+    var _layoutRestore: Fpga_Agent_V1_LayoutRestore? = nil
 
       // This property is used as the initial default value for new instances of the type.
       // The type itself is protecting the reference to its storage via CoW semantics.
@@ -4065,6 +4189,7 @@ nonisolated extension Fpga_Agent_V1_NodeStatus: SwiftProtobuf.Message, SwiftProt
       _orchestratorEpoch = source._orchestratorEpoch
       _orchestrator = source._orchestrator
       _findings = source._findings
+      _layoutRestore = source._layoutRestore
     }
   }
 
@@ -4101,6 +4226,7 @@ nonisolated extension Fpga_Agent_V1_NodeStatus: SwiftProtobuf.Message, SwiftProt
         case 16: try { try decoder.decodeSingularUInt64Field(value: &_storage._orchestratorEpoch) }()
         case 17: try { try decoder.decodeSingularMessageField(value: &_storage._orchestrator) }()
         case 18: try { try decoder.decodeRepeatedStringField(value: &_storage._findings) }()
+        case 19: try { try decoder.decodeSingularMessageField(value: &_storage._layoutRestore) }()
         default: break
         }
       }
@@ -4167,6 +4293,9 @@ nonisolated extension Fpga_Agent_V1_NodeStatus: SwiftProtobuf.Message, SwiftProt
       if !_storage._findings.isEmpty {
         try visitor.visitRepeatedStringField(value: _storage._findings, fieldNumber: 18)
       }
+      try { if let v = _storage._layoutRestore {
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 19)
+      } }()
     }
     try unknownFields.traverse(visitor: &visitor)
   }
@@ -4194,10 +4323,209 @@ nonisolated extension Fpga_Agent_V1_NodeStatus: SwiftProtobuf.Message, SwiftProt
         if _storage._orchestratorEpoch != rhs_storage._orchestratorEpoch {return false}
         if _storage._orchestrator != rhs_storage._orchestrator {return false}
         if _storage._findings != rhs_storage._findings {return false}
+        if _storage._layoutRestore != rhs_storage._layoutRestore {return false}
         return true
       }
       if !storagesAreEqual {return false}
     }
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Fpga_Agent_V1_LayoutRestore: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".LayoutRestore"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}boot_id\0\u{1}rebooted\0\u{1}enabled\0\u{1}pfs\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularStringField(value: &self.bootID) }()
+      case 2: try { try decoder.decodeSingularBoolField(value: &self.rebooted) }()
+      case 3: try { try decoder.decodeSingularBoolField(value: &self.enabled) }()
+      case 4: try { try decoder.decodeRepeatedMessageField(value: &self.pfs) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.bootID.isEmpty {
+      try visitor.visitSingularStringField(value: self.bootID, fieldNumber: 1)
+    }
+    if self.rebooted != false {
+      try visitor.visitSingularBoolField(value: self.rebooted, fieldNumber: 2)
+    }
+    if self.enabled != false {
+      try visitor.visitSingularBoolField(value: self.enabled, fieldNumber: 3)
+    }
+    if !self.pfs.isEmpty {
+      try visitor.visitRepeatedMessageField(value: self.pfs, fieldNumber: 4)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Fpga_Agent_V1_LayoutRestore, rhs: Fpga_Agent_V1_LayoutRestore) -> Bool {
+    if lhs.bootID != rhs.bootID {return false}
+    if lhs.rebooted != rhs.rebooted {return false}
+    if lhs.enabled != rhs.enabled {return false}
+    if lhs.pfs != rhs.pfs {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Fpga_Agent_V1_PFRestore: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".PFRestore"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}pf_bdf\0\u{3}found_vfs\0\u{3}recorded_vfs\0\u{3}operation_id\0\u{1}result\0\u{1}error\0\u{3}allocations_kept\0\u{3}vfs_bound\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularStringField(value: &self.pfBdf) }()
+      case 2: try { try decoder.decodeSingularUInt32Field(value: &self.foundVfs) }()
+      case 3: try { try decoder.decodeSingularUInt32Field(value: &self.recordedVfs) }()
+      case 4: try { try decoder.decodeSingularStringField(value: &self.operationID) }()
+      case 5: try { try decoder.decodeSingularStringField(value: &self.result) }()
+      case 6: try { try decoder.decodeSingularStringField(value: &self.error) }()
+      case 7: try { try decoder.decodeSingularUInt32Field(value: &self.allocationsKept) }()
+      case 8: try { try decoder.decodeSingularUInt32Field(value: &self.vfsBound) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.pfBdf.isEmpty {
+      try visitor.visitSingularStringField(value: self.pfBdf, fieldNumber: 1)
+    }
+    if self.foundVfs != 0 {
+      try visitor.visitSingularUInt32Field(value: self.foundVfs, fieldNumber: 2)
+    }
+    if self.recordedVfs != 0 {
+      try visitor.visitSingularUInt32Field(value: self.recordedVfs, fieldNumber: 3)
+    }
+    if !self.operationID.isEmpty {
+      try visitor.visitSingularStringField(value: self.operationID, fieldNumber: 4)
+    }
+    if !self.result.isEmpty {
+      try visitor.visitSingularStringField(value: self.result, fieldNumber: 5)
+    }
+    if !self.error.isEmpty {
+      try visitor.visitSingularStringField(value: self.error, fieldNumber: 6)
+    }
+    if self.allocationsKept != 0 {
+      try visitor.visitSingularUInt32Field(value: self.allocationsKept, fieldNumber: 7)
+    }
+    if self.vfsBound != 0 {
+      try visitor.visitSingularUInt32Field(value: self.vfsBound, fieldNumber: 8)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Fpga_Agent_V1_PFRestore, rhs: Fpga_Agent_V1_PFRestore) -> Bool {
+    if lhs.pfBdf != rhs.pfBdf {return false}
+    if lhs.foundVfs != rhs.foundVfs {return false}
+    if lhs.recordedVfs != rhs.recordedVfs {return false}
+    if lhs.operationID != rhs.operationID {return false}
+    if lhs.result != rhs.result {return false}
+    if lhs.error != rhs.error {return false}
+    if lhs.allocationsKept != rhs.allocationsKept {return false}
+    if lhs.vfsBound != rhs.vfsBound {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Fpga_Agent_V1_ClearDeviceHealthRequest: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".ClearDeviceHealthRequest"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}meta\0\u{1}device\0\u{1}reason\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularMessageField(value: &self._meta) }()
+      case 2: try { try decoder.decodeSingularStringField(value: &self.device) }()
+      case 3: try { try decoder.decodeSingularStringField(value: &self.reason) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    // The use of inline closures is to circumvent an issue where the compiler
+    // allocates stack space for every if/case branch local when no optimizations
+    // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
+    // https://github.com/apple/swift-protobuf/issues/1182
+    try { if let v = self._meta {
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 1)
+    } }()
+    if !self.device.isEmpty {
+      try visitor.visitSingularStringField(value: self.device, fieldNumber: 2)
+    }
+    if !self.reason.isEmpty {
+      try visitor.visitSingularStringField(value: self.reason, fieldNumber: 3)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Fpga_Agent_V1_ClearDeviceHealthRequest, rhs: Fpga_Agent_V1_ClearDeviceHealthRequest) -> Bool {
+    if lhs._meta != rhs._meta {return false}
+    if lhs.device != rhs.device {return false}
+    if lhs.reason != rhs.reason {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Fpga_Agent_V1_ClearDeviceHealthResponse: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".ClearDeviceHealthResponse"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}health\0\u{1}revision\0\u{1}replayed\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularMessageField(value: &self._health) }()
+      case 2: try { try decoder.decodeSingularUInt64Field(value: &self.revision) }()
+      case 3: try { try decoder.decodeSingularBoolField(value: &self.replayed) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    // The use of inline closures is to circumvent an issue where the compiler
+    // allocates stack space for every if/case branch local when no optimizations
+    // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
+    // https://github.com/apple/swift-protobuf/issues/1182
+    try { if let v = self._health {
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 1)
+    } }()
+    if self.revision != 0 {
+      try visitor.visitSingularUInt64Field(value: self.revision, fieldNumber: 2)
+    }
+    if self.replayed != false {
+      try visitor.visitSingularBoolField(value: self.replayed, fieldNumber: 3)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Fpga_Agent_V1_ClearDeviceHealthResponse, rhs: Fpga_Agent_V1_ClearDeviceHealthResponse) -> Bool {
+    if lhs._health != rhs._health {return false}
+    if lhs.revision != rhs.revision {return false}
+    if lhs.replayed != rhs.replayed {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
