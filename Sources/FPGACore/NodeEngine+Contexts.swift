@@ -244,10 +244,8 @@ extension NodeEngine {
     return record
   }
 
-  static func nanoseconds(_ duration: Duration) -> Int64 {
-    let (seconds, attoseconds) = duration.components
-    return seconds * 1_000_000_000 + attoseconds / 1_000_000_000
-  }
+  /// Saturating: a fingerprint or a record never traps, whatever duration it is given.
+  static func nanoseconds(_ duration: Duration) -> Int64 { duration.saturatingNanoseconds }
 
   static func fingerprint(_ acceleratorID: String, _ policy: TimeSharingScheduler.Policy) -> String {
     ([acceleratorID, String(nanoseconds(policy.slice)), String(policy.overcommitLimit)]

@@ -109,7 +109,7 @@ import SwiftProtobuf
             .with {
               $0.owner = "o"; $0.constraints.numaNode = -1
             },
-            "constraints.numa_node -1 is out of range: NUMA nodes are 0-1023"
+            "constraints.numa_node -1 is out of range: 0-1023 (NUMA nodes)"
           ),
           (
             .with {
