@@ -193,6 +193,11 @@ public actor DRADriver {
         "claim \(reference.description) is not allocated to driver \(settings.driverName) (status.allocation has no result for it)"
       )
     }
+    // The opaque parameters of every share are checked before anything is journaled or taken.
+    var shares: [String: (function: String, weight: UInt32)] = [:]
+    for result in results where DeviceNames.accelerator(result.device) != nil {
+      shares[result.request] = try Self.parameters(claim, request: result.request, driver: settings.driverName)
+    }
     let allocation = Self.allocationKey(claim, driver: settings.driverName)
     if let tombstone = tombstoneInfo[reference.uid] {
       // The kubelet may retry a Prepare after its Unprepare: that one must take nothing. A claim
@@ -218,7 +223,7 @@ public actor DRADriver {
         }
         if let accelerator = DeviceNames.accelerator(result.device) {
           // A time share of an accelerator: the claim becomes a guest with its context there.
-          let parameters = Self.parameters(claim, request: result.request, driver: settings.driverName)
+          let parameters = shares[result.request] ?? (function: "default", weight: 1)
           let (context, _) = try await engine.registerContext(
             NodeEngine.RegisterContextRequest(
               meta: RequestMeta(idempotencyKey: "dra-\(reference.uid)-\(result.device)-\(Self.digest(allocation))"),
@@ -471,8 +476,10 @@ public actor DRADriver {
   }
 
   /// A share's function and weight, from the claim's opaque configuration for this driver
-  /// (`{"function": "fft", "weight": 2}`), for the request or the whole claim.
-  static func parameters(_ claim: Kube.ResourceClaim, request: String, driver: String) -> (
+  /// (`{"function": "fft", "weight": 2}`), for the request or the whole claim. A weight that is
+  /// not a whole number within 1-1000, or a function that is not a string, fails the claim
+  /// (naming the field), rather than being replaced by a default nobody asked for.
+  static func parameters(_ claim: Kube.ResourceClaim, request: String, driver: String) throws(DRAFailure) -> (
     function: String, weight: UInt32
   ) {
     var function = "default"
@@ -481,8 +488,22 @@ public actor DRADriver {
       guard let opaque = config.opaque, opaque.driver == driver,
         config.requests?.isEmpty ?? true || config.requests?.contains(request) == true
       else { continue }
-      if case .string(let text) = opaque.parameters?["function"], !text.isEmpty { function = text }
-      if case .number(let value) = opaque.parameters?["weight"], value >= 1, value <= 1000 { weight = UInt32(value) }
+      switch opaque.parameters?["function"] {
+      case nil, .null: break
+      case .string(let text): if !text.isEmpty { function = text }
+      default:
+        throw DRAFailure("opaque parameter function of driver \(driver) (request \(request)) must be a string")
+      }
+      switch opaque.parameters?["weight"] {
+      case nil, .null: break
+      case .number(let value)
+      where value.rounded() == value && Double(Bounds.weight.lowerBound)...Double(Bounds.weight.upperBound) ~= value:
+        weight = UInt32(value)
+      case let other?:
+        throw DRAFailure(
+          "opaque parameter weight of driver \(driver) (request \(request)) is \(other.text): it must be a whole number within \(Bounds.weight.lowerBound)-\(Bounds.weight.upperBound)"
+        )
+      }
     }
     return (function, weight)
   }
@@ -591,5 +612,19 @@ public enum DeviceNames {
     let parts = name.dropFirst(3).split(separator: "-")
     guard parts.count == 4 else { return nil }
     return PCIAddress("\(parts[0]):\(parts[1]):\(parts[2]).\(parts[3])")
+  }
+}
+
+extension JSONAny {
+  /// The value as JSON would spell it, short: for messages.
+  fileprivate var text: String {
+    switch self {
+    case .null: "null"
+    case .bool(let value): "\(value)"
+    case .number(let value): "\(value)"
+    case .string(let value): quoted(value)
+    case .array: "an array"
+    case .object: "an object"
+    }
   }
 }
