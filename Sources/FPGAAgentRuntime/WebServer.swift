@@ -60,7 +60,7 @@ enum WebServer {
     }
     router.get("/api/operations/:id/events") { request, context in
       try api.authorize(request, context, needs: .viewer)
-      let id = try context.parameters.require("id")
+      let id = try Validate.id(try context.parameters.require("id"), field: "id", prefix: "op-")
       _ = try await engine.operation(id)
       return api.events(operation: id)
     }

@@ -66,8 +66,12 @@ public struct SimulatorConfig: Hashable, Sendable {
       if card.totalVFs.isEmpty || card.totalVFs.count > 4 {
         problems.append("\(name).total_vfs must list 1 to 4 PFs")
       }
-      // The VFs of all PFs must fit after the PFs on the card's bus (256 routing ids).
-      if card.totalVFs.reduce(0, +) + 4 > 256 || card.totalVFs.contains(where: { $0 < 0 }) {
+      if !(-1...1023).contains(card.numaNode) {
+        problems.append("\(name).numa_node \(card.numaNode) is out of range: -1 (none) to 1023")
+      }
+      // The VFs of all PFs must fit after the PFs on the card's bus (256 routing ids); each is
+      // bounded before they are added, so no sum can overflow.
+      if card.totalVFs.contains(where: { !(0...252).contains($0) }) || card.totalVFs.reduce(0, +) + 4 > 256 {
         problems.append("\(name).total_vfs must be non-negative and add up to at most 252")
       }
       if card.enabledVFs.count > card.totalVFs.count
