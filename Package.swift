@@ -64,14 +64,14 @@ let package = Package(
       dependencies: ["FPGACore", "FPGAAgentAPI", grpcCore, grpcHTTP2, grpcProtobuf, swiftProtobuf, logging]
     ),
     // Kubernetes DRA: the kubelet plugin (registration, prepare/unprepare, health), CDI specs,
-    // ResourceSlices through a small API client.
+    // ResourceSlices through a small API client (in-cluster, explicit or from a kubeconfig).
     .target(
       name: "FPGADRA",
       dependencies: [
         "FPGACore", grpcCore, grpcHTTP2, grpcProtobuf, swiftProtobuf, logging,
         .product(name: "AsyncHTTPClient", package: "async-http-client"),
         .product(name: "NIOSSL", package: "swift-nio-ssl"), .product(name: "NIOCore", package: "swift-nio"),
-        .product(name: "NIOHTTP1", package: "swift-nio"),
+        .product(name: "NIOHTTP1", package: "swift-nio"), .product(name: "Yams", package: "Yams"),
       ]
     ),
     // The daemon's wiring: configuration, logging, servers in one ServiceGroup.

@@ -106,6 +106,14 @@ public struct ConfigOptions: ParsableArguments {
   var kubeCAFile: String?
 
   @Option(
+    name: .customLong("kubeconfig"),
+    help: "A kubeconfig for the Kubernetes API (env KUBECONFIG, its first file; default: in-cluster).")
+  var kubeconfig: String?
+
+  @Option(name: .customLong("kube-context"), help: "The kubeconfig's context (default: its current-context).")
+  var kubeContext: String?
+
+  @Option(
     name: .customLong("http-listen"),
     help:
       "The dashboard, /metrics and /healthz (HOST:PORT, default 127.0.0.1:50080; empty: off; env FPGA_AGENT_HTTP_LISTEN)."
@@ -150,6 +158,7 @@ public struct ConfigOptions: ParsableArguments {
       ("--http-listen", httpListen), ("--dra", dra ? "true" : nil), ("--dra-driver-name", draDriverName),
       ("--dra-registry-dir", draRegistryDir), ("--dra-plugins-dir", draPluginsDir), ("--cdi-dir", cdiDir),
       ("--kube-api-server", kubeAPIServer), ("--kube-token-file", kubeTokenFile), ("--kube-ca-file", kubeCAFile),
+      ("--kubeconfig", kubeconfig), ("--kube-context", kubeContext),
       ("--orchestrator-tls-cert", orchestratorTLSCert), ("--orchestrator-tls-key", orchestratorTLSKey),
       ("--orchestrator-tls-ca", orchestratorTLSCA), ("--kubelet-dir", kubeletDir), ("--vf-device-model", vfDeviceModel),
     ]

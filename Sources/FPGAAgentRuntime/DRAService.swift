@@ -130,7 +130,7 @@ struct DRAService: Service {
 struct NoKubernetesAPI: ClaimSource {
   func resourceClaim(namespace: String, name: String) async throws -> Kube.ResourceClaim {
     throw DRAFailure(
-      "no Kubernetes API is configured: set kubernetes.api.server (--kube-api-server) or run in a pod (KUBERNETES_SERVICE_HOST)"
+      "no Kubernetes API is configured: give a kubeconfig (--kubeconfig, KUBECONFIG) or kubernetes.api.server (--kube-api-server), or run in a pod (KUBERNETES_SERVICE_HOST)"
     )
   }
 

@@ -5,18 +5,60 @@ import NIOCore
 import NIOHTTP1
 import NIOSSL
 
-/// Where the Kubernetes API is and how to prove who the agent is: a bearer token (re-read at
-/// every request: projected service-account tokens rotate) and the CA its certificate chains to.
+/// Where the Kubernetes API is and how to prove who the agent is: a bearer token (a file is re-read
+/// at every request: projected service-account tokens rotate) and/or a client certificate, and the
+/// CA the server's certificate chains to. From explicit settings, the pod's service account
+/// (`inCluster`) or a kubeconfig (`Kubeconfig.settings`).
 public struct KubernetesAPISettings: Hashable, Sendable {
+  /// PEM text: a file, or the PEM itself (a kubeconfig's `…-data`); `origin` names it in errors.
+  public enum PEM: Hashable, Sendable {
+    case file(String)
+    case inline([UInt8], origin: String)
+
+    public var origin: String {
+      switch self {
+      case .file(let path): path
+      case .inline(_, let origin): origin
+      }
+    }
+  }
+
+  public enum Token: Hashable, Sendable {
+    /// Read again for each request.
+    case file(String)
+    case inline(String)
+  }
+
+  /// The service account's token and CA in a pod.
+  public static let serviceAccountDirectory = "/var/run/secrets/kubernetes.io/serviceaccount"
+
   /// `https://HOST:PORT`.
   public var server: String
-  public var tokenFile: String
-  public var caFile: String
+  /// The CA bundle; nil: the system's trust roots.
+  public var certificateAuthority: PEM?
+  /// The bearer token; nil: none is sent.
+  public var token: Token?
+  /// Mutual TLS: the agent's certificate chain and its key (both or neither).
+  public var clientCertificate: PEM?
+  public var clientKey: PEM?
+  /// Where these settings came from, for the log (e.g. `kubeconfig /x, context "kind"`).
+  public var origin: String
 
-  public init(server: String, tokenFile: String, caFile: String) {
+  public init(
+    server: String, certificateAuthority: PEM?, token: Token?, clientCertificate: PEM? = nil, clientKey: PEM? = nil,
+    origin: String = "settings"
+  ) {
     self.server = server
-    self.tokenFile = tokenFile
-    self.caFile = caFile
+    self.certificateAuthority = certificateAuthority
+    self.token = token
+    self.clientCertificate = clientCertificate
+    self.clientKey = clientKey
+    self.origin = origin
+  }
+
+  /// A token file and a CA file, as `--kube-token-file` and `--kube-ca-file` give them.
+  public init(server: String, tokenFile: String, caFile: String, origin: String = "settings") {
+    self.init(server: server, certificateAuthority: .file(caFile), token: .file(tokenFile), origin: origin)
   }
 
   /// In a pod: `KUBERNETES_SERVICE_HOST`/`_PORT` and the service account's token and CA.
@@ -25,9 +67,38 @@ public struct KubernetesAPISettings: Hashable, Sendable {
       return nil
     }
     let authority = host.contains(":") ? "[\(host)]:\(port)" : "\(host):\(port)"
-    let account = "/var/run/secrets/kubernetes.io/serviceaccount"
+    let account = serviceAccountDirectory
     return KubernetesAPISettings(
-      server: "https://\(authority)", tokenFile: account + "/token", caFile: account + "/ca.crt")
+      server: "https://\(authority)", tokenFile: account + "/token", caFile: account + "/ca.crt", origin: "in-cluster")
+  }
+
+  /// The settings from every source, in order of precedence: explicit settings (each overriding
+  /// the same field of what follows), a kubeconfig (its chosen or current context), the pod's
+  /// environment; nil when none gives a server. Without a kubeconfig, a token or CA file not
+  /// given is the service account's.
+  public static func resolve(
+    explicit: Kubeconfig.Overrides, kubeconfig: Kubeconfig?, context: String?, environment: [String: String]
+  ) throws(KubeconfigError) -> KubernetesAPISettings? {
+    if let kubeconfig {
+      return try kubeconfig.settings(context: context, overrides: explicit)
+    }
+    let server =
+      explicit.server.isEmpty ? inCluster(environment: environment)?.server : explicit.server
+    return server.map {
+      KubernetesAPISettings(
+        server: $0,
+        tokenFile: explicit.tokenFile.isEmpty ? serviceAccountDirectory + "/token" : explicit.tokenFile,
+        caFile: explicit.caFile.isEmpty ? serviceAccountDirectory + "/ca.crt" : explicit.caFile,
+        origin: explicit.server.isEmpty ? "in-cluster" : "settings")
+    }
+  }
+
+  /// What the log says: the server, how the agent proves itself, and where this came from.
+  public var summary: String {
+    let credentials = [token.map { _ in "bearer token" }, clientCertificate.map { _ in "client certificate" }]
+      .compactMap { $0 }
+    return
+      "\(server) (\(origin); \(credentials.isEmpty ? "no credentials" : credentials.joined(separator: " and ")))"
   }
 }
 
@@ -53,7 +124,38 @@ public final class KubernetesAPI: Sendable {
   public init(settings: KubernetesAPISettings) throws {
     self.settings = settings
     var tls = TLSConfiguration.makeClientConfiguration()
-    tls.trustRoots = .file(settings.caFile)
+    do {
+      switch settings.certificateAuthority {
+      case .file(let path): tls.trustRoots = .file(path)
+      case .inline(let bytes, _): tls.trustRoots = .certificates(try NIOSSLCertificate.fromPEMBytes(bytes))
+      case nil: tls.trustRoots = .default
+      }
+    } catch {
+      throw KubernetesAPIError(
+        status: 0, message: "the CA of \(settings.certificateAuthority?.origin ?? "") is not PEM certificates: \(error)"
+      )
+    }
+    if let certificate = settings.clientCertificate, let key = settings.clientKey {
+      do {
+        let chain =
+          switch certificate {
+          case .file(let path): try NIOSSLCertificate.fromPEMFile(path)
+          case .inline(let bytes, _): try NIOSSLCertificate.fromPEMBytes(bytes)
+          }
+        tls.certificateChain = chain.map { .certificate($0) }
+      } catch {
+        throw KubernetesAPIError(status: 0, message: "the client certificate \(certificate.origin): \(error)")
+      }
+      do {
+        tls.privateKey =
+          switch key {
+          case .file(let path): .privateKey(try NIOSSLPrivateKey(file: path, format: .pem))
+          case .inline(let bytes, _): .privateKey(try NIOSSLPrivateKey(bytes: bytes, format: .pem))
+          }
+      } catch {
+        throw KubernetesAPIError(status: 0, message: "the client key \(key.origin): \(error)")
+      }
+    }
     var configuration = HTTPClient.Configuration(tlsConfiguration: tls)
     configuration.timeout = .init(connect: .seconds(5), read: .seconds(30))
     client = HTTPClient(eventLoopGroupProvider: .singleton, configuration: configuration)
@@ -115,6 +217,20 @@ public final class KubernetesAPI: Sendable {
 
   // MARK: Transport
 
+  /// The token, a file's read again (bounded: a token is a few KiB).
+  private func bearerToken() throws -> String? {
+    switch settings.token {
+    case .inline(let token): return token
+    case .file(let path):
+      do {
+        return try readBounded(path, limit: 64 << 10).trimmingCharacters(in: .whitespacesAndNewlines)
+      } catch {
+        throw KubernetesAPIError(status: 0, message: "the token file \(path): \(error.message)")
+      }
+    case nil: return nil
+    }
+  }
+
   static func segment(_ text: String) -> String {
     text.addingPercentEncoding(withAllowedCharacters: .alphanumerics.union(CharacterSet(charactersIn: "-._~"))) ?? text
   }
@@ -124,11 +240,11 @@ public final class KubernetesAPI: Sendable {
     contentType: String = "application/json", timeout: TimeAmount = .seconds(30)
   ) async throws(KubernetesAPIError) -> Output {
     do {
-      let token = (try String(contentsOfFile: settings.tokenFile, encoding: .utf8)).trimmingCharacters(
-        in: .whitespacesAndNewlines)
       var request = HTTPClientRequest(url: settings.server + path)
       request.method = method
-      request.headers.add(name: "Authorization", value: "Bearer \(token)")
+      if let token = try bearerToken() {
+        request.headers.add(name: "Authorization", value: "Bearer \(token)")
+      }
       request.headers.add(name: "Accept", value: "application/json")
       request.headers.add(name: "User-Agent", value: "fpga-agent")
       if let body {

@@ -124,6 +124,29 @@ import ArgumentParser
     #expect((try? ConfigOptions.parse(["--log-level", "trace"]).resolvedConfig(environment: [:]))?.log.level == .trace)
   }
 
+  /// `KUBECONFIG` is honoured (its first file); a context needs a kubeconfig.
+  @Test func kubeconfigFromTheStandardVariable() throws {
+    var config = AgentConfig()
+    try ConfigLoader.apply(environment: ["KUBECONFIG": "/home/op/.kube/kind:/home/op/.kube/config"], to: &config)
+    #expect(config.kubernetes.api.kubeconfig == "/home/op/.kube/kind")
+    let flagged = try ConfigOptions.parse(["--kubeconfig", "/etc/k", "--kube-context", "lab"])
+      .resolvedConfig(environment: ["KUBECONFIG": "/home/op/.kube/kind"])
+    #expect(flagged.kubernetes.api.kubeconfig == "/etc/k")
+    #expect(flagged.kubernetes.api.context == "lab")
+    config = AgentConfig()
+    config.kubernetes.dra.enabled = true
+    config.kubernetes.api.context = "lab"
+    do {
+      try config.validate()
+      Issue.record("expected a ConfigError")
+    } catch {
+      #expect(
+        error.problems == [
+          "kubernetes.api.context \"lab\" chooses a context, but no kubeconfig is given (kubernetes.api.kubeconfig, --kubeconfig, KUBECONFIG)"
+        ])
+    }
+  }
+
   @Test func durabilityAndFaultInjectionAreChecked() throws {
     var config = AgentConfig()
     try ConfigLoader.apply(
@@ -255,7 +278,7 @@ import ArgumentParser
       "--dra-driver-name", "a.b", "--dra-registry-dir", "/r", "--dra-plugins-dir", "/p", "--cdi-dir", "/cdi",
       "--kube-api-server", "https://k:1", "--kube-token-file", "/t", "--kube-ca-file", "/kca", "--http-listen", "",
       "--orchestrator-tls-cert", "/oc", "--orchestrator-tls-key", "/ok", "--orchestrator-tls-ca", "/oca",
-      "--kubelet-dir", "/kd", "--vf-device-model", "edu",
+      "--kubelet-dir", "/kd", "--vf-device-model", "edu", "--kubeconfig", "/kc", "--kube-context", "c",
     ])
     let flagged = options.flagValues.map(\.flag)
     let declared = Set(keys.flatMap { $0.flags.compactMap { $0.split(separator: " ").first.map(String.init) } })
