@@ -1,6 +1,7 @@
 """A fake Kubernetes API server for the DRA tests: HTTPS on loopback with a CA of its own and a
 bearer token, so the agent's real in-cluster client path runs (TLS verification against ca.crt,
-`Authorization: Bearer <token>`).
+`Authorization: Bearer <token>`); with `client_user` set, a client certificate from the same CA
+whose CN is that user authenticates a request without a token (the API server's x509 path).
 
 It serves what a DRA driver touches, with the API server's observable behaviour where it matters:
 - ResourceClaims the test creates: GET `/apis/resource.k8s.io/v1/namespaces/NS/resourceclaims/NAME`,
@@ -247,9 +248,37 @@ def make_tls(directory):
             .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
             .sign(ca_key, hashes.SHA256()))
     paths = directory / "ca.crt", directory / "server.crt", directory / "server.key"
+    (directory / "ca.key").write_bytes(ca_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                            serialization.NoEncryption()))
     paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
     paths[1].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     paths[2].write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return paths
+
+
+def make_client_cert(directory, common_name):
+    """A client certificate for `common_name` from make_tls's CA in `directory` (as the API server's
+    x509 authenticator sees it, the user is the CN): (client.crt, client.key)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    directory = Path(directory)
+    ca = x509.load_pem_x509_certificate((directory / "ca.crt").read_bytes())
+    ca_key = serialization.load_pem_private_key((directory / "ca.key").read_bytes(), password=None)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+            .issuer_name(ca.subject).public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    paths = directory / "client.crt", directory / "client.key"
+    paths[0].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                            serialization.NoEncryption()))
     return paths
 
@@ -304,6 +333,8 @@ class FakeKubeAPI:
         self.events = []  # (rv, type, object) of ResourceSlices
         self.problems = []  # refused writes: (method, path, [problem])
         self.unauthorized = []  # (method, path, Authorization header)
+        self.client_user = None  # the CN a client certificate must carry to authenticate (None: tokens only)
+        self.by_certificate = []  # (method, path) of requests authenticated by a client certificate
         self.log = []  # (time, method, path, status)
         self.generations = []  # (rv, name, pool generation, resourceSliceCount) of every stored write
         self.stopping = threading.Event()
@@ -316,6 +347,10 @@ class FakeKubeAPI:
         context.minimum_version = ssl.TLSVersion.TLSv1_2
         context.load_cert_chain(self.cert_file, self.key_file)
         context.set_alpn_protocols(["http/1.1"])
+        # Client certificates are asked for and, when sent, verified against the CA (as the API
+        # server's --client-ca-file); a client without one authenticates with its token.
+        context.verify_mode = ssl.CERT_OPTIONAL
+        context.load_verify_locations(self.ca_file)
         api = self
 
         class Server(ThreadingHTTPServer):
@@ -685,6 +720,15 @@ class FakeKubeAPI:
         return events()
 
 
+def _common_name(peer):
+    """The subject CN of a verified peer certificate (ssl's getpeercert() form), or None."""
+    for rdn in (peer or {}).get("subject", ()):
+        for key, value in rdn:
+            if key == "commonName":
+                return value
+    return None
+
+
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     api = None  # set on the subclass
@@ -734,7 +778,10 @@ class _Handler(BaseHTTPRequestHandler):
         api = self.api
         url = urlsplit(self.path)
         raw = self._body()
-        if self.headers.get("Authorization") != f"Bearer {api.token}":
+        if (api.client_user is not None and self.headers.get("Authorization") is None
+                and _common_name(self.connection.getpeercert()) == api.client_user):
+            api.by_certificate.append((method, url.path))
+        elif self.headers.get("Authorization") != f"Bearer {api.token}":
             api.unauthorized.append((method, url.path, self.headers.get("Authorization")))
             api.log.append((time.time(), method, url.path, 401))
             return self._send(401, _status(401, "Unauthorized", "Unauthorized"))

@@ -953,6 +953,106 @@ def test_config_file_and_in_cluster_environment(rig):
     rig.assert_api_clean()
 
 
+# --- A kubeconfig ---------------------------------------------------------------------------------
+
+def write_kubeconfig(rig, ca, user, current="fpga"):
+    """A kubeconfig in <rig>/kube/config pointing at the fake API server, with a second context
+    (`broken`, whose cluster and user do not exist) besides `fpga`. ca: "data" (inline) or "file"
+    (a path relative to the kubeconfig's directory); user: "token" (inline), "tokenFile" (relative)
+    or "cert" (a client certificate and key, inline and as a file)."""
+    import base64
+
+    from fake_kube_api import make_client_cert
+
+    kube = rig.directory / "kube"
+    kube.mkdir(exist_ok=True)
+    cluster = {"server": rig.api.url}
+    if ca == "data":
+        cluster["certificate-authority-data"] = base64.b64encode(rig.api.ca_file.read_bytes()).decode()
+    else:
+        (kube / "pki").mkdir(exist_ok=True)
+        shutil.copy(rig.api.ca_file, kube / "pki" / "ca.crt")
+        cluster["certificate-authority"] = "pki/ca.crt"
+    if user == "token":
+        credentials = {"token": rig.api.token}
+    elif user == "tokenFile":
+        shutil.copy(rig.api.token_file, kube / "token")
+        credentials = {"tokenFile": "token"}
+    else:
+        rig.api.client_user = "system:node:interop"
+        crt, key = make_client_cert(rig.directory / "api", rig.api.client_user)
+        credentials = {"client-certificate": str(crt),
+                       "client-key-data": base64.b64encode(key.read_bytes()).decode()}
+    config = {"apiVersion": "v1", "kind": "Config", "current-context": current,
+              "clusters": [{"name": "fake", "cluster": cluster}],
+              "users": [{"name": "agent", "user": credentials}],
+              "contexts": [{"name": "broken", "context": {"cluster": "gone", "user": "nobody"}},
+                           {"name": "fpga", "context": {"cluster": "fake", "user": "agent", "namespace": "x"}}]}
+    path = kube / "config"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def dra_flags(rig):
+    return ["--dra", "--dra-driver-name", rig.driver, "--dra-registry-dir", str(rig.registry),
+            "--dra-plugins-dir", str(rig.plugins), "--cdi-dir", str(rig.cdi)]
+
+
+def prepare_one_claim(rig, name):
+    """The slices published, then one claim prepared (its status reported) and unprepared."""
+    rig.kubelet.register()
+    _, slices = rig.api.wait_settled(rig.driver, NODE, what="the slices published through the kubeconfig")
+    assert len(check_vf_devices(rig, slices)) == 52
+    (bdf,) = free_vfs(rig, 1)
+    claim = Claim("default", name)
+    rig.api.put_claim(make_claim("default", claim.name, claim.uid, [("vf", device_name(bdf))]))
+    assert prepared(rig.kubelet.prepare([claim]), claim)[0][0] == device_name(bdf)
+    wait_for(lambda: rig.api.device_status(claim.namespace, claim.name), 15, "the claim's status.devices")
+    assert rig.kubelet.unprepare([claim])[claim.uid].error == ""
+    rig.assert_api_clean()
+
+
+@pytest.mark.parametrize("ca,user", [("data", "token"), ("file", "tokenFile"), ("data", "cert")])
+def test_kubeconfig(rig, ca, user):
+    """--kubeconfig alone points the driver at the API server: the CA inline or as a file relative
+    to the kubeconfig, a token inline or from a file, or a client certificate (mutual TLS)."""
+    path = write_kubeconfig(rig, ca, user)
+    rig.start(extra=dra_flags(rig) + ["--kubeconfig", str(path)])
+    prepare_one_claim(rig, f"kubeconfig-{ca}-{user.lower()}")
+    (line,) = [l for l in (rig.directory / "agent.log").read_text().splitlines() if "DRA: Kubernetes API" in l]
+    assert rig.api.url in line and str(path) in line and "fpga" in line, line
+    if user == "cert":
+        # Every request proved itself by the certificate alone (assert_api_clean: none refused).
+        assert rig.api.by_certificate, "no request was authenticated by the client certificate"
+        assert "client certificate" in line and "bearer token" not in line, line
+    else:
+        assert rig.api.by_certificate == []
+
+
+def test_kubeconfig_from_the_environment_with_a_chosen_context(rig):
+    """KUBECONFIG (its first file) and --kube-context choose what current-context does not; an
+    explicit --kube-ca-file overrides the kubeconfig's CA."""
+    path = write_kubeconfig(rig, "data", "token", current="broken")
+    rig.start(extra=dra_flags(rig) + ["--kube-context", "fpga", "--kube-ca-file", str(rig.api.ca_file)],
+              env={"KUBECONFIG": f"{path}:/nonexistent/second"})
+    prepare_one_claim(rig, "kubeconfig-env")
+
+
+def test_kubeconfig_errors_name_the_file_and_the_context(rig):
+    path = write_kubeconfig(rig, "data", "token", current="broken")
+    with pytest.raises(RuntimeError) as failed:
+        rig.start(extra=dra_flags(rig) + ["--kubeconfig", str(path)])
+    assert f'kubeconfig {path}: cluster "gone" not found; clusters: "fake"' in str(failed.value)
+    with pytest.raises(RuntimeError) as failed:
+        rig.start(extra=dra_flags(rig) + ["--kubeconfig", str(path), "--kube-context", "foo"])
+    assert f'kubeconfig {path}: context "foo" not found; contexts: "broken", "fpga"' in str(failed.value)
+    huge = rig.directory / "kube" / "huge"
+    huge.write_bytes(b"#" * (1 << 20) + b"\n")
+    with pytest.raises(RuntimeError) as failed:
+        rig.start(extra=dra_flags(rig) + ["--kubeconfig", str(huge)])
+    assert f"kubeconfig {huge}: larger than 1048576 bytes, refused" in str(failed.value)
+
+
 # --- A real CDI consumer -------------------------------------------------------------------------
 
 BASE_IMAGE = "localhost/fpga-agent-base:bookworm"
