@@ -60,9 +60,14 @@ enum WebServer {
     }
     router.get("/api/operations/:id/events") { request, context in
       try api.authorize(request, context, needs: .viewer)
-      let id = try Validate.id(try context.parameters.require("id"), field: "id", prefix: "op-")
-      _ = try await engine.operation(id)
-      return api.events(operation: id)
+      do {
+        let id = try Validate.id(try context.parameters.require("id"), field: "id", prefix: "op-")
+        _ = try await engine.operation(id)
+        return api.events(operation: id)
+      } catch let error as AgentError {
+        // A malformed or unknown id is the caller's, not the server's (500).
+        throw HTTPError(WebAPI.status(error.rpcErrorCode), message: error.rpcErrorMessage)
+      }
     }
     router.post("/api/rpc/:method") { request, context in
       await api.call(request, context, method: try context.parameters.require("method"))
