@@ -55,8 +55,9 @@ public struct FPGACtl: AsyncParsableCommand {
   }
 }
 
-/// Moves `--server X` and `--timeout N` written before the subcommand to after it, so both
-/// `fpgactl --server X status` and `fpgactl status --server X` work.
+/// Moves `--server X` and `--timeout N` written before the subcommand to after it (and after
+/// its nested subcommand and positionals), so both `fpgactl --server X status` and
+/// `fpgactl status --server X` work.
 func hoistGlobalOptions(_ arguments: [String]) -> [String] {
   var global: [String] = []
   var rest: [String] = []
@@ -77,8 +78,11 @@ func hoistGlobalOptions(_ arguments: [String]) -> [String] {
     }
     index += 1
   }
-  guard !global.isEmpty, let first = rest.first, !first.hasPrefix("-") else { return rest + global }
-  return [first] + global + rest.dropFirst()
+  // After the leading words (the subcommand path, then positionals): a nested subcommand such
+  // as `health clear` or `context switch` takes the options, not its group.
+  let words = rest.prefix { !$0.hasPrefix("-") }.count
+  guard !global.isEmpty, words > 0 else { return rest + global }
+  return Array(rest.prefix(words)) + global + rest.dropFirst(words)
 }
 
 func statusName(_ code: RPCError.Code) -> String {

@@ -40,12 +40,10 @@ enum Render {
       ])
     }
     let restore = status.layoutRestore
-    if !restore.bootID.isEmpty {
+    if restore.rebooted {
       rows.append([
         "boot",
-        restore.rebooted
-          ? "host rebooted since the last run (boot \(restore.bootID)); layout restore \(restore.enabled ? "on" : "off")"
-          : "no reboot since the last run (boot \(restore.bootID))",
+        "host rebooted before this start (boot \(restore.bootID)); layout restore \(restore.enabled ? "on" : "off")",
       ])
       for pf in restore.pfs {
         let detail =

@@ -366,3 +366,28 @@ struct FPGACtlQEMUTests {
     }
   }
 }
+
+@Suite struct HealthCommandTests {
+  @Test func healthListsAndClearIsAuditedWithItsReason() async throws {
+    try await TestAgent.with { agent in
+      let server = "unix:\(agent.socketPath)"
+      let listed = await fpgactl(["--server", server, "health"])
+      #expect(listed.code == 0 && listed.out == "every device is healthy")
+      let cleared = await fpgactl([
+        "--server", server, "health", "clear", "0000:3b:00.4", "--reason", "card reseated, ticket 4711", "--key", "h1",
+      ])
+      #expect(cleared.code == 0)
+      #expect(cleared.out.hasPrefix("cleared 0000:3b:00.4: healthy (revision "))
+      let again = await fpgactl([
+        "--server", server, "health", "clear", "0000:3b:00.4", "--reason", "card reseated, ticket 4711", "--key", "h1",
+      ])
+      #expect(again.out.hasPrefix("already cleared 0000:3b:00.4"))
+      let missing = await fpgactl(["--server", server, "health", "clear", "0000:3b:0f.0", "--reason", "x"])
+      #expect(missing.code == 1 && missing.err.contains("not managed by this node"))
+      let noReason = await fpgactl(["--server", server, "health", "clear", "0000:3b:00.4", "--reason", ""])
+      #expect(noReason.code == 1 && noReason.err.contains("reason is required"))
+      let audit = await fpgactl(["--server", server, "audit", "--json"])
+      #expect(audit.out.contains("ClearDeviceHealth") && audit.out.contains("card reseated, ticket 4711"))
+    }
+  }
+}
