@@ -160,7 +160,7 @@ import ArgumentParser
       #expect(
         error.problems == [
           "simulator.state_file \"hw.json\" must be an absolute path",
-          "fault_injection \"crash-during:write-zero\" is not crash-before:STEP, crash-after:STEP or fail:STEP (STEP: a step index or one of plan, pause, detach, write-zero, write-count, release, verify, bind, resume, reattach, commit)",
+          "fault_injection \"crash-during:write-zero\" is not crash-before:STEP, crash-after:STEP or fail:STEP (STEP: a step index or one of plan, pause, detach, write-zero, write-count, release, verify, bind, resume, reattach, commit, set-qmax)",
         ])
     }
     try ConfigLoader.apply(

@@ -10,7 +10,16 @@ import Testing
 
   @Test func countersAreJudgedFromTheFirstScanAndByRate() {
     var tracker = HealthTracker(policy: HealthPolicy(correctableErrorsPerMinute: 60))
-    // Errors logged before the agent started do not count.
+    // Uncorrectable errors logged before the agent first saw the device are not new errors: the
+    // device is degraded with their figure (aer-history), not unhealthy, until an operator
+    // accepts them.
+    let first = tracker.assess(
+      vf, readings: HealthReadings(correctableErrors: 500, nonfatalErrors: 0, fatalErrors: 3), now: t0)
+    #expect(first.state == .degraded && first.reasons.map(\.kind) == ["aer-history"])
+    #expect(
+      first.reasons[0].detail.hasPrefix("3 uncorrectable fatal errors (AER) logged before the agent first saw it"))
+    let cleared = tracker.clear(vf, note: "known")
+    #expect(cleared)
     #expect(
       tracker.assess(vf, readings: HealthReadings(correctableErrors: 500, nonfatalErrors: 0, fatalErrors: 3), now: t0)
         .state == .healthy)
