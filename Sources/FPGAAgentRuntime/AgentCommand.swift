@@ -4,7 +4,7 @@ import FPGALinux
 import Logging
 
 /// `fpga-agent`: runs the node agent (`serve`, the default), or one-shot host commands on the
-/// same platform code (`sriov`).
+/// same platform code (`sriov`), and the simulated host's reboot (`simulator`).
 public struct AgentCommand: AsyncParsableCommand {
   public static let configuration = CommandConfiguration(
     commandName: "fpga-agent",
@@ -14,7 +14,7 @@ public struct AgentCommand: AsyncParsableCommand {
       Unix socket. Each flag overrides the config file and the FPGA_AGENT_* environment.
       """,
     version: AgentRuntime.version,
-    subcommands: [Serve.self, SRIOVCommand.self, DRACommand.self, ConfigKeysCommand.self],
+    subcommands: [Serve.self, SRIOVCommand.self, DRACommand.self, SimulatorCommand.self, ConfigKeysCommand.self],
     defaultSubcommand: Serve.self)
 
   public init() {}
