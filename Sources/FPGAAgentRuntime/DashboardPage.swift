@@ -65,6 +65,12 @@ section.panel > h2 .tools { margin-left: auto; display: flex; gap: 6px; align-it
 .counter .l { color: var(--muted); font-size: 11px; text-transform: uppercase; letter-spacing: .04em; }
 ul.problems { margin: 6px 0 0; padding-left: 18px; color: #8a2c2c; }
 ul.findings { margin: 4px 0 0; padding-left: 18px; color: var(--muted); font-size: 12px; }
+.restore { margin-top: 8px; border-radius: 6px; padding: 6px 10px; background: #e8f0fb; border: 1px solid #b5cdee;
+  color: #1d3f72; font-size: 12px; }
+.restore[data-failed]:not([data-failed="0"]) { background: #fdf1de; border-color: #eac58a; color: #6b4506; }
+.restore ul { margin: 3px 0 0; padding-left: 18px; }
+.restore li[data-result="failed"] { color: var(--bad); }
+.health-device .reasons { margin: 2px 0 0; padding-left: 16px; color: var(--muted); font-size: 12px; }
 .legend { display: flex; gap: 12px; flex-wrap: wrap; color: var(--muted); font-size: 12px; }
 .legend span::before { content: ""; display: inline-block; width: 11px; height: 11px; border-radius: 2px;
   margin-right: 4px; vertical-align: -1px; border: 1px solid rgba(0,0,0,.15); }
@@ -108,6 +114,7 @@ th { font-size: 11px; color: var(--muted); text-transform: uppercase; letter-spa
 td.mono, .mono { font-family: var(--mono); font-size: 12px; }
 tr.sel td { background: #fff6e0; }
 form.f { display: grid; grid-template-columns: 110px minmax(0, 1fr); gap: 5px 8px; align-items: center; }
+form.f[hidden] { display: none; }
 form.f label { color: var(--muted); font-size: 12px; }
 form.f .row-full { grid-column: 1 / -1; display: flex; gap: 6px; justify-content: flex-end; align-items: center; }
 input, select, button, textarea { font: inherit; font-size: 12px; }
@@ -217,6 +224,7 @@ body[data-role="none"] .needs-role { display: none; }
         <div class="counter"><div class="v" id="c-attached">–</div><div class="l">attached</div></div>
         <div class="counter"><div class="v" id="c-accels">–</div><div class="l">accelerators</div></div>
       </div>
+      <div id="layout-restore"></div>
       <div id="problems"></div>
       <div id="findings"></div>
     </section>
@@ -250,6 +258,18 @@ body[data-role="none"] .needs-role { display: none; }
     <section class="panel" id="vf-panel">
       <h2>Selected VF</h2>
       <div id="vf-detail"><p class="hint">Click a VF in the grid.</p></div>
+    </section>
+
+    <section class="panel" id="health-panel">
+      <h2>Device health <span class="tools hint" id="health-count"></span></h2>
+      <div id="health-list"><p class="hint">Every device is healthy.</p></div>
+      <form id="health-form" class="f" autocomplete="off" novalidate hidden>
+        <label for="health-device">device</label><select id="health-device" name="device"></select>
+        <label for="health-reason">reason</label><input type="text" id="health-reason" name="reason" maxlength="256"
+          placeholder="why its errors are accepted (required, kept in the audit trail)">
+        <div class="row-full"><span class="hint">The counters it shows now become its baseline.</span>
+          <button type="submit" class="primary" id="health-clear" data-min-role="admin">Clear health</button></div>
+      </form>
     </section>
 
     <section class="panel" id="allocate-panel">
@@ -427,6 +447,7 @@ body[data-role="none"] .needs-role { display: none; }
     highlight: "",         // allocation id whose VF is outlined
     plan: null, planKey: "",
     watchedOp: "",
+    clearDevice: "",       // the device a "Clear health" button chose for the health form
     openOps: new Set(), closedOps: new Set(),
     live: false,
   };
@@ -694,6 +715,7 @@ body[data-role="none"] .needs-role { display: none; }
     renderAccelerators();
     renderOperations();
     renderVFDetail();
+    renderHealth();
     renderLink((d.status || {}).orchestrator || {});
     renderSelects();
     renderReconfigure();
@@ -719,6 +741,7 @@ body[data-role="none"] .needs-role { display: none; }
     $("#c-allocated").textContent = num(st.vfsAllocated);
     $("#c-attached").textContent = attached;
     $("#c-accels").textContent = (inv().accelerators || []).length;
+    renderRestore(st.layoutRestore);
     const problems = st.problems || [];
     setHTML($("#problems"), problems.length
       ? `<ul class="problems" data-count="${problems.length}">` + problems.map(p => `<li class="problem">${esc(p)}</li>`).join("") + `</ul>`
@@ -727,6 +750,38 @@ body[data-role="none"] .needs-role { display: none; }
     setHTML($("#findings"), findings.length
       ? `<details><summary class="hint">${(st.findings || []).length} finding(s) from reconciling records with the node</summary><ul class="findings">` +
         findings.map(f => `<li>${esc(f)}</li>`).join("") + `</ul></details>` : "");
+  }
+
+  // LayoutRestore: after a host reboot, what start-up re-created of each PF's recorded layout.
+  function restoreLine(p) {
+    const pf = `PF <span class="mono">${esc(p.pfBdf)}</span>`, found = num(p.foundVfs), recorded = num(p.recordedVfs);
+    const op = p.operationId
+      ? ` (<a href="#" class="mono" data-action="show-op" data-op="${esc(p.operationId)}">${esc(p.operationId)}</a>)` : "";
+    const plural = (n, one) => `${n} ${one}${n === 1 ? "" : "s"}`;
+    switch (p.result) {
+      case "restored":
+        return `${pf} restored to ${recorded} VFs (found ${found}): ${plural(num(p.allocationsKept), "allocation")} kept, ` +
+          `${plural(num(p.vfsBound), "VF")} bound to vfio-pci${op}`;
+      case "failed":
+        return `${pf} not restored to ${recorded} VFs (found ${found}): <b>${esc(p.error || "unknown error")}</b>${op}`;
+      case "running":
+        return `${pf} being restored to ${recorded} VFs (found ${found})${op}`;
+      default:
+        return `${pf} has ${found} of its ${recorded} recorded VFs: ${esc(p.error || "not restored")}`;
+    }
+  }
+  function renderRestore(lr) {
+    const box = $("#layout-restore");
+    if (!lr || !lr.rebooted) { setHTML(box, ""); return; }
+    const pfs = lr.pfs || [];
+    const failed = pfs.filter(p => p.result === "failed").length;
+    const head = `<b>The host rebooted</b> since the agent's last run` + (lr.bootId ? ` (boot id <span class="mono">${esc(lr.bootId)}</span>)` : "") +
+      (pfs.length ? (lr.enabled ? ": the recorded VF layouts were restored." : ": layout.restore_on_boot is off, nothing was restored.")
+        : ": every PF had its recorded VFs.");
+    setHTML(box, `<div class="restore" id="restore" data-rebooted="true" data-enabled="${!!lr.enabled}" data-failed="${failed}">${head}` +
+      (pfs.length ? `<ul>` + pfs.map(p => `<li class="restore-pf" data-pf="${esc(p.pfBdf)}" data-result="${esc(p.result)}"` +
+        ` data-op="${esc(p.operationId || "")}" data-allocations-kept="${num(p.allocationsKept)}" data-vfs-bound="${num(p.vfsBound)}">` +
+        restoreLine(p) + `</li>`).join("") + `</ul>` : "") + `</div>`);
   }
 
   function vfState(vf, pf, card) {
@@ -818,6 +873,8 @@ body[data-role="none"] .needs-role { display: none; }
             ? `<button type="button" class="small" data-action="undrain" data-device="${esc(pf.bdf)}" data-min-role="admin">Undrain</button>`
             : `<button type="button" class="small" data-action="drain" data-device="${esc(pf.bdf)}" data-min-role="admin">Drain</button>`) +
           `<button type="button" class="small" data-action="allocate-here" data-pf="${esc(pf.bdf)}" data-min-role="operator" title="allocate from this PF">Allocate…</button>` +
+          (healthOf(pf) !== "healthy"
+            ? `<button type="button" class="small" data-action="clear-health" data-device="${esc(pf.bdf)}" data-min-role="admin" title="accept its errors, with a reason (admin)">Clear health…</button>` : "") +
           `</div></div><div class="vfgrid">${tiles || `<span class="empty">no VF enabled</span>`}</div></div>`;
       }).join("");
       return { key: card.id, html: `<div class="card" data-card="${esc(card.id)}" data-draining="${!!card.draining}">${head}${rows}</div>` };
@@ -916,8 +973,42 @@ body[data-role="none"] .needs-role { display: none; }
     if (a && a.rootPort) rows.push(["root port", a.rootPort]);
     rows.push(["health", [healthOf(v), ...healthLines(v)].join("; ")]);
     if (readingsText(p)) rows.push(["PF link", readingsText(p)]);
+    // A VF unhealthy only through its PF is cleared on the PF.
+    const target = healthOf(v) === "healthy" ? "" : onlyParent(v) ? p.bdf : v.bdf;
+    const clear = target ? `<button type="button" class="small" data-action="clear-health" data-device="${esc(target)}" data-min-role="admin"` +
+      ` title="accept its errors, with a reason (admin)">${target === v.bdf ? "Clear health…" : "Clear its PF's health…"}</button>` : "";
     setHTML(box, `<dl class="kv" data-vf="${esc(v.bdf)}">` + rows.map(([k, val]) => `<dt>${esc(k)}</dt><dd>${esc(val)}</dd>`).join("") + `</dl>` +
-      (a ? `<div style="margin-top:6px;text-align:right">${allocationActions(a)}</div>` : ""));
+      (a || clear ? `<div style="margin-top:6px;text-align:right">${clear}${a ? allocationActions(a) : ""}</div>` : ""));
+  }
+
+  function onlyParent(dev) {
+    const reasons = ((dev && dev.health) || {}).reasons || [];
+    return reasons.length > 0 && reasons.every(r => r.kind === "parent");
+  }
+  // Every PF, and every VF not unhealthy merely through its PF, that is not healthy; an admin
+  // clears one with a reason (ClearDeviceHealth, audited).
+  function renderHealth() {
+    const devices = [];
+    for (const c of inv().cards || []) for (const p of c.pfs || []) {
+      if (healthOf(p) !== "healthy") devices.push({ kind: "PF", dev: p });
+      for (const v of p.vfs || []) if (healthOf(v) !== "healthy" && !onlyParent(v)) devices.push({ kind: "VF", dev: v });
+    }
+    $("#health-count").textContent = devices.length ? `${devices.length} not healthy` : "";
+    setHTML($("#health-list"), devices.length ? `<div class="rows">` + devices.map(({ kind, dev }) => {
+      const h = healthOf(dev);
+      return `<div class="row health-device" data-device="${esc(dev.bdf)}" data-health="${esc(h)}"><div class="what">` +
+        `${kind} <span class="mono">${esc(dev.bdf)}</span> <span class="badge ${h === "degraded" ? "warn" : "bad"}">${esc(h)}</span>` +
+        `<ul class="reasons">` + ((dev.health || {}).reasons || []).map(r => `<li class="health-reason" data-kind="${esc(r.kind)}">` +
+          `<b>${esc(r.kind)}</b>: ${esc(r.detail || "")}${r.since ? ` <span class="hint">since ${esc(fmtTime(r.since))}</span>` : ""}</li>`).join("") +
+        `</ul></div><div class="actions"><button type="button" class="small" data-action="clear-health" data-device="${esc(dev.bdf)}"` +
+        ` data-min-role="admin">Clear…</button></div></div>`;
+    }).join("") + `</div>` : `<p class="hint">Every device is healthy.</p>`);
+    const form = $("#health-form"), wanted = S.clearDevice;
+    fillSelect($("#health-device"), devices.map(({ kind, dev }) => [dev.bdf, `${kind} ${dev.bdf} (${healthOf(dev)})`]), false);
+    if (wanted && devices.some(d => d.dev.bdf === wanted)) $("#health-device").value = wanted;
+    form.hidden = !devices.length;
+    $("#health-clear").dataset.gate = devices.length ? "" : "hold";
+    if (!devices.length) $("#health-clear").disabled = true;
   }
 
   function renderLink(link) {
@@ -1248,6 +1339,21 @@ body[data-role="none"] .needs-role { display: none; }
       notice(`policy of ${p.acceleratorId}: slice ${fmtDur(secs(p.timeSlice))}, limit ${num(p.overcommitLimit, 1)}`, { accelerator: p.acceleratorId || "" });
     });
   });
+  $("#health-device").addEventListener("change", () => { S.clearDevice = $("#health-device").value; });
+  $("#health-form").addEventListener("submit", ev => {
+    ev.preventDefault();
+    act($("#health-clear"), async () => {
+      const device = $("#health-device").value;
+      if (!device) throw new ApiError(0, "INVALID_ARGUMENT", "choose a device");
+      // The node API checks the reason (required, 1-256 characters): its refusal is shown as is.
+      const r = await rpc("ClearDeviceHealth", { meta: meta(), device, reason: $("#health-reason").value });
+      const h = healthOf(r), reasons = healthLines(r);
+      $("#health-reason").value = "";
+      S.clearDevice = "";
+      notice(`${r.replayed ? "already cleared" : "cleared"} ${device}: now ${h}${reasons.length ? " (" + reasons.join("; ") + ")" : ""}` +
+        ` (revision ${r.revision})`, { device, health: h });
+    });
+  });
   $("#rescan").addEventListener("click", ev => act(ev.currentTarget, async () => {
     const r = await rpc("Rescan", {});
     notice(r.changed ? `rescan found changes (revision ${r.revision})` : "rescan found no change");
@@ -1345,6 +1451,20 @@ body[data-role="none"] .needs-role { display: none; }
           notice(`deleted ${ctx}`, { context: ctx });
         });
         break;
+      case "clear-health":
+        S.clearDevice = el.dataset.device;
+        renderHealth(); applyRole();
+        $("#health-panel").scrollIntoView({ behavior: "smooth", block: "center" });
+        $("#health-reason").focus();
+        break;
+      case "show-op": {
+        ev.preventDefault();
+        S.openOps.add(el.dataset.op); S.closedOps.delete(el.dataset.op);
+        renderOperations();
+        const target = document.getElementById("op-" + el.dataset.op);
+        if (target) { target.open = true; target.scrollIntoView({ behavior: "smooth", block: "center" }); }
+        break;
+      }
       case "edit-policy":
         $("#policy-accelerator").value = el.dataset.accelerator;
         loadPolicy();

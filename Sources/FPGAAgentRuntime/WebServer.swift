@@ -442,6 +442,9 @@ struct WebAPI: Sendable {
       },
       method(M.MoveContext.descriptor) { service in { try await service.moveContext(request: $0, context: $1) } },
       method(M.GetAuditTrail.descriptor) { service in { try await service.getAuditTrail(request: $0, context: $1) } },
+      method(M.ClearDeviceHealth.descriptor) { service in
+        { try await service.clearDeviceHealth(request: $0, context: $1) }
+      },
     ])
   }()
 }

@@ -112,17 +112,17 @@ class Http:
         return status, json.loads(text) if text else {}
 
 
-def start_web_agent(directory, config_text="", workloads=False, http_port=None):
+def start_web_agent(directory, config_text="", workloads=False, http_port=None, extra=(), env=None):
     """An agent serving HTTP on a port of its own; workloads=True keeps the simulated guests' work
     generator on (conftest turns it off in the file it writes; a later --config wins)."""
     port = http_port or free_port()
-    extra = ["--http-listen", f"127.0.0.1:{port}"]
+    extra = ["--http-listen", f"127.0.0.1:{port}", *extra]
     if workloads:
         path = os.path.join(directory, "web-agent.yaml")
         with open(path, "w") as f:
             f.write(config_text + ("" if "auth:" in config_text else "auth:\n  plaintext_role: admin\n"))
         extra += ["--config", path]
-    agent = start_agent(directory, extra=extra, config_text=config_text)
+    agent = start_agent(directory, extra=extra, config_text=config_text, env=env)
     agent.http_port = port
     agent.http = Http(f"http://127.0.0.1:{port}")
     deadline = time.monotonic() + 15
@@ -387,6 +387,17 @@ def test_malformed_requests(web):
 
 
 @needs_agent
+def test_every_unary_method_has_a_json_endpoint(web):
+    """The bridge serves every unary RPC of the service (a new one is not forgotten), no stream."""
+    service = pb.DESCRIPTOR.services_by_name["NodeAgent"]
+    unary = sorted(m.name for m in service.methods if not m.client_streaming and not m.server_streaming)
+    status, reply = web.http.rpc("NoSuchMethod", {})
+    assert status == 404 and reply["code"] == "NOT_FOUND"
+    assert reply["message"].split("the methods are ", 1)[1].split(", ") == unary
+    assert "ClearDeviceHealth" in unary
+
+
+@needs_agent
 def test_a_viewer_cannot_steer(viewer_agent):
     http_api = viewer_agent.http
     node = stub(viewer_agent)  # plaintext TCP on loopback: also a viewer
@@ -401,6 +412,7 @@ def test_a_viewer_cannot_steer(viewer_agent):
         ("RegisterContext", {"context": {"acceleratorId": "card-0000:3b/acc1", "guest": "v", "function": "f"}}),
         ("Rescan", {}),
         ("GetAuditTrail", {}),
+        ("ClearDeviceHealth", {"device": "0000:3b:00.0", "reason": "a viewer tries"}),
     ]
     for method, body in steering:
         status, reply = http_api.rpc(method, body)
@@ -983,3 +995,136 @@ def test_viewer_page_disables_steering(browser, viewer_agent):
                       ".map(e => e.id || e.dataset.action)")
     assert enabled == [], enabled
     assert page.element("#allocate-submit").get_attribute("disabled")
+
+
+@needs_agent
+def test_clear_device_health_from_the_page(browser):
+    """The linux platform on a sysfs tree: a PF first seen with uncorrectable errors already logged
+    is degraded (aer-history); a new fatal error makes it and its VFs unhealthy; an admin clears it
+    from the page with a reason (a missing one is refused with the node API's message): healthy
+    again, and the audit trail has the call with its reason."""
+    from test_device_plugin import _sysfs_tree
+
+    pf, vf = "0000:3b:00.0", "0000:3b:00.4"
+    with tempfile.TemporaryDirectory(prefix="fpga-web-health-") as directory:
+        sys_root, dev_root, devices = _sysfs_tree(os.path.join(directory, "tree"))
+        fatal = os.path.join(devices, pf, "aer_dev_fatal")
+        with open(fatal, "w") as f:
+            f.write("TOTAL_ERR_FATAL 2\n")
+        agent = start_web_agent(directory, config_text="linux:\n  uevents: false\n",
+                                extra=["--platform", "linux", "--sysfs-root", sys_root, "--dev-root", dev_root])
+        try:
+            node = stub(agent)
+            page = Page(browser, agent.http.base)
+            page.open()
+            pf_row = f'.pf[data-pf="{pf}"]'
+            # Errors from before the agent saw the card: degraded, like any degraded reason.
+            page.wait(lambda: page.attr(pf_row, "data-health") == "degraded", "the PF degraded")
+            assert "aer-history" in page.attr(f'{pf_row} .badge[data-health="degraded"]', "title")
+            page.wait(lambda: page.count(f'.health-device[data-device="{pf}"] .health-reason[data-kind="aer-history"]') == 1,
+                      "the reason in the health panel")
+            assert page.count(f'{pf_row} button[data-action="clear-health"]') == 1
+            # A new fatal error: the PF and, through it, its VFs are unhealthy.
+            with open(fatal, "w") as f:
+                f.write("DLP 1\nTOTAL_ERR_FATAL 3\n")
+            node.Rescan(pb.RescanRequest(), timeout=30)
+            page.wait(lambda: page.attr(pf_row, "data-health") == "unhealthy"
+                      and page.attr(f'.vf[data-vf="{vf}"]', "data-health") == "unhealthy", "the PF and its VF unhealthy")
+            # The VF's panel offers its PF's clear (the VF is unhealthy only through it).
+            page.click(f'.vf[data-vf="{vf}"]')
+            page.wait(lambda: page.count(f'#vf-detail button[data-action="clear-health"][data-device="{pf}"]') == 1,
+                      "the VF panel's clear button")
+            page.click(f'#vf-detail button[data-action="clear-health"][data-device="{pf}"]')
+            page.wait(lambda: page.js("return document.getElementById('health-device').value") == pf, "the PF chosen")
+            assert page.count('.health-device[data-device="0000:3b:00.4"]') == 0  # listed through its PF only
+            # No reason: the node API's refusal, as it words it.
+            page.type("#health-reason", "")
+            page.click("#health-clear")
+            deadline = time.monotonic() + 10
+            while page.js("return document.getElementById('error-banner').hidden") and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert page.attr("#error-banner", "data-code") == "INVALID_ARGUMENT"
+            _, details = grpc_error(node.ClearDeviceHealth, pb.ClearDeviceHealthRequest(device=pf, reason=""))
+            assert page.text("#error-message") == details
+            page.click("#error-close")
+            assert page.attr(pf_row, "data-health") == "unhealthy"
+            # With a reason: cleared, the new state in the notice.
+            reason = "card reseated, ticket 4711"
+            page.type("#health-reason", reason)
+            page.clear_notice()
+            page.click("#health-clear")
+            assert page.notice("device") == pf
+            assert page.attr("#notice", "data-health") == "healthy" and "cleared 0000:3b:00.0: now healthy" in page.text("#notice")
+            page.wait(lambda: page.attr(pf_row, "data-health") == "healthy"
+                      and page.attr(f'.vf[data-vf="{vf}"]', "data-health") == "healthy", "the PF and its VF healthy")
+            page.wait(lambda: not page.element("#health-form").is_displayed()
+                      and page.count(".health-device") == 0, "nothing left to clear")
+            assert page.count(f'{pf_row} button[data-action="clear-health"]') == 0
+            pf_health = [p for c in node.GetInventory(pb.GetInventoryRequest()).cards for p in c.pfs if p.bdf == pf][0].health
+            assert pf_health.state == pb.HEALTH_STATE_HEALTHY
+            # Audited with the reason, the refusal too.
+            entries = [e for e in node.GetAuditTrail(pb.GetAuditTrailRequest(limit=100)).entries
+                       if e.rpc == "ClearDeviceHealth" and e.transport == "http"]
+            assert [e.status for e in entries][-2:] == ["invalidArgument", "ok"], entries
+            assert json.loads(entries[-1].request_json)["reason"] == reason
+            assert json.loads(entries[-1].request_json)["device"] == pf
+        finally:
+            stop(agent)
+
+
+@needs_agent
+def test_the_page_says_what_a_reboot_restored(browser):
+    """The simulated node kept in simulator.state_file, rebooted between two runs (fpga-agent
+    simulator reboot): the page says the host rebooted and, per PF, what was restored; the restore
+    operations are in the operations panel with their steps."""
+    with tempfile.TemporaryDirectory(prefix="fpga-web-reboot-") as directory:
+        hardware = os.path.join(directory, "hardware.json")
+        env = {"FPGA_AGENT_SIMULATOR_STATE_FILE": hardware}
+        agent = start_web_agent(directory, env=env)
+        try:
+            node = stub(agent)
+            allocation = node.AllocateVF(pb.AllocateVFRequest(
+                owner="before-reboot", constraints=pb.AllocationConstraints(pf_bdf="0000:3b:00.0"))).allocation
+            assert not node.GetNodeStatus(pb.GetNodeStatusRequest()).layout_restore.rebooted
+            page = Page(browser, agent.http.base)
+            page.open()
+            assert page.text("#layout-restore") == ""
+        finally:
+            stop(agent)
+        result = subprocess.run([str(BIN / "fpga-agent"), "simulator", "reboot", "--state-file", hardware],
+                                capture_output=True, text=True, timeout=30)
+        assert result.returncode == 0 and "rebooted the simulated host" in result.stdout, result.stdout + result.stderr
+        agent = start_web_agent(directory, env=env)
+        try:
+            node = stub(agent)
+            restore = node.GetNodeStatus(pb.GetNodeStatusRequest()).layout_restore
+            assert restore.rebooted and restore.enabled and restore.pfs
+            mine = [p for p in restore.pfs if p.pf_bdf == "0000:3b:00.0"][0]
+            assert (mine.result, mine.allocations_kept, mine.vfs_bound) == ("restored", 1, 1), mine
+            kept = [a for a in node.GetInventory(pb.GetInventoryRequest()).allocations if a.id == allocation.id]
+            assert kept and kept[0].vf_bdf == allocation.vf_bdf
+
+            page = Page(browser, agent.http.base)
+            page.open()
+            page.wait(lambda: page.attr("#restore", "data-rebooted") == "true", "the restore line")
+            assert "The host rebooted" in page.text("#restore") and restore.boot_id in page.text("#restore")
+            for entry in restore.pfs:
+                item = f'#restore .restore-pf[data-pf="{entry.pf_bdf}"]'
+                assert page.attr(item, "data-result") == entry.result and page.attr(item, "data-op") == entry.operation_id
+                assert (f"restored to {entry.recorded_vfs} VFs (found {entry.found_vfs})" in page.text(item)
+                        and entry.operation_id in page.text(item)), page.text(item)
+                # Each restore is an operation of the panel, its steps done.
+                op = f'#operations .op[data-op="{entry.operation_id}"]'
+                page.wait(lambda: page.attr(op, "data-kind") == "restore"
+                          and page.attr(op, "data-state") == "OPERATION_STATE_SUCCEEDED", f"{entry.operation_id} listed")
+                states = page.js("return Array.from(document.querySelectorAll(arguments[0])).map(e => e.dataset.state)",
+                                 f"{op} .op-step")
+                assert states and set(states) == {"OPERATION_STATE_SUCCEEDED"}, states
+            assert "1 allocation kept, 1 VF bound to vfio-pci" in page.text(
+                '#restore .restore-pf[data-pf="0000:3b:00.0"]')
+            # Its operation id opens the operation.
+            page.js(f"document.getElementById('op-{mine.operation_id}').open = false")
+            page.click(f'#restore a[data-op="{mine.operation_id}"]')
+            page.wait(lambda: page.js(f"return document.getElementById('op-{mine.operation_id}').open"), "the operation open")
+        finally:
+            stop(agent)
