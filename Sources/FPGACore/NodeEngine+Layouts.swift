@@ -107,14 +107,11 @@ extension NodeEngine {
       bootID: bootID, previousBootID: persisted.bootID, enabled: enabled, at: clock.now())
     defer { layoutReport = report }
     guard let bootID else { return report }
-    if bootID != persisted.bootID {
-      do {
-        try await store.commit([.setBootID(bootID)])
-      } catch {
-        noteDiscrepancy("the boot id could not be recorded (\(error.message)); the next start may restore again")
-      }
+    let recordBoot: [StoreChange] = bootID == persisted.bootID ? [] : [.setBootID(bootID)]
+    guard let previous = persisted.bootID, previous != bootID else {
+      await recordQuietly(recordBoot)
+      return report
     }
-    guard let previous = persisted.bootID, previous != bootID else { return report }
     report.rebooted = true
     hostRebooted = true
     healthTracker.forgetAll()
@@ -127,10 +124,12 @@ extension NodeEngine {
           pf: $0.pf, found: 0, recorded: $0.numVFs, result: .failed,
           error: "the node could not be scanned: \(error.message)")
       }
+      for entry in report.pfs { restoreFailed.insert(entry.pf) }
       noteDiscrepancy(report.summary)
+      await recordQuietly(recordBoot)
       return report
     }
-    var started: [(index: Int, id: String)] = []
+    var planned: [(index: Int, machine: ReconfigureMachine, holder: Reservations.Holder)] = []
     for pf in node.pfs.map(\.function).sorted(by: { $0.address < $1.address }) {
       guard let layout = persisted.layouts[pf.address], pf.numVFs < layout.numVFs else { continue }
       var entry = LayoutRestoreReport.PF(
@@ -141,15 +140,35 @@ extension NodeEngine {
         continue
       }
       do throws(AgentError) {
-        entry.operationID = try beginRestore(pf, to: layout)
+        let (machine, holder) = try planRestore(pf, to: layout)
+        entry.operationID = machine.id
         entry.result = .running
-        started.append((report.pfs.count, entry.operationID!))
+        planned.append((report.pfs.count, machine, holder))
       } catch {
         entry.result = .failed
         entry.error = error.message
         restoreFailed.insert(pf.address)
       }
       report.pfs.append(entry)
+    }
+    // The new boot and every restore's journal in one transaction: a crash before it restores
+    // again at the next start; after it, `recover` rolls the journaled restores forward.
+    do {
+      try await store.commit(recordBoot + planned.map { .putOperation($0.machine.stored) })
+    } catch {
+      for (index, _, holder) in planned {
+        reservations.release(holder)
+        report.pfs[index].result = .failed
+        report.pfs[index].error = "the state store could not record the restore: \(error.message)"
+        restoreFailed.insert(report.pfs[index].pf)
+      }
+      planned = []
+    }
+    var started: [(index: Int, id: String)] = []
+    for (index, machine, holder) in planned {
+      reconfigureActions[machine.id] = machine.journal.actions
+      begin(machine, holder: holder, faultsApply: true)
+      started.append((index, machine.id))
     }
     for (index, id) in started {
       await waitForOperation(id)
@@ -174,9 +193,11 @@ extension NodeEngine {
     return report
   }
 
-  /// Starts the journaled restore of `pf` to `layout`: its allocations are reserved by the
-  /// operation until it ends. Returns the operation's id.
-  private func beginRestore(_ pf: PhysicalFunction, to layout: PFLayout) throws(AgentError) -> String {
+  /// Plans the journaled restore of `pf` to `layout` and reserves the PF and its allocations
+  /// for it (held until the operation ends).
+  private func planRestore(_ pf: PhysicalFunction, to layout: PFLayout) throws(AgentError) -> (
+    ReconfigureMachine, Reservations.Holder
+  ) {
     guard pf.driver != nil else {
       throw AgentError(
         .failedPrecondition,
@@ -213,10 +234,17 @@ extension NodeEngine {
     var journal = ReconfigureJournal(
       pf: pf.address, from: pf.numVFs, to: layout.numVFs, strategy: .auto, actions: actions)
     journal.forwardOnly = true
-    reconfigureActions[id] = actions
-    // Journaled by the first step's save, before anything is written to the PF.
-    begin(ReconfigureMachine(record: record, journal: journal), holder: holder, faultsApply: true)
-    return id
+    return (ReconfigureMachine(record: record, journal: journal), holder)
+  }
+
+  /// Commits `changes`, noting a failure (the boot id: the next start may take it for a reboot).
+  private func recordQuietly(_ changes: [StoreChange]) async {
+    guard !changes.isEmpty else { return }
+    do {
+      try await store.commit(changes)
+    } catch {
+      noteDiscrepancy("the boot id could not be recorded (\(error.message)); the next start may restore again")
+    }
   }
 
   /// Records the layout of every PF whose VF count or queue count changed since it was last
@@ -277,7 +305,6 @@ extension NodeEngine {
     try await commit(claim, [.putHealth(memory)] + (next.map { [.putIdempotency($0)] } ?? []))
     // Applied once durable: a scan in between judged by the old baseline, as it should have.
     _ = healthTracker.clear(device, note: "\(reason) (at \(now))")
-    if let updated = healthTracker.memory(of: device) { healthTracker.markSaved(put: [updated], delete: []) }
     let revision = (try? await rescan()) ?? state.revision
     if let record = claim.record(.revision(revision)) { ledger.record(record) }
     return (health(of: device) ?? DeviceHealth(), revision, false)

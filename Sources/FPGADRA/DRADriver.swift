@@ -128,6 +128,7 @@ public actor DRADriver {
     for claim in prepared.values.sorted(by: { $0.uid < $1.uid }) {
       switch claim.state {
       case .completed:
+        let claim = await refreshed(claim)
         do {
           try writeFiles(claim)
         } catch {
@@ -456,6 +457,37 @@ public actor DRADriver {
         let allocated = ISO8601DateFormatter().date(from: text)
       else { return false }
       return allocated.timeIntervalSince1970 > time + 60
+    }
+  }
+
+  /// A prepared claim whose VFs now sit in other IOMMU groups (a host reboot re-created them
+  /// through the engine's layout restore, and the kernel numbered them anew): its devices name
+  /// the groups of today, kept in the store, so the CDI spec written next points at the right
+  /// `/dev/vfio/N`.
+  private func refreshed(_ claim: PreparedClaim) async -> PreparedClaim {
+    guard let snapshot = try? await engine.snapshot() else { return claim }
+    let groups = Dictionary(snapshot.allocations.map { ($0.id, $0.iommuGroup) }, uniquingKeysWith: { a, _ in a })
+    var updated = claim
+    for index in updated.devices.indices where updated.devices[index].shareID == nil {
+      guard let group = groups[updated.devices[index].allocationID], group >= 0 else { continue }
+      let node = "/dev/vfio/\(group)"
+      guard updated.devices[index].vfioDevice != node else { continue }
+      logger.notice(
+        "a prepared claim's VF is in another IOMMU group since the agent's last run: its CDI spec is rewritten",
+        metadata: [
+          "fpga.claim": "\(claim.uid)", "fpga.vf": "\(updated.devices[index].vf)",
+          "fpga.from": "\(updated.devices[index].vfioDevice)", "fpga.to": "\(node)",
+        ])
+      updated.devices[index].vfioDevice = node
+    }
+    guard updated != claim else { return claim }
+    do {
+      try await record(updated)
+      prepared[claim.uid] = updated
+      return updated
+    } catch {
+      logger.error("cannot record a prepared claim's new IOMMU group", metadata: ["fpga.claim": "\(claim.uid)"])
+      return claim
     }
   }
 

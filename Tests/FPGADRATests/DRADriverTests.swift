@@ -245,6 +245,41 @@ final class Claims: ClaimSource, Sendable {
     #expect(try store.load().records["dra-claim"]?.keys.sorted() == ["uid-k"])
   }
 
+  @Test func aHostRebootKeepsAPreparedClaimAndItsSpecFollowsTheVFsNewGroup() async throws {
+    let (settings, _, store, directory) = try fixture()
+    defer { try? FileManager.default.removeItem(atPath: directory) }
+    let node = SimulatedNode(config: .default)
+    func start() async throws -> NodeEngine {
+      let engine = NodeEngine(
+        nodeID: "node-a", platform: SimulatedPlatform(node: node), clock: FixedTestClock(), store: store)
+      let persisted = try await engine.restore()
+      await engine.restoreLayouts(persisted, enabled: true)
+      try await engine.rescan()
+      await engine.reconcile()
+      return engine
+    }
+    let engine = try await start()
+    let claims = Claims()
+    claims.put(Claims.claim("kept", uid: "uid-k", devices: ["vf-0000-3b-00-4"]))
+    let first = DRADriver(settings: settings, engine: engine, store: store, claims: claims, logger: Logger(label: "t"))
+    let before = try #require(
+      try await first.prepare([ClaimReference(namespace: "ns", uid: "uid-k", name: "kept")])["uid-k"]?.get().first)
+
+    // The host reboots (CDI specs live in a tmpfs); before the agent starts, another PF gets a VF
+    // first, so the kernel hands the restored VFs other group numbers.
+    node.reboot()
+    try FileManager.default.removeItem(atPath: settings.cdiDir)
+    try await node.writeNumVFs(pf: PCIAddress("0000:d8:00.3")!, "1")
+    let after = try await start()
+    let allocation = try #require(try await after.snapshot().allocations.first { $0.id == before.allocationID })
+    #expect(allocation.vf == PCIAddress("0000:3b:00.4") && "/dev/vfio/\(allocation.iommuGroup)" != before.vfioDevice)
+    let second = DRADriver(settings: settings, engine: after, store: store, claims: claims, logger: Logger(label: "t"))
+    try await second.restore()
+    let spec = try String(contentsOfFile: settings.cdiDir + "/k8s.qdma.xilinx.com-vf_uid-k.json", encoding: .utf8)
+    #expect(spec.contains("/dev/vfio/\(allocation.iommuGroup)") && !spec.contains(before.vfioDevice + "\""))
+    #expect(await second.preparedClaims.first?.devices.first?.vfioDevice == "/dev/vfio/\(allocation.iommuGroup)")
+  }
+
   @Test func slicesCarryAttributesTaintsAndStayWithinLimits() async throws {
     let (settings, engine, _, directory) = try fixture()
     defer { try? FileManager.default.removeItem(atPath: directory) }
