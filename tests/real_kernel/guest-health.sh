@@ -130,6 +130,7 @@ else
 fi
 t_status=; if poll 30000 status_has "PF $ERR is unhealthy since"; then t_status=$(ms); fi
 cat /tmp/status.out
+grep -F "PF $ERR is unhealthy since" /tmp/status.out > /tmp/err-judgement.txt
 linkinfo $ERR
 dmesg | grep -E "AER|$ERR" | tail -8
 measure "AER error" "$(kms "error message received from $ERR")" "$t_mark" "PF $ERR updated" "$t_status"
@@ -165,6 +166,32 @@ echo "sriov_numvfs=$(cat $D/$PF/sriov_numvfs)"
 grep -E "uevent|device event|rescan|op-" /tmp/agent.log | tail -12
 run $C $S allocate --owner health-test-again --pf $PF
 run $C $S status
+
+step "agent restarted on the same state directory: $ERR still unhealthy"
+# Issue 23: the judgement and its AER counter baseline are kept in /tmp/state/state.sqlite; the
+# kernel's counters still read TOTAL_ERR_NONFATAL 1, which a restart must not take as the new
+# baseline. (The watch above ends with the agent.)
+kill -TERM $AGENT; wait $AGENT; echo "AGENT-EXIT=$?"
+rm -f /tmp/agent.sock
+grep TOTAL_ERR_NONFATAL $D/$ERR/aer_dev_nonfatal
+$A --platform linux $SEL --listen "" --http-listen "" --unix-socket /tmp/agent.sock --state-dir /tmp/state \
+  --node-id guest --log-level debug > /tmp/agent-restarted.log 2>&1 &
+AGENT=$!
+t=$(ms); poll 120000 test -S /tmp/agent.sock; echo "agent up again after $(( $(ms) - t )) ms"
+poll 30000 status_has "PF $ERR is unhealthy since"
+cat /tmp/status.out
+echo "before the restart: $(cat /tmp/err-judgement.txt)"
+if grep -qxF "$(cat /tmp/err-judgement.txt)" /tmp/status.out; then echo "judgement kept: same line"; else echo "judgement changed"; fi
+run $C health list $S
+run $C $S allocate --owner health-test-restarted --pf $ERR
+
+step "health clear of $ERR"
+run $C health clear $S $ERR --reason "poisoned TLP injected by the real-kernel test"
+run $C $S audit --limit 3 --json
+run $C health list $S
+poll 30000 status_lacks "PF $ERR is unhealthy"
+run cat /tmp/status.out
+run $C $S inventory
 
 step "end"
 kill -TERM $AGENT; wait $AGENT; echo "AGENT-EXIT=$?"
