@@ -448,9 +448,9 @@ DRA_MODULES = "nvme vfio-pci vfio_iommu_type1 virtio_pci virtio_net"
 DRA_QEMU_EXTRA = "-netdev user,id=n0 -device virtio-net-pci,netdev=n0,romfile="
 
 
-def dra_claim(uid):
-    """A ResourceClaim the scheduler allocated: VF 0000:01:00.1 of the guest's pool."""
-    device = "vf-" + DRA_VF.replace(":", "-").replace(".", "-")
+def dra_claim(uid, vf=DRA_VF):
+    """A ResourceClaim the scheduler allocated: VF `vf` (0000:01:00.1) of the guest's pool."""
+    device = "vf-" + vf.replace(":", "-").replace(".", "-")
     return {
         "apiVersion": "resource.k8s.io/v1", "kind": "ResourceClaim",
         "metadata": {"name": "vf-claim", "namespace": "default", "uid": uid},
@@ -570,96 +570,148 @@ def test_dra_unprepare_releases_and_a_stale_prepare_is_refused(dra):
 
 # --- layouts across a host reboot (issue 23) -----------------------------------------------------
 
-# A second SR-IOV PF (nvme1, 0000:02:00.0) whose restore fails, and a raw disk (virtio-blk,
-# /dev/vda in the guest) that carries the agent's state directory from one boot to the next.
-REBOOT_MODULES = "nvme vfio-pci vfio_iommu_type1 virtio_pci virtio_blk"
+# A second SR-IOV PF (nvme1, 0000:02:00.0) whose restore fails, a raw disk (virtio-blk, /dev/vda
+# in the guest) that carries the agent's state directory from one boot to the next, and the user
+# network to the host's fake API server (the agent is the node's DRA driver too).
+REBOOT_MODULES = "nvme vfio-pci vfio_iommu_type1 virtio_pci virtio_blk virtio_net"
 REBOOT_PF2 = ("-device pcie-root-port,id=rp2,chassis=2,slot=2 -device nvme-subsys,id=subsys1 "
               f"-device nvme,id=nvme1,bus=rp2,serial=cafe0001,subsys=subsys1,sriov_max_vfs={NUMVFS_MAX},"
               f"sriov_vq_flexible={2 * NUMVFS_MAX},sriov_vi_flexible={NUMVFS_MAX}")
+REBOOT_CLAIM_VF = "0000:01:00.2"
 
 
 @pytest.fixture(scope="module")
 def reboot():
     """Runs guest-reboot.sh in a guest that reboots once (REBOOT=1: the first boot ends with
     `reboot -f`, QEMU resets the machine and boots it again) with the agent's state carried on a
-    raw disk; returns the serial output of the first boot and of the second."""
+    raw disk; returns the serial output of the first boot and of the second, the fake API server
+    and the claim's uid."""
+    import sys
+    sys.path.insert(0, str(ROOT / "tests" / "interop"))
+    from fake_kube_api import FakeKubeAPI
+
     require_qemu()
     with tempfile.TemporaryDirectory(prefix="fpga-real-kernel-reboot-") as work:
         disk = Path(work) / "state.img"
         with open(disk, "wb") as image:
             image.truncate(16 << 20)
-        extra = f"-drive file={disk},format=raw,if=none,id=state0 -device virtio-blk-pci,drive=state0 {REBOOT_PF2}"
-        output = run_scenario("guest-reboot.sh",
-                              env_extra={"MODULES": REBOOT_MODULES, "QEMU_EXTRA": extra, "REBOOT": "1"})
+        api = FakeKubeAPI(work, node="guest", driver=DRA_DRIVER).start()
+        uid = str(uuid.uuid4())
+        api.put_claim(dra_claim(uid, REBOOT_CLAIM_VF))
+        extra = (f"-drive file={disk},format=raw,if=none,id=state0 -device virtio-blk-pci,drive=state0 "
+                 f"{DRA_QEMU_EXTRA} {REBOOT_PF2}")
+        try:
+            output = run_scenario(
+                "guest-reboot.sh", [str(api.token_file), str(api.ca_file)],
+                env_extra={"MODULES": REBOOT_MODULES, "QEMU_EXTRA": extra, "REBOOT": "1"},
+                replace={"API_PORT": api.port, "TOKEN_FILE": api.token_file, "CA_FILE": api.ca_file, "CLAIM_UID": uid})
+        finally:
+            api.stop()
         assert "== boot (second)" in output, output[-3000:]
         split = output.index("== boot (second)")
-        return output[:split], output[split:]
+        return output[:split], output[split:], api, uid
+
+
+def layout_restored(text):
+    """The requests of the LayoutRestored entries of the audit trail (STATE_DIR/audit.log, JSON
+    lines) in `text`, by PF, with the entry's status."""
+    entries = [json.loads(line) for line in text.splitlines() if line.startswith("{") and "LayoutRestored" in line]
+    return {entry["request"]["pfBdf"]: dict(entry["request"], status=entry["status"])
+            for entry in entries if entry.get("rpc") == "LayoutRestored" and entry.get("identity") == "agent"}
 
 
 def boot_id(output):
     return re.search(r"^boot_id (\S+)$", output, re.M).group(1)
 
 
-def test_the_first_boot_records_the_layout_and_an_allocation(reboot):
-    first, _ = reboot
-    text = section(first, "first boot")
+def test_the_first_boot_records_the_layout_and_the_allocations(reboot):
+    first, _, api, uid = reboot
     assert "REBOOT-FAIL" not in first, first[first.find("REBOOT-FAIL") - 3000:]
-    assert text.count("[succeeded] commit") == 2, text
-    allocated = re.search(r"^allocation: alloc-[0-9a-f]+ of VF (0000:01:00\.[12])$", text, re.M)
-    assert allocated, text
+    assert section(first, "first boot: agent").count("[succeeded] commit") == 2, first
+    allocated = re.search(r"^allocation: alloc-[0-9a-f]+ of VF (0000:01:00\.1)$", first, re.M)
+    assert allocated, first
+    text = section(first, "first boot: the other VF allocated")
     assert re.search(rf"^  VF {re.escape(allocated.group(1))} driver=vfio-pci group=\d+$", text, re.M), text
     assert re.search(r"^0000:01:00\.0 driver=nvme sriov_numvfs=2$", text, re.M)
     assert re.search(r"^0000:02:00\.0 driver=nvme sriov_numvfs=1$", text, re.M)
     assert "AGENT-EXIT=0" in text
+    claim = section(first, "first boot: the DRA claim prepared")
+    assert f"prepared default/vf-claim ({uid})" in claim and "RC=0" in claim, claim
+    spec = re.search(r"BDF=(\S+) group=(\d+); kernel group=(\d+) driver=(\S+)", claim)
+    assert spec and spec.groups() == (REBOOT_CLAIM_VF, spec.group(3), spec.group(3), "vfio-pci"), claim
     saved = section(first, "state onto /dev/vda, then reboot")
     assert re.search(r"state saved: .*state/state\.sqlite", saved), saved
+    assert not api.problems and not api.unauthorized, (api.problems, api.unauthorized)
 
 
-def test_after_a_reboot_the_pf_gets_its_vfs_back_and_the_allocation_its_vf(reboot):
-    first, second = reboot
+def test_after_a_reboot_the_pf_gets_its_vfs_back_and_the_allocations_their_vfs(reboot):
+    first, second, _, uid = reboot
     assert "REBOOT-FAIL" not in second, second[second.find("REBOOT-FAIL") - 3000:]
     allocation, vf = re.search(r"^allocation: (alloc-[0-9a-f]+) of VF (\S+)$", first, re.M).groups()
     old, new = boot_id(first), boot_id(second)
     assert old != new
     found = section(second, "second boot")
-    assert f"first boot: allocation {allocation} of VF {vf}" in found
+    assert f"first boot: allocation {allocation} of VF {vf}; claim on VF {REBOOT_CLAIM_VF}" in found, found
     assert re.search(r"^0000:01:00\.0 driver=nvme sriov_numvfs=0$", found, re.M), found  # as the kernel booted
     after = section(second, "after the restore")
-    # The kernel: 2 VFs again, the allocated one on vfio-pci with its group's /dev/vfio/N.
+    # The kernel: 2 VFs again, both allocated VFs on vfio-pci, the fpgactl one with its /dev/vfio/N.
     assert re.search(r"^0000:01:00\.0 driver=nvme sriov_numvfs=2$", after, re.M), after
+    assert re.search(rf"^  VF {re.escape(REBOOT_CLAIM_VF)} driver=vfio-pci group=\d+$", after, re.M), after
     bound = re.search(rf"^allocated VF {re.escape(vf)}: driver=vfio-pci group=(\d+) (.*)$", after, re.M)
     assert bound and bound.group(2).startswith("crw") and f"/dev/vfio/{bound.group(1)}" in bound.group(2), after
-    # The agent: the same allocation on the same VF, the boot and restore rows, the finding.
+    # The agent: the same allocations on the same VFs, the boot and restore rows, the finding.
     assert re.search(rf"^{allocation} +{re.escape(vf)} +0000:01:00\.0 +reboot-test ", after, re.M), after
+    assert re.search(rf"^alloc-[0-9a-f]+ +{re.escape(REBOOT_CLAIM_VF)} +0000:01:00\.0 +claim:default/vf-claim/{uid} ",
+                     after, re.M), after
     assert re.search(rf"^{re.escape(vf)} +0000:01:00\.0 .* vfio-pci .*{allocation}", after, re.M), after
     assert re.search(rf"^boot +host rebooted before this start \(boot {new}\); layout restore on$", after, re.M), after
-    restored = re.search(r"^restore +PF 0000:01:00\.0 restored 2 VFs \(found 0\), 1 allocations kept, 1 bound to vfio-pci, "
+    restored = re.search(r"^restore +PF 0000:01:00\.0 restored 2 VFs \(found 0\), 2 allocations kept, 2 bound to vfio-pci, "
                          r"(op-[0-9a-f]+)$", after, re.M)
     assert restored, after
     assert f"the host rebooted since the last run (boot id {old} → {new}): PF 0000:01:00.0 restored to 2 VFs (found 0), " \
-           f"1 allocation kept, 1 VF bound to vfio-pci ({restored.group(1)})" in after, after
+           f"2 allocations kept, 2 VFs bound to vfio-pci ({restored.group(1)})" in after, after
     operation = after[after.index(f"operation: {restored.group(1)}"):]
-    assert "restore" in operation and "[succeeded] commit" in operation, operation
-    assert f"bind VF {vf} to vfio-pci" in operation, operation
-    assert "LayoutRestored" in after, after  # audited
+    assert f"operation {restored.group(1)} (restore 0000:01:00.0): succeeded" in operation, operation
+    assert "[succeeded] commit" in operation, operation
+    for bound_vf in (vf, REBOOT_CLAIM_VF):
+        assert f"[succeeded] bind VF {bound_vf} to vfio-pci" in operation, operation
+    assert {"pfBdf": "0000:01:00.0", "result": "restored", "allocationsKept": 2, "vfsBound": 2,
+            "operationId": restored.group(1)}.items() <= layout_restored(after)["0000:01:00.0"].items(), after
+
+
+def test_after_a_reboot_the_kubelet_prepares_the_claim_again_on_the_same_vf(reboot):
+    """The CDI folder is a tmpfs on a real host (/var/run/cdi): gone after the reboot. The agent
+    writes the prepared claim's spec again at its start, and the kubelet's prepare of the claim
+    again answers with it: it names the same VF and, from the kernel, its IOMMU group, which is
+    the group it had before the reboot."""
+    first, second, api, uid = reboot
+    before = re.search(r"claim on VF (\S+), group (\d+)", section(second, "second boot")).groups()
+    again = section(second, "the kubelet prepares the claim again")
+    assert f"prepared default/vf-claim ({uid})" in again and "RC=0" in again, again
+    assert re.search(rf"vf: guest/vf-0000-01-00-2 cdi k8s\.{re.escape(DRA_DRIVER)}/vf={uid}-vf-0000-01-00-2", again), again
+    specs = re.findall(r"BDF=(\S+) group=(\d+); kernel group=(\d+) driver=(\S+)", again)
+    assert specs and all(spec == (before[0], before[1], before[1], "vfio-pci") for spec in specs), (before, again)
+    assert not api.problems and not api.unauthorized, (api.problems, api.unauthorized)
 
 
 def test_a_pf_whose_restore_fails_is_reported_while_the_other_is_restored(reboot):
-    _, second = reboot
+    _, second, _, _ = reboot
     after = section(second, "after the restore")
     assert re.search(r"^restore +PF 0000:02:00\.0 failed: 0 of 1 VFs \(PF 0000:02:00\.0 has no driver bound", after, re.M), after
     assert re.search(r"^problem +.*0000:02:00\.0", after, re.M), after
     assert "PF 0000:02:00.0 could not be restored to 1 VFs: PF 0000:02:00.0 has no driver bound" in after, after
     assert re.search(r"^0000:02:00\.0 driver=none sriov_numvfs=0$", after, re.M), after
+    assert layout_restored(after)["0000:02:00.0"]["result"] == "failed", after
     assert "health    SERVING" in after or "health    DEGRADED" in after  # still serving
 
 
-def test_with_restore_on_boot_off_the_pf_stays_as_found_and_the_allocation_ends(reboot):
-    first, second = reboot
+def test_with_restore_on_boot_off_the_pf_stays_as_found_and_the_allocations_end(reboot):
+    first, second, _, uid = reboot
     allocation, vf = re.search(r"^allocation: (alloc-[0-9a-f]+) of VF (\S+)$", first, re.M).groups()
     off = section(second, "another boot with layout.restore_on_boot=false")
     assert re.search(r"^boot +host rebooted before this start \(boot \S+\); layout restore off$", off, re.M), off
     assert re.search(r"^restore +PF 0000:01:00\.0 skipped: 0 of 2 VFs \(layout\.restore_on_boot is off\)$", off, re.M), off
     assert re.search(r"^0000:01:00\.0 driver=nvme sriov_numvfs=0$", off, re.M), off
     assert f"allocation {allocation} (owner reboot-test) was on VF {vf}, which no longer exists: ended" in off, off
+    assert f"(owner claim:default/vf-claim/{uid}) was on VF {REBOOT_CLAIM_VF}, which no longer exists: ended" in off, off
     assert off.count("AGENT-EXIT=0") == 2 and "END-OF-SCENARIO" in second
