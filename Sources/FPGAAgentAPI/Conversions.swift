@@ -366,6 +366,7 @@ extension Fpga_Agent_V1_Operation {
     id = record.id
     kind = record.kind
     target = record.target
+    startedBy = record.startedBy ?? ""
     state = .init(record.state)
     steps = record.steps.map { step in
       .with {

@@ -284,6 +284,12 @@ public struct AgentConfig: Hashable, Sendable {
       /// Publish ResourceSlices (needs the API).
       public var publishSlices = true
       public var reconfigurationFenceSeconds = 10
+      /// Grow on demand (`GrowthPolicy`).
+      public var growOnDemand = false
+      public var growPFs: [String] = []
+      public var growMaxVFs = 0
+      public var growStep = 1
+      public var growAllowReplug = false
     }
 
     /// Explicit settings override the kubeconfig's; without either, the pod's (in-cluster).
@@ -506,11 +512,17 @@ public struct AgentConfig: Hashable, Sendable {
 extension AgentConfig {
   /// The DRA driver's sockets and folders; the node's name defaults to the agent's node id.
   func draSettings(nodeID: String) -> DRASettings {
-    DRASettings(
+    var settings = DRASettings(
       driverName: kubernetes.dra.driverName, registryDir: kubernetes.dra.registryDir,
       pluginsDir: kubernetes.dra.pluginsDir, cdiDir: kubernetes.dra.cdiDir,
       nodeName: kubernetes.dra.nodeName.isEmpty ? nodeID : kubernetes.dra.nodeName,
       deviceRoot: platform == .linux ? linux.devRoot : "/dev")
+    if kubernetes.dra.growOnDemand {
+      settings.growth = GrowthPolicy(
+        pfs: Set(kubernetes.dra.growPFs.compactMap(PCIAddress.init)), maxVFs: kubernetes.dra.growMaxVFs,
+        step: kubernetes.dra.growStep, allowReplug: kubernetes.dra.growAllowReplug)
+    }
+    return settings
   }
 }
 

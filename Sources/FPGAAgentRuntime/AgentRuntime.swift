@@ -284,7 +284,21 @@ public final class AgentRuntime: Sendable {
         "fault injection is set (a test setting): the agent will exit at that reconfiguration step",
         metadata: ["fpga.fault": "\(config.faultInjection)"])
     }
-    await engine.observeOperations { [metrics] record in metrics.operationEnded(record) }
+    let audited = self.audit
+    await engine.observeOperations { [metrics] record in
+      metrics.operationEnded(record)
+      // Operations the agent started for a caller that is not a node API client: a DRA growth
+      // is audited under the claim that asked for it.
+      if let origin = record.startedBy, origin.hasPrefix("dra") {
+        let request =
+          #"{"pfBdf":\#(WebAPI.quote(record.target)),"operationId":\#(WebAPI.quote(record.id)),"#
+          + #""startedBy":\#(WebAPI.quote(origin))}"#
+        audited.append(
+          AuditEntry(
+            identity: origin, transport: "dra", rpc: "Reconfigure", request: request,
+            status: record.state == .succeeded ? "ok" : "failed: \(record.error ?? "")", revision: 0))
+      }
+    }
     await engine.observeAccelerators { [metrics] event in metrics.accelerator(event) }
     let audit = self.audit
     await engine.observeEndedAllocations { ended in

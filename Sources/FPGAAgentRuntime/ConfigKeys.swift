@@ -449,6 +449,25 @@ public enum ConfigKeys {
       .bool(
         "kubernetes.dra.publish_slices", \.kubernetes.dra.publishSlices,
         "publish the node's ResourceSlices (needs the API)"),
+      .bool(
+        "kubernetes.dra.grow_on_demand", \.kubernetes.dra.growOnDemand,
+        "also publish the VFs each PF could have (up to `grow_max_vfs`, attribute `<driver>/created: false`) and grow the PF when a claim allocated to one is prepared (\"Grow on demand\")"
+      ),
+      .custom(
+        "kubernetes.dra.grow_pfs", \.kubernetes.dra.growPFs, type: "list of PCI addresses", default: "every managed PF",
+        "the PFs that may grow",
+        read: { reader, value, path in reader.addresses(value, path) },
+        show: { $0.isEmpty ? "every managed PF" : $0.joined(separator: ", ") }),
+      .int(
+        "kubernetes.dra.grow_max_vfs", \.kubernetes.dra.growMaxVFs, 0...4096,
+        "the most VFs a PF is grown to (at most its `sriov_totalvfs`); 0: `sriov_totalvfs`"),
+      .int(
+        "kubernetes.dra.grow_step", \.kubernetes.dra.growStep, 1...64,
+        "a growth creates at least this many more VFs (so fewer Prepares re-lay the PF)"),
+      .bool(
+        "kubernetes.dra.grow_allow_replug", \.kubernetes.dra.growAllowReplug,
+        "a VM whose QEMU cannot pause VFIO devices may see its VF unplugged and plugged again by a growth; off: such a PF is not offered"
+      ),
       .int(
         "kubernetes.dra.reconfiguration_fence_seconds", \.kubernetes.dra.reconfigurationFenceSeconds, 0...300,
         "how long a reconfiguration waits for its VFs' `NoSchedule` taints to reach the API server before its first step; 0: it does not wait"

@@ -154,6 +154,24 @@ final class ConfigReader {
     return roles
   }
 
+  /// A list of PCI addresses (`DDDD:BB:DD.F`).
+  func addresses(_ value: Any, _ path: String) -> [String]? {
+    guard let list = value as? [Any] else {
+      problems.append("\(path) must be a list of PCI addresses (DDDD:BB:DD.F)")
+      return nil
+    }
+    var found: [String] = []
+    for (index, item) in list.enumerated() {
+      guard let text = string(item, "\(path)[\(index)]") else { return nil }
+      guard let address = PCIAddress(text) else {
+        problems.append("\(path)[\(index)] \(quoted(text)) is not a PCI address (DDDD:BB:DD.F)")
+        return nil
+      }
+      found.append(address.description)
+    }
+    return found
+  }
+
   func ints(_ value: Any, _ path: String) -> [Int]? {
     guard let list = value as? [Any] else {
       problems.append("\(path) must be a list of whole numbers")

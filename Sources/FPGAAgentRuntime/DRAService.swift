@@ -68,6 +68,10 @@ struct DRAService: Service {
             }
           }
         }
+        if let publisher, settings.growth != nil {
+          await publisher.offerGrowth { [driver] snapshot in await driver.growablePFs(snapshot) }
+          await driver.observeGrowths { _ = try? await publisher.sync() }
+        }
         if let publisher { group.addTask { await self.publish(publisher) } }
       }
     } onGracefulShutdown: {

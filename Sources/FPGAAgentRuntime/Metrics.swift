@@ -186,6 +186,17 @@ final class AgentMetrics: Sendable {
             "Claims the kubelet asked to prepare or unprepare since the start, by answer (a batch counts each claim)."
         ).increment(by: Int64(count))
       }
+      let growth = await tracked.driver.growth
+      for (result, count) in [("grown", growth.grown), ("failed", growth.failed), ("refused", growth.refused)] {
+        state.counter(
+          name: "fpga_dra_growths_total", labels: [("result", result)],
+          help:
+            "PF growths for claims at Prepare (grow on demand): grown, failed (the PF left as it was), refused (the PF could not grow then)."
+        ).increment(by: Int64(count))
+      }
+      state.counter(
+        name: "fpga_dra_growth_seconds_total", help: "Time spent growing PFs for claims (successful growths)."
+      ).increment(by: Int64(growth.seconds.rounded()))
       state.counter(
         name: "fpga_dra_claim_status_failures_total",
         help: "Reports of prepared devices to a claim's status.devices the API server refused (RBAC, a deleted claim)."

@@ -227,6 +227,7 @@ extension NodeEngine {
         .init(allocationID: $0.id, vf: $0.vf, vm: $0.vm, outcome: "kept", guestSees: "nothing (the host rebooted)")
       },
       createdAt: now)
+    record.startedBy = "agent"
     record.steps[0].description = "plan: restore PF \(pf.address)'s recorded layout after the host rebooted"
     record.steps[0].state = .succeeded
     record.steps[0].startedAt = now
@@ -333,4 +334,9 @@ extension Validate {
     }
     return text
   }
+}
+
+extension NodeEngine {
+  /// Who holds each of `pf`'s VFs open now (`/dev/vfio/N`), as the platform tells.
+  public func holders(of pf: PCIAddress) async -> [PCIAddress: String] { await platform.vfHolders(pf: pf) }
 }

@@ -81,6 +81,7 @@ extension NodeEngine {
         .init(description: $0.description(pf: pf.address) + ($0.kind == .writeZero ? warning : ""), state: .pending)
       },
       impacts: plan.impacts, createdAt: now)
+    record.startedBy = request.startedBy
     record.steps[0].state = .succeeded
     record.steps[0].startedAt = now
     record.steps[0].finishedAt = now
@@ -395,10 +396,15 @@ public struct ReconfigureRequest: Hashable, Sendable {
   public var count: Int
   public var strategy: ReconfigureStrategy
   public var dryRun: Bool
+  /// Who asks when not a node API caller (`OperationRecord.startedBy`).
+  public var startedBy: String?
 
   public init(
-    meta: RequestMeta = .init(), pf: PCIAddress, count: Int, strategy: ReconfigureStrategy = .auto, dryRun: Bool = false
+    meta: RequestMeta = .init(), pf: PCIAddress, count: Int, strategy: ReconfigureStrategy = .auto,
+    dryRun: Bool = false,
+    startedBy: String? = nil
   ) {
+    self.startedBy = startedBy
     self.meta = meta
     self.pf = pf
     self.count = count

@@ -49,6 +49,8 @@ public struct OperationRecord: Hashable, Sendable, Codable {
   public var error: String?
   public var createdAt: WallTime
   public var finishedAt: WallTime?
+  /// Who started it when not a node API caller ("agent", "dra claim NS/NAME"); nil otherwise.
+  public var startedBy: String?
 
   public init(
     id: String, kind: String, target: String, state: State, steps: [Step] = [],

@@ -16,6 +16,8 @@ public struct DRASettings: Hashable, Sendable {
   public var nodeName: String
   /// Where the platform's device nodes are (`/dev`); CDI specs map `/dev/vfio/N` from there.
   public var deviceRoot: String
+  /// Grow on demand: PFs offer the VFs they could have (nil: off).
+  public var growth: GrowthPolicy?
 
   public init(
     driverName: String, registryDir: String, pluginsDir: String, cdiDir: String, nodeName: String,
@@ -99,6 +101,20 @@ public actor DRADriver {
   private var unreported: Set<String> = []
   /// Claims being prepared or unprepared right now.
   private var busy: Set<String> = []
+  /// Prepares under way, by claim uid: a retry of one joins it.
+  private var preparing: [String: Task<Result<[PreparedDevice], DRAFailure>, Never>] = [:]
+  /// Retries waiting on a Prepare under way, by claim uid (tests).
+  private var joinedPrepares: [String: Int] = [:]
+  func isJoined(_ uid: String) -> Bool { (joinedPrepares[uid] ?? 0) > 0 }
+  /// Prepares waiting on another claim's growth of their PF (tests).
+  var growthWaiters = 0
+  /// Growths under way, by PF, with the count each writes.
+  var growths: [PCIAddress: (target: Int, task: Task<Result<Void, DRAFailure>, Never>)] = [:]
+  /// PFs whose last growth failed, with why and their VF count then: not offered again until it
+  /// changes.
+  var failedGrowths: [PCIAddress: (why: String, numVFs: Int)] = [:]
+  var growthFigures = GrowthFigures()
+  var growthEnded: (@Sendable () async -> Void)?
   private var counts = Figures()
   static let claimKind = "dra-claim"
   static let tombstoneKind = "dra-tombstone"
@@ -164,7 +180,29 @@ public actor DRADriver {
     return results
   }
 
+  /// Prepares one claim; a retry while it is being prepared (the kubelet's, while a growth
+  /// runs) waits for the same preparation and gets its answer.
   func prepare(_ reference: ClaimReference) async throws(DRAFailure) -> [PreparedDevice] {
+    if let running = preparing[reference.uid] {
+      joinedPrepares[reference.uid, default: 0] += 1
+      defer { joinedPrepares[reference.uid, default: 1] -= 1 }
+      return try await running.value.get()
+    }
+    if let known = prepared[reference.uid], known.state == .completed { return try await prepareOnce(reference) }
+    let task = Task { () async -> Result<[PreparedDevice], DRAFailure> in
+      do throws(DRAFailure) {
+        return .success(try await self.prepareOnce(reference))
+      } catch {
+        return .failure(error)
+      }
+    }
+    preparing[reference.uid] = task
+    let outcome = await task.value
+    preparing[reference.uid] = nil
+    return try outcome.get()
+  }
+
+  private func prepareOnce(_ reference: ClaimReference) async throws(DRAFailure) -> [PreparedDevice] {
     if let known = prepared[reference.uid], known.state == .completed {
       try? writeFiles(known)
       if unreported.contains(reference.uid), busy.insert(reference.uid).inserted {
@@ -243,6 +281,7 @@ public actor DRADriver {
             "device \(quoted(result.device)) of claim \(reference.description) is not one of this driver's VFs (vf-DDDD-BB-DD-F)"
           )
         }
+        if let (pf, index) = await potentialVF(vf) { try await grow(pf, toHold: index, for: reference) }
         let (allocation, device) = try await engine.allocateOwned(
           vf: vf, owner: owner, key: "dra-\(reference.uid)-\(result.device)-\(Self.digest(allocation))")
         journal.devices.append(
@@ -489,6 +528,12 @@ public actor DRADriver {
       logger.error("cannot record a prepared claim's new IOMMU group", metadata: ["fpga.claim": "\(claim.uid)"])
       return claim
     }
+  }
+
+  /// Rewrites a prepared claim's spec with its VFs' groups of now.
+  func refreshSpec(_ uid: String) async {
+    guard let claim = prepared[uid], claim.state == .completed else { return }
+    try? writeFiles(await refreshed(claim))
   }
 
   private func record(_ claim: PreparedClaim) async throws(DRAFailure) {

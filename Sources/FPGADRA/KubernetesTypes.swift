@@ -246,6 +246,7 @@ public enum Kube {
 
     public static func string(_ value: String) -> Attribute { Attribute(string: value) }
     public static func int(_ value: Int) -> Attribute { Attribute(int: Int64(value)) }
+    public static func flag(_ value: Bool) -> Attribute { Attribute(bool: value) }
   }
 
   public struct Capacity: Codable, Hashable, Sendable {

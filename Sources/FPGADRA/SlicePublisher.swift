@@ -28,6 +28,13 @@ public actor SlicePublisher {
   private var lastSyncSucceeded: Bool?
   private var syncFailures = 0
   var figuresInterval: Duration = .seconds(60)
+  /// Grow on demand: the PFs that may grow now, with their ceilings (nil: growth is off).
+  private var growable: (@Sendable (InventorySnapshot) async -> [PCIAddress: Int])?
+
+  /// Offers the VFs of the PFs `growable` names, up to their ceilings, besides the real ones.
+  public func offerGrowth(_ growable: @escaping @Sendable (InventorySnapshot) async -> [PCIAddress: Int]) {
+    self.growable = growable
+  }
   static let figureAttributes = ["utilizationPercent", "switchOverheadPercent", "meanSwitchMicroseconds", "guests"]
 
   /// The API server's limits: 128 devices per slice, 64 once any device has taints.
@@ -43,7 +50,8 @@ public actor SlicePublisher {
 
   /// The devices the pool should have now.
   static func devices(
-    _ snapshot: InventorySnapshot, settings: DRASettings, reconfiguring: Set<PCIAddress> = []
+    _ snapshot: InventorySnapshot, settings: DRASettings, reconfiguring: Set<PCIAddress> = [],
+    growable: [PCIAddress: Int] = [:]
   ) -> [Kube.Device] {
     let owners = Dictionary(snapshot.allocations.map { ($0.id, $0.owner) }, uniquingKeysWith: { a, _ in a })
     var devices: [Kube.Device] = []
@@ -79,9 +87,13 @@ public actor SlicePublisher {
             "\(domain)/numaNode": .int(vf.numaNode),
           ]
           if let root = vf.pcieRoot { attributes["resource.kubernetes.io/pcieRoot"] = .string(root) }
+          if settings.growth != nil { attributes["\(domain)/created"] = .flag(true) }
           devices.append(
             Kube.Device(
               name: DeviceNames.name(of: vf.address), attributes: attributes, taints: taints.isEmpty ? nil : taints))
+        }
+        if let ceiling = growable[pf.function.address] {
+          devices += Growth.potentialDevices(pf, card: card, ceiling: ceiling, settings: settings)
         }
       }
     }
@@ -208,7 +220,10 @@ public actor SlicePublisher {
     } catch {
       throw KubernetesAPIError(status: 0, message: "\(error)")
     }
-    let desired = Self.chunks(Self.devices(snapshot, settings: settings, reconfiguring: await engine.reconfiguringPFs))
+    let desired = Self.chunks(
+      Self.devices(
+        snapshot, settings: settings, reconfiguring: await engine.reconfiguringPFs,
+        growable: await growable?(snapshot) ?? [:]))
     let existing = try await api.resourceSlices(node: settings.nodeName, driver: settings.driverName)
     let byName = Dictionary(existing.map { ($0.metadata.name ?? "", $0) }, uniquingKeysWith: { a, _ in a })
     let current = existing.map(\.spec.pool.generation).max() ?? 0

@@ -1921,7 +1921,7 @@ public nonisolated struct Fpga_Agent_V1_Operation: Sendable {
   /// Id, e.g. "op-5c1d...".
   public var id: String = String()
 
-  /// "reconfigure", "drain".
+  /// "reconfigure", "drain", "restore" (a layout re-created after a host reboot).
   public var kind: String = String()
 
   /// The object it acts on (a PF's BDF, a card id).
@@ -1958,6 +1958,10 @@ public nonisolated struct Fpga_Agent_V1_Operation: Sendable {
   public var hasFinishedAt: Bool {self._finishedAt != nil}
   /// Clears the value of `finishedAt`. Subsequent reads from it will return its default value.
   public mutating func clearFinishedAt() {self._finishedAt = nil}
+
+  /// Who started it when not a node API caller: "agent" (a restore after a reboot), "dra" (a PF
+  /// grown for a claim at Prepare, with the claim: "dra claim NAMESPACE/NAME"); empty otherwise.
+  public var startedBy: String = String()
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
@@ -5216,7 +5220,7 @@ nonisolated extension Fpga_Agent_V1_AllocationImpact: SwiftProtobuf.Message, Swi
 
 nonisolated extension Fpga_Agent_V1_Operation: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".Operation"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}id\0\u{1}kind\0\u{1}target\0\u{1}state\0\u{1}steps\0\u{1}impacts\0\u{1}error\0\u{3}created_at\0\u{3}finished_at\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}id\0\u{1}kind\0\u{1}target\0\u{1}state\0\u{1}steps\0\u{1}impacts\0\u{1}error\0\u{3}created_at\0\u{3}finished_at\0\u{3}started_by\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -5233,6 +5237,7 @@ nonisolated extension Fpga_Agent_V1_Operation: SwiftProtobuf.Message, SwiftProto
       case 7: try { try decoder.decodeSingularStringField(value: &self.error) }()
       case 8: try { try decoder.decodeSingularMessageField(value: &self._createdAt) }()
       case 9: try { try decoder.decodeSingularMessageField(value: &self._finishedAt) }()
+      case 10: try { try decoder.decodeSingularStringField(value: &self.startedBy) }()
       default: break
       }
     }
@@ -5270,6 +5275,9 @@ nonisolated extension Fpga_Agent_V1_Operation: SwiftProtobuf.Message, SwiftProto
     try { if let v = self._finishedAt {
       try visitor.visitSingularMessageField(value: v, fieldNumber: 9)
     } }()
+    if !self.startedBy.isEmpty {
+      try visitor.visitSingularStringField(value: self.startedBy, fieldNumber: 10)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -5283,6 +5291,7 @@ nonisolated extension Fpga_Agent_V1_Operation: SwiftProtobuf.Message, SwiftProto
     if lhs.error != rhs.error {return false}
     if lhs._createdAt != rhs._createdAt {return false}
     if lhs._finishedAt != rhs._finishedAt {return false}
+    if lhs.startedBy != rhs.startedBy {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
