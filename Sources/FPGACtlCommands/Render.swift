@@ -174,7 +174,10 @@ enum Render {
   }
 
   static func operation(_ operation: Fpga_Agent_V1_Operation) -> [String] {
-    var lines = ["operation \(operation.id) (\(operation.kind) \(operation.target)): \(opState(operation.state))"]
+    let by = operation.startedBy.isEmpty ? "" : ", started by \(operation.startedBy)"
+    var lines = [
+      "operation \(operation.id) (\(operation.kind) \(operation.target)\(by)): \(opState(operation.state))"
+    ]
     for (index, step) in operation.steps.enumerated() {
       let error = step.error.isEmpty ? "" : ": \(step.error)"
       lines.append("  \(index + 1). [\(opState(step.state))] \(step.description_p)\(error)")
