@@ -1143,3 +1143,96 @@ def test_cdi_spec_runs_in_podman(rig, vfio_stand_ins):
     assert written.strip() == "READONLY"  # the metadata reaches the container read-only
     assert rig.kubelet.unprepare([claim])[claim.uid].error == ""
     rig.assert_api_clean()
+
+
+# --- Grow on demand ------------------------------------------------------------------------------
+
+GROW_CONFIG = """kubernetes:
+  dra:
+    grow_on_demand: true
+    grow_pfs: ["0000:3b:00.3"]
+    grow_max_vfs: 12
+    grow_step: 4
+"""
+
+
+def potential_devices(rig, slices, pf):
+    """{vfIndex: device} of the pool's not-yet-created VFs of `pf`."""
+    found = {}
+    for s in slices:
+        for device in s["spec"].get("devices") or []:
+            attributes = device["attributes"]
+            if attributes.get(f"{rig.driver}/created") == {"bool": False} and attributes[f"{rig.driver}/pf"] == {"string": pf}:
+                found[attributes[f"{rig.driver}/vfIndex"]["int"]] = device
+    return found
+
+
+def test_grow_on_demand_prepares_claims_on_vfs_the_pf_does_not_have_yet(rig):
+    """The pool offers PF 0000:3b:00.3's potential VFs (4 of 68 exist, ceiling 12); a batch of two
+    claims on two of them grows the PF once (4 -> 8, step 4) through a reconfiguration started by
+    the first claim, and both are prepared into vfio-pci VFs whose CDI specs name their groups."""
+    rig.start(rig.flags(), config_text=GROW_CONFIG)
+    rig.kubelet.register()
+    pf = "0000:3b:00.3"
+    _, slices = rig.api.wait_settled(
+        rig.driver, NODE, what="the potential VFs published",
+        predicate=lambda generation, slices: len(potential_devices(rig, slices, pf)) == 8)
+    potential = potential_devices(rig, slices, pf)
+    assert sorted(potential) == list(range(4, 12))
+    real = check_vf_devices(rig, [{"spec": {"devices": [d for s in slices for d in s["spec"].get("devices") or []
+                                                         if d["attributes"].get(f"{rig.driver}/created") != {"bool": False}]}}])
+    assert all(d["attributes"][f"{rig.driver}/created"] == {"bool": True} for d in real.values())
+    # The future BDFs follow offset and stride: index 4 comes right after index 3.
+    existing = {vf.index: bdf for bdf, (vf, _) in rig.vfs().items() if vf.pf_bdf == pf}
+    fourth = potential[4]["attributes"]["resource.kubernetes.io/pciBusID"]["string"]
+    assert int(fourth.split(".")[-1], 16) + int(fourth.split(":")[2].split(".")[0], 16) * 8 == \
+        int(existing[3].split(".")[-1], 16) + int(existing[3].split(":")[2].split(".")[0], 16) * 8 + 1
+    a, b = Claim("default", "grow-a"), Claim("default", "grow-b")
+    rig.api.put_claim(make_claim("default", a.name, a.uid, [("vf", potential[4]["name"])]))
+    rig.api.put_claim(make_claim("default", b.name, b.uid, [("vf", potential[6]["name"])]))
+    reply = rig.kubelet.prepare([a, b])
+    assert prepared(reply, a)[0][0] == potential[4]["name"]
+    assert prepared(reply, b)[0][0] == potential[6]["name"]
+    pfs = {p.bdf: p for card in rig.inventory().cards for p in card.pfs}
+    assert pfs[pf].num_vfs == 8
+    vfs = rig.vfs()
+    for device in (potential[4], potential[6]):
+        bdf = device["attributes"]["resource.kubernetes.io/pciBusID"]["string"]
+        vf, _ = vfs[bdf]
+        assert vf.driver == "vfio-pci"
+        assert f"/dev/vfio/{vf.iommu_group}" in rig.spec_path(a if device is potential[4] else b).read_text()
+    # One growth, started by the first claim, audited.
+    operations = [e for e in rig.node().GetAuditTrail(pb.GetAuditTrailRequest(limit=200), timeout=10).entries
+                  if e.rpc == "Reconfigure"]
+    assert len(operations) == 1 and operations[0].identity == "dra claim default/grow-a", operations
+    operation_id = json.loads(operations[0].request_json)["operationId"]
+    operation = rig.node().GetOperation(pb.GetOperationRequest(id=operation_id), timeout=10)
+    assert operation.started_by == "dra claim default/grow-a" and operation.state == pb.OPERATION_STATE_SUCCEEDED
+    # The pool now offers the rest up to the ceiling, and every slice the agent wrote validated.
+    rig.api.wait_settled(rig.driver, NODE, what="the pool after the growth",
+                         predicate=lambda generation, slices: sorted(potential_devices(rig, slices, pf)) == list(range(8, 12)))
+    rig.assert_api_clean()
+
+
+def test_a_refused_growth_fails_the_prepare_and_withdraws_the_offer(rig):
+    """A PF whose bitstream has no mailbox cannot change its VF count: the Prepare fails with the
+    kernel's reason, the PF keeps its VFs, and the pool stops offering its potential VFs."""
+    cards = """  cards:
+  - {bus: "3b", numa_node: 0, total_vfs: [8], enabled_vfs: [2], mailbox: false}
+"""
+    config = cards + GROW_CONFIG.replace('grow_pfs: ["0000:3b:00.3"]', 'grow_pfs: ["0000:3b:00.0"]')
+    rig.start(rig.flags(), config_text=config)
+    rig.kubelet.register()
+    pf = "0000:3b:00.0"
+    _, slices = rig.api.wait_settled(
+        rig.driver, NODE, what="the potential VFs published",
+        predicate=lambda generation, slices: len(potential_devices(rig, slices, pf)) == 6)
+    claim = Claim("default", "grow-refused")
+    rig.api.put_claim(make_claim("default", claim.name, claim.uid, [("vf", potential_devices(rig, slices, pf)[2]["name"])]))
+    reply = rig.kubelet.prepare([claim])
+    assert "could not grow" in reply[claim.uid].error and "mailbox" in reply[claim.uid].error, reply[claim.uid].error
+    pfs = {p.bdf: p for card in rig.inventory().cards for p in card.pfs}
+    assert pfs[pf].num_vfs == 2 and not rig.inventory().allocations
+    rig.api.wait_settled(rig.driver, NODE, what="the offer withdrawn",
+                         predicate=lambda generation, slices: not potential_devices(rig, slices, pf))
+    rig.assert_api_clean()
