@@ -15,11 +15,11 @@
 #   second  the state back; PF2's nvme driver unbound (a PF driver that did not come back) so its
 #           restore must fail; agent started on the same state: PF restored (2 VFs, the
 #           allocated VFs on vfio-pci with their /dev/vfio/N, the allocations intact), PF2
-#           reported; the kubelet's prepare of the claim again writes a CDI spec naming the same
-#           VF and its group;
+#           reported; the claim's CDI spec (written again by the agent at its start) and the
+#           kubelet's prepare of the claim again name the same VF and its IOMMU group;
 #           then another "reboot" with layout.restore_on_boot=false: the VFs removed through sysfs
-#           and a new boot id given through layout.boot_id_file (the kernel's own changes only
-#           with a reboot, which would cost another boot)
+#           and a new boot id given through layout.boot_id_file (the kernel's own boot id changes
+#           only with a reboot, which would cost another boot)
 A=AGENT_BIN/fpga-agent
 C=AGENT_BIN/fpgactl
 SEL="--selector vendor=1b36,device=0010"
