@@ -209,7 +209,7 @@ public actor NodeEngine {
     status.layoutRestore = layoutReport
     for entry in layoutReport?.pfs ?? [] where entry.result == .failed {
       status.capabilities.problems.append(
-        "PF \(entry.pf)'s recorded layout (\(entry.recorded) VFs) could not be restored after the reboot: \(entry.error ?? "unknown error"); reconfigure it (`fpgactl reconfigure \(entry.pf) \(entry.recorded)`) once the cause is fixed"
+        "PF \(entry.pf)'s recorded layout (\(entry.recorded) VF\(entry.recorded == 1 ? "" : "s")) could not be restored after the reboot: \(entry.error ?? "unknown error"); reconfigure it (`fpgactl reconfigure \(entry.pf) \(entry.recorded)`) once the cause is fixed"
       )
     }
     return status

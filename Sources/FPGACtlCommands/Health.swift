@@ -1,6 +1,7 @@
 import ArgumentParser
 import FPGAAgentAPI
 import GRPCCore
+import FPGACore
 import SwiftProtobuf
 
 /// `fpgactl health`: the devices that are not healthy and why; `fpgactl health clear` accepts a
@@ -42,7 +43,7 @@ struct HealthCommand: AsyncParsableCommand {
     static func rows(_ device: String, _ health: Fpga_Agent_V1_DeviceHealth, all: Bool) -> [[String]] {
       let state = health.state.word
       guard all || health.state != .healthy else { return [] }
-      let since = health.hasSince ? "\(health.since.seconds)" : "-"
+      let since = health.hasSince ? "\(WallTime(seconds: health.since.seconds))" : "-"
       guard !health.reasons.isEmpty else { return [[device, state, since, "-"]] }
       return health.reasons.enumerated().map { index, reason in
         [

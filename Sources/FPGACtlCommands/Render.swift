@@ -48,7 +48,7 @@ enum Render {
       for pf in restore.pfs {
         let detail =
           pf.result == "restored"
-          ? "restored \(pf.recordedVfs) VFs (found \(pf.foundVfs)), \(pf.allocationsKept) allocations kept, \(pf.vfsBound) bound to vfio-pci, \(pf.operationID)"
+          ? "restored \(pf.recordedVfs) VFs (found \(pf.foundVfs)), \(count(Int(pf.allocationsKept), "allocation")) kept, \(pf.vfsBound) bound to vfio-pci, \(pf.operationID)"
           : "\(pf.result): \(pf.foundVfs) of \(pf.recordedVfs) VFs\(pf.error.isEmpty ? "" : " (\(pf.error))")"
         rows.append(["restore", "PF \(pf.pfBdf) \(detail)"])
       }
@@ -326,3 +326,6 @@ enum Render {
     return "\(seconds / 3600)h\(seconds % 3600 / 60)m"
   }
 }
+
+/// "1 allocation", "2 allocations".
+func count(_ number: Int, _ noun: String) -> String { "\(number) \(noun)\(number == 1 ? "" : "s")" }
