@@ -191,7 +191,7 @@ public final class AgentRuntime: Sendable {
           engine: engine, service: nodeAgent, address: address, hostname: SystemCalls.hostname(), logger: logger,
           heartbeat: .seconds(config.orchestrator.heartbeatSeconds), security: Self.linkSecurity(config.orchestrator),
           serverName: config.orchestrator.serverName.isEmpty ? nil : config.orchestrator.serverName,
-          role: config.orchestrator.role, audit: audit))
+          role: config.orchestrator.role, audit: audit, growthFigures: { [metrics] in await metrics.draGrowth() }))
     }
     if config.kubernetes.devicePlugin {
       try SystemCalls.makeDirectories(config.kubernetes.kubeletDir)

@@ -42,6 +42,12 @@ final class AgentMetrics: Sendable {
   }
 
   /// Reports the DRA driver's claims and the pool's publishing as `fpga_dra_*`.
+  /// Grow on demand's figures when the DRA driver grows PFs (the link's heartbeat).
+  func draGrowth() async -> GrowthFigures? {
+    guard let driver = dra.withLock({ $0?.driver }), await driver.settings.growth != nil else { return nil }
+    return await driver.growth
+  }
+
   func track(dra driver: DRADriver, publisher: SlicePublisher?) {
     dra.withLock { $0 = (driver, publisher) }
   }

@@ -1,5 +1,6 @@
 import FPGAAgentAPI
 import FPGACore
+import FPGADRA
 import GRPCCore
 import GRPCNIOTransportHTTP2
 import Logging
@@ -30,6 +31,8 @@ struct OrchestratorLink: Service {
   var role: Role = .operator
   /// Every command, carried out or refused, is audited.
   var audit: AuditLog? = nil
+  /// DRA grow on demand's figures, reported with each heartbeat (nil: DRA is off).
+  var growthFigures: (@Sendable () async -> GrowthFigures?)? = nil
 
   /// The orchestrator as the audit trail names it.
   var identity: String { "orchestrator:\(serverName ?? address.host)" }
@@ -185,6 +188,14 @@ struct OrchestratorLink: Service {
       let accelerators = snapshot?.accelerators
       let node = Fpga_Agent_V1_NodeStatus(status, hostname: hostname, agentVersion: AgentRuntime.version)
       let unhealthy = (snapshot?.cards ?? []).flatMap(\.pfs).flatMap(\.vfs).filter { $0.state == .unhealthy }.count
+      let growth = await growthFigures?().map { figures in
+        Fpga_Orchestrator_V1_DRAGrowth.with {
+          $0.grown = UInt64(figures.grown)
+          $0.failed = UInt64(figures.failed)
+          $0.refused = UInt64(figures.refused)
+          $0.seconds = figures.seconds
+        }
+      }
       send.yield(
         .with {
           $0.heartbeat = .with {
@@ -196,6 +207,8 @@ struct OrchestratorLink: Service {
             $0.health = node.health
             $0.problems = node.problems
             $0.vfsUnhealthy = UInt32(unhealthy)
+            if node.hasLayoutRestore { $0.layoutRestore = node.layoutRestore }
+            if let growth { $0.draGrowth = growth }
           }
         })
       try? await Task.sleep(for: heartbeat)

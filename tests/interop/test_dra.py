@@ -1214,6 +1214,57 @@ def test_grow_on_demand_prepares_claims_on_vfs_the_pf_does_not_have_yet(rig):
     rig.assert_api_clean()
 
 
+class HeartbeatCollector:
+    """A minimal orchestrator (grpcio, from orchestrator.proto): welcomes the agent and keeps the
+    last heartbeat it sends."""
+
+    def __init__(self):
+        from fpga.orchestrator.v1 import orchestrator_pb2 as opb
+        from fpga.orchestrator.v1 import orchestrator_pb2_grpc as orpc
+        import concurrent.futures
+        self.last = None
+        collector = self
+
+        class Servicer(orpc.OrchestratorServicer):
+            def Connect(self, request_iterator, context):
+                for message in request_iterator:
+                    if message.HasField("hello"):
+                        yield opb.OrchestratorMessage(welcome=opb.Welcome(epoch=1))
+                    elif message.HasField("heartbeat"):
+                        collector.last = message.heartbeat
+
+        self.port = free_port()
+        self.server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=4))
+        orpc.add_OrchestratorServicer_to_server(Servicer(), self.server)
+        self.server.add_insecure_port(f"127.0.0.1:{self.port}")
+        self.server.start()
+
+    def config(self):
+        return f"orchestrator:\n  address: 127.0.0.1:{self.port}\n  heartbeat_seconds: 1\n"
+
+
+def test_the_link_reports_growths_and_the_boot(rig):
+    """The orchestrator link's heartbeat carries the same growth figures as /metrics, and the
+    boot the agent started on (its restore report)."""
+    collector = HeartbeatCollector()
+    try:
+        rig.start(rig.flags(), config_text=GROW_CONFIG + collector.config())
+        rig.kubelet.register()
+        _, slices = rig.api.wait_settled(
+            rig.driver, NODE, what="the potential VFs published",
+            predicate=lambda generation, slices: len(potential_devices(rig, slices, "0000:3b:00.3")) == 8)
+        claim = Claim("default", "grow-link")
+        device = potential_devices(rig, slices, "0000:3b:00.3")[5]["name"]
+        rig.api.put_claim(make_claim("default", claim.name, claim.uid, [("vf", device)]))
+        assert prepared(rig.kubelet.prepare([claim]), claim)[0][0] == device
+        beat = wait_for(lambda: collector.last if collector.last and collector.last.dra_growth.grown == 1 else None,
+                        30, "a heartbeat with the growth")
+        assert beat.HasField("layout_restore") and beat.layout_restore.boot_id and not beat.layout_restore.rebooted
+        assert beat.dra_growth.failed == 0 and beat.dra_growth.seconds >= 0
+    finally:
+        collector.server.stop(0)
+
+
 def test_a_refused_growth_fails_the_prepare_and_withdraws_the_offer(rig):
     """A PF whose bitstream has no mailbox cannot change its VF count: the Prepare fails with the
     kernel's reason, the PF keeps its VFs, and the pool stops offering its potential VFs."""

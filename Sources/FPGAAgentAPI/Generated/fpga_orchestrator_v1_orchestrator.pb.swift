@@ -126,46 +126,108 @@ public nonisolated struct Fpga_Orchestrator_V1_Hello: Sendable {
 }
 
 /// What an orchestrator needs between inventory changes.
-public nonisolated struct Fpga_Orchestrator_V1_Heartbeat: Sendable {
+public nonisolated struct Fpga_Orchestrator_V1_Heartbeat: @unchecked Sendable {
   // SwiftProtobuf.Message conformance is added in an extension below. See the
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
   // methods supported on all messages.
 
   /// When the agent sent it.
   public var at: SwiftProtobuf.Google_Protobuf_Timestamp {
-    get {_at ?? SwiftProtobuf.Google_Protobuf_Timestamp()}
-    set {_at = newValue}
+    get {_storage._at ?? SwiftProtobuf.Google_Protobuf_Timestamp()}
+    set {_uniqueStorage()._at = newValue}
   }
   /// Returns true if `at` has been explicitly set.
-  public var hasAt: Bool {self._at != nil}
+  public var hasAt: Bool {_storage._at != nil}
   /// Clears the value of `at`. Subsequent reads from it will return its default value.
-  public mutating func clearAt() {self._at = nil}
+  public mutating func clearAt() {_uniqueStorage()._at = nil}
 
   /// VFs free and allocated on the node.
-  public var vfsFree: UInt32 = 0
+  public var vfsFree: UInt32 {
+    get {_storage._vfsFree}
+    set {_uniqueStorage()._vfsFree = newValue}
+  }
 
-  public var vfsAllocated: UInt32 = 0
+  public var vfsAllocated: UInt32 {
+    get {_storage._vfsAllocated}
+    set {_uniqueStorage()._vfsAllocated = newValue}
+  }
 
   /// The accelerators with their sharing figures.
-  public var accelerators: [Fpga_Agent_V1_Accelerator] = []
+  public var accelerators: [Fpga_Agent_V1_Accelerator] {
+    get {_storage._accelerators}
+    set {_uniqueStorage()._accelerators = newValue}
+  }
 
   /// The inventory revision the agent is at.
-  public var revision: UInt64 = 0
+  public var revision: UInt64 {
+    get {_storage._revision}
+    set {_uniqueStorage()._revision = newValue}
+  }
 
   /// The node's health (SERVING, DEGRADED, NOT_SERVING) and what is wrong: devices unhealthy,
   /// degraded or gone, with reasons (the inventory's deltas carry each device's health too).
-  public var health: Fpga_Agent_V1_NodeHealth = .unspecified
+  public var health: Fpga_Agent_V1_NodeHealth {
+    get {_storage._health}
+    set {_uniqueStorage()._health = newValue}
+  }
 
-  public var problems: [String] = []
+  public var problems: [String] {
+    get {_storage._problems}
+    set {_uniqueStorage()._problems = newValue}
+  }
 
   /// VFs that are unhealthy or gone and never allocated.
-  public var vfsUnhealthy: UInt32 = 0
+  public var vfsUnhealthy: UInt32 {
+    get {_storage._vfsUnhealthy}
+    set {_uniqueStorage()._vfsUnhealthy = newValue}
+  }
+
+  /// The host's boot at the agent's start and the VF layouts it restored after a reboot.
+  public var layoutRestore: Fpga_Agent_V1_LayoutRestore {
+    get {_storage._layoutRestore ?? Fpga_Agent_V1_LayoutRestore()}
+    set {_uniqueStorage()._layoutRestore = newValue}
+  }
+  /// Returns true if `layoutRestore` has been explicitly set.
+  public var hasLayoutRestore: Bool {_storage._layoutRestore != nil}
+  /// Clears the value of `layoutRestore`. Subsequent reads from it will return its default value.
+  public mutating func clearLayoutRestore() {_uniqueStorage()._layoutRestore = nil}
+
+  /// PFs grown for DRA claims at Prepare since the agent started (absent: DRA grow on demand off).
+  public var draGrowth: Fpga_Orchestrator_V1_DRAGrowth {
+    get {_storage._draGrowth ?? Fpga_Orchestrator_V1_DRAGrowth()}
+    set {_uniqueStorage()._draGrowth = newValue}
+  }
+  /// Returns true if `draGrowth` has been explicitly set.
+  public var hasDraGrowth: Bool {_storage._draGrowth != nil}
+  /// Clears the value of `draGrowth`. Subsequent reads from it will return its default value.
+  public mutating func clearDraGrowth() {_uniqueStorage()._draGrowth = nil}
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
 
-  fileprivate var _at: SwiftProtobuf.Google_Protobuf_Timestamp? = nil
+  fileprivate var _storage = _StorageClass.defaultInstance
+}
+
+/// What DRA grow on demand did since the agent started (the same figures as /metrics).
+public nonisolated struct Fpga_Orchestrator_V1_DRAGrowth: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  /// Growths made, failed (the PF left as it was) and refused (the PF could not grow then).
+  public var grown: UInt64 = 0
+
+  public var failed: UInt64 = 0
+
+  public var refused: UInt64 = 0
+
+  /// Time spent in successful growths, in seconds.
+  public var seconds: Double = 0
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
 }
 
 /// The outcome of one command, with the same message the node API answers.
@@ -774,7 +836,140 @@ nonisolated extension Fpga_Orchestrator_V1_Hello: SwiftProtobuf.Message, SwiftPr
 
 nonisolated extension Fpga_Orchestrator_V1_Heartbeat: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".Heartbeat"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}at\0\u{3}vfs_free\0\u{3}vfs_allocated\0\u{1}accelerators\0\u{1}revision\0\u{1}health\0\u{1}problems\0\u{3}vfs_unhealthy\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}at\0\u{3}vfs_free\0\u{3}vfs_allocated\0\u{1}accelerators\0\u{1}revision\0\u{1}health\0\u{1}problems\0\u{3}vfs_unhealthy\0\u{3}layout_restore\0\u{3}dra_growth\0")
+
+  fileprivate class _StorageClass {
+    var _at: SwiftProtobuf.Google_Protobuf_Timestamp? = nil
+    var _vfsFree: UInt32 = 0
+    var _vfsAllocated: UInt32 = 0
+    var _accelerators: [Fpga_Agent_V1_Accelerator] = []
+    var _revision: UInt64 = 0
+    var _health: Fpga_Agent_V1_NodeHealth = .unspecified
+    var _problems: [String] = []
+    var _vfsUnhealthy: UInt32 = 0
+    var _layoutRestore: Fpga_Agent_V1_LayoutRestore? = nil
+    var _draGrowth: Fpga_Orchestrator_V1_DRAGrowth? = nil
+
+      // This property is used as the initial default value for new instances of the type.
+      // The type itself is protecting the reference to its storage via CoW semantics.
+      // This will force a copy to be made of this reference when the first mutation occurs;
+      // hence, it is safe to mark this as `nonisolated(unsafe)`.
+      static nonisolated(unsafe) let defaultInstance = _StorageClass()
+
+    private init() {}
+
+    init(copying source: _StorageClass) {
+      _at = source._at
+      _vfsFree = source._vfsFree
+      _vfsAllocated = source._vfsAllocated
+      _accelerators = source._accelerators
+      _revision = source._revision
+      _health = source._health
+      _problems = source._problems
+      _vfsUnhealthy = source._vfsUnhealthy
+      _layoutRestore = source._layoutRestore
+      _draGrowth = source._draGrowth
+    }
+  }
+
+  fileprivate mutating func _uniqueStorage() -> _StorageClass {
+    if !isKnownUniquelyReferenced(&_storage) {
+      _storage = _StorageClass(copying: _storage)
+    }
+    return _storage
+  }
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    _ = _uniqueStorage()
+    try withExtendedLifetime(_storage) { (_storage: _StorageClass) in
+      while let fieldNumber = try decoder.nextFieldNumber() {
+        // The use of inline closures is to circumvent an issue where the compiler
+        // allocates stack space for every case branch when no optimizations are
+        // enabled. https://github.com/apple/swift-protobuf/issues/1034
+        switch fieldNumber {
+        case 1: try { try decoder.decodeSingularMessageField(value: &_storage._at) }()
+        case 2: try { try decoder.decodeSingularUInt32Field(value: &_storage._vfsFree) }()
+        case 3: try { try decoder.decodeSingularUInt32Field(value: &_storage._vfsAllocated) }()
+        case 4: try { try decoder.decodeRepeatedMessageField(value: &_storage._accelerators) }()
+        case 5: try { try decoder.decodeSingularUInt64Field(value: &_storage._revision) }()
+        case 6: try { try decoder.decodeSingularEnumField(value: &_storage._health) }()
+        case 7: try { try decoder.decodeRepeatedStringField(value: &_storage._problems) }()
+        case 8: try { try decoder.decodeSingularUInt32Field(value: &_storage._vfsUnhealthy) }()
+        case 9: try { try decoder.decodeSingularMessageField(value: &_storage._layoutRestore) }()
+        case 10: try { try decoder.decodeSingularMessageField(value: &_storage._draGrowth) }()
+        default: break
+        }
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    try withExtendedLifetime(_storage) { (_storage: _StorageClass) in
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every if/case branch local when no optimizations
+      // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
+      // https://github.com/apple/swift-protobuf/issues/1182
+      try { if let v = _storage._at {
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 1)
+      } }()
+      if _storage._vfsFree != 0 {
+        try visitor.visitSingularUInt32Field(value: _storage._vfsFree, fieldNumber: 2)
+      }
+      if _storage._vfsAllocated != 0 {
+        try visitor.visitSingularUInt32Field(value: _storage._vfsAllocated, fieldNumber: 3)
+      }
+      if !_storage._accelerators.isEmpty {
+        try visitor.visitRepeatedMessageField(value: _storage._accelerators, fieldNumber: 4)
+      }
+      if _storage._revision != 0 {
+        try visitor.visitSingularUInt64Field(value: _storage._revision, fieldNumber: 5)
+      }
+      if _storage._health != .unspecified {
+        try visitor.visitSingularEnumField(value: _storage._health, fieldNumber: 6)
+      }
+      if !_storage._problems.isEmpty {
+        try visitor.visitRepeatedStringField(value: _storage._problems, fieldNumber: 7)
+      }
+      if _storage._vfsUnhealthy != 0 {
+        try visitor.visitSingularUInt32Field(value: _storage._vfsUnhealthy, fieldNumber: 8)
+      }
+      try { if let v = _storage._layoutRestore {
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 9)
+      } }()
+      try { if let v = _storage._draGrowth {
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 10)
+      } }()
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Fpga_Orchestrator_V1_Heartbeat, rhs: Fpga_Orchestrator_V1_Heartbeat) -> Bool {
+    if lhs._storage !== rhs._storage {
+      let storagesAreEqual: Bool = withExtendedLifetime((lhs._storage, rhs._storage)) { (_args: (_StorageClass, _StorageClass)) in
+        let _storage = _args.0
+        let rhs_storage = _args.1
+        if _storage._at != rhs_storage._at {return false}
+        if _storage._vfsFree != rhs_storage._vfsFree {return false}
+        if _storage._vfsAllocated != rhs_storage._vfsAllocated {return false}
+        if _storage._accelerators != rhs_storage._accelerators {return false}
+        if _storage._revision != rhs_storage._revision {return false}
+        if _storage._health != rhs_storage._health {return false}
+        if _storage._problems != rhs_storage._problems {return false}
+        if _storage._vfsUnhealthy != rhs_storage._vfsUnhealthy {return false}
+        if _storage._layoutRestore != rhs_storage._layoutRestore {return false}
+        if _storage._draGrowth != rhs_storage._draGrowth {return false}
+        return true
+      }
+      if !storagesAreEqual {return false}
+    }
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Fpga_Orchestrator_V1_DRAGrowth: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".DRAGrowth"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}grown\0\u{1}failed\0\u{1}refused\0\u{1}seconds\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -782,60 +977,36 @@ nonisolated extension Fpga_Orchestrator_V1_Heartbeat: SwiftProtobuf.Message, Swi
       // allocates stack space for every case branch when no optimizations are
       // enabled. https://github.com/apple/swift-protobuf/issues/1034
       switch fieldNumber {
-      case 1: try { try decoder.decodeSingularMessageField(value: &self._at) }()
-      case 2: try { try decoder.decodeSingularUInt32Field(value: &self.vfsFree) }()
-      case 3: try { try decoder.decodeSingularUInt32Field(value: &self.vfsAllocated) }()
-      case 4: try { try decoder.decodeRepeatedMessageField(value: &self.accelerators) }()
-      case 5: try { try decoder.decodeSingularUInt64Field(value: &self.revision) }()
-      case 6: try { try decoder.decodeSingularEnumField(value: &self.health) }()
-      case 7: try { try decoder.decodeRepeatedStringField(value: &self.problems) }()
-      case 8: try { try decoder.decodeSingularUInt32Field(value: &self.vfsUnhealthy) }()
+      case 1: try { try decoder.decodeSingularUInt64Field(value: &self.grown) }()
+      case 2: try { try decoder.decodeSingularUInt64Field(value: &self.failed) }()
+      case 3: try { try decoder.decodeSingularUInt64Field(value: &self.refused) }()
+      case 4: try { try decoder.decodeSingularDoubleField(value: &self.seconds) }()
       default: break
       }
     }
   }
 
   public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
-    // The use of inline closures is to circumvent an issue where the compiler
-    // allocates stack space for every if/case branch local when no optimizations
-    // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
-    // https://github.com/apple/swift-protobuf/issues/1182
-    try { if let v = self._at {
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 1)
-    } }()
-    if self.vfsFree != 0 {
-      try visitor.visitSingularUInt32Field(value: self.vfsFree, fieldNumber: 2)
+    if self.grown != 0 {
+      try visitor.visitSingularUInt64Field(value: self.grown, fieldNumber: 1)
     }
-    if self.vfsAllocated != 0 {
-      try visitor.visitSingularUInt32Field(value: self.vfsAllocated, fieldNumber: 3)
+    if self.failed != 0 {
+      try visitor.visitSingularUInt64Field(value: self.failed, fieldNumber: 2)
     }
-    if !self.accelerators.isEmpty {
-      try visitor.visitRepeatedMessageField(value: self.accelerators, fieldNumber: 4)
+    if self.refused != 0 {
+      try visitor.visitSingularUInt64Field(value: self.refused, fieldNumber: 3)
     }
-    if self.revision != 0 {
-      try visitor.visitSingularUInt64Field(value: self.revision, fieldNumber: 5)
-    }
-    if self.health != .unspecified {
-      try visitor.visitSingularEnumField(value: self.health, fieldNumber: 6)
-    }
-    if !self.problems.isEmpty {
-      try visitor.visitRepeatedStringField(value: self.problems, fieldNumber: 7)
-    }
-    if self.vfsUnhealthy != 0 {
-      try visitor.visitSingularUInt32Field(value: self.vfsUnhealthy, fieldNumber: 8)
+    if self.seconds.bitPattern != 0 {
+      try visitor.visitSingularDoubleField(value: self.seconds, fieldNumber: 4)
     }
     try unknownFields.traverse(visitor: &visitor)
   }
 
-  public static func ==(lhs: Fpga_Orchestrator_V1_Heartbeat, rhs: Fpga_Orchestrator_V1_Heartbeat) -> Bool {
-    if lhs._at != rhs._at {return false}
-    if lhs.vfsFree != rhs.vfsFree {return false}
-    if lhs.vfsAllocated != rhs.vfsAllocated {return false}
-    if lhs.accelerators != rhs.accelerators {return false}
-    if lhs.revision != rhs.revision {return false}
-    if lhs.health != rhs.health {return false}
-    if lhs.problems != rhs.problems {return false}
-    if lhs.vfsUnhealthy != rhs.vfsUnhealthy {return false}
+  public static func ==(lhs: Fpga_Orchestrator_V1_DRAGrowth, rhs: Fpga_Orchestrator_V1_DRAGrowth) -> Bool {
+    if lhs.grown != rhs.grown {return false}
+    if lhs.failed != rhs.failed {return false}
+    if lhs.refused != rhs.refused {return false}
+    if lhs.seconds != rhs.seconds {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
