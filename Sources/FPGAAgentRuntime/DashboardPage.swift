@@ -676,6 +676,7 @@ body[data-role="none"] .needs-role { display: none; }
     return `<details class="op" id="op-${esc(op.id)}" data-op="${esc(op.id)}" data-state="${esc(op.state)}" data-kind="${esc(op.kind)}"${open ? " open" : ""}>` +
       `<summary>${opBadge(op.state)}<b>${esc(op.kind)}</b><span class="mono">${esc(op.target)}</span>` +
       `<span class="op-id">${esc(op.id)}</span><span class="hint">${esc(fmtTime(op.createdAt))}${took ? " · " + esc(took) : ""}</span>` +
+      (op.startedBy ? `<span class="hint op-by" data-started-by="${esc(op.startedBy)}">by ${esc(op.startedBy)}</span>` : "") +
       `<span class="progress" title="${done}/${steps.length} steps"><div style="width:${(ratio * 100).toFixed(0)}%"></div></span>` +
       `<span class="hint op-count">${done}/${steps.length}</span></summary>` +
       (op.error ? `<div class="err" style="color:var(--bad);padding:0 10px">${esc(op.error)}</div>` : "") +

@@ -1120,6 +1120,8 @@ def test_the_page_says_what_a_reboot_restored(browser):
                 states = page.js("return Array.from(document.querySelectorAll(arguments[0])).map(e => e.dataset.state)",
                                  f"{op} .op-step")
                 assert states and set(states) == {"OPERATION_STATE_SUCCEEDED"}, states
+                # Started by the agent itself, not a client.
+                assert page.attr(f"{op} .op-by", "data-started-by") == "agent"
             assert "1 allocation kept, 1 VF bound to vfio-pci" in page.text(
                 '#restore .restore-pf[data-pf="0000:3b:00.0"]')
             # Its operation id opens the operation.
