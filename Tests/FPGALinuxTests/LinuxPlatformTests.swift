@@ -138,7 +138,8 @@ import FPGASimulator
 
   @Test func aWriteBlockedByAHeldVFTripsTheWatchdogAndFinishesWhenReleased() async throws {
     let tree = try FakeKernelSysfs(pfs: Self.qdmaCard())
-    let platform = LinuxPlatform(sysfs: tree, watchdog: .milliseconds(200))
+    // Short enough to trip on the held write, long enough for a scan on a loaded machine.
+    let platform = LinuxPlatform(sysfs: tree, watchdog: .seconds(2))
     // Enabled with the default watchdog: only the write a VM blocks is to trip the short one.
     try await LinuxPlatform(sysfs: tree).setVFCount(pf: pf0, to: 2)
     _ = try await platform.discover()
