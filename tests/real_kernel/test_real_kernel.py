@@ -425,7 +425,7 @@ def test_an_unhealthy_function_stays_so_across_an_agent_restart_until_cleared(he
                      restarted), restarted
     assert re.search(r"^health +DEGRADED$", restarted, re.M), restarted
     # fpgactl health: the PF and its reason.
-    assert re.search(r"^0000:02:00\.0 +unhealthy +\d+ +aer-nonfatal: 1 uncorrectable non-fatal error \(AER\)$", restarted,
+    assert re.search(r"^0000:02:00\.0 +unhealthy +\d{4}-\d\d-\d\dT\S+ +aer-nonfatal: 1 uncorrectable non-fatal error \(AER\)$", restarted,
                      re.M), restarted
     assert "aer-history" not in restarted  # not taken for errors from before the agent first saw it
     # Still refused (it has no VFs either: QEMU 7.2 has no SR-IOV model with AER; see README.md).
@@ -673,7 +673,7 @@ def test_after_a_reboot_the_pf_gets_its_vfs_back_and_the_allocations_their_vfs(r
     assert f"the host rebooted since the last run (boot id {old} → {new}): PF 0000:01:00.0 restored to 2 VFs (found 0), " \
            f"2 allocations kept, 2 VFs bound to vfio-pci ({restored.group(1)})" in after, after
     operation = after[after.index(f"operation: {restored.group(1)}"):]
-    assert f"operation {restored.group(1)} (restore 0000:01:00.0): succeeded" in operation, operation
+    assert f"operation {restored.group(1)} (restore 0000:01:00.0, started by agent): succeeded" in operation, operation
     assert "[succeeded] commit" in operation, operation
     for bound_vf in (vf, REBOOT_CLAIM_VF):
         assert f"[succeeded] bind VF {bound_vf} to vfio-pci" in operation, operation
