@@ -8,10 +8,21 @@ import Testing
 
 /// The simulated platform with a gate on VF count writes: a test parks a growth in the middle
 /// of its re-layout, sends other Prepares, then lets it go.
-final class ParkedPlatform: NodePlatform {
+final class ParkedPlatform: NodePlatform, @unchecked Sendable {
   let inner: SimulatedPlatform
-  private let gate = Mutex<(armed: Bool, parked: [CheckedContinuation<Void, Never>], writes: [Int])>(
-    (false, [], []))
+  /// A pthread mutex (NSLock): ThreadSanitizer follows its hand-over, not Synchronization.Mutex's.
+  private let gate = Gate()
+
+  final class Gate: @unchecked Sendable {
+    private let lock = NSLock()
+    private var state: (armed: Bool, parked: [CheckedContinuation<Void, Never>], writes: [Int]) = (false, [], [])
+    func withLock<T>(_ body: (inout (armed: Bool, parked: [CheckedContinuation<Void, Never>], writes: [Int])) -> T) -> T
+    {
+      lock.lock()
+      defer { lock.unlock() }
+      return body(&state)
+    }
+  }
 
   init(_ inner: SimulatedPlatform) { self.inner = inner }
 
