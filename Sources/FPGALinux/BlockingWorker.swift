@@ -1,5 +1,4 @@
 import Foundation
-import Synchronization
 
 /// Runs a blocking system call on a thread of its own, never on one that serves requests, and
 /// gives up waiting after a watchdog delay. A write of `sriov_numvfs` that blocks in the kernel
@@ -12,7 +11,7 @@ public final class BlockingWorker: Sendable {
     case stillBlocked(completion: Task<Value, Never>)
   }
 
-  private let running = Mutex<Set<String>>([])
+  private let running = PthreadLocked<Set<String>>([])
 
   public init() {}
 
@@ -39,7 +38,7 @@ public final class BlockingWorker: Sendable {
     }
     // Whichever comes first, the call's return or the watchdog, answers; the other is ignored.
     // (A task group would wait for the blocked call before returning.)
-    let answered = Mutex(false)
+    let answered = PthreadLocked(false)
     let first: Value? = await withCheckedContinuation { continuation in
       let answer: @Sendable (Value?) -> Void = { value in
         if !answered.withLock({ answered in
@@ -62,5 +61,21 @@ public final class BlockingWorker: Sendable {
     }
     if let first { return .finished(first) }
     return .stillBlocked(completion: completion)
+  }
+}
+
+/// A value behind a pthread mutex (NSLock): ThreadSanitizer follows its hand-over between
+/// threads, which it does not for Synchronization.Mutex's contended PI futex (it reported two
+/// locked accesses of `running` as a race).
+final class PthreadLocked<Value>: @unchecked Sendable {
+  private let lock = NSLock()
+  private var value: Value
+
+  init(_ value: Value) { self.value = value }
+
+  func withLock<Result>(_ body: (inout Value) -> Result) -> Result {
+    lock.lock()
+    defer { lock.unlock() }
+    return body(&value)
   }
 }
