@@ -150,6 +150,17 @@ extension Fpga_Agent_V1_Allocation {
     deviceID = allocation.deviceID ?? ""
     rootPort = allocation.rootPort ?? ""
     detaching = allocation.detaching
+    if let relayout = allocation.lastRelayout { lastRelayout = .init(relayout) }
+  }
+}
+
+extension Fpga_Agent_V1_Relayout {
+  init(_ relayout: Relayout) {
+    self.init()
+    how = relayout.how.rawValue
+    operationID = relayout.operationID
+    at = .init(relayout.at)
+    detail = relayout.detail ?? ""
   }
 }
 

@@ -899,6 +899,15 @@ body[data-role="none"] .needs-role { display: none; }
       `<button type="button" class="small" data-action="attach" data-allocation="${esc(a.id)}" data-min-role="operator"${vms.length ? "" : " disabled data-gate=\"hold\""}>Attach</button>` +
       `<button type="button" class="small danger" data-action="release" data-allocation="${esc(a.id)}" data-min-role="operator">Release</button></span>`;
   }
+  // How the device went through its PF's last re-layout: paused (the guest kept it) or replugged.
+  function relayoutBadge(a) {
+    const r = a.lastRelayout;
+    if (!r || !r.how) return "";
+    const cls = r.how === "paused" ? "ok" : r.how === "replugged" ? "dim" : "warn";
+    const title = `last re-layout of its PF: ${r.how} by ${r.operationId || "?"}` + (r.at ? ` at ${fmtTime(r.at)}` : "") +
+      (r.detail ? ` (resume refused: ${r.detail})` : "");
+    return ` <span class="badge ${cls} relayout" data-how="${esc(r.how)}" title="${esc(title)}">${esc(r.how === "paused" ? "re-laid: paused" : "re-laid: replugged")}</span>`;
+  }
   function renderAllocations() {
     const allocs = inv().allocations || [];
     $("#alloc-count").textContent = allocs.length ? `${allocs.length} live` : "";
@@ -920,7 +929,7 @@ body[data-role="none"] .needs-role { display: none; }
         `<div class="what"><a href="#" class="mono" data-action="select-allocation" data-allocation="${esc(a.id)}">${esc(a.id)}</a>` +
         `<div class="sub"><span class="mono">${esc(a.vfBdf)}</span> · ${esc(a.owner)}` +
         `${a.attached ? ` · in <span class="badge info">${esc(a.vm)}</span>` : a.vm ? ` · for ${esc(a.vm)}` : ""}` +
-        `${a.detaching ? ` <span class="badge warn">detaching</span>` : ""}</div></div>` +
+        `${a.detaching ? ` <span class="badge warn">detaching</span>` : ""}${relayoutBadge(a)}</div></div>` +
         `<div class="actions">${allocationActions(a)}</div></div>`).join("") + `</div>` + endedHTML;
     // Keep each attach selector's choice across re-renders.
     const chosen = {};
@@ -950,7 +959,7 @@ body[data-role="none"] .needs-role { display: none; }
           (vm.error ? `<div style="color:var(--bad)">${esc(vm.error)}</div>` : "") +
           (devices.length ? `<ul>` + devices.map(a => `<li class="vm-device" data-allocation="${esc(a.id)}" data-vf="${esc(a.vfBdf)}">` +
             `${esc(a.vfBdf)} <span class="hint">${esc(a.id)}${a.rootPort ? " @ " + esc(a.rootPort) : ""}</span>` +
-            (a.detaching ? ` <span class="badge warn">detaching</span>` : "") +
+            (a.detaching ? ` <span class="badge warn">detaching</span>` : "") + relayoutBadge(a) +
             ` <button type="button" class="small" data-action="detach" data-allocation="${esc(a.id)}" data-min-role="operator">Detach</button></li>`).join("") + `</ul>`
             : `<div class="hint">no device attached</div>`) +
           (meant.length ? `<div class="hint">allocated for it, not attached: ${meant.map(a => esc(a.vfBdf)).join(", ")}</div>` : "") +

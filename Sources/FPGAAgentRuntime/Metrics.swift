@@ -300,6 +300,24 @@ final class AgentMetrics: Sendable {
       state.gauge(name: "fpga_allocations", labels: [("state", name)], help: "Allocations by state.")
         .set(Double(count))
     }
+    var relaid: [Relayout.How: Int] = [:]
+    for allocation in snapshot.allocations {
+      if let how = allocation.lastRelayout?.how { relaid[how, default: 0] += 1 }
+    }
+    for how in Relayout.How.allCases {
+      state.gauge(
+        name: "fpga_allocations_by_last_relayout", labels: [("how", how.rawValue)],
+        help:
+          "Live allocations by how their device went through its PF's last re-layout: paused (the guest kept it), replugged, replugged-after-refused-resume."
+      ).set(Double(relaid[how] ?? 0))
+    }
+    for vm in snapshot.vms {
+      state.gauge(
+        name: "fpga_vm_vfio_pause", labels: [("vm", vm.name)],
+        help:
+          "1 when the VM's QEMU can pause a VFIO device (x-vfio-pause), so a re-layout keeps its devices in the guest."
+      ).set(vm.vfioPause ? 1.0 : 0.0)
+    }
     for accelerator in snapshot.accelerators {
       let labels = [("accelerator", accelerator.id)]
       let metrics = accelerator.metrics

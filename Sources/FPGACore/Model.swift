@@ -188,12 +188,16 @@ public struct Allocation: Hashable, Sendable, Codable {
   public var rootPort: String?
   /// An unplug was requested and the guest has not acknowledged it yet.
   public var detaching: Bool
+  /// How the attached device went through the last re-layout of its PF, if one happened.
+  public var lastRelayout: Relayout?
 
   public init(
     id: String, vf: PCIAddress, pf: PCIAddress, owner: String, vm: String?,
     idempotencyKey: String?, createdAt: WallTime, numaNode: Int, iommuGroup: Int,
-    attached: Bool = false, deviceID: String? = nil, rootPort: String? = nil, detaching: Bool = false
+    attached: Bool = false, deviceID: String? = nil, rootPort: String? = nil, detaching: Bool = false,
+    lastRelayout: Relayout? = nil
   ) {
+    self.lastRelayout = lastRelayout
     self.deviceID = deviceID
     self.rootPort = rootPort
     self.detaching = detaching
@@ -210,6 +214,32 @@ public struct Allocation: Hashable, Sendable, Codable {
   }
 
   public var cardID: String { Card.id(for: pf) }
+}
+
+/// How an attached device went through a re-layout of its PF (a reconfiguration or a restore).
+public struct Relayout: Hashable, Sendable, Codable {
+  public enum How: String, Hashable, Sendable, Codable, CaseIterable {
+    /// The VMM paused the device and resumed it on the new VF: the guest kept its device.
+    case paused
+    /// Unplugged and plugged again: the guest saw its device leave and come back.
+    case replugged
+    /// The VMM refused to resume the paused device; it was unplugged and plugged again instead.
+    case replugFallback = "replugged-after-refused-resume"
+  }
+
+  public var how: How
+  /// The operation that did it.
+  public var operationID: String
+  public var at: WallTime
+  /// Why the resume was refused (`replugFallback`).
+  public var detail: String?
+
+  public init(how: How, operationID: String, at: WallTime, detail: String? = nil) {
+    self.how = how
+    self.operationID = operationID
+    self.at = at
+    self.detail = detail
+  }
 }
 
 /// A PF with its VFs, as discovered by a platform.

@@ -64,7 +64,9 @@ public struct ReconfigureMachine: Hashable, Sendable {
     record.steps[index].finishedAt = now
     record.steps[index].error = nil
     if journal.actions[index].kind == .commit {
-      record.state = journal.rollingBack || record.steps.contains { $0.state == .failed } ? .failed : .succeeded
+      let replaced = Set(journal.replacedResumes ?? [])
+      let failed = record.steps.indices.contains { record.steps[$0].state == .failed && !replaced.contains($0) }
+      record.state = journal.rollingBack || failed ? .failed : .succeeded
       record.finishedAt = now
     }
   }
@@ -78,7 +80,11 @@ public struct ReconfigureMachine: Hashable, Sendable {
     record.steps[index].state = .failed
     record.steps[index].error = message
     record.steps[index].finishedAt = now
-    if action.tolerant {
+    if action.kind == .resume {
+      // The VMM could not resume the paused device (its host VF missing, different, or not
+      // bound to vfio-pci): that device alone is unplugged and plugged again.
+      replug(resumeAt: index, because: message)
+    } else if action.tolerant {
       return
     } else if !journal.rollingBack && !journal.countWriteBegan(record, failedAt: index) {
       journal.rollingBack = true
@@ -102,6 +108,28 @@ public struct ReconfigureMachine: Hashable, Sendable {
   /// The store failed: the operation stops where it is, its journal kept for the next start.
   public mutating func stopped(_ message: String) {
     record.error = "the state store failed (\(message)); the operation stops here and resumes at the next start"
+  }
+
+  /// Inserts, right after the refused resume at `index`, the replug that replaces it: detach
+  /// the paused device, bind its VF to vfio-pci again, re-attach it.
+  private mutating func replug(resumeAt index: Int, because message: String) {
+    let resume = journal.actions[index]
+    // An undo's resume (tolerant: the pause may not have happened) gets a tolerant replug.
+    let replug: [ReconfigureAction] = [
+      .init(
+        kind: .detach, allocationID: resume.allocationID, vm: resume.vm, vf: resume.vf, tolerant: resume.tolerant,
+        fallback: message),
+      .init(kind: .bind, vf: resume.vf, tolerant: true, fallback: message),
+      .init(
+        kind: .reattach, allocationID: resume.allocationID, vm: resume.vm, vf: resume.vf, tolerant: resume.tolerant,
+        fallback: message),
+    ]
+    journal.actions.insert(contentsOf: replug, at: index + 1)
+    record.steps.insert(
+      contentsOf: replug.map { .init(description: "fall back: " + $0.description(pf: journal.pf), state: .pending) },
+      at: index + 1)
+    journal.replacedResumes = (journal.replacedResumes ?? []) + [index]
+    record.steps[index].error = message + "; the device is unplugged and plugged again instead"
   }
 
   /// Turns the operation into its rollback: the steps not yet done are skipped; `actions` and a

@@ -116,9 +116,11 @@ enum Render {
           allocation.id, allocation.vfBdf, allocation.pfBdf, allocation.owner,
           allocation.vm.isEmpty ? "-" : allocation.vm, "\(allocation.numaNode)",
           "\(allocation.iommuGroup)", yesNo(allocation.attached),
+          allocation.hasLastRelayout
+            ? "\(allocation.lastRelayout.how) (\(allocation.lastRelayout.operationID))" : "-",
         ]
       }
-      lines += table(["ALLOCATION", "VF", "PF", "OWNER", "VM", "NUMA", "IOMMU", "ATTACHED"], rows)
+      lines += table(["ALLOCATION", "VF", "PF", "OWNER", "VM", "NUMA", "IOMMU", "ATTACHED", "LAST RE-LAYOUT"], rows)
       lines.append("\(inventory.allocations.count) allocations (revision \(inventory.revision))")
     }
     if !inventory.endedAllocations.isEmpty {

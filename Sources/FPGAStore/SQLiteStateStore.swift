@@ -133,6 +133,11 @@ public final class SQLiteStateStore: StateStore {
       try db.execute(sql: "CREATE TABLE device_health (address TEXT PRIMARY KEY NOT NULL, body TEXT NOT NULL)")
       try db.execute(sql: "CREATE TABLE pf_layouts (pf TEXT PRIMARY KEY NOT NULL, body TEXT NOT NULL)")
     }
+    if last == "v5" { return migrator }
+    migrator.registerMigration("v6") { db in
+      // How each allocation's device went through its PF's last re-layout (Relayout, JSON).
+      try db.execute(sql: "ALTER TABLE allocations ADD COLUMN last_relayout TEXT")
+    }
     return migrator
   }
 
@@ -148,7 +153,7 @@ public final class SQLiteStateStore: StateStore {
       return try queue.read { db in
         var state = PersistedState()
         for row in try Row.fetchAll(db, sql: "SELECT * FROM allocations ORDER BY id") {
-          state.allocations.append(try Self.allocation(row))
+          state.allocations.append(try self.allocation(row))
         }
         let rows = try Row.fetchAll(db, sql: "SELECT scope, key, fingerprint, outcome FROM idempotency ORDER BY seq")
         state.idempotency.reserveCapacity(rows.count)
@@ -283,7 +288,8 @@ public final class SQLiteStateStore: StateStore {
       try db.cachedStatement(
         sql: """
           INSERT OR REPLACE INTO allocations (id, vf, pf, owner, vm, idempotency_key, created_s, created_ns, numa_node,
-            iommu_group, attached, device_id, root_port, detaching) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+            iommu_group, attached, device_id, root_port, detaching, last_relayout)
+            VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
           """
       ).execute(
         arguments: [
@@ -291,6 +297,7 @@ public final class SQLiteStateStore: StateStore {
           allocation.idempotencyKey, allocation.createdAt.seconds, allocation.createdAt.nanoseconds,
           allocation.numaNode,
           allocation.iommuGroup, allocation.attached, allocation.deviceID, allocation.rootPort, allocation.detaching,
+          try allocation.lastRelayout.map { try json($0) },
         ])
     case .deleteAllocation(let id):
       try db.cachedStatement(sql: "DELETE FROM allocations WHERE id = ?").execute(arguments: [id])
@@ -380,7 +387,7 @@ public final class SQLiteStateStore: StateStore {
     }
   }
 
-  static func allocation(_ row: Row) throws -> Allocation {
+  func allocation(_ row: Row) throws -> Allocation {
     let vf: String = row["vf"]
     let pf: String = row["pf"]
     guard let vfAddress = PCIAddress(vf), let pfAddress = PCIAddress(pf) else {
@@ -392,7 +399,9 @@ public final class SQLiteStateStore: StateStore {
       idempotencyKey: row["idempotency_key"],
       createdAt: WallTime(seconds: row["created_s"], nanoseconds: row["created_ns"]),
       numaNode: row["numa_node"], iommuGroup: row["iommu_group"], attached: row["attached"], deviceID: row["device_id"],
-      rootPort: row["root_port"], detaching: row["detaching"])
+      rootPort: row["root_port"], detaching: row["detaching"],
+      lastRelayout: try (row["last_relayout"] as String?).map { try decoder.decode(Relayout.self, from: Data($0.utf8)) }
+    )
   }
 
   private func json(_ value: some Encodable) throws -> String {

@@ -19,12 +19,14 @@ import Testing
     let idle: Allocation
   }
 
-  func fixture(store: MemoryStateStore = MemoryStateStore(), faults: FaultInjection? = nil) async throws -> Fixture {
+  func fixture(
+    store: MemoryStateStore = MemoryStateStore(), faults: FaultInjection? = nil, refusingResumeIn: Set<String> = []
+  ) async throws -> Fixture {
     let node = SimulatedNode()
     let hypervisor = SimulatedHypervisor(node: node)
     let engine = NodeEngine(
       nodeID: "n", platform: SimulatedPlatform(node: node, blockReportDelay: .milliseconds(50)), clock: StillClock(),
-      hypervisor: hypervisor, store: store, faults: faults)
+      hypervisor: ResumeRefusingHypervisor(hypervisor, refusingIn: refusingResumeIn), store: store, faults: faults)
     try await engine.rescan()
     var made: [Allocation] = []
     for vm in ["vm-1", "vm-2", nil] {
@@ -73,6 +75,8 @@ import Testing
     #expect(byID[f.paused.id]?.attached == true && byID[f.paused.id]?.vm == "vm-1")
     #expect(byID[f.replugged.id]?.attached == true && byID[f.replugged.id]?.vm == "vm-2")
     #expect(byID[f.idle.id] == nil)
+    #expect(byID[f.paused.id]?.lastRelayout == Relayout(how: .paused, operationID: started.id, at: StillClock().now()))
+    #expect(byID[f.replugged.id]?.lastRelayout?.how == .replugged)
     // Both VFs are open in their VMs again (the simulated kernel says who holds what).
     #expect(Set(f.node.holders(of: pf).map(\.vm)) == ["vm-1", "vm-2"])
     // The store agrees, and the journal is closed.
@@ -220,5 +224,108 @@ import Testing
     #expect(allocations.count == 2)
     #expect(store.persisted.operations.allSatisfy { $0.journal == nil })
     #expect(await restarted.reconcile().isEmpty)
+  }
+
+  /// The VMM refuses to resume the paused device (its new VF differs, is missing, or is not
+  /// bound to vfio-pci): that device alone is unplugged and plugged again, journaled as steps of
+  /// the operation, which still succeeds; the other guest is untouched by the fallback.
+  @Test func aRefusedResumeFallsBackToAReplugOfThatDeviceOnly() async throws {
+    let store = MemoryStateStore()
+    let f = try await fixture(store: store, refusingResumeIn: ["vm-1"])
+    let started = try await f.engine.reconfigure(ReconfigureRequest(pf: pf, count: 2))
+    await f.engine.waitForOperation(started.id)
+    let done = try await f.engine.operation(started.id)
+    #expect(done.state == .succeeded, "\(done)")
+    #expect(done.error == nil)
+    let resume = try #require(done.steps.first { $0.description.hasPrefix("resume device \(f.paused.id)") })
+    #expect(resume.state == .failed)
+    #expect(resume.error?.contains("the device is unplugged and plugged again instead") == true)
+    let fallback = done.steps.filter { $0.description.hasPrefix("fall back: ") }
+    #expect(fallback.map(\.state) == [.succeeded, .succeeded, .succeeded])
+    #expect(fallback.first?.description.contains("detach \(f.paused.id)") == true)
+    #expect(fallback.last?.description.contains("re-attach \(f.paused.id)") == true)
+    #expect(done.steps.last?.description == "commit")
+    let snapshot = try await f.engine.snapshot()
+    let byID = Dictionary(uniqueKeysWithValues: snapshot.allocations.map { ($0.id, $0) })
+    let relaid = try #require(byID[f.paused.id])
+    #expect(relaid.attached && relaid.vm == "vm-1")
+    #expect(relaid.lastRelayout?.how == .replugFallback)
+    #expect(relaid.lastRelayout?.detail?.contains("refused by test") == true)
+    #expect(byID[f.replugged.id]?.lastRelayout?.how == .replugged)
+    #expect(Set(f.node.holders(of: pf).map(\.vm)) == ["vm-1", "vm-2"])
+    // What a restart would read agrees.
+    #expect(store.persisted.allocations.first { $0.id == f.paused.id }?.lastRelayout?.how == .replugFallback)
+    #expect(store.persisted.operations.last?.journal == nil)
+  }
+
+  /// A crash inside the fallback (after its detach): the next start carries on with the replug.
+  @Test func aCrashDuringTheFallbackIsRolledForwardWithTheReplug() throws {
+    let a = "alloc-1"
+    let vf = PCIAddress("0000:3b:00.1")!
+    let actions: [ReconfigureAction] = [
+      .init(kind: .plan), .init(kind: .pause, allocationID: a, vm: "vm-1", vf: vf), .init(kind: .writeZero),
+      .init(kind: .writeCount, count: 2), .init(kind: .verify, count: 2), .init(kind: .bind, vf: vf),
+      .init(kind: .resume, allocationID: a, vm: "vm-1", vf: vf), .init(kind: .commit),
+    ]
+    let record = OperationRecord(
+      id: "op-1", kind: "reconfigure", target: pf.description, state: .running,
+      steps: actions.map { .init(description: $0.kind.rawValue, state: .pending) }, impacts: [],
+      createdAt: StillClock().now())
+    var machine = ReconfigureMachine(
+      record: record, journal: ReconfigureJournal(pf: pf, from: 16, to: 2, strategy: .auto, actions: actions))
+    for _ in 0..<6 {
+      guard case .run = machine.start(at: StillClock().now()) else { Issue.record("ended early"); return }
+      machine.succeeded(at: StillClock().now())
+    }
+    guard case .run(let index, let action) = machine.start(at: StillClock().now()) else { return }
+    #expect(index == 6 && action.kind == .resume)
+    machine.failed("host device missing; the device stays paused", at: StillClock().now())
+    #expect(
+      machine.journal.actions.map(\.kind) == actions.map(\.kind).dropLast() + [.detach, .bind, .reattach, .commit])
+    #expect(machine.journal.replacedResumes == [6])
+    guard case .run(let detach, _) = machine.start(at: StillClock().now()) else { return }
+    #expect(detach == 7)
+    machine.succeeded(at: StillClock().now())
+    // The agent dies here; the journal is what a restart reads.
+    let restarted = try #require(ReconfigureMachine(recovering: machine.stored))
+    #expect(!restarted.journal.rollingBack)
+    var resumed = restarted
+    var kinds: [ReconfigureAction.Kind] = []
+    while case .run(_, let next) = resumed.start(at: StillClock().now()) {
+      kinds.append(next.kind)
+      resumed.succeeded(at: StillClock().now())
+    }
+    #expect(kinds == [.bind, .reattach, .commit])
+    #expect(resumed.record.state == .succeeded)
+  }
+}
+
+/// The simulated hypervisor, with a VMM that refuses to resume paused devices in some VMs.
+final class ResumeRefusingHypervisor: Hypervisor {
+  let inner: SimulatedHypervisor
+  let refusing: Set<String>
+
+  init(_ inner: SimulatedHypervisor, refusingIn vms: Set<String>) {
+    self.inner = inner
+    self.refusing = vms
+  }
+
+  var passesThroughVFIO: Bool { inner.passesThroughVFIO }
+  func machines() async -> [VirtualMachineInfo] { await inner.machines() }
+  func attach(vf: PCIAddress, to vm: String, deviceID: String) async throws(AgentError) -> String {
+    try await inner.attach(vf: vf, to: vm, deviceID: deviceID)
+  }
+  func detach(deviceID: String, from vm: String, timeout: Duration) async throws(AgentError) {
+    try await inner.detach(deviceID: deviceID, from: vm, timeout: timeout)
+  }
+  func pluggedDevices() async -> [PluggedDevice] { await inner.pluggedDevices() }
+  func pause(deviceID: String, in vm: String) async throws(AgentError) {
+    try await inner.pause(deviceID: deviceID, in: vm)
+  }
+  func resume(deviceID: String, in vm: String) async throws(AgentError) {
+    if refusing.contains(vm) {
+      throw AgentError(.failedPrecondition, "x-vfio-resume of \(deviceID) refused by test; the device stays paused")
+    }
+    try await inner.resume(deviceID: deviceID, in: vm)
   }
 }

@@ -67,8 +67,8 @@ func fpgactl(_ arguments: [String]) async -> (code: Int32, out: String, err: Str
         separator: "\n")
       #expect(
         tail == """
-          ALLOCATION          VF            PF            OWNER     VM    NUMA  IOMMU  ATTACHED
-          \(id)  0000:d8:08.4  0000:d8:00.1  tenant-a  vm-7  1     144    no
+          ALLOCATION          VF            PF            OWNER     VM    NUMA  IOMMU  ATTACHED  LAST RE-LAYOUT
+          \(id)  0000:d8:08.4  0000:d8:00.1  tenant-a  vm-7  1     144    no        -
           1 allocations (revision 2)
           """)
 

@@ -20,7 +20,11 @@ func allocation(_ id: String, vf: String, attached: Bool = false) -> Allocation 
   Allocation(
     id: id, vf: PCIAddress(vf)!, pf: PCIAddress("0000:3b:00.0")!, owner: "team-a", vm: attached ? "vm-1" : nil,
     idempotencyKey: nil, createdAt: WallTime(seconds: 1_800_000_000, nanoseconds: 5), numaNode: 0, iommuGroup: 7,
-    attached: attached, deviceID: attached ? id : nil, rootPort: attached ? "rp1" : nil)
+    attached: attached, deviceID: attached ? id : nil, rootPort: attached ? "rp1" : nil,
+    lastRelayout: attached
+      ? Relayout(
+        how: .replugFallback, operationID: "op-9", at: WallTime(seconds: 1_800_000_100, nanoseconds: 7),
+        detail: "resume refused") : nil)
 }
 
 @Suite struct StoreTests {
@@ -52,7 +56,7 @@ func allocation(_ id: String, vf: String, attached: Bool = false) -> Allocation 
     #expect(state.drains == ["card-0000:d8", "0000:3b:00.1"])
     #expect(state.operations == [StoredOperation(record: record, journal: journal)])
     #expect(state.records == ["dra-claim": ["uid-1": "{\"a\":1}"], "dra-tombstone": ["uid-2": "1"]])
-    #expect(try reopened.appliedMigrations() == ["v1", "v2", "v3", "v4", "v5"])
+    #expect(try reopened.appliedMigrations() == ["v1", "v2", "v3", "v4", "v5", "v6"])
   }
 
   @Test func aStoreOfTheFirstSchemaIsMigratedWithItsRecords() async throws {
@@ -81,7 +85,7 @@ func allocation(_ id: String, vf: String, attached: Bool = false) -> Allocation 
       #expect(try await queue.read { db in try db.tableExists("operations") } == false)
     }
     let store = try SQLiteStateStore(path: path)
-    #expect(try store.appliedMigrations() == ["v1", "v2", "v3", "v4", "v5"])
+    #expect(try store.appliedMigrations() == ["v1", "v2", "v3", "v4", "v5", "v6"])
     let state = try store.load()
     #expect(state.allocations == [kept])
     #expect(

@@ -892,6 +892,13 @@ def run_browser_flow(driver, agent, base, restart=None):
     page.wait(lambda: page.attr(f'.pf[data-pf="{pf}"]', "data-num-vfs") == "8"
               and page.count(f'.pf[data-pf="{pf}"] .vf') == 8, "the PF with 8 VFs")
     page.wait(lambda: page.attr(f'.vf[data-vf="{vf}"]', "data-state") == "attached", "the VF kept in vm-1")
+    # How the device went through it: paused, by that operation (row and VM card).
+    badge = f'div.allocation[data-allocation="{allocation}"] .relayout'
+    page.wait(lambda: page.count(badge) == 1, "the allocation's re-layout badge")
+    assert page.attr(badge, "data-how") == "paused" and operation in page.attr(badge, "title")
+    assert page.count(f'.vm[data-vm="vm-1"] .vm-device[data-allocation="{allocation}"] .relayout[data-how="paused"]') == 1
+    relaid = [a for a in node.GetInventory(pb.GetInventoryRequest()).allocations if a.id == allocation][0]
+    assert relaid.last_relayout.how == "paused" and relaid.last_relayout.operation_id == operation
 
     # Register a context, switch to it now, then edit a sharing policy.
     page.select("#context-accelerator", "card-0000:3b/acc1")

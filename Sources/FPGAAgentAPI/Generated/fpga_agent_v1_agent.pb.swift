@@ -761,34 +761,143 @@ public nonisolated struct Fpga_Agent_V1_DeviceReadings: Sendable {
 }
 
 /// An allocation the agent ended on its own, e.g. because its device left the bus.
-public nonisolated struct Fpga_Agent_V1_EndedAllocation: @unchecked Sendable {
+public nonisolated struct Fpga_Agent_V1_EndedAllocation: Sendable {
   // SwiftProtobuf.Message conformance is added in an extension below. See the
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
   // methods supported on all messages.
 
   public var allocation: Fpga_Agent_V1_Allocation {
-    get {_storage._allocation ?? Fpga_Agent_V1_Allocation()}
-    set {_uniqueStorage()._allocation = newValue}
+    get {_allocation ?? Fpga_Agent_V1_Allocation()}
+    set {_allocation = newValue}
   }
   /// Returns true if `allocation` has been explicitly set.
-  public var hasAllocation: Bool {_storage._allocation != nil}
+  public var hasAllocation: Bool {self._allocation != nil}
   /// Clears the value of `allocation`. Subsequent reads from it will return its default value.
-  public mutating func clearAllocation() {_uniqueStorage()._allocation = nil}
+  public mutating func clearAllocation() {self._allocation = nil}
 
   /// Why, e.g. "PF 0000:3b:00.0 is gone from the PCI bus (surprise removal or hot-unplug)".
-  public var reason: String {
-    get {_storage._reason}
-    set {_uniqueStorage()._reason = newValue}
-  }
+  public var reason: String = String()
 
   public var endedAt: SwiftProtobuf.Google_Protobuf_Timestamp {
-    get {_storage._endedAt ?? SwiftProtobuf.Google_Protobuf_Timestamp()}
-    set {_uniqueStorage()._endedAt = newValue}
+    get {_endedAt ?? SwiftProtobuf.Google_Protobuf_Timestamp()}
+    set {_endedAt = newValue}
   }
   /// Returns true if `endedAt` has been explicitly set.
-  public var hasEndedAt: Bool {_storage._endedAt != nil}
+  public var hasEndedAt: Bool {self._endedAt != nil}
   /// Clears the value of `endedAt`. Subsequent reads from it will return its default value.
-  public mutating func clearEndedAt() {_uniqueStorage()._endedAt = nil}
+  public mutating func clearEndedAt() {self._endedAt = nil}
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+
+  fileprivate var _allocation: Fpga_Agent_V1_Allocation? = nil
+  fileprivate var _endedAt: SwiftProtobuf.Google_Protobuf_Timestamp? = nil
+}
+
+/// A reservation of one VF for an owner (and, usually, a VM).
+public nonisolated struct Fpga_Agent_V1_Allocation: @unchecked Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  /// Agent-chosen id, e.g. "alloc-7f3a2c1e9b04".
+  public var id: String {
+    get {_storage._id}
+    set {_uniqueStorage()._id = newValue}
+  }
+
+  /// The reserved VF.
+  public var vfBdf: String {
+    get {_storage._vfBdf}
+    set {_uniqueStorage()._vfBdf = newValue}
+  }
+
+  /// Its PF.
+  public var pfBdf: String {
+    get {_storage._pfBdf}
+    set {_uniqueStorage()._pfBdf = newValue}
+  }
+
+  /// Its card.
+  public var cardID: String {
+    get {_storage._cardID}
+    set {_uniqueStorage()._cardID = newValue}
+  }
+
+  /// Who asked for it (a tenant, a pod, an orchestrator job).
+  public var owner: String {
+    get {_storage._owner}
+    set {_uniqueStorage()._owner = newValue}
+  }
+
+  /// The VM it is meant for; empty when not known yet.
+  public var vm: String {
+    get {_storage._vm}
+    set {_uniqueStorage()._vm = newValue}
+  }
+
+  /// The idempotency key of the request that created it, if any.
+  public var idempotencyKey: String {
+    get {_storage._idempotencyKey}
+    set {_uniqueStorage()._idempotencyKey = newValue}
+  }
+
+  /// When it was created.
+  public var createdAt: SwiftProtobuf.Google_Protobuf_Timestamp {
+    get {_storage._createdAt ?? SwiftProtobuf.Google_Protobuf_Timestamp()}
+    set {_uniqueStorage()._createdAt = newValue}
+  }
+  /// Returns true if `createdAt` has been explicitly set.
+  public var hasCreatedAt: Bool {_storage._createdAt != nil}
+  /// Clears the value of `createdAt`. Subsequent reads from it will return its default value.
+  public mutating func clearCreatedAt() {_uniqueStorage()._createdAt = nil}
+
+  /// NUMA node of the VF, -1 when unknown.
+  public var numaNode: Int32 {
+    get {_storage._numaNode}
+    set {_uniqueStorage()._numaNode = newValue}
+  }
+
+  /// IOMMU group of the VF, -1 when none.
+  public var iommuGroup: Int32 {
+    get {_storage._iommuGroup}
+    set {_uniqueStorage()._iommuGroup = newValue}
+  }
+
+  /// True while the VF is plugged into a VM.
+  public var attached: Bool {
+    get {_storage._attached}
+    set {_uniqueStorage()._attached = newValue}
+  }
+
+  /// The QEMU device id of the VF while attached (the allocation's id).
+  public var deviceID: String {
+    get {_storage._deviceID}
+    set {_uniqueStorage()._deviceID = newValue}
+  }
+
+  /// The root port of the VM the VF is plugged into.
+  public var rootPort: String {
+    get {_storage._rootPort}
+    set {_uniqueStorage()._rootPort = newValue}
+  }
+
+  /// True while an unplug waits for the guest's acknowledgement.
+  public var detaching: Bool {
+    get {_storage._detaching}
+    set {_uniqueStorage()._detaching = newValue}
+  }
+
+  /// How the attached device went through the last re-layout of its PF; absent when none has.
+  public var lastRelayout: Fpga_Agent_V1_Relayout {
+    get {_storage._lastRelayout ?? Fpga_Agent_V1_Relayout()}
+    set {_uniqueStorage()._lastRelayout = newValue}
+  }
+  /// Returns true if `lastRelayout` has been explicitly set.
+  public var hasLastRelayout: Bool {_storage._lastRelayout != nil}
+  /// Clears the value of `lastRelayout`. Subsequent reads from it will return its default value.
+  public mutating func clearLastRelayout() {_uniqueStorage()._lastRelayout = nil}
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
@@ -797,66 +906,38 @@ public nonisolated struct Fpga_Agent_V1_EndedAllocation: @unchecked Sendable {
   fileprivate var _storage = _StorageClass.defaultInstance
 }
 
-/// A reservation of one VF for an owner (and, usually, a VM).
-public nonisolated struct Fpga_Agent_V1_Allocation: Sendable {
+/// How an attached device went through a re-layout of its PF (Reconfigure, a layout restore).
+public nonisolated struct Fpga_Agent_V1_Relayout: Sendable {
   // SwiftProtobuf.Message conformance is added in an extension below. See the
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
   // methods supported on all messages.
 
-  /// Agent-chosen id, e.g. "alloc-7f3a2c1e9b04".
-  public var id: String = String()
+  /// "paused" (the VMM paused the device and resumed it on the new VF: the guest kept its
+  /// device), "replugged" (unplugged and plugged again), or "replugged-after-refused-resume"
+  /// (paused, but the VMM refused to resume it, so it was unplugged and plugged again).
+  public var how: String = String()
 
-  /// The reserved VF.
-  public var vfBdf: String = String()
+  /// The operation that did it.
+  public var operationID: String = String()
 
-  /// Its PF.
-  public var pfBdf: String = String()
-
-  /// Its card.
-  public var cardID: String = String()
-
-  /// Who asked for it (a tenant, a pod, an orchestrator job).
-  public var owner: String = String()
-
-  /// The VM it is meant for; empty when not known yet.
-  public var vm: String = String()
-
-  /// The idempotency key of the request that created it, if any.
-  public var idempotencyKey: String = String()
-
-  /// When it was created.
-  public var createdAt: SwiftProtobuf.Google_Protobuf_Timestamp {
-    get {_createdAt ?? SwiftProtobuf.Google_Protobuf_Timestamp()}
-    set {_createdAt = newValue}
+  /// When the device was back in the guest.
+  public var at: SwiftProtobuf.Google_Protobuf_Timestamp {
+    get {_at ?? SwiftProtobuf.Google_Protobuf_Timestamp()}
+    set {_at = newValue}
   }
-  /// Returns true if `createdAt` has been explicitly set.
-  public var hasCreatedAt: Bool {self._createdAt != nil}
-  /// Clears the value of `createdAt`. Subsequent reads from it will return its default value.
-  public mutating func clearCreatedAt() {self._createdAt = nil}
+  /// Returns true if `at` has been explicitly set.
+  public var hasAt: Bool {self._at != nil}
+  /// Clears the value of `at`. Subsequent reads from it will return its default value.
+  public mutating func clearAt() {self._at = nil}
 
-  /// NUMA node of the VF, -1 when unknown.
-  public var numaNode: Int32 = 0
-
-  /// IOMMU group of the VF, -1 when none.
-  public var iommuGroup: Int32 = 0
-
-  /// True while the VF is plugged into a VM.
-  public var attached: Bool = false
-
-  /// The QEMU device id of the VF while attached (the allocation's id).
-  public var deviceID: String = String()
-
-  /// The root port of the VM the VF is plugged into.
-  public var rootPort: String = String()
-
-  /// True while an unplug waits for the guest's acknowledgement.
-  public var detaching: Bool = false
+  /// Why the resume was refused, for "replugged-after-refused-resume".
+  public var detail: String = String()
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
 
-  fileprivate var _createdAt: SwiftProtobuf.Google_Protobuf_Timestamp? = nil
+  fileprivate var _at: SwiftProtobuf.Google_Protobuf_Timestamp? = nil
 }
 
 /// A VM the agent can plug VFs into (a QEMU reached over its QMP socket).
@@ -1569,48 +1650,43 @@ public nonisolated struct Fpga_Agent_V1_AllocateVFRequest: Sendable {
 }
 
 /// The allocation made (or, on a retry, the one made the first time).
-public nonisolated struct Fpga_Agent_V1_AllocateVFResponse: @unchecked Sendable {
+public nonisolated struct Fpga_Agent_V1_AllocateVFResponse: Sendable {
   // SwiftProtobuf.Message conformance is added in an extension below. See the
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
   // methods supported on all messages.
 
   /// The allocation.
   public var allocation: Fpga_Agent_V1_Allocation {
-    get {_storage._allocation ?? Fpga_Agent_V1_Allocation()}
-    set {_uniqueStorage()._allocation = newValue}
+    get {_allocation ?? Fpga_Agent_V1_Allocation()}
+    set {_allocation = newValue}
   }
   /// Returns true if `allocation` has been explicitly set.
-  public var hasAllocation: Bool {_storage._allocation != nil}
+  public var hasAllocation: Bool {self._allocation != nil}
   /// Clears the value of `allocation`. Subsequent reads from it will return its default value.
-  public mutating func clearAllocation() {_uniqueStorage()._allocation = nil}
+  public mutating func clearAllocation() {self._allocation = nil}
 
   /// The VF it holds.
   public var vf: Fpga_Agent_V1_VirtualFunction {
-    get {_storage._vf ?? Fpga_Agent_V1_VirtualFunction()}
-    set {_uniqueStorage()._vf = newValue}
+    get {_vf ?? Fpga_Agent_V1_VirtualFunction()}
+    set {_vf = newValue}
   }
   /// Returns true if `vf` has been explicitly set.
-  public var hasVf: Bool {_storage._vf != nil}
+  public var hasVf: Bool {self._vf != nil}
   /// Clears the value of `vf`. Subsequent reads from it will return its default value.
-  public mutating func clearVf() {_uniqueStorage()._vf = nil}
+  public mutating func clearVf() {self._vf = nil}
 
   /// True when this answer repeats the result of an earlier request with the same key.
-  public var replayed: Bool {
-    get {_storage._replayed}
-    set {_uniqueStorage()._replayed = newValue}
-  }
+  public var replayed: Bool = false
 
   /// Inventory revision after the change.
-  public var revision: UInt64 {
-    get {_storage._revision}
-    set {_uniqueStorage()._revision = newValue}
-  }
+  public var revision: UInt64 = 0
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
 
-  fileprivate var _storage = _StorageClass.defaultInstance
+  fileprivate var _allocation: Fpga_Agent_V1_Allocation? = nil
+  fileprivate var _vf: Fpga_Agent_V1_VirtualFunction? = nil
 }
 
 /// Returns an allocation's VF.
@@ -1640,38 +1716,32 @@ public nonisolated struct Fpga_Agent_V1_ReleaseVFRequest: Sendable {
 }
 
 /// The allocation that ended.
-public nonisolated struct Fpga_Agent_V1_ReleaseVFResponse: @unchecked Sendable {
+public nonisolated struct Fpga_Agent_V1_ReleaseVFResponse: Sendable {
   // SwiftProtobuf.Message conformance is added in an extension below. See the
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
   // methods supported on all messages.
 
   /// The allocation as it was when released.
   public var allocation: Fpga_Agent_V1_Allocation {
-    get {_storage._allocation ?? Fpga_Agent_V1_Allocation()}
-    set {_uniqueStorage()._allocation = newValue}
+    get {_allocation ?? Fpga_Agent_V1_Allocation()}
+    set {_allocation = newValue}
   }
   /// Returns true if `allocation` has been explicitly set.
-  public var hasAllocation: Bool {_storage._allocation != nil}
+  public var hasAllocation: Bool {self._allocation != nil}
   /// Clears the value of `allocation`. Subsequent reads from it will return its default value.
-  public mutating func clearAllocation() {_uniqueStorage()._allocation = nil}
+  public mutating func clearAllocation() {self._allocation = nil}
 
   /// True when this answer repeats the result of an earlier request with the same key.
-  public var replayed: Bool {
-    get {_storage._replayed}
-    set {_uniqueStorage()._replayed = newValue}
-  }
+  public var replayed: Bool = false
 
   /// Inventory revision after the change.
-  public var revision: UInt64 {
-    get {_storage._revision}
-    set {_uniqueStorage()._revision = newValue}
-  }
+  public var revision: UInt64 = 0
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
 
-  fileprivate var _storage = _StorageClass.defaultInstance
+  fileprivate var _allocation: Fpga_Agent_V1_Allocation? = nil
 }
 
 /// Plugs an allocated VF into a running VM.
@@ -1704,44 +1774,35 @@ public nonisolated struct Fpga_Agent_V1_AttachVFRequest: Sendable {
 }
 
 /// Where the VF went.
-public nonisolated struct Fpga_Agent_V1_AttachVFResponse: @unchecked Sendable {
+public nonisolated struct Fpga_Agent_V1_AttachVFResponse: Sendable {
   // SwiftProtobuf.Message conformance is added in an extension below. See the
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
   // methods supported on all messages.
 
   /// The allocation, now attached.
   public var allocation: Fpga_Agent_V1_Allocation {
-    get {_storage._allocation ?? Fpga_Agent_V1_Allocation()}
-    set {_uniqueStorage()._allocation = newValue}
+    get {_allocation ?? Fpga_Agent_V1_Allocation()}
+    set {_allocation = newValue}
   }
   /// Returns true if `allocation` has been explicitly set.
-  public var hasAllocation: Bool {_storage._allocation != nil}
+  public var hasAllocation: Bool {self._allocation != nil}
   /// Clears the value of `allocation`. Subsequent reads from it will return its default value.
-  public mutating func clearAllocation() {_uniqueStorage()._allocation = nil}
+  public mutating func clearAllocation() {self._allocation = nil}
 
   /// The QEMU device id given to the VF.
-  public var deviceID: String {
-    get {_storage._deviceID}
-    set {_uniqueStorage()._deviceID = newValue}
-  }
+  public var deviceID: String = String()
 
   /// The root port it was plugged into.
-  public var rootPort: String {
-    get {_storage._rootPort}
-    set {_uniqueStorage()._rootPort = newValue}
-  }
+  public var rootPort: String = String()
 
   /// True when this answer repeats an earlier result.
-  public var replayed: Bool {
-    get {_storage._replayed}
-    set {_uniqueStorage()._replayed = newValue}
-  }
+  public var replayed: Bool = false
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
 
-  fileprivate var _storage = _StorageClass.defaultInstance
+  fileprivate var _allocation: Fpga_Agent_V1_Allocation? = nil
 }
 
 /// Unplugs an attached VF.
@@ -3340,10 +3401,66 @@ nonisolated extension Fpga_Agent_V1_EndedAllocation: SwiftProtobuf.Message, Swif
   public static let protoMessageName: String = _protobuf_package + ".EndedAllocation"
   public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}allocation\0\u{1}reason\0\u{3}ended_at\0")
 
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularMessageField(value: &self._allocation) }()
+      case 2: try { try decoder.decodeSingularStringField(value: &self.reason) }()
+      case 3: try { try decoder.decodeSingularMessageField(value: &self._endedAt) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    // The use of inline closures is to circumvent an issue where the compiler
+    // allocates stack space for every if/case branch local when no optimizations
+    // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
+    // https://github.com/apple/swift-protobuf/issues/1182
+    try { if let v = self._allocation {
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 1)
+    } }()
+    if !self.reason.isEmpty {
+      try visitor.visitSingularStringField(value: self.reason, fieldNumber: 2)
+    }
+    try { if let v = self._endedAt {
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 3)
+    } }()
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Fpga_Agent_V1_EndedAllocation, rhs: Fpga_Agent_V1_EndedAllocation) -> Bool {
+    if lhs._allocation != rhs._allocation {return false}
+    if lhs.reason != rhs.reason {return false}
+    if lhs._endedAt != rhs._endedAt {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Fpga_Agent_V1_Allocation: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".Allocation"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}id\0\u{3}vf_bdf\0\u{3}pf_bdf\0\u{3}card_id\0\u{1}owner\0\u{1}vm\0\u{3}idempotency_key\0\u{3}created_at\0\u{3}numa_node\0\u{3}iommu_group\0\u{1}attached\0\u{3}device_id\0\u{3}root_port\0\u{1}detaching\0\u{3}last_relayout\0")
+
   fileprivate class _StorageClass {
-    var _allocation: Fpga_Agent_V1_Allocation? = nil
-    var _reason: String = String()
-    var _endedAt: SwiftProtobuf.Google_Protobuf_Timestamp? = nil
+    var _id: String = String()
+    var _vfBdf: String = String()
+    var _pfBdf: String = String()
+    var _cardID: String = String()
+    var _owner: String = String()
+    var _vm: String = String()
+    var _idempotencyKey: String = String()
+    var _createdAt: SwiftProtobuf.Google_Protobuf_Timestamp? = nil
+    var _numaNode: Int32 = 0
+    var _iommuGroup: Int32 = 0
+    var _attached: Bool = false
+    var _deviceID: String = String()
+    var _rootPort: String = String()
+    var _detaching: Bool = false
+    var _lastRelayout: Fpga_Agent_V1_Relayout? = nil
 
       // This property is used as the initial default value for new instances of the type.
       // The type itself is protecting the reference to its storage via CoW semantics.
@@ -3354,9 +3471,21 @@ nonisolated extension Fpga_Agent_V1_EndedAllocation: SwiftProtobuf.Message, Swif
     private init() {}
 
     init(copying source: _StorageClass) {
-      _allocation = source._allocation
-      _reason = source._reason
-      _endedAt = source._endedAt
+      _id = source._id
+      _vfBdf = source._vfBdf
+      _pfBdf = source._pfBdf
+      _cardID = source._cardID
+      _owner = source._owner
+      _vm = source._vm
+      _idempotencyKey = source._idempotencyKey
+      _createdAt = source._createdAt
+      _numaNode = source._numaNode
+      _iommuGroup = source._iommuGroup
+      _attached = source._attached
+      _deviceID = source._deviceID
+      _rootPort = source._rootPort
+      _detaching = source._detaching
+      _lastRelayout = source._lastRelayout
     }
   }
 
@@ -3375,9 +3504,21 @@ nonisolated extension Fpga_Agent_V1_EndedAllocation: SwiftProtobuf.Message, Swif
         // allocates stack space for every case branch when no optimizations are
         // enabled. https://github.com/apple/swift-protobuf/issues/1034
         switch fieldNumber {
-        case 1: try { try decoder.decodeSingularMessageField(value: &_storage._allocation) }()
-        case 2: try { try decoder.decodeSingularStringField(value: &_storage._reason) }()
-        case 3: try { try decoder.decodeSingularMessageField(value: &_storage._endedAt) }()
+        case 1: try { try decoder.decodeSingularStringField(value: &_storage._id) }()
+        case 2: try { try decoder.decodeSingularStringField(value: &_storage._vfBdf) }()
+        case 3: try { try decoder.decodeSingularStringField(value: &_storage._pfBdf) }()
+        case 4: try { try decoder.decodeSingularStringField(value: &_storage._cardID) }()
+        case 5: try { try decoder.decodeSingularStringField(value: &_storage._owner) }()
+        case 6: try { try decoder.decodeSingularStringField(value: &_storage._vm) }()
+        case 7: try { try decoder.decodeSingularStringField(value: &_storage._idempotencyKey) }()
+        case 8: try { try decoder.decodeSingularMessageField(value: &_storage._createdAt) }()
+        case 9: try { try decoder.decodeSingularInt32Field(value: &_storage._numaNode) }()
+        case 10: try { try decoder.decodeSingularInt32Field(value: &_storage._iommuGroup) }()
+        case 11: try { try decoder.decodeSingularBoolField(value: &_storage._attached) }()
+        case 12: try { try decoder.decodeSingularStringField(value: &_storage._deviceID) }()
+        case 13: try { try decoder.decodeSingularStringField(value: &_storage._rootPort) }()
+        case 14: try { try decoder.decodeSingularBoolField(value: &_storage._detaching) }()
+        case 15: try { try decoder.decodeSingularMessageField(value: &_storage._lastRelayout) }()
         default: break
         }
       }
@@ -3390,27 +3531,75 @@ nonisolated extension Fpga_Agent_V1_EndedAllocation: SwiftProtobuf.Message, Swif
       // allocates stack space for every if/case branch local when no optimizations
       // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
       // https://github.com/apple/swift-protobuf/issues/1182
-      try { if let v = _storage._allocation {
-        try visitor.visitSingularMessageField(value: v, fieldNumber: 1)
-      } }()
-      if !_storage._reason.isEmpty {
-        try visitor.visitSingularStringField(value: _storage._reason, fieldNumber: 2)
+      if !_storage._id.isEmpty {
+        try visitor.visitSingularStringField(value: _storage._id, fieldNumber: 1)
       }
-      try { if let v = _storage._endedAt {
-        try visitor.visitSingularMessageField(value: v, fieldNumber: 3)
+      if !_storage._vfBdf.isEmpty {
+        try visitor.visitSingularStringField(value: _storage._vfBdf, fieldNumber: 2)
+      }
+      if !_storage._pfBdf.isEmpty {
+        try visitor.visitSingularStringField(value: _storage._pfBdf, fieldNumber: 3)
+      }
+      if !_storage._cardID.isEmpty {
+        try visitor.visitSingularStringField(value: _storage._cardID, fieldNumber: 4)
+      }
+      if !_storage._owner.isEmpty {
+        try visitor.visitSingularStringField(value: _storage._owner, fieldNumber: 5)
+      }
+      if !_storage._vm.isEmpty {
+        try visitor.visitSingularStringField(value: _storage._vm, fieldNumber: 6)
+      }
+      if !_storage._idempotencyKey.isEmpty {
+        try visitor.visitSingularStringField(value: _storage._idempotencyKey, fieldNumber: 7)
+      }
+      try { if let v = _storage._createdAt {
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 8)
+      } }()
+      if _storage._numaNode != 0 {
+        try visitor.visitSingularInt32Field(value: _storage._numaNode, fieldNumber: 9)
+      }
+      if _storage._iommuGroup != 0 {
+        try visitor.visitSingularInt32Field(value: _storage._iommuGroup, fieldNumber: 10)
+      }
+      if _storage._attached != false {
+        try visitor.visitSingularBoolField(value: _storage._attached, fieldNumber: 11)
+      }
+      if !_storage._deviceID.isEmpty {
+        try visitor.visitSingularStringField(value: _storage._deviceID, fieldNumber: 12)
+      }
+      if !_storage._rootPort.isEmpty {
+        try visitor.visitSingularStringField(value: _storage._rootPort, fieldNumber: 13)
+      }
+      if _storage._detaching != false {
+        try visitor.visitSingularBoolField(value: _storage._detaching, fieldNumber: 14)
+      }
+      try { if let v = _storage._lastRelayout {
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 15)
       } }()
     }
     try unknownFields.traverse(visitor: &visitor)
   }
 
-  public static func ==(lhs: Fpga_Agent_V1_EndedAllocation, rhs: Fpga_Agent_V1_EndedAllocation) -> Bool {
+  public static func ==(lhs: Fpga_Agent_V1_Allocation, rhs: Fpga_Agent_V1_Allocation) -> Bool {
     if lhs._storage !== rhs._storage {
       let storagesAreEqual: Bool = withExtendedLifetime((lhs._storage, rhs._storage)) { (_args: (_StorageClass, _StorageClass)) in
         let _storage = _args.0
         let rhs_storage = _args.1
-        if _storage._allocation != rhs_storage._allocation {return false}
-        if _storage._reason != rhs_storage._reason {return false}
-        if _storage._endedAt != rhs_storage._endedAt {return false}
+        if _storage._id != rhs_storage._id {return false}
+        if _storage._vfBdf != rhs_storage._vfBdf {return false}
+        if _storage._pfBdf != rhs_storage._pfBdf {return false}
+        if _storage._cardID != rhs_storage._cardID {return false}
+        if _storage._owner != rhs_storage._owner {return false}
+        if _storage._vm != rhs_storage._vm {return false}
+        if _storage._idempotencyKey != rhs_storage._idempotencyKey {return false}
+        if _storage._createdAt != rhs_storage._createdAt {return false}
+        if _storage._numaNode != rhs_storage._numaNode {return false}
+        if _storage._iommuGroup != rhs_storage._iommuGroup {return false}
+        if _storage._attached != rhs_storage._attached {return false}
+        if _storage._deviceID != rhs_storage._deviceID {return false}
+        if _storage._rootPort != rhs_storage._rootPort {return false}
+        if _storage._detaching != rhs_storage._detaching {return false}
+        if _storage._lastRelayout != rhs_storage._lastRelayout {return false}
         return true
       }
       if !storagesAreEqual {return false}
@@ -3420,9 +3609,9 @@ nonisolated extension Fpga_Agent_V1_EndedAllocation: SwiftProtobuf.Message, Swif
   }
 }
 
-nonisolated extension Fpga_Agent_V1_Allocation: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
-  public static let protoMessageName: String = _protobuf_package + ".Allocation"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}id\0\u{3}vf_bdf\0\u{3}pf_bdf\0\u{3}card_id\0\u{1}owner\0\u{1}vm\0\u{3}idempotency_key\0\u{3}created_at\0\u{3}numa_node\0\u{3}iommu_group\0\u{1}attached\0\u{3}device_id\0\u{3}root_port\0\u{1}detaching\0")
+nonisolated extension Fpga_Agent_V1_Relayout: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".Relayout"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}how\0\u{3}operation_id\0\u{1}at\0\u{1}detail\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -3430,20 +3619,10 @@ nonisolated extension Fpga_Agent_V1_Allocation: SwiftProtobuf.Message, SwiftProt
       // allocates stack space for every case branch when no optimizations are
       // enabled. https://github.com/apple/swift-protobuf/issues/1034
       switch fieldNumber {
-      case 1: try { try decoder.decodeSingularStringField(value: &self.id) }()
-      case 2: try { try decoder.decodeSingularStringField(value: &self.vfBdf) }()
-      case 3: try { try decoder.decodeSingularStringField(value: &self.pfBdf) }()
-      case 4: try { try decoder.decodeSingularStringField(value: &self.cardID) }()
-      case 5: try { try decoder.decodeSingularStringField(value: &self.owner) }()
-      case 6: try { try decoder.decodeSingularStringField(value: &self.vm) }()
-      case 7: try { try decoder.decodeSingularStringField(value: &self.idempotencyKey) }()
-      case 8: try { try decoder.decodeSingularMessageField(value: &self._createdAt) }()
-      case 9: try { try decoder.decodeSingularInt32Field(value: &self.numaNode) }()
-      case 10: try { try decoder.decodeSingularInt32Field(value: &self.iommuGroup) }()
-      case 11: try { try decoder.decodeSingularBoolField(value: &self.attached) }()
-      case 12: try { try decoder.decodeSingularStringField(value: &self.deviceID) }()
-      case 13: try { try decoder.decodeSingularStringField(value: &self.rootPort) }()
-      case 14: try { try decoder.decodeSingularBoolField(value: &self.detaching) }()
+      case 1: try { try decoder.decodeSingularStringField(value: &self.how) }()
+      case 2: try { try decoder.decodeSingularStringField(value: &self.operationID) }()
+      case 3: try { try decoder.decodeSingularMessageField(value: &self._at) }()
+      case 4: try { try decoder.decodeSingularStringField(value: &self.detail) }()
       default: break
       }
     }
@@ -3454,66 +3633,26 @@ nonisolated extension Fpga_Agent_V1_Allocation: SwiftProtobuf.Message, SwiftProt
     // allocates stack space for every if/case branch local when no optimizations
     // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
     // https://github.com/apple/swift-protobuf/issues/1182
-    if !self.id.isEmpty {
-      try visitor.visitSingularStringField(value: self.id, fieldNumber: 1)
+    if !self.how.isEmpty {
+      try visitor.visitSingularStringField(value: self.how, fieldNumber: 1)
     }
-    if !self.vfBdf.isEmpty {
-      try visitor.visitSingularStringField(value: self.vfBdf, fieldNumber: 2)
+    if !self.operationID.isEmpty {
+      try visitor.visitSingularStringField(value: self.operationID, fieldNumber: 2)
     }
-    if !self.pfBdf.isEmpty {
-      try visitor.visitSingularStringField(value: self.pfBdf, fieldNumber: 3)
-    }
-    if !self.cardID.isEmpty {
-      try visitor.visitSingularStringField(value: self.cardID, fieldNumber: 4)
-    }
-    if !self.owner.isEmpty {
-      try visitor.visitSingularStringField(value: self.owner, fieldNumber: 5)
-    }
-    if !self.vm.isEmpty {
-      try visitor.visitSingularStringField(value: self.vm, fieldNumber: 6)
-    }
-    if !self.idempotencyKey.isEmpty {
-      try visitor.visitSingularStringField(value: self.idempotencyKey, fieldNumber: 7)
-    }
-    try { if let v = self._createdAt {
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 8)
+    try { if let v = self._at {
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 3)
     } }()
-    if self.numaNode != 0 {
-      try visitor.visitSingularInt32Field(value: self.numaNode, fieldNumber: 9)
-    }
-    if self.iommuGroup != 0 {
-      try visitor.visitSingularInt32Field(value: self.iommuGroup, fieldNumber: 10)
-    }
-    if self.attached != false {
-      try visitor.visitSingularBoolField(value: self.attached, fieldNumber: 11)
-    }
-    if !self.deviceID.isEmpty {
-      try visitor.visitSingularStringField(value: self.deviceID, fieldNumber: 12)
-    }
-    if !self.rootPort.isEmpty {
-      try visitor.visitSingularStringField(value: self.rootPort, fieldNumber: 13)
-    }
-    if self.detaching != false {
-      try visitor.visitSingularBoolField(value: self.detaching, fieldNumber: 14)
+    if !self.detail.isEmpty {
+      try visitor.visitSingularStringField(value: self.detail, fieldNumber: 4)
     }
     try unknownFields.traverse(visitor: &visitor)
   }
 
-  public static func ==(lhs: Fpga_Agent_V1_Allocation, rhs: Fpga_Agent_V1_Allocation) -> Bool {
-    if lhs.id != rhs.id {return false}
-    if lhs.vfBdf != rhs.vfBdf {return false}
-    if lhs.pfBdf != rhs.pfBdf {return false}
-    if lhs.cardID != rhs.cardID {return false}
-    if lhs.owner != rhs.owner {return false}
-    if lhs.vm != rhs.vm {return false}
-    if lhs.idempotencyKey != rhs.idempotencyKey {return false}
-    if lhs._createdAt != rhs._createdAt {return false}
-    if lhs.numaNode != rhs.numaNode {return false}
-    if lhs.iommuGroup != rhs.iommuGroup {return false}
-    if lhs.attached != rhs.attached {return false}
-    if lhs.deviceID != rhs.deviceID {return false}
-    if lhs.rootPort != rhs.rootPort {return false}
-    if lhs.detaching != rhs.detaching {return false}
+  public static func ==(lhs: Fpga_Agent_V1_Relayout, rhs: Fpga_Agent_V1_Relayout) -> Bool {
+    if lhs.how != rhs.how {return false}
+    if lhs.operationID != rhs.operationID {return false}
+    if lhs._at != rhs._at {return false}
+    if lhs.detail != rhs.detail {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
@@ -4632,88 +4771,46 @@ nonisolated extension Fpga_Agent_V1_AllocateVFResponse: SwiftProtobuf.Message, S
   public static let protoMessageName: String = _protobuf_package + ".AllocateVFResponse"
   public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}allocation\0\u{1}vf\0\u{1}replayed\0\u{1}revision\0")
 
-  fileprivate class _StorageClass {
-    var _allocation: Fpga_Agent_V1_Allocation? = nil
-    var _vf: Fpga_Agent_V1_VirtualFunction? = nil
-    var _replayed: Bool = false
-    var _revision: UInt64 = 0
-
-      // This property is used as the initial default value for new instances of the type.
-      // The type itself is protecting the reference to its storage via CoW semantics.
-      // This will force a copy to be made of this reference when the first mutation occurs;
-      // hence, it is safe to mark this as `nonisolated(unsafe)`.
-      static nonisolated(unsafe) let defaultInstance = _StorageClass()
-
-    private init() {}
-
-    init(copying source: _StorageClass) {
-      _allocation = source._allocation
-      _vf = source._vf
-      _replayed = source._replayed
-      _revision = source._revision
-    }
-  }
-
-  fileprivate mutating func _uniqueStorage() -> _StorageClass {
-    if !isKnownUniquelyReferenced(&_storage) {
-      _storage = _StorageClass(copying: _storage)
-    }
-    return _storage
-  }
-
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
-    _ = _uniqueStorage()
-    try withExtendedLifetime(_storage) { (_storage: _StorageClass) in
-      while let fieldNumber = try decoder.nextFieldNumber() {
-        // The use of inline closures is to circumvent an issue where the compiler
-        // allocates stack space for every case branch when no optimizations are
-        // enabled. https://github.com/apple/swift-protobuf/issues/1034
-        switch fieldNumber {
-        case 1: try { try decoder.decodeSingularMessageField(value: &_storage._allocation) }()
-        case 2: try { try decoder.decodeSingularMessageField(value: &_storage._vf) }()
-        case 3: try { try decoder.decodeSingularBoolField(value: &_storage._replayed) }()
-        case 4: try { try decoder.decodeSingularUInt64Field(value: &_storage._revision) }()
-        default: break
-        }
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularMessageField(value: &self._allocation) }()
+      case 2: try { try decoder.decodeSingularMessageField(value: &self._vf) }()
+      case 3: try { try decoder.decodeSingularBoolField(value: &self.replayed) }()
+      case 4: try { try decoder.decodeSingularUInt64Field(value: &self.revision) }()
+      default: break
       }
     }
   }
 
   public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
-    try withExtendedLifetime(_storage) { (_storage: _StorageClass) in
-      // The use of inline closures is to circumvent an issue where the compiler
-      // allocates stack space for every if/case branch local when no optimizations
-      // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
-      // https://github.com/apple/swift-protobuf/issues/1182
-      try { if let v = _storage._allocation {
-        try visitor.visitSingularMessageField(value: v, fieldNumber: 1)
-      } }()
-      try { if let v = _storage._vf {
-        try visitor.visitSingularMessageField(value: v, fieldNumber: 2)
-      } }()
-      if _storage._replayed != false {
-        try visitor.visitSingularBoolField(value: _storage._replayed, fieldNumber: 3)
-      }
-      if _storage._revision != 0 {
-        try visitor.visitSingularUInt64Field(value: _storage._revision, fieldNumber: 4)
-      }
+    // The use of inline closures is to circumvent an issue where the compiler
+    // allocates stack space for every if/case branch local when no optimizations
+    // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
+    // https://github.com/apple/swift-protobuf/issues/1182
+    try { if let v = self._allocation {
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 1)
+    } }()
+    try { if let v = self._vf {
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 2)
+    } }()
+    if self.replayed != false {
+      try visitor.visitSingularBoolField(value: self.replayed, fieldNumber: 3)
+    }
+    if self.revision != 0 {
+      try visitor.visitSingularUInt64Field(value: self.revision, fieldNumber: 4)
     }
     try unknownFields.traverse(visitor: &visitor)
   }
 
   public static func ==(lhs: Fpga_Agent_V1_AllocateVFResponse, rhs: Fpga_Agent_V1_AllocateVFResponse) -> Bool {
-    if lhs._storage !== rhs._storage {
-      let storagesAreEqual: Bool = withExtendedLifetime((lhs._storage, rhs._storage)) { (_args: (_StorageClass, _StorageClass)) in
-        let _storage = _args.0
-        let rhs_storage = _args.1
-        if _storage._allocation != rhs_storage._allocation {return false}
-        if _storage._vf != rhs_storage._vf {return false}
-        if _storage._replayed != rhs_storage._replayed {return false}
-        if _storage._revision != rhs_storage._revision {return false}
-        return true
-      }
-      if !storagesAreEqual {return false}
-    }
+    if lhs._allocation != rhs._allocation {return false}
+    if lhs._vf != rhs._vf {return false}
+    if lhs.replayed != rhs.replayed {return false}
+    if lhs.revision != rhs.revision {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
@@ -4762,81 +4859,41 @@ nonisolated extension Fpga_Agent_V1_ReleaseVFResponse: SwiftProtobuf.Message, Sw
   public static let protoMessageName: String = _protobuf_package + ".ReleaseVFResponse"
   public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}allocation\0\u{1}replayed\0\u{1}revision\0")
 
-  fileprivate class _StorageClass {
-    var _allocation: Fpga_Agent_V1_Allocation? = nil
-    var _replayed: Bool = false
-    var _revision: UInt64 = 0
-
-      // This property is used as the initial default value for new instances of the type.
-      // The type itself is protecting the reference to its storage via CoW semantics.
-      // This will force a copy to be made of this reference when the first mutation occurs;
-      // hence, it is safe to mark this as `nonisolated(unsafe)`.
-      static nonisolated(unsafe) let defaultInstance = _StorageClass()
-
-    private init() {}
-
-    init(copying source: _StorageClass) {
-      _allocation = source._allocation
-      _replayed = source._replayed
-      _revision = source._revision
-    }
-  }
-
-  fileprivate mutating func _uniqueStorage() -> _StorageClass {
-    if !isKnownUniquelyReferenced(&_storage) {
-      _storage = _StorageClass(copying: _storage)
-    }
-    return _storage
-  }
-
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
-    _ = _uniqueStorage()
-    try withExtendedLifetime(_storage) { (_storage: _StorageClass) in
-      while let fieldNumber = try decoder.nextFieldNumber() {
-        // The use of inline closures is to circumvent an issue where the compiler
-        // allocates stack space for every case branch when no optimizations are
-        // enabled. https://github.com/apple/swift-protobuf/issues/1034
-        switch fieldNumber {
-        case 1: try { try decoder.decodeSingularMessageField(value: &_storage._allocation) }()
-        case 2: try { try decoder.decodeSingularBoolField(value: &_storage._replayed) }()
-        case 3: try { try decoder.decodeSingularUInt64Field(value: &_storage._revision) }()
-        default: break
-        }
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularMessageField(value: &self._allocation) }()
+      case 2: try { try decoder.decodeSingularBoolField(value: &self.replayed) }()
+      case 3: try { try decoder.decodeSingularUInt64Field(value: &self.revision) }()
+      default: break
       }
     }
   }
 
   public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
-    try withExtendedLifetime(_storage) { (_storage: _StorageClass) in
-      // The use of inline closures is to circumvent an issue where the compiler
-      // allocates stack space for every if/case branch local when no optimizations
-      // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
-      // https://github.com/apple/swift-protobuf/issues/1182
-      try { if let v = _storage._allocation {
-        try visitor.visitSingularMessageField(value: v, fieldNumber: 1)
-      } }()
-      if _storage._replayed != false {
-        try visitor.visitSingularBoolField(value: _storage._replayed, fieldNumber: 2)
-      }
-      if _storage._revision != 0 {
-        try visitor.visitSingularUInt64Field(value: _storage._revision, fieldNumber: 3)
-      }
+    // The use of inline closures is to circumvent an issue where the compiler
+    // allocates stack space for every if/case branch local when no optimizations
+    // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
+    // https://github.com/apple/swift-protobuf/issues/1182
+    try { if let v = self._allocation {
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 1)
+    } }()
+    if self.replayed != false {
+      try visitor.visitSingularBoolField(value: self.replayed, fieldNumber: 2)
+    }
+    if self.revision != 0 {
+      try visitor.visitSingularUInt64Field(value: self.revision, fieldNumber: 3)
     }
     try unknownFields.traverse(visitor: &visitor)
   }
 
   public static func ==(lhs: Fpga_Agent_V1_ReleaseVFResponse, rhs: Fpga_Agent_V1_ReleaseVFResponse) -> Bool {
-    if lhs._storage !== rhs._storage {
-      let storagesAreEqual: Bool = withExtendedLifetime((lhs._storage, rhs._storage)) { (_args: (_StorageClass, _StorageClass)) in
-        let _storage = _args.0
-        let rhs_storage = _args.1
-        if _storage._allocation != rhs_storage._allocation {return false}
-        if _storage._replayed != rhs_storage._replayed {return false}
-        if _storage._revision != rhs_storage._revision {return false}
-        return true
-      }
-      if !storagesAreEqual {return false}
-    }
+    if lhs._allocation != rhs._allocation {return false}
+    if lhs.replayed != rhs.replayed {return false}
+    if lhs.revision != rhs.revision {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
@@ -4890,88 +4947,46 @@ nonisolated extension Fpga_Agent_V1_AttachVFResponse: SwiftProtobuf.Message, Swi
   public static let protoMessageName: String = _protobuf_package + ".AttachVFResponse"
   public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}allocation\0\u{3}device_id\0\u{3}root_port\0\u{1}replayed\0")
 
-  fileprivate class _StorageClass {
-    var _allocation: Fpga_Agent_V1_Allocation? = nil
-    var _deviceID: String = String()
-    var _rootPort: String = String()
-    var _replayed: Bool = false
-
-      // This property is used as the initial default value for new instances of the type.
-      // The type itself is protecting the reference to its storage via CoW semantics.
-      // This will force a copy to be made of this reference when the first mutation occurs;
-      // hence, it is safe to mark this as `nonisolated(unsafe)`.
-      static nonisolated(unsafe) let defaultInstance = _StorageClass()
-
-    private init() {}
-
-    init(copying source: _StorageClass) {
-      _allocation = source._allocation
-      _deviceID = source._deviceID
-      _rootPort = source._rootPort
-      _replayed = source._replayed
-    }
-  }
-
-  fileprivate mutating func _uniqueStorage() -> _StorageClass {
-    if !isKnownUniquelyReferenced(&_storage) {
-      _storage = _StorageClass(copying: _storage)
-    }
-    return _storage
-  }
-
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
-    _ = _uniqueStorage()
-    try withExtendedLifetime(_storage) { (_storage: _StorageClass) in
-      while let fieldNumber = try decoder.nextFieldNumber() {
-        // The use of inline closures is to circumvent an issue where the compiler
-        // allocates stack space for every case branch when no optimizations are
-        // enabled. https://github.com/apple/swift-protobuf/issues/1034
-        switch fieldNumber {
-        case 1: try { try decoder.decodeSingularMessageField(value: &_storage._allocation) }()
-        case 2: try { try decoder.decodeSingularStringField(value: &_storage._deviceID) }()
-        case 3: try { try decoder.decodeSingularStringField(value: &_storage._rootPort) }()
-        case 4: try { try decoder.decodeSingularBoolField(value: &_storage._replayed) }()
-        default: break
-        }
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularMessageField(value: &self._allocation) }()
+      case 2: try { try decoder.decodeSingularStringField(value: &self.deviceID) }()
+      case 3: try { try decoder.decodeSingularStringField(value: &self.rootPort) }()
+      case 4: try { try decoder.decodeSingularBoolField(value: &self.replayed) }()
+      default: break
       }
     }
   }
 
   public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
-    try withExtendedLifetime(_storage) { (_storage: _StorageClass) in
-      // The use of inline closures is to circumvent an issue where the compiler
-      // allocates stack space for every if/case branch local when no optimizations
-      // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
-      // https://github.com/apple/swift-protobuf/issues/1182
-      try { if let v = _storage._allocation {
-        try visitor.visitSingularMessageField(value: v, fieldNumber: 1)
-      } }()
-      if !_storage._deviceID.isEmpty {
-        try visitor.visitSingularStringField(value: _storage._deviceID, fieldNumber: 2)
-      }
-      if !_storage._rootPort.isEmpty {
-        try visitor.visitSingularStringField(value: _storage._rootPort, fieldNumber: 3)
-      }
-      if _storage._replayed != false {
-        try visitor.visitSingularBoolField(value: _storage._replayed, fieldNumber: 4)
-      }
+    // The use of inline closures is to circumvent an issue where the compiler
+    // allocates stack space for every if/case branch local when no optimizations
+    // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
+    // https://github.com/apple/swift-protobuf/issues/1182
+    try { if let v = self._allocation {
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 1)
+    } }()
+    if !self.deviceID.isEmpty {
+      try visitor.visitSingularStringField(value: self.deviceID, fieldNumber: 2)
+    }
+    if !self.rootPort.isEmpty {
+      try visitor.visitSingularStringField(value: self.rootPort, fieldNumber: 3)
+    }
+    if self.replayed != false {
+      try visitor.visitSingularBoolField(value: self.replayed, fieldNumber: 4)
     }
     try unknownFields.traverse(visitor: &visitor)
   }
 
   public static func ==(lhs: Fpga_Agent_V1_AttachVFResponse, rhs: Fpga_Agent_V1_AttachVFResponse) -> Bool {
-    if lhs._storage !== rhs._storage {
-      let storagesAreEqual: Bool = withExtendedLifetime((lhs._storage, rhs._storage)) { (_args: (_StorageClass, _StorageClass)) in
-        let _storage = _args.0
-        let rhs_storage = _args.1
-        if _storage._allocation != rhs_storage._allocation {return false}
-        if _storage._deviceID != rhs_storage._deviceID {return false}
-        if _storage._rootPort != rhs_storage._rootPort {return false}
-        if _storage._replayed != rhs_storage._replayed {return false}
-        return true
-      }
-      if !storagesAreEqual {return false}
-    }
+    if lhs._allocation != rhs._allocation {return false}
+    if lhs.deviceID != rhs.deviceID {return false}
+    if lhs.rootPort != rhs.rootPort {return false}
+    if lhs.replayed != rhs.replayed {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }

@@ -231,96 +231,84 @@ public nonisolated struct Fpga_Orchestrator_V1_DRAGrowth: Sendable {
 }
 
 /// The outcome of one command, with the same message the node API answers.
-public nonisolated struct Fpga_Orchestrator_V1_CommandResult: @unchecked Sendable {
+public nonisolated struct Fpga_Orchestrator_V1_CommandResult: Sendable {
   // SwiftProtobuf.Message conformance is added in an extension below. See the
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
   // methods supported on all messages.
 
   /// The command's id.
-  public var commandID: String {
-    get {_storage._commandID}
-    set {_uniqueStorage()._commandID = newValue}
-  }
+  public var commandID: String = String()
 
   /// gRPC status code of the outcome (0 OK).
-  public var code: Int32 {
-    get {_storage._code}
-    set {_uniqueStorage()._code = newValue}
-  }
+  public var code: Int32 = 0
 
   /// The error message when it failed.
-  public var message: String {
-    get {_storage._message}
-    set {_uniqueStorage()._message = newValue}
-  }
+  public var message: String = String()
 
-  public var result: OneOf_Result? {
-    get {return _storage._result}
-    set {_uniqueStorage()._result = newValue}
-  }
+  public var result: Fpga_Orchestrator_V1_CommandResult.OneOf_Result? = nil
 
   public var allocated: Fpga_Agent_V1_AllocateVFResponse {
     get {
-      if case .allocated(let v)? = _storage._result {return v}
+      if case .allocated(let v)? = result {return v}
       return Fpga_Agent_V1_AllocateVFResponse()
     }
-    set {_uniqueStorage()._result = .allocated(newValue)}
+    set {result = .allocated(newValue)}
   }
 
   public var released: Fpga_Agent_V1_ReleaseVFResponse {
     get {
-      if case .released(let v)? = _storage._result {return v}
+      if case .released(let v)? = result {return v}
       return Fpga_Agent_V1_ReleaseVFResponse()
     }
-    set {_uniqueStorage()._result = .released(newValue)}
+    set {result = .released(newValue)}
   }
 
   public var attached: Fpga_Agent_V1_AttachVFResponse {
     get {
-      if case .attached(let v)? = _storage._result {return v}
+      if case .attached(let v)? = result {return v}
       return Fpga_Agent_V1_AttachVFResponse()
     }
-    set {_uniqueStorage()._result = .attached(newValue)}
+    set {result = .attached(newValue)}
   }
 
   public var detached: Fpga_Agent_V1_DetachVFResponse {
     get {
-      if case .detached(let v)? = _storage._result {return v}
+      if case .detached(let v)? = result {return v}
       return Fpga_Agent_V1_DetachVFResponse()
     }
-    set {_uniqueStorage()._result = .detached(newValue)}
+    set {result = .detached(newValue)}
   }
 
   public var operation: Fpga_Agent_V1_Operation {
     get {
-      if case .operation(let v)? = _storage._result {return v}
+      if case .operation(let v)? = result {return v}
       return Fpga_Agent_V1_Operation()
     }
-    set {_uniqueStorage()._result = .operation(newValue)}
+    set {result = .operation(newValue)}
   }
 
   public var switched: Fpga_Agent_V1_SwitchContextResponse {
     get {
-      if case .switched(let v)? = _storage._result {return v}
+      if case .switched(let v)? = result {return v}
       return Fpga_Agent_V1_SwitchContextResponse()
     }
-    set {_uniqueStorage()._result = .switched(newValue)}
+    set {result = .switched(newValue)}
   }
 
   public var policy: Fpga_Agent_V1_SetSharingPolicyResponse {
     get {
-      if case .policy(let v)? = _storage._result {return v}
+      if case .policy(let v)? = result {return v}
       return Fpga_Agent_V1_SetSharingPolicyResponse()
     }
-    set {_uniqueStorage()._result = .policy(newValue)}
+    set {result = .policy(newValue)}
   }
 
   public var context: Fpga_Agent_V1_RegisterContextResponse {
     get {
-      if case .context(let v)? = _storage._result {return v}
+      if case .context(let v)? = result {return v}
       return Fpga_Agent_V1_RegisterContextResponse()
     }
-    set {_uniqueStorage()._result = .context(newValue)}
+    set {result = .context(newValue)}
   }
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
@@ -338,8 +326,6 @@ public nonisolated struct Fpga_Orchestrator_V1_CommandResult: @unchecked Sendabl
   }
 
   public init() {}
-
-  fileprivate var _storage = _StorageClass.defaultInstance
 }
 
 /// From the orchestrator.
@@ -1016,223 +1002,181 @@ nonisolated extension Fpga_Orchestrator_V1_CommandResult: SwiftProtobuf.Message,
   public static let protoMessageName: String = _protobuf_package + ".CommandResult"
   public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}command_id\0\u{1}code\0\u{1}message\0\u{1}allocated\0\u{1}released\0\u{1}attached\0\u{1}detached\0\u{1}operation\0\u{1}switched\0\u{1}policy\0\u{1}context\0")
 
-  fileprivate class _StorageClass {
-    var _commandID: String = String()
-    var _code: Int32 = 0
-    var _message: String = String()
-    var _result: Fpga_Orchestrator_V1_CommandResult.OneOf_Result?
-
-      // This property is used as the initial default value for new instances of the type.
-      // The type itself is protecting the reference to its storage via CoW semantics.
-      // This will force a copy to be made of this reference when the first mutation occurs;
-      // hence, it is safe to mark this as `nonisolated(unsafe)`.
-      static nonisolated(unsafe) let defaultInstance = _StorageClass()
-
-    private init() {}
-
-    init(copying source: _StorageClass) {
-      _commandID = source._commandID
-      _code = source._code
-      _message = source._message
-      _result = source._result
-    }
-  }
-
-  fileprivate mutating func _uniqueStorage() -> _StorageClass {
-    if !isKnownUniquelyReferenced(&_storage) {
-      _storage = _StorageClass(copying: _storage)
-    }
-    return _storage
-  }
-
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
-    _ = _uniqueStorage()
-    try withExtendedLifetime(_storage) { (_storage: _StorageClass) in
-      while let fieldNumber = try decoder.nextFieldNumber() {
-        // The use of inline closures is to circumvent an issue where the compiler
-        // allocates stack space for every case branch when no optimizations are
-        // enabled. https://github.com/apple/swift-protobuf/issues/1034
-        switch fieldNumber {
-        case 1: try { try decoder.decodeSingularStringField(value: &_storage._commandID) }()
-        case 2: try { try decoder.decodeSingularInt32Field(value: &_storage._code) }()
-        case 3: try { try decoder.decodeSingularStringField(value: &_storage._message) }()
-        case 4: try {
-          var v: Fpga_Agent_V1_AllocateVFResponse?
-          var hadOneofValue = false
-          if let current = _storage._result {
-            hadOneofValue = true
-            if case .allocated(let m) = current {v = m}
-          }
-          try decoder.decodeSingularMessageField(value: &v)
-          if let v = v {
-            if hadOneofValue {try decoder.handleConflictingOneOf()}
-            _storage._result = .allocated(v)
-          }
-        }()
-        case 5: try {
-          var v: Fpga_Agent_V1_ReleaseVFResponse?
-          var hadOneofValue = false
-          if let current = _storage._result {
-            hadOneofValue = true
-            if case .released(let m) = current {v = m}
-          }
-          try decoder.decodeSingularMessageField(value: &v)
-          if let v = v {
-            if hadOneofValue {try decoder.handleConflictingOneOf()}
-            _storage._result = .released(v)
-          }
-        }()
-        case 6: try {
-          var v: Fpga_Agent_V1_AttachVFResponse?
-          var hadOneofValue = false
-          if let current = _storage._result {
-            hadOneofValue = true
-            if case .attached(let m) = current {v = m}
-          }
-          try decoder.decodeSingularMessageField(value: &v)
-          if let v = v {
-            if hadOneofValue {try decoder.handleConflictingOneOf()}
-            _storage._result = .attached(v)
-          }
-        }()
-        case 7: try {
-          var v: Fpga_Agent_V1_DetachVFResponse?
-          var hadOneofValue = false
-          if let current = _storage._result {
-            hadOneofValue = true
-            if case .detached(let m) = current {v = m}
-          }
-          try decoder.decodeSingularMessageField(value: &v)
-          if let v = v {
-            if hadOneofValue {try decoder.handleConflictingOneOf()}
-            _storage._result = .detached(v)
-          }
-        }()
-        case 8: try {
-          var v: Fpga_Agent_V1_Operation?
-          var hadOneofValue = false
-          if let current = _storage._result {
-            hadOneofValue = true
-            if case .operation(let m) = current {v = m}
-          }
-          try decoder.decodeSingularMessageField(value: &v)
-          if let v = v {
-            if hadOneofValue {try decoder.handleConflictingOneOf()}
-            _storage._result = .operation(v)
-          }
-        }()
-        case 9: try {
-          var v: Fpga_Agent_V1_SwitchContextResponse?
-          var hadOneofValue = false
-          if let current = _storage._result {
-            hadOneofValue = true
-            if case .switched(let m) = current {v = m}
-          }
-          try decoder.decodeSingularMessageField(value: &v)
-          if let v = v {
-            if hadOneofValue {try decoder.handleConflictingOneOf()}
-            _storage._result = .switched(v)
-          }
-        }()
-        case 10: try {
-          var v: Fpga_Agent_V1_SetSharingPolicyResponse?
-          var hadOneofValue = false
-          if let current = _storage._result {
-            hadOneofValue = true
-            if case .policy(let m) = current {v = m}
-          }
-          try decoder.decodeSingularMessageField(value: &v)
-          if let v = v {
-            if hadOneofValue {try decoder.handleConflictingOneOf()}
-            _storage._result = .policy(v)
-          }
-        }()
-        case 11: try {
-          var v: Fpga_Agent_V1_RegisterContextResponse?
-          var hadOneofValue = false
-          if let current = _storage._result {
-            hadOneofValue = true
-            if case .context(let m) = current {v = m}
-          }
-          try decoder.decodeSingularMessageField(value: &v)
-          if let v = v {
-            if hadOneofValue {try decoder.handleConflictingOneOf()}
-            _storage._result = .context(v)
-          }
-        }()
-        default: break
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularStringField(value: &self.commandID) }()
+      case 2: try { try decoder.decodeSingularInt32Field(value: &self.code) }()
+      case 3: try { try decoder.decodeSingularStringField(value: &self.message) }()
+      case 4: try {
+        var v: Fpga_Agent_V1_AllocateVFResponse?
+        var hadOneofValue = false
+        if let current = self.result {
+          hadOneofValue = true
+          if case .allocated(let m) = current {v = m}
         }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.result = .allocated(v)
+        }
+      }()
+      case 5: try {
+        var v: Fpga_Agent_V1_ReleaseVFResponse?
+        var hadOneofValue = false
+        if let current = self.result {
+          hadOneofValue = true
+          if case .released(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.result = .released(v)
+        }
+      }()
+      case 6: try {
+        var v: Fpga_Agent_V1_AttachVFResponse?
+        var hadOneofValue = false
+        if let current = self.result {
+          hadOneofValue = true
+          if case .attached(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.result = .attached(v)
+        }
+      }()
+      case 7: try {
+        var v: Fpga_Agent_V1_DetachVFResponse?
+        var hadOneofValue = false
+        if let current = self.result {
+          hadOneofValue = true
+          if case .detached(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.result = .detached(v)
+        }
+      }()
+      case 8: try {
+        var v: Fpga_Agent_V1_Operation?
+        var hadOneofValue = false
+        if let current = self.result {
+          hadOneofValue = true
+          if case .operation(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.result = .operation(v)
+        }
+      }()
+      case 9: try {
+        var v: Fpga_Agent_V1_SwitchContextResponse?
+        var hadOneofValue = false
+        if let current = self.result {
+          hadOneofValue = true
+          if case .switched(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.result = .switched(v)
+        }
+      }()
+      case 10: try {
+        var v: Fpga_Agent_V1_SetSharingPolicyResponse?
+        var hadOneofValue = false
+        if let current = self.result {
+          hadOneofValue = true
+          if case .policy(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.result = .policy(v)
+        }
+      }()
+      case 11: try {
+        var v: Fpga_Agent_V1_RegisterContextResponse?
+        var hadOneofValue = false
+        if let current = self.result {
+          hadOneofValue = true
+          if case .context(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.result = .context(v)
+        }
+      }()
+      default: break
       }
     }
   }
 
   public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
-    try withExtendedLifetime(_storage) { (_storage: _StorageClass) in
-      // The use of inline closures is to circumvent an issue where the compiler
-      // allocates stack space for every if/case branch local when no optimizations
-      // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
-      // https://github.com/apple/swift-protobuf/issues/1182
-      if !_storage._commandID.isEmpty {
-        try visitor.visitSingularStringField(value: _storage._commandID, fieldNumber: 1)
-      }
-      if _storage._code != 0 {
-        try visitor.visitSingularInt32Field(value: _storage._code, fieldNumber: 2)
-      }
-      if !_storage._message.isEmpty {
-        try visitor.visitSingularStringField(value: _storage._message, fieldNumber: 3)
-      }
-      switch _storage._result {
-      case .allocated?: try {
-        guard case .allocated(let v)? = _storage._result else { preconditionFailure() }
-        try visitor.visitSingularMessageField(value: v, fieldNumber: 4)
-      }()
-      case .released?: try {
-        guard case .released(let v)? = _storage._result else { preconditionFailure() }
-        try visitor.visitSingularMessageField(value: v, fieldNumber: 5)
-      }()
-      case .attached?: try {
-        guard case .attached(let v)? = _storage._result else { preconditionFailure() }
-        try visitor.visitSingularMessageField(value: v, fieldNumber: 6)
-      }()
-      case .detached?: try {
-        guard case .detached(let v)? = _storage._result else { preconditionFailure() }
-        try visitor.visitSingularMessageField(value: v, fieldNumber: 7)
-      }()
-      case .operation?: try {
-        guard case .operation(let v)? = _storage._result else { preconditionFailure() }
-        try visitor.visitSingularMessageField(value: v, fieldNumber: 8)
-      }()
-      case .switched?: try {
-        guard case .switched(let v)? = _storage._result else { preconditionFailure() }
-        try visitor.visitSingularMessageField(value: v, fieldNumber: 9)
-      }()
-      case .policy?: try {
-        guard case .policy(let v)? = _storage._result else { preconditionFailure() }
-        try visitor.visitSingularMessageField(value: v, fieldNumber: 10)
-      }()
-      case .context?: try {
-        guard case .context(let v)? = _storage._result else { preconditionFailure() }
-        try visitor.visitSingularMessageField(value: v, fieldNumber: 11)
-      }()
-      case nil: break
-      }
+    // The use of inline closures is to circumvent an issue where the compiler
+    // allocates stack space for every if/case branch local when no optimizations
+    // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
+    // https://github.com/apple/swift-protobuf/issues/1182
+    if !self.commandID.isEmpty {
+      try visitor.visitSingularStringField(value: self.commandID, fieldNumber: 1)
+    }
+    if self.code != 0 {
+      try visitor.visitSingularInt32Field(value: self.code, fieldNumber: 2)
+    }
+    if !self.message.isEmpty {
+      try visitor.visitSingularStringField(value: self.message, fieldNumber: 3)
+    }
+    switch self.result {
+    case .allocated?: try {
+      guard case .allocated(let v)? = self.result else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 4)
+    }()
+    case .released?: try {
+      guard case .released(let v)? = self.result else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 5)
+    }()
+    case .attached?: try {
+      guard case .attached(let v)? = self.result else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 6)
+    }()
+    case .detached?: try {
+      guard case .detached(let v)? = self.result else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 7)
+    }()
+    case .operation?: try {
+      guard case .operation(let v)? = self.result else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 8)
+    }()
+    case .switched?: try {
+      guard case .switched(let v)? = self.result else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 9)
+    }()
+    case .policy?: try {
+      guard case .policy(let v)? = self.result else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 10)
+    }()
+    case .context?: try {
+      guard case .context(let v)? = self.result else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 11)
+    }()
+    case nil: break
     }
     try unknownFields.traverse(visitor: &visitor)
   }
 
   public static func ==(lhs: Fpga_Orchestrator_V1_CommandResult, rhs: Fpga_Orchestrator_V1_CommandResult) -> Bool {
-    if lhs._storage !== rhs._storage {
-      let storagesAreEqual: Bool = withExtendedLifetime((lhs._storage, rhs._storage)) { (_args: (_StorageClass, _StorageClass)) in
-        let _storage = _args.0
-        let rhs_storage = _args.1
-        if _storage._commandID != rhs_storage._commandID {return false}
-        if _storage._code != rhs_storage._code {return false}
-        if _storage._message != rhs_storage._message {return false}
-        if _storage._result != rhs_storage._result {return false}
-        return true
-      }
-      if !storagesAreEqual {return false}
-    }
+    if lhs.commandID != rhs.commandID {return false}
+    if lhs.code != rhs.code {return false}
+    if lhs.message != rhs.message {return false}
+    if lhs.result != rhs.result {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
