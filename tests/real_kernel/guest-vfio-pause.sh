@@ -117,10 +117,15 @@ step "agent: L2 with an empty root port, firmware run"
 start_l2 mon2
 wait_firmware
 printf 'linux:\n  watchdog_seconds: 3\n' > /tmp/agent.yaml
-$A --platform linux $SEL --config /tmp/agent.yaml --qmp-socket l2=/tmp/l2.sock --listen "" \
-  --unix-socket /tmp/agent.sock --state-dir /tmp/state --node-id guest > /tmp/agent.log 2>&1 &
-AGENT=$!
-i=0; while [ ! -S /tmp/agent.sock ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done
+start_agent() { # [LOG]: the agent on the same state directory (env passes through)
+  rm -f /tmp/agent.sock
+  $A --platform linux $SEL --config /tmp/agent.yaml --qmp-socket l2=/tmp/l2.sock --listen "" \
+    --unix-socket /tmp/agent.sock --state-dir /tmp/state --node-id guest >> /tmp/${1:-agent}.log 2>&1 &
+  AGENT=$!
+  i=0; while [ ! -S /tmp/agent.sock ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done
+}
+count() { grep -c "$1" /tmp/mon2.log; }
+start_agent
 S="--server unix:/tmp/agent.sock --timeout 120"
 run $C $S vms
 ALLOC=$($C $S allocate --owner nested --vm l2 | sed -n 's/^allocated \(alloc-[0-9a-f]*\):.*/\1/p')
@@ -157,8 +162,48 @@ run $C $S vms
 run $C $S inventory
 echo "EVENTS-BEGIN"; events; echo "EVENTS-END"
 
+step "agent: SIGKILL while the device is paused, 3 -> 2"
+p0=$(count VFIO_DEVICE_PAUSED); r0=$(count VFIO_DEVICE_RESUMED)
+OP=$($C $S reconfigure $PF 2 --strategy pause --no-wait | sed -n 's/^operation \(op-[0-9a-f]*\) .*/\1/p')
+echo "operation: $OP"
+i=0; while [ "$(count VFIO_DEVICE_PAUSED)" -le "$p0" ] && [ $i -lt 1200 ]; do sleep 0.05; i=$((i+1)); done
+kill -KILL $AGENT; wait $AGENT; echo "AGENT-KILLED=$?"
+echo "killed: paused $(( $(count VFIO_DEVICE_PAUSED) - p0 )) resumed $(( $(count VFIO_DEVICE_RESUMED) - r0 ))," \
+  "vfio fds of L2: $(vfio_fds $L2)"
+start_agent agent-restarted
+run $C $S operation $OP --watch
+echo "after the restart: paused $(( $(count VFIO_DEVICE_PAUSED) - p0 )) resumed $(( $(count VFIO_DEVICE_RESUMED) - r0 ))"
+echo "sriov_numvfs=$(cat /sys/bus/pci/devices/$PF/sriov_numvfs)"
+echo "group of $VF: $(group_of $VF)"
+echo "resumed: vfio fds of L2: $(vfio_fds $L2)"
+ls -l /proc/$L2/fd | grep /dev/vfio/ | sed 's/.*-> /fd -> /'
+$C $S status | grep "unfinished at start-up"
+qmp query-pci
+
+step "agent: a refused resume falls back to a replug, 2 -> 3"
+kill -TERM $AGENT; wait $AGENT
+FPGA_AGENT_FAULT_INJECTION=crash-before:resume start_agent agent-crashing
+p0=$(count VFIO_DEVICE_PAUSED); r0=$(count VFIO_DEVICE_RESUMED); d0=$(count DEVICE_DELETED)
+OP=$($C $S reconfigure $PF 3 --strategy pause --no-wait | sed -n 's/^operation \(op-[0-9a-f]*\) .*/\1/p')
+echo "operation: $OP"
+wait $AGENT; echo "AGENT-CRASHED=$?"
+grep -a "injected crash" /tmp/agent-crashing.log | head -1
+echo "crashed: paused $(( $(count VFIO_DEVICE_PAUSED) - p0 )) resumed $(( $(count VFIO_DEVICE_RESUMED) - r0 ))"
+# While the agent is down, the new VF leaves vfio-pci: QEMU cannot re-open it.
+echo $VF > /sys/bus/pci/devices/$VF/driver/unbind; echo "unbound $VF from vfio-pci rc=$?"
+start_agent agent-fallback
+run $C $S operation $OP --watch
+echo "after the fallback: paused $(( $(count VFIO_DEVICE_PAUSED) - p0 )) resumed $(( $(count VFIO_DEVICE_RESUMED) - r0 ))" \
+  "deleted $(( $(count DEVICE_DELETED) - d0 ))"
+echo "sriov_numvfs=$(cat /sys/bus/pci/devices/$PF/sriov_numvfs)"
+echo "driver of $VF: $(basename "$(readlink /sys/bus/pci/devices/$VF/driver)" 2>/dev/null)"
+echo "replugged: vfio fds of L2: $(vfio_fds $L2)"
+qmp query-pci
+run $C $S inventory
+echo "EVENTS-BEGIN"; events; echo "EVENTS-END"
+
 kill -TERM $AGENT; wait $AGENT; echo "AGENT-EXIT=$?"
-tail -5 /tmp/agent.log
+tail -5 /tmp/agent-fallback.log
 kill $L2; wait $L2
 cat /tmp/mon2.err
 echo "END-OF-SCENARIO"

@@ -164,4 +164,44 @@ def test_the_agent_reconfigures_under_a_paused_device(paused):
     new = device(answer(plan, "query-pci"), old["qdev_id"]) if old else None
     assert old is not None and new is not None and where(old)[:4] == where(new)[:4]
     assert events(plan) == ["VFIO_DEVICE_PAUSED", "VFIO_DEVICE_RESUMED"]  # no DEVICE_DELETED
-    assert "AGENT-EXIT=0" in plan and "END-OF-SCENARIO" in paused
+    assert "END-OF-SCENARIO" in paused
+    alloc = re.findall(r"(alloc-[0-9a-f]+)", attach)[0]
+    assert re.search(alloc + r"\s.*\spaused \(op-[0-9a-f]+\)", plan), plan  # LAST RE-LAYOUT
+
+
+def test_a_sigkill_while_paused_is_rolled_forward_and_the_guest_keeps_its_device(paused):
+    text = section(paused, "agent: SIGKILL while the device is paused")
+    assert "AGENT-KILLED=137" in text
+    # Killed with the device paused: L2 held no fd of the VF, the resume had not happened.
+    assert re.search(r"killed: paused 1 resumed 0, vfio fds of L2: 0", text), text
+    assert "was unfinished at start-up: rolling forward" in text
+    watch = text
+    assert "[succeeded] resume device alloc-" in watch and "[succeeded] commit" in watch
+    assert "[failed]" not in watch
+    assert "after the restart: paused 1 resumed 1" in text
+    assert "sriov_numvfs=2" in text
+    new_group = re.search(r"group of 0000:01:00.1: (\d+)", text).group(1)
+    assert f"fd -> /dev/vfio/{new_group}" in text and "resumed: vfio fds of L2: 2" in text
+    alloc = re.findall(r"(alloc-[0-9a-f]+)", section(paused, "agent: L2 with an empty root port"))[0]
+    before = device(answer(section(paused, "agent: L2 with an empty root port"), "query-pci"), alloc)
+    after = device(answer(text, "query-pci"), alloc)
+    assert before is not None and after is not None and where(before)[:4] == where(after)[:4]
+
+
+def test_a_refused_resume_falls_back_to_a_replug_of_that_device(paused):
+    text = section(paused, "agent: a refused resume falls back")
+    assert "injected crash before step" in text and "(resume)" in text
+    assert "crashed: paused 1 resumed 0" in text
+    assert "unbound 0000:01:00.1 from vfio-pci rc=0" in text
+    # QEMU refused the resume (the VF is not bound to vfio-pci); the agent replugged that device.
+    assert re.search(r"\[failed\] resume device alloc-\S+.*cannot resume from /sys/bus/pci/devices/0000:01:00.1", text), text
+    for step in ["[succeeded] fall back: detach alloc-", "[succeeded] fall back: bind VF 0000:01:00.1",
+                 "[succeeded] fall back: re-attach alloc-", "[succeeded] commit"]:
+        assert step in text, step
+    assert "after the fallback: paused 1 resumed 0 deleted 1" in text
+    assert "sriov_numvfs=3" in text and "driver of 0000:01:00.1: vfio-pci" in text
+    assert "replugged: vfio fds of L2: 2" in text
+    alloc = re.findall(r"(alloc-[0-9a-f]+)", section(paused, "agent: L2 with an empty root port"))[0]
+    assert device(answer(text, "query-pci"), alloc) is not None  # back in L2 under the same id
+    assert re.search(alloc + r"\s.*\sreplugged-after-refused-resume \(op-[0-9a-f]+\)", text), text
+    assert "AGENT-EXIT=0" in paused
