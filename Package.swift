@@ -53,6 +53,9 @@ let package = Package(
     .target(name: "FPGAQMP"),
     // VMs as the core's Hypervisor: QEMU over QMP.
     .target(name: "FPGAQEMU", dependencies: ["FPGACore", "FPGAQMP"]),
+    // VMs as the core's Hypervisor: domains managed by libvirt, whose C library is loaded at run
+    // time (dlopen), so neither the build nor a host without libvirt needs it.
+    .target(name: "FPGALibvirt", dependencies: ["FPGACore"]),
     // Generated code and the gRPC services of the node API and health.
     .target(
       name: "FPGAAgentAPI",
@@ -78,8 +81,8 @@ let package = Package(
     .target(
       name: "FPGAAgentRuntime",
       dependencies: [
-        "FPGACore", "FPGASimulator", "FPGALinux", "FPGAQEMU", "FPGAAgentAPI", "FPGAStore", "FPGADevicePlugin",
-        "FPGADRA", grpcCore,
+        "FPGACore", "FPGASimulator", "FPGALinux", "FPGAQEMU", "FPGALibvirt", "FPGAAgentAPI", "FPGAStore",
+        "FPGADevicePlugin", "FPGADRA", grpcCore,
         grpcHTTP2, logging, serviceLifecycle, argumentParser, .product(name: "Yams", package: "Yams"),
         .product(name: "NIOCore", package: "swift-nio"), .product(name: "NIOHTTP2", package: "swift-nio-http2"),
         .product(name: "X509", package: "swift-certificates"), swiftProtobuf,
@@ -121,6 +124,7 @@ let package = Package(
     .testTarget(name: "FPGADRATests", dependencies: ["FPGADRA", "FPGACore", "FPGASimulator", logging]),
     .testTarget(name: "FPGASimulatorTests", dependencies: ["FPGACore", "FPGASimulator"]),
     .testTarget(name: "FPGAQMPTests", dependencies: ["FPGAQMP", "FPGATestSupport"]),
+    .testTarget(name: "FPGALibvirtTests", dependencies: ["FPGALibvirt", "FPGACore"]),
     .testTarget(name: "FPGAStoreTests", dependencies: ["FPGACore", "FPGAStore", "FPGASimulator"]),
     .testTarget(name: "FPGALinuxTests", dependencies: ["FPGACore", "FPGALinux", "FPGATestSupport"]),
     .testTarget(

@@ -191,10 +191,19 @@ public struct AgentConfig: Hashable, Sendable {
     var isConfigured: Bool { !sockets.isEmpty || !socketDir.isEmpty }
   }
 
+  /// VMs managed by libvirt (`hypervisor: libvirt`).
+  public struct Libvirt: Hashable, Sendable {
+    /// The connection URI.
+    public var uri = "qemu:///system"
+  }
+
   public var server = Server()
   public var auth = Auth()
   public var linux = Linux()
   public var qemu = QEMU()
+  /// `qmp` (the default: QEMU's monitor sockets, else the simulated VMs) or `libvirt`.
+  public var hypervisor: HypervisorKind = .qmp
+  public var libvirt = Libvirt()
   public var log = Log()
   /// `simulated` (the default) or `linux`.
   public var platform: PlatformKind = .simulated
@@ -330,6 +339,14 @@ public struct AgentConfig: Hashable, Sendable {
   public func validate() throws(ConfigError) {
     // Each key's own range, choices, absolute path (ConfigKeys), then the rules across keys.
     var problems = ConfigKeys.all.compactMap { $0.check(self) }
+    if hypervisor == .libvirt && qemu.isConfigured {
+      problems.append(
+        "hypervisor is libvirt but qemu.sockets or qemu.socket_dir is set (--qmp-socket, --qmp-dir): libvirt owns its "
+          + "domains' QMP monitors; choose one backend")
+    }
+    if hypervisor == .libvirt && libvirt.uri.isEmpty {
+      problems.append("libvirt.uri is empty: hypervisor: libvirt needs a connection URI (qemu:///system)")
+    }
     if server.listen.isEmpty && server.unixSocket.isEmpty {
       problems.append("server.listen and server.unix_socket are both empty: the agent would serve nothing")
     }

@@ -4,6 +4,7 @@ public import FPGACore
 import FPGADevicePlugin
 import FPGADRA
 public import FPGALinux
+import FPGALibvirt
 import FPGAQEMU
 public import FPGASimulator
 import FPGAStore
@@ -65,10 +66,21 @@ public final class AgentRuntime: Sendable {
       platform = try Self.linuxPlatform(config.linux, bootIDFile: config.layout.bootIDFile)
     }
     var hypervisor: (any Hypervisor)?
-    if !config.qemu.isConfigured, let simulatedNode, !config.simulator.vms.isEmpty {
+    var libvirt: LibvirtHypervisor?
+    if config.hypervisor == .libvirt {
+      // libvirt.so.0 is loaded here, at run time: a host without it fails now, saying what to install.
+      var settings = LibvirtHypervisor.Settings()
+      settings.uri = config.libvirt.uri
+      do {
+        libvirt = try LibvirtHypervisor(settings: settings)
+      } catch {
+        throw ConfigError(problems: [error.message])
+      }
+      hypervisor = libvirt
+    } else if !config.qemu.isConfigured, let simulatedNode, !config.simulator.vms.isEmpty {
       hypervisor = SimulatedHypervisor(node: simulatedNode, vms: config.simulator.vms)
     }
-    if config.qemu.isConfigured {
+    if config.hypervisor == .qmp, config.qemu.isConfigured {
       var settings = QEMUHypervisor.Settings()
       settings.sockets = config.qemu.sockets
       settings.socketDirectory = config.qemu.socketDir.isEmpty ? nil : config.qemu.socketDir
@@ -236,6 +248,9 @@ public final class AgentRuntime: Sendable {
     }
     if let source = uevents ?? (config.platform == .linux && config.linux.uevents ? NetlinkUevents() : nil) {
       serviceList.append(DeviceEventsService(engine: engine, source: source, logger: logger))
+    }
+    if let libvirt {
+      serviceList.append(HypervisorEventsService(engine: engine, hypervisor: libvirt, logger: logger))
     }
     if !runners.isEmpty {
       serviceList.append(
@@ -778,6 +793,35 @@ struct DeviceEventsService: Service {
           }
         } catch {
           logger.error("rescan after a device event failed", metadata: ["fpga.error": "\(error)"])
+        }
+      }
+      group.cancelAll()
+    }
+  }
+}
+
+/// Keeps the libvirt connection open (reconnecting with backoff after libvirtd restarts) and
+/// rescans when libvirt reports a change: a domain destroyed, started, paused or resumed, a
+/// device added or removed, the connection lost or regained. Bursts coalesce into one rescan;
+/// the periodic rescan stays as the safety net.
+struct HypervisorEventsService: Service {
+  let engine: NodeEngine
+  let hypervisor: LibvirtHypervisor
+  let logger: Logger
+
+  func run() async throws {
+    let logger = logger
+    await withDiscardingTaskGroup { group in
+      group.addTask { await hypervisor.maintainConnection() }
+      for await _ in hypervisor.changes.cancelOnGracefulShutdown() {
+        do {
+          let before = await engine.revision
+          let after = try await engine.rescan()
+          if after != before {
+            logger.info("libvirt event: rescan found changes", metadata: ["fpga.revision": "\(after)"])
+          }
+        } catch {
+          logger.error("rescan after a libvirt event failed", metadata: ["fpga.error": "\(error)"])
         }
       }
       group.cancelAll()

@@ -14,6 +14,11 @@ public enum PlatformKind: String, CaseIterable, Sendable, Hashable {
   case simulated, linux
 }
 
+/// How the agent reaches VMs: QEMU's monitor sockets itself, or libvirt's API.
+public enum HypervisorKind: String, CaseIterable, Sendable, Hashable {
+  case qmp, libvirt
+}
+
 public enum Durability: String, CaseIterable, Sendable, Hashable {
   /// A commit survives the agent's crash.
   case process
@@ -300,6 +305,14 @@ public enum ConfigKeys {
         read: { reader, value, path in reader.barAccelerators(value, path) },
         show: { list in list.map { "\($0.pf) bar \($0.bar) slot \($0.slot)" }.joined(separator: "; ") }),
       .bool("linux.uevents", \.linux.uevents, "rescan on the kernel's PCI uevents (add, remove, bind, unbind, change)"),
+      // The hypervisor.
+      .choice(
+        "hypervisor", \.hypervisor, env: "FPGA_AGENT_HYPERVISOR",
+        "how VMs are reached: `qmp` (QEMU's monitor sockets, `qemu.*`; none configured: the simulated VMs) or `libvirt` (every running or paused domain of `libvirt.uri`; needs `libvirt.so.0` at start, see \"VMs managed by libvirt\")"
+      ),
+      .string(
+        "libvirt.uri", \.libvirt.uri, env: "FPGA_AGENT_LIBVIRT_URI",
+        "the libvirt connection URI when `hypervisor: libvirt`"),
       // QEMU.
       .custom(
         "qemu.sockets", \.qemu.sockets, type: "mapping", flags: ["--qmp-socket NAME=PATH"], default: "none",

@@ -1,0 +1,290 @@
+public import FPGACore
+
+/// VMs managed by libvirt (`hypervisor: libvirt`): every running or paused domain of the
+/// connection is a VM. libvirt owns each domain's QMP monitor, so the agent goes through
+/// libvirt's API and events, never around it: devices are plugged with
+/// `virDomainAttachDeviceFlags` (a `<hostdev managed='no'>` the agent bound to vfio-pci itself,
+/// user alias `ua-` + the allocation id), unplugged with `virDomainDetachDeviceAlias` and
+/// confirmed by libvirt's `DEVICE_REMOVED` event. Nothing here marks a domain tainted: VFIO pause
+/// (a QEMU monitor command libvirt does not know) is not used through libvirt.
+public actor LibvirtHypervisor: Hypervisor {
+  public struct Settings: Sendable {
+    /// The connection URI (`qemu:///system`).
+    public var uri = "qemu:///system"
+    /// First delay before reconnecting after libvirtd went away; doubled up to `maximumBackoff`.
+    public var initialBackoff: Duration = .milliseconds(500)
+    public var maximumBackoff: Duration = .seconds(15)
+
+    public init() {}
+  }
+
+  /// Loads libvirt (`libvirt.so.0`): the message says what to install when it is missing.
+  public static func loadLibrary() throws(AgentError) {
+    do {
+      _ = try LibvirtLibrary.shared()
+    } catch {
+      throw AgentError(.failedPrecondition, error.description)
+    }
+  }
+
+  public nonisolated let passesThroughVFIO = true
+  private let settings: Settings
+  private let connection: LibvirtConnection
+  /// The last VMs seen while connected: shown `unreachable` while the connection is down.
+  private var lastSeen: [VirtualMachineInfo] = []
+  /// Root ports with an attach in progress, per VM.
+  private var reserved: [String: Set<String>] = [:]
+
+  /// Fails when libvirt's library cannot be loaded (`loadLibrary`'s message).
+  public init(settings: Settings) throws(AgentError) {
+    let library: LibvirtLibrary
+    do {
+      library = try LibvirtLibrary.shared()
+    } catch {
+      throw AgentError(.failedPrecondition, error.description)
+    }
+    self.settings = settings
+    self.connection = LibvirtConnection(library: library, uri: settings.uri)
+  }
+
+  /// What the VM list shows as the endpoint of each VM.
+  private var endpoint: String { "libvirt:" + settings.uri }
+
+  // MARK: Events and the connection
+
+  /// Yields when libvirt reports a change (a domain started, stopped, paused, resumed, defined,
+  /// undefined; a device added or removed) or the connection was lost or regained. Coalesced:
+  /// one rescan covers a burst.
+  public nonisolated var changes: AsyncStream<Void> { connection.changes }
+
+  /// Keeps the connection open: reconnects after libvirtd closes it, with a doubling backoff
+  /// (jittered) capped at `maximumBackoff`. Returns when the calling task is cancelled.
+  public nonisolated func maintainConnection() async {
+    var delay = settings.initialBackoff
+    var closes = connection.closes.makeAsyncIterator()
+    while !Task.isCancelled {
+      if connection.isOpen {
+        delay = settings.initialBackoff
+        guard await closes.next() != nil else { return }  // cancelled
+        continue
+      }
+      if case .success = await connection.connect() {
+        delay = settings.initialBackoff
+        continue
+      }
+      let jittered = delay * Double.random(in: 0.5...1.0)
+      do {
+        try await Task.sleep(for: jittered)
+      } catch {
+        return
+      }
+      delay = min(delay * 2, settings.maximumBackoff)
+    }
+  }
+
+  // MARK: Hypervisor
+
+  public func machines() async -> [VirtualMachineInfo] {
+    switch await connection.activeDomains() {
+    case .success(let domains):
+      lastSeen = domains.map(info)
+      return lastSeen
+    case .failure(let failure):
+      let reason = message(failure)
+      return lastSeen.map {
+        VirtualMachineInfo(
+          name: $0.name, state: .unreachable, qemuStatus: $0.qemuStatus, qmpSocket: $0.qmpSocket,
+          rootPorts: $0.rootPorts, freeRootPorts: 0, vfioPause: false, error: reason)
+      }
+    }
+  }
+
+  private func info(_ domain: DomainSnapshot) -> VirtualMachineInfo {
+    // virDomainState: 1 running, 2 blocked, 3 paused, 4 shutting down, 5 shut off, 6 crashed,
+    // 7 suspended by the guest's power management.
+    let (state, status): (VirtualMachineInfo.State, String) =
+      switch domain.state {
+      case 1: (.running, "running")
+      case 2: (.running, "blocked")
+      case 3: (.paused, "paused")
+      case 4: (.shutdown, "shutdown")
+      case 5: (.shutdown, "shutoff")
+      case 6: (.other, "crashed")
+      case 7: (.other, "pmsuspended")
+      default: (.other, "nostate")
+      }
+    let where_ = endpoint + (domain.persistent ? "" : " (transient)")
+    guard let description = try? DomainDescription(xml: domain.xml) else {
+      return VirtualMachineInfo(
+        name: domain.name, state: .other, qemuStatus: status, qmpSocket: where_,
+        error: "libvirt's live XML of domain \(domain.name) could not be read")
+    }
+    return VirtualMachineInfo(
+      name: domain.name, state: state, qemuStatus: status, qmpSocket: where_,
+      rootPorts: description.rootPorts.count, freeRootPorts: description.freeRootPorts.count, vfioPause: false)
+  }
+
+  public func attach(vf: PCIAddress, to vm: String, deviceID: String) async throws(AgentError) -> String {
+    let description = try await liveDescription(vm, doing: "reading the domain's XML")
+    let alias = DomainXML.alias(deviceID: deviceID)
+    if let present = description.hostDevices.first(where: { $0.alias == alias }) {
+      throw AgentError(
+        .failedPrecondition,
+        "VM \(vm) already holds a device with alias \(alias) (host \(present.source?.description ?? "?"))")
+    }
+    let free = description.freeRootPorts
+    guard let port = free.first(where: { !(reserved[vm]?.contains($0.alias) ?? false) }) else {
+      throw AgentError(
+        .resourceExhausted,
+        "VM \(vm) has no free hot-pluggable root port (\(description.rootPorts.count) ports, all occupied): add "
+          + "empty <controller type='pci' model='pcie-root-port'/> elements to the domain")
+    }
+    reserved[vm, default: []].insert(port.alias)
+    defer { reserved[vm]?.remove(port.alias) }
+    let xml = DomainXML.hostdev(vf: vf, alias: alias, bus: port.bus)
+    let attached = await connection.withDomain(vm) { library, domain in
+      // VIR_DOMAIN_AFFECT_LIVE: the running domain only (its persistent definition is unchanged).
+      library.domainAttachDeviceFlags(domain, xml, 1) == 0 ? .success(()) : .failure(.libvirt(library.lastError()))
+    }
+    if case .failure(let failure) = attached {
+      throw map(failure, vm: vm, doing: "the attach of VF \(vf) into \(port.alias)")
+    }
+    let after = try await liveDescription(vm, doing: "reading the domain's XML after the attach")
+    guard after.hostDevices.contains(where: { $0.alias == alias }) else {
+      throw AgentError(.internal, "libvirt accepted the attach of \(deviceID) to VM \(vm) but its XML does not list it")
+    }
+    return port.alias
+  }
+
+  public func detach(deviceID: String, from vm: String, timeout: Duration) async throws(AgentError) {
+    let alias = DomainXML.alias(deviceID: deviceID)
+    let wait = connection.expectRemoval(of: alias, in: vm)
+    defer { connection.forget(wait) }
+    let requested = await connection.withDomain(vm) { library, domain in
+      // VIR_DOMAIN_AFFECT_LIVE; returns once QEMU was asked: the guest's answer is an event.
+      library.domainDetachDeviceAlias(domain, alias, 1) == 0 ? .success(()) : .failure(.libvirt(library.lastError()))
+    }
+    switch requested {
+    case .success: break
+    case .failure(.libvirt(let error)) where error.code == LibvirtError.deviceMissing:
+      return  // already gone
+    case .failure(.libvirt(let error)) where error.message.contains("already in the process of unplug"):
+      break  // an earlier request is pending: keep waiting for the guest
+    case .failure(let failure):
+      throw map(failure, vm: vm, doing: "the detach of \(deviceID)")
+    }
+    let outcome = await wait.wait(timeout: timeout)
+    switch outcome {
+    case .event(.removed):
+      return
+    case .cancelled:
+      throw AgentError(
+        .unavailable,
+        "the wait for VM \(vm) to acknowledge the unplug of \(deviceID) was abandoned (the agent is stopping or the "
+          + "caller went away): the device stays in the guest, state detaching; retry DetachVF to keep waiting")
+    case .timedOut, .event(.removalFailed):
+      // An event missed while the connection was down: the live XML decides.
+      if case .success(let domain) = await connection.domain(vm),
+        let description = try? DomainDescription(xml: domain.xml),
+        !description.hostDevices.contains(where: { $0.alias == alias })
+      {
+        return
+      }
+      let reported = outcome == .event(.removalFailed) ? " (libvirt reported DEVICE_REMOVAL_FAILED)" : ""
+      throw AgentError(
+        .unavailable,
+        "VM \(vm) has not acknowledged the unplug of \(deviceID) within \(timeout)\(reported): the device stays in the "
+          + "guest, state detaching; the guest OS must handle PCIe hot-unplug (retry DetachVF to keep waiting)")
+    }
+  }
+
+  public func pluggedDevices() async -> [PluggedDevice] {
+    guard case .success(let domains) = await connection.activeDomains() else { return [] }
+    var devices: [PluggedDevice] = []
+    for domain in domains {
+      guard let description = try? DomainDescription(xml: domain.xml) else { continue }
+      for device in description.hostDevices {
+        guard let id = device.alias.flatMap(DomainXML.deviceID(alias:)) else { continue }
+        devices.append(
+          PluggedDevice(
+            vm: domain.name, deviceID: id, host: device.source,
+            rootPort: description.rootPorts.first { $0.bus == device.bus }?.alias))
+      }
+    }
+    return devices
+  }
+
+  public func pause(deviceID: String, in vm: String) async throws(AgentError) {
+    throw noPause(vm, "pause")
+  }
+
+  public func resume(deviceID: String, in vm: String) async throws(AgentError) {
+    throw noPause(vm, "resume")
+  }
+
+  private func noPause(_ vm: String, _ doing: String) -> AgentError {
+    AgentError(
+      .failedPrecondition,
+      "libvirt VM \(vm) cannot \(doing) a VFIO device: the agent does not send QEMU monitor commands around libvirt "
+        + "(libvirt would mark the domain tainted); use the detach-reattach strategy")
+  }
+
+  // MARK: Helpers
+
+  private func liveDescription(_ vm: String, doing: String) async throws(AgentError) -> DomainDescription {
+    let domain: DomainSnapshot
+    switch await connection.domain(vm) {
+    case .success(let found): domain = found
+    case .failure(let failure): throw map(failure, vm: vm, doing: doing)
+    }
+    guard domain.state == 1 || domain.state == 2 || domain.state == 3 else {
+      throw AgentError(.failedPrecondition, "VM \(vm) is not running (libvirt domain state \(domain.state))")
+    }
+    do {
+      return try DomainDescription(xml: domain.xml)
+    } catch {
+      throw AgentError(.internal, "libvirt's live XML of VM \(vm) could not be read: \(error)")
+    }
+  }
+
+  private func message(_ failure: LibvirtFailure) -> String {
+    switch failure {
+    case .disconnected(let reason): reason
+    case .libvirt(let error): error.message
+    }
+  }
+
+  /// libvirt's errors as the agent's, with libvirt's message: an unreachable daemon is
+  /// UNAVAILABLE, an unknown domain or device NOT_FOUND, a refusal FAILED_PRECONDITION.
+  func map(_ failure: LibvirtFailure, vm: String, doing: String) -> AgentError {
+    switch failure {
+    case .disconnected(let reason):
+      return AgentError(.unavailable, "VM \(vm) is unreachable: \(reason)", cause: doing)
+    case .libvirt(let error):
+      return Self.map(error, vm: vm, uri: settings.uri, doing: doing)
+    }
+  }
+
+  static func map(_ error: LibvirtError, vm: String, uri: String, doing: String) -> AgentError {
+    let cause = "libvirt error \(error.code) (domain \(error.domain))"
+    switch error.code {
+    case LibvirtError.noDomain:
+      return AgentError(.notFound, "VM \(vm) is not a libvirt domain at \(uri): \(error.message)", cause: cause)
+    case LibvirtError.deviceMissing:
+      return AgentError(.notFound, "libvirt found no such device in VM \(vm): \(error.message)", cause: cause)
+    case LibvirtError.noConnect, LibvirtError.invalidConnection, LibvirtError.systemError, LibvirtError.rpc,
+      LibvirtError.operationTimeout, LibvirtError.agentUnresponsive:
+      return AgentError(
+        .unavailable, "libvirt at \(uri) did not complete \(doing) in VM \(vm): \(error.message)", cause: cause)
+    case LibvirtError.resourceBusy, LibvirtError.operationAborted:
+      return AgentError(.aborted, "libvirt could not do \(doing) in VM \(vm) now: \(error.message)", cause: cause)
+    case LibvirtError.xmlError, LibvirtError.xmlDetail, LibvirtError.invalidArgument:
+      return AgentError(
+        .internal, "libvirt rejected the agent's request for \(doing) in VM \(vm): \(error.message)", cause: cause)
+    default:
+      // CONFIG_UNSUPPORTED (no VFIO on this host), OPERATION_INVALID (not running),
+      // OPERATION_FAILED, ACCESS_DENIED, …: the domain or host refuses; libvirt says why.
+      return AgentError(.failedPrecondition, "libvirt refused \(doing) in VM \(vm): \(error.message)", cause: cause)
+    }
+  }
+}
