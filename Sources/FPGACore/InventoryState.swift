@@ -274,8 +274,11 @@ public struct InventoryState: Sendable {
   /// The VF an allocation with `constraints` gets: the first free, healthy VF (preferring
   /// VFs already bound to vfio-pci) on a non-draining PF and card that satisfies them. PFs in
   /// `busy` (under reconfiguration, with their operation) are skipped.
+  /// `busy`: PFs being reconfigured (PF → operation); `taken`: VFs other requests are
+  /// allocating (VF → allocation id), not in the inventory until their records are durable.
   public func chooseVF(
-    _ constraints: AllocationConstraints, excluding busy: [PCIAddress: String] = [:]
+    _ constraints: AllocationConstraints, excluding busy: [PCIAddress: String] = [:],
+    taken: [PCIAddress: String] = [:]
   ) throws(AgentError) -> VirtualFunction {
     if let wanted = constraints.vf {
       guard let vf = vf(wanted) else {
@@ -285,7 +288,7 @@ public struct InventoryState: Sendable {
         throw AgentError(
           .unavailable, "PF \(vf.pfAddress) is being reconfigured (operation \(operation)); retry when it ends")
       }
-      if let holder = allocationByVF[wanted] {
+      if let holder = allocationByVF[wanted] ?? taken[wanted] {
         throw AgentError(.failedPrecondition, "VF \(wanted) is already allocated (\(holder))")
       }
       guard vf.isPassthroughCapable else {
@@ -334,7 +337,7 @@ public struct InventoryState: Sendable {
       for vf in entry.vfs {
         if let numa = constraints.numaNode, vf.numaNode != numa { continue }
         considered += 1
-        guard allocationByVF[vf.address] == nil, vf.isPassthroughCapable else { continue }
+        guard allocationByVF[vf.address] == nil, taken[vf.address] == nil, vf.isPassthroughCapable else { continue }
         if vf.driver == "vfio-pci" { return vf }
         if fallback == nil { fallback = vf }
       }

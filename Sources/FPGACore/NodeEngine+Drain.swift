@@ -78,9 +78,10 @@ extension NodeEngine {
       admission, pfs.sorted().map { .drainFlag($0) } + released.map { .allocation($0.id) },
       as: "drain of \(target.name)")
     defer { settle(claim) }
-    // The flag is up in memory before the first suspension; a failed write takes it down.
+    // The flag is up in memory before the first suspension (no allocation chooses these PFs
+    // from here), but published only once durable; a failed write takes it down unseen.
     let wasDraining = isDraining(target)
-    publish(setDraining(target, true))
+    let raised = setDraining(target, true)
     let record = OperationRecord(
       id: Self.makeID(prefix: "op-"), kind: "drain", target: target.text, state: .succeeded,
       steps: steps, impacts: impacts, createdAt: now, finishedAt: clock.now())
@@ -91,10 +92,10 @@ extension NodeEngine {
     do {
       try await commit(claim, writes)
     } catch {
-      if !wasDraining { publish(setDraining(target, false)) }
+      if !wasDraining { _ = setDraining(target, false) }
       throw error
     }
-    var changes: [InventoryChange] = []
+    var changes = raised
     for allocation in released {
       if let (_, removed) = state.remove(allocation: allocation.id) { changes += removed }
     }

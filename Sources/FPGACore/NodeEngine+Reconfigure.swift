@@ -33,6 +33,10 @@ extension NodeEngine {
         "PF \(pf.address) is already being reconfigured by \(running); watch it with `fpgactl operation \(running) --watch`"
       )
     }
+    if let (vf, id) = allocating.first(where: { state.vf($0.key)?.pfAddress == pf.address }) {
+      throw AgentError(
+        .aborted, "allocation \(id) of VF \(vf) on PF \(pf.address) is being recorded; retry in a moment")
+    }
     guard (0...pf.totalVFs).contains(request.count) else {
       throw AgentError(
         .invalidArgument,

@@ -17,6 +17,9 @@ public actor NodeEngine {
   let store: any StateStore
   /// PFs under reconfiguration, with the operation's id.
   var reconfiguring: [PCIAddress: String] = [:]
+  /// VFs chosen by allocations whose records are not durable yet (VF → allocation id): no other
+  /// request chooses them, and nothing about them is published until the store has them.
+  var allocating: [PCIAddress: String] = [:]
   /// PFs being reconfigured now.
   public var reconfiguringPFs: Set<PCIAddress> { Set(reconfiguring.keys) }
   /// Drain flags restored from the store, applied once their PF or card is discovered.
@@ -242,29 +245,30 @@ public actor NodeEngine {
     case .proceed(let admitted):
       admission = admitted
     }
-    let vf = try state.chooseVF(request.constraints, excluding: reconfiguring)
+    let vf = try state.chooseVF(request.constraints, excluding: reconfiguring, taken: allocating)
     let allocation = Allocation(
       id: Self.makeID(prefix: "alloc-"), vf: vf.address, pf: vf.pfAddress, owner: request.owner,
       vm: request.vm, idempotencyKey: request.meta.idempotencyKey, createdAt: clock.now(),
       numaNode: vf.numaNode, iommuGroup: vf.iommuGroup)
     let claim = try self.claim(admission, [.allocation(allocation.id)], as: "allocation")
-    defer { settle(claim) }
+    // The VF is taken at once (a concurrent request cannot choose it), but the allocation
+    // enters the inventory, and is published, only once the store has it: a watcher never sees
+    // an allocation that a failed write withdraws.
+    allocating[vf.address] = allocation.id
+    defer {
+      allocating[vf.address] = nil
+      settle(claim)
+    }
     var view = state.view(of: vf)
     view.state = .allocated
     view.allocationID = allocation.id
     view.vm = allocation.vm
-    // The VF is taken in memory at once (a concurrent request cannot choose it) and the
-    // allocation reserved until the store has it; a failed write takes it back.
+    let record = claim.record(
+      .allocated(AllocationResult(allocation: allocation, vf: view, replayed: false, revision: state.revision + 1)))
+    try await commit(claim, [.putAllocation(allocation)] + (record.map { [.putIdempotency($0)] } ?? []))
     let revision = publish(state.insert(allocation))
     let result = AllocationResult(allocation: allocation, vf: view, replayed: false, revision: revision)
-    let record = claim.record(.allocated(result))
-    do {
-      try await commit(claim, [.putAllocation(allocation)] + (record.map { [.putIdempotency($0)] } ?? []))
-    } catch {
-      if let (_, changes) = state.remove(allocation: allocation.id) { publish(changes) }
-      throw error
-    }
-    if let record { ledger.record(record) }
+    if let record { ledger.record(claim.record(.allocated(result)) ?? record) }
     return result
   }
 
