@@ -265,15 +265,19 @@ enum Render {
       return ["no VMs are configured (start the agent with --qmp-socket NAME=PATH or --qmp-dir DIR)"]
     }
     let attached = Dictionary(grouping: inventory.allocations.filter(\.attached), by: \.vm)
+    // The backend: VMs reached through libvirt carry `libvirt:URI` where QMP VMs have their socket.
+    let libvirt = "libvirt:"
+    let throughLibvirt = inventory.vms.allSatisfy { $0.qmpSocket.hasPrefix(libvirt) }
     let rows = inventory.vms.map { vm in
       [
         vm.name, vm.state, "\(vm.freeRootPorts)/\(vm.rootPorts)", yesNo(vm.vfioPause),
         attached[vm.name].map { $0.map { "\($0.vfBdf)\($0.detaching ? " (detaching)" : "")" }.joined(separator: ",") }
           ?? "-",
-        vm.error.isEmpty ? vm.qmpSocket : vm.error,
+        vm.error.isEmpty ? (throughLibvirt ? String(vm.qmpSocket.dropFirst(libvirt.count)) : vm.qmpSocket) : vm.error,
       ]
     }
-    return table(["VM", "STATE", "FREE PORTS", "VFIO PAUSE", "VFS", "QMP SOCKET / ERROR"], rows)
+    let endpoint = throughLibvirt ? "LIBVIRT URI / ERROR" : "QMP SOCKET / ERROR"
+    return table(["VM", "STATE", "FREE PORTS", "VFIO PAUSE", "VFS", endpoint], rows)
   }
 
   static func vfState(_ state: Fpga_Agent_V1_VFState) -> String {

@@ -1,0 +1,301 @@
+"""The libvirt backend (`hypervisor: libvirt`) against a real libvirtd on this machine (Debian's
+libvirt-daemon-system, started without systemd as `virtlogd -d; libvirtd -d`): TCG domains
+(`type='qemu'`, q35, two pcie-root-ports) started paused, one persistent and one transient.
+The agent runs the simulated platform, so an allocation exists to attach. Covered: discovery
+with root ports, lifecycle events (destroy, start) reaching the VM list with periodic rescans
+off, a libvirtd restart (VMs unreachable, then back, events again), the precise error of an
+attach on this host (no VFIO: libvirt refuses the passthrough), and the start on a host
+without libvirt.so.0. Not covered here: a real VF attached and detached (DEVICE_REMOVED), which
+needs the nested real-kernel guest.
+
+Needs root (libvirtd, qemu:///system); skipped with a message otherwise, failed under CI=true."""
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+URI = "qemu:///system"
+IN_CI = os.environ.get("CI") == "true"
+PREFIX = f"fpga-lvt-{os.getpid()}"
+PERSISTENT = PREFIX + "-p"
+TRANSIENT = PREFIX + "-t"
+
+
+def unavailable(reason):
+    if IN_CI:
+        pytest.fail("libvirt tests cannot run in CI: " + reason)
+    pytest.skip("libvirt tests NOT RUN: " + reason)
+
+
+def bin_dir():
+    if os.environ.get("FPGA_AGENT_BIN_DIR"):
+        return Path(os.environ["FPGA_AGENT_BIN_DIR"])
+    out = subprocess.run(["swift", "build", "--show-bin-path"], cwd=ROOT, capture_output=True, text=True, check=True)
+    return Path(out.stdout.strip())
+
+
+BIN = bin_dir()
+
+
+def virsh(*args, check=True):
+    result = subprocess.run(["virsh", "-c", URI, *args], capture_output=True, text=True, timeout=120)
+    if check and result.returncode != 0:
+        raise AssertionError(f"virsh {' '.join(args)} failed: {result.stderr.strip()}")
+    return result
+
+
+def wait_for(condition, what, deadline=90):
+    """Polls until `condition()` is truthy; generous deadline (a shared 2-core machine)."""
+    end = time.monotonic() + deadline
+    last = None
+    while time.monotonic() < end:
+        last = condition()
+        if last:
+            return last
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what} (last: {last!r})")
+
+
+def libvirtd_pid():
+    out = subprocess.run(["pgrep", "-x", "libvirtd"], capture_output=True, text=True)
+    return int(out.stdout.split()[0]) if out.returncode == 0 else None
+
+
+def start_libvirtd():
+    if not subprocess.run(["pgrep", "-x", "virtlogd"], capture_output=True).returncode == 0:
+        subprocess.run(["virtlogd", "-d"], check=True)
+    if libvirtd_pid() is None:
+        subprocess.run(["libvirtd", "-d"], check=True)
+    wait_for(lambda: virsh("version", check=False).returncode == 0, "libvirtd to answer")
+
+
+def domain_xml(name, usb=True):
+    # pcie-root + 2 root ports; with usb=True libvirt puts its qemu-xhci controller on the first
+    # port's bus (so one port is free), with usb=False both ports are free.
+    return f"""<domain type='qemu'>
+  <name>{name}</name>
+  <memory unit='MiB'>64</memory>
+  <vcpu>1</vcpu>
+  <os><type arch='x86_64' machine='q35'>hvm</type></os>
+  <devices>
+    <emulator>{shutil.which('qemu-system-x86_64')}</emulator>
+    <controller type='pci' model='pcie-root'/>
+    <controller type='pci' model='pcie-root-port'/>
+    <controller type='pci' model='pcie-root-port'/>
+    {'' if usb else "<controller type='usb' model='none'/>"}
+    <memballoon model='none'/>
+  </devices>
+</domain>
+"""
+
+
+@pytest.fixture(scope="module")
+def libvirtd():
+    if os.geteuid() != 0:
+        unavailable("not root (libvirtd and qemu:///system need root)")
+    for tool in ["virsh", "libvirtd", "virtlogd", "qemu-system-x86_64"]:
+        if shutil.which(tool) is None:
+            unavailable(f"{tool} is missing (scripts/install-test-deps installs libvirt-daemon-system, libvirt-clients)")
+    try:
+        start_libvirtd()
+    except (subprocess.CalledProcessError, AssertionError) as error:
+        unavailable(f"libvirtd cannot start: {error}")
+    with tempfile.TemporaryDirectory(prefix="fpga-libvirt-") as work:
+        persistent = Path(work) / "persistent.xml"
+        persistent.write_text(domain_xml(PERSISTENT, usb=True))
+        transient = Path(work) / "transient.xml"
+        transient.write_text(domain_xml(TRANSIENT, usb=False))
+        virsh("define", str(persistent))
+        try:
+            virsh("start", "--paused", PERSISTENT)
+            virsh("create", "--paused", str(transient))
+            yield work
+        finally:
+            start_libvirtd()
+            for name in [PERSISTENT, TRANSIENT]:
+                virsh("destroy", name, check=False)
+            virsh("undefine", PERSISTENT, check=False)
+
+
+class Agent:
+    def __init__(self, directory, process, socket_path):
+        self.directory = directory
+        self.process = process
+        self.socket_path = socket_path
+
+    def ctl(self, *args):
+        return subprocess.run([str(BIN / "fpgactl"), "--server", f"unix:{self.socket_path}", *args],
+                              capture_output=True, text=True, timeout=120)
+
+    def vms(self):
+        """{name: (state, free/total, endpoint or error)} of `fpgactl vms`."""
+        out = self.ctl("vms")
+        assert out.returncode == 0, out.stderr
+        rows = {}
+        for line in out.stdout.splitlines()[1:]:
+            parts = line.split(None, 5)
+            if len(parts) == 6:
+                rows[parts[0]] = (parts[1], parts[2], parts[5])
+        return rows
+
+    def log(self):
+        return Path(self.directory, "agent.log").read_text()
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_agent(directory, *settings, env=None, preexec=None):
+    socket_path = os.path.join(directory, "agent.sock")
+    log = open(os.path.join(directory, "agent.log"), "w")
+    process = subprocess.Popen(
+        [*(preexec or []), str(BIN / "fpga-agent"), "--listen", f"127.0.0.1:{free_port()}",
+         "--unix-socket", socket_path, "--state-dir", os.path.join(directory, "state"), "--node-id", "libvirt",
+         "--http-listen", "", *[arg for s in settings for arg in ("--set", s)]],
+        stdout=log, stderr=subprocess.STDOUT, env=None if env is None else {**os.environ, **env})
+    return Agent(directory, process, socket_path)
+
+
+def wait_healthy(agent):
+    def ready():
+        if agent.process.poll() is not None:
+            raise AssertionError("fpga-agent exited:\n" + agent.log())
+        return agent.ctl("status").returncode == 0
+    wait_for(ready, "the agent to serve")
+
+
+@pytest.fixture(scope="module")
+def agent(libvirtd):
+    with tempfile.TemporaryDirectory(prefix="fpga-libvirt-agent-") as directory:
+        # Periodic rescans off: whatever the VM list learns comes from libvirt's events.
+        agent = start_agent(directory, "hypervisor=libvirt", f"libvirt.uri={URI}", "rescan_interval_seconds=0")
+        try:
+            wait_healthy(agent)
+            yield agent
+        finally:
+            agent.process.send_signal(signal.SIGTERM)
+            try:
+                agent.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                agent.process.kill()
+
+
+def ensure_running(name, xml_path=None):
+    state = virsh("domstate", name, check=False).stdout.strip()
+    if state == "shut off":
+        virsh("start", "--paused", name)
+    elif state == "" and xml_path:
+        virsh("create", "--paused", xml_path)
+
+
+def test_discovery_of_a_persistent_and_a_transient_domain_with_their_root_ports(agent):
+    vms = wait_for(lambda: (lambda v: v if PERSISTENT in v and TRANSIENT in v else None)(agent.vms()),
+                   "both domains in fpgactl vms")
+    # The persistent domain: libvirt put its USB controller on pci.1's bus, so one port of two is free.
+    assert vms[PERSISTENT] == ("paused", "1/2", URI)
+    assert vms[TRANSIENT] == ("paused", "2/2", f"{URI} (transient)")
+    out = agent.ctl("vms").stdout
+    assert out.splitlines()[0].split() == ["VM", "STATE", "FREE", "PORTS", "VFIO", "PAUSE", "VFS", "LIBVIRT", "URI",
+                                           "/", "ERROR"]
+
+
+def test_lifecycle_events_update_the_vms_without_a_rescan(agent, libvirtd):
+    ensure_running(PERSISTENT)
+    wait_for(lambda: PERSISTENT in agent.vms(), "the persistent domain listed")
+    virsh("destroy", PERSISTENT)
+    wait_for(lambda: PERSISTENT not in agent.vms(), "the destroyed domain to leave the VM list")
+    virsh("start", "--paused", PERSISTENT)
+    vms = wait_for(lambda: (lambda v: v if PERSISTENT in v else None)(agent.vms()), "the started domain back")
+    assert vms[PERSISTENT][:2] == ("paused", "1/2")
+    # A transient domain destroyed is gone from libvirt altogether; created again, it is back.
+    virsh("destroy", TRANSIENT)
+    wait_for(lambda: TRANSIENT not in agent.vms(), "the transient domain to leave the VM list")
+    virsh("create", "--paused", str(Path(libvirtd) / "transient.xml"))
+    wait_for(lambda: TRANSIENT in agent.vms(), "the transient domain back")
+    assert "libvirt event: rescan found changes" in agent.log()
+
+
+def test_a_libvirtd_restart_makes_the_vms_unreachable_then_brings_them_back(agent, libvirtd):
+    ensure_running(PERSISTENT)
+    ensure_running(TRANSIENT, str(Path(libvirtd) / "transient.xml"))
+    wait_for(lambda: {PERSISTENT, TRANSIENT} <= set(agent.vms()), "both domains listed")
+    pid = libvirtd_pid()
+    assert pid is not None
+    os.kill(pid, signal.SIGTERM)
+    wait_for(lambda: libvirtd_pid() is None, "libvirtd to stop")
+
+    def unreachable():
+        vms = agent.vms()
+        return vms if all(vms.get(n, ("",))[0] == "unreachable" for n in [PERSISTENT, TRANSIENT]) else None
+    vms = wait_for(unreachable, "the VMs to become unreachable")
+    assert "libvirt at qemu:///system is unreachable" in vms[PERSISTENT][2] \
+        or "connection to libvirt at qemu:///system was lost" in vms[PERSISTENT][2], vms
+    start_libvirtd()  # the domains' QEMUs kept running: libvirtd reconnects to them
+
+    def back():
+        vms = agent.vms()
+        return vms if all(vms.get(n, ("",))[0] == "paused" for n in [PERSISTENT, TRANSIENT]) else None
+    vms = wait_for(back, "the VMs back after libvirtd restarted")
+    assert vms[PERSISTENT][1] == "1/2" and vms[TRANSIENT][1] == "2/2"
+    # The new connection carries events again.
+    virsh("destroy", PERSISTENT)
+    wait_for(lambda: PERSISTENT not in agent.vms(), "an event on the new connection")
+    virsh("start", "--paused", PERSISTENT)
+    wait_for(lambda: PERSISTENT in agent.vms(), "the domain back")
+
+
+def test_attaching_a_vf_on_a_host_without_vfio_is_refused_with_libvirts_reason(agent):
+    ensure_running(PERSISTENT)
+    wait_for(lambda: agent.vms().get(PERSISTENT, ("",))[0] == "paused", "the persistent domain listed")
+    out = agent.ctl("allocate", "--owner", "libvirt-test", "--vm", PERSISTENT, "--key", f"{PREFIX}-attach")
+    assert out.returncode == 0, out.stderr
+    allocation = out.stdout.split()[2].rstrip(":") if out.stdout.startswith("already") else out.stdout.split()[1].rstrip(":")
+    vf = out.stdout.split("VF ")[1].split()[0]
+    refused = agent.ctl("attach", allocation, PERSISTENT)
+    assert refused.returncode == 1, refused
+    assert refused.stderr.strip() == (
+        f"error: FAILED_PRECONDITION: libvirt refused the attach of VF {vf} into pci.2 in VM {PERSISTENT}: "
+        "unsupported configuration: host doesn't support passthrough of host PCI devices (libvirt error 67 (domain 10))"
+    ), refused.stderr
+    # Nothing changed: the port is still free, the allocation is not attached, the domain holds nothing.
+    assert agent.vms()[PERSISTENT][:2] == ("paused", "1/2")
+    assert "ua-alloc" not in virsh("dumpxml", PERSISTENT).stdout
+    released = agent.ctl("release", allocation)
+    assert released.returncode == 0, released.stderr
+
+
+def test_without_libvirt_so_the_libvirt_backend_refuses_to_start_and_qmp_starts(libvirtd):
+    if shutil.which("unshare") is None:
+        unavailable("unshare is missing (util-linux)")
+    library = next((line.split("=>")[1].strip() for line in
+                    subprocess.run(["ldconfig", "-p"], capture_output=True, text=True).stdout.splitlines()
+                    if line.strip().startswith("libvirt.so.0 ")), None)
+    assert library, "ldconfig does not list libvirt.so.0"
+    # A private mount namespace where libvirt.so.0 is an empty file: as on a host without libvirt.
+    hide = ["unshare", "--mount", "--propagation", "private", "sh", "-c", f'mount --bind /dev/null {library} && exec "$@"',
+            "hide-libvirt"]
+    with tempfile.TemporaryDirectory(prefix="fpga-libvirt-missing-") as directory:
+        agent = start_agent(directory, "hypervisor=libvirt", preexec=hide)
+        code = agent.process.wait(timeout=120)
+        assert code != 0
+        log = agent.log()
+        assert "hypervisor: libvirt needs libvirt's client library libvirt.so.0, which cannot be loaded" in log, log
+        assert "install libvirt0 / libvirt-clients" in log, log
+    with tempfile.TemporaryDirectory(prefix="fpga-libvirt-missing-") as directory:
+        agent = start_agent(directory, preexec=hide)
+        try:
+            wait_healthy(agent)
+            assert agent.ctl("vms").returncode == 0
+        finally:
+            agent.process.send_signal(signal.SIGTERM)
+            agent.process.wait(timeout=60)
