@@ -213,7 +213,7 @@ public final class AgentRuntime: Sendable {
           pool: DevicePluginPool(resourceName: pool.resource, pfs: Set(pool.pfs.compactMap { PCIAddress($0) })),
           directory: config.kubernetes.kubeletDir, logger: logger,
           interceptors: [
-            MetricsInterceptor(metrics: metrics), DevicePluginAuditInterceptor(audit: audit, engine: engine),
+            MetricsInterceptor(metrics: metrics), KubeletAuditInterceptor.devicePlugin(audit: audit, engine: engine),
           ])
         metrics.track(resource: pool.resource, plugin.registered)
         serviceList.append(DevicePluginLifecycle(plugin: plugin))
@@ -244,7 +244,7 @@ public final class AgentRuntime: Sendable {
       serviceList.append(
         DRAService(
           settings: settings, driver: driver, engine: engine, publisher: publisher, api: api, metrics: metrics,
-          logger: logger, fenceLimit: .seconds(config.kubernetes.dra.reconfigurationFenceSeconds)))
+          audit: audit, logger: logger, fenceLimit: .seconds(config.kubernetes.dra.reconfigurationFenceSeconds)))
     }
     if let source = uevents ?? (config.platform == .linux && config.linux.uevents ? NetlinkUevents() : nil) {
       serviceList.append(DeviceEventsService(engine: engine, source: source, logger: logger))

@@ -245,17 +245,34 @@ struct AuthorizationInterceptor: ServerInterceptor {
   }
 }
 
-/// Audits the kubelet's `Allocate` calls on a device plugin socket (the socket is the kubelet's
-/// to reach, so there is no role to check): the VFs taken, with the result.
-struct DevicePluginAuditInterceptor: ServerInterceptor {
+/// Audits the kubelet's mutating calls on the sockets it alone reaches (so there is no role to
+/// check): a device plugin's `Allocate` (transport `device-plugin`, the VFs taken) and a DRA
+/// driver's `NodePrepareResources` / `NodeUnprepareResources` (transport `dra`, each claim named
+/// by namespace, name and uid), with the result, like every node API mutation.
+struct KubeletAuditInterceptor: ServerInterceptor {
   let audit: AuditLog
   let engine: NodeEngine
+  let transport: String
+  /// The audited methods: the method's name → its name in the trail.
+  let methods: [String: String]
+
+  static func devicePlugin(audit: AuditLog, engine: NodeEngine) -> Self {
+    Self(audit: audit, engine: engine, transport: "device-plugin", methods: ["Allocate": "DevicePlugin.Allocate"])
+  }
+
+  static func dra(audit: AuditLog, engine: NodeEngine) -> Self {
+    Self(
+      audit: audit, engine: engine, transport: "dra",
+      methods: [
+        "NodePrepareResources": "DRA.NodePrepareResources", "NodeUnprepareResources": "DRA.NodeUnprepareResources",
+      ])
+  }
 
   func intercept<Input: Sendable, Output: Sendable>(
     request: StreamingServerRequest<Input>, context: ServerContext,
     next: @Sendable (StreamingServerRequest<Input>, ServerContext) async throws -> StreamingServerResponse<Output>
   ) async throws -> StreamingServerResponse<Output> {
-    guard context.descriptor.method == "Allocate" else { return try await next(request, context) }
+    guard let rpc = methods[context.descriptor.method] else { return try await next(request, context) }
     let captured = Mutex<String?>(nil)
     var request = request
     request.messages = RPCAsyncSequence(
@@ -268,8 +285,8 @@ struct DevicePluginAuditInterceptor: ServerInterceptor {
     func record(_ status: RPCError.Code?) async {
       audit.append(
         AuditEntry(
-          identity: "kubelet", transport: "device-plugin", rpc: "DevicePlugin.Allocate",
-          request: captured.withLock { $0 }, status: status.map { "\($0)" } ?? "ok", revision: await engine.revision))
+          identity: "kubelet", transport: transport, rpc: rpc, request: captured.withLock { $0 },
+          status: status.map { "\($0)" } ?? "ok", revision: await engine.revision))
     }
     do {
       let response = try await next(request, context)

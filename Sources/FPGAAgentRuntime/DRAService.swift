@@ -18,6 +18,8 @@ struct DRAService: Service {
   let api: KubernetesAPI?
   /// The kubelet's calls are counted and timed like the node API's (`grpc_server_*`).
   let metrics: AgentMetrics?
+  /// Where its Prepare and Unprepare calls are audited (transport `dra`).
+  let audit: AuditLog?
   let logger: Logger
   var fenceLimit: Duration = .seconds(10)
   var resync: Duration = .seconds(10)
@@ -33,7 +35,8 @@ struct DRAService: Service {
         DRAPlugins.v1(driver), DRAPlugins.v1beta1(driver), DRAPlugins.healthV1(engine, pool: settings.nodeName),
         DRAPlugins.healthV1alpha1(engine, pool: settings.nodeName),
       ],
-      interceptors: metrics.map { [MetricsInterceptor(metrics: $0)] } ?? [])
+      interceptors: (metrics.map { [MetricsInterceptor(metrics: $0)] } ?? [])
+        + (audit.map { [KubeletAuditInterceptor.dra(audit: $0, engine: engine)] } ?? []))
     let registration = GRPCServer(
       transport: .http2NIOPosix(
         address: .unixDomainSocket(path: settings.registrationSocket), transportSecurity: .plaintext),

@@ -691,6 +691,18 @@ def test_prepare_and_unprepare_in_batches(rig):
     assert kubelet.prepare([a])[a.uid].error and vf[0] not in rig.owners()
     rig.assert_api_clean()
 
+    # Every Prepare and Unprepare is in the audit trail, from the kubelet over `dra`, each claim named.
+    trail = rig.node().GetAuditTrail(pb.GetAuditTrailRequest(limit=1000), timeout=10).entries
+    dra = [e for e in trail if e.transport == "dra"]
+    assert {e.rpc for e in dra} == {"DRA.NodePrepareResources", "DRA.NodeUnprepareResources"}, dra
+    assert all(e.identity == "kubelet" and e.status == "ok" for e in dra), dra
+    prepares = [json.loads(e.request_json) for e in dra if e.rpc == "DRA.NodePrepareResources"]
+    named = {(c["namespace"], c["name"], c["uid"]) for r in prepares for c in r["claims"]}
+    assert {(x.namespace, x.name, x.uid) for x in (a, b, c, good, beta)} <= named, named
+    unprepared = {c["uid"] for e in dra if e.rpc == "DRA.NodeUnprepareResources"
+                  for c in json.loads(e.request_json)["claims"]}
+    assert {x.uid for x in everything} <= unprepared
+
 
 def test_sigkill_between_prepare_and_unprepare(rig):
     rig.start()
