@@ -44,8 +44,13 @@ def bin_dir():
 BIN = bin_dir()
 
 
+def tool(name):
+    """A program from PATH or the sbin directories (libvirtd, virtlogd: /usr/sbin)."""
+    return shutil.which(name, path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
+
+
 def virsh(*args, check=True):
-    result = subprocess.run(["virsh", "-c", URI, *args], capture_output=True, text=True, timeout=120)
+    result = subprocess.run([tool("virsh") or "virsh", "-c", URI, *args], capture_output=True, text=True, timeout=120)
     if check and result.returncode != 0:
         raise AssertionError(f"virsh {' '.join(args)} failed: {result.stderr.strip()}")
     return result
@@ -70,9 +75,9 @@ def libvirtd_pid():
 
 def start_libvirtd():
     if not subprocess.run(["pgrep", "-x", "virtlogd"], capture_output=True).returncode == 0:
-        subprocess.run(["virtlogd", "-d"], check=True)
+        subprocess.run([tool("virtlogd"), "-d"], check=True)
     if libvirtd_pid() is None:
-        subprocess.run(["libvirtd", "-d"], check=True)
+        subprocess.run([tool("libvirtd"), "-d"], check=True)
     wait_for(lambda: virsh("version", check=False).returncode == 0, "libvirtd to answer")
 
 
@@ -85,7 +90,7 @@ def domain_xml(name, usb=True):
   <vcpu>1</vcpu>
   <os><type arch='x86_64' machine='q35'>hvm</type></os>
   <devices>
-    <emulator>{shutil.which('qemu-system-x86_64')}</emulator>
+    <emulator>{tool('qemu-system-x86_64')}</emulator>
     <controller type='pci' model='pcie-root'/>
     <controller type='pci' model='pcie-root-port'/>
     <controller type='pci' model='pcie-root-port'/>
@@ -100,9 +105,9 @@ def domain_xml(name, usb=True):
 def libvirtd():
     if os.geteuid() != 0:
         unavailable("not root (libvirtd and qemu:///system need root)")
-    for tool in ["virsh", "libvirtd", "virtlogd", "qemu-system-x86_64"]:
-        if shutil.which(tool) is None:
-            unavailable(f"{tool} is missing (scripts/install-test-deps installs libvirt-daemon-system, libvirt-clients)")
+    for name in ["virsh", "libvirtd", "virtlogd", "qemu-system-x86_64", "unshare"]:
+        if tool(name) is None:
+            unavailable(f"{name} is missing (scripts/install-test-deps installs libvirt-daemon-system, libvirt-clients)")
     try:
         start_libvirtd()
     except (subprocess.CalledProcessError, AssertionError) as error:
@@ -275,10 +280,8 @@ def test_attaching_a_vf_on_a_host_without_vfio_is_refused_with_libvirts_reason(a
 
 
 def test_without_libvirt_so_the_libvirt_backend_refuses_to_start_and_qmp_starts(libvirtd):
-    if shutil.which("unshare") is None:
-        unavailable("unshare is missing (util-linux)")
     library = next((line.split("=>")[1].strip() for line in
-                    subprocess.run(["ldconfig", "-p"], capture_output=True, text=True).stdout.splitlines()
+                    subprocess.run([tool("ldconfig"), "-p"], capture_output=True, text=True).stdout.splitlines()
                     if line.strip().startswith("libvirt.so.0 ")), None)
     assert library, "ldconfig does not list libvirt.so.0"
     # A private mount namespace where libvirt.so.0 is an empty file: as on a host without libvirt.
