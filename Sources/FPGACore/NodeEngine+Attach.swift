@@ -1,119 +1,120 @@
 /// Attaching allocated VFs to running VMs and detaching them, through the hypervisor seam.
 extension NodeEngine {
   public func attach(_ request: AttachRequest) async throws(AgentError) -> AttachResult {
-    let fingerprint = request.allocationID + "\u{0}" + request.vm
-    let admission: Admission
-    switch try await admit("AttachVF", request.meta, fingerprint: fingerprint) {
-    case .replay(.attached(var result)):
-      result.replayed = true
-      return result
-    case .replay:
-      throw AgentError(.internal, "idempotency record of another kind")
-    case .proceed(let admitted):
-      admission = admitted
-    }
-    let hypervisor = try requireHypervisor()
-    var allocation = try existingAllocation(request.allocationID)
-    guard let vm = state.vms[request.vm] else {
-      throw AgentError(
-        .notFound,
-        "VM \(request.vm) is not known to this agent; `fpgactl vms` lists them (configure --qmp-socket NAME=PATH)")
-    }
-    if allocation.attached, !reservations.isHeld(.allocation(allocation.id)) {
-      if allocation.vm == request.vm, let port = allocation.rootPort, !allocation.detaching {
-        return AttachResult(
-          allocation: allocation, deviceID: allocation.deviceID ?? allocation.id, rootPort: port, replayed: true)
-      }
-      throw AgentError(
-        .failedPrecondition,
-        "allocation \(allocation.id) is attached to VM \(allocation.vm ?? "?"); detach it first (`fpgactl detach \(allocation.id)`)"
-      )
-    }
-    if let intended = allocation.vm, intended != request.vm {
-      throw AgentError(
-        .failedPrecondition,
-        "allocation \(allocation.id) was made for VM \(intended), not \(request.vm); allocate another VF for \(request.vm)"
-      )
-    }
-    guard vm.state != .unreachable else {
-      throw AgentError(.unavailable, "VM \(vm.name) is unreachable: \(vm.error ?? "its QMP socket does not answer")")
-    }
-    let claim = try self.claim(admission, [.allocation(allocation.id)], as: "attach")
-    defer { settle(claim) }
-    if hypervisor.passesThroughVFIO { _ = try await prepareForPassthrough(vf: allocation.vf) }
-    let port = try await hypervisor.attach(vf: allocation.vf, to: vm.name, deviceID: allocation.id)
-    allocation.attached = true
-    allocation.vm = vm.name
-    allocation.deviceID = allocation.id
-    allocation.rootPort = port
-    allocation.detaching = false
-    let result = AttachResult(allocation: allocation, deviceID: allocation.id, rootPort: port, replayed: false)
-    let record = claim.record(.attached(result))
-    do {
-      try await commit(claim, [.putAllocation(allocation)] + (record.map { [.putIdempotency($0)] } ?? []))
-    } catch {
-      // Unrecorded, the attachment is undone so that nothing changed.
-      try? await hypervisor.detach(deviceID: allocation.id, from: vm.name, timeout: .seconds(10))
-      publish(state.apply(vms: await hypervisor.machines()))
-      throw error
-    }
-    var changes = state.update(allocation)
-    changes += state.apply(vms: await hypervisor.machines())
-    publish(changes)
-    if let record { ledger.record(record) }
-    return result
+    try await mutate(
+      "AttachVF", request.meta, fingerprint: request.allocationID + "\u{0}" + request.vm,
+      replay: { outcome in
+        guard case .attached(var result) = outcome else { return nil }
+        result.replayed = true
+        return result
+      },
+      plan: { () throws(AgentError) -> Plan<(any Hypervisor, Allocation, VirtualMachineInfo), AttachResult> in
+        let hypervisor = try requireHypervisor()
+        let allocation = try existingAllocation(request.allocationID)
+        guard let vm = state.vms[request.vm] else {
+          throw AgentError(
+            .notFound,
+            "VM \(request.vm) is not known to this agent; `fpgactl vms` lists them (configure --qmp-socket NAME=PATH)")
+        }
+        if allocation.attached, !reservations.isHeld(.allocation(allocation.id)) {
+          if allocation.vm == request.vm, let port = allocation.rootPort, !allocation.detaching {
+            return .answer(
+              AttachResult(
+                allocation: allocation, deviceID: allocation.deviceID ?? allocation.id, rootPort: port, replayed: true))
+          }
+          throw AgentError(
+            .failedPrecondition,
+            "allocation \(allocation.id) is attached to VM \(allocation.vm ?? "?"); detach it first (`fpgactl detach \(allocation.id)`)"
+          )
+        }
+        if let intended = allocation.vm, intended != request.vm {
+          throw AgentError(
+            .failedPrecondition,
+            "allocation \(allocation.id) was made for VM \(intended), not \(request.vm); allocate another VF for \(request.vm)"
+          )
+        }
+        guard vm.state != .unreachable else {
+          throw AgentError(
+            .unavailable, "VM \(vm.name) is unreachable: \(vm.error ?? "its QMP socket does not answer")")
+        }
+        return .proceed((hypervisor, allocation, vm), reserving: [.allocation(allocation.id)], as: "attach")
+      },
+      effects: { planned, _ throws(AgentError) in
+        let (hypervisor, before, vm) = planned
+        if hypervisor.passesThroughVFIO { _ = try await prepareForPassthrough(vf: before.vf) }
+        let port = try await hypervisor.attach(vf: before.vf, to: vm.name, deviceID: before.id)
+        var allocation = before
+        allocation.attached = true
+        allocation.vm = vm.name
+        allocation.deviceID = allocation.id
+        allocation.rootPort = port
+        allocation.detaching = false
+        let result = AttachResult(allocation: allocation, deviceID: allocation.id, rootPort: port, replayed: false)
+        return Effects(
+          writes: [.putAllocation(allocation)], outcome: .attached(result),
+          undo: {
+            // Unrecorded, the attachment is undone so that nothing changed.
+            try? await hypervisor.detach(deviceID: allocation.id, from: vm.name, timeout: .seconds(10))
+            self.publish(self.state.apply(vms: await hypervisor.machines()))
+          },
+          apply: {
+            var changes = self.state.update(allocation)
+            changes += self.state.apply(vms: await hypervisor.machines())
+            self.publish(changes)
+            return (result, nil)
+          })
+      })
   }
 
   public func detach(_ request: DetachRequest) async throws(AgentError) -> DetachResult {
-    let admission: Admission
-    switch try await admit("DetachVF", request.meta, fingerprint: request.allocationID) {
-    case .replay(.detached(let allocation)):
-      return DetachResult(allocation: allocation, replayed: true)
-    case .replay:
-      throw AgentError(.internal, "idempotency record of another kind")
-    case .proceed(let admitted):
-      admission = admitted
-    }
-    let hypervisor = try requireHypervisor()
-    var allocation = try existingAllocation(request.allocationID)
-    guard allocation.attached, let vm = allocation.vm else {
-      throw AgentError(.failedPrecondition, "allocation \(allocation.id) is not attached to a VM")
-    }
-    let claim = try self.claim(admission, [.allocation(allocation.id)], as: "detach")
-    defer { settle(claim) }
-    if !allocation.detaching {
-      allocation.detaching = true
-      try await commit(claim, [.putAllocation(allocation)])
-      publish(state.update(allocation))
-    }
-    do {
-      try await hypervisor.detach(deviceID: allocation.deviceID ?? allocation.id, from: vm, timeout: request.timeout)
-    } catch {
-      // The device may still be in the guest: it stays "detaching", visibly, until a retry
-      // sees the unplug through.
-      publish(state.apply(vms: await hypervisor.machines()))
-      throw error
-    }
-    allocation.attached = false
-    allocation.detaching = false
-    allocation.deviceID = nil
-    allocation.rootPort = nil
-    let record = claim.record(.detached(allocation))
-    // The device is out of the guest whatever the store says: memory follows the VM. A failed
-    // write is reconciled at the next start (the VM no longer has the device).
-    let written: AgentError?
-    do {
-      try await commit(claim, [.putAllocation(allocation)] + (record.map { [.putIdempotency($0)] } ?? []))
-      written = nil
-    } catch {
-      written = error
-    }
-    var changes = state.update(allocation)
-    changes += state.apply(vms: await hypervisor.machines())
-    publish(changes)
-    if let written { throw written }
-    if let record { ledger.record(record) }
-    return DetachResult(allocation: allocation, replayed: false)
+    try await mutate(
+      "DetachVF", request.meta, fingerprint: request.allocationID,
+      replay: { outcome in
+        guard case .detached(let allocation) = outcome else { return nil }
+        return DetachResult(allocation: allocation, replayed: true)
+      },
+      plan: { () throws(AgentError) -> Plan<(any Hypervisor, Allocation, String), DetachResult> in
+        let hypervisor = try requireHypervisor()
+        let allocation = try existingAllocation(request.allocationID)
+        guard allocation.attached, let vm = allocation.vm else {
+          throw AgentError(.failedPrecondition, "allocation \(allocation.id) is not attached to a VM")
+        }
+        return .proceed((hypervisor, allocation, vm), reserving: [.allocation(allocation.id)], as: "detach")
+      },
+      effects: { planned, claim throws(AgentError) in
+        let (hypervisor, before, vm) = planned
+        var allocation = before
+        if !allocation.detaching {
+          // Durable, then shown: the unplug is under way.
+          allocation.detaching = true
+          try await commit(claim, [.putAllocation(allocation)])
+          publish(state.update(allocation))
+        }
+        do throws(AgentError) {
+          try await hypervisor.detach(
+            deviceID: allocation.deviceID ?? allocation.id, from: vm, timeout: request.timeout)
+        } catch {
+          // The device may still be in the guest: it stays "detaching", visibly, until a retry
+          // sees the unplug through.
+          publish(state.apply(vms: await hypervisor.machines()))
+          throw error
+        }
+        allocation.attached = false
+        allocation.detaching = false
+        allocation.deviceID = nil
+        allocation.rootPort = nil
+        let detached = allocation
+        // The device is out of the guest whatever the store says: memory follows the VM. A
+        // failed write is reconciled at the next start (the VM no longer has the device).
+        return Effects(
+          writes: [.putAllocation(detached)], outcome: .detached(detached), applyWhenUnwritten: true,
+          apply: {
+            var changes = self.state.update(detached)
+            changes += self.state.apply(vms: await hypervisor.machines())
+            self.publish(changes)
+            return (DetachResult(allocation: detached, replayed: false), nil)
+          })
+      })
   }
 
   /// At start-up: devices the agent plugged earlier (ids `alloc-…` with a `host` VF) become

@@ -35,63 +35,66 @@ extension NodeEngine {
   public func registerContext(_ request: RegisterContextRequest) async throws(AgentError) -> (
     ContextRecord, replayed: Bool
   ) {
-    let admission: Admission
-    switch try await admit("RegisterContext", request.meta, fingerprint: request.fingerprint) {
-    case .replay(.context(let record)):
-      return (record, true)
-    case .replay:
-      throw AgentError(.internal, "idempotency record of another kind")
-    case .proceed(let admitted):
-      admission = admitted
-    }
-    let runner = try accelerator(request.acceleratorID)
-    guard let guest = try Validate.vmName(request.guest, field: "guest") else {
-      throw AgentError(.invalidArgument, "guest is required: the VM name or allocation id the context belongs to")
-    }
-    try Validate.functionName(request.function)
-    try Validate.parameters(request.parameters)
-    guard request.weight <= 1000 else {
-      throw AgentError(.invalidArgument, "weight \(request.weight) is out of range: 1-1000 (0 means 1)")
-    }
-    guard request.savedStateBytes <= ContextLimits.savedStateBytes else {
-      throw AgentError(
-        .invalidArgument,
-        "saved_state_bytes \(request.savedStateBytes) is beyond the limit of \(ContextLimits.savedStateBytes) bytes (\(ContextLimits.savedStateBytes >> 20) MiB) a context switch may move"
-      )
-    }
-    if let existing = contexts.values.first(where: { $0.acceleratorID == request.acceleratorID && $0.guest == guest }),
-      !reservations.isHeld(.guestSlot(accelerator: request.acceleratorID, guest: guest))
-    {
-      let same =
-        existing.function == request.function && existing.parameters == request.parameters
-        && existing.savedStateBytes == request.savedStateBytes && existing.weight == max(1, request.weight)
-      guard same else {
-        throw AgentError(
-          .failedPrecondition,
-          "guest \(guest) already has context \(existing.id) on \(request.acceleratorID); delete it first (`fpgactl context delete \(existing.id)`)"
-        )
-      }
-      return (existing, true)
-    }
-    let record = ContextRecord(
-      id: Self.makeID(prefix: "ctx-"), acceleratorID: request.acceleratorID, guest: guest, function: request.function,
-      parameters: request.parameters, savedStateBytes: request.savedStateBytes, weight: max(1, request.weight))
-    let claim = try self.claim(
-      admission, [.guestSlot(accelerator: record.acceleratorID, guest: guest), .context(record.id)],
-      as: "registration of \(guest)'s context")
-    defer { settle(claim) }
-    try await runner.bind(guest: guest, context: record.id, stateBytes: record.savedStateBytes, weight: record.weight)
-    let idempotency = claim.record(.context(record))
-    do {
-      try await commit(claim, [.putContext(record)] + (idempotency.map { [.putIdempotency($0)] } ?? []))
-    } catch {
-      await runner.unbind(guest: guest)
-      throw error
-    }
-    contexts[record.id] = record
-    if let idempotency { ledger.record(idempotency) }
-    await refreshAccelerators(only: record.acceleratorID)
-    return (record, false)
+    try await mutate(
+      "RegisterContext", request.meta, fingerprint: request.fingerprint,
+      replay: { outcome in
+        guard case .context(let record) = outcome else { return nil }
+        return (record, true)
+      },
+      plan: { () throws(AgentError) -> Plan<(AcceleratorRunner, ContextRecord), (ContextRecord, replayed: Bool)> in
+        let runner = try accelerator(request.acceleratorID)
+        guard let guest = try Validate.vmName(request.guest, field: "guest") else {
+          throw AgentError(.invalidArgument, "guest is required: the VM name or allocation id the context belongs to")
+        }
+        try Validate.functionName(request.function)
+        try Validate.parameters(request.parameters)
+        guard request.weight <= 1000 else {
+          throw AgentError(.invalidArgument, "weight \(request.weight) is out of range: 1-1000 (0 means 1)")
+        }
+        guard request.savedStateBytes <= ContextLimits.savedStateBytes else {
+          throw AgentError(
+            .invalidArgument,
+            "saved_state_bytes \(request.savedStateBytes) is beyond the limit of \(ContextLimits.savedStateBytes) bytes (\(ContextLimits.savedStateBytes >> 20) MiB) a context switch may move"
+          )
+        }
+        if let existing = contexts.values.first(where: {
+          $0.acceleratorID == request.acceleratorID && $0.guest == guest
+        }),
+          !reservations.isHeld(.guestSlot(accelerator: request.acceleratorID, guest: guest))
+        {
+          let same =
+            existing.function == request.function && existing.parameters == request.parameters
+            && existing.savedStateBytes == request.savedStateBytes && existing.weight == max(1, request.weight)
+          guard same else {
+            throw AgentError(
+              .failedPrecondition,
+              "guest \(guest) already has context \(existing.id) on \(request.acceleratorID); delete it first (`fpgactl context delete \(existing.id)`)"
+            )
+          }
+          return .answer((existing, true))
+        }
+        let record = ContextRecord(
+          id: Self.makeID(prefix: "ctx-"), acceleratorID: request.acceleratorID, guest: guest,
+          function: request.function, parameters: request.parameters, savedStateBytes: request.savedStateBytes,
+          weight: max(1, request.weight))
+        return .proceed(
+          (runner, record),
+          reserving: [.guestSlot(accelerator: record.acceleratorID, guest: guest), .context(record.id)],
+          as: "registration of \(guest)'s context")
+      },
+      effects: { planned, _ throws(AgentError) in
+        let (runner, record) = planned
+        try await runner.bind(
+          guest: record.guest, context: record.id, stateBytes: record.savedStateBytes, weight: record.weight)
+        return Effects(
+          writes: [.putContext(record)], outcome: .context(record),
+          undo: { await runner.unbind(guest: record.guest) },
+          apply: {
+            self.contexts[record.id] = record
+            await self.refreshAccelerators(only: record.acceleratorID)
+            return ((record, false), nil)
+          })
+      })
   }
 
   /// Contexts, ordered by id; `active` when loaded on its accelerator now.
@@ -104,85 +107,94 @@ extension NodeEngine {
 
   /// Deletes a context; its guest leaves the accelerator (its pending work is dropped).
   public func deleteContext(_ id: String, meta: RequestMeta) async throws(AgentError) {
-    let admission: Admission
-    switch try await admit("DeleteContext", meta, fingerprint: id) {
-    case .replay(.deleted): return
-    case .replay: throw AgentError(.internal, "idempotency record of another kind")
-    case .proceed(let admitted): admission = admitted
-    }
-    let record = try existingContext(id)
-    let claim = try self.claim(
-      admission, [.context(id), .guestSlot(accelerator: record.acceleratorID, guest: record.guest)],
-      as: "deletion of \(id)")
-    defer { settle(claim) }
-    let idempotency = claim.record(.deleted)
-    try await commit(claim, [.deleteContext(id)] + (idempotency.map { [.putIdempotency($0)] } ?? []))
-    contexts[id] = nil
-    if let idempotency { ledger.record(idempotency) }
-    await runners[record.acceleratorID]?.unbind(guest: record.guest)
-    await refreshAccelerators(only: record.acceleratorID)
+    try await mutate(
+      "DeleteContext", meta, fingerprint: id,
+      replay: { outcome in outcome == .deleted ? () : nil },
+      plan: { () throws(AgentError) -> Plan<ContextRecord, Void> in
+        let record = try existingContext(id)
+        return .proceed(
+          record, reserving: [.context(id), .guestSlot(accelerator: record.acceleratorID, guest: record.guest)],
+          as: "deletion of \(id)")
+      },
+      effects: { record, _ in
+        Effects(
+          writes: [.deleteContext(id)], outcome: .deleted,
+          apply: {
+            self.contexts[id] = nil
+            await self.runners[record.acceleratorID]?.unbind(guest: record.guest)
+            await self.refreshAccelerators(only: record.acceleratorID)
+            return ((), nil)
+          })
+      })
   }
 
   /// Loads a context now (preempting) or at the next slice boundary. Returns the switch time
   /// when it happened now (zero when the context was loaded already).
   public func switchContext(_ id: String, now: Bool, meta: RequestMeta) async throws(AgentError) -> Duration? {
-    let admission: Admission
-    switch try await admit("SwitchContext", meta, fingerprint: "\(id)\u{0}\(now)") {
-    case .replay(.switched(let nanoseconds)): return nanoseconds.map { .nanoseconds($0) }
-    case .replay: throw AgentError(.internal, "idempotency record of another kind")
-    case .proceed(let admitted): admission = admitted
-    }
-    let record = try existingContext(id)
-    let runner = try accelerator(record.acceleratorID)
-    // The context itself is not reserved: a switch may wait a while, and a deletion meanwhile
-    // ends the wait (the runner resumes it with zero).
-    let claim = try self.claim(admission, [], as: "switch to \(id)")
-    defer { settle(claim) }
-    let time = try await runner.switchTo(guest: record.guest, now: now)
-    // The epoch (when raised) and the key are recorded once the switch was made.
-    let idempotency = claim.record(.switched(time.map(Self.nanoseconds)))
-    try await commit(claim, idempotency.map { [.putIdempotency($0)] } ?? [])
-    if let idempotency { ledger.record(idempotency) }
-    await refreshAccelerators(only: record.acceleratorID)
-    return time
+    try await mutate(
+      "SwitchContext", meta, fingerprint: "\(id)\u{0}\(now)",
+      replay: { outcome in
+        guard case .switched(let nanoseconds) = outcome else { return nil }
+        return .some(nanoseconds.map { .nanoseconds($0) })
+      },
+      plan: { () throws(AgentError) -> Plan<(ContextRecord, AcceleratorRunner), Duration?> in
+        let record = try existingContext(id)
+        let runner = try accelerator(record.acceleratorID)
+        // The context itself is not reserved: a switch may wait a while, and a deletion
+        // meanwhile ends the wait (the runner resumes it with zero).
+        return .proceed((record, runner), reserving: [], as: "switch to \(id)")
+      },
+      effects: { planned, _ throws(AgentError) in
+        let (record, runner) = planned
+        let time = try await runner.switchTo(guest: record.guest, now: now)
+        // The epoch (when raised) and the key are recorded once the switch was made.
+        return Effects(
+          writes: [], outcome: .switched(time.map(Self.nanoseconds)),
+          apply: {
+            await self.refreshAccelerators(only: record.acceleratorID)
+            return (time, nil)
+          })
+      })
   }
 
   /// Replaces an accelerator's time slice, weights and overcommit limit.
   public func setSharingPolicy(
     acceleratorID: String, policy: TimeSharingScheduler.Policy, meta: RequestMeta
   ) async throws(AgentError) -> TimeSharingScheduler.Policy {
-    let admission: Admission
-    switch try await admit("SetSharingPolicy", meta, fingerprint: Self.fingerprint(acceleratorID, policy)) {
-    case .replay(.policy(let applied)): return applied
-    case .replay: throw AgentError(.internal, "idempotency record of another kind")
-    case .proceed(let admitted): admission = admitted
-    }
-    let runner = try accelerator(acceleratorID)
-    guard policy.slice >= .microseconds(100), policy.slice <= .seconds(10) else {
-      throw AgentError(.invalidArgument, "time_slice must be between 100 µs and 10 s")
-    }
-    guard (1...64).contains(policy.overcommitLimit) else {
-      throw AgentError(.invalidArgument, "overcommit_limit must be 1-64 guests")
-    }
-    for (guest, weight) in policy.weights {
-      _ = try Validate.vmName(guest, field: "weights key")
-      guard (1...1000).contains(weight) else { throw AgentError(.invalidArgument, "weight of \(guest) must be 1-1000") }
-    }
-    let claim = try self.claim(admission, [.policy(acceleratorID)], as: "policy change of \(acceleratorID)")
-    defer { settle(claim) }
-    let previous = await runner.policy
-    try await runner.setPolicy(policy)
-    let applied = await runner.policy
-    let idempotency = claim.record(.policy(applied))
-    do {
-      try await commit(claim, [.putPolicy(acceleratorID, applied)] + (idempotency.map { [.putIdempotency($0)] } ?? []))
-    } catch {
-      try? await runner.restorePolicy(previous)
-      throw error
-    }
-    if let idempotency { ledger.record(idempotency) }
-    await refreshAccelerators(only: acceleratorID)
-    return applied
+    try await mutate(
+      "SetSharingPolicy", meta, fingerprint: Self.fingerprint(acceleratorID, policy),
+      replay: { outcome in
+        guard case .policy(let applied) = outcome else { return nil }
+        return applied
+      },
+      plan: { () throws(AgentError) -> Plan<AcceleratorRunner, TimeSharingScheduler.Policy> in
+        let runner = try accelerator(acceleratorID)
+        guard policy.slice >= .microseconds(100), policy.slice <= .seconds(10) else {
+          throw AgentError(.invalidArgument, "time_slice must be between 100 µs and 10 s")
+        }
+        guard (1...64).contains(policy.overcommitLimit) else {
+          throw AgentError(.invalidArgument, "overcommit_limit must be 1-64 guests")
+        }
+        for (guest, weight) in policy.weights {
+          _ = try Validate.vmName(guest, field: "weights key")
+          guard (1...1000).contains(weight) else {
+            throw AgentError(.invalidArgument, "weight of \(guest) must be 1-1000")
+          }
+        }
+        return .proceed(runner, reserving: [.policy(acceleratorID)], as: "policy change of \(acceleratorID)")
+      },
+      effects: { runner, _ throws(AgentError) in
+        let previous = await runner.policy
+        try await runner.setPolicy(policy)
+        let applied = await runner.policy
+        return Effects(
+          writes: [.putPolicy(acceleratorID, applied)], outcome: .policy(applied),
+          undo: { try? await runner.restorePolicy(previous) },
+          apply: {
+            await self.refreshAccelerators(only: acceleratorID)
+            return (applied, nil)
+          })
+      })
   }
 
   /// Moves a context to another accelerator at run time; the guest's pending work goes along.
@@ -191,50 +203,50 @@ extension NodeEngine {
   public func moveContext(_ id: String, to acceleratorID: String, meta: RequestMeta) async throws(AgentError)
     -> (ContextRecord, carried: Duration)
   {
-    let admission: Admission
-    switch try await admit("MoveContext", meta, fingerprint: "\(id)\u{0}\(acceleratorID)") {
-    case .replay(.moved(let record, let carried)): return (record, .nanoseconds(carried))
-    case .replay: throw AgentError(.internal, "idempotency record of another kind")
-    case .proceed(let admitted): admission = admitted
-    }
-    var record = try existingContext(id)
-    let target = try accelerator(acceleratorID)
-    guard record.acceleratorID != acceleratorID else { return (record, .zero) }
-    if contexts.values.contains(where: { $0.acceleratorID == acceleratorID && $0.guest == record.guest }) {
-      throw AgentError(
-        .failedPrecondition,
-        "guest \(record.guest) already has a context on \(acceleratorID); delete one of the two first")
-    }
-    let from = record.acceleratorID
-    let claim = try self.claim(
-      admission,
-      [
-        .context(id), .guestSlot(accelerator: from, guest: record.guest),
-        .guestSlot(accelerator: acceleratorID, guest: record.guest),
-      ], as: "move of \(id)")
-    defer { settle(claim) }
-    let source = runners[from]
-    try await target.bind(
-      guest: record.guest, context: record.id, stateBytes: record.savedStateBytes, weight: record.weight)
-    record.acceleratorID = acceleratorID
-    do {
-      try await commit(claim, [.putContext(record)])
-    } catch {
-      await target.unbind(guest: record.guest)
-      throw error
-    }
-    let carried = await source?.unbind(guest: record.guest) ?? .zero
-    if carried > .zero { await target.submit(guest: record.guest, work: carried) }
-    contexts[id] = record
-    if let idempotency = claim.record(.moved(record, carriedNanoseconds: Self.nanoseconds(carried))) {
-      // The move has happened: a failure to record its key is reported in the next answer's
-      // place only (a retry with the key finds the context on its target and returns it).
-      try? await store.commit([.putIdempotency(idempotency)])
-      ledger.record(idempotency)
-    }
-    await refreshAccelerators(only: from)
-    await refreshAccelerators(only: acceleratorID)
-    return (record, carried)
+    try await mutate(
+      "MoveContext", meta, fingerprint: "\(id)\u{0}\(acceleratorID)",
+      replay: { outcome in
+        guard case .moved(let record, let carried) = outcome else { return nil }
+        return (record, .nanoseconds(carried))
+      },
+      plan: { () throws(AgentError) -> Plan<(ContextRecord, AcceleratorRunner), (ContextRecord, carried: Duration)> in
+        let record = try existingContext(id)
+        let target = try accelerator(acceleratorID)
+        guard record.acceleratorID != acceleratorID else { return .answer((record, .zero)) }
+        if contexts.values.contains(where: { $0.acceleratorID == acceleratorID && $0.guest == record.guest }) {
+          throw AgentError(
+            .failedPrecondition,
+            "guest \(record.guest) already has a context on \(acceleratorID); delete one of the two first")
+        }
+        return .proceed(
+          (record, target),
+          reserving: [
+            .context(id), .guestSlot(accelerator: record.acceleratorID, guest: record.guest),
+            .guestSlot(accelerator: acceleratorID, guest: record.guest),
+          ], as: "move of \(id)")
+      },
+      effects: { planned, _ throws(AgentError) in
+        let (before, target) = planned
+        let from = before.acceleratorID
+        try await target.bind(
+          guest: before.guest, context: before.id, stateBytes: before.savedStateBytes, weight: before.weight)
+        var record = before
+        record.acceleratorID = acceleratorID
+        let moved = record
+        // The work carried along is known once the source lets the guest go, after the write:
+        // the key is recorded then (a retry with it finds the context on its target).
+        return Effects(
+          writes: [.putContext(moved)], outcome: nil,
+          undo: { await target.unbind(guest: moved.guest) },
+          apply: {
+            let carried = await self.runners[from]?.unbind(guest: moved.guest) ?? .zero
+            if carried > .zero { await target.submit(guest: moved.guest, work: carried) }
+            self.contexts[id] = moved
+            await self.refreshAccelerators(only: from)
+            await self.refreshAccelerators(only: acceleratorID)
+            return ((moved, carried), .moved(moved, carriedNanoseconds: Self.nanoseconds(carried)))
+          })
+      })
   }
 
   private func existingContext(_ id: String) throws(AgentError) -> ContextRecord {

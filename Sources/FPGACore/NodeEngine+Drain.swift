@@ -36,95 +36,94 @@ extension NodeEngine {
   public func drain(_ target: DrainTarget, releaseUnattached: Bool, meta: RequestMeta) async throws(AgentError)
     -> OperationRecord
   {
-    let fingerprint = "\(target.text)\u{0}\(releaseUnattached)"
-    let admission: Admission
-    switch try await admit("DrainDevice", meta, fingerprint: fingerprint) {
-    case .replay(.operation(let id)):
-      if let record = operationLog[id] { return record }
-      throw AgentError(
-        .failedPrecondition,
-        "idempotency key \(quoted(meta.idempotencyKey ?? "")) already drained \(target.name) as operation \(id), whose record is no longer kept; it is not run again"
-      )
-    case .replay:
-      throw AgentError(.internal, "idempotency record of another kind")
-    case .proceed(let admitted):
-      admission = admitted
-    }
-    let pfs = try pfs(of: target)
-    let now = clock.now()
-    var steps: [OperationRecord.Step] = [
-      .init(description: "stop new allocations on \(target.name)", state: .succeeded, startedAt: now, finishedAt: now)
-    ]
-    var impacts: [OperationRecord.Impact] = []
-    var released: [Allocation] = []
-    let held = state.allocations.values.filter { pfs.contains($0.pf) }.sorted { $0.id < $1.id }
-    for allocation in held {
-      if releaseUnattached && !allocation.attached && !reservations.isHeld(.allocation(allocation.id)) {
-        released.append(allocation)
-        steps.append(
+    try await mutate(
+      "DrainDevice", meta, fingerprint: "\(target.text)\u{0}\(releaseUnattached)",
+      replay: { outcome throws(AgentError) in
+        guard case .operation(let id) = outcome else { return nil }
+        if let record = operationLog[id] { return record }
+        throw AgentError(
+          .failedPrecondition,
+          "idempotency key \(quoted(meta.idempotencyKey ?? "")) already drained \(target.name) as operation \(id), whose record is no longer kept; it is not run again"
+        )
+      },
+      plan: { () throws(AgentError) -> Plan<(OperationRecord, [Allocation]), OperationRecord> in
+        let pfs = try pfs(of: target)
+        let now = clock.now()
+        var steps: [OperationRecord.Step] = [
           .init(
-            description: "release unattached allocation \(allocation.id) (VF \(allocation.vf))", state: .succeeded,
-            startedAt: now, finishedAt: now))
-        impacts.append(
-          .init(
-            allocationID: allocation.id, vf: allocation.vf, vm: allocation.vm, outcome: "lost", guestSees: "nothing"))
-      } else {
-        impacts.append(
-          .init(
-            allocationID: allocation.id, vf: allocation.vf, vm: allocation.vm, outcome: "kept", guestSees: "nothing"))
-      }
-    }
-    let claim = try self.claim(
-      admission, pfs.sorted().map { .drainFlag($0) } + released.map { .allocation($0.id) },
-      as: "drain of \(target.name)")
-    defer { settle(claim) }
-    // The flag is up in memory before the first suspension (no allocation chooses these PFs
-    // from here), but published only once durable; a failed write takes it down unseen.
-    let wasDraining = isDraining(target)
-    let raised = setDraining(target, true)
-    let record = OperationRecord(
-      id: Self.makeID(prefix: "op-"), kind: "drain", target: target.text, state: .succeeded,
-      steps: steps, impacts: impacts, createdAt: now, finishedAt: clock.now())
-    let idempotency = claim.record(.operation(record.id))
-    var writes: [StoreChange] = [.setDrain(target.text, true)] + released.map { .deleteAllocation($0.id) }
-    writes.append(.putOperation(StoredOperation(record: record, journal: nil)))
-    if let idempotency { writes.append(.putIdempotency(idempotency)) }
-    do {
-      try await commit(claim, writes)
-    } catch {
-      if !wasDraining { _ = setDraining(target, false) }
-      throw error
-    }
-    var changes = raised
-    for allocation in released {
-      if let (_, removed) = state.remove(allocation: allocation.id) { changes += removed }
-    }
-    publish(changes)
-    remember(record)
-    if let idempotency { ledger.record(idempotency) }
-    return record
+            description: "stop new allocations on \(target.name)", state: .succeeded, startedAt: now, finishedAt: now)
+        ]
+        var impacts: [OperationRecord.Impact] = []
+        var released: [Allocation] = []
+        for allocation in state.allocations.values.filter({ pfs.contains($0.pf) }).sorted(by: { $0.id < $1.id }) {
+          if releaseUnattached && !allocation.attached && !reservations.isHeld(.allocation(allocation.id)) {
+            released.append(allocation)
+            steps.append(
+              .init(
+                description: "release unattached allocation \(allocation.id) (VF \(allocation.vf))", state: .succeeded,
+                startedAt: now, finishedAt: now))
+            impacts.append(
+              .init(
+                allocationID: allocation.id, vf: allocation.vf, vm: allocation.vm, outcome: "lost", guestSees: "nothing"
+              ))
+          } else {
+            impacts.append(
+              .init(
+                allocationID: allocation.id, vf: allocation.vf, vm: allocation.vm, outcome: "kept", guestSees: "nothing"
+              ))
+          }
+        }
+        let record = OperationRecord(
+          id: Self.makeID(prefix: "op-"), kind: "drain", target: target.text, state: .succeeded,
+          steps: steps, impacts: impacts, createdAt: now, finishedAt: clock.now())
+        return .proceed(
+          (record, released), reserving: pfs.sorted().map { .drainFlag($0) } + released.map { .allocation($0.id) },
+          as: "drain of \(target.name)")
+      },
+      effects: { planned, _ in
+        let (record, released) = planned
+        // The flag is up in memory in the turn the drain is accepted (no allocation chooses
+        // these PFs from here), but published only once durable; a failed write takes it down
+        // unseen.
+        let wasDraining = isDraining(target)
+        let raised = setDraining(target, true)
+        return Effects(
+          writes: [.setDrain(target.text, true)] + released.map { .deleteAllocation($0.id) }
+            + [.putOperation(StoredOperation(record: record, journal: nil))],
+          outcome: .operation(record.id),
+          undo: { if !wasDraining { _ = self.setDraining(target, false) } },
+          apply: {
+            var changes = raised
+            for allocation in released {
+              if let (_, removed) = self.state.remove(allocation: allocation.id) { changes += removed }
+            }
+            self.publish(changes)
+            self.remember(record)
+            return (record, nil)
+          })
+      })
   }
 
-  /// Accepts allocations again; returns the revision.
+  /// Lets allocations onto `target` again.
   public func undrain(_ target: DrainTarget, meta: RequestMeta) async throws(AgentError) -> UInt64 {
-    let admission: Admission
-    switch try await admit("UndrainDevice", meta, fingerprint: target.text) {
-    case .replay(.revision(let revision)):
-      return revision
-    case .replay:
-      throw AgentError(.internal, "idempotency record of another kind")
-    case .proceed(let admitted):
-      admission = admitted
-    }
-    let pfs = try pfs(of: target)
-    let claim = try self.claim(admission, pfs.sorted().map { .drainFlag($0) }, as: "undrain of \(target.name)")
-    defer { settle(claim) }
-    let next = claim.record(.revision(state.revision + 1))
-    try await commit(claim, [.setDrain(target.text, false)] + (next.map { [.putIdempotency($0)] } ?? []))
-    pendingDrains.remove(target.text)
-    let revision = publish(setDraining(target, false))
-    if let record = claim.record(.revision(revision)) { ledger.record(record) }
-    return revision
+    try await mutate(
+      "UndrainDevice", meta, fingerprint: target.text,
+      replay: { outcome in
+        guard case .revision(let revision) = outcome else { return nil }
+        return revision
+      },
+      plan: { () throws(AgentError) -> Plan<Void, UInt64> in
+        .proceed((), reserving: try pfs(of: target).sorted().map { .drainFlag($0) }, as: "undrain of \(target.name)")
+      },
+      effects: { _, _ in
+        Effects(
+          writes: [.setDrain(target.text, false)], outcome: .revision(state.revision + 1),
+          apply: {
+            self.pendingDrains.remove(target.text)
+            let revision = self.publish(self.setDraining(target, false))
+            return (revision, .revision(revision))
+          })
+      })
   }
 
   private func isDraining(_ target: DrainTarget) -> Bool {

@@ -285,30 +285,34 @@ extension NodeEngine {
   public func clearHealth(_ device: PCIAddress, reason: String, meta: RequestMeta) async throws(AgentError) -> (
     DeviceHealth, revision: UInt64, replayed: Bool
   ) {
-    let admission: Admission
-    switch try await admit("ClearDeviceHealth", meta, fingerprint: "\(device)\u{0}\(reason)") {
-    case .replay(.revision(let revision)):
-      return (health(of: device) ?? DeviceHealth(), revision, true)
-    case .replay: throw AgentError(.internal, "idempotency record of another kind")
-    case .proceed(let admitted): admission = admitted
-    }
-    guard health(of: device) != nil else {
-      throw AgentError(.notFound, "device \(device) is not managed by this node; `fpgactl inventory --vfs` lists them")
-    }
-    let claim = try self.claim(admission, [.health(device)], as: "health clear of \(device)")
-    defer { settle(claim) }
-    let now = clock.now()
-    var tracker = healthTracker
-    guard tracker.clear(device, note: "\(reason) (at \(now))"), let memory = tracker.memory(of: device) else {
-      throw AgentError(.failedPrecondition, "device \(device) has not been assessed yet; retry after the next scan")
-    }
-    let next = claim.record(.revision(state.revision + 1))
-    try await commit(claim, [.putHealth(memory)] + (next.map { [.putIdempotency($0)] } ?? []))
-    // Applied once durable: a scan in between judged by the old baseline, as it should have.
-    _ = healthTracker.clear(device, note: "\(reason) (at \(now))")
-    let revision = (try? await rescan()) ?? state.revision
-    if let record = claim.record(.revision(revision)) { ledger.record(record) }
-    return (health(of: device) ?? DeviceHealth(), revision, false)
+    try await mutate(
+      "ClearDeviceHealth", meta, fingerprint: "\(device)\u{0}\(reason)",
+      replay: { outcome in
+        guard case .revision(let revision) = outcome else { return nil }
+        return (health(of: device) ?? DeviceHealth(), revision, true)
+      },
+      plan: { () throws(AgentError) -> Plan<Void, (DeviceHealth, revision: UInt64, replayed: Bool)> in
+        guard health(of: device) != nil else {
+          throw AgentError(
+            .notFound, "device \(device) is not managed by this node; `fpgactl inventory --vfs` lists them")
+        }
+        return .proceed((), reserving: [.health(device)], as: "health clear of \(device)")
+      },
+      effects: { _, _ throws(AgentError) in
+        let note = "\(reason) (at \(clock.now()))"
+        var tracker = healthTracker
+        guard tracker.clear(device, note: note), let memory = tracker.memory(of: device) else {
+          throw AgentError(.failedPrecondition, "device \(device) has not been assessed yet; retry after the next scan")
+        }
+        return Effects(
+          writes: [.putHealth(memory)], outcome: .revision(state.revision + 1),
+          apply: {
+            // Applied once durable: a scan in between judged by the old baseline, as it should.
+            _ = self.healthTracker.clear(device, note: note)
+            let revision = (try? await self.rescan()) ?? self.state.revision
+            return ((self.health(of: device) ?? DeviceHealth(), revision, false), .revision(revision))
+          })
+      })
   }
 
   /// A PF's or VF's health as the inventory has it.

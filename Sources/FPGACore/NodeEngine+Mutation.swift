@@ -14,7 +14,83 @@
 ///    publishes* them synchronously, or undoes what it did and leaves no trace;
 /// 4. *settles* (`settle`): records its result under its key, then gives its reservations up
 ///    and wakes the requests waiting on its key.
+///
+/// `mutate` runs these steps in this order for every mutating call, which gives only what
+/// differs: how a replayed outcome answers, what it checks and reserves (`Plan`), and its
+/// effects (`Effects`): what to write, how to undo them when the write fails, and what to
+/// apply and publish **once the write is durable**.
 extension NodeEngine {
+  /// What a mutation's checks decided, in the turn its admission returned.
+  enum Plan<Context, Answer> {
+    /// Nothing to change: answered at once, nothing recorded.
+    case answer(Answer)
+    /// Reserve `resources` (named `what` in a refusal) and carry out the effects with `context`.
+    case proceed(Context, reserving: [Reservations.Resource], as: String)
+  }
+
+  /// A mutation's effects, carried out, waiting to be made durable.
+  struct Effects<Answer> {
+    /// What the store must have (the idempotency record and the raised epoch are added).
+    var writes: [StoreChange]
+    /// What a retry with the same key replays, written with `writes` (its revision may be an
+    /// estimate: `apply` gives the final one to the ledger). Nil: the outcome is known only
+    /// after `apply`, and recorded after it.
+    var outcome: IdempotentOutcome?
+    /// Takes back what the effects did when the write fails.
+    var undo: () async -> Void = {}
+    /// Applied (and published) even when the write fails, because the world changed whatever
+    /// the store says (a device already out of its guest); the write's error is still thrown.
+    var applyWhenUnwritten = false
+    /// Applies the change to memory and publishes it, once durable; returns the answer and the
+    /// outcome to keep under the key (nil: `outcome`).
+    var apply: () async -> (Answer, IdempotentOutcome?)
+  }
+
+  /// admit → replay → checks and claim → effects → commit with the idempotency record →
+  /// apply and publish → ledger → settle.
+  func mutate<Context, Answer>(
+    _ scope: String, _ meta: RequestMeta, fingerprint: String,
+    replay: (IdempotentOutcome) async throws(AgentError) -> Answer?,
+    plan: () throws(AgentError) -> Plan<Context, Answer>,
+    effects: (Context, Claim) async throws(AgentError) -> Effects<Answer>
+  ) async throws(AgentError) -> Answer {
+    let admission: Admission
+    switch try await admit(scope, meta, fingerprint: fingerprint) {
+    case .replay(let outcome):
+      guard let answer = try await replay(outcome) else {
+        throw AgentError(.internal, "idempotency record of another kind for \(scope)")
+      }
+      return answer
+    case .proceed(let admitted):
+      admission = admitted
+    }
+    // Checks and reservations in the same turn as the admission: nothing can slip in between.
+    let (context, resources, what): (Context, [Reservations.Resource], String)
+    switch try plan() {
+    case .answer(let answer): return answer
+    case .proceed(let planned, let reserving, let name): (context, resources, what) = (planned, reserving, name)
+    }
+    let claim = try self.claim(admission, resources, as: what)
+    defer { settle(claim) }
+    let done = try await effects(context, claim)
+    let record = done.outcome.flatMap { claim.record($0) }
+    do {
+      try await commit(claim, done.writes + (record.map { [.putIdempotency($0)] } ?? []))
+    } catch {
+      if done.applyWhenUnwritten { _ = await done.apply() } else { await done.undo() }
+      throw error
+    }
+    let (answer, final) = await done.apply()
+    if let outcome = final ?? done.outcome, let kept = claim.record(outcome) {
+      if record == nil {
+        // Known only now: recorded on its own; a failure leaves a retry to find the result.
+        try? await store.commit([.putIdempotency(kept)])
+      }
+      ledger.record(kept)
+    }
+    return answer
+  }
+
   /// A request let in: not stale, nothing to replay, its key free.
   struct Admission: Sendable {
     let scope: String
@@ -79,10 +155,8 @@ extension NodeEngine {
     return Claim(admission: admission, holder: holder, writes: epoch.map { [.setEpoch($0)] } ?? [], epoch: epoch)
   }
 
-  /// Step 4: records the result (when there is one to replay), releases what the request still
-  /// holds and wakes the requests waiting on its key.
-  func settle(_ claim: Claim, _ record: IdempotencyRecord? = nil) {
-    if let record { ledger.record(record) }
+  /// Step 4: releases what the request still holds and wakes the requests waiting on its key.
+  func settle(_ claim: Claim) {
     reservations.release(claim.holder)
     guard let scopedKey = claim.admission.scopedKey else { return }
     keysInFlight[scopedKey] = nil

@@ -5,65 +5,96 @@
 /// from the moment the request is accepted until the operation ends.
 extension NodeEngine {
   public func reconfigure(_ request: ReconfigureRequest) async throws(AgentError) -> OperationRecord {
-    let fingerprint = "\(request.pf)\u{0}\(request.count)\u{0}\(request.strategy.rawValue)\u{0}\(request.dryRun)"
-    let admission: Admission
-    switch try await admit("Reconfigure", request.meta, fingerprint: fingerprint) {
-    case .replay(let outcome):
-      guard case .operation(let id) = outcome else { throw AgentError(.internal, "idempotency record of another kind") }
-      if let record = operationLog[id] { return record }
-      guard request.dryRun else {
-        throw AgentError(
-          .failedPrecondition,
-          "idempotency key \(quoted(request.meta.idempotencyKey ?? "")) already started operation \(id), whose record is no longer kept (the last \(operationLog.history) finished operations are); it is not run again: use a new key for a new reconfiguration"
-        )
-      }
-      // A plan no longer kept is made again: a dry run changes nothing.
-      admission = Admission(
-        scope: "Reconfigure", meta: RequestMeta(orchestratorEpoch: request.meta.orchestratorEpoch),
-        fingerprint: fingerprint)
-    case .proceed(let admitted):
-      admission = admitted
-    }
-    guard let pf = state.pf(request.pf) else {
-      throw AgentError(.notFound, "PF \(request.pf) is not managed by this node; `fpgactl inventory` lists the PFs")
-    }
-    if let running = reconfiguring[pf.address] {
-      throw AgentError(
-        .aborted,
-        "PF \(pf.address) is already being reconfigured by \(running); watch it with `fpgactl operation \(running) --watch`"
-      )
-    }
-    if let (vf, id) = allocating.first(where: { state.vf($0.key)?.pfAddress == pf.address }) {
-      throw AgentError(
-        .aborted, "allocation \(id) of VF \(vf) on PF \(pf.address) is being recorded; retry in a moment")
-    }
-    guard (0...pf.totalVFs).contains(request.count) else {
-      throw AgentError(
-        .invalidArgument,
-        "vf_count \(request.count) is out of range for PF \(pf.address): it supports 0 to \(pf.totalVFs) VFs")
-    }
-    guard pf.driver != nil || pf.numVFs == request.count else {
-      throw AgentError(
-        .failedPrecondition,
-        "PF \(pf.address) has no driver bound: its VF count cannot change (bind its PF driver, qdma-pf on QDMA cards)")
-    }
-    let allocations = state.allocations.values.filter { $0.pf == pf.address }
-    let plan = try ReconfigurePlanner(
-      pf: pf, vfs: state.vfs(of: pf.address), allocations: allocations, vms: state.vms, count: request.count,
-      strategy: request.strategy
-    ).plan()
-    let id = Self.makeID(prefix: "op-")
-    // Reserved in this turn, before the first suspension: from here no request can allocate on
-    // the PF, attach, detach or release its allocations, or start a second change of it.
-    let claim = try self.claim(
-      admission, request.dryRun ? [] : [.pf(pf.address)] + allocations.map { .allocation($0.id) },
-      as: request.dryRun ? "dry run \(id)" : "reconfiguration \(id)")
-    if !request.dryRun { reconfiguring[pf.address] = id }
-    var handedOver = false
-    defer {
-      if !handedOver, !request.dryRun { reconfiguring[pf.address] = nil }
-      settle(claim)
-    }
+    try await mutate(
+      "Reconfigure", request.meta,
+      fingerprint: "\(request.pf)\u{0}\(request.count)\u{0}\(request.strategy.rawValue)\u{0}\(request.dryRun)",
+      replay: { outcome throws(AgentError) in
+        guard case .operation(let id) = outcome else { return nil }
+        if let record = operationLog[id] { return record }
+        guard request.dryRun else {
+          throw AgentError(
+            .failedPrecondition,
+            "idempotency key \(quoted(request.meta.idempotencyKey ?? "")) already started operation \(id), whose record is no longer kept (the last \(operationLog.history) finished operations are); it is not run again: use a new key for a new reconfiguration"
+          )
+        }
+        // A plan no longer kept is made again: a dry run changes nothing.
+        var again = request
+        again.meta = RequestMeta(orchestratorEpoch: request.meta.orchestratorEpoch)
+        return try await reconfigure(again)
+      },
+      plan: { () throws(AgentError) -> Plan<(PhysicalFunction, ReconfigurePlanner.Plan, String), OperationRecord> in
+        guard let pf = state.pf(request.pf) else {
+          throw AgentError(
+            .notFound, "PF \(request.pf) is not managed by this node; `fpgactl inventory` lists the PFs")
+        }
+        if let running = reconfiguring[pf.address] {
+          throw AgentError(
+            .aborted,
+            "PF \(pf.address) is already being reconfigured by \(running); watch it with `fpgactl operation \(running) --watch`"
+          )
+        }
+        if let (vf, id) = allocating.first(where: { state.vf($0.key)?.pfAddress == pf.address }) {
+          throw AgentError(
+            .aborted, "allocation \(id) of VF \(vf) on PF \(pf.address) is being recorded; retry in a moment")
+        }
+        guard (0...pf.totalVFs).contains(request.count) else {
+          throw AgentError(
+            .invalidArgument,
+            "vf_count \(request.count) is out of range for PF \(pf.address): it supports 0 to \(pf.totalVFs) VFs")
+        }
+        guard pf.driver != nil || pf.numVFs == request.count else {
+          throw AgentError(
+            .failedPrecondition,
+            "PF \(pf.address) has no driver bound: its VF count cannot change (bind its PF driver, qdma-pf on QDMA cards)"
+          )
+        }
+        let allocations = state.allocations.values.filter { $0.pf == pf.address }
+        let plan = try ReconfigurePlanner(
+          pf: pf, vfs: state.vfs(of: pf.address), allocations: allocations, vms: state.vms, count: request.count,
+          strategy: request.strategy
+        ).plan()
+        let id = Self.makeID(prefix: "op-")
+        // Reserved in this turn: from here no request can allocate on the PF, attach, detach or
+        // release its allocations, or start a second change of it.
+        return .proceed(
+          (pf, plan, id),
+          reserving: request.dryRun ? [] : [.pf(pf.address)] + allocations.map { .allocation($0.id) },
+          as: request.dryRun ? "dry run \(id)" : "reconfiguration \(id)")
+      },
+      effects: { planned, claim in
+        let (pf, plan, id) = planned
+        if !request.dryRun { reconfiguring[pf.address] = id }
+        let record = await plannedRecord(id, of: pf, plan, request)
+        guard !request.dryRun else {
+          return Effects(
+            writes: [], outcome: .operation(id),
+            apply: {
+              self.remember(record)
+              return (record, nil)
+            })
+        }
+        let machine = ReconfigureMachine(
+          record: record,
+          journal: ReconfigureJournal(
+            pf: pf.address, from: pf.numVFs, to: request.count, strategy: request.strategy, actions: plan.actions))
+        return Effects(
+          writes: [.putOperation(machine.stored)], outcome: .operation(id),
+          undo: { self.reconfiguring[pf.address] = nil },
+          apply: {
+            // The request's reservation becomes the operation's, held until it ends.
+            let holder = self.reservations.holder("reconfiguration \(id)")
+            self.reservations.transfer(from: claim.holder, to: holder)
+            self.begin(machine, holder: holder, faultsApply: true, fence: true)
+            return (record, nil)
+          })
+      })
+  }
+
+  /// The operation's record as planned: its steps (the plan step done), what each allocation
+  /// goes through, and, on the write of 0, the holders the plan does not release.
+  private func plannedRecord(
+    _ id: String, of pf: PhysicalFunction, _ plan: ReconfigurePlanner.Plan, _ request: ReconfigureRequest
+  ) async -> OperationRecord {
     // VFs held open by something the plan does not release (a VM the agent does not manage, a
     // cold-plugged device): the kernel will block the write of 0 until they let go.
     let released = Set(plan.actions.filter { $0.kind == .pause || $0.kind == .detach }.compactMap(\.vf))
@@ -89,28 +120,10 @@ extension NodeEngine {
     record.steps[0].state = .succeeded
     record.steps[0].startedAt = now
     record.steps[0].finishedAt = now
-    let idempotency = claim.record(.operation(record.id))
     if request.dryRun {
       for index in record.steps.indices.dropFirst() { record.steps[index].state = .planned }
       record.finishedAt = now
-      try await commit(claim, idempotency.map { [.putIdempotency($0)] } ?? [])
-      remember(record)
-      if let idempotency { ledger.record(idempotency) }
-      return record
     }
-    let machine = ReconfigureMachine(
-      record: record,
-      journal: ReconfigureJournal(
-        pf: pf.address, from: pf.numVFs, to: request.count, strategy: request.strategy, actions: plan.actions))
-    var writes: [StoreChange] = [.putOperation(machine.stored)]
-    if let idempotency { writes.append(.putIdempotency(idempotency)) }
-    try await commit(claim, writes)
-    if let idempotency { ledger.record(idempotency) }
-    // The request's reservation becomes the operation's, held until it ends.
-    let holder = reservations.holder("reconfiguration \(id)")
-    reservations.transfer(from: claim.holder, to: holder)
-    handedOver = true
-    begin(machine, holder: holder, faultsApply: true, fence: true)
     return record
   }
 

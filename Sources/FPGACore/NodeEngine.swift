@@ -234,42 +234,42 @@ public actor NodeEngine {
   // MARK: Allocation
 
   public func allocate(_ request: AllocateRequest) async throws(AgentError) -> AllocationResult {
-    let fingerprint = request.fingerprint
-    let admission: Admission
-    switch try await admit("AllocateVF", request.meta, fingerprint: fingerprint) {
-    case .replay(.allocated(var result)):
-      result.replayed = true
-      return result
-    case .replay:
-      throw AgentError(.internal, "idempotency record of another kind")
-    case .proceed(let admitted):
-      admission = admitted
-    }
-    let vf = try state.chooseVF(request.constraints, excluding: reconfiguring, taken: allocating)
-    let allocation = Allocation(
-      id: Self.makeID(prefix: "alloc-"), vf: vf.address, pf: vf.pfAddress, owner: request.owner,
-      vm: request.vm, idempotencyKey: request.meta.idempotencyKey, createdAt: clock.now(),
-      numaNode: vf.numaNode, iommuGroup: vf.iommuGroup)
-    let claim = try self.claim(admission, [.allocation(allocation.id)], as: "allocation")
-    // The VF is taken at once (a concurrent request cannot choose it), but the allocation
-    // enters the inventory, and is published, only once the store has it: a watcher never sees
-    // an allocation that a failed write withdraws.
-    allocating[vf.address] = allocation.id
-    defer {
-      allocating[vf.address] = nil
-      settle(claim)
-    }
-    var view = state.view(of: vf)
-    view.state = .allocated
-    view.allocationID = allocation.id
-    view.vm = allocation.vm
-    let record = claim.record(
-      .allocated(AllocationResult(allocation: allocation, vf: view, replayed: false, revision: state.revision + 1)))
-    try await commit(claim, [.putAllocation(allocation)] + (record.map { [.putIdempotency($0)] } ?? []))
-    let revision = publish(state.insert(allocation))
-    let result = AllocationResult(allocation: allocation, vf: view, replayed: false, revision: revision)
-    if let record { ledger.record(claim.record(.allocated(result)) ?? record) }
-    return result
+    try await mutate(
+      "AllocateVF", request.meta, fingerprint: request.fingerprint,
+      replay: { outcome in
+        guard case .allocated(var result) = outcome else { return nil }
+        result.replayed = true
+        return result
+      },
+      plan: { () throws(AgentError) in
+        let vf = try state.chooseVF(request.constraints, excluding: reconfiguring, taken: allocating)
+        let allocation = Allocation(
+          id: Self.makeID(prefix: "alloc-"), vf: vf.address, pf: vf.pfAddress, owner: request.owner,
+          vm: request.vm, idempotencyKey: request.meta.idempotencyKey, createdAt: clock.now(),
+          numaNode: vf.numaNode, iommuGroup: vf.iommuGroup)
+        return .proceed((vf, allocation), reserving: [.allocation(allocation.id)], as: "allocation")
+      },
+      effects: { chosen, _ in
+        let (vf, allocation) = chosen
+        // The VF is taken at once (a concurrent request cannot choose it), but the allocation
+        // enters the inventory, and is published, only once the store has it: a watcher never
+        // sees an allocation that a failed write withdraws.
+        allocating[vf.address] = allocation.id
+        var view = state.view(of: vf)
+        view.state = .allocated
+        view.allocationID = allocation.id
+        view.vm = allocation.vm
+        let estimate = AllocationResult(allocation: allocation, vf: view, replayed: false, revision: state.revision + 1)
+        return Effects(
+          writes: [.putAllocation(allocation)], outcome: .allocated(estimate),
+          undo: { self.allocating[vf.address] = nil },
+          apply: {
+            self.allocating[vf.address] = nil
+            let revision = self.publish(self.state.insert(allocation))
+            let result = AllocationResult(allocation: allocation, vf: view, replayed: false, revision: revision)
+            return (result, .allocated(result))
+          })
+      })
   }
 
   /// The VF the kubelet gave a pod becomes an allocation owned by `kubelet` (so the node API
@@ -310,41 +310,41 @@ public actor NodeEngine {
   }
 
   public func release(_ request: ReleaseRequest) async throws(AgentError) -> ReleaseResult {
-    let fingerprint = request.allocationID
-    let admission: Admission
-    switch try await admit("ReleaseVF", request.meta, fingerprint: fingerprint) {
-    case .replay(.released(var result)):
-      result.replayed = true
-      return result
-    case .replay:
-      throw AgentError(.internal, "idempotency record of another kind")
-    case .proceed(let admitted):
-      admission = admitted
-    }
-    guard let allocation = state.allocations[request.allocationID] else {
-      throw AgentError(
-        .notFound,
-        "allocation \(request.allocationID) does not exist (already released, or never made); `fpgactl inventory` lists the allocations"
-      )
-    }
-    if allocation.attached {
-      throw AgentError(
-        .failedPrecondition,
-        "allocation \(allocation.id) is attached to VM \(allocation.vm ?? "?"): detach it first (`fpgactl detach \(allocation.id)`)"
-      )
-    }
-    // The allocation stays (reserved) until the store no longer has it, so its VF is not
-    // handed out before the release is durable; a failed write leaves it as it was.
-    let claim = try self.claim(admission, [.allocation(allocation.id)], as: "release")
-    defer { settle(claim) }
-    let record = claim.record(
-      .released(ReleaseResult(allocation: allocation, replayed: false, revision: state.revision + 1)))
-    try await commit(claim, [.deleteAllocation(allocation.id)] + (record.map { [.putIdempotency($0)] } ?? []))
-    var revision = state.revision
-    if let (_, changes) = state.remove(allocation: allocation.id) { revision = publish(changes) }
-    let result = ReleaseResult(allocation: allocation, replayed: false, revision: revision)
-    if let record { ledger.record(claim.record(.released(result)) ?? record) }
-    return result
+    try await mutate(
+      "ReleaseVF", request.meta, fingerprint: request.allocationID,
+      replay: { outcome in
+        guard case .released(var result) = outcome else { return nil }
+        result.replayed = true
+        return result
+      },
+      plan: { () throws(AgentError) in
+        guard let allocation = state.allocations[request.allocationID] else {
+          throw AgentError(
+            .notFound,
+            "allocation \(request.allocationID) does not exist (already released, or never made); `fpgactl inventory` lists the allocations"
+          )
+        }
+        if allocation.attached {
+          throw AgentError(
+            .failedPrecondition,
+            "allocation \(allocation.id) is attached to VM \(allocation.vm ?? "?"): detach it first (`fpgactl detach \(allocation.id)`)"
+          )
+        }
+        return .proceed(allocation, reserving: [.allocation(allocation.id)], as: "release")
+      },
+      effects: { allocation, _ in
+        // The allocation stays (reserved) until the store no longer has it, so its VF is not
+        // handed out before the release is durable; a failed write leaves it as it was.
+        Effects(
+          writes: [.deleteAllocation(allocation.id)],
+          outcome: .released(ReleaseResult(allocation: allocation, replayed: false, revision: state.revision + 1)),
+          apply: {
+            var revision = self.state.revision
+            if let (_, changes) = self.state.remove(allocation: allocation.id) { revision = self.publish(changes) }
+            let result = ReleaseResult(allocation: allocation, replayed: false, revision: revision)
+            return (result, .released(result))
+          })
+      })
   }
 
   // MARK: Shutdown
