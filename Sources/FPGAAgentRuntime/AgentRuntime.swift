@@ -112,6 +112,7 @@ public final class AgentRuntime: Sendable {
       version: Self.version,
       storeStatistics: { [store] in store.groupStatistics.withLock { ($0.transactions, $0.commits) } })
     self.metrics = metrics
+    if let libvirt { metrics.track(libvirt: libvirt) }
     let listeners = (config.server.listen.isEmpty ? 0 : 1) + (config.server.unixSocket.isEmpty ? 0 : 1)
 
     var reloader: TimedCertificateReloader?
@@ -654,6 +655,8 @@ struct AcceleratorService: Service {
       }
     }
     await withDiscardingTaskGroup { group in
+      // The accelerators' scheduling loops, owned by this service: they end with it.
+      group.addTask { await cancelWhenGracefulShutdown { await engine.runAccelerators() } }
       for workload in workloads {
         group.addTask {
           for await _ in PeriodicTicks(interval: .milliseconds(workload.intervalMilliseconds))

@@ -102,7 +102,9 @@ public actor AcceleratorRunner {
   private let origin: ContinuousClock.Instant
   /// Guest → its context (id and state size).
   private var contexts: [String: (id: String, stateBytes: UInt64)] = [:]
-  private var wake: CheckedContinuation<Void, Never>?
+  /// Wakes the idle loop (new work, a switch asked for, `stop()`); keeps one wake-up when the
+  /// loop is busy, and ends the wait when the loop's task is cancelled.
+  private let wakes = AsyncStream<Void>.makeStream(bufferingPolicy: .bufferingNewest(1))
   private var current: Task<Duration, Never>?
   /// The guest whose slice is running.
   private var runningGuest: String?
@@ -110,7 +112,10 @@ public actor AcceleratorRunner {
   /// load, by the guest's unbinding, by their own cancellation or by `stop()`.
   private var switchWaiters: [String: [(id: UInt64, continuation: CheckedContinuation<Duration, Never>)]] = [:]
   private var nextWaiter: UInt64 = 0
-  private var loop: Task<Void, Never>?
+  /// The loop runs (in the task that called `run()`).
+  private var running = false
+  /// `stop()` was called: the loop ends and switches are answered at once.
+  private var stopped = false
   private var lastSwitch: Duration = .zero
   /// Told of every context switch (its cost) and every wait of a guest's work (for metrics).
   private var observer: (@Sendable (AcceleratorEvent) -> Void)?
@@ -195,7 +200,7 @@ public actor AcceleratorRunner {
     nextWaiter += 1
     return await withTaskCancellationHandler {
       await withCheckedContinuation { continuation in
-        if Task.isCancelled || loop == nil {
+        if Task.isCancelled || stopped {
           continuation.resume(returning: .zero)
         } else {
           // The waiter is in place before the runner is woken: the switch cannot happen (and
@@ -206,6 +211,8 @@ public actor AcceleratorRunner {
         }
       }
     } onCancel: {
+      // A hop onto the actor for a cancelled caller (the handler cannot await): it resumes
+      // that caller and ends.
       Task { await self.abandon(guest: guest, waiter: id) }
     }
   }
@@ -218,14 +225,23 @@ public actor AcceleratorRunner {
 
   // MARK: Running
 
-  public func start() {
-    guard loop == nil else { return }
-    loop = Task { await self.runLoop() }
+  /// Schedules the accelerator's guests until the calling task is cancelled or `stop()`: the
+  /// caller owns the loop (the agent's accelerator service, a test's task). A second call while
+  /// one runs returns at once.
+  public func run() async {
+    guard !running, !stopped else { return }
+    running = true
+    defer {
+      running = false
+      current?.cancel()
+    }
+    await runLoop()
   }
 
+  /// Ends the loop for good (shutdown): the slice running is cancelled, every caller waiting for
+  /// a switch is answered.
   public func stop() {
-    loop?.cancel()
-    loop = nil
+    stopped = true
     current?.cancel()
     wakeUp()
     for waiters in switchWaiters.values {
@@ -234,19 +250,22 @@ public actor AcceleratorRunner {
     switchWaiters = [:]
   }
 
-  private func wakeUp() {
-    wake?.resume()
-    wake = nil
+  private func wakeUp() { wakes.continuation.yield() }
+
+  /// Waits for a wake-up (or the task's cancellation).
+  private func idle() async {
+    var iterator = wakes.stream.makeAsyncIterator()
+    _ = await iterator.next()
   }
 
   private func runLoop() async {
-    while !Task.isCancelled {
+    while !Task.isCancelled && !stopped {
       let waits = scheduler.statistics.waitCount
       let decision = scheduler.decide(at: now)
       if scheduler.statistics.waitCount > waits { observer?(.waited(spec.id, scheduler.statistics.lastWait)) }
       switch decision {
       case .idle:
-        await withCheckedContinuation { continuation in wake = continuation }
+        await idle()
       case .run(let guest, let duration, let plannedCost):
         guard let context = contexts[guest] else {
           scheduler.remove(guest: guest)

@@ -291,7 +291,18 @@ extension NodeEngine {
     publish(state.apply(accelerators: views))
   }
 
-  /// At start: contexts and policies from the store, guests bound again, runners started.
+  /// Runs every accelerator's scheduling loop until the calling task is cancelled or the
+  /// engine closes: the agent's accelerator service calls it, so the loops are owned by the
+  /// service group (a test runs it in a task of its own).
+  public func runAccelerators() async {
+    let runners = Array(self.runners.values)
+    await withDiscardingTaskGroup { group in
+      for runner in runners { group.addTask { await runner.run() } }
+    }
+  }
+
+  /// At start: contexts and policies from the store, guests bound again (their loops run in
+  /// `runAccelerators`).
   func restoreAccelerators(_ persisted: PersistedState) async {
     for (id, policy) in persisted.policies {
       if let runner = runners[id] { try? await runner.setPolicy(policy) }
@@ -312,7 +323,6 @@ extension NodeEngine {
       }
       contexts[record.id] = record
     }
-    for runner in runners.values { await runner.start() }
     await refreshAccelerators()
   }
 

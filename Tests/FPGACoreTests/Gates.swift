@@ -198,5 +198,7 @@ struct GatedNode {
       accelerators: runners)
     _ = try await engine.restore()
     try await engine.rescan()
+    // The loops run as the agent's accelerator service runs them; they end with `close()`.
+    Task { [engine] in await engine.runAccelerators() }
   }
 }

@@ -140,9 +140,12 @@ import Testing
         spec: AcceleratorSpec(id: $0, cardID: "card-0000:3b", nominalSwitchCost: .microseconds(20)),
         control: InstantAccelerator())
     }
-    return NodeEngine(
+    let engine = NodeEngine(
       nodeID: "n", platform: SimulatedPlatform(node: SimulatedNode()), clock: StillClock(), store: store,
       accelerators: runners)
+    // The loops run as the agent's accelerator service runs them; they end with `close()`.
+    Task { await engine.runAccelerators() }
+    return engine
   }
 
   @Test func contextsReachTheWatchStreamSurviveRestartsAndMoveWithTheirWork() async throws {

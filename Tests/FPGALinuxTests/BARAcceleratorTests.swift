@@ -71,7 +71,8 @@ import Testing
       control: try BARAcceleratorControl(path: path, slot: 0))
     try await runner.bind(guest: "a", context: "ctx-a", stateBytes: 1 << 16, weight: 1)
     try await runner.bind(guest: "b", context: "ctx-b", stateBytes: 1 << 16, weight: 1)
-    await runner.start()
+    let loop = Task { await runner.run() }
+    defer { loop.cancel() }
     await runner.submit(guest: "a", work: .milliseconds(6))
     await runner.submit(guest: "b", work: .milliseconds(6))
     var view = await runner.view(rollWindow: false)
