@@ -69,6 +69,15 @@ public struct ConfigOptions: ParsableArguments {
   )
   var selectors: [String] = []
 
+  @Option(
+    name: .long, help: "How VMs are reached: qmp (QEMU's monitor sockets) or libvirt (every domain of --libvirt-uri).")
+  var hypervisor: HypervisorKind?
+
+  @Option(
+    name: .customLong("libvirt-uri"),
+    help: "The libvirt connection URI with --hypervisor libvirt (default qemu:///system).")
+  var libvirtURI: String?
+
   @Option(name: .customLong("qmp-socket"), help: "A VM's QMP socket, NAME=PATH (repeatable).")
   var qmpSockets: [String] = []
 
@@ -154,7 +163,8 @@ public struct ConfigOptions: ParsableArguments {
       ("--listen", listen), ("--unix-socket", unixSocket), ("--tls-cert", tlsCert), ("--tls-key", tlsKey),
       ("--tls-client-ca", tlsClientCA), ("--platform", platform?.rawValue), ("--state-dir", stateDir),
       ("--node-id", nodeID), ("--log-level", logLevel?.rawValue), ("--log-format", logFormat?.rawValue),
-      ("--sysfs-root", sysfsRoot), ("--dev-root", devRoot), ("--qmp-dir", qmpDir), ("--orchestrator", orchestrator),
+      ("--sysfs-root", sysfsRoot), ("--dev-root", devRoot), ("--hypervisor", hypervisor?.rawValue),
+      ("--libvirt-uri", libvirtURI), ("--qmp-dir", qmpDir), ("--orchestrator", orchestrator),
       ("--http-listen", httpListen), ("--dra", dra ? "true" : nil), ("--dra-driver-name", draDriverName),
       ("--dra-registry-dir", draRegistryDir), ("--dra-plugins-dir", draPluginsDir), ("--cdi-dir", cdiDir),
       ("--kube-api-server", kubeAPIServer), ("--kube-token-file", kubeTokenFile), ("--kube-ca-file", kubeCAFile),
@@ -307,6 +317,7 @@ extension AgentCommand {
 }
 
 extension PlatformKind: ExpressibleByArgument {}
+extension HypervisorKind: ExpressibleByArgument {}
 extension Durability: ExpressibleByArgument {}
 extension AgentLogHandler.Format: ExpressibleByArgument {}
 extension Logger.Level: @retroactive ExpressibleByArgument {}

@@ -307,11 +307,11 @@ public enum ConfigKeys {
       .bool("linux.uevents", \.linux.uevents, "rescan on the kernel's PCI uevents (add, remove, bind, unbind, change)"),
       // The hypervisor.
       .choice(
-        "hypervisor", \.hypervisor, env: "FPGA_AGENT_HYPERVISOR",
+        "hypervisor", \.hypervisor, env: "FPGA_AGENT_HYPERVISOR", flags: ["--hypervisor"],
         "how VMs are reached: `qmp` (QEMU's monitor sockets, `qemu.*`; none configured: the simulated VMs) or `libvirt` (every running or paused domain of `libvirt.uri`; needs `libvirt.so.0` at start, see \"VMs managed by libvirt\")"
       ),
       .string(
-        "libvirt.uri", \.libvirt.uri, env: "FPGA_AGENT_LIBVIRT_URI",
+        "libvirt.uri", \.libvirt.uri, env: "FPGA_AGENT_LIBVIRT_URI", flags: ["--libvirt-uri"],
         "the libvirt connection URI when `hypervisor: libvirt`"),
       // QEMU.
       .custom(

@@ -941,6 +941,19 @@ body[data-role="none"] .needs-role { display: none; }
     }
   }
 
+  // The backend and the VM's own state: libvirt's URI and domain state, or the QMP socket and
+  // QEMU's run state (the simulated VMs have neither).
+  function vmBackend(vm) {
+    const where = vm.qmpSocket || "";
+    if (!where || where === "(simulated)") return "";
+    const libvirt = where.startsWith("libvirt:");
+    const backend = libvirt ? "libvirt" : "QMP";
+    const at = libvirt ? where.slice("libvirt:".length) : where;
+    const status = vm.qemuStatus ? ` · ${libvirt ? "domain" : "QEMU"} ${esc(vm.qemuStatus)}` : "";
+    return `<div class="hint vm-backend" data-backend="${backend.toLowerCase()}" data-status="${esc(vm.qemuStatus || "")}">` +
+      `${backend} <span class="mono">${esc(at)}</span>${status}</div>`;
+  }
+
   function renderVMs() {
     const vms = inv().vms || [];
     const allocs = inv().allocations || [];
@@ -956,6 +969,7 @@ body[data-role="none"] .needs-role { display: none; }
         html: `<div class="vm" data-vm="${esc(vm.name)}" data-state="${esc(st)}"><div class="vm-head"><span class="name">${esc(vm.name)}</span>` +
           `<span class="badge ${cls}">${esc(st)}</span>${vm.vfioPause ? `<span class="badge dim" title="its VMM can pause a VFIO device">vfio pause</span>` : ""}` +
           `<span class="hint" style="margin-left:auto">${num(vm.freeRootPorts)}/${num(vm.rootPorts)} root ports free</span></div>` +
+          vmBackend(vm) +
           (vm.error ? `<div style="color:var(--bad)">${esc(vm.error)}</div>` : "") +
           (devices.length ? `<ul>` + devices.map(a => `<li class="vm-device" data-allocation="${esc(a.id)}" data-vf="${esc(a.vfBdf)}">` +
             `${esc(a.vfBdf)} <span class="hint">${esc(a.id)}${a.rootPort ? " @ " + esc(a.rootPort) : ""}</span>` +

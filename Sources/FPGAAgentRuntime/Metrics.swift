@@ -2,6 +2,7 @@ import FPGAAgentAPI
 import FPGACore
 import FPGADevicePlugin
 import FPGADRA
+import FPGALibvirt
 import GRPCCore
 import Prometheus
 import Synchronization
@@ -23,6 +24,8 @@ final class AgentMetrics: Sendable {
   private let kubelet = Mutex<[String: RegistrationState]>([:])
   /// The DRA driver and its slice publisher, when DRA is on.
   private let dra = Mutex<(driver: DRADriver, publisher: SlicePublisher?)?>(nil)
+  /// The libvirt backend, when `hypervisor: libvirt`.
+  private let libvirt = Mutex<LibvirtHypervisor?>(nil)
 
   /// RPC latency buckets: 1 ms to 60 s (a detach waits on a guest; a switch on a slice).
   static let latencyBuckets: [Duration] = [
@@ -50,6 +53,11 @@ final class AgentMetrics: Sendable {
 
   func track(dra driver: DRADriver, publisher: SlicePublisher?) {
     dra.withLock { $0 = (driver, publisher) }
+  }
+
+  /// Reports the libvirt connection as `fpga_hypervisor_connected` and `…_reconnects_total`.
+  func track(libvirt hypervisor: LibvirtHypervisor) {
+    libvirt.withLock { $0 = hypervisor }
   }
 
   /// One RPC answered (gRPC or the dashboard's JSON endpoints), go-grpc-prometheus style.
@@ -171,6 +179,19 @@ final class AgentMetrics: Sendable {
         name: "fpga_orchestrator_link_connections_total",
         help: "Connections the orchestrator link has made since the start."
       ).increment(by: Int64(status.link.connections))
+    }
+    if let connection = libvirt.withLock({ $0 })?.connectionStatus {
+      // Only with `hypervisor: libvirt`: QMP VMs are reached each by its own socket (their
+      // VMs' state says which cannot be reached).
+      let labels = [("backend", "libvirt"), ("uri", connection.uri)]
+      state.gauge(
+        name: "fpga_hypervisor_connected", labels: labels,
+        help: "1 while the agent's connection to the hypervisor (libvirtd) is open, 0 while it reconnects."
+      ).set(connection.connected ? 1.0 : 0.0)
+      state.counter(
+        name: "fpga_hypervisor_reconnects_total", labels: labels,
+        help: "Connections to the hypervisor reopened since the start (libvirtd restarted, keepalive expired)."
+      ).increment(by: Int64(connection.reconnects))
     }
     for (resource, registration) in kubelet.withLock({ $0 }).sorted(by: { $0.key < $1.key }) {
       state.gauge(

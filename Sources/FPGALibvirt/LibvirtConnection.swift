@@ -59,6 +59,8 @@ final class LibvirtConnection: Sendable {
     /// libvirt said the connection closed; it is released and reopened on the queue.
     var lost = false
     var lastFailure: String?
+    /// Connections opened since the start (the first, then one per reconnect).
+    var opens = 0
   }
 
   init(library: LibvirtLibrary, uri: String) {
@@ -74,6 +76,9 @@ final class LibvirtConnection: Sendable {
 
   /// Why the last attempt to connect failed, or why the connection was lost.
   var lastFailure: String? { state.withLock { $0.lastFailure } }
+
+  /// Connections opened since the start: the first, then one per reconnect.
+  var opens: Int { state.withLock { $0.opens } }
 
   // MARK: Calls
 
@@ -221,6 +226,7 @@ final class LibvirtConnection: Sendable {
       $0.callbackIDs = ids
       $0.lost = false
       $0.lastFailure = nil
+      $0.opens += 1
     }
     changed.yield()
     return .success(connection)

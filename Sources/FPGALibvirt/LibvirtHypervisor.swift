@@ -47,6 +47,25 @@ public actor LibvirtHypervisor: Hypervisor {
     self.connection = LibvirtConnection(library: library, uri: settings.uri)
   }
 
+  /// The connection to libvirtd now, for `/metrics`.
+  public struct ConnectionStatus: Sendable, Hashable {
+    /// The connection URI (`libvirt.uri`).
+    public var uri: String
+    /// A connection is open and libvirt has not reported it closed.
+    public var connected: Bool
+    /// Connections opened after the first (libvirtd restarted, keepalive expired).
+    public var reconnects: Int
+    /// Why the last attempt failed or the connection was lost, while it is down.
+    public var lastFailure: String?
+  }
+
+  public nonisolated var connectionStatus: ConnectionStatus {
+    let connected = connection.isOpen
+    return ConnectionStatus(
+      uri: settings.uri, connected: connected, reconnects: max(connection.opens - 1, 0),
+      lastFailure: connected ? nil : connection.lastFailure)
+  }
+
   /// What the VM list shows as the endpoint of each VM.
   private var endpoint: String { "libvirt:" + settings.uri }
 

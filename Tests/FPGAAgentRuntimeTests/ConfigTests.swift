@@ -124,6 +124,16 @@ import ArgumentParser
     #expect((try? ConfigOptions.parse(["--log-level", "trace"]).resolvedConfig(environment: [:]))?.log.level == .trace)
   }
 
+  /// `--hypervisor` and `--libvirt-uri` set their keys over the environment; a backend not
+  /// offered is refused by the parser.
+  @Test func hypervisorFlags() throws {
+    let resolution = try ConfigOptions.parse(["--hypervisor", "libvirt", "--libvirt-uri", "qemu+ssh://host/system"])
+      .resolve(environment: ["FPGA_AGENT_HYPERVISOR": "qmp", "FPGA_AGENT_LIBVIRT_URI": "qemu:///session"])
+    #expect(resolution.config.hypervisor == .libvirt && resolution.config.libvirt.uri == "qemu+ssh://host/system")
+    #expect(resolution.sources["hypervisor"] == .flag && resolution.sources["libvirt.uri"] == .flag)
+    #expect(throws: (any Error).self) { _ = try ConfigOptions.parse(["--hypervisor", "xen"]) }
+  }
+
   /// `KUBECONFIG` is honoured (its first file); a context needs a kubeconfig.
   @Test func kubeconfigFromTheStandardVariable() throws {
     var config = AgentConfig()
@@ -274,7 +284,8 @@ import ArgumentParser
       "--listen", "127.0.0.1:1", "--unix-socket", "/tmp/a.sock", "--tls-cert", "/c", "--tls-key", "/k",
       "--tls-client-ca", "/ca", "--platform", "linux", "--state-dir", "/s", "--node-id", "n", "--log-level", "debug",
       "--log-format", "json", "--sysfs-root", "/sys", "--dev-root", "/dev", "--selector", "vendor=10ee",
-      "--qmp-socket", "vm=/q.sock", "--qmp-dir", "/q", "--orchestrator", "127.0.0.1:2", "--dra",
+      "--qmp-socket", "vm=/q.sock", "--qmp-dir", "/q", "--hypervisor", "libvirt",
+      "--libvirt-uri", "qemu+ssh://h/system", "--orchestrator", "127.0.0.1:2", "--dra",
       "--dra-driver-name", "a.b", "--dra-registry-dir", "/r", "--dra-plugins-dir", "/p", "--cdi-dir", "/cdi",
       "--kube-api-server", "https://k:1", "--kube-token-file", "/t", "--kube-ca-file", "/kca", "--http-listen", "",
       "--orchestrator-tls-cert", "/oc", "--orchestrator-tls-key", "/ok", "--orchestrator-tls-ca", "/oca",

@@ -3,19 +3,24 @@ libvirt-daemon-system, started without systemd as `virtlogd -d; libvirtd -d`): T
 (`type='qemu'`, q35, two pcie-root-ports) started paused, one persistent and one transient.
 The agent runs the simulated platform, so an allocation exists to attach. Covered: discovery
 with root ports, lifecycle events (destroy, start) reaching the VM list with periodic rescans
-off, a libvirtd restart (VMs unreachable, then back, events again), the precise error of an
-attach on this host (no VFIO: libvirt refuses the passthrough), and the start on a host
+off, a libvirtd restart (VMs unreachable, then back, events again; `fpga_hypervisor_connected`
+0 then 1 and `fpga_hypervisor_reconnects_total` grown, scraped from the agent's /metrics), the
+precise error of an attach on this host (no VFIO: libvirt refuses the passthrough) and its entry
+in the audit trail, the flags `--hypervisor` and `--libvirt-uri`, and the start on a host
 without libvirt.so.0. Not covered here: a real VF attached and detached (DEVICE_REMOVED), which
 needs the nested real-kernel guest.
 
 Needs root (libvirtd, qemu:///system); skipped with a message otherwise, failed under CI=true."""
+import json
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -130,10 +135,11 @@ def libvirtd():
 
 
 class Agent:
-    def __init__(self, directory, process, socket_path):
+    def __init__(self, directory, process, socket_path, http_port=None):
         self.directory = directory
         self.process = process
         self.socket_path = socket_path
+        self.http_port = http_port
 
     def ctl(self, *args):
         return subprocess.run([str(BIN / "fpgactl"), "--server", f"unix:{self.socket_path}", *args],
@@ -153,6 +159,26 @@ class Agent:
     def log(self):
         return Path(self.directory, "agent.log").read_text()
 
+    def metrics(self):
+        """{(name, ((label, value), ...)): value} of the agent's /metrics."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/metrics", timeout=60) as response:
+            assert response.status == 200
+            text = response.read().decode()
+        samples = {}
+        for line in text.splitlines():
+            match = re.fullmatch(r'([a-z_]+)(?:\{(.*)\})? (\S+)', line)
+            if match:
+                labels = tuple(sorted(re.findall(r'([a-z_]+)="([^"]*)"', match.group(2) or "")))
+                samples[(match.group(1), labels)] = float(match.group(3))
+        return samples
+
+    def hypervisor(self):
+        """(fpga_hypervisor_connected, fpga_hypervisor_reconnects_total) for libvirt at URI."""
+        labels = (("backend", "libvirt"), ("uri", URI))
+        samples = self.metrics()
+        return samples.get(("fpga_hypervisor_connected", labels)), \
+            samples.get(("fpga_hypervisor_reconnects_total", labels))
+
 
 def free_port():
     with socket.socket() as s:
@@ -160,15 +186,17 @@ def free_port():
         return s.getsockname()[1]
 
 
-def start_agent(directory, *settings, env=None, preexec=None):
+def start_agent(directory, *settings, flags=(), http=False, env=None, preexec=None):
     socket_path = os.path.join(directory, "agent.sock")
     log = open(os.path.join(directory, "agent.log"), "w")
+    http_port = free_port() if http else None
     process = subprocess.Popen(
         [*(preexec or []), str(BIN / "fpga-agent"), "--listen", f"127.0.0.1:{free_port()}",
          "--unix-socket", socket_path, "--state-dir", os.path.join(directory, "state"), "--node-id", "libvirt",
-         "--http-listen", "", *[arg for s in settings for arg in ("--set", s)]],
+         "--http-listen", f"127.0.0.1:{http_port}" if http else "", *flags,
+         *[arg for s in settings for arg in ("--set", s)]],
         stdout=log, stderr=subprocess.STDOUT, env=None if env is None else {**os.environ, **env})
-    return Agent(directory, process, socket_path)
+    return Agent(directory, process, socket_path, http_port)
 
 
 def wait_healthy(agent):
@@ -182,8 +210,10 @@ def wait_healthy(agent):
 @pytest.fixture(scope="module")
 def agent(libvirtd):
     with tempfile.TemporaryDirectory(prefix="fpga-libvirt-agent-") as directory:
-        # Periodic rescans off: whatever the VM list learns comes from libvirt's events.
-        agent = start_agent(directory, "hypervisor=libvirt", f"libvirt.uri={URI}", "rescan_interval_seconds=0")
+        # Periodic rescans off: whatever the VM list learns comes from libvirt's events. The backend
+        # chosen by its flags; the HTTP listener on for /metrics.
+        agent = start_agent(directory, "rescan_interval_seconds=0", flags=("--hypervisor", "libvirt", "--libvirt-uri", URI),
+                            http=True)
         try:
             wait_healthy(agent)
             yield agent
@@ -234,10 +264,15 @@ def test_a_libvirtd_restart_makes_the_vms_unreachable_then_brings_them_back(agen
     ensure_running(PERSISTENT)
     ensure_running(TRANSIENT, str(Path(libvirtd) / "transient.xml"))
     wait_for(lambda: {PERSISTENT, TRANSIENT} <= set(agent.vms()), "both domains listed")
+    connected, reconnects_before = wait_for(lambda: (h := agent.hypervisor())[0] == 1 and h,
+                                            "fpga_hypervisor_connected 1 while libvirtd runs")
+    assert reconnects_before is not None
     pid = libvirtd_pid()
     assert pid is not None
     os.kill(pid, signal.SIGTERM)
     wait_for(lambda: libvirtd_pid() is None, "libvirtd to stop")
+    # The connection's state on /metrics: 0 while libvirtd is away (the agent keeps retrying).
+    wait_for(lambda: agent.hypervisor()[0] == 0, "fpga_hypervisor_connected 0 while libvirtd is stopped")
 
     def unreachable():
         vms = agent.vms()
@@ -252,6 +287,9 @@ def test_a_libvirtd_restart_makes_the_vms_unreachable_then_brings_them_back(agen
         return vms if all(vms.get(n, ("",))[0] == "paused" for n in [PERSISTENT, TRANSIENT]) else None
     vms = wait_for(back, "the VMs back after libvirtd restarted")
     assert vms[PERSISTENT][1] == "1/2" and vms[TRANSIENT][1] == "2/2"
+    connected, reconnects = wait_for(lambda: (h := agent.hypervisor())[0] == 1 and h,
+                                     "fpga_hypervisor_connected 1 after libvirtd is back")
+    assert reconnects > reconnects_before, (reconnects_before, reconnects)
     # The new connection carries events again.
     virsh("destroy", PERSISTENT)
     wait_for(lambda: PERSISTENT not in agent.vms(), "an event on the new connection")
@@ -275,8 +313,46 @@ def test_attaching_a_vf_on_a_host_without_vfio_is_refused_with_libvirts_reason(a
     # Nothing changed: the port is still free, the allocation is not attached, the domain holds nothing.
     assert agent.vms()[PERSISTENT][:2] == ("paused", "1/2")
     assert "ua-alloc" not in virsh("dumpxml", PERSISTENT).stdout
+    # The refusal is in the audit trail (the agent's own user on the socket is admin).
+    trail = agent.ctl("audit", "-n", "50", "--json")
+    assert trail.returncode == 0, trail.stderr
+    entries = [json.loads(line) for line in trail.stdout.splitlines()]
+    refusal = [e for e in entries
+               if e["rpc"] == "AttachVF" and json.loads(e["requestJson"]).get("allocationId") == allocation]
+    assert len(refusal) == 1, entries
+    assert refusal[0]["status"] == "failedPrecondition", refusal  # the trail spells gRPC codes so
+    assert json.loads(refusal[0]["requestJson"])["vm"] == PERSISTENT and refusal[0]["transport"] == "unix", refusal
     released = agent.ctl("release", allocation)
     assert released.returncode == 0, released.stderr
+
+
+def test_the_dashboard_shows_the_backend_and_the_domain_state(agent):
+    """The VMs panel in headless Chromium: libvirt, the URI and the domain's state per VM."""
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None or shutil.which("chromedriver") is None:
+        unavailable("chromium or chromedriver is missing (scripts/install-test-deps installs them)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    ensure_running(PERSISTENT)
+    wait_for(lambda: {PERSISTENT, TRANSIENT} <= set(agent.vms()), "both domains listed")
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for argument in ["--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"]:
+        options.add_argument(argument)
+    driver = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
+    try:
+        driver.get(f"http://127.0.0.1:{agent.http_port}/")
+
+        def backend(name):
+            return driver.execute_script(
+                "const e = document.querySelector(`.vm[data-vm='${arguments[0]}'] .vm-backend`);"
+                "return e ? [e.textContent, e.dataset.backend, e.dataset.status] : null", name)
+        seen = wait_for(lambda: (b := (backend(PERSISTENT), backend(TRANSIENT)))[0] and b[1] and b,
+                        "the VMs panel with both domains")
+        assert seen[0] == [f"libvirt {URI} · domain paused", "libvirt", "paused"], seen
+        assert seen[1] == [f"libvirt {URI} (transient) · domain paused", "libvirt", "paused"], seen
+    finally:
+        driver.quit()
 
 
 def test_without_libvirt_so_the_libvirt_backend_refuses_to_start_and_qmp_starts(libvirtd):
