@@ -51,6 +51,8 @@ VALUE_SETS = {
         "hostPaths": {"kubeletPluginsRegistry": "/var/lib/k0s/kubelet/plugins_registry",
                       "kubeletPlugins": "/var/lib/k0s/kubelet/plugins"},
     },
+    # VMs managed by the node's libvirt.
+    "libvirt": {"hypervisor": {"libvirt": {"enabled": True}}},
     "insecure-no-device-plugin": {
         "server": {"listen": "0.0.0.0:50051", "insecure": True},
         "devicePlugin": {"enabled": False},
@@ -77,6 +79,10 @@ BAD_VALUES = [
     ({"dra": {"driverName": "nodots"}}, "/dra/driverName"),
     ({"hostPaths": {"run": "/r", "state": "/s", "kubeletDevicePlugins": "/k", "devVfio": "/d", "sys": "/sys",
                     "cdi": "var/run/cdi"}}, "/hostPaths/cdi"),
+    ({"hypervisor": {"libvirt": {"enabled": "yes"}}}, "/hypervisor/libvirt/enabled"),
+    ({"hypervisor": {"libvirt": {"uri": "system"}}}, "/hypervisor/libvirt/uri"),
+    ({"hypervisor": {"libvirt": {"socketDir": "run/libvirt"}}}, "/hypervisor/libvirt/socketDir"),
+    ({"hypervisor": {"qmp": {}}}, "qmp"),
     ({"probes": {"liveness": {"periodSeconds": 10, "exec": {}}}}, "/probes"),
     ({"resources": {"limits": {"memory": "lots"}}}, "/resources/limits/memory"),
 ]
@@ -335,6 +341,42 @@ def test_dra_objects(chart):
     assert not any(kind(docs, k) for k in ("ClusterRole", "ClusterRoleBinding", "DeviceClass", "ValidatingAdmissionPolicy"))
     assert pod_spec(docs)["automountServiceAccountToken"] is False
     assert "dra" not in yaml.safe_load(kind(docs, "ConfigMap")[0]["data"]["fpga-agent.yaml"])["kubernetes"]
+
+
+def libvirt_mounts(docs):
+    spec = pod_spec(docs)
+    (container,) = spec["containers"]
+    return ([m for m in container["volumeMounts"] if m["name"] == "libvirt-sockets"],
+            [v for v in spec["volumes"] if v["name"] == "libvirt-sockets"])
+
+
+def test_libvirt_values(helm, chart):
+    """hypervisor.libvirt.enabled: the agent's configuration names the backend and the URI, and the
+    node's libvirt socket directory (libvirt-sock, virtqemud-sock) is mounted read-only at its
+    path; disabled (the default), neither."""
+    docs, _ = render(chart, VALUE_SETS["libvirt"])
+    config = yaml.safe_load(kind(docs, "ConfigMap")[0]["data"]["fpga-agent.yaml"])
+    assert config["hypervisor"] == "libvirt" and config["libvirt"] == {"uri": "qemu:///system"}
+    mounts, volumes = libvirt_mounts(docs)
+    assert mounts == [{"name": "libvirt-sockets", "mountPath": "/run/libvirt", "readOnly": True}]
+    assert volumes == [{"name": "libvirt-sockets", "hostPath": {"path": "/run/libvirt", "type": "DirectoryOrCreate"}}]
+    # Another URI and socket directory.
+    docs, _ = render(chart, {"hypervisor": {"libvirt": {"enabled": True, "uri": "qemu+ssh://hv/system",
+                                                        "socketDir": "/var/run/libvirt"}}})
+    config = yaml.safe_load(kind(docs, "ConfigMap")[0]["data"]["fpga-agent.yaml"])
+    assert config["libvirt"] == {"uri": "qemu+ssh://hv/system"}
+    mounts, volumes = libvirt_mounts(docs)
+    assert mounts[0]["mountPath"] == "/var/run/libvirt" and volumes[0]["hostPath"]["path"] == "/var/run/libvirt"
+    # Disabled: nothing of libvirt, whatever its other values.
+    for values in ({}, {"hypervisor": {"libvirt": {"enabled": False, "uri": "qemu+ssh://hv/system"}}}):
+        docs, _ = render(chart, values)
+        config = yaml.safe_load(kind(docs, "ConfigMap")[0]["data"]["fpga-agent.yaml"])
+        assert "hypervisor" not in config and "libvirt" not in config
+        assert libvirt_mounts(docs) == ([], [])
+    # A simulated node has nothing for libvirt's domains.
+    with pytest.raises(helm.HelmRenderError, match="hypervisor.libvirt.enabled needs platform: linux"):
+        chart.render({"platform": "simulated", "hypervisor": {"libvirt": {"enabled": True}}}, name="fpga-agent",
+                     namespace="fpga-system")
 
 
 def test_dra_needs_linux_and_kubernetes_1_34(helm, chart, capfd):

@@ -128,6 +128,13 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{- else if .Values.dra.enabled -}}
 {{- fail "dra.enabled needs platform: linux (a simulated node has no devices to publish to a cluster)" -}}
 {{- end -}}
+{{- if .Values.hypervisor.libvirt.enabled -}}
+{{- if not (include "fpga-agent.linux" .) -}}
+{{- fail "hypervisor.libvirt.enabled needs platform: linux (a simulated node has no VFs for libvirt's domains)" -}}
+{{- end -}}
+{{- $_ := set $config "hypervisor" "libvirt" -}}
+{{- $_ := set $config "libvirt" (dict "uri" .Values.hypervisor.libvirt.uri) -}}
+{{- end -}}
 {{- if .Values.orchestrator.address -}}
 {{- $o := dict "address" .Values.orchestrator.address -}}
 {{- with .Values.orchestrator.serverName }}{{ $_ := set $o "server_name" . }}{{ end -}}
