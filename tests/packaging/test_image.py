@@ -35,6 +35,10 @@ def test_image_metadata(agent_image, binaries):
     out = podman("run", "--rm", "--entrypoint", "/bin/sh", agent_image, "-c",
                  "fpgactl --version && ldd /usr/local/bin/fpga-agent /usr/local/bin/fpgactl").stdout
     assert "not found" not in out and out.startswith(version)
+    # libvirt.so.0 (loaded with hypervisor: libvirt) and everything it needs.
+    out = podman("run", "--rm", "--entrypoint", "/bin/sh", agent_image, "-c",
+                 "ldconfig -p | grep -F libvirt.so.0 && ldd \"$(ldconfig -p | sed -n 's/.*libvirt.so.0 .*=> //p')\"").stdout
+    assert "libvirt.so.0" in out and "not found" not in out, out
 
 
 def host_status(server: str, binaries, json_output=False):

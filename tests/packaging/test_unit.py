@@ -51,6 +51,20 @@ def test_unit_is_notify_with_watchdog():
         assert re.search(rf"^{re.escape(line)}$", text, re.M), line
 
 
+def test_unit_orders_after_libvirt_without_pulling_it_in():
+    """hypervisor: libvirt: started after libvirtd or virtqemud (ordering only); nothing in the
+    sandbox stands between the agent and their sockets (AF_UNIX allowed, connect(2) works through
+    the read-only /run, no InaccessiblePaths= or TemporaryFileSystem= over /run)."""
+    text = UNIT.read_text()
+    after = re.search(r"^After=(.*)$", text, re.M).group(1).split()
+    assert {"libvirtd.service", "virtqemud.service"} <= set(after), after
+    wants = " ".join(re.findall(r"^Wants=(.*)$", text, re.M))
+    assert "libvirtd" not in wants and "virtqemud" not in wants, wants
+    assert "AF_UNIX" in re.search(r"^RestrictAddressFamilies=(.*)$", text, re.M).group(1)
+    assert not re.search(r"^(InaccessiblePaths|TemporaryFileSystem|BindPaths|ProtectSystem=full)", text, re.M)
+    assert not re.search(r"^PrivateNetwork=yes", text, re.M)
+
+
 def agent_notifies(binary: Path) -> bool:
     """Whether this fpga-agent sends READY=1 to NOTIFY_SOCKET (sd_notify support)."""
     with tempfile.TemporaryDirectory() as directory:
@@ -135,6 +149,8 @@ for f in /sys/bus/pci/drivers_probe /sys/bus/pci/rescan /sys/bus/pci/devices/*/d
          /var/lib/fpga-agent /etc/passwd /proc/sys/kernel/hostname /sys/kernel/mm/transparent_hugepage/enabled; do
   [ -e "$f" ] && check "$(readlink -f "$f")"
 done
+# libvirt's socket directory: seen, read-only (sockets are reached through it; see the unit).
+[ -d /run/libvirt ] && check /run/libvirt
 """
 
 
@@ -154,6 +170,7 @@ def test_unit_sandbox_keeps_pci_sysfs_writable(systemd_image, container_name, tm
              in ("running", "degraded"), 60, "systemd in the container")
     podman("cp", tmp_path / "probe.service", f"{name}:/etc/systemd/system/sandbox-probe.service")
     podman("cp", tmp_path / "probe.sh", f"{name}:/usr/local/bin/sandbox-probe")
+    podman("exec", name, "mkdir", "-p", "/run/libvirt")
     podman("exec", name, "systemctl", "daemon-reload")
     podman("exec", name, "systemctl", "start", "sandbox-probe.service", timeout=60)
     out = podman("exec", name, "journalctl", "-u", "sandbox-probe", "--no-pager", "-o", "cat").stdout
@@ -162,6 +179,8 @@ def test_unit_sandbox_keeps_pci_sysfs_writable(systemd_image, container_name, tm
         assert seen.get(path) == "RW", (path, out)
     overrides = [p for p in seen if p.startswith("/sys/devices/") and p.endswith("/driver_override")]
     assert all(seen[p] == "RW" for p in overrides), out
-    for path in ("/etc/passwd", "/proc/sys/kernel/hostname", "/sys/kernel/mm/transparent_hugepage/enabled"):
+    assert seen.get("/run/libvirt") == "RO", out  # present in the sandbox, as on the host
+    for path in ("/etc/passwd", "/proc/sys/kernel/hostname", "/sys/kernel/mm/transparent_hugepage/enabled",
+                 "/run/libvirt"):
         assert seen.get(path, "RO") == "RO", (path, out)
     podman("stop", "-t", "10", name)
