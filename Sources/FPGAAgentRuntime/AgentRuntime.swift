@@ -194,6 +194,16 @@ public final class AgentRuntime: Sendable {
           logger: logger))
     }
     if let reloader { serviceList.append(reloader) }
+    // The agent's own doors (the orchestrator link, the dashboard's JSON API) reach the node API
+    // through the same services and interceptors as the sockets; the caller is who the door says.
+    let door = NodeDoor(
+      services: services,
+      interceptors: [
+        MetricsInterceptor(metrics: metrics),
+        AuthorizationInterceptor(
+          resolver: CallerResolver(auth: config.auth, listener: .door), audit: audit, engine: engine),
+      ])
+    serviceList.append(NodeDoorService(door: door))
     serviceList.append(
       NodeService(
         engine: engine, health: health, logger: logger,
@@ -201,7 +211,7 @@ public final class AgentRuntime: Sendable {
     if let address = ListenAddress(config.orchestrator.address) {
       serviceList.append(
         OrchestratorLink(
-          engine: engine, service: nodeAgent, address: address, hostname: SystemCalls.hostname(), logger: logger,
+          engine: engine, door: door, address: address, hostname: SystemCalls.hostname(), logger: logger,
           heartbeat: .seconds(config.orchestrator.heartbeatSeconds), security: Self.linkSecurity(config.orchestrator),
           serverName: config.orchestrator.serverName.isEmpty ? nil : config.orchestrator.serverName,
           role: config.orchestrator.role, audit: audit, growthFigures: { [metrics] in await metrics.draGrowth() }))
@@ -263,7 +273,8 @@ public final class AgentRuntime: Sendable {
       let bound = httpBound
       serviceList.append(
         try WebServer.application(
-          listen: listen, config: config, engine: engine, service: nodeAgent, metrics: metrics, audit: audit,
+          listen: listen, config: config, engine: engine, service: nodeAgent, door: door, metrics: metrics,
+          audit: audit,
           logger: logger,
           onListening: { [logger] port in
             bound.set(port)

@@ -91,6 +91,10 @@ struct CallerResolver: Sendable {
     case unix
     /// `InProcessTransport`: only code in the agent's process (tests, embedders) can call it.
     case inProcess
+    /// The agent's own doors (the orchestrator link, the dashboard's HTTP bridge), over an
+    /// `InProcessTransport` only they hold: each call carries who it comes from, as the door
+    /// established it (`NodeDoor`); trusted here, and only here.
+    case door
 
     /// The audit trail's `transport` of a call without an identity.
     var name: String {
@@ -98,8 +102,11 @@ struct CallerResolver: Sendable {
       case .tcp: "tcp"
       case .unix: "unix"
       case .inProcess: "in-process"
+      case .door: "door"
       }
     }
+
+    var isDoor: Bool { if case .door = self { true } else { false } }
   }
 
   let auth: AgentConfig.Auth
@@ -112,6 +119,7 @@ struct CallerResolver: Sendable {
     let tls: Bool
     switch listener {
     case .inProcess: return Caller(identity: "in-process", transport: "in-process", role: .admin)
+    case .door: return NodeDoor.caller(metadata)
     case .tcp(let secured): tls = secured
     case .unix:
       guard let credentials = metadata[stringValues: Self.peerHeader].first(where: { _ in true }) else { return nil }
@@ -164,6 +172,7 @@ struct AuthorizationInterceptor: ServerInterceptor {
     let mutating = Permissions.isMutating(method)
     let rpc = context.descriptor.method
     let caller = resolver.caller(context, request.metadata)
+    let commandID = resolver.listener.isDoor ? NodeDoor.commandID(request.metadata) : nil
     let captured = Mutex<String?>(nil)
     var request = request
     if mutating {
@@ -178,11 +187,11 @@ struct AuthorizationInterceptor: ServerInterceptor {
     guard let caller else {
       let error = RPCError(
         code: .unauthenticated, message: "no identity: present a client certificate signed by the agent's client CA")
-      if mutating { await record(nil, rpc: rpc, request: nil, status: error.code) }
+      if mutating { await record(nil, rpc: rpc, request: nil, status: error.code, commandID: commandID) }
       throw error
     }
     if let refusal = Permissions.refusal(context.descriptor, caller) {
-      if mutating { await record(caller, rpc: rpc, request: nil, status: refusal.code) }
+      if mutating { await record(caller, rpc: rpc, request: nil, status: refusal.code, commandID: commandID) }
       throw refusal
     }
     let role = caller.role ?? .viewer
@@ -196,13 +205,13 @@ struct AuthorizationInterceptor: ServerInterceptor {
       response.metadata.replaceOrAddString(role.rawValue, forKey: "fpga-role")
       if mutating {
         let status: RPCError.Code? = if case .failure(let error) = response.accepted { error.code } else { nil }
-        await record(caller, rpc: rpc, request: captured.withLock { $0 }, status: status)
+        await record(caller, rpc: rpc, request: captured.withLock { $0 }, status: status, commandID: commandID)
       }
       return response
     } catch {
       if mutating {
         let code = (error as? any RPCErrorConvertible)?.rpcErrorCode ?? (error as? RPCError)?.code ?? .unknown
-        await record(caller, rpc: rpc, request: captured.withLock { $0 }, status: code)
+        await record(caller, rpc: rpc, request: captured.withLock { $0 }, status: code, commandID: commandID)
       }
       throw error
     }
@@ -236,12 +245,15 @@ struct AuthorizationInterceptor: ServerInterceptor {
     }
   }
 
-  private func record(_ caller: Caller?, rpc: String, request: String?, status: RPCError.Code?) async {
+  private func record(
+    _ caller: Caller?, rpc: String, request: String?, status: RPCError.Code?, commandID: String?
+  ) async {
     guard let audit else { return }
     audit.append(
       AuditEntry(
         identity: caller?.identity ?? "unauthenticated", transport: caller?.transport ?? resolver.listener.name,
-        rpc: rpc, request: request, status: status.map { "\($0)" } ?? "ok", revision: await engine.revision))
+        rpc: rpc, request: request, status: status.map { "\($0)" } ?? "ok", revision: await engine.revision,
+        commandID: commandID))
   }
 }
 

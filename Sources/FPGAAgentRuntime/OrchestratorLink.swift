@@ -10,11 +10,13 @@ import Synchronization
 
 /// The agent's side of the orchestrator link: dials out, says hello, sends its inventory
 /// (resuming from what the orchestrator already has, or a snapshot), heartbeats, and carries
-/// out commands through the node API's own handlers. Reconnects with jittered exponential
+/// out commands through the node API's door (`NodeDoor`): the same interceptors as every other
+/// caller authorize (the link's role), audit (transport `link`, the command id) and map errors. Reconnects with jittered exponential
 /// backoff; the node keeps serving local requests while the orchestrator is away.
 struct OrchestratorLink: Service {
   let engine: NodeEngine
-  let service: NodeAgentService
+  /// The node API, as the link reaches it.
+  let door: NodeDoor
   let address: ListenAddress
   let hostname: String
   let logger: Logger
@@ -29,7 +31,8 @@ struct OrchestratorLink: Service {
   var serverName: String? = nil
   /// What the orchestrator's commands may do: checked against the node API's role table.
   var role: Role = .operator
-  /// Every command, carried out or refused, is audited.
+  /// Commands refused before they reach the node API (no id, no epoch) are audited here; the
+  /// others by the node API's own interceptor.
   var audit: AuditLog? = nil
   /// DRA grow on demand's figures, reported with each heartbeat (nil: DRA is off).
   var growthFigures: (@Sendable () async -> GrowthFigures?)? = nil
@@ -215,34 +218,19 @@ struct OrchestratorLink: Service {
     }
   }
 
-  /// Runs a command through the node API's handler, with the command id as the idempotency key
-  /// and the command's epoch for fencing, if the link's role allows that RPC; audits it either way.
+  /// Runs a command through the node API's door, with the command id as the idempotency key
+  /// and the command's epoch for fencing, as the link's identity and role.
   func execute(_ command: Fpga_Orchestrator_V1_Command) async -> Fpga_Orchestrator_V1_CommandResult {
     var result = Fpga_Orchestrator_V1_CommandResult()
     result.commandID = command.commandID
-    let context = ServerContext(
-      descriptor: Fpga_Orchestrator_V1_Orchestrator.Method.Connect.descriptor, remotePeer: identity,
-      localPeer: "agent", cancellation: .init())
     func meta(_ given: Fpga_Agent_V1_RequestMeta) -> Fpga_Agent_V1_RequestMeta {
       var meta = given
       if meta.idempotencyKey.isEmpty { meta.idempotencyKey = command.commandID }
       meta.orchestratorEpoch = command.epoch
       return meta
     }
-    typealias Method = Fpga_Agent_V1_NodeAgent.Method
-    var rpc = "Command"
-    var audited: String? = nil
-    /// Checks the link's role for `method`, then runs `body`.
-    func authorized<Request: SwiftProtobuf.Message>(
-      _ method: MethodDescriptor, _ request: Request, _ body: (Request) async throws -> Void
-    ) async throws {
-      rpc = method.method
-      audited = try? request.jsonString()
-      if let refusal = Permissions.refusal(method, Caller(identity: identity, transport: "link", role: role)) {
-        throw RPCError(code: refusal.code, message: refusal.message + " (the link's role is orchestrator.role)")
-      }
-      try await body(request)
-    }
+    let node = door.node
+    let metadata = NodeDoor.metadata(identity: identity, transport: "link", role: role, commandID: command.commandID)
     do {
       guard !command.commandID.isEmpty else {
         throw AgentError(.invalidArgument, "command_id is required (it is the command's idempotency key)")
@@ -259,70 +247,48 @@ struct OrchestratorLink: Service {
       switch command.command {
       case .allocate(var request):
         request.meta = meta(request.meta)
-        try await authorized(Method.AllocateVF.descriptor, request) {
-          result.allocated = try await service.allocateVF(request: $0, context: context)
-        }
+        result.allocated = try await node.allocateVF(request, metadata: metadata)
       case .release(var request):
         request.meta = meta(request.meta)
-        try await authorized(Method.ReleaseVF.descriptor, request) {
-          result.released = try await service.releaseVF(request: $0, context: context)
-        }
+        result.released = try await node.releaseVF(request, metadata: metadata)
       case .attach(var request):
         request.meta = meta(request.meta)
-        try await authorized(Method.AttachVF.descriptor, request) {
-          result.attached = try await service.attachVF(request: $0, context: context)
-        }
+        result.attached = try await node.attachVF(request, metadata: metadata)
       case .detach(var request):
         request.meta = meta(request.meta)
-        try await authorized(Method.DetachVF.descriptor, request) {
-          result.detached = try await service.detachVF(request: $0, context: context)
-        }
+        result.detached = try await node.detachVF(request, metadata: metadata)
       case .reconfigure(var request):
         request.meta = meta(request.meta)
-        try await authorized(Method.Reconfigure.descriptor, request) {
-          result.operation = try await service.reconfigure(request: $0, context: context)
-        }
+        result.operation = try await node.reconfigure(request, metadata: metadata)
       case .switchContext(var request):
         request.meta = meta(request.meta)
-        try await authorized(Method.SwitchContext.descriptor, request) {
-          result.switched = try await service.switchContext(request: $0, context: context)
-        }
+        result.switched = try await node.switchContext(request, metadata: metadata)
       case .drain(var request):
         request.meta = meta(request.meta)
-        try await authorized(Method.DrainDevice.descriptor, request) {
-          result.operation = try await service.drainDevice(request: $0, context: context)
-        }
+        result.operation = try await node.drainDevice(request, metadata: metadata)
       case .sharingPolicy(var request):
         request.meta = meta(request.meta)
-        try await authorized(Method.SetSharingPolicy.descriptor, request) {
-          result.policy = try await service.setSharingPolicy(request: $0, context: context)
-        }
+        result.policy = try await node.setSharingPolicy(request, metadata: metadata)
       case .registerContext(var request):
         request.meta = meta(request.meta)
-        try await authorized(Method.RegisterContext.descriptor, request) {
-          result.context = try await service.registerContext(request: $0, context: context)
-        }
+        result.context = try await node.registerContext(request, metadata: metadata)
       case nil:
         throw AgentError(.invalidArgument, "command \(command.commandID) carries nothing to do")
       }
     } catch let error as AgentError {
+      // Refused before the node API: audited here, in the node API's shape.
       result.code = Int32(error.rpcErrorCode.rawValue)
       result.message = error.rpcErrorMessage
+      audit?.append(
+        AuditEntry(
+          identity: identity, transport: "link", rpc: "Command", request: try? command.jsonString(),
+          status: "\(error.rpcErrorCode)", revision: await engine.revision, commandID: command.commandID))
     } catch let error as RPCError {
       result.code = Int32(error.code.rawValue)
       result.message = error.message
     } catch {
       result.code = Int32(RPCError.Code.internalError.rawValue)
       result.message = "\(error)"
-    }
-    if let audit {
-      audit.append(
-        AuditEntry(
-          identity: identity, transport: "link", rpc: rpc, request: audited,
-          status: result.code == 0
-            ? "ok"
-            : Status.Code(rawValue: Int(result.code)).flatMap(RPCError.Code.init).map { "\($0)" } ?? "\(result.code)",
-          revision: await engine.revision, commandID: command.commandID))
     }
     if result.code != 0 {
       logger.info(

@@ -2,6 +2,7 @@ import FPGAAgentAPI
 import FPGACore
 import Foundation
 import GRPCCore
+import GRPCProtobuf
 import Hummingbird
 import Logging
 import NIOCore
@@ -9,20 +10,22 @@ import ServiceLifecycle
 import SwiftProtobuf
 
 /// The agent's HTTP listener (`http.listen`): the dashboard page, `/metrics`, `/healthz`, and the
-/// JSON endpoints the page calls. Every JSON call goes through the node API's own handlers
-/// (`NodeAgentService`), so validation, idempotency and error messages are the gRPC API's; the
-/// roles are the gRPC API's too, and every mutating call is audited.
+/// JSON endpoints the page calls. Every JSON call goes through the node API's door (`NodeDoor`):
+/// the same handlers and interceptors as a gRPC caller's, so validation, idempotency, roles,
+/// deadlines, audit and error messages are the gRPC API's. The HTTP side only authenticates the
+/// caller (basic or bearer tokens) and translates JSON.
 enum WebServer {
   /// Builds the Hummingbird application, to run as a service of the agent's group.
   static func application(
-    listen: ListenAddress, config: AgentConfig, engine: NodeEngine, service: NodeAgentService, metrics: AgentMetrics,
-    audit: AuditLog, logger: Logger, onListening: @escaping @Sendable (Int) async -> Void = { _ in }
+    listen: ListenAddress, config: AgentConfig, engine: NodeEngine, service: NodeAgentService, door: NodeDoor,
+    metrics: AgentMetrics, audit: AuditLog, logger: Logger,
+    onListening: @escaping @Sendable (Int) async -> Void = { _ in }
   ) throws -> some ApplicationProtocol {
     let access = WebAccess(
       auth: config.auth, tokens: try WebAccess.tokens(file: config.auth.tokenFile),
       plaintextAllowed: listen.isLoopback || config.http.insecure)
     let api = WebAPI(
-      engine: engine, service: service, metrics: metrics, audit: audit, access: access,
+      engine: engine, service: service, door: door, metrics: metrics, audit: audit, access: access,
       deadline: config.server.defaultDeadlineSeconds > 0 ? .seconds(config.server.defaultDeadlineSeconds) : nil)
     let router = Router(context: WebContext.self)
     router.get("/") { _, _ in
@@ -167,7 +170,10 @@ struct WebAccess: Sendable {
 /// The JSON endpoints.
 struct WebAPI: Sendable {
   let engine: NodeEngine
+  /// For the page's own reads (the state it starts from).
   let service: NodeAgentService
+  /// Every JSON method call.
+  let door: NodeDoor
   let metrics: AgentMetrics
   let audit: AuditLog
   let access: WebAccess
@@ -272,43 +278,42 @@ struct WebAPI: Sendable {
   }
 
   /// `POST /api/rpc/METHOD`: the request message as protobuf JSON in, the response out; errors
-  /// as `{"code": "...", "message": "..."}` with the gRPC status's HTTP equivalent.
+  /// as `{"code": "...", "message": "..."}` with the gRPC status's HTTP equivalent. The call
+  /// goes through the node API's door as the authenticated caller (transport `http`).
   func call(_ request: Request, _ context: WebContext, method: String) async -> Response {
     let started = ContinuousClock.now
     var caller: Caller?
     var requestJSON: String?
-    var mutating = false
     do {
       guard let entry = Self.methods[method] else {
         throw Problem(
           code: .notFound,
           message: "no method \(quoted(method)); the methods are \(Self.methods.keys.sorted().joined(separator: ", "))")
       }
-      mutating = Permissions.isMutating(entry.descriptor.fullyQualifiedMethod)
       var request = request
       let body = try await request.collectBody(upTo: context.maxUploadSize)
       requestJSON = body.readableBytes == 0 ? "{}" : String(buffer: body)
-      let resolved: Caller
       do {
-        resolved = try access.caller(authorization: request.headers[.authorization], peer: context.peer)
+        caller = try access.caller(authorization: request.headers[.authorization], peer: context.peer)
       } catch .unauthenticated(let message) {
+        // The HTTP door's own refusal: no caller to hand to the node API. Audited here.
+        if Permissions.isMutating(entry.descriptor.fullyQualifiedMethod) {
+          audit.append(
+            AuditEntry(
+              identity: "unauthenticated", transport: "http", rpc: method, request: requestJSON,
+              status: "\(RPCError.Code.unauthenticated)", revision: await engine.revision))
+        }
         throw Problem(code: .unauthenticated, message: message)
       }
-      caller = resolved
-      if let refusal = Permissions.refusal(entry.descriptor, resolved) {
-        throw Problem(code: refusal.code, message: refusal.message)
-      }
-      let serverContext = Self.context(entry.descriptor, peer: resolved.identity)
-      let json = requestJSON ?? "{}"
-      let run = entry.run
-      let service = service
-      let output = try await withDeadline(deadline) { try await run(service, json, serverContext) }
-      if mutating { await record(caller, rpc: entry.descriptor.method, request: requestJSON, status: "ok") }
+      let metadata = NodeDoor.metadata(
+        identity: caller?.identity ?? "unauthenticated", transport: "http", role: caller?.role)
+      var options = CallOptions.defaults
+      options.timeout = deadline
+      let output = try await entry.run(door, requestJSON ?? "{}", metadata, options)
       metrics.handled(service: "http", method: method, code: "OK", after: ContinuousClock.now - started)
       return Self.json(output)
     } catch {
       let problem = Self.problem(error)
-      if mutating { await record(caller, rpc: method, request: requestJSON, status: "\(problem.code)") }
       metrics.handled(
         service: "http", method: method, code: MetricsInterceptor.name(problem.code),
         after: ContinuousClock.now - started)
@@ -319,34 +324,6 @@ struct WebAPI: Sendable {
         response.headers[.wwwAuthenticate] = #"Basic realm="fpga-agent", charset="UTF-8""#
       }
       return response
-    }
-  }
-
-  private func record(_ caller: Caller?, rpc: String, request: String?, status: String) async {
-    audit.append(
-      AuditEntry(
-        identity: caller?.identity ?? "unauthenticated", transport: "http", rpc: rpc, request: request, status: status,
-        revision: await engine.revision))
-  }
-
-  /// Runs `body`, cancelling it past `deadline` (then DEADLINE_EXCEEDED).
-  private func withDeadline<Output: Sendable>(
-    _ deadline: Duration?, _ body: @escaping @Sendable () async throws -> Output
-  ) async throws -> Output {
-    guard let deadline else { return try await body() }
-    return try await withThrowingTaskGroup(of: Output?.self) { group in
-      group.addTask { try await body() }
-      group.addTask {
-        try await Task.sleep(for: deadline)
-        return nil
-      }
-      defer { group.cancelAll() }
-      guard let first = try await group.next(), let output = first else {
-        throw Problem(
-          code: .deadlineExceeded,
-          message: "the call did not finish within server.default_deadline_seconds (\(deadline)); it was cancelled")
-      }
-      return output
     }
   }
 
@@ -398,22 +375,25 @@ struct WebAPI: Sendable {
     ServerContext(descriptor: descriptor, remotePeer: peer, localPeer: "http", cancellation: .init())
   }
 
-  /// One JSON method: its descriptor (for the role table) and how to run it.
+  /// One JSON method: its descriptor and how to call it through the door.
   struct Method: Sendable {
     let descriptor: MethodDescriptor
-    let run: @Sendable (NodeAgentService, String, ServerContext) async throws -> String
+    let run: @Sendable (NodeDoor, String, Metadata, CallOptions) async throws -> String
   }
 
-  /// `run` for a unary handler of the node API.
+  /// A unary method of the node API, called with the request decoded from JSON.
   static func method<Input: SwiftProtobuf.Message, Output: SwiftProtobuf.Message>(
-    _ descriptor: MethodDescriptor,
-    _ handler: @escaping @Sendable (NodeAgentService) -> (Input, ServerContext) async throws -> Output
+    _ descriptor: MethodDescriptor, _: Input.Type, _: Output.Type
   ) -> (String, Method) {
     (
       descriptor.method,
-      Method(descriptor: descriptor) { service, json, context in
+      Method(descriptor: descriptor) { door, json, metadata, options in
         let input = try Input(jsonString: json)
-        return try await handler(service)(input, context).jsonString()
+        let output: Output = try await door.client.unary(
+          request: ClientRequest(message: input, metadata: metadata), descriptor: descriptor,
+          serializer: ProtobufSerializer<Input>(), deserializer: ProtobufDeserializer<Output>(), options: options
+        ) { try $0.message }
+        return try output.jsonString()
       }
     )
   }
@@ -421,30 +401,25 @@ struct WebAPI: Sendable {
   static let methods: [String: Method] = {
     typealias M = Fpga_Agent_V1_NodeAgent.Method
     return Dictionary(uniqueKeysWithValues: [
-      method(M.GetNodeStatus.descriptor) { service in { try await service.getNodeStatus(request: $0, context: $1) } },
-      method(M.GetInventory.descriptor) { service in { try await service.getInventory(request: $0, context: $1) } },
-      method(M.Rescan.descriptor) { service in { try await service.rescan(request: $0, context: $1) } },
-      method(M.AllocateVF.descriptor) { service in { try await service.allocateVF(request: $0, context: $1) } },
-      method(M.ReleaseVF.descriptor) { service in { try await service.releaseVF(request: $0, context: $1) } },
-      method(M.AttachVF.descriptor) { service in { try await service.attachVF(request: $0, context: $1) } },
-      method(M.DetachVF.descriptor) { service in { try await service.detachVF(request: $0, context: $1) } },
-      method(M.Reconfigure.descriptor) { service in { try await service.reconfigure(request: $0, context: $1) } },
-      method(M.GetOperation.descriptor) { service in { try await service.getOperation(request: $0, context: $1) } },
-      method(M.DrainDevice.descriptor) { service in { try await service.drainDevice(request: $0, context: $1) } },
-      method(M.UndrainDevice.descriptor) { service in { try await service.undrainDevice(request: $0, context: $1) } },
-      method(M.RegisterContext.descriptor) { service in { try await service.registerContext(request: $0, context: $1) }
-      },
-      method(M.ListContexts.descriptor) { service in { try await service.listContexts(request: $0, context: $1) } },
-      method(M.DeleteContext.descriptor) { service in { try await service.deleteContext(request: $0, context: $1) } },
-      method(M.SwitchContext.descriptor) { service in { try await service.switchContext(request: $0, context: $1) } },
-      method(M.SetSharingPolicy.descriptor) { service in
-        { try await service.setSharingPolicy(request: $0, context: $1) }
-      },
-      method(M.MoveContext.descriptor) { service in { try await service.moveContext(request: $0, context: $1) } },
-      method(M.GetAuditTrail.descriptor) { service in { try await service.getAuditTrail(request: $0, context: $1) } },
-      method(M.ClearDeviceHealth.descriptor) { service in
-        { try await service.clearDeviceHealth(request: $0, context: $1) }
-      },
+      method(M.GetNodeStatus.descriptor, M.GetNodeStatus.Input.self, M.GetNodeStatus.Output.self),
+      method(M.GetInventory.descriptor, M.GetInventory.Input.self, M.GetInventory.Output.self),
+      method(M.Rescan.descriptor, M.Rescan.Input.self, M.Rescan.Output.self),
+      method(M.AllocateVF.descriptor, M.AllocateVF.Input.self, M.AllocateVF.Output.self),
+      method(M.ReleaseVF.descriptor, M.ReleaseVF.Input.self, M.ReleaseVF.Output.self),
+      method(M.AttachVF.descriptor, M.AttachVF.Input.self, M.AttachVF.Output.self),
+      method(M.DetachVF.descriptor, M.DetachVF.Input.self, M.DetachVF.Output.self),
+      method(M.Reconfigure.descriptor, M.Reconfigure.Input.self, M.Reconfigure.Output.self),
+      method(M.GetOperation.descriptor, M.GetOperation.Input.self, M.GetOperation.Output.self),
+      method(M.DrainDevice.descriptor, M.DrainDevice.Input.self, M.DrainDevice.Output.self),
+      method(M.UndrainDevice.descriptor, M.UndrainDevice.Input.self, M.UndrainDevice.Output.self),
+      method(M.RegisterContext.descriptor, M.RegisterContext.Input.self, M.RegisterContext.Output.self),
+      method(M.ListContexts.descriptor, M.ListContexts.Input.self, M.ListContexts.Output.self),
+      method(M.DeleteContext.descriptor, M.DeleteContext.Input.self, M.DeleteContext.Output.self),
+      method(M.SwitchContext.descriptor, M.SwitchContext.Input.self, M.SwitchContext.Output.self),
+      method(M.SetSharingPolicy.descriptor, M.SetSharingPolicy.Input.self, M.SetSharingPolicy.Output.self),
+      method(M.MoveContext.descriptor, M.MoveContext.Input.self, M.MoveContext.Output.self),
+      method(M.GetAuditTrail.descriptor, M.GetAuditTrail.Input.self, M.GetAuditTrail.Output.self),
+      method(M.ClearDeviceHealth.descriptor, M.ClearDeviceHealth.Input.self, M.ClearDeviceHealth.Output.self),
     ])
   }()
 }
