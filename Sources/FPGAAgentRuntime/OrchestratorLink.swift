@@ -47,61 +47,44 @@ struct OrchestratorLink: Service {
   }
 
   private func loop() async {
-    var attempt = 0
-    var status = OrchestratorLinkStatus()
-    status.address = "\(address.host):\(address.port)"
+    let clock = SystemWallClock()
+    let machine = LinkMachineBox(OrchestratorLinkMachine(address: "\(address.host):\(address.port)"))
     while !Task.isCancelled {
-      status.state = .connecting
-      status.since = SystemWallClock().now()
-      await engine.setLink(status)
-      let connected = Mutex(false)
+      await engine.setLink(
+        machine.state.withLock {
+          $0.dialing(at: clock.now()); return $0.status
+        })
       let outcome: String
-      let current = status
       do {
-        try await connect(status: current) { acknowledged in
-          connected.withLock { $0 = true }
-          var update = current
-          update.state = .connected
-          update.connections += 1
-          update.acknowledgedRevision = acknowledged
-          update.error = nil
-          return update
-        }
+        try await connect(machine: machine)
         outcome = "the orchestrator ended the stream"
       } catch {
         outcome = "\(error)"
       }
       if Task.isCancelled { break }
-      if connected.withLock({ $0 }) {
-        attempt = 0
-        status.connections += 1
+      let (next, status) = machine.state.withLock {
+        ($0.ended(outcome, at: clock.now(), jitter: Double.random(in: 0.75...1.25)), $0.status)
       }
-      status.state = .disconnected
-      status.error = outcome
-      status.since = SystemWallClock().now()
       await engine.setLink(status)
-      attempt += 1
-      let delay = Self.backoff(attempt: attempt)
+      guard case .redial(let delay) = next else { break }
       logger.warning(
         "orchestrator link down; reconnecting",
         metadata: ["fpga.orchestrator": "\(status.address)", "fpga.error": "\(outcome)", "fpga.retry_in": "\(delay)"])
       try? await Task.sleep(for: delay)
     }
-    status.state = .off
-    await engine.setLink(status)
+    await engine.setLink(
+      machine.state.withLock {
+        $0.stopped(at: clock.now()); return $0.status
+      })
   }
 
   /// 0.2 s doubling to 10 s, with ±25% jitter so a fleet does not reconnect in step.
   static func backoff(attempt: Int) -> Duration {
-    let base = min(10.0, 0.2 * Double(1 << min(attempt - 1, 10)))
-    let jitter = Double.random(in: 0.75...1.25)
-    return .milliseconds(Int64(base * jitter * 1000))
+    OrchestratorLinkMachine.backoff(attempt: attempt, jitter: Double.random(in: 0.75...1.25))
   }
 
   /// One stream, until it ends.
-  private func connect(
-    status: OrchestratorLinkStatus, onConnected: @escaping @Sendable (UInt64) -> OrchestratorLinkStatus
-  ) async throws {
+  private func connect(machine: LinkMachineBox) async throws {
     let target: any ResolvableTarget =
       address.isIPv6 ? .ipv6(address: address.host, port: address.port) : .dns(host: address.host, port: address.port)
     var config = HTTP2ClientTransport.Posix.Config.defaults
@@ -137,7 +120,11 @@ struct OrchestratorLink: Service {
               case .welcome(let welcome):
                 guard !started else { continue }
                 started = true
-                await engine.setLink(onConnected(welcome.resumeFrom))
+                let status = machine.state.withLock {
+                  $0.welcomed(resumeFrom: welcome.resumeFrom, at: SystemWallClock().now())
+                  return $0.status
+                }
+                await engine.setLink(status)
                 logger.info(
                   "orchestrator link up",
                   metadata: ["fpga.orchestrator": "\(status.address)", "fpga.epoch": "\(welcome.epoch)"])
@@ -151,9 +138,10 @@ struct OrchestratorLink: Service {
                   }
                 }
               case .ack(let ack):
-                var update = await engine.link
-                update.acknowledgedRevision = max(update.acknowledgedRevision, ack.revision)
-                await engine.setLink(update)
+                await engine.setLink(
+                  machine.state.withLock {
+                    $0.acknowledged(ack.revision); return $0.status
+                  })
               case nil:
                 continue
               }
@@ -297,4 +285,10 @@ struct OrchestratorLink: Service {
     }
     return result
   }
+}
+
+/// The link's machine, shared by the loop and the stream's handlers.
+final class LinkMachineBox: Sendable {
+  let state: Mutex<OrchestratorLinkMachine>
+  init(_ machine: OrchestratorLinkMachine) { state = Mutex(machine) }
 }
