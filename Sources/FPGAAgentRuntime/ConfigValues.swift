@@ -1,0 +1,63 @@
+import FPGACore
+
+/// An invalid configuration: each problem names its key.
+public struct ConfigError: Error, Hashable, Sendable, CustomStringConvertible {
+  public var problems: [String]
+
+  public var description: String {
+    "invalid configuration:\n" + problems.map { "  - " + $0 }.joined(separator: "\n")
+  }
+}
+
+/// A parsed `HOST:PORT`.
+public struct ListenAddress: Hashable, Sendable {
+  public var host: String
+  public var port: Int
+  public var isIPv6: Bool
+
+  /// 127.0.0.0/8, ::1 or localhost: reachable from this host only.
+  public var isLoopback: Bool {
+    host == "localhost" || host == "::1" || host.hasPrefix("127.")
+  }
+
+  public init?(_ text: String) {
+    if text.hasPrefix("[") {
+      guard let close = text.firstIndex(of: "]") else { return nil }
+      host = String(text[text.index(after: text.startIndex)..<close])
+      let rest = text[text.index(after: close)...]
+      guard rest.hasPrefix(":"), let port = Int(rest.dropFirst()) else { return nil }
+      self.port = port
+      isIPv6 = true
+    } else {
+      guard let colon = text.lastIndex(of: ":") else { return nil }
+      host = String(text[..<colon])
+      guard let port = Int(text[text.index(after: colon)...]), !host.contains(":") else { return nil }
+      self.port = port
+      isIPv6 = false
+    }
+    guard !host.isEmpty, (0...65535).contains(port) else { return nil }
+  }
+}
+
+/// What a caller may do. Each role includes the ones below it.
+public enum Role: String, Hashable, Sendable, Comparable, CaseIterable {
+  /// Status, inventory, watches, operations, contexts: reading only.
+  case viewer
+  /// Allocate, release, attach, detach; register, switch, move and delete contexts.
+  case `operator`
+  /// Everything: reconfigure, drain, undrain, sharing policies.
+  case admin
+
+  private var rank: Int { Role.allCases.firstIndex(of: self)! }
+  public static func < (lhs: Role, rhs: Role) -> Bool { lhs.rank < rhs.rank }
+}
+
+extension AgentConfig.Auth {
+  static func isIdentity(_ text: String) -> Bool {
+    if text.hasPrefix("spiffe://") { return text.count > 9 }
+    if text.hasPrefix("cn:") { return text.count > 3 }
+    if text.hasPrefix("token:") { return text.count > 6 }
+    for prefix in ["uid:", "gid:"] where text.hasPrefix(prefix) { return UInt32(text.dropFirst(4)) != nil }
+    return false
+  }
+}
