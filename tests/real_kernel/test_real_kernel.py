@@ -49,6 +49,27 @@ NESTED_QEMU_FILES = [
 ]
 
 
+# Host files libvirtd needs inside the guest to run a nested QEMU as a domain (guest-libvirt.sh):
+# the daemons and virsh (their libraries, libvirt.so.0 among them, come with them through ldd),
+# the QEMU connection driver (loaded by libvirtd as a module, with its own libraries) and the CPU
+# map the QEMU driver reads when it probes the emulator. The configuration is the guest script's.
+LIBVIRT_PROGRAMS = [
+    "/usr/sbin/libvirtd", "/usr/sbin/virtlogd", "/usr/bin/virsh",
+    "/usr/lib/x86_64-linux-gnu/libvirt/connection-driver/libvirt_driver_qemu.so",
+]
+LIBVIRT_DATA_DIRS = ["/usr/share/libvirt/cpu_map"]
+
+
+def libvirt_files():
+    """LIBVIRT_PROGRAMS and every file under LIBVIRT_DATA_DIRS; (files, missing)."""
+    missing = [path for path in LIBVIRT_PROGRAMS + LIBVIRT_DATA_DIRS if not os.path.exists(path)]
+    files = [path for path in LIBVIRT_PROGRAMS if os.path.exists(path)]
+    for directory in LIBVIRT_DATA_DIRS:
+        if os.path.isdir(directory):
+            files += sorted(str(f) for f in Path(directory).rglob("*") if f.is_file())
+    return files, missing
+
+
 def require_qemu():
     if shutil.which("qemu-system-x86_64") is None:
         pytest.skip("qemu-system-x86_64 is not installed (apt-get install qemu-system-x86): real-kernel test NOT RUN")
@@ -79,7 +100,8 @@ def run_scenario(guest_script, extra_files=(), env_extra=None, replace=None):
     require_qemu()
     with tempfile.TemporaryDirectory(prefix="fpga-real-kernel-") as work:
         binaries, script = prepare_guest(work, guest_script, replace)
-        env = dict(os.environ, MEM="1024", QEMU_TIMEOUT="600", RUN_DIR=str(Path(work) / "run"), **(env_extra or {}))
+        env = dict(os.environ, MEM="1024", QEMU_TIMEOUT="600", RUN_DIR=str(Path(work) / "run"))
+        env.update(env_extra or {})  # may override the defaults above (MEM, QEMU_TIMEOUT)
         result = subprocess.run(
             ["bash", str(HERE / "tools" / "run-in-guest.sh"), str(script), str(binaries / "fpga-agent"),
              str(binaries / "fpgactl"), *extra_files],
