@@ -145,6 +145,8 @@ step "attach through libvirt"
 run $C $S attach $ALLOC l2
 run $C $S vms
 hostdevs
+# what libvirt has marked before this script's first monitor command: the agent uses the API only
+echo "taints so far: $(grep -o 'is tainted: [a-z-]*' /var/log/libvirt/libvirtd.log | sed 's/is tainted: //' | sort -u | tr '\n' ' ')"
 pci_tree
 echo "vfio fds of L2: $(vfio_fds)"
 vfio_links

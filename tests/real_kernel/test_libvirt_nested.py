@@ -92,6 +92,9 @@ def test_attach_puts_the_vf_in_the_live_xml_and_in_qemus_pci_tree(nested):
     assert f"VF {VF} is device {alloc} in VM l2, root port pci.1" in text, text
     assert hostdevs(text) == [(f"ua-{alloc}", ("0x01", "0x00", "0x1"))], text
     assert "managed='no'" in text
+    # the agent went through libvirt's API: no custom-monitor taint before the test's own HMP use
+    taints = re.search(r"taints so far: (.*)", text).group(1).split()
+    assert "custom-monitor" not in taints and "high-privileges" in taints, taints
     # QEMU's PCI device tree (HMP info qtree through libvirt): the VF's vfio-pci device under its
     # alias, on the root port the agent chose
     assert f'QTREE bus pci.1: dev: vfio-pci, id "ua-{alloc}", host "{VF}"' in text, text
