@@ -12,6 +12,19 @@ let argumentParser = Target.Dependency.product(
 let serviceLifecycle = Target.Dependency.product(
   name: "ServiceLifecycle", package: "swift-service-lifecycle")
 
+// The runtime's modules share one dependency list (the daemon's libraries).
+let runtimeDependencies: [Target.Dependency] = [
+  "FPGACore", "FPGASimulator", "FPGALinux", "FPGAQEMU", "FPGALibvirt", "FPGAAgentAPI", "FPGAStore",
+  "FPGADevicePlugin", "FPGADRA", grpcCore,
+  grpcHTTP2, logging, serviceLifecycle, argumentParser, .product(name: "Yams", package: "Yams"),
+  .product(name: "NIOCore", package: "swift-nio"), .product(name: "NIOHTTP2", package: "swift-nio-http2"),
+  .product(name: "X509", package: "swift-certificates"), swiftProtobuf,
+  .product(name: "NIOCertificateReloading", package: "swift-nio-extras"),
+  .product(name: "Hummingbird", package: "hummingbird"),
+  .product(name: "Prometheus", package: "swift-prometheus"),
+  .product(name: "GRPCInProcessTransport", package: "grpc-swift-2"),
+]
+
 let package = Package(
   name: "fpga-agent",
   platforms: [.macOS(.v15)],
@@ -77,19 +90,21 @@ let package = Package(
         .product(name: "NIOHTTP1", package: "swift-nio"), .product(name: "Yams", package: "Yams"),
       ]
     ),
-    // The daemon's wiring: configuration, logging, servers in one ServiceGroup.
+    // The agent's settings (file, environment, flags; one declaration per key), its logging and
+    // the few host calls they need.
+    .target(name: "FPGAAgentConfig", dependencies: runtimeDependencies),
+    // What every door to the node API shares: authorization, the audit trail, metrics, and the
+    // in-process door the agent's own surfaces call through.
+    .target(name: "FPGAAgentDoors", dependencies: runtimeDependencies + ["FPGAAgentConfig"]),
+    // The web dashboard and its JSON API (Hummingbird), through the node API's door.
+    .target(name: "FPGAWebDashboard", dependencies: runtimeDependencies + ["FPGAAgentConfig", "FPGAAgentDoors"]),
+    // The orchestrator link: its connection as a state machine, its commands through the door.
+    .target(name: "FPGAOrchestratorLink", dependencies: runtimeDependencies + ["FPGAAgentConfig", "FPGAAgentDoors"]),
+    // The composition root: the daemon's services in one ServiceGroup, and its commands.
     .target(
       name: "FPGAAgentRuntime",
-      dependencies: [
-        "FPGACore", "FPGASimulator", "FPGALinux", "FPGAQEMU", "FPGALibvirt", "FPGAAgentAPI", "FPGAStore",
-        "FPGADevicePlugin", "FPGADRA", grpcCore,
-        grpcHTTP2, logging, serviceLifecycle, argumentParser, .product(name: "Yams", package: "Yams"),
-        .product(name: "NIOCore", package: "swift-nio"), .product(name: "NIOHTTP2", package: "swift-nio-http2"),
-        .product(name: "X509", package: "swift-certificates"), swiftProtobuf,
-        .product(name: "NIOCertificateReloading", package: "swift-nio-extras"),
-        .product(name: "Hummingbird", package: "hummingbird"),
-        .product(name: "Prometheus", package: "swift-prometheus"),
-        .product(name: "GRPCInProcessTransport", package: "grpc-swift-2"),
+      dependencies: runtimeDependencies + [
+        "FPGAAgentConfig", "FPGAAgentDoors", "FPGAWebDashboard", "FPGAOrchestratorLink",
       ]
     ),
     // fpgactl's subcommands, as a library so tests run them on their exact output.
@@ -106,8 +121,8 @@ let package = Package(
     .executableTarget(
       name: "FPGAAgentBenchmarks",
       dependencies: [
-        "FPGACore", "FPGASimulator", "FPGAAgentAPI", "FPGAAgentRuntime", "FPGAQEMU", "FPGAQMP", "FPGAStore", grpcCore,
-        grpcHTTP2, grpcProtobuf, swiftProtobuf, logging,
+        "FPGACore", "FPGASimulator", "FPGAAgentAPI", "FPGAAgentRuntime", "FPGAAgentConfig", "FPGAQEMU", "FPGAQMP",
+        "FPGAStore", grpcCore, grpcHTTP2, grpcProtobuf, swiftProtobuf, logging,
       ],
       path: "Benchmarks/FPGAAgentBenchmarks"
     ),
@@ -115,8 +130,8 @@ let package = Package(
     .target(
       name: "FPGATestSupport",
       dependencies: [
-        "FPGACore", "FPGALinux", "FPGASimulator", "FPGAQMP", "FPGAAgentRuntime", "FPGAAgentAPI", grpcCore, grpcHTTP2,
-        logging,
+        "FPGACore", "FPGALinux", "FPGASimulator", "FPGAQMP", "FPGAAgentRuntime", "FPGAAgentConfig", "FPGAAgentAPI",
+        grpcCore, grpcHTTP2, logging,
       ],
       path: "Tests/FPGATestSupport"
     ),
@@ -130,20 +145,23 @@ let package = Package(
     .testTarget(
       name: "FPGAAgentAPITests",
       dependencies: [
-        "FPGACore", "FPGASimulator", "FPGALinux", "FPGAQMP", "FPGAAgentAPI", "FPGAAgentRuntime", "FPGADevicePlugin",
-        "FPGATestSupport", "FPGACtlCommands", grpcCore, grpcHTTP2, logging,
+        "FPGACore", "FPGASimulator", "FPGALinux", "FPGAQMP", "FPGAAgentAPI", "FPGAAgentRuntime", "FPGAAgentConfig",
+        "FPGAAgentDoors", "FPGADevicePlugin", "FPGATestSupport", "FPGACtlCommands", grpcCore, grpcHTTP2, logging,
       ]
     ),
     .testTarget(
       name: "FPGACtlTests",
       dependencies: [
-        "FPGACtlCommands", "FPGAAgentRuntime", "FPGAAgentAPI", "FPGACore", "FPGATestSupport", grpcCore,
-        logging,
+        "FPGACtlCommands", "FPGAAgentRuntime", "FPGAAgentConfig", "FPGAAgentAPI", "FPGACore", "FPGATestSupport",
+        grpcCore, logging,
       ]
     ),
     .testTarget(
       name: "FPGAAgentRuntimeTests",
-      dependencies: ["FPGAAgentRuntime", "FPGACore", "FPGATestSupport", logging]
+      dependencies: [
+        "FPGAAgentRuntime", "FPGAAgentConfig", "FPGAAgentDoors", "FPGAWebDashboard", "FPGAOrchestratorLink",
+        "FPGACore", "FPGATestSupport", logging,
+      ]
     ),
   ]
 )

@@ -1,3 +1,4 @@
+import FPGAAgentConfig
 #if canImport(Glibc)
   import Glibc
 #endif

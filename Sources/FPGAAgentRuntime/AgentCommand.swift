@@ -1,3 +1,7 @@
+import FPGAOrchestratorLink
+import FPGAWebDashboard
+import FPGAAgentDoors
+public import FPGAAgentConfig
 public import ArgumentParser
 import FPGACore
 import FPGALinux
@@ -281,38 +285,6 @@ struct Serve: AsyncParsableCommand {
       ])
     try await runtime.run()
     logger.info("fpga-agent stopped")
-  }
-}
-
-extension AgentCommand {
-  /// `vendor=10ee,device=903f,driver=qdma-pf,address=0000:3b:00.0` (each part optional).
-  static func parseSelector(_ text: String) throws -> PFSelector {
-    var selector = PFSelector()
-    for part in text.split(separator: ",") {
-      let pieces = part.split(separator: "=", maxSplits: 1).map(String.init)
-      guard pieces.count == 2 else {
-        throw ConfigError(problems: ["--selector \(quoted(text)): \(quoted(String(part))) is not key=value"])
-      }
-      let value = pieces[1].hasPrefix("0x") ? String(pieces[1].dropFirst(2)) : pieces[1]
-      switch pieces[0] {
-      case "vendor", "device":
-        guard let number = UInt16(value, radix: 16) else {
-          throw ConfigError(problems: ["--selector \(quoted(text)): \(pieces[0]) must be 4 hex digits"])
-        }
-        if pieces[0] == "vendor" { selector.vendors.append(number) } else { selector.devices.append(number) }
-      case "driver": selector.drivers.append(pieces[1])
-      case "address":
-        guard let address = PCIAddress(pieces[1]) else {
-          throw ConfigError(problems: ["--selector \(quoted(text)): address must be DDDD:BB:DD.F"])
-        }
-        selector.pciAddresses.append(address)
-      default:
-        throw ConfigError(problems: [
-          "--selector \(quoted(text)): unknown key \(quoted(pieces[0])) (vendor, device, driver, address)"
-        ])
-      }
-    }
-    return selector
   }
 }
 

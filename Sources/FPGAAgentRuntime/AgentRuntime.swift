@@ -1,3 +1,7 @@
+import FPGAOrchestratorLink
+import FPGAWebDashboard
+import FPGAAgentDoors
+public import FPGAAgentConfig
 public import FPGAAgentAPI
 import Foundation
 public import FPGACore
@@ -21,7 +25,7 @@ import UnixSignals
 /// The daemon: the engine on its platform, the node API and health served over TCP and a Unix
 /// socket, and the periodic rescan, all in one ServiceGroup that shuts down in reverse order.
 public final class AgentRuntime: Sendable {
-  public static let version = "0.1.0"
+  public static let version = AgentVersion.current
 
   public let config: AgentConfig
   public let engine: NodeEngine

@@ -1,3 +1,7 @@
+import FPGAOrchestratorLink
+import FPGAWebDashboard
+import FPGAAgentDoors
+import FPGAAgentConfig
 import FPGAAgentAPI
 import Foundation
 import FPGACore

@@ -1,3 +1,7 @@
+import FPGAOrchestratorLink
+import FPGAWebDashboard
+import FPGAAgentDoors
+public import FPGAAgentConfig
 import FPGACore
 import FPGALinux
 import FPGASimulator

@@ -1,3 +1,7 @@
+import FPGAOrchestratorLink
+import FPGAWebDashboard
+import FPGAAgentDoors
+import FPGAAgentConfig
 #if canImport(Glibc)
   @preconcurrency import Glibc
 #elseif canImport(Darwin)

@@ -1,3 +1,5 @@
+import FPGAAgentDoors
+import FPGAAgentConfig
 import FPGAAgentAPI
 import FPGAAgentRuntime
 import FPGACore
@@ -82,7 +84,7 @@ import SwiftProtobuf
         #expect(accelerator?.metrics.overcommitRatio == 1.0)
         #expect(accelerator?.control == "simulated")
 
-        try await nodeAgent.deleteContext(.with { $0.contextID = ids["vm-a"]! })
+        _ = try await nodeAgent.deleteContext(.with { $0.contextID = ids["vm-a"]! })
         #expect(try await nodeAgent.listContexts(.init()).contexts.map(\.guest) == ["vm-b"])
         let refreshed = try await nodeAgent.getInventory(.init()).accelerators.first { $0.id == Self.accelerator }
         #expect(refreshed?.guests.map(\.guest) == ["vm-b"])
@@ -117,7 +119,7 @@ import SwiftProtobuf
         let id = await rpcFailure { _ = try await nodeAgent.switchContext(.with { $0.contextID = "../ctx" }) }
         #expect(id?.0 == .invalidArgument)
         let missing = await rpcFailure {
-          try await nodeAgent.deleteContext(.with { $0.contextID = "ctx-000000000000" })
+          _ = try await nodeAgent.deleteContext(.with { $0.contextID = "ctx-000000000000" })
         }
         #expect(missing?.0 == .notFound)
         let slice = await rpcFailure {
@@ -191,7 +193,7 @@ import SwiftProtobuf
     }
     // A planted link that leads out of the tree is refused at start.
     let outside = NSTemporaryDirectory() + "outside-" + UUID().uuidString.prefix(6)
-    FileManager.default.createFile(atPath: outside, contents: Data(count: 8192))
+    _ = FileManager.default.createFile(atPath: outside, contents: Data(count: 8192))
     try? FileManager.default.removeItem(atPath: tree.sysRoot + "/devices/pci0000:00/0000:3b:00.1/resource2")
     try FileManager.default.createSymbolicLink(
       atPath: tree.sysRoot + "/devices/pci0000:00/0000:3b:00.1/resource2", withDestinationPath: outside)

@@ -1,3 +1,5 @@
+import FPGAAgentDoors
+import FPGAAgentConfig
 import FPGAAgentAPI
 import FPGAAgentRuntime
 import FPGACore

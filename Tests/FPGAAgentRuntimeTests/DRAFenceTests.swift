@@ -1,3 +1,7 @@
+import FPGAOrchestratorLink
+import FPGAWebDashboard
+import FPGAAgentDoors
+import FPGAAgentConfig
 @testable import FPGAAgentRuntime
 import Synchronization
 import Testing

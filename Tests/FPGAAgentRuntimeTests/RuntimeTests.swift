@@ -1,3 +1,7 @@
+import FPGAOrchestratorLink
+import FPGAWebDashboard
+import FPGAAgentDoors
+import FPGAAgentConfig
 import FPGAAgentRuntime
 import FPGACore
 import FPGATestSupport
@@ -42,7 +46,7 @@ import Testing
       #expect(throws: SystemCalls.Failure.self) { try AgentRuntime(config: clash, logger: Logger(label: "t")) }
     }
     // A file that is not a socket is never removed.
-    FileManager.default.createFile(atPath: directory + "/agent.sock", contents: Data("keep".utf8))
+    _ = FileManager.default.createFile(atPath: directory + "/agent.sock", contents: Data("keep".utf8))
     #expect(throws: SystemCalls.Failure.self) {
       try AgentRuntime(config: config(in: directory), logger: Logger(label: "t"))
     }

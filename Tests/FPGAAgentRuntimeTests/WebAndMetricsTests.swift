@@ -1,3 +1,7 @@
+import FPGAOrchestratorLink
+import FPGAWebDashboard
+import FPGAAgentDoors
+import FPGAAgentConfig
 import FPGACore
 import FPGATestSupport
 import Foundation

@@ -1,3 +1,4 @@
+import FPGAAgentConfig
 import FPGAAgentRuntime
 import FPGACore
 import FPGACtlCommands

@@ -1,4 +1,4 @@
-public import FPGACore
+import FPGACore
 public import FPGALinux
 public import FPGASimulator
 import Foundation
@@ -48,8 +48,8 @@ public final class FakeKernelSysfs: Sysfs, @unchecked Sendable {
     ] {
       try FileManager.default.createDirectory(atPath: directory + "/" + folder, withIntermediateDirectories: true)
     }
-    FileManager.default.createFile(atPath: devRoot + "/vfio/vfio", contents: nil)
-    FileManager.default.createFile(atPath: sysRoot + "/bus/pci/drivers_probe", contents: nil)
+    _ = FileManager.default.createFile(atPath: devRoot + "/vfio/vfio", contents: nil)
+    _ = FileManager.default.createFile(atPath: sysRoot + "/bus/pci/drivers_probe", contents: nil)
     node = SimulatedNode(
       functions: pfs.map { pf in
         var pf = pf
@@ -140,7 +140,7 @@ public final class FakeKernelSysfs: Sysfs, @unchecked Sendable {
     let folder = sysRoot + "/bus/pci/drivers/" + name
     try FileManager.default.createDirectory(atPath: folder, withIntermediateDirectories: true)
     for file in ["bind", "unbind", "new_id"] where !FileManager.default.fileExists(atPath: folder + "/" + file) {
-      FileManager.default.createFile(atPath: folder + "/" + file, contents: nil)
+      _ = FileManager.default.createFile(atPath: folder + "/" + file, contents: nil)
     }
   }
 

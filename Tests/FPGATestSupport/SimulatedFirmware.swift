@@ -26,7 +26,7 @@ public final class SimulatedFirmware: @unchecked Sendable {
     self.fixed = fixed
     self.bytesPerSecond = bytesPerSecond
     length = slots * AcceleratorRegisters.windowSize
-    FileManager.default.createFile(atPath: path, contents: Data(count: length))
+    _ = FileManager.default.createFile(atPath: path, contents: Data(count: length))
     let fd = open(path, O_RDWR)
     guard fd >= 0, let mapped = mmap(nil, length, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0), mapped != MAP_FAILED
     else {

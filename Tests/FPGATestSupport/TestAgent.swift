@@ -1,3 +1,4 @@
+public import FPGAAgentConfig
 public import FPGAAgentAPI
 public import FPGAAgentRuntime
 public import FPGACore

@@ -34,7 +34,7 @@ SHOTS = ROOT / "docs" / "screenshots"
 RULES = ROOT / "deploy" / "prometheus" / "fpga-agent-rules.yaml"
 RULE_TESTS = ROOT / "deploy" / "prometheus" / "fpga-agent-rules.test.yaml"
 GRAFANA = ROOT / "deploy" / "grafana" / "fpga-agent-dashboard.json"
-METRICS_SOURCE = ROOT / "Sources" / "FPGAAgentRuntime" / "Metrics.swift"
+METRICS_SOURCE = ROOT / "Sources" / "FPGAAgentDoors" / "Metrics.swift"
 IN_CI = bool(os.environ.get("CI"))
 
 # The HTTP status of each gRPC code on the JSON endpoints (docs/operations.md, "Dashboard and metrics").
@@ -174,7 +174,7 @@ def key(prefix="t"):
 
 
 def test_embedded_page_is_in_sync():
-    """Sources/FPGAAgentRuntime/DashboardPage.swift is scripts/embed-web's output for web/dashboard.html."""
+    """Sources/FPGAWebDashboard/DashboardPage.swift is scripts/embed-web's output for web/dashboard.html."""
     result = subprocess.run([str(ROOT / "scripts" / "embed-web"), "--check"], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr + "\n(run scripts/embed-web)"
 
@@ -620,7 +620,7 @@ def test_guest_series_go_with_the_guest(web):
 
 
 def catalog():
-    """The metric names the agent makes (Sources/FPGAAgentRuntime/Metrics.swift, one catalog), with the
+    """The metric names the agent makes (Sources/FPGAAgentDoors/Metrics.swift, one catalog), with the
     series names of histograms."""
     source = METRICS_SOURCE.read_text()
     names = set(re.findall(r'name:\s*"((?:fpga|grpc)_[a-z0-9_]+)"', source))

@@ -1,5 +1,5 @@
 import FPGACore
-import FPGALinux
+package import FPGALinux
 import FPGASimulator
 import Logging
 import Foundation
@@ -40,18 +40,36 @@ public struct ConfigKey {
   public let flags: [String]
   /// The default as documented, when it depends on the host (else `show(AgentConfig())`).
   public let documentedDefault: String?
-  let read: (Any, String, ConfigReader, inout AgentConfig) -> Void
+  package let read: (Any, String, ConfigReader, inout AgentConfig) -> Void
   /// Applies text (environment, flag, `--set`); returns a problem, or nil. Nil: file only.
-  let parse: ((String, inout AgentConfig) -> String?)?
+  package let parse: ((String, inout AgentConfig) -> String?)?
   /// A problem with the value (its range, its choices), or nil.
-  let check: (AgentConfig) -> String?
+  package let check: (AgentConfig) -> String?
   public let show: (AgentConfig) -> String
 
   public var defaultText: String { documentedDefault ?? show(AgentConfig()) }
+
+  package init(
+    path: String, type: String, doc: String, environment: String?, flags: [String], documentedDefault: String?,
+    read: @escaping (Any, String, ConfigReader, inout AgentConfig) -> Void,
+    parse: ((String, inout AgentConfig) -> String?)?, check: @escaping (AgentConfig) -> String?,
+    show: @escaping (AgentConfig) -> String
+  ) {
+    self.path = path
+    self.type = type
+    self.doc = doc
+    self.environment = environment
+    self.flags = flags
+    self.documentedDefault = documentedDefault
+    self.read = read
+    self.parse = parse
+    self.check = check
+    self.show = show
+  }
 }
 
 extension ConfigKey {
-  static func string(
+  package static func string(
     _ path: String, _ field: WritableKeyPath<AgentConfig, String>, env: String? = nil, flags: [String] = [],
     default documented: String? = nil, absolutePath: Bool = false, _ doc: String
   ) -> ConfigKey {
@@ -71,7 +89,7 @@ extension ConfigKey {
       show: { $0[keyPath: field] })
   }
 
-  static func int(
+  package static func int(
     _ path: String, _ field: WritableKeyPath<AgentConfig, Int>, _ range: ClosedRange<Int>, env: String? = nil,
     flags: [String] = [], _ doc: String
   ) -> ConfigKey {
@@ -92,7 +110,7 @@ extension ConfigKey {
       show: { String($0[keyPath: field]) })
   }
 
-  static func bool(
+  package static func bool(
     _ path: String, _ field: WritableKeyPath<AgentConfig, Bool>, env: String? = nil, flags: [String] = [],
     _ doc: String
   ) -> ConfigKey {
@@ -110,7 +128,7 @@ extension ConfigKey {
       show: { String($0[keyPath: field]) })
   }
 
-  static func choice<Value: RawRepresentable & CaseIterable>(
+  package static func choice<Value: RawRepresentable & CaseIterable>(
     _ path: String, _ field: WritableKeyPath<AgentConfig, Value>, env: String? = nil, flags: [String] = [],
     _ doc: String
   ) -> ConfigKey where Value.RawValue == String {
@@ -133,7 +151,7 @@ extension ConfigKey {
   }
 
   /// A value read by its own reader (lists, mappings), file only unless `parse` is given.
-  static func custom<Value>(
+  package static func custom<Value>(
     _ path: String, _ field: WritableKeyPath<AgentConfig, Value>, type: String, flags: [String] = [],
     env: String? = nil, default documented: String? = nil, _ doc: String,
     read: @escaping (ConfigReader, Any, String) -> Value?,
@@ -290,7 +308,7 @@ public enum ConfigKeys {
         read: { reader, value, path in reader.selectors(value, path) },
         parse: { text, config in
           do {
-            config.linux.selectors = try text.split(separator: ";").map { try AgentCommand.parseSelector(String($0)) }
+            config.linux.selectors = try text.split(separator: ";").map { try PFSelector.parse(String($0)) }
             return nil
           } catch let error as ConfigError {
             return error.problems.joined(separator: "; ")
@@ -514,7 +532,7 @@ public enum ConfigKeys {
     ]
   }
 
-  static func key(_ path: String) -> ConfigKey? { all.first { $0.path == path } }
+  package static func key(_ path: String) -> ConfigKey? { all.first { $0.path == path } }
 
   /// The key table of docs/operations.md.
   public static var markdownTable: String {
@@ -544,11 +562,16 @@ public struct ResolvedConfig: Sendable {
       return "\(key.path): \(value.isEmpty ? "\"\"" : value)  # \(sources[key.path] ?? .default)"
     }.joined(separator: "\n")
   }
+
+  package init(config: AgentConfig, sources: [String: ConfigSource]) {
+    self.config = config
+    self.sources = sources
+  }
 }
 
 extension PFSelector {
   /// As `--selector` takes it.
-  var text: String {
+  package var text: String {
     (vendors.map { "vendor=\(hex(Int($0), width: 4))" } + devices.map { "device=\(hex(Int($0), width: 4))" }
       + drivers.map { "driver=\($0)" } + pciAddresses.map { "address=\($0)" }).joined(separator: ",")
   }

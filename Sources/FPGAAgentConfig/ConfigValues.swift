@@ -1,4 +1,10 @@
 import FPGACore
+package import FPGALinux
+
+/// The agent's version, as every surface reports it.
+package enum AgentVersion {
+  package static let current = "0.1.0"
+}
 
 /// An invalid configuration: each problem names its key.
 public struct ConfigError: Error, Hashable, Sendable, CustomStringConvertible {
@@ -6,6 +12,10 @@ public struct ConfigError: Error, Hashable, Sendable, CustomStringConvertible {
 
   public var description: String {
     "invalid configuration:\n" + problems.map { "  - " + $0 }.joined(separator: "\n")
+  }
+
+  package init(problems: [String]) {
+    self.problems = problems
   }
 }
 
@@ -37,6 +47,12 @@ public struct ListenAddress: Hashable, Sendable {
     }
     guard !host.isEmpty, (0...65535).contains(port) else { return nil }
   }
+
+  package init(host: String, port: Int, isIPv6: Bool) {
+    self.host = host
+    self.port = port
+    self.isIPv6 = isIPv6
+  }
 }
 
 /// What a caller may do. Each role includes the ones below it.
@@ -53,11 +69,43 @@ public enum Role: String, Hashable, Sendable, Comparable, CaseIterable {
 }
 
 extension AgentConfig.Auth {
-  static func isIdentity(_ text: String) -> Bool {
+  package static func isIdentity(_ text: String) -> Bool {
     if text.hasPrefix("spiffe://") { return text.count > 9 }
     if text.hasPrefix("cn:") { return text.count > 3 }
     if text.hasPrefix("token:") { return text.count > 6 }
     for prefix in ["uid:", "gid:"] where text.hasPrefix(prefix) { return UInt32(text.dropFirst(4)) != nil }
     return false
+  }
+}
+
+extension PFSelector {
+  /// `vendor=10ee,device=903f,driver=qdma-pf,address=0000:3b:00.0` (each part optional).
+  package static func parse(_ text: String) throws -> PFSelector {
+    var selector = PFSelector()
+    for part in text.split(separator: ",") {
+      let pieces = part.split(separator: "=", maxSplits: 1).map(String.init)
+      guard pieces.count == 2 else {
+        throw ConfigError(problems: ["--selector \(quoted(text)): \(quoted(String(part))) is not key=value"])
+      }
+      let value = pieces[1].hasPrefix("0x") ? String(pieces[1].dropFirst(2)) : pieces[1]
+      switch pieces[0] {
+      case "vendor", "device":
+        guard let number = UInt16(value, radix: 16) else {
+          throw ConfigError(problems: ["--selector \(quoted(text)): \(pieces[0]) must be 4 hex digits"])
+        }
+        if pieces[0] == "vendor" { selector.vendors.append(number) } else { selector.devices.append(number) }
+      case "driver": selector.drivers.append(pieces[1])
+      case "address":
+        guard let address = PCIAddress(pieces[1]) else {
+          throw ConfigError(problems: ["--selector \(quoted(text)): address must be DDDD:BB:DD.F"])
+        }
+        selector.pciAddresses.append(address)
+      default:
+        throw ConfigError(problems: [
+          "--selector \(quoted(text)): unknown key \(quoted(pieces[0])) (vendor, device, driver, address)"
+        ])
+      }
+    }
+    return selector
   }
 }

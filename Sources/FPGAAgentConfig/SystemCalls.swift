@@ -4,7 +4,7 @@
   // on the build's file order, so this file imports both. Standard error and clock formatting are
   // here and nowhere else in the module (SystemdNotify.swift uses Glibc for its socket only).
   @preconcurrency public import CoreFoundation
-  @preconcurrency public import Glibc
+  @preconcurrency import Glibc
 #elseif canImport(Darwin)
   public import Darwin
 #endif
@@ -19,6 +19,12 @@ public enum SystemCalls {
 
     public var description: String {
       "\(operation) \(path): \(String(cString: strerror(errno))) (errno \(errno))"
+    }
+
+    package init(operation: String, path: String, errno: Int32) {
+      self.operation = operation
+      self.path = path
+      self.errno = errno
     }
   }
 
@@ -209,7 +215,7 @@ public enum SystemCalls {
     if lstat(path, &info) == 0, (info.st_mode & S_IFMT) == S_IFSOCK { unlink(path) }
   }
 
-  static func unixSocketAcceptsConnections(_ path: String) -> Bool {
+  package static func unixSocketAcceptsConnections(_ path: String) -> Bool {
     let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
     guard fd >= 0 else { return false }
     defer { close(fd) }

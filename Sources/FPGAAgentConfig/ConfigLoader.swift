@@ -1,6 +1,6 @@
 import FPGACore
-import FPGALinux
-import FPGASimulator
+package import FPGALinux
+package import FPGASimulator
 import Yams
 
 /// Builds an `AgentConfig` from its sources, in order: defaults, YAML file, environment.
@@ -13,7 +13,7 @@ public enum ConfigLoader {
     try apply(yaml: yaml, source: source, to: &config, sources: &sources)
   }
 
-  static func apply(
+  package static func apply(
     yaml: String, source: String, to config: inout AgentConfig, sources: inout [String: ConfigSource]
   ) throws(ConfigError) {
     let root: Any?
@@ -59,7 +59,7 @@ public enum ConfigLoader {
     try apply(environment: environment, to: &config, sources: &sources)
   }
 
-  static func apply(
+  package static func apply(
     environment: [String: String], to config: inout AgentConfig, sources: inout [String: ConfigSource]
   ) throws(ConfigError) {
     var problems: [String] = []
@@ -75,7 +75,7 @@ public enum ConfigLoader {
   }
 
   /// `KEY=VALUE` settings (`--set`), in order.
-  static func apply(settings: [String], to config: inout AgentConfig, sources: inout [String: ConfigSource])
+  package static func apply(settings: [String], to config: inout AgentConfig, sources: inout [String: ConfigSource])
     throws(ConfigError)
   {
     var problems: [String] = []
@@ -105,16 +105,16 @@ public enum ConfigLoader {
 }
 
 /// Walks YAML values, collecting a problem per bad key instead of stopping at the first.
-final class ConfigReader {
-  var problems: [String]
+package final class ConfigReader {
+  package var problems: [String]
 
-  init(problems: [String]) { self.problems = problems }
+  package init(problems: [String]) { self.problems = problems }
 
-  func unknown(_ path: String) {
+  package func unknown(_ path: String) {
     problems.append("unknown key \(path)")
   }
 
-  func mapping(_ value: Any, _ path: String, _ body: (String, Any, String) -> Void) {
+  package func mapping(_ value: Any, _ path: String, _ body: (String, Any, String) -> Void) {
     guard let map = value as? [String: Any] else {
       problems.append("\(path) must be a mapping")
       return
@@ -122,27 +122,27 @@ final class ConfigReader {
     for (key, value) in map.sorted(by: { $0.key < $1.key }) { body(key, value, path + "." + key) }
   }
 
-  func string(_ value: Any, _ path: String) -> String? {
+  package func string(_ value: Any, _ path: String) -> String? {
     if let text = value as? String { return text }
     if let number = value as? Int { return String(number) }
     problems.append("\(path) must be a string")
     return nil
   }
 
-  func int(_ value: Any, _ path: String) -> Int? {
+  package func int(_ value: Any, _ path: String) -> Int? {
     if let number = value as? Int { return number }
     if let text = value as? String, let number = Int(text) { return number }
     problems.append("\(path) must be a whole number")
     return nil
   }
 
-  func bool(_ value: Any, _ path: String) -> Bool? {
+  package func bool(_ value: Any, _ path: String) -> Bool? {
     if let flag = value as? Bool { return flag }
     problems.append("\(path) must be true or false")
     return nil
   }
 
-  func roles(_ value: Any, _ path: String) -> [String: Role]? {
+  package func roles(_ value: Any, _ path: String) -> [String: Role]? {
     var roles: [String: Role] = [:]
     mapping(value, path) { identity, value, path in
       guard let text = string(value, path) else { return }
@@ -155,7 +155,7 @@ final class ConfigReader {
   }
 
   /// A list of PCI addresses (`DDDD:BB:DD.F`).
-  func addresses(_ value: Any, _ path: String) -> [String]? {
+  package func addresses(_ value: Any, _ path: String) -> [String]? {
     guard let list = value as? [Any] else {
       problems.append("\(path) must be a list of PCI addresses (DDDD:BB:DD.F)")
       return nil
@@ -172,7 +172,7 @@ final class ConfigReader {
     return found
   }
 
-  func ints(_ value: Any, _ path: String) -> [Int]? {
+  package func ints(_ value: Any, _ path: String) -> [Int]? {
     guard let list = value as? [Any] else {
       problems.append("\(path) must be a list of whole numbers")
       return nil
@@ -182,7 +182,7 @@ final class ConfigReader {
   }
 
   /// A number given as an integer, or as hex text like "3b" / "0x3b".
-  func hexByte(_ value: Any, _ path: String, limit: Int) -> Int? {
+  package func hexByte(_ value: Any, _ path: String, limit: Int) -> Int? {
     var number: Int?
     if let int = value as? Int { number = int }
     if let text = value as? String {
@@ -195,7 +195,7 @@ final class ConfigReader {
     return number
   }
 
-  func selectors(_ value: Any, _ path: String) -> [PFSelector]? {
+  package func selectors(_ value: Any, _ path: String) -> [PFSelector]? {
     guard let list = value as? [Any] else {
       problems.append("\(path) must be a list of selectors")
       return nil
@@ -232,7 +232,7 @@ final class ConfigReader {
     return selectors
   }
 
-  func pools(_ value: Any, _ path: String) -> [AgentConfig.Kubernetes.Pool]? {
+  package func pools(_ value: Any, _ path: String) -> [AgentConfig.Kubernetes.Pool]? {
     guard let list = value as? [Any] else {
       problems.append("\(path) must be a list of {resource, pfs}")
       return nil
@@ -252,7 +252,7 @@ final class ConfigReader {
     }
   }
 
-  func barAccelerators(_ value: Any, _ path: String) -> [AgentConfig.BARAccelerator]? {
+  package func barAccelerators(_ value: Any, _ path: String) -> [AgentConfig.BARAccelerator]? {
     guard let list = value as? [Any] else {
       problems.append("\(path) must be a list of {pf, bar, slot}")
       return nil
@@ -271,7 +271,7 @@ final class ConfigReader {
     }
   }
 
-  func workloads(_ value: Any, _ path: String) -> [AgentConfig.Workload]? {
+  package func workloads(_ value: Any, _ path: String) -> [AgentConfig.Workload]? {
     guard let list = value as? [Any] else {
       problems.append("\(path) must be a list of workloads")
       return nil
@@ -294,7 +294,7 @@ final class ConfigReader {
     }
   }
 
-  func vms(_ value: Any, _ path: String) -> [SimulatedHypervisor.VM]? {
+  package func vms(_ value: Any, _ path: String) -> [SimulatedHypervisor.VM]? {
     guard let list = value as? [Any] else {
       problems.append("\(path) must be a list of VMs")
       return nil
@@ -314,7 +314,7 @@ final class ConfigReader {
     }
   }
 
-  func cards(_ value: Any, _ path: String) -> [SimulatorConfig.Card]? {
+  package func cards(_ value: Any, _ path: String) -> [SimulatorConfig.Card]? {
     guard let list = value as? [Any] else {
       problems.append("\(path) must be a list of cards")
       return nil

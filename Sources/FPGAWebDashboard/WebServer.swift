@@ -1,22 +1,24 @@
-import FPGAAgentAPI
-import FPGACore
+package import FPGAAgentDoors
+package import FPGAAgentConfig
+package import FPGAAgentAPI
+package import FPGACore
 import Foundation
-import GRPCCore
+package import GRPCCore
 import GRPCProtobuf
-import Hummingbird
-import Logging
+package import Hummingbird
+package import Logging
 import NIOCore
 import ServiceLifecycle
-import SwiftProtobuf
+package import SwiftProtobuf
 
 /// The agent's HTTP listener (`http.listen`): the dashboard page, `/metrics`, `/healthz`, and the
 /// JSON endpoints the page calls. Every JSON call goes through the node API's door (`NodeDoor`):
 /// the same handlers and interceptors as a gRPC caller's, so validation, idempotency, roles,
 /// deadlines, audit and error messages are the gRPC API's. The HTTP side only authenticates the
 /// caller (basic or bearer tokens) and translates JSON.
-enum WebServer {
+package enum WebServer {
   /// Builds the Hummingbird application, to run as a service of the agent's group.
-  static func application(
+  package static func application(
     listen: ListenAddress, config: AgentConfig, engine: NodeEngine, service: NodeAgentService, door: NodeDoor,
     metrics: AgentMetrics, audit: AuditLog, logger: Logger,
     onListening: @escaping @Sendable (Int) async -> Void = { _ in }
@@ -84,32 +86,32 @@ enum WebServer {
 }
 
 /// A request's context: Hummingbird's core, and the peer's address.
-struct WebContext: RequestContext {
-  var coreContext: CoreRequestContextStorage
-  let peer: String
+package struct WebContext: RequestContext {
+  package var coreContext: CoreRequestContextStorage
+  package let peer: String
 
-  init(source: ApplicationRequestContextSource) {
+  package init(source: ApplicationRequestContextSource) {
     coreContext = .init(source: source)
     peer = source.channel.remoteAddress?.ipAddress ?? "local"
   }
 
   /// JSON requests are small; the node API caps its own at `server.max_request_bytes`.
-  var maxUploadSize: Int { 1 << 20 }
+  package var maxUploadSize: Int { 1 << 20 }
 }
 
 /// Who is calling over HTTP: a token (HTTP Basic, user = the token's name, password = the
 /// token; or `Authorization: Bearer TOKEN`) from `auth.token_file`, whose identity
 /// `token:NAME` maps to a role in `auth.roles`; else, on a loopback listener,
 /// `auth.plaintext_role`.
-struct WebAccess: Sendable {
-  let auth: AgentConfig.Auth
+package struct WebAccess: Sendable {
+  package let auth: AgentConfig.Auth
   /// Token → its name.
-  let tokens: [String: String]
-  let plaintextAllowed: Bool
+  package let tokens: [String: String]
+  package let plaintextAllowed: Bool
 
   /// Reads `TOKEN,NAME` lines (the Kubernetes static token file's first two columns); `#`
   /// starts a comment.
-  static func tokens(file: String) throws -> [String: String] {
+  package static func tokens(file: String) throws -> [String: String] {
     guard !file.isEmpty else { return [:] }
     guard let text = try SystemCalls.readFile(file) else {
       throw ConfigError(problems: ["auth.token_file \(quoted(file)) does not exist"])
@@ -129,9 +131,9 @@ struct WebAccess: Sendable {
     return tokens
   }
 
-  enum Failure: Error { case unauthenticated(String) }
+  package enum Failure: Error { case unauthenticated(String) }
 
-  func caller(authorization: String?, peer: String) throws(Failure) -> Caller {
+  package func caller(authorization: String?, peer: String) throws(Failure) -> Caller {
     guard let authorization else {
       guard plaintextAllowed else {
         throw .unauthenticated("no credentials: log in with a token from auth.token_file (HTTP Basic or Bearer)")
@@ -165,31 +167,42 @@ struct WebAccess: Sendable {
     }
     return found
   }
+
+  package init(auth: AgentConfig.Auth, tokens: [String: String], plaintextAllowed: Bool) {
+    self.auth = auth
+    self.tokens = tokens
+    self.plaintextAllowed = plaintextAllowed
+  }
 }
 
 /// The JSON endpoints.
-struct WebAPI: Sendable {
-  let engine: NodeEngine
+package struct WebAPI: Sendable {
+  package let engine: NodeEngine
   /// For the page's own reads (the state it starts from).
-  let service: NodeAgentService
+  package let service: NodeAgentService
   /// Every JSON method call.
-  let door: NodeDoor
-  let metrics: AgentMetrics
-  let audit: AuditLog
-  let access: WebAccess
-  let deadline: Duration?
+  package let door: NodeDoor
+  package let metrics: AgentMetrics
+  package let audit: AuditLog
+  package let access: WebAccess
+  package let deadline: Duration?
 
   /// Only the agent's own page, scripts and styles; no frames, no other origins.
-  static let csp =
+  package static let csp =
     "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src 'self' data:; "
     + "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
 
-  struct Problem: Error {
-    var code: RPCError.Code
-    var message: String
+  package struct Problem: Error {
+    package var code: RPCError.Code
+    package var message: String
+
+    package init(code: RPCError.Code, message: String) {
+      self.code = code
+      self.message = message
+    }
   }
 
-  func caller(_ request: Request, _ context: WebContext) throws -> Caller {
+  package func caller(_ request: Request, _ context: WebContext) throws -> Caller {
     do {
       return try access.caller(authorization: request.headers[.authorization], peer: context.peer)
     } catch .unauthenticated(let message) {
@@ -199,7 +212,7 @@ struct WebAPI: Sendable {
     }
   }
 
-  func authorize(_ request: Request, _ context: WebContext, needs: Role) throws {
+  package func authorize(_ request: Request, _ context: WebContext, needs: Role) throws {
     let caller = try caller(request, context)
     guard let role = caller.role else {
       throw HTTPError(.forbidden, message: "\(caller.identity) has no role on this agent; map it in auth.roles")
@@ -211,7 +224,7 @@ struct WebAPI: Sendable {
   }
 
   /// The page's model: status, inventory, contexts and recent operations at one moment.
-  func state() async throws -> String {
+  package func state() async throws -> String {
     let context = Self.context(Fpga_Agent_V1_NodeAgent.Method.GetInventory.descriptor, peer: "dashboard")
     let status = try await service.getNodeStatus(request: .init(), context: context)
     let inventory = try await service.getInventory(request: .init(), context: context)
@@ -223,7 +236,7 @@ struct WebAPI: Sendable {
 
   /// Server-sent events: `revision` on every inventory change (or `operation` records of one
   /// operation, until it ends), `: ping` every 15 s; ends at shutdown.
-  func events(operation: String?) -> Response {
+  package func events(operation: String?) -> Response {
     let engine = engine
     let body = ResponseBody { writer in
       let (stream, feed) = AsyncStream.makeStream(of: String.self, bufferingPolicy: .bufferingNewest(512))
@@ -280,7 +293,7 @@ struct WebAPI: Sendable {
   /// `POST /api/rpc/METHOD`: the request message as protobuf JSON in, the response out; errors
   /// as `{"code": "...", "message": "..."}` with the gRPC status's HTTP equivalent. The call
   /// goes through the node API's door as the authenticated caller (transport `http`).
-  func call(_ request: Request, _ context: WebContext, method: String) async -> Response {
+  package func call(_ request: Request, _ context: WebContext, method: String) async -> Response {
     let started = ContinuousClock.now
     var caller: Caller?
     var requestJSON: String?
@@ -327,7 +340,7 @@ struct WebAPI: Sendable {
     }
   }
 
-  static func problem(_ error: any Error) -> Problem {
+  package static func problem(_ error: any Error) -> Problem {
     switch error {
     case let problem as Problem: return problem
     case let error as AgentError: return Problem(code: error.rpcErrorCode, message: error.rpcErrorMessage)
@@ -341,7 +354,7 @@ struct WebAPI: Sendable {
     }
   }
 
-  static func status(_ code: RPCError.Code) -> HTTPResponse.Status {
+  package static func status(_ code: RPCError.Code) -> HTTPResponse.Status {
     switch code {
     case .invalidArgument, .outOfRange: .badRequest
     case .unauthenticated: .unauthorized
@@ -357,32 +370,40 @@ struct WebAPI: Sendable {
     }
   }
 
-  static func json(_ text: String, status: HTTPResponse.Status = .ok) -> Response {
+  package static func json(_ text: String, status: HTTPResponse.Status = .ok) -> Response {
     Response(
       status: status, headers: [.contentType: "application/json", .cacheControl: "no-store"],
       body: .init(byteBuffer: ByteBuffer(string: text)))
   }
 
   /// A JSON string literal.
-  static func quote(_ text: String) -> String {
+  package static func quote(_ text: String) -> String {
     guard let data = try? JSONSerialization.data(withJSONObject: [text]),
       let array = String(data: data, encoding: .utf8)
     else { return "\"\"" }
     return String(array.dropFirst().dropLast())
   }
 
-  static func context(_ descriptor: MethodDescriptor, peer: String) -> ServerContext {
+  package static func context(_ descriptor: MethodDescriptor, peer: String) -> ServerContext {
     ServerContext(descriptor: descriptor, remotePeer: peer, localPeer: "http", cancellation: .init())
   }
 
   /// One JSON method: its descriptor and how to call it through the door.
-  struct Method: Sendable {
-    let descriptor: MethodDescriptor
-    let run: @Sendable (NodeDoor, String, Metadata, CallOptions) async throws -> String
+  package struct Method: Sendable {
+    package let descriptor: MethodDescriptor
+    package let run: @Sendable (NodeDoor, String, Metadata, CallOptions) async throws -> String
+
+    package init(
+      descriptor: MethodDescriptor,
+      run: @escaping @Sendable (NodeDoor, String, Metadata, CallOptions) async throws -> String
+    ) {
+      self.descriptor = descriptor
+      self.run = run
+    }
   }
 
   /// A unary method of the node API, called with the request decoded from JSON.
-  static func method<Input: SwiftProtobuf.Message, Output: SwiftProtobuf.Message>(
+  package static func method<Input: SwiftProtobuf.Message, Output: SwiftProtobuf.Message>(
     _ descriptor: MethodDescriptor, _: Input.Type, _: Output.Type
   ) -> (String, Method) {
     (
@@ -398,7 +419,7 @@ struct WebAPI: Sendable {
     )
   }
 
-  static let methods: [String: Method] = {
+  package static let methods: [String: Method] = {
     typealias M = Fpga_Agent_V1_NodeAgent.Method
     return Dictionary(uniqueKeysWithValues: [
       method(M.GetNodeStatus.descriptor, M.GetNodeStatus.Input.self, M.GetNodeStatus.Output.self),
@@ -422,4 +443,17 @@ struct WebAPI: Sendable {
       method(M.ClearDeviceHealth.descriptor, M.ClearDeviceHealth.Input.self, M.ClearDeviceHealth.Output.self),
     ])
   }()
+
+  package init(
+    engine: NodeEngine, service: NodeAgentService, door: NodeDoor, metrics: AgentMetrics, audit: AuditLog,
+    access: WebAccess, deadline: Duration?
+  ) {
+    self.engine = engine
+    self.service = service
+    self.door = door
+    self.metrics = metrics
+    self.audit = audit
+    self.access = access
+    self.deadline = deadline
+  }
 }

@@ -8,8 +8,8 @@ public struct AgentLogHandler: LogHandler {
   public var metadata: Logger.Metadata = [:]
   public var logLevel: Logger.Level
   public var metadataProvider: Logger.MetadataProvider?
-  let label: String
-  let format: Format
+  package let label: String
+  package let format: Format
 
   public init(label: String, level: Logger.Level, format: Format) {
     self.label = label
@@ -45,13 +45,13 @@ public struct AgentLogHandler: LogHandler {
     SystemCalls.writeStandardError(line + "\n")
   }
 
-  static func textValue(_ value: Logger.MetadataValue) -> String {
+  package static func textValue(_ value: Logger.MetadataValue) -> String {
     let text = "\(value)"
     return text.contains(" ") || text.isEmpty ? json(text) : text
   }
 
   /// A JSON string literal.
-  static func json(_ text: String) -> String {
+  package static func json(_ text: String) -> String {
     var out = "\""
     for scalar in text.unicodeScalars {
       switch scalar {
@@ -71,5 +71,5 @@ public struct AgentLogHandler: LogHandler {
   }
 
   /// UTC time with milliseconds, RFC 3339.
-  static func timestamp() -> String { SystemCalls.rfc3339(SystemWallClock().now()) }
+  package static func timestamp() -> String { SystemCalls.rfc3339(SystemWallClock().now()) }
 }

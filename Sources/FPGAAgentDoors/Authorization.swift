@@ -1,10 +1,11 @@
-import FPGAAgentAPI
-import FPGACore
+package import FPGAAgentConfig
+package import FPGAAgentAPI
+package import FPGACore
 import Foundation
-import GRPCCore
+package import GRPCCore
 import GRPCNIOTransportHTTP2
-import NIOCore
-import NIOHTTP2
+package import NIOCore
+package import NIOHTTP2
 import Synchronization
 import SwiftProtobuf
 import X509
@@ -12,20 +13,26 @@ import NIOHPACK
 import CoreFoundation
 
 /// Who is calling, as the agent sees it, and what it may do.
-struct Caller: Sendable {
+package struct Caller: Sendable {
   /// `spiffe://…`, `cn:NAME`, `uid:N`, `plaintext:PEER`, `orchestrator:ADDRESS`, `kubelet`,
   /// `in-process`.
-  var identity: String
+  package var identity: String
   /// `tcp-tls`, `tcp-plaintext`, `unix`, `link`, `device-plugin`, `in-process`.
-  var transport: String
-  var role: Role?
+  package var transport: String
+  package var role: Role?
+
+  package init(identity: String, transport: String, role: Role?) {
+    self.identity = identity
+    self.transport = transport
+    self.role = role
+  }
 }
 
 /// The role each RPC needs. An RPC missing here is refused (fail closed); health is open.
-enum Permissions {
-  typealias Method = Fpga_Agent_V1_NodeAgent.Method
+package enum Permissions {
+  package typealias Method = Fpga_Agent_V1_NodeAgent.Method
 
-  static let required: [String: Role] = {
+  package static let required: [String: Role] = {
     var table: [String: Role] = [:]
     for method in [
       Method.GetNodeStatus.descriptor, Method.GetInventory.descriptor, Method.WatchInventory.descriptor,
@@ -53,7 +60,7 @@ enum Permissions {
   /// Why `caller` may not call `method`, as every surface answers it (the gRPC listeners, the
   /// orchestrator link, the dashboard's JSON endpoints); nil when it may. Fail closed: an RPC
   /// missing from the table is open to no role.
-  static func refusal(_ method: MethodDescriptor, _ caller: Caller) -> RPCError? {
+  package static func refusal(_ method: MethodDescriptor, _ caller: Caller) -> RPCError? {
     guard let role = caller.role else {
       return RPCError(
         code: .permissionDenied,
@@ -73,10 +80,10 @@ enum Permissions {
   }
 
   /// RPCs that read only, whatever role they need.
-  static let reading: Set<String> = [Method.GetAuditTrail.descriptor.fullyQualifiedMethod]
+  package static let reading: Set<String> = [Method.GetAuditTrail.descriptor.fullyQualifiedMethod]
 
   /// RPCs that change something: each one, allowed or denied, is audited.
-  static func isMutating(_ method: String) -> Bool {
+  package static func isMutating(_ method: String) -> Bool {
     (required[method] ?? .admin) > .viewer && !reading.contains(method)
   }
 }
@@ -84,9 +91,9 @@ enum Permissions {
 /// Turns a call's transport facts into a `Caller`: a verified client certificate on TCP, the
 /// peer's uid on the Unix socket (added by the agent to the stream's headers, never taken from
 /// the client), the configured plaintext role on plaintext TCP, admin in the agent's own process.
-struct CallerResolver: Sendable {
+package struct CallerResolver: Sendable {
   /// Where the node API is served.
-  enum Listener: Sendable {
+  package enum Listener: Sendable {
     case tcp(tls: Bool)
     case unix
     /// `InProcessTransport`: only code in the agent's process (tests, embedders) can call it.
@@ -97,7 +104,7 @@ struct CallerResolver: Sendable {
     case door
 
     /// The audit trail's `transport` of a call without an identity.
-    var name: String {
+    package var name: String {
       switch self {
       case .tcp: "tcp"
       case .unix: "unix"
@@ -106,16 +113,16 @@ struct CallerResolver: Sendable {
       }
     }
 
-    var isDoor: Bool { if case .door = self { true } else { false } }
+    package var isDoor: Bool { if case .door = self { true } else { false } }
   }
 
-  let auth: AgentConfig.Auth
-  let listener: Listener
+  package let auth: AgentConfig.Auth
+  package let listener: Listener
 
   /// The header the agent sets on Unix-socket streams (a client's own value is removed).
-  static let peerHeader = "fpga-internal-peer-cred"
+  package static let peerHeader = "fpga-internal-peer-cred"
 
-  func caller(_ context: ServerContext, _ metadata: Metadata) -> Caller? {
+  package func caller(_ context: ServerContext, _ metadata: Metadata) -> Caller? {
     let tls: Bool
     switch listener {
     case .inProcess: return Caller(identity: "in-process", transport: "in-process", role: .admin)
@@ -151,17 +158,22 @@ struct CallerResolver: Sendable {
     let role = names.lazy.compactMap { auth.roles[$0] }.first
     return Caller(identity: identity, transport: "tcp-tls", role: role)
   }
+
+  package init(auth: AgentConfig.Auth, listener: Listener) {
+    self.auth = auth
+    self.listener = listener
+  }
 }
 
 /// One interceptor for every RPC of a listener: identifies the caller, checks its role, audits
 /// every mutating call (allowed or denied) and tells the caller who it is (`fpga-identity`,
 /// `fpga-role` in the response headers; `fpgactl whoami` shows them).
-struct AuthorizationInterceptor: ServerInterceptor {
-  let resolver: CallerResolver
-  let audit: AuditLog?
-  let engine: NodeEngine
+package struct AuthorizationInterceptor: ServerInterceptor {
+  package let resolver: CallerResolver
+  package let audit: AuditLog?
+  package let engine: NodeEngine
 
-  func intercept<Input: Sendable, Output: Sendable>(
+  package func intercept<Input: Sendable, Output: Sendable>(
     request: StreamingServerRequest<Input>, context: ServerContext,
     next: @Sendable (StreamingServerRequest<Input>, ServerContext) async throws -> StreamingServerResponse<Output>
   ) async throws -> StreamingServerResponse<Output> {
@@ -220,7 +232,7 @@ struct AuthorizationInterceptor: ServerInterceptor {
   /// Runs a call's handler so that when gRPC cancels the RPC (its deadline passed, the client
   /// went away, the server is stopping) the handler's task is cancelled too, and every wait in
   /// it ends; a call ended by its deadline answers DEADLINE_EXCEEDED.
-  static func cancellable<Output: Sendable>(
+  package static func cancellable<Output: Sendable>(
     _ context: ServerContext, _ body: @escaping @Sendable () async throws -> Output
   ) async throws -> Output {
     let work = Task { try await body() }
@@ -255,24 +267,30 @@ struct AuthorizationInterceptor: ServerInterceptor {
         rpc: rpc, request: request, status: status.map { "\($0)" } ?? "ok", revision: await engine.revision,
         commandID: commandID))
   }
+
+  package init(resolver: CallerResolver, audit: AuditLog?, engine: NodeEngine) {
+    self.resolver = resolver
+    self.audit = audit
+    self.engine = engine
+  }
 }
 
 /// Audits the kubelet's mutating calls on the sockets it alone reaches (so there is no role to
 /// check): a device plugin's `Allocate` (transport `device-plugin`, the VFs taken) and a DRA
 /// driver's `NodePrepareResources` / `NodeUnprepareResources` (transport `dra`, each claim named
 /// by namespace, name and uid), with the result, like every node API mutation.
-struct KubeletAuditInterceptor: ServerInterceptor {
-  let audit: AuditLog
-  let engine: NodeEngine
-  let transport: String
+package struct KubeletAuditInterceptor: ServerInterceptor {
+  package let audit: AuditLog
+  package let engine: NodeEngine
+  package let transport: String
   /// The audited methods: the method's name → its name in the trail.
-  let methods: [String: String]
+  package let methods: [String: String]
 
-  static func devicePlugin(audit: AuditLog, engine: NodeEngine) -> Self {
+  package static func devicePlugin(audit: AuditLog, engine: NodeEngine) -> Self {
     Self(audit: audit, engine: engine, transport: "device-plugin", methods: ["Allocate": "DevicePlugin.Allocate"])
   }
 
-  static func dra(audit: AuditLog, engine: NodeEngine) -> Self {
+  package static func dra(audit: AuditLog, engine: NodeEngine) -> Self {
     Self(
       audit: audit, engine: engine, transport: "dra",
       methods: [
@@ -280,7 +298,7 @@ struct KubeletAuditInterceptor: ServerInterceptor {
       ])
   }
 
-  func intercept<Input: Sendable, Output: Sendable>(
+  package func intercept<Input: Sendable, Output: Sendable>(
     request: StreamingServerRequest<Input>, context: ServerContext,
     next: @Sendable (StreamingServerRequest<Input>, ServerContext) async throws -> StreamingServerResponse<Output>
   ) async throws -> StreamingServerResponse<Output> {
@@ -309,31 +327,51 @@ struct KubeletAuditInterceptor: ServerInterceptor {
       throw error
     }
   }
+
+  package init(audit: AuditLog, engine: NodeEngine, transport: String, methods: [String: String]) {
+    self.audit = audit
+    self.engine = engine
+    self.transport = transport
+    self.methods = methods
+  }
 }
 
 /// One audited request.
-struct AuditEntry: Sendable {
-  var identity: String
-  var transport: String
-  var rpc: String
+package struct AuditEntry: Sendable {
+  package var identity: String
+  package var transport: String
+  package var rpc: String
   /// The request as protobuf JSON (ids, BDFs, the idempotency key are in it).
-  var request: String?
+  package var request: String?
   /// `ok` or the gRPC status.
-  var status: String
+  package var status: String
   /// The node's revision after the request.
-  var revision: UInt64
+  package var revision: UInt64
   /// The orchestrator's command id, for commands that came over the link.
-  var commandID: String? = nil
+  package var commandID: String? = nil
+
+  package init(
+    identity: String, transport: String, rpc: String, request: String?, status: String, revision: UInt64,
+    commandID: String? = nil
+  ) {
+    self.identity = identity
+    self.transport = transport
+    self.rpc = rpc
+    self.request = request
+    self.status = status
+    self.revision = revision
+    self.commandID = commandID
+  }
 }
 
 /// The audit trail: one JSON object per line in `STATE_DIR/audit.log` (mode 0600), written
 /// before the answer leaves, rotated at `limit` bytes (one older file, `audit.log.1`, is kept).
-final class AuditLog: Sendable {
-  let path: String
-  let limit: Int
+package final class AuditLog: Sendable {
+  package let path: String
+  package let limit: Int
   private let lock = Mutex<Int32>(-1)
 
-  init(path: String, limit: Int = 16 << 20) throws {
+  package init(path: String, limit: Int = 16 << 20) throws {
     self.path = path
     self.limit = limit
     let descriptor = open(path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0o600)
@@ -346,7 +384,7 @@ final class AuditLog: Sendable {
 
   deinit { lock.withLock { if $0 >= 0 { close($0) } } }
 
-  func append(_ entry: AuditEntry) {
+  package func append(_ entry: AuditEntry) {
     var object: [String: Any] = [
       "time": Date().formatted(.iso8601), "identity": entry.identity,
       "transport": entry.transport, "rpc": entry.rpc, "status": entry.status, "revision": entry.revision,
@@ -377,7 +415,7 @@ final class AuditLog: Sendable {
   }
 
   /// The last `limit` entries, oldest first (from the rotated file too when needed).
-  func last(_ limit: Int) -> [Fpga_Agent_V1_AuditEntry] {
+  package func last(_ limit: Int) -> [Fpga_Agent_V1_AuditEntry] {
     var lines: [Substring] = []
     for file in [path, path + ".1"] where lines.count < limit {
       guard let text = try? SystemCalls.readFile(file) else { continue }
@@ -413,25 +451,25 @@ final class AuditLog: Sendable {
 /// `fpga-internal-peer-cred` a client sent and, on the Unix socket, sets it to the peer's uid and
 /// gid (SO_PEERCRED of the connection); gives a call without `grpc-timeout` the default
 /// deadline, except the watch streams, which last as long as their clients want.
-final class StreamHeaders: ChannelInboundHandler {
-  typealias InboundIn = HTTP2Frame.FramePayload
-  typealias InboundOut = HTTP2Frame.FramePayload
+package final class StreamHeaders: ChannelInboundHandler {
+  package typealias InboundIn = HTTP2Frame.FramePayload
+  package typealias InboundOut = HTTP2Frame.FramePayload
 
   private let peer: String?
   private let defaultTimeout: String?
 
-  init(peer: String?, defaultTimeout: String?) {
+  package init(peer: String?, defaultTimeout: String?) {
     self.peer = peer
     self.defaultTimeout = defaultTimeout
   }
 
   /// Server-streaming calls that are meant to stay open.
-  static func isWatch(_ path: String) -> Bool {
+  package static func isWatch(_ path: String) -> Bool {
     guard let method = path.split(separator: "/").last else { return false }
     return method.hasPrefix("Watch")
   }
 
-  func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+  package func channelRead(context: ChannelHandlerContext, data: NIOAny) {
     var payload = unwrapInboundIn(data)
     if case .headers(var headers) = payload {
       headers.headers.remove(name: CallerResolver.peerHeader)
@@ -447,7 +485,7 @@ final class StreamHeaders: ChannelInboundHandler {
   }
 
   /// `uid:gid` of the process at the other end of a Unix socket connection, or nil.
-  static func credentials(of connection: any Channel) -> EventLoopFuture<String?> {
+  package static func credentials(of connection: any Channel) -> EventLoopFuture<String?> {
     guard let provider = connection as? any SocketOptionProvider else {
       return connection.eventLoop.makeSucceededFuture(nil)
     }
@@ -459,11 +497,17 @@ final class StreamHeaders: ChannelInboundHandler {
   }
 
   /// Linux's `struct ucred` (pid, uid, gid), which Glibc's module does not export.
-  struct PeerCredentials {
-    var pid: Int32 = 0
-    var uid: UInt32 = 0
-    var gid: UInt32 = 0
+  package struct PeerCredentials {
+    package var pid: Int32 = 0
+    package var uid: UInt32 = 0
+    package var gid: UInt32 = 0
     /// `SO_PEERCRED` on Linux.
-    static let option: Int32 = 17
+    package static let option: Int32 = 17
+
+    package init(pid: Int32 = 0, uid: UInt32 = 0, gid: UInt32 = 0) {
+      self.pid = pid
+      self.uid = uid
+      self.gid = gid
+    }
   }
 }

@@ -1,5 +1,5 @@
 import FPGACore
-import FPGADRA
+package import FPGADRA
 import FPGADevicePlugin
 public import FPGALinux
 public import FPGASimulator
@@ -44,6 +44,12 @@ public struct AgentConfig: Hashable, Sendable {
       /// Seconds between re-reads of the certificate and key (rotation without a restart).
       public var reloadSeconds = 30
       public var isEnabled: Bool { !cert.isEmpty || !key.isEmpty || !clientCA.isEmpty }
+
+      package init() {
+      }
+    }
+
+    package init() {
     }
   }
 
@@ -58,6 +64,11 @@ public struct AgentConfig: Hashable, Sendable {
     public var tokenFile = ""
     /// Root on the Unix socket is admin unless `roles` says otherwise.
     public var rootIsAdmin = true
+
+    package init(roles: [String: Role] = [:], plaintextRole: Role? = .viewer) {
+      self.roles = roles
+      self.plaintextRole = plaintextRole
+    }
   }
 
   /// Logging.
@@ -66,6 +77,11 @@ public struct AgentConfig: Hashable, Sendable {
     public var level: Logger.Level = .info
     /// text or json (one JSON object per line).
     public var format: AgentLogHandler.Format = .text
+
+    package init(level: Logger.Level = .info, format: AgentLogHandler.Format = .text) {
+      self.level = level
+      self.format = format
+    }
   }
 
   /// The simulated platform.
@@ -85,6 +101,10 @@ public struct AgentConfig: Hashable, Sendable {
     public var acceleratorBandwidthMBps = 4096
     /// Guests submitting jobs to simulated accelerators, so sharing can be watched live.
     public var workloads: [Workload] = Workload.defaults
+
+    package init(workloads: [Workload] = Workload.defaults) {
+      self.workloads = workloads
+    }
   }
 
   /// A guest of the workload generator: a job of `job_ms` every `interval_ms`.
@@ -121,6 +141,9 @@ public struct AgentConfig: Hashable, Sendable {
     public var overcommitLimit = 4
     /// Seconds between accelerator figure updates in the inventory.
     public var metricsIntervalSeconds = 2
+
+    package init() {
+    }
   }
 
   /// The Linux platform.
@@ -137,6 +160,11 @@ public struct AgentConfig: Hashable, Sendable {
     public var accelerators: [BARAccelerator] = []
     /// Rescan on the kernel's PCI uevents (add, remove, bind, unbind, change).
     public var uevents = true
+
+    package init(selectors: [PFSelector] = [.qdma], accelerators: [BARAccelerator] = []) {
+      self.selectors = selectors
+      self.accelerators = accelerators
+    }
   }
 
   public var health = Health()
@@ -149,6 +177,9 @@ public struct AgentConfig: Hashable, Sendable {
     public var restoreOnBoot = true
     /// The kernel's boot id (linux platform).
     public var bootIDFile = "/proc/sys/kernel/random/boot_id"
+
+    package init() {
+    }
   }
 
   /// Device health thresholds.
@@ -157,6 +188,9 @@ public struct AgentConfig: Hashable, Sendable {
     public var correctableErrorsPerMinute = 60
     /// Drain a PF automatically when it reports an uncorrectable fatal error.
     public var drainOnFatal = false
+
+    package init() {
+    }
   }
 
   /// An accelerator slot in a PCI BAR: `sysfs_root/bus/pci/devices/PF/resourceBAR`, window `slot`.
@@ -188,13 +222,20 @@ public struct AgentConfig: Hashable, Sendable {
     /// How long DetachVF waits for the guest to acknowledge an unplug, unless the request says.
     public var detachTimeoutSeconds = 10
 
-    var isConfigured: Bool { !sockets.isEmpty || !socketDir.isEmpty }
+    package var isConfigured: Bool { !sockets.isEmpty || !socketDir.isEmpty }
+
+    package init(sockets: [String: String] = [:]) {
+      self.sockets = sockets
+    }
   }
 
   /// VMs managed by libvirt (`hypervisor: libvirt`).
   public struct Libvirt: Hashable, Sendable {
     /// The connection URI.
     public var uri = "qemu:///system"
+
+    package init() {
+    }
   }
 
   public var server = Server()
@@ -234,6 +275,9 @@ public struct AgentConfig: Hashable, Sendable {
     public var listen = "127.0.0.1:50080"
     /// Serve it on an address other than loopback without TLS (tokens travel in clear).
     public var insecure = false
+
+    package init() {
+    }
   }
 
   /// The link to a cluster orchestrator.
@@ -260,6 +304,13 @@ public struct AgentConfig: Hashable, Sendable {
       public var key = ""
       public var ca = ""
       public var isEnabled: Bool { !cert.isEmpty || !key.isEmpty || !ca.isEmpty }
+
+      package init() {
+      }
+    }
+
+    package init(role: Role = .operator) {
+      self.role = role
     }
   }
 
@@ -279,6 +330,10 @@ public struct AgentConfig: Hashable, Sendable {
     public struct Pool: Hashable, Sendable {
       public var resource = "xilinx.com/qdma-vf"
       public var pfs: [String] = []
+
+      package init(pfs: [String] = []) {
+        self.pfs = pfs
+      }
     }
 
     public struct DRA: Hashable, Sendable {
@@ -299,6 +354,10 @@ public struct AgentConfig: Hashable, Sendable {
       public var growMaxVFs = 0
       public var growStep = 1
       public var growAllowReplug = false
+
+      package init(growPFs: [String] = []) {
+        self.growPFs = growPFs
+      }
     }
 
     /// Explicit settings override the kubeconfig's; without either, the pod's (in-cluster).
@@ -312,14 +371,21 @@ public struct AgentConfig: Hashable, Sendable {
       public var kubeconfig = ""
       /// The kubeconfig's context; empty: its current-context.
       public var context = ""
+
+      package init() {
+      }
+    }
+
+    package init(pools: [Pool] = [Pool()]) {
+      self.pools = pools
     }
   }
 
   public init() {}
 
-  static var isRoot: Bool { SystemCalls.effectiveUserID() == 0 }
+  package static var isRoot: Bool { SystemCalls.effectiveUserID() == 0 }
 
-  static var defaultUnixSocket: String {
+  package static var defaultUnixSocket: String {
     if isRoot { return "/run/fpga-agent/agent.sock" }
     if let runtime = SystemCalls.environment("XDG_RUNTIME_DIR"), !runtime.isEmpty {
       return runtime + "/fpga-agent.sock"
@@ -327,7 +393,7 @@ public struct AgentConfig: Hashable, Sendable {
     return "/tmp/fpga-agent-\(SystemCalls.effectiveUserID()).sock"
   }
 
-  static var defaultStateDir: String {
+  package static var defaultStateDir: String {
     if isRoot { return "/var/lib/fpga-agent" }
     if let home = SystemCalls.environment("HOME"), !home.isEmpty {
       return home + "/.local/state/fpga-agent"
@@ -528,7 +594,7 @@ public struct AgentConfig: Hashable, Sendable {
 
 extension AgentConfig {
   /// The DRA driver's sockets and folders; the node's name defaults to the agent's node id.
-  func draSettings(nodeID: String) -> DRASettings {
+  package func draSettings(nodeID: String) -> DRASettings {
     var settings = DRASettings(
       driverName: kubernetes.dra.driverName, registryDir: kubernetes.dra.registryDir,
       pluginsDir: kubernetes.dra.pluginsDir, cdiDir: kubernetes.dra.cdiDir,

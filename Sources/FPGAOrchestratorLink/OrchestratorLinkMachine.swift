@@ -1,35 +1,35 @@
-import FPGACore
+package import FPGACore
 
 /// The orchestrator link's connection as a value: events go in (dialing, welcomed, an
 /// acknowledgement, the stream ended, stopped), the status clients see and what to do next come
 /// out. It performs nothing itself, like `ReconfigureMachine`: `OrchestratorLink` dials, waits
 /// and reports.
-struct OrchestratorLinkMachine: Hashable, Sendable {
+package struct OrchestratorLinkMachine: Hashable, Sendable {
   /// What `GetNodeStatus` shows of the link.
-  private(set) var status = OrchestratorLinkStatus()
+  package private(set) var status = OrchestratorLinkStatus()
   /// Streams that ended without a welcome since the last one that was welcomed.
-  private(set) var failures = 0
+  package private(set) var failures = 0
   /// The stream under way was welcomed.
   private var welcomedNow = false
 
   /// After a stream ended: wait this long, then dial again.
-  enum Next: Hashable, Sendable {
+  package enum Next: Hashable, Sendable {
     case redial(after: Duration)
   }
 
-  init(address: String) {
+  package init(address: String) {
     status.address = address
   }
 
   /// A new stream is being opened.
-  mutating func dialing(at now: WallTime) {
+  package mutating func dialing(at now: WallTime) {
     status.state = .connecting
     status.since = now
     welcomedNow = false
   }
 
   /// The orchestrator welcomed this stream; it already has the inventory up to `resumeFrom`.
-  mutating func welcomed(resumeFrom: UInt64, at now: WallTime) {
+  package mutating func welcomed(resumeFrom: UInt64, at now: WallTime) {
     guard !welcomedNow else { return }
     welcomedNow = true
     failures = 0
@@ -41,12 +41,12 @@ struct OrchestratorLinkMachine: Hashable, Sendable {
   }
 
   /// The orchestrator has the inventory up to `revision`.
-  mutating func acknowledged(_ revision: UInt64) {
+  package mutating func acknowledged(_ revision: UInt64) {
     status.acknowledgedRevision = max(status.acknowledgedRevision, revision)
   }
 
   /// The stream ended (`reason`); `jitter` in 0.75...1.25 spreads a fleet's reconnections.
-  mutating func ended(_ reason: String, at now: WallTime, jitter: Double) -> Next {
+  package mutating func ended(_ reason: String, at now: WallTime, jitter: Double) -> Next {
     if !welcomedNow { failures += 1 }
     welcomedNow = false
     status.state = .disconnected
@@ -56,14 +56,14 @@ struct OrchestratorLinkMachine: Hashable, Sendable {
   }
 
   /// The link stopped (shutdown).
-  mutating func stopped(at now: WallTime) {
+  package mutating func stopped(at now: WallTime) {
     status.state = .off
     status.since = now
     welcomedNow = false
   }
 
   /// 0.2 s doubling to 10 s, times `jitter` (clamped to ±25%).
-  static func backoff(attempt: Int, jitter: Double) -> Duration {
+  package static func backoff(attempt: Int, jitter: Double) -> Duration {
     let base = min(10.0, 0.2 * Double(1 << min(max(attempt, 1) - 1, 10)))
     return .milliseconds(Int64(base * min(1.25, max(0.75, jitter)) * 1000))
   }

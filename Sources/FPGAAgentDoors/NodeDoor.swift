@@ -1,6 +1,7 @@
-import FPGAAgentAPI
-import GRPCCore
-import GRPCInProcessTransport
+package import FPGAAgentConfig
+package import FPGAAgentAPI
+package import GRPCCore
+package import GRPCInProcessTransport
 import ServiceLifecycle
 
 /// The node API as the agent's own doors reach it: the orchestrator link's commands (and, like
@@ -8,18 +9,18 @@ import ServiceLifecycle
 /// and the same interceptors as the sockets (metrics, authorization, audit, deadlines, error
 /// mapping), over an in-process transport only the agent holds. The door says who calls in the
 /// call's metadata; the server trusts it because nothing outside the process can reach it.
-struct NodeDoor: Sendable {
-  static let identityHeader = "fpga-door-identity"
-  static let transportHeader = "fpga-door-transport"
-  static let roleHeader = "fpga-door-role"
-  static let commandHeader = "fpga-door-command-id"
+package struct NodeDoor: Sendable {
+  package static let identityHeader = "fpga-door-identity"
+  package static let transportHeader = "fpga-door-transport"
+  package static let roleHeader = "fpga-door-role"
+  package static let commandHeader = "fpga-door-command-id"
 
-  let client: GRPCClient<InProcessTransport.Client>
-  let server: GRPCServer<InProcessTransport.Server>
+  package let client: GRPCClient<InProcessTransport.Client>
+  package let server: GRPCServer<InProcessTransport.Server>
 
-  var node: Fpga_Agent_V1_NodeAgent.Client<InProcessTransport.Client> { .init(wrapping: client) }
+  package var node: Fpga_Agent_V1_NodeAgent.Client<InProcessTransport.Client> { .init(wrapping: client) }
 
-  init(services: [any RegistrableRPCService], interceptors: [any ServerInterceptor]) {
+  package init(services: [any RegistrableRPCService], interceptors: [any ServerInterceptor]) {
     let transport = InProcessTransport()
     server = GRPCServer(transport: transport.server, services: services, interceptors: interceptors)
     client = GRPCClient(transport: transport.client)
@@ -28,7 +29,7 @@ struct NodeDoor: Sendable {
   /// The metadata of a call made for `identity` (the audit trail's identity), arriving over
   /// `transport` (`link`, `http`), with `role` (nil: none, refused), and the orchestrator's
   /// command id when there is one.
-  static func metadata(identity: String, transport: String, role: Role?, commandID: String? = nil) -> Metadata {
+  package static func metadata(identity: String, transport: String, role: Role?, commandID: String? = nil) -> Metadata {
     var metadata = Metadata()
     metadata.addString(identity, forKey: identityHeader)
     metadata.addString(transport, forKey: transportHeader)
@@ -38,7 +39,7 @@ struct NodeDoor: Sendable {
   }
 
   /// Who calls, as the door said; nil (unauthenticated) when it said nothing.
-  static func caller(_ metadata: Metadata) -> Caller? {
+  package static func caller(_ metadata: Metadata) -> Caller? {
     guard let identity = metadata[stringValues: identityHeader].first(where: { _ in true }),
       let transport = metadata[stringValues: transportHeader].first(where: { _ in true })
     else { return nil }
@@ -46,16 +47,16 @@ struct NodeDoor: Sendable {
     return Caller(identity: identity, transport: transport, role: role)
   }
 
-  static func commandID(_ metadata: Metadata) -> String? {
+  package static func commandID(_ metadata: Metadata) -> String? {
     metadata[stringValues: commandHeader].first(where: { _ in true })
   }
 }
 
 /// Serves the door and keeps its client connected; both end with the agent.
-struct NodeDoorService: Service {
-  let door: NodeDoor
+package struct NodeDoorService: Service {
+  package let door: NodeDoor
 
-  func run() async throws {
+  package func run() async throws {
     try await withGracefulShutdownHandler {
       try await withThrowingDiscardingTaskGroup { group in
         group.addTask { try await door.server.serve() }
@@ -65,5 +66,9 @@ struct NodeDoorService: Service {
       door.client.beginGracefulShutdown()
       door.server.beginGracefulShutdown()
     }
+  }
+
+  package init(door: NodeDoor) {
+    self.door = door
   }
 }

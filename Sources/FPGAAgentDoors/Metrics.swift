@@ -1,10 +1,11 @@
+import FPGAAgentConfig
 import FPGAAgentAPI
-import FPGACore
-import FPGADevicePlugin
-import FPGADRA
-import FPGALibvirt
-import GRPCCore
-import Prometheus
+package import FPGACore
+package import FPGADevicePlugin
+package import FPGADRA
+package import FPGALibvirt
+package import GRPCCore
+package import Prometheus
 import Synchronization
 import Foundation
 
@@ -17,9 +18,9 @@ import Foundation
 /// - **state** (VFs by state, PFs, allocations, accelerators, the link, the kubelet, health) is
 ///   read from the engine at each scrape into a fresh registry, so series of VFs, guests and
 ///   accelerators that are gone disappear with them instead of going stale.
-final class AgentMetrics: Sendable {
-  let events = PrometheusCollectorRegistry()
-  let version: String
+package final class AgentMetrics: Sendable {
+  package let events = PrometheusCollectorRegistry()
+  package let version: String
   /// The device plugins' registrations, by resource name.
   private let kubelet = Mutex<[String: RegistrationState]>([:])
   /// The DRA driver and its slice publisher, when DRA is on.
@@ -28,40 +29,40 @@ final class AgentMetrics: Sendable {
   private let libvirt = Mutex<LibvirtHypervisor?>(nil)
 
   /// RPC latency buckets: 1 ms to 60 s (a detach waits on a guest; a switch on a slice).
-  static let latencyBuckets: [Duration] = [
+  package static let latencyBuckets: [Duration] = [
     .milliseconds(1), .milliseconds(5), .milliseconds(10), .milliseconds(25), .milliseconds(50),
     .milliseconds(100), .milliseconds(250), .milliseconds(500), .seconds(1), .seconds(2.5), .seconds(5),
     .seconds(10), .seconds(30), .seconds(60),
   ]
 
-  init(version: String, storeStatistics: (@Sendable () -> (transactions: Int, commits: Int))? = nil) {
+  package init(version: String, storeStatistics: (@Sendable () -> (transactions: Int, commits: Int))? = nil) {
     self.version = version
     self.storeStatistics = storeStatistics
   }
 
   /// Reports a device plugin's registration as `fpga_kubelet_registered{resource}`.
-  func track(resource: String, _ registration: RegistrationState) {
+  package func track(resource: String, _ registration: RegistrationState) {
     kubelet.withLock { $0[resource] = registration }
   }
 
   /// Reports the DRA driver's claims and the pool's publishing as `fpga_dra_*`.
   /// Grow on demand's figures when the DRA driver grows PFs (the link's heartbeat).
-  func draGrowth() async -> GrowthFigures? {
+  package func draGrowth() async -> GrowthFigures? {
     guard let driver = dra.withLock({ $0?.driver }), await driver.settings.growth != nil else { return nil }
     return await driver.growth
   }
 
-  func track(dra driver: DRADriver, publisher: SlicePublisher?) {
+  package func track(dra driver: DRADriver, publisher: SlicePublisher?) {
     dra.withLock { $0 = (driver, publisher) }
   }
 
   /// Reports the libvirt connection as `fpga_hypervisor_connected` and `…_reconnects_total`.
-  func track(libvirt hypervisor: LibvirtHypervisor) {
+  package func track(libvirt hypervisor: LibvirtHypervisor) {
     libvirt.withLock { $0 = hypervisor }
   }
 
   /// One RPC answered (gRPC or the dashboard's JSON endpoints), go-grpc-prometheus style.
-  func handled(service: String, method: String, code: String, after duration: Duration) {
+  package func handled(service: String, method: String, code: String, after duration: Duration) {
     events.counter(
       name: "grpc_server_handled_total",
       labels: [("grpc_service", service), ("grpc_method", method), ("grpc_code", code)],
@@ -74,14 +75,14 @@ final class AgentMetrics: Sendable {
   }
 
   /// Step buckets: 1 ms to 10 min (a detach waits on a guest, a count write on the kernel).
-  static let stepBuckets: [Duration] = [
+  package static let stepBuckets: [Duration] = [
     .milliseconds(1), .milliseconds(10), .milliseconds(100), .milliseconds(500), .seconds(1), .seconds(5),
     .seconds(15), .seconds(60), .seconds(300), .seconds(600),
   ]
 
   /// An operation ended: its duration and each step's, by kind and step (the step's first word:
   /// pause, detach, write-zero, write-count, verify, bind, resume, reattach, commit, ...).
-  func operationEnded(_ record: OperationRecord) {
+  package func operationEnded(_ record: OperationRecord) {
     if let finished = record.finishedAt {
       events.histogram(
         name: "fpga_agent_operation_duration_seconds",
@@ -100,13 +101,13 @@ final class AgentMetrics: Sendable {
   }
 
   /// Switch and wait buckets: 10 µs to 10 s.
-  static let acceleratorBuckets: [Duration] = [
+  package static let acceleratorBuckets: [Duration] = [
     .microseconds(10), .microseconds(50), .microseconds(100), .microseconds(500), .milliseconds(1), .milliseconds(5),
     .milliseconds(10), .milliseconds(50), .milliseconds(100), .milliseconds(500), .seconds(1), .seconds(10),
   ]
 
   /// A context switch or a wait on an accelerator.
-  func accelerator(_ event: AcceleratorEvent) {
+  package func accelerator(_ event: AcceleratorEvent) {
     switch event {
     case .switched(let id, let cost):
       events.counter(
@@ -126,10 +127,10 @@ final class AgentMetrics: Sendable {
   }
 
   /// The state store's group commits (commits, and the transactions that carried them).
-  let storeStatistics: (@Sendable () -> (transactions: Int, commits: Int))?
+  package let storeStatistics: (@Sendable () -> (transactions: Int, commits: Int))?
 
   /// The whole exposition: events, then the node's state now.
-  func scrape(_ engine: NodeEngine) async -> String {
+  package func scrape(_ engine: NodeEngine) async -> String {
     let status = await engine.status()
     let snapshot = try? await engine.snapshot()
     let ended = await engine.endedOperations
@@ -409,17 +410,17 @@ extension PrometheusCollectorRegistry {
 
 extension Duration {
   /// The duration in seconds, as a Double.
-  var seconds: Double {
+  package var seconds: Double {
     let (seconds, attoseconds) = components
     return Double(seconds) + Double(attoseconds) / 1e18
   }
 }
 
 /// Counts and times every RPC of a server (gRPC's status code names as the label).
-struct MetricsInterceptor: ServerInterceptor {
-  let metrics: AgentMetrics
+package struct MetricsInterceptor: ServerInterceptor {
+  package let metrics: AgentMetrics
 
-  func intercept<Input: Sendable, Output: Sendable>(
+  package func intercept<Input: Sendable, Output: Sendable>(
     request: StreamingServerRequest<Input>, context: ServerContext,
     next: @Sendable (StreamingServerRequest<Input>, ServerContext) async throws -> StreamingServerResponse<Output>
   ) async throws -> StreamingServerResponse<Output> {
@@ -439,12 +440,16 @@ struct MetricsInterceptor: ServerInterceptor {
   }
 
   /// `INVALID_ARGUMENT` style, as gRPC spells its codes.
-  static func name(_ code: RPCError.Code) -> String {
+  package static func name(_ code: RPCError.Code) -> String {
     var name = ""
     for character in "\(code)" {
       if character.isUppercase, !name.isEmpty { name.append("_") }
       name.append(character.uppercased())
     }
     return name
+  }
+
+  package init(metrics: AgentMetrics) {
+    self.metrics = metrics
   }
 }

@@ -1,46 +1,48 @@
-import FPGAAgentAPI
-import FPGACore
-import FPGADRA
+package import FPGAAgentDoors
+package import FPGAAgentConfig
+package import FPGAAgentAPI
+package import FPGACore
+package import FPGADRA
 import GRPCCore
-import GRPCNIOTransportHTTP2
-import Logging
+package import GRPCNIOTransportHTTP2
+package import Logging
 import ServiceLifecycle
 import SwiftProtobuf
-import Synchronization
+package import Synchronization
 
 /// The agent's side of the orchestrator link: dials out, says hello, sends its inventory
 /// (resuming from what the orchestrator already has, or a snapshot), heartbeats, and carries
 /// out commands through the node API's door (`NodeDoor`): the same interceptors as every other
 /// caller authorize (the link's role), audit (transport `link`, the command id) and map errors. Reconnects with jittered exponential
 /// backoff; the node keeps serving local requests while the orchestrator is away.
-struct OrchestratorLink: Service {
-  let engine: NodeEngine
+package struct OrchestratorLink: Service {
+  package let engine: NodeEngine
   /// The node API, as the link reaches it.
-  let door: NodeDoor
-  let address: ListenAddress
-  let hostname: String
-  let logger: Logger
-  var heartbeat: Duration = .seconds(2)
+  package let door: NodeDoor
+  package let address: ListenAddress
+  package let hostname: String
+  package let logger: Logger
+  package var heartbeat: Duration = .seconds(2)
   /// Most messages queued for the orchestrator; past it the stream is restarted (and the
   /// inventory resent as a snapshot) rather than buffering without bound.
-  var outboxLimit = 4096
+  package var outboxLimit = 4096
   /// mTLS (the orchestrator's certificate verified against the link's CA and name) or
   /// plaintext (loopback, or `orchestrator.insecure`).
-  var security: HTTP2ClientTransport.Posix.TransportSecurity = .plaintext
+  package var security: HTTP2ClientTransport.Posix.TransportSecurity = .plaintext
   /// The name the orchestrator's certificate must carry; nil: the address's host.
-  var serverName: String? = nil
+  package var serverName: String? = nil
   /// What the orchestrator's commands may do: checked against the node API's role table.
-  var role: Role = .operator
+  package var role: Role = .operator
   /// Commands refused before they reach the node API (no id, no epoch) are audited here; the
   /// others by the node API's own interceptor.
-  var audit: AuditLog? = nil
+  package var audit: AuditLog? = nil
   /// DRA grow on demand's figures, reported with each heartbeat (nil: DRA is off).
-  var growthFigures: (@Sendable () async -> GrowthFigures?)? = nil
+  package var growthFigures: (@Sendable () async -> GrowthFigures?)? = nil
 
   /// The orchestrator as the audit trail names it.
-  var identity: String { "orchestrator:\(serverName ?? address.host)" }
+  package var identity: String { "orchestrator:\(serverName ?? address.host)" }
 
-  func run() async throws {
+  package func run() async throws {
     await cancelWhenGracefulShutdown {
       await self.loop()
     }
@@ -79,7 +81,7 @@ struct OrchestratorLink: Service {
   }
 
   /// 0.2 s doubling to 10 s, with ±25% jitter so a fleet does not reconnect in step.
-  static func backoff(attempt: Int) -> Duration {
+  package static func backoff(attempt: Int) -> Duration {
     OrchestratorLinkMachine.backoff(attempt: attempt, jitter: Double.random(in: 0.75...1.25))
   }
 
@@ -98,13 +100,13 @@ struct OrchestratorLink: Service {
         $0.hello = .with {
           $0.nodeID = engine.nodeID
           $0.hostname = hostname
-          $0.agentVersion = AgentRuntime.version
+          $0.agentVersion = AgentVersion.current
         }
       }
       var first = hello
       first.hello.revision = await engine.revision
       first.hello.epochSeen = await engine.highestEpoch
-      let node = Fpga_Agent_V1_NodeStatus(await engine.status(), hostname: hostname, agentVersion: AgentRuntime.version)
+      let node = Fpga_Agent_V1_NodeStatus(await engine.status(), hostname: hostname, agentVersion: AgentVersion.current)
       first.hello.capabilities = node.capabilities
       first.hello.problems = node.problems
       send.yield(first)
@@ -177,7 +179,7 @@ struct OrchestratorLink: Service {
       let status = await engine.status()
       let snapshot = try? await engine.snapshot()
       let accelerators = snapshot?.accelerators
-      let node = Fpga_Agent_V1_NodeStatus(status, hostname: hostname, agentVersion: AgentRuntime.version)
+      let node = Fpga_Agent_V1_NodeStatus(status, hostname: hostname, agentVersion: AgentVersion.current)
       let unhealthy = (snapshot?.cards ?? []).flatMap(\.pfs).flatMap(\.vfs).filter { $0.state == .unhealthy }.count
       let growth = await growthFigures?().map { figures in
         Fpga_Orchestrator_V1_DRAGrowth.with {
@@ -208,7 +210,7 @@ struct OrchestratorLink: Service {
 
   /// Runs a command through the node API's door, with the command id as the idempotency key
   /// and the command's epoch for fencing, as the link's identity and role.
-  func execute(_ command: Fpga_Orchestrator_V1_Command) async -> Fpga_Orchestrator_V1_CommandResult {
+  package func execute(_ command: Fpga_Orchestrator_V1_Command) async -> Fpga_Orchestrator_V1_CommandResult {
     var result = Fpga_Orchestrator_V1_CommandResult()
     result.commandID = command.commandID
     func meta(_ given: Fpga_Agent_V1_RequestMeta) -> Fpga_Agent_V1_RequestMeta {
@@ -285,10 +287,29 @@ struct OrchestratorLink: Service {
     }
     return result
   }
+
+  package init(
+    engine: NodeEngine, door: NodeDoor, address: ListenAddress, hostname: String, logger: Logger,
+    heartbeat: Duration = .seconds(2), security: HTTP2ClientTransport.Posix.TransportSecurity = .plaintext,
+    serverName: String? = nil, role: Role = .operator, audit: AuditLog? = nil,
+    growthFigures: (@Sendable () async -> GrowthFigures?)? = nil
+  ) {
+    self.engine = engine
+    self.door = door
+    self.address = address
+    self.hostname = hostname
+    self.logger = logger
+    self.heartbeat = heartbeat
+    self.security = security
+    self.serverName = serverName
+    self.role = role
+    self.audit = audit
+    self.growthFigures = growthFigures
+  }
 }
 
 /// The link's machine, shared by the loop and the stream's handlers.
-final class LinkMachineBox: Sendable {
-  let state: Mutex<OrchestratorLinkMachine>
-  init(_ machine: OrchestratorLinkMachine) { state = Mutex(machine) }
+package final class LinkMachineBox: Sendable {
+  package let state: Mutex<OrchestratorLinkMachine>
+  package init(_ machine: OrchestratorLinkMachine) { state = Mutex(machine) }
 }

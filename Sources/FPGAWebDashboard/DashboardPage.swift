@@ -16,7 +16,7 @@ enum DashboardPage {
   outside the agent). It reads GET /api/state, follows GET /api/events (server-sent events) and
   steers the node with POST /api/rpc/<Method>, whose bodies are the gRPC messages of
   Protos/fpga/agent/v1/agent.proto in proto3 JSON. Source of truth: web/dashboard.html;
-  scripts/embed-web copies it into Sources/FPGAAgentRuntime/DashboardPage.swift.
+  scripts/embed-web copies it into Sources/FPGAWebDashboard/DashboardPage.swift.
 -->
 <style>
 :root {
