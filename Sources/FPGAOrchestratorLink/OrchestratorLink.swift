@@ -234,34 +234,31 @@ package struct OrchestratorLink: Service {
       guard command.epoch > 0 else {
         throw AgentError(.invalidArgument, "command \(command.commandID) carries no epoch")
       }
+      /// The request with the command's id and epoch, through the door.
+      func send<Request: CommandRequest, Response>(
+        _ request: Request, _ call: (Request, Metadata) async throws -> Response
+      ) async throws -> Response {
+        var request = request
+        request.meta = meta(request.meta)
+        return try await call(request, metadata)
+      }
       switch command.command {
-      case .allocate(var request):
-        request.meta = meta(request.meta)
-        result.allocated = try await node.allocateVF(request, metadata: metadata)
-      case .release(var request):
-        request.meta = meta(request.meta)
-        result.released = try await node.releaseVF(request, metadata: metadata)
-      case .attach(var request):
-        request.meta = meta(request.meta)
-        result.attached = try await node.attachVF(request, metadata: metadata)
-      case .detach(var request):
-        request.meta = meta(request.meta)
-        result.detached = try await node.detachVF(request, metadata: metadata)
-      case .reconfigure(var request):
-        request.meta = meta(request.meta)
-        result.operation = try await node.reconfigure(request, metadata: metadata)
-      case .switchContext(var request):
-        request.meta = meta(request.meta)
-        result.switched = try await node.switchContext(request, metadata: metadata)
-      case .drain(var request):
-        request.meta = meta(request.meta)
-        result.operation = try await node.drainDevice(request, metadata: metadata)
-      case .sharingPolicy(var request):
-        request.meta = meta(request.meta)
-        result.policy = try await node.setSharingPolicy(request, metadata: metadata)
-      case .registerContext(var request):
-        request.meta = meta(request.meta)
-        result.context = try await node.registerContext(request, metadata: metadata)
+      case .allocate(let request):
+        result.allocated = try await send(request) { try await node.allocateVF($0, metadata: $1) }
+      case .release(let request):
+        result.released = try await send(request) { try await node.releaseVF($0, metadata: $1) }
+      case .attach(let request): result.attached = try await send(request) { try await node.attachVF($0, metadata: $1) }
+      case .detach(let request): result.detached = try await send(request) { try await node.detachVF($0, metadata: $1) }
+      case .reconfigure(let request):
+        result.operation = try await send(request) { try await node.reconfigure($0, metadata: $1) }
+      case .switchContext(let request):
+        result.switched = try await send(request) { try await node.switchContext($0, metadata: $1) }
+      case .drain(let request):
+        result.operation = try await send(request) { try await node.drainDevice($0, metadata: $1) }
+      case .sharingPolicy(let request):
+        result.policy = try await send(request) { try await node.setSharingPolicy($0, metadata: $1) }
+      case .registerContext(let request):
+        result.context = try await send(request) { try await node.registerContext($0, metadata: $1) }
       case nil:
         throw AgentError(.invalidArgument, "command \(command.commandID) carries nothing to do")
       }
@@ -313,3 +310,19 @@ package final class LinkMachineBox: Sendable {
   package let state: Mutex<OrchestratorLinkMachine>
   package init(_ machine: OrchestratorLinkMachine) { state = Mutex(machine) }
 }
+
+/// A node API request an orchestrator command carries: the link sets its idempotency key (the
+/// command id) and its epoch.
+protocol CommandRequest: Sendable {
+  var meta: Fpga_Agent_V1_RequestMeta { get set }
+}
+
+extension Fpga_Agent_V1_AllocateVFRequest: CommandRequest {}
+extension Fpga_Agent_V1_ReleaseVFRequest: CommandRequest {}
+extension Fpga_Agent_V1_AttachVFRequest: CommandRequest {}
+extension Fpga_Agent_V1_DetachVFRequest: CommandRequest {}
+extension Fpga_Agent_V1_ReconfigureRequest: CommandRequest {}
+extension Fpga_Agent_V1_SwitchContextRequest: CommandRequest {}
+extension Fpga_Agent_V1_DrainDeviceRequest: CommandRequest {}
+extension Fpga_Agent_V1_SetSharingPolicyRequest: CommandRequest {}
+extension Fpga_Agent_V1_RegisterContextRequest: CommandRequest {}
