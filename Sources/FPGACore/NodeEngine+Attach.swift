@@ -16,7 +16,7 @@ extension NodeEngine {
             .notFound,
             "VM \(request.vm) is not known to this agent; `fpgactl vms` lists them (configure --qmp-socket NAME=PATH)")
         }
-        if allocation.attached, !reservations.isHeld(.allocation(allocation.id)) {
+        if allocation.attached, !gate.reservations.isHeld(.allocation(allocation.id)) {
           if allocation.vm == request.vm, let port = allocation.rootPort, !allocation.detaching {
             return .answer(
               AttachResult(

@@ -60,7 +60,7 @@ extension NodeEngine {
         if let existing = contexts.values.first(where: {
           $0.acceleratorID == request.acceleratorID && $0.guest == guest
         }),
-          !reservations.isHeld(.guestSlot(accelerator: request.acceleratorID, guest: guest))
+          !gate.reservations.isHeld(.guestSlot(accelerator: request.acceleratorID, guest: guest))
         {
           let same =
             existing.function == request.function && existing.parameters == request.parameters

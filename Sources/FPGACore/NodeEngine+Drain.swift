@@ -40,7 +40,7 @@ extension NodeEngine {
       "DrainDevice", meta, fingerprint: "\(target.text)\u{0}\(releaseUnattached)",
       replay: { outcome throws(AgentError) in
         guard case .operation(let id) = outcome else { return nil }
-        if let record = operationLog[id] { return record }
+        if let record = operations.log[id] { return record }
         throw AgentError(
           .failedPrecondition,
           "idempotency key \(quoted(meta.idempotencyKey ?? "")) already drained \(target.name) as operation \(id), whose record is no longer kept; it is not run again"
@@ -56,7 +56,7 @@ extension NodeEngine {
         var impacts: [OperationRecord.Impact] = []
         var released: [Allocation] = []
         for allocation in state.allocations.values.filter({ pfs.contains($0.pf) }).sorted(by: { $0.id < $1.id }) {
-          if releaseUnattached && !allocation.attached && !reservations.isHeld(.allocation(allocation.id)) {
+          if releaseUnattached && !allocation.attached && !gate.reservations.isHeld(.allocation(allocation.id)) {
             released.append(allocation)
             steps.append(
               .init(

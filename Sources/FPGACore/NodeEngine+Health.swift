@@ -27,7 +27,7 @@ extension NodeEngine {
   func assessHealth(_ node: inout DiscoveredNode) {
     let now = clock.now()
     let scanned = Set(node.pfs.map(\.function.address))
-    for address in state.pfAddresses where !scanned.contains(address) && reconfiguring[address] == nil {
+    for address in state.pfAddresses where !scanned.contains(address) && operations.reconfiguring[address] == nil {
       gone[address] = gone[address] ?? now
       healthTracker.forget(address)
       // A PF leaving the bus loses its VFs first (the kernel disables SR-IOV, then removes the
@@ -54,7 +54,7 @@ extension NodeEngine {
       for vf in state.vfs(of: pf) where !present.contains(vf.address) { healthTracker.forget(vf.address) }
     }
     for allocation in state.allocations.values.sorted(by: { $0.id < $1.id })
-    where !present.contains(allocation.vf) && reconfiguring[allocation.pf] == nil {
+    where !present.contains(allocation.vf) && operations.reconfiguring[allocation.pf] == nil {
       let reason =
         gone[allocation.pf] != nil
         ? "PF \(allocation.pf) is gone from the PCI bus (surprise removal or hot-unplug); VF \(allocation.vf) went with it"
@@ -113,7 +113,9 @@ extension NodeEngine {
   /// the device (it crashed, or the device was unplugged behind the agent). Operations under way
   /// (a paused VF is closed on purpose) and detaches are left alone.
   func findUnheldAttachments() async {
-    let attached = state.allocations.values.filter { $0.attached && !$0.detaching && reconfiguring[$0.pf] == nil }
+    let attached = state.allocations.values.filter {
+      $0.attached && !$0.detaching && operations.reconfiguring[$0.pf] == nil
+    }
     var unheld: [PCIAddress: String] = [:]
     for pf in Set(attached.map(\.pf)).sorted() {
       let holders = await platform.vfHolders(pf: pf)

@@ -157,7 +157,7 @@ extension NodeEngine {
       try await store.commit(recordBoot + planned.map { .putOperation($0.machine.stored) })
     } catch {
       for (index, _, holder) in planned {
-        reservations.release(holder)
+        gate.reservations.release(holder)
         report.pfs[index].result = .failed
         report.pfs[index].error = "the state store could not record the restore: \(error.message)"
         restoreFailed.insert(report.pfs[index].pf)
@@ -166,28 +166,30 @@ extension NodeEngine {
     }
     var started: [(index: Int, id: String)] = []
     for (index, machine, holder) in planned {
-      reconfigureActions[machine.id] = machine.journal.actions
+      operations.restoreActions[machine.id] = machine.journal.actions
       begin(machine, holder: holder, faultsApply: true)
       started.append((index, machine.id))
     }
     for (index, id) in started {
       await waitForOperation(id)
-      let record = operationLog[id]
+      let record = operations.log[id]
       let pf = report.pfs[index].pf
       if record?.state == .succeeded {
         report.pfs[index].result = .restored
         report.pfs[index].allocationsKept = state.allocations.values.filter { $0.pf == pf }.count
         report.pfs[index].vfsBound =
           record.map { operation in
-            zip(operation.steps, reconfigureActions[id] ?? []).filter { $0.0.state == .succeeded && $0.1.kind == .bind }
-              .count
+            zip(operation.steps, operations.restoreActions[id] ?? []).filter {
+              $0.0.state == .succeeded && $0.1.kind == .bind
+            }
+            .count
           } ?? 0
       } else if record?.state == .failed {
         report.pfs[index].result = .failed
         report.pfs[index].error = record?.error ?? "the operation failed"
         restoreFailed.insert(pf)
       }
-      reconfigureActions[id] = nil
+      operations.restoreActions[id] = nil
     }
     noteDiscrepancy(report.summary)
     return report
@@ -217,8 +219,8 @@ extension NodeEngine {
     for allocation in allocations { actions.append(.init(kind: .bind, vf: allocation.vf, tolerant: true)) }
     actions.append(.init(kind: .commit))
     let id = Self.makeID(prefix: "op-")
-    let holder = reservations.holder("layout restore \(id)")
-    try reservations.take([.pf(pf.address)] + allocations.map { .allocation($0.id) }, for: holder)
+    let holder = gate.reservations.holder("layout restore \(id)")
+    try gate.reservations.take([.pf(pf.address)] + allocations.map { .allocation($0.id) }, for: holder)
     let now = clock.now()
     var record = OperationRecord(
       id: id, kind: "restore", target: pf.address.description, state: .running,
@@ -253,7 +255,7 @@ extension NodeEngine {
   func layoutChanges(verified: PCIAddress? = nil) -> [PFLayout] {
     var changed: [PFLayout] = []
     for address in state.pfAddresses
-    where (reconfiguring[address] == nil || address == verified) && !restoreFailed.contains(address) {
+    where (operations.reconfiguring[address] == nil || address == verified) && !restoreFailed.contains(address) {
       guard let pf = state.pf(address) else { continue }
       let layout = PFLayout(pf: address, numVFs: pf.numVFs, qmax: pf.qmax > 0 ? pf.qmax : nil, at: clock.now())
       if let known = recordedLayouts[address], known.sameLayout(as: layout) { continue }

@@ -86,7 +86,7 @@ extension NodeEngine {
         // Known only now: recorded on its own; a failure leaves a retry to find the result.
         try? await store.commit([.putIdempotency(kept)])
       }
-      ledger.record(kept)
+      gate.ledger.record(kept)
     }
     return answer
   }
@@ -132,15 +132,17 @@ extension NodeEngine {
       try checkEpoch(meta)
       let admission = Admission(scope: scope, meta: meta, fingerprint: fingerprint)
       guard let key = meta.idempotencyKey, let scopedKey = admission.scopedKey else { return .proceed(admission) }
-      if let outcome = try ledger.lookup(scope: scope, key: key, fingerprint: fingerprint) { return .replay(outcome) }
-      guard let pending = keysInFlight[scopedKey] else { return .proceed(admission) }
+      if let outcome = try gate.ledger.lookup(scope: scope, key: key, fingerprint: fingerprint) {
+        return .replay(outcome)
+      }
+      guard let pending = gate.keysInFlight[scopedKey] else { return .proceed(admission) }
       guard pending == fingerprint else {
         throw AgentError(
           .invalidArgument,
           "idempotency key \(quoted(key)) is in use by a different \(scope) request under way: use a new key for a new request"
         )
       }
-      await withCheckedContinuation { continuation in keyWaiters[scopedKey, default: []].append(continuation) }
+      await withCheckedContinuation { continuation in gate.keyWaiters[scopedKey, default: []].append(continuation) }
     }
   }
 
@@ -148,19 +150,19 @@ extension NodeEngine {
   /// called in the same synchronous turn as `admit` returned and the validation ran.
   func claim(_ admission: Admission, _ resources: [Reservations.Resource], as what: String) throws(AgentError) -> Claim
   {
-    let holder = reservations.holder(what)
-    try reservations.take(resources, for: holder)
-    if let scopedKey = admission.scopedKey { keysInFlight[scopedKey] = admission.fingerprint }
+    let holder = gate.reservations.holder(what)
+    try gate.reservations.take(resources, for: holder)
+    if let scopedKey = admission.scopedKey { gate.keysInFlight[scopedKey] = admission.fingerprint }
     let epoch = admission.meta.orchestratorEpoch > highestEpoch ? admission.meta.orchestratorEpoch : nil
     return Claim(admission: admission, holder: holder, writes: epoch.map { [.setEpoch($0)] } ?? [], epoch: epoch)
   }
 
   /// Step 4: releases what the request still holds and wakes the requests waiting on its key.
   func settle(_ claim: Claim) {
-    reservations.release(claim.holder)
+    gate.reservations.release(claim.holder)
     guard let scopedKey = claim.admission.scopedKey else { return }
-    keysInFlight[scopedKey] = nil
-    for waiter in keyWaiters.removeValue(forKey: scopedKey) ?? [] { waiter.resume() }
+    gate.keysInFlight[scopedKey] = nil
+    for waiter in gate.keyWaiters.removeValue(forKey: scopedKey) ?? [] { waiter.resume() }
   }
 
   /// Refuses requests from an orchestrator epoch older than the highest seen. Raising it is
@@ -181,4 +183,20 @@ extension NodeEngine {
     try await store.commit(all)
     if let epoch = claim.epoch { highestEpoch = max(highestEpoch, epoch) }
   }
+}
+
+/// The mutations' shared state: what the requests under way hold, their keys, who waits on them,
+/// and the results recorded under keys.
+struct MutationGate: Sendable {
+  /// What the mutations under way hold.
+  var reservations = Reservations()
+  /// Idempotency keys (scope NUL key) of requests under way, with their requests' fingerprints.
+  var keysInFlight: [String: String] = [:]
+  /// Requests waiting for a request with their key to end.
+  var keyWaiters: [String: [CheckedContinuation<Void, Never>]] = [:]
+  /// The results of finished requests, by key.
+  var ledger = IdempotencyLedger<IdempotentOutcome>()
+  /// VFs chosen by allocations whose records are not durable yet (VF → allocation id): no other
+  /// request chooses them, and nothing about them is published until the store has them.
+  var allocating: [PCIAddress: String] = [:]
 }

@@ -10,11 +10,11 @@ extension NodeEngine {
       fingerprint: "\(request.pf)\u{0}\(request.count)\u{0}\(request.strategy.rawValue)\u{0}\(request.dryRun)",
       replay: { outcome throws(AgentError) in
         guard case .operation(let id) = outcome else { return nil }
-        if let record = operationLog[id] { return record }
+        if let record = operations.log[id] { return record }
         guard request.dryRun else {
           throw AgentError(
             .failedPrecondition,
-            "idempotency key \(quoted(request.meta.idempotencyKey ?? "")) already started operation \(id), whose record is no longer kept (the last \(operationLog.history) finished operations are); it is not run again: use a new key for a new reconfiguration"
+            "idempotency key \(quoted(request.meta.idempotencyKey ?? "")) already started operation \(id), whose record is no longer kept (the last \(operations.log.history) finished operations are); it is not run again: use a new key for a new reconfiguration"
           )
         }
         // A plan no longer kept is made again: a dry run changes nothing.
@@ -27,13 +27,13 @@ extension NodeEngine {
           throw AgentError(
             .notFound, "PF \(request.pf) is not managed by this node; `fpgactl inventory` lists the PFs")
         }
-        if let running = reconfiguring[pf.address] {
+        if let running = operations.reconfiguring[pf.address] {
           throw AgentError(
             .aborted,
             "PF \(pf.address) is already being reconfigured by \(running); watch it with `fpgactl operation \(running) --watch`"
           )
         }
-        if let (vf, id) = allocating.first(where: { state.vf($0.key)?.pfAddress == pf.address }) {
+        if let (vf, id) = gate.allocating.first(where: { state.vf($0.key)?.pfAddress == pf.address }) {
           throw AgentError(
             .aborted, "allocation \(id) of VF \(vf) on PF \(pf.address) is being recorded; retry in a moment")
         }
@@ -63,7 +63,7 @@ extension NodeEngine {
       },
       effects: { planned, claim in
         let (pf, plan, id) = planned
-        if !request.dryRun { reconfiguring[pf.address] = id }
+        if !request.dryRun { operations.reconfiguring[pf.address] = id }
         let record = await plannedRecord(id, of: pf, plan, request)
         guard !request.dryRun else {
           return Effects(
@@ -79,11 +79,11 @@ extension NodeEngine {
             pf: pf.address, from: pf.numVFs, to: request.count, strategy: request.strategy, actions: plan.actions))
         return Effects(
           writes: [.putOperation(machine.stored)], outcome: .operation(id),
-          undo: { self.reconfiguring[pf.address] = nil },
+          undo: { self.operations.reconfiguring[pf.address] = nil },
           apply: {
             // The request's reservation becomes the operation's, held until it ends.
-            let holder = self.reservations.holder("reconfiguration \(id)")
-            self.reservations.transfer(from: claim.holder, to: holder)
+            let holder = self.gate.reservations.holder("reconfiguration \(id)")
+            self.gate.reservations.transfer(from: claim.holder, to: holder)
             self.begin(machine, holder: holder, faultsApply: true, fence: true)
             return (record, nil)
           })
@@ -130,15 +130,15 @@ extension NodeEngine {
   /// Runs the operation's steps in a task of its own; `holder` holds the PF and its allocations.
   func begin(_ machine: ReconfigureMachine, holder: Reservations.Holder, faultsApply: Bool, fence: Bool = false) {
     let pf = machine.journal.pf
-    reconfiguring[pf] = machine.id
-    reconfigurations[machine.id] = RunningReconfiguration(machine: machine, holder: holder)
+    operations.reconfiguring[pf] = machine.id
+    operations.reconfigurations[machine.id] = RunningReconfiguration(machine: machine, holder: holder)
     remember(machine.record)
-    operationTasks[machine.id] = Task { await self.run(machine.id, faultsApply: faultsApply, fence: fence) }
+    operations.tasks[machine.id] = Task { await self.run(machine.id, faultsApply: faultsApply, fence: fence) }
   }
 
   /// Waits until operation `id` has ended (tests, shutdown).
   public func waitForOperation(_ id: String) async {
-    await operationTasks[id]?.value
+    await operations.tasks[id]?.value
   }
 
   // MARK: Recovery
@@ -152,13 +152,13 @@ extension NodeEngine {
     for stored in persisted.operations {
       guard let machine = ReconfigureMachine(recovering: stored) else { continue }
       let pf = machine.journal.pf
-      let holder = reservations.holder("reconfiguration \(machine.id)")
+      let holder = gate.reservations.holder("reconfiguration \(machine.id)")
       let resources =
         [.pf(pf)] + state.allocations.values.filter { $0.pf == pf }.map { Reservations.Resource.allocation($0.id) }
       do {
-        try reservations.take(resources, for: holder)
+        try gate.reservations.take(resources, for: holder)
       } catch {
-        if reconfiguring[pf] == machine.id { reconfiguring[pf] = nil }
+        if operations.reconfiguring[pf] == machine.id { operations.reconfiguring[pf] = nil }
         noteDiscrepancy(
           "operation \(machine.id) could not reserve PF \(pf): \(error.message); it resumes at the next start")
         continue
@@ -180,10 +180,10 @@ extension NodeEngine {
   // MARK: Running
 
   private func run(_ id: String, faultsApply: Bool, fence: Bool = false) async {
-    if fence, let reconfigurationFence, let pf = reconfigurations[id]?.machine.journal.pf {
+    if fence, let reconfigurationFence, let pf = operations.reconfigurations[id]?.machine.journal.pf {
       await reconfigurationFence(pf)
     }
-    while var machine = reconfigurations[id]?.machine {
+    while var machine = operations.reconfigurations[id]?.machine {
       guard case .run(let index, let action) = machine.start(at: clock.now()) else { break }
       if stopping { return halt(id, "stopped for the shutdown") }
       let journal = machine.journal
@@ -198,14 +198,14 @@ extension NodeEngine {
           throw AgentError(.internal, "injected failure at step \(index + 1) (\(action.kind.rawValue))")
         }
         let edits = try await perform(action, journal: journal, operation: id)
-        machine = reconfigurations[id]?.machine ?? machine  // notes made while the step ran
+        machine = operations.reconfigurations[id]?.machine ?? machine  // notes made while the step ran
         machine.succeeded(at: clock.now())
         guard await save(machine, edits: edits) else { return }
         apply(edits)
       } catch {
         // Interrupted by a shutdown: not a failure. The step stays running in the journal.
         if stopping { return halt(id, "stopped for the shutdown") }
-        machine = reconfigurations[id]?.machine ?? machine
+        machine = operations.reconfigurations[id]?.machine ?? machine
         machine.failed(error.message, at: clock.now())
         guard await save(machine) else { return }
       }
@@ -230,7 +230,7 @@ extension NodeEngine {
       halt(machine.id, "the state store failed")
       return false
     }
-    reconfigurations[machine.id]?.machine = machine
+    operations.reconfigurations[machine.id]?.machine = machine
     remember(machine.record)
     return true
   }
@@ -239,15 +239,17 @@ extension NodeEngine {
   /// changed, so it and its allocations stay reserved until the next start resumes the journal.
   private func halt(_ id: String, _ reason: String) {
     noteDiscrepancy("operation \(id) \(reason); it resumes from its journal at the next start")
-    operationTasks[id] = nil
+    operations.tasks[id] = nil
   }
 
   /// The operation has ended: its PF and allocations are free again.
   private func end(_ id: String) {
-    operationTasks[id] = nil
-    guard let running = reconfigurations.removeValue(forKey: id) else { return }
-    if reconfiguring[running.machine.journal.pf] == id { reconfiguring[running.machine.journal.pf] = nil }
-    reservations.release(running.holder)
+    operations.tasks[id] = nil
+    guard let running = operations.reconfigurations.removeValue(forKey: id) else { return }
+    if operations.reconfiguring[running.machine.journal.pf] == id {
+      operations.reconfiguring[running.machine.journal.pf] = nil
+    }
+    gate.reservations.release(running.holder)
   }
 
   /// Applies edits (already recorded) to memory, as one revision.
@@ -374,9 +376,9 @@ extension NodeEngine {
 
   /// A VF count write the kernel holds: shown on the running step, logged as a discrepancy.
   private func noteBlocked(_ id: String, _ text: String) {
-    guard var machine = reconfigurations[id]?.machine else { return }
+    guard var machine = operations.reconfigurations[id]?.machine else { return }
     machine.waiting(text)
-    reconfigurations[id]?.machine = machine
+    operations.reconfigurations[id]?.machine = machine
     remember(machine.record)
   }
 }
@@ -398,4 +400,19 @@ enum AllocationEdit: Sendable {
     case .remove(let allocation): .deleteAllocation(allocation.id)
     }
   }
+}
+
+/// The engine's operations: those under way (by PF and by id, with their tasks), and the
+/// record of every operation for GetOperation and WatchOperation.
+struct Operations: Sendable {
+  /// PFs under reconfiguration, with the operation's id.
+  var reconfiguring: [PCIAddress: String] = [:]
+  /// Reconfigurations under way, by operation id.
+  var reconfigurations: [String: RunningReconfiguration] = [:]
+  /// Their tasks, awaited by `close()`.
+  var tasks: [String: Task<Void, Never>] = [:]
+  /// The last 1,024 finished operations, 256 plans apart, and the ones under way.
+  var log = OperationLog(history: 1024, planHistory: 256)
+  /// The steps of restores under way, to count what they did.
+  var restoreActions: [String: [ReconfigureAction]] = [:]
 }

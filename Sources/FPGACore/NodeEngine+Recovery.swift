@@ -9,7 +9,7 @@ extension NodeEngine {
     let before = discrepancies.count
     var edits: [AllocationEdit] = []
     for allocation in state.allocations.values.sorted(by: { $0.id < $1.id })
-    where reconfiguring[allocation.pf] == nil && !reservations.isHeld(.allocation(allocation.id)) {
+    where operations.reconfiguring[allocation.pf] == nil && !gate.reservations.isHeld(.allocation(allocation.id)) {
       if state.vf(allocation.vf) == nil {
         noteDiscrepancy(
           "allocation \(allocation.id) (owner \(allocation.owner)) was on VF \(allocation.vf), which no longer exists: ended"
@@ -21,8 +21,8 @@ extension NodeEngine {
       let plugged = await hypervisor.pluggedDevices()
       let reachable = Set(state.vms.values.filter { $0.state != .unreachable }.map(\.name))
       for allocation in state.allocations.values.sorted(by: { $0.id < $1.id })
-      where allocation.attached && reconfiguring[allocation.pf] == nil
-        && !reservations.isHeld(.allocation(allocation.id))
+      where allocation.attached && operations.reconfiguring[allocation.pf] == nil
+        && !gate.reservations.isHeld(.allocation(allocation.id))
         && !edits.contains(where: { if case .remove(let gone) = $0 { gone.id == allocation.id } else { false } })
       {
         let deviceID = allocation.deviceID ?? allocation.id
@@ -63,8 +63,8 @@ extension NodeEngine {
     }
     if hostRebooted, hypervisor == nil {
       for allocation in state.allocations.values.sorted(by: { $0.id < $1.id })
-      where allocation.attached && reconfiguring[allocation.pf] == nil
-        && !reservations.isHeld(.allocation(allocation.id))
+      where allocation.attached && operations.reconfiguring[allocation.pf] == nil
+        && !gate.reservations.isHeld(.allocation(allocation.id))
         && !edits.contains(where: { if case .remove(let gone) = $0 { gone.id == allocation.id } else { false } })
       {
         var fixed = allocation

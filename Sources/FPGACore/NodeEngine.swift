@@ -5,32 +5,22 @@ public actor NodeEngine {
   public nonisolated let startedAt: WallTime
   let platform: any NodePlatform
   let hypervisor: (any Hypervisor)?
-  /// What the mutations under way hold (see `NodeEngine+Mutation.swift`).
-  var reservations = Reservations()
-  /// Idempotency keys (scope NUL key) of requests under way, with their requests' fingerprints.
-  var keysInFlight: [String: String] = [:]
-  /// Requests waiting for a request with their key to end.
-  var keyWaiters: [String: [CheckedContinuation<Void, Never>]] = [:]
+  /// What the mutations under way hold, and the results of the finished ones (see
+  /// `NodeEngine+Mutation.swift`).
+  var gate = MutationGate()
   let clock: any WallClock
   var state: InventoryState
-  var ledger = IdempotencyLedger<IdempotentOutcome>()
   let store: any StateStore
-  /// PFs under reconfiguration, with the operation's id.
-  var reconfiguring: [PCIAddress: String] = [:]
-  /// VFs chosen by allocations whose records are not durable yet (VF → allocation id): no other
-  /// request chooses them, and nothing about them is published until the store has them.
-  var allocating: [PCIAddress: String] = [:]
+  /// The operations under way and the last ones that ended.
+  var operations = Operations()
   /// PFs being reconfigured now.
-  public var reconfiguringPFs: Set<PCIAddress> { Set(reconfiguring.keys) }
+  public var reconfiguringPFs: Set<PCIAddress> { Set(operations.reconfiguring.keys) }
   /// Drain flags restored from the store, applied once their PF or card is discovered.
   var pendingDrains: Set<String> = []
   /// What a restart found that disagreed with the records (for status and logs).
   public private(set) var discrepancies: [String] = []
   /// Test hook: crash or fail at a named reconfiguration step.
   let faults: FaultInjection?
-  /// Reconfigurations under way, by operation id.
-  var reconfigurations: [String: RunningReconfiguration] = [:]
-  var operationTasks: [String: Task<Void, Never>] = [:]
   /// Set by `close()`: operations stop at their current step, which stays journaled.
   var stopping = false
   /// How long a reconfiguration waits for a guest to acknowledge an unplug.
@@ -44,8 +34,6 @@ public actor NodeEngine {
 
   public func setLink(_ status: OrchestratorLinkStatus) { link = status }
   private let broadcaster = InventoryBroadcaster()
-  /// Operations for GetOperation and WatchOperation: the last 1,024 finished, 256 plans apart.
-  var operationLog = OperationLog(history: 1024, planHistory: 256)
   private var capabilities: PlatformCapabilities
   /// Devices the last scan could not read (kept out of allocation, reported in status).
   private var scanProblems: [String] = []
@@ -70,8 +58,6 @@ public actor NodeEngine {
   var hostRebooted = false
   /// What start-up found of the boot and restored.
   var layoutReport: LayoutRestoreReport?
-  /// The steps of restores under way, to count what they did.
-  var reconfigureActions: [String: [ReconfigureAction]] = [:]
   /// Whether the first scan has dropped the health memories of devices no longer present.
   var healthPruned = false
   /// Told of every operation that ends.
@@ -141,7 +127,7 @@ public actor NodeEngine {
     var node = scan
     assessHealth(&node)
     for (index, pf) in node.pfs.enumerated()
-    where pf.function.address != verified && reconfiguring[pf.function.address] != nil {
+    where pf.function.address != verified && operations.reconfiguring[pf.function.address] != nil {
       if let kept = state.discovered(pf.function.address) { node.pfs[index] = kept }
     }
     return state.apply(node) + applyPendingDrains()
@@ -242,7 +228,7 @@ public actor NodeEngine {
         return result
       },
       plan: { () throws(AgentError) in
-        let vf = try state.chooseVF(request.constraints, excluding: reconfiguring, taken: allocating)
+        let vf = try state.chooseVF(request.constraints, excluding: operations.reconfiguring, taken: gate.allocating)
         let allocation = Allocation(
           id: Self.makeID(prefix: "alloc-"), vf: vf.address, pf: vf.pfAddress, owner: request.owner,
           vm: request.vm, idempotencyKey: request.meta.idempotencyKey, createdAt: clock.now(),
@@ -254,7 +240,7 @@ public actor NodeEngine {
         // The VF is taken at once (a concurrent request cannot choose it), but the allocation
         // enters the inventory, and is published, only once the store has it: a watcher never
         // sees an allocation that a failed write withdraws.
-        allocating[vf.address] = allocation.id
+        gate.allocating[vf.address] = allocation.id
         var view = state.view(of: vf)
         view.state = .allocated
         view.allocationID = allocation.id
@@ -262,9 +248,9 @@ public actor NodeEngine {
         let estimate = AllocationResult(allocation: allocation, vf: view, replayed: false, revision: state.revision + 1)
         return Effects(
           writes: [.putAllocation(allocation)], outcome: .allocated(estimate),
-          undo: { self.allocating[vf.address] = nil },
+          undo: { self.gate.allocating[vf.address] = nil },
           apply: {
-            self.allocating[vf.address] = nil
+            self.gate.allocating[vf.address] = nil
             let revision = self.publish(self.state.insert(allocation))
             let result = AllocationResult(allocation: allocation, vf: view, replayed: false, revision: revision)
             return (result, .allocated(result))
@@ -358,25 +344,25 @@ public actor NodeEngine {
   /// the group's graceful-shutdown and cancellation limits, and its journal is durable.
   public func close() async {
     stopping = true
-    let running = operationTasks
+    let running = operations.tasks
     for task in running.values { task.cancel() }
     for runner in runners.values { await runner.stop() }
     broadcaster.close()
-    operationLog.close()
-    for waiters in keyWaiters.values {
+    operations.log.close()
+    for waiters in gate.keyWaiters.values {
       for waiter in waiters { waiter.resume() }
     }
-    keyWaiters = [:]
+    gate.keyWaiters = [:]
     for task in running.values { await task.value }
   }
 
   // MARK: Operations
 
   public func operation(_ id: String) throws(AgentError) -> OperationRecord {
-    guard let record = operationLog[id] else {
+    guard let record = operations.log[id] else {
       throw AgentError(
         .notFound,
-        "operation \(id) is not known: it never existed or ended more than \(operationLog.history) operations ago")
+        "operation \(id) is not known: it never existed or ended more than \(operations.log.history) operations ago")
     }
     return record
   }
@@ -385,31 +371,32 @@ public actor NodeEngine {
   public func watchOperation(_ id: String) throws(AgentError) -> AsyncStream<OperationRecord> {
     guard !stopping else { throw AgentError(.unavailable, "the agent is shutting down; retry once it has restarted") }
     let record = try operation(id)
-    return operationLog.watch(record) { watcher in Task { await self.dropOperationWatcher(id, watcher) } }
+    return operations.log.watch(record) { watcher in Task { await self.dropOperationWatcher(id, watcher) } }
   }
 
   private func dropOperationWatcher(_ id: String, _ watcher: UInt64) {
-    operationLog.dropWatcher(id, watcher)
+    operations.log.dropWatcher(id, watcher)
   }
 
   /// The last `limit` operations the agent keeps (dry-run plans included), newest first.
-  public func recentOperations(_ limit: Int) -> [OperationRecord] { operationLog.recent(limit) }
+  public func recentOperations(_ limit: Int) -> [OperationRecord] { operations.log.recent(limit) }
 
   /// Every change to any operation from now on; ends at shutdown.
   public func watchOperations() throws(AgentError) -> AsyncStream<OperationRecord> {
     guard !stopping else { throw AgentError(.unavailable, "the agent is shutting down; retry once it has restarted") }
-    return operationLog.feed { watcher in Task { await self.dropOperationFeed(watcher) } }
+    return operations.log.feed { watcher in Task { await self.dropOperationFeed(watcher) } }
   }
 
-  private func dropOperationFeed(_ watcher: UInt64) { operationLog.dropFeed(watcher) }
+  private func dropOperationFeed(_ watcher: UInt64) { operations.log.dropFeed(watcher) }
 
   /// Operations ended since the start, by kind and result.
-  public var endedOperations: [OperationTally: Int] { operationLog.ended }
+  public var endedOperations: [OperationTally: Int] { operations.log.ended }
 
   /// Stores a new or changed operation and tells its watchers.
   func remember(_ record: OperationRecord) {
-    let ended = record.state.isTerminal && record.state != .planned && operationLog[record.id]?.state.isTerminal != true
-    operationLog.remember(record)
+    let ended =
+      record.state.isTerminal && record.state != .planned && operations.log[record.id]?.state.isTerminal != true
+    operations.log.remember(record)
     if ended { operationObserver?(record) }
   }
 
@@ -452,17 +439,17 @@ public actor NodeEngine {
       taken[allocation.vf] = allocation.id
       changes += state.insert(allocation)
     }
-    for record in persisted.idempotency { ledger.record(record) }
+    for record in persisted.idempotency { gate.ledger.record(record) }
     healthTracker.restore(Array(persisted.health.values))
     // PFs an unfinished operation was changing: the first scan keeps their allocations until
     // `recover` takes the operation up (its verify step decides what the PF has).
     for operation in persisted.operations {
       guard let journal = operation.journal, !operation.record.state.isTerminal else { continue }
-      reconfiguring[journal.pf] = operation.record.id
+      operations.reconfiguring[journal.pf] = operation.record.id
     }
     highestEpoch = max(highestEpoch, persisted.epoch)
     pendingDrains = persisted.drains
-    for operation in persisted.operations.suffix(operationLog.history) {
+    for operation in persisted.operations.suffix(operations.log.history) {
       remember(operation.record)
     }
     publish(changes)
