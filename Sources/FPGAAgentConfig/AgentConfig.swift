@@ -233,6 +233,9 @@ public struct AgentConfig: Hashable, Sendable {
   public struct Libvirt: Hashable, Sendable {
     /// The connection URI.
     public var uri = "qemu:///system"
+    /// Attach to (and detach from) a persistent domain's definition too, not only the running
+    /// domain: the VF is still there after libvirt restarts the domain.
+    public var persistentAttach = false
 
     package init() {
     }

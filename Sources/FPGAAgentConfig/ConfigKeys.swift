@@ -331,6 +331,10 @@ public enum ConfigKeys {
       .string(
         "libvirt.uri", \.libvirt.uri, env: "FPGA_AGENT_LIBVIRT_URI", flags: ["--libvirt-uri"],
         "the libvirt connection URI when `hypervisor: libvirt`"),
+      .bool(
+        "libvirt.persistent_attach", \.libvirt.persistentAttach,
+        "with `hypervisor: libvirt`, attach a VF to a persistent domain's definition too (`VIR_DOMAIN_AFFECT_CONFIG`), and detach it from there, so it is still there when libvirt restarts the domain; off: the running domain only (a transient domain is always live only)"
+      ),
       // QEMU.
       .custom(
         "qemu.sockets", \.qemu.sockets, type: "mapping", flags: ["--qmp-socket NAME=PATH"], default: "none",

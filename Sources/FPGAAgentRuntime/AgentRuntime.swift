@@ -75,6 +75,7 @@ public final class AgentRuntime: Sendable {
       // libvirt.so.0 is loaded here, at run time: a host without it fails now, saying what to install.
       var settings = LibvirtHypervisor.Settings()
       settings.uri = config.libvirt.uri
+      settings.persistentAttach = config.libvirt.persistentAttach
       do {
         libvirt = try LibvirtHypervisor(settings: settings)
       } catch {

@@ -11,6 +11,8 @@ public actor LibvirtHypervisor: Hypervisor {
   public struct Settings: Sendable {
     /// The connection URI (`qemu:///system`).
     public var uri = "qemu:///system"
+    /// Attach to a persistent domain's definition too (`libvirt.persistent_attach`).
+    public var persistentAttach = false
     /// First delay before reconnecting after libvirtd went away; doubled up to `maximumBackoff`.
     public var initialBackoff: Duration = .milliseconds(500)
     public var maximumBackoff: Duration = .seconds(15)
@@ -145,6 +147,7 @@ public actor LibvirtHypervisor: Hypervisor {
 
   public func attach(vf: PCIAddress, to vm: String, deviceID: String) async throws(AgentError) -> String {
     let description = try await liveDescription(vm, doing: "reading the domain's XML")
+    let definitionToo = try await changesDefinition(vm)
     let alias = DomainXML.alias(deviceID: deviceID)
     if let present = description.hostDevices.first(where: { $0.alias == alias }) {
       throw AgentError(
@@ -162,8 +165,10 @@ public actor LibvirtHypervisor: Hypervisor {
     defer { reserved[vm]?.remove(port.alias) }
     let xml = DomainXML.hostdev(vf: vf, alias: alias, bus: port.bus)
     let attached = await connection.withDomain(vm) { library, domain in
-      // VIR_DOMAIN_AFFECT_LIVE: the running domain only (its persistent definition is unchanged).
-      library.domainAttachDeviceFlags(domain, xml, 1) == 0 ? .success(()) : .failure(.libvirt(library.lastError()))
+      // VIR_DOMAIN_AFFECT_LIVE (1): the running domain; with VIR_DOMAIN_AFFECT_CONFIG (2), its
+      // persistent definition too (`libvirt.persistent_attach`).
+      library.domainAttachDeviceFlags(domain, xml, definitionToo ? 3 : 1) == 0
+        ? .success(()) : .failure(.libvirt(library.lastError()))
     }
     if case .failure(let failure) = attached {
       throw map(failure, vm: vm, doing: "the attach of VF \(vf) into \(port.alias)")
@@ -176,6 +181,31 @@ public actor LibvirtHypervisor: Hypervisor {
   }
 
   public func detach(deviceID: String, from vm: String, timeout: Duration) async throws(AgentError) {
+    try await detachLive(deviceID: deviceID, from: vm, timeout: timeout)
+    guard try await changesDefinition(vm) else { return }
+    // Out of the running domain: out of its definition too (where `persistent_attach` put it).
+    let alias = DomainXML.alias(deviceID: deviceID)
+    let removed = await connection.withDomain(vm) { library, domain in
+      library.domainDetachDeviceAlias(domain, alias, 2) == 0 ? .success(()) : .failure(.libvirt(library.lastError()))
+    }
+    switch removed {
+    case .success: return
+    case .failure(.libvirt(let error)) where error.code == LibvirtError.deviceMissing: return  // attached live only
+    case .failure(let failure):
+      throw map(failure, vm: vm, doing: "the removal of \(deviceID) from the domain's persistent definition")
+    }
+  }
+
+  /// Whether an attach or detach in `vm` changes its persistent definition too.
+  private func changesDefinition(_ vm: String) async throws(AgentError) -> Bool {
+    guard settings.persistentAttach else { return false }
+    switch await connection.domain(vm) {
+    case .success(let domain): return domain.persistent
+    case .failure(let failure): throw map(failure, vm: vm, doing: "reading whether the domain is persistent")
+    }
+  }
+
+  private func detachLive(deviceID: String, from vm: String, timeout: Duration) async throws(AgentError) {
     let alias = DomainXML.alias(deviceID: deviceID)
     let wait = connection.expectRemoval(of: alias, in: vm)
     defer { connection.forget(wait) }

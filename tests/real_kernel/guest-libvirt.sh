@@ -197,11 +197,23 @@ pci_tree
 run $C $S vms
 echo "EVENTS-BEGIN"; cat /tmp/events.log; echo "EVENTS-END"
 
-step "end"
+step "persistent attach: the domain's definition too"
+definition() { $V dumpxml --inactive l2 | tr -d '\n' | grep -o "<alias name='ua-alloc-[0-9a-f]*'/>" | sed 's/^/DEFINITION /'; }
 run $C $S detach $ALLOC --wait 60
+kill -TERM $AGENT; wait $AGENT
+printf '  persistent_attach: true\n' >> /tmp/agent.yaml
+start_agent agent-persistent
+echo "before: hostdevs in the definition: $(definition | grep -c DEFINITION)"
+run $C $S attach $ALLOC l2
+echo "attached: hostdevs in the definition: $(definition | grep -c DEFINITION), live: $(hostdevs | grep -c HOSTDEV)"
+definition
+run $C $S detach $ALLOC --wait 60
+echo "detached: hostdevs in the definition: $(definition | grep -c DEFINITION), live: $(hostdevs | grep -c HOSTDEV)"
+
+step "end"
 run $C $S release $ALLOC
 kill -TERM $AGENT; wait $AGENT; echo "AGENT-EXIT=$?"
-tail -5 /tmp/agent-restarted.log
+tail -5 /tmp/agent-persistent.log
 kill $EVENTS
 run $V destroy l2
 echo "libvirtd warnings and errors:"; tail -20 /var/log/libvirt/libvirtd.log

@@ -156,6 +156,16 @@ def test_a_crash_mid_re_layout_recovers_against_libvirts_view(nested):
     assert in_qemu(after, alloc), after
 
 
+def test_persistent_attach_puts_the_vf_in_the_domains_definition_and_takes_it_out(nested):
+    text = section(nested, "persistent attach")
+    alloc = allocation(nested)
+    assert "before: hostdevs in the definition: 0" in text, text  # live-only attaches left none
+    assert "attached: hostdevs in the definition: 1, live: 1" in text, text
+    assert f"DEFINITION <alias name='ua-{alloc}'/>" in text
+    assert "detached: hostdevs in the definition: 0, live: 0" in text, text
+    assert text.count("RC=0") >= 3, text
+
+
 def test_the_agent_ends_cleanly(nested):
     text = section(nested, "end")
     assert "AGENT-EXIT=0" in text
