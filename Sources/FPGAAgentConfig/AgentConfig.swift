@@ -1,5 +1,5 @@
 import FPGACore
-package import FPGADRA
+import FPGADRA
 import FPGADevicePlugin
 public import FPGALinux
 public import FPGASimulator
@@ -592,22 +592,5 @@ public struct AgentConfig: Hashable, Sendable {
     }
     if linux.selectors.isEmpty { problems.append("linux.selectors is empty: the agent would manage nothing") }
     if !problems.isEmpty { throw ConfigError(problems: problems) }
-  }
-}
-
-extension AgentConfig {
-  /// The DRA driver's sockets and folders; the node's name defaults to the agent's node id.
-  package func draSettings(nodeID: String) -> DRASettings {
-    var settings = DRASettings(
-      driverName: kubernetes.dra.driverName, registryDir: kubernetes.dra.registryDir,
-      pluginsDir: kubernetes.dra.pluginsDir, cdiDir: kubernetes.dra.cdiDir,
-      nodeName: kubernetes.dra.nodeName.isEmpty ? nodeID : kubernetes.dra.nodeName,
-      deviceRoot: platform == .linux ? linux.devRoot : "/dev")
-    if kubernetes.dra.growOnDemand {
-      settings.growth = GrowthPolicy(
-        pfs: Set(kubernetes.dra.growPFs.compactMap(PCIAddress.init)), maxVFs: kubernetes.dra.growMaxVFs,
-        step: kubernetes.dra.growStep, allowReplug: kubernetes.dra.growAllowReplug)
-    }
-    return settings
   }
 }
