@@ -159,10 +159,10 @@ public struct StoredOperation: Hashable, Sendable, Codable {
 /// A store in memory: the engine's default (tests, benchmarks); it can be told to fail its next
 /// writes, as a full disk would.
 public final class MemoryStateStore: StateStore {
-  private let state: Mutex<(persisted: PersistedState, failures: Int, commits: Int)>
+  private let state: PthreadLocked<(persisted: PersistedState, failures: Int, commits: Int)>
 
   public init(_ persisted: PersistedState = PersistedState()) {
-    state = Mutex((persisted, 0, 0))
+    state = PthreadLocked((persisted, 0, 0))
   }
 
   public func load() throws(AgentError) -> PersistedState { state.withLock { $0.persisted } }

@@ -1,3 +1,4 @@
+import FPGACore
 import Foundation
 
 /// Runs a blocking system call on a thread of its own, never on one that serves requests, and
@@ -61,21 +62,5 @@ public final class BlockingWorker: Sendable {
     }
     if let first { return .finished(first) }
     return .stillBlocked(completion: completion)
-  }
-}
-
-/// A value behind a pthread mutex (NSLock): ThreadSanitizer follows its hand-over between
-/// threads, which it does not for Synchronization.Mutex's contended PI futex (it reported two
-/// locked accesses of `running` as a race).
-final class PthreadLocked<Value>: @unchecked Sendable {
-  private let lock = NSLock()
-  private var value: Value
-
-  init(_ value: Value) { self.value = value }
-
-  func withLock<Result>(_ body: (inout Value) -> Result) -> Result {
-    lock.lock()
-    defer { lock.unlock() }
-    return body(&value)
   }
 }
