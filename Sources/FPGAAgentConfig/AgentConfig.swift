@@ -45,12 +45,10 @@ public struct AgentConfig: Hashable, Sendable {
       public var reloadSeconds = 30
       public var isEnabled: Bool { !cert.isEmpty || !key.isEmpty || !clientCA.isEmpty }
 
-      package init() {
-      }
+      public init() {}
     }
 
-    package init() {
-    }
+    public init() {}
   }
 
   /// Who may do what.
@@ -65,10 +63,7 @@ public struct AgentConfig: Hashable, Sendable {
     /// Root on the Unix socket is admin unless `roles` says otherwise.
     public var rootIsAdmin = true
 
-    package init(roles: [String: Role] = [:], plaintextRole: Role? = .viewer) {
-      self.roles = roles
-      self.plaintextRole = plaintextRole
-    }
+    public init() {}
   }
 
   /// Logging.
@@ -78,10 +73,7 @@ public struct AgentConfig: Hashable, Sendable {
     /// text or json (one JSON object per line).
     public var format: AgentLogHandler.Format = .text
 
-    package init(level: Logger.Level = .info, format: AgentLogHandler.Format = .text) {
-      self.level = level
-      self.format = format
-    }
+    public init() {}
   }
 
   /// The simulated platform.
@@ -102,9 +94,7 @@ public struct AgentConfig: Hashable, Sendable {
     /// Guests submitting jobs to simulated accelerators, so sharing can be watched live.
     public var workloads: [Workload] = Workload.defaults
 
-    package init(workloads: [Workload] = Workload.defaults) {
-      self.workloads = workloads
-    }
+    public init() {}
   }
 
   /// A guest of the workload generator: a job of `job_ms` every `interval_ms`.
@@ -142,8 +132,7 @@ public struct AgentConfig: Hashable, Sendable {
     /// Seconds between accelerator figure updates in the inventory.
     public var metricsIntervalSeconds = 2
 
-    package init() {
-    }
+    public init() {}
   }
 
   /// The Linux platform.
@@ -161,10 +150,7 @@ public struct AgentConfig: Hashable, Sendable {
     /// Rescan on the kernel's PCI uevents (add, remove, bind, unbind, change).
     public var uevents = true
 
-    package init(selectors: [PFSelector] = [.qdma], accelerators: [BARAccelerator] = []) {
-      self.selectors = selectors
-      self.accelerators = accelerators
-    }
+    public init() {}
   }
 
   public var health = Health()
@@ -178,8 +164,7 @@ public struct AgentConfig: Hashable, Sendable {
     /// The kernel's boot id (linux platform).
     public var bootIDFile = "/proc/sys/kernel/random/boot_id"
 
-    package init() {
-    }
+    public init() {}
   }
 
   /// Device health thresholds.
@@ -189,8 +174,7 @@ public struct AgentConfig: Hashable, Sendable {
     /// Drain a PF automatically when it reports an uncorrectable fatal error.
     public var drainOnFatal = false
 
-    package init() {
-    }
+    public init() {}
   }
 
   /// An accelerator slot in a PCI BAR: `sysfs_root/bus/pci/devices/PF/resourceBAR`, window `slot`.
@@ -224,9 +208,7 @@ public struct AgentConfig: Hashable, Sendable {
 
     package var isConfigured: Bool { !sockets.isEmpty || !socketDir.isEmpty }
 
-    package init(sockets: [String: String] = [:]) {
-      self.sockets = sockets
-    }
+    public init() {}
   }
 
   /// VMs managed by libvirt (`hypervisor: libvirt`).
@@ -237,8 +219,7 @@ public struct AgentConfig: Hashable, Sendable {
     /// domain: the VF is still there after libvirt restarts the domain.
     public var persistentAttach = false
 
-    package init() {
-    }
+    public init() {}
   }
 
   public var server = Server()
@@ -279,8 +260,7 @@ public struct AgentConfig: Hashable, Sendable {
     /// Serve it on an address other than loopback without TLS (tokens travel in clear).
     public var insecure = false
 
-    package init() {
-    }
+    public init() {}
   }
 
   /// The link to a cluster orchestrator.
@@ -308,13 +288,10 @@ public struct AgentConfig: Hashable, Sendable {
       public var ca = ""
       public var isEnabled: Bool { !cert.isEmpty || !key.isEmpty || !ca.isEmpty }
 
-      package init() {
-      }
+      public init() {}
     }
 
-    package init(role: Role = .operator) {
-      self.role = role
-    }
+    public init() {}
   }
 
   /// The kubelet device plugin.
@@ -334,9 +311,7 @@ public struct AgentConfig: Hashable, Sendable {
       public var resource = "xilinx.com/qdma-vf"
       public var pfs: [String] = []
 
-      package init(pfs: [String] = []) {
-        self.pfs = pfs
-      }
+      public init() {}
     }
 
     public struct DRA: Hashable, Sendable {
@@ -358,9 +333,7 @@ public struct AgentConfig: Hashable, Sendable {
       public var growStep = 1
       public var growAllowReplug = false
 
-      package init(growPFs: [String] = []) {
-        self.growPFs = growPFs
-      }
+      public init() {}
     }
 
     /// Explicit settings override the kubeconfig's; without either, the pod's (in-cluster).
@@ -375,13 +348,10 @@ public struct AgentConfig: Hashable, Sendable {
       /// The kubeconfig's context; empty: its current-context.
       public var context = ""
 
-      package init() {
-      }
+      public init() {}
     }
 
-    package init(pools: [Pool] = [Pool()]) {
-      self.pools = pools
-    }
+    public init() {}
   }
 
   public init() {}
