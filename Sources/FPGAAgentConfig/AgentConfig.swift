@@ -218,6 +218,14 @@ public struct AgentConfig: Hashable, Sendable {
     /// Attach to (and detach from) a persistent domain's definition too, not only the running
     /// domain: the VF is still there after libvirt restarts the domain.
     public var persistentAttach = false
+    /// Pause and resume VFIO devices through libvirt's QEMU monitor passthrough (libvirt marks
+    /// each running domain tainted: custom-monitor). Off: re-layouts under libvirt domains replug.
+    public var qemuMonitorPause = false
+    /// Shell patterns of the domain names served; empty: every domain.
+    public var domains: [String] = []
+    /// Serve only domains with an element of this namespace in their `<metadata>`; empty: no such
+    /// condition.
+    public var metadataNamespace = ""
 
     public init() {}
   }
@@ -382,6 +390,9 @@ public struct AgentConfig: Hashable, Sendable {
       problems.append(
         "hypervisor is libvirt but qemu.sockets or qemu.socket_dir is set (--qmp-socket, --qmp-dir): libvirt owns its "
           + "domains' QMP monitors; choose one backend")
+    }
+    if libvirt.domains.contains("") {
+      problems.append("libvirt.domains has an empty pattern: name the domains to serve, or leave the list out")
     }
     if hypervisor == .libvirt && libvirt.uri.isEmpty {
       problems.append("libvirt.uri is empty: hypervisor: libvirt needs a connection URI (qemu:///system)")

@@ -335,6 +335,23 @@ public enum ConfigKeys {
         "libvirt.persistent_attach", \.libvirt.persistentAttach,
         "with `hypervisor: libvirt`, attach a VF to a persistent domain's definition too (`VIR_DOMAIN_AFFECT_CONFIG`), and detach it from there, so it is still there when libvirt restarts the domain; off: the running domain only (a transient domain is always live only)"
       ),
+      .bool(
+        "libvirt.qemu_monitor_pause", \.libvirt.qemuMonitorPause, env: "FPGA_AGENT_LIBVIRT_QEMU_MONITOR_PAUSE",
+        "with `hypervisor: libvirt`, pause and resume VFIO devices (`qemu.pause_commands`, a QEMU built with qemu/vfio-pause) through libvirt's QEMU monitor passthrough (`virDomainQemuMonitorCommand`, `libvirt-qemu.so.0`): each running domain is asked `query-commands` once per start, and libvirt marks it tainted (`custom-monitor`); off: re-layouts under libvirt domains detach and re-attach"
+      ),
+      .custom(
+        "libvirt.domains", \.libvirt.domains, type: "list", default: "every domain",
+        "with `hypervisor: libvirt`, serve only the domains whose name matches one of these shell patterns (`fnmatch`: `vm-*`, `tenant-[ab]-?`); the others are not listed and cannot be attached to",
+        read: { reader, value, path in
+          let items = (value as? [Any]) ?? [value]
+          return items.enumerated().compactMap { reader.string($1, "\(path)[\($0)]") }
+        },
+        show: { $0.joined(separator: ", ") }),
+      .string(
+        "libvirt.metadata_namespace", \.libvirt.metadataNamespace, env: "FPGA_AGENT_LIBVIRT_METADATA_NAMESPACE",
+        default: "none",
+        "with `hypervisor: libvirt`, serve only the domains whose `<metadata>` holds an element of this namespace URI (set with `virsh metadata DOMAIN URI --key fpga --set '<agent/>' --live --config`)"
+      ),
       // QEMU.
       .custom(
         "qemu.sockets", \.qemu.sockets, type: "mapping", flags: ["--qmp-socket NAME=PATH"], default: "none",

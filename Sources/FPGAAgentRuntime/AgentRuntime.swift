@@ -76,6 +76,10 @@ public final class AgentRuntime: Sendable {
       var settings = LibvirtHypervisor.Settings()
       settings.uri = config.libvirt.uri
       settings.persistentAttach = config.libvirt.persistentAttach
+      settings.monitorPause = config.libvirt.qemuMonitorPause
+      settings.pauseCommands = config.qemu.pauseCommands
+      settings.domainPatterns = config.libvirt.domains
+      settings.metadataNamespace = config.libvirt.metadataNamespace.isEmpty ? nil : config.libvirt.metadataNamespace
       do {
         libvirt = try LibvirtHypervisor(settings: settings)
       } catch {

@@ -50,6 +50,8 @@ public struct PluggedDevice: Hashable, Sendable {
 public protocol Hypervisor: Sendable {
   /// True when VFs are plugged in as vfio-pci devices (they must be bound to vfio-pci first).
   var passesThroughVFIO: Bool { get }
+  /// Which VMs this backend knows, for the message of a request naming another.
+  var whichVMs: String { get }
   /// Every configured VM with its state now.
   func machines() async -> [VirtualMachineInfo]
   /// Plugs `vf` into a free hot-pluggable root port of `vm` as device `deviceID`; returns the port.
@@ -63,4 +65,8 @@ public protocol Hypervisor: Sendable {
   func pause(deviceID: String, in vm: String) async throws(AgentError)
   /// Re-opens the host VF of a paused device. Resuming a running device succeeds.
   func resume(deviceID: String, in vm: String) async throws(AgentError)
+}
+
+extension Hypervisor {
+  public var whichVMs: String { "the VMs configured with --qmp-socket NAME=PATH or --qmp-dir DIR" }
 }

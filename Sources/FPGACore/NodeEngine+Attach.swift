@@ -14,7 +14,8 @@ extension NodeEngine {
         guard let vm = state.vms[request.vm] else {
           throw AgentError(
             .notFound,
-            "VM \(request.vm) is not known to this agent; `fpgactl vms` lists them (configure --qmp-socket NAME=PATH)")
+            "VM \(request.vm) is not known to this agent, which serves \(hypervisor.whichVMs); `fpgactl vms` lists them"
+          )
         }
         if allocation.attached, !gate.reservations.isHeld(.allocation(allocation.id)) {
           if allocation.vm == request.vm, let port = allocation.rootPort, !allocation.detaching {

@@ -22,6 +22,12 @@ struct DomainDescription: Hashable, Sendable {
   }
 
   var name: String
+  /// libvirt's id of the running domain (`<domain id='3'>`): a new one at every start.
+  var id: Int?
+  /// The QEMU binary (`<emulator>`).
+  var emulator: String?
+  /// The namespaces of the elements under `<metadata>` (what applications set there).
+  var metadataNamespaces: Set<String> = []
   var rootPorts: [RootPort]
   /// Guest buses on which some device sits (any device element's own `<address type='pci'>`).
   var occupiedBuses: Set<Int>
@@ -44,6 +50,14 @@ struct DomainDescription: Hashable, Sendable {
     let root = try XMLNode.parse(xml)
     guard root.name == "domain" else { throw XMLNode.ParseError(offset: 0, reason: "<\(root.name)> is not a <domain>") }
     name = root.child("name")?.text ?? ""
+    id = root["id"].flatMap { Int($0) }
+    emulator = root.child("devices")?.child("emulator")?.text
+    // <metadata><fpga:agent xmlns:fpga='URI'/></metadata>: each element declares its namespace.
+    for element in root.child("metadata")?.children ?? [] {
+      for (attribute, value) in element.attributes where attribute == "xmlns" || attribute.hasPrefix("xmlns:") {
+        metadataNamespaces.insert(value)
+      }
+    }
     rootPorts = []
     occupiedBuses = []
     hostDevices = []

@@ -40,8 +40,8 @@ final class LibvirtConnection: Sendable {
   /// Touched only on `queue` (the pointer) and in callbacks (the flag).
   private let state = Mutex(State())
   private let waiters = Mutex<[ObjectIdentifier: DeviceWait]>([:])
-  /// A domain started, stopped, paused, resumed, was defined or undefined, or a device came or
-  /// went; also the connection was lost or regained. Coalesced.
+  /// A domain started, stopped, paused, resumed, was defined or undefined, its metadata changed,
+  /// or a device came or went; also the connection was lost or regained. Coalesced.
   let changes: AsyncStream<Void>
   private let changed: AsyncStream<Void>.Continuation
   /// libvirtd closed the connection.
@@ -210,6 +210,8 @@ final class LibvirtConnection: Sendable {
       (15, unsafeBitCast(LibvirtCallbacks.removed, to: UnsafeRawPointer.self)),  // DEVICE_REMOVED
       (19, unsafeBitCast(LibvirtCallbacks.added, to: UnsafeRawPointer.self)),  // DEVICE_ADDED
       (22, unsafeBitCast(LibvirtCallbacks.removalFailed, to: UnsafeRawPointer.self)),  // DEVICE_REMOVAL_FAILED
+      // METADATA_CHANGE: a domain tagged or untagged for `libvirt.metadata_namespace`.
+      (23, unsafeBitCast(LibvirtCallbacks.metadata, to: UnsafeRawPointer.self)),
     ]
     for (id, callback) in events {
       let opaque = Unmanaged.passRetained(self).toOpaque()
@@ -366,6 +368,10 @@ private enum LibvirtCallbacks {
   }
 
   static let added: LibvirtLibrary.DeviceCallback = { _, _, _, opaque in
+    connection(opaque)?.lifecycleEvent()
+  }
+
+  static let metadata: LibvirtLibrary.MetadataCallback = { _, _, _, _, opaque in
     connection(opaque)?.lifecycleEvent()
   }
 }

@@ -5,8 +5,10 @@ public import FPGACore
 /// libvirt's API and events, never around it: devices are plugged with
 /// `virDomainAttachDeviceFlags` (a `<hostdev managed='no'>` the agent bound to vfio-pci itself,
 /// user alias `ua-` + the allocation id), unplugged with `virDomainDetachDeviceAlias` and
-/// confirmed by libvirt's `DEVICE_REMOVED` event. Nothing here marks a domain tainted: VFIO pause
-/// (a QEMU monitor command libvirt does not know) is not used through libvirt.
+/// confirmed by libvirt's `DEVICE_REMOVED` event. By default nothing here marks a domain
+/// tainted: VFIO pause (QEMU monitor commands libvirt does not know) is used only when the
+/// operator opts in (`libvirt.qemu_monitor_pause`), through libvirt's monitor passthrough
+/// (`virDomainQemuMonitorCommand`), which libvirt marks as the `custom-monitor` taint.
 public actor LibvirtHypervisor: Hypervisor {
   public struct Settings: Sendable {
     /// The connection URI (`qemu:///system`).
@@ -16,24 +18,48 @@ public actor LibvirtHypervisor: Hypervisor {
     /// First delay before reconnecting after libvirtd went away; doubled up to `maximumBackoff`.
     public var initialBackoff: Duration = .milliseconds(500)
     public var maximumBackoff: Duration = .seconds(15)
+    /// Pause and resume VFIO devices through libvirt's QEMU monitor passthrough
+    /// (`libvirt.qemu_monitor_pause`): each running domain is asked `query-commands` once per
+    /// start, and libvirt marks it tainted (`custom-monitor`).
+    public var monitorPause = false
+    /// The QMP commands that pause and resume a VFIO device (`qemu.pause_commands`).
+    public var pauseCommands = ["x-vfio-pause", "x-vfio-resume"]
+    /// Serve only domains whose name matches one of these shell patterns (`libvirt.domains`);
+    /// empty: every domain.
+    public var domainPatterns: [String] = []
+    /// Serve only domains with an element of this namespace in their `<metadata>`
+    /// (`libvirt.metadata_namespace`).
+    public var metadataNamespace: String?
 
     public init() {}
   }
 
-  /// Loads libvirt (`libvirt.so.0`): the message says what to install when it is missing.
-  public static func loadLibrary() throws(AgentError) {
+  /// Loads libvirt (`libvirt.so.0`, and `libvirt-qemu.so.0` with `monitorPause`): the message
+  /// says what to install when one is missing.
+  public static func loadLibrary(monitorPause: Bool = false) throws(AgentError) {
     do {
       _ = try LibvirtLibrary.shared()
+      if monitorPause { _ = try LibvirtQEMULibrary.shared() }
     } catch {
       throw AgentError(.failedPrecondition, error.description)
     }
   }
 
   public nonisolated let passesThroughVFIO = true
+
+  public nonisolated var whichVMs: String {
+    "the running and paused libvirt domains at \(settings.uri)" + (filter.isEmpty ? "" : " (\(filter.description))")
+  }
   private let settings: Settings
   private let connection: LibvirtConnection
+  /// With `monitorPause`: libvirt's QEMU library.
+  private let qemu: LibvirtQEMULibrary?
+  private let filter: DomainFilter
   /// The last VMs seen while connected: shown `unreachable` while the connection is down.
   private var lastSeen: [VirtualMachineInfo] = []
+  /// Whether each running domain's QEMU has the pause commands, by name and libvirt id (a
+  /// restarted domain has a new id, and maybe a new emulator): asked once per start.
+  private var pauseCapable: [DomainKey: Bool] = [:]
   /// Root ports with an attach in progress, per VM.
   private var reserved: [String: Set<String>] = [:]
 
@@ -42,11 +68,18 @@ public actor LibvirtHypervisor: Hypervisor {
     let library: LibvirtLibrary
     do {
       library = try LibvirtLibrary.shared()
+      qemu = settings.monitorPause ? try LibvirtQEMULibrary.shared() : nil
     } catch {
       throw AgentError(.failedPrecondition, error.description)
     }
     self.settings = settings
+    self.filter = DomainFilter(patterns: settings.domainPatterns, metadataNamespace: settings.metadataNamespace)
     self.connection = LibvirtConnection(library: library, uri: settings.uri)
+  }
+
+  private struct DomainKey: Hashable {
+    var name: String
+    var id: Int
   }
 
   /// The connection to libvirtd now, for `/metrics`.
@@ -74,7 +107,7 @@ public actor LibvirtHypervisor: Hypervisor {
   // MARK: Events and the connection
 
   /// Yields when libvirt reports a change (a domain started, stopped, paused, resumed, defined,
-  /// undefined; a device added or removed) or the connection was lost or regained. Coalesced:
+  /// undefined, its metadata changed; a device added or removed) or the connection was lost or regained. Coalesced:
   /// one rescan covers a burst.
   public nonisolated var changes: AsyncStream<Void> { connection.changes }
 
@@ -108,7 +141,20 @@ public actor LibvirtHypervisor: Hypervisor {
   public func machines() async -> [VirtualMachineInfo] {
     switch await connection.activeDomains() {
     case .success(let domains):
-      lastSeen = domains.map(info)
+      var seen: [VirtualMachineInfo] = []
+      var running = Set<DomainKey>()
+      for domain in domains {
+        let description = try? DomainDescription(xml: domain.xml)
+        guard filter.admits(name: domain.name, metadataNamespaces: description?.metadataNamespaces) else { continue }
+        var vm = info(domain, description)
+        if let id = description?.id, Self.isActive(domain.state) {
+          running.insert(DomainKey(name: domain.name, id: id))
+          vm.vfioPause = await canPause(domain.name, id: id)
+        }
+        seen.append(vm)
+      }
+      pauseCapable = pauseCapable.filter { running.contains($0.key) }
+      lastSeen = seen
       return lastSeen
     case .failure(let failure):
       let reason = message(failure)
@@ -120,7 +166,10 @@ public actor LibvirtHypervisor: Hypervisor {
     }
   }
 
-  private func info(_ domain: DomainSnapshot) -> VirtualMachineInfo {
+  /// libvirt's domain states with a QEMU process: running, blocked, paused.
+  private static func isActive(_ state: Int32) -> Bool { state == 1 || state == 2 || state == 3 }
+
+  private func info(_ domain: DomainSnapshot, _ description: DomainDescription?) -> VirtualMachineInfo {
     // virDomainState: 1 running, 2 blocked, 3 paused, 4 shutting down, 5 shut off, 6 crashed,
     // 7 suspended by the guest's power management.
     let (state, status): (VirtualMachineInfo.State, String) =
@@ -135,7 +184,7 @@ public actor LibvirtHypervisor: Hypervisor {
       default: (.other, "nostate")
       }
     let where_ = endpoint + (domain.persistent ? "" : " (transient)")
-    guard let description = try? DomainDescription(xml: domain.xml) else {
+    guard let description else {
       return VirtualMachineInfo(
         name: domain.name, state: .other, qemuStatus: status, qmpSocket: where_,
         error: "libvirt's live XML of domain \(domain.name) could not be read")
@@ -251,7 +300,9 @@ public actor LibvirtHypervisor: Hypervisor {
     guard case .success(let domains) = await connection.activeDomains() else { return [] }
     var devices: [PluggedDevice] = []
     for domain in domains {
-      guard let description = try? DomainDescription(xml: domain.xml) else { continue }
+      guard let description = try? DomainDescription(xml: domain.xml),
+        filter.admits(name: domain.name, metadataNamespaces: description.metadataNamespaces)
+      else { continue }
       for device in description.hostDevices {
         guard let id = device.alias.flatMap(DomainXML.deviceID(alias:)) else { continue }
         devices.append(
@@ -264,18 +315,82 @@ public actor LibvirtHypervisor: Hypervisor {
   }
 
   public func pause(deviceID: String, in vm: String) async throws(AgentError) {
-    throw noPause(vm, "pause")
+    try await pauseCommand(settings.pauseCommands.first, deviceID: deviceID, vm: vm, doing: "pause")
   }
 
   public func resume(deviceID: String, in vm: String) async throws(AgentError) {
-    throw noPause(vm, "resume")
+    try await pauseCommand(settings.pauseCommands.last, deviceID: deviceID, vm: vm, doing: "resume")
   }
 
-  private func noPause(_ vm: String, _ doing: String) -> AgentError {
-    AgentError(
-      .failedPrecondition,
-      "libvirt VM \(vm) cannot \(doing) a VFIO device: the agent does not send QEMU monitor commands around libvirt "
-        + "(libvirt would mark the domain tainted); use the detach-reattach strategy")
+  /// `x-vfio-pause` / `x-vfio-resume` of the device whose qdev id is the agent's alias, through
+  /// libvirt's monitor passthrough (opt-in). QEMU's refusal comes back with QEMU's text:
+  /// `DeviceNotFound` as NOT_FOUND, any other as FAILED_PRECONDITION (a refused resume is then
+  /// replaced by a replug of that device).
+  private func pauseCommand(_ command: String?, deviceID: String, vm: String, doing: String) async throws(AgentError) {
+    guard let qemu else {
+      throw AgentError(
+        .failedPrecondition,
+        "libvirt VM \(vm) cannot \(doing) a VFIO device: libvirt.qemu_monitor_pause is off (the pause commands "
+          + "go through libvirt's QEMU monitor passthrough, which marks the domain tainted: custom-monitor); "
+          + "turn it on, or use the detach-reattach strategy")
+    }
+    guard settings.pauseCommands.count == 2, let command else {
+      throw AgentError(.failedPrecondition, "qemu.pause_commands must name a pause and a resume command")
+    }
+    let domain: DomainSnapshot
+    switch await connection.domain(vm) {
+    case .success(let found): domain = found
+    case .failure(let failure): throw map(failure, vm: vm, doing: "the \(command) of \(deviceID)")
+    }
+    let description = try? DomainDescription(xml: domain.xml)
+    guard Self.isActive(domain.state), let id = description?.id else {
+      throw AgentError(.failedPrecondition, "VM \(vm) is not running (libvirt domain state \(domain.state))")
+    }
+    guard await canPause(vm, id: id) else {
+      throw AgentError(
+        .failedPrecondition,
+        "the QEMU of libvirt VM \(vm) (\(description?.emulator ?? "its emulator")) has no \(command) command: it "
+          + "is not built with qemu/vfio-pause; use the detach-reattach strategy")
+    }
+    let text = MonitorQMP.command(command, id: DomainXML.alias(deviceID: deviceID))
+    let sent = await connection.withDomain(vm) { library, domain in qemu.command(library, domain, text) }
+    switch sent {
+    case .failure(let failure):
+      throw map(failure, vm: vm, doing: "the \(command) of \(deviceID)")
+    case .success(let reply):
+      do {
+        _ = try MonitorQMP.result(reply)
+      } catch let refusal as MonitorQMP.Refusal {
+        throw AgentError(
+          refusal.errorClass == "DeviceNotFound" ? .notFound : .failedPrecondition,
+          "the QEMU of VM \(vm) refused the \(command) of \(deviceID): \(refusal.message)", cause: refusal.errorClass)
+      } catch {
+        throw AgentError(
+          .internal, "libvirt returned an unreadable reply to the \(command) of \(deviceID) in VM \(vm): \(error)")
+      }
+    }
+  }
+
+  /// Whether the QEMU of running domain `name` (libvirt id `id`) has both pause commands: asked
+  /// with `query-commands` once per start when `monitorPause` is on, else false. A domain whose
+  /// monitor cannot answer is not pause-capable (asked again at its next start).
+  private func canPause(_ name: String, id: Int) async -> Bool {
+    guard let qemu, settings.pauseCommands.count == 2 else { return false }
+    let key = DomainKey(name: name, id: id)
+    if let known = pauseCapable[key] { return known }
+    let query = MonitorQMP.command("query-commands")
+    let reply = await connection.withDomain(name) { library, domain in qemu.command(library, domain, query) }
+    let capable: Bool
+    switch reply {
+    case .failure(.disconnected):
+      return false  // not known: asked again once connected
+    case .failure:
+      capable = false
+    case .success(let text):
+      capable = (try? MonitorQMP.commandNames(text)).map { Set(settings.pauseCommands).isSubset(of: $0) } ?? false
+    }
+    pauseCapable[key] = capable
+    return capable
   }
 
   // MARK: Helpers
@@ -286,14 +401,21 @@ public actor LibvirtHypervisor: Hypervisor {
     case .success(let found): domain = found
     case .failure(let failure): throw map(failure, vm: vm, doing: doing)
     }
-    guard domain.state == 1 || domain.state == 2 || domain.state == 3 else {
+    guard Self.isActive(domain.state) else {
       throw AgentError(.failedPrecondition, "VM \(vm) is not running (libvirt domain state \(domain.state))")
     }
+    let description: DomainDescription
     do {
-      return try DomainDescription(xml: domain.xml)
+      description = try DomainDescription(xml: domain.xml)
     } catch {
       throw AgentError(.internal, "libvirt's live XML of VM \(vm) could not be read: \(error)")
     }
+    guard filter.admits(name: vm, metadataNamespaces: description.metadataNamespaces) else {
+      throw AgentError(
+        .failedPrecondition,
+        "libvirt domain \(vm) is not served by this agent (\(filter.description)): change the domain or the filter")
+    }
+    return description
   }
 
   private func message(_ failure: LibvirtFailure) -> String {

@@ -22,6 +22,9 @@ struct LibvirtLibrary: @unchecked Sendable {
   typealias DeviceCallback =
     @convention(c) (Connection?, Domain?, UnsafePointer<CChar>?, UnsafeMutableRawPointer?) ->
     Void
+  /// `METADATA_CHANGE`: the kind of metadata and, for an element, its namespace.
+  typealias MetadataCallback =
+    @convention(c) (Connection?, Domain?, Int32, UnsafePointer<CChar>?, UnsafeMutableRawPointer?) -> Void
   typealias FreeCallback = @convention(c) (UnsafeMutableRawPointer?) -> Void
   typealias ErrorHandler = @convention(c) (UnsafeMutableRawPointer?, UnsafeMutableRawPointer?) -> Void
 

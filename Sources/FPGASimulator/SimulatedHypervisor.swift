@@ -27,6 +27,7 @@ public actor SimulatedHypervisor: Hypervisor {
   ]
 
   public nonisolated let passesThroughVFIO = true
+  public nonisolated var whichVMs: String { "the simulated VMs (simulator.vms)" }
   private let node: SimulatedNode
   private var vms: [String: VM]
   /// vm → port → (device id, VF).

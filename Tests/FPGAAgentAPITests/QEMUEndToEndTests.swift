@@ -146,7 +146,8 @@ struct QEMUEndToEndTests {
         #expect(unknownVM?.0 == .notFound)
         #expect(
           unknownVM?.1
-            == "VM vm9 is not known to this agent; `fpgactl vms` lists them (configure --qmp-socket NAME=PATH)")
+            == "VM vm9 is not known to this agent, which serves the VMs configured with --qmp-socket NAME=PATH or --qmp-dir DIR; "
+            + "`fpgactl vms` lists them")
         let twice = await rpcFailure {
           _ = try await nodeAgent.attachVF(
             .with {

@@ -378,3 +378,141 @@ def test_without_libvirt_so_the_libvirt_backend_refuses_to_start_and_qmp_starts(
         finally:
             agent.process.send_signal(signal.SIGTERM)
             agent.process.wait(timeout=60)
+
+
+PAUSABLE = PREFIX + "-q"
+NAMESPACE = "https://fpga-agent.example/serve"
+
+
+def patched_qemu_for_libvirt(directory):
+    """The QEMU built with qemu/vfio-pause (scripts/build-qemu-vfio-pause, cached), copied where
+    libvirt's QEMU user can run it; None (and a skip, a failure in CI) when it cannot be built."""
+    built = os.environ.get("QEMU_VFIO_PAUSE_BIN")
+    if not built:
+        result = subprocess.run([str(ROOT / "scripts" / "build-qemu-vfio-pause")], capture_output=True, text=True)
+        if result.returncode != 0:
+            unavailable("scripts/build-qemu-vfio-pause failed:\n" + result.stderr[-2000:])
+        built = result.stdout.strip().splitlines()[-1]
+    target = Path(directory) / "qemu-system-x86_64"
+    shutil.copy(built, target)
+    os.chmod(directory, 0o755)
+    os.chmod(target, 0o755)
+    return str(target)
+
+
+def pausable_xml(name, emulator):
+    """A domain run by the patched QEMU (whose firmware path is its build tree's: -L points at
+    Debian's), tagged with the serve namespace in its <metadata>."""
+    return f"""<domain type='qemu' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>
+  <name>{name}</name>
+  <metadata><fpga:agent xmlns:fpga='{NAMESPACE}'/></metadata>
+  <memory unit='MiB'>64</memory>
+  <vcpu>1</vcpu>
+  <os><type arch='x86_64' machine='q35'>hvm</type></os>
+  <devices>
+    <emulator>{emulator}</emulator>
+    <controller type='pci' model='pcie-root'/>
+    <controller type='pci' model='pcie-root-port'/>
+    <controller type='usb' model='none'/>
+    <memballoon model='none'/>
+  </devices>
+  <qemu:commandline>
+    <qemu:arg value='-L'/><qemu:arg value='/usr/share/seabios'/>
+    <qemu:arg value='-L'/><qemu:arg value='/usr/share/qemu'/>
+  </qemu:commandline>
+</domain>
+"""
+
+
+def taints(name):
+    """The taints libvirt logged for domain NAME (its /var/log/libvirt/qemu/NAME.log)."""
+    path = Path("/var/log/libvirt/qemu") / f"{name}.log"
+    return set(re.findall(r"is tainted: ([a-z-]+)", path.read_text())) if path.exists() else set()
+
+
+@pytest.fixture(scope="module")
+def pausable(libvirtd):
+    with tempfile.TemporaryDirectory(prefix="fpga-libvirt-pause-") as directory:
+        xml = Path(directory) / "pausable.xml"
+        xml.write_text(pausable_xml(PAUSABLE, patched_qemu_for_libvirt(directory)))
+        virsh("create", "--paused", str(xml))
+        try:
+            yield PAUSABLE
+        finally:
+            virsh("destroy", PAUSABLE, check=False)
+
+
+def run_configured_agent(config_text):
+    """An agent (libvirt backend, periodic rescans off: libvirt's events only) with CONFIG_TEXT as
+    its configuration file."""
+    directory = tempfile.mkdtemp(prefix="fpga-libvirt-configured-")
+    config = Path(directory) / "agent.yaml"
+    config.write_text("hypervisor: libvirt\nrescan_interval_seconds: 0\n" + config_text)
+    agent = start_agent(directory, flags=("--config", str(config)))
+    wait_healthy(agent)
+    return agent
+
+
+def stop(agent):
+    agent.process.send_signal(signal.SIGTERM)
+    try:
+        agent.process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        agent.process.kill()
+    shutil.rmtree(agent.directory, ignore_errors=True)
+
+
+def pause_column(agent):
+    """{name: the PAUSE column} of `fpgactl vms`."""
+    out = agent.ctl("vms")
+    assert out.returncode == 0, out.stderr
+    return {line.split()[0]: line.split()[3] for line in out.stdout.splitlines()[1:] if len(line.split()) > 3}
+
+
+def test_monitor_pause_is_opt_in_finds_the_patched_qemu_and_libvirt_marks_the_taint(agent, pausable):
+    # The module's agent (no opt-in) has listed every domain: libvirt logged no custom-monitor taint.
+    wait_for(lambda: {PERSISTENT, PAUSABLE} <= set(agent.vms()), "the domains listed by the default agent")
+    assert pause_column(agent)[PAUSABLE] == "no"
+    assert "custom-monitor" not in taints(PAUSABLE) | taints(PERSISTENT)
+    opted = run_configured_agent(
+        f"qemu:\n  pause_commands: [x-vfio-pause, x-vfio-resume]\n"
+        f"libvirt:\n  qemu_monitor_pause: true\n  domains: ['{PAUSABLE}', '{PREFIX}-p']\n")
+    try:
+        columns = wait_for(lambda: (lambda c: c if {PAUSABLE, PERSISTENT} <= set(c) else None)(pause_column(opted)),
+                           "both domains listed by the opted-in agent")
+        # query-commands through libvirt: the patched QEMU has the pause commands, Debian's does not.
+        assert columns[PAUSABLE] == "yes" and columns[PERSISTENT] == "no", columns
+        # libvirt.domains leaves the transient domain out.
+        assert TRANSIENT not in columns, columns
+        # What the opt-in costs, as libvirt logs it (once per domain start).
+        assert "custom-monitor" in taints(PAUSABLE) and "custom-monitor" in taints(PERSISTENT)
+        assert "custom-monitor" not in taints(TRANSIENT)
+        # The node's own capability: every VM it serves must be able to pause.
+        assert "VFIO pause no" in opted.ctl("status").stdout
+    finally:
+        stop(opted)
+
+
+def test_the_metadata_filter_serves_only_tagged_domains_and_refuses_others_precisely(pausable):
+    served = run_configured_agent(f"libvirt:\n  metadata_namespace: '{NAMESPACE}'\n")
+    try:
+        vms = wait_for(lambda: (lambda v: v if PAUSABLE in v else None)(served.vms()), "the tagged domain listed")
+        assert set(vms) == {PAUSABLE} | {n for n in vms if not n.startswith(PREFIX)}, vms
+        assert PERSISTENT not in vms and TRANSIENT not in vms, vms
+        out = served.ctl("allocate", "--owner", "libvirt-filter", "--key", f"{PREFIX}-filter")
+        assert out.returncode == 0, out.stderr
+        allocation = re.search(r"(alloc-[0-9a-f]+)", out.stdout).group(1)
+        refused = served.ctl("attach", allocation, PERSISTENT)
+        assert refused.returncode == 1, refused
+        # Refused before libvirt is asked, saying which domains the agent serves.
+        assert refused.stderr.strip() == (
+            f"error: NOT_FOUND: VM {PERSISTENT} is not known to this agent, which serves the running and paused "
+            f"libvirt domains at {URI} (libvirt.metadata_namespace: {NAMESPACE}); `fpgactl vms` lists them"
+        ), refused.stderr
+        # Tagged at run time (live metadata): libvirt's METADATA_CHANGE event brings it in.
+        virsh("metadata", PERSISTENT, NAMESPACE, "--key", "fpga", "--set", "<agent/>", "--live")
+        wait_for(lambda: PERSISTENT in served.vms(), "the newly tagged domain listed")
+        assert served.ctl("release", allocation).returncode == 0
+    finally:
+        virsh("metadata", PERSISTENT, NAMESPACE, "--remove", "--live", check=False)
+        stop(served)
