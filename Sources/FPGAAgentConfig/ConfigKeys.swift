@@ -340,11 +340,17 @@ public enum ConfigKeys {
         "with `hypervisor: libvirt`, pause and resume VFIO devices (`qemu.pause_commands`, a QEMU built with qemu/vfio-pause) through libvirt's QEMU monitor passthrough (`virDomainQemuMonitorCommand`, `libvirt-qemu.so.0`): each running domain is asked `query-commands` once per start, and libvirt marks it tainted (`custom-monitor`); off: re-layouts under libvirt domains detach and re-attach"
       ),
       .custom(
-        "libvirt.domains", \.libvirt.domains, type: "list", default: "every domain",
-        "with `hypervisor: libvirt`, serve only the domains whose name matches one of these shell patterns (`fnmatch`: `vm-*`, `tenant-[ab]-?`); the others are not listed and cannot be attached to",
+        "libvirt.domains", \.libvirt.domains, type: "list", env: "FPGA_AGENT_LIBVIRT_DOMAINS", default: "every domain",
+        "with `hypervisor: libvirt`, serve only the domains whose name matches one of these shell patterns (`fnmatch`: `vm-*`, `tenant-[ab]-?`); the others are not listed and cannot be attached to. As text (environment, `--set`): patterns separated by `,`",
         read: { reader, value, path in
           let items = (value as? [Any]) ?? [value]
           return items.enumerated().compactMap { reader.string($1, "\(path)[\($0)]") }
+        },
+        parse: { text, config in
+          config.libvirt.domains = text.split(separator: ",", omittingEmptySubsequences: false).map {
+            String($0).trimmingCharacters(in: .whitespaces)
+          }
+          return nil
         },
         show: { $0.joined(separator: ", ") }),
       .string(

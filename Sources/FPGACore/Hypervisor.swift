@@ -60,6 +60,9 @@ public protocol Hypervisor: Sendable {
   func detach(deviceID: String, from vm: String, timeout: Duration) async throws(AgentError)
   /// Devices the agent plugged (ids starting with `alloc-`), per VM.
   func pluggedDevices() async -> [PluggedDevice]
+  /// The same, and the VMs whose devices could not be read now (their VMM or libvirt did not
+  /// answer): what those hold is unknown, not absent.
+  func scanPluggedDevices() async -> PluggedDeviceScan
   /// Closes the host side of VFIO device `deviceID` while the guest keeps its PCI device (a
   /// VMM with the pause capability, `vfioPause`). Pausing a paused device succeeds.
   func pause(deviceID: String, in vm: String) async throws(AgentError)
@@ -69,4 +72,20 @@ public protocol Hypervisor: Sendable {
 
 extension Hypervisor {
   public var whichVMs: String { "the VMs configured with --qmp-socket NAME=PATH or --qmp-dir DIR" }
+
+  public func scanPluggedDevices() async -> PluggedDeviceScan {
+    PluggedDeviceScan(devices: await pluggedDevices(), unread: [])
+  }
+}
+
+/// What one listing of the plugged devices saw.
+public struct PluggedDeviceScan: Hashable, Sendable {
+  public var devices: [PluggedDevice]
+  /// VMs whose devices could not be read.
+  public var unread: Set<String>
+
+  public init(devices: [PluggedDevice], unread: Set<String>) {
+    self.devices = devices
+    self.unread = unread
+  }
 }

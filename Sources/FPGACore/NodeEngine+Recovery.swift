@@ -18,8 +18,10 @@ extension NodeEngine {
       }
     }
     if let hypervisor {
-      let plugged = await hypervisor.pluggedDevices()
-      let reachable = Set(state.vms.values.filter { $0.state != .unreachable }.map(\.name))
+      let scan = await hypervisor.scanPluggedDevices()
+      let plugged = scan.devices
+      // A VM whose devices could not be read is not known to lack any.
+      let reachable = Set(state.vms.values.filter { $0.state != .unreachable }.map(\.name)).subtracting(scan.unread)
       for allocation in state.allocations.values.sorted(by: { $0.id < $1.id })
       where allocation.attached && operations.reconfiguring[allocation.pf] == nil
         && !gate.reservations.isHeld(.allocation(allocation.id))

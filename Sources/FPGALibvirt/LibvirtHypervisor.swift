@@ -297,12 +297,22 @@ public actor LibvirtHypervisor: Hypervisor {
   }
 
   public func pluggedDevices() async -> [PluggedDevice] {
-    guard case .success(let domains) = await connection.activeDomains() else { return [] }
+    await scanPluggedDevices().devices
+  }
+
+  public func scanPluggedDevices() async -> PluggedDeviceScan {
+    guard case .success(let domains) = await connection.activeDomains() else {
+      // libvirt did not answer: nothing is known of any domain's devices.
+      return PluggedDeviceScan(devices: [], unread: Set(lastSeen.map(\.name)))
+    }
     var devices: [PluggedDevice] = []
+    var unread = Set<String>()
     for domain in domains {
-      guard let description = try? DomainDescription(xml: domain.xml),
-        filter.admits(name: domain.name, metadataNamespaces: description.metadataNamespaces)
-      else { continue }
+      guard let description = try? DomainDescription(xml: domain.xml) else {
+        unread.insert(domain.name)
+        continue
+      }
+      guard filter.admits(name: domain.name, metadataNamespaces: description.metadataNamespaces) else { continue }
       for device in description.hostDevices {
         guard let id = device.alias.flatMap(DomainXML.deviceID(alias:)) else { continue }
         devices.append(
@@ -311,7 +321,7 @@ public actor LibvirtHypervisor: Hypervisor {
             rootPort: description.rootPorts.first { $0.bus == device.bus }?.alias))
       }
     }
-    return devices
+    return PluggedDeviceScan(devices: devices, unread: unread)
   }
 
   public func pause(deviceID: String, in vm: String) async throws(AgentError) {

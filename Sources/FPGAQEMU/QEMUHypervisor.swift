@@ -158,9 +158,17 @@ public actor QEMUHypervisor: Hypervisor {
   }
 
   public func pluggedDevices() async -> [PluggedDevice] {
+    await scanPluggedDevices().devices
+  }
+
+  public func scanPluggedDevices() async -> PluggedDeviceScan {
     var devices: [PluggedDevice] = []
+    var unread = Set<String>()
     for name in vmSockets().keys.sorted() {
-      guard let client = try? await client(name), let names = try? await peripheralNames(client) else { continue }
+      guard let client = try? await client(name), let names = try? await peripheralNames(client) else {
+        unread.insert(name)
+        continue
+      }
       for id in names where id.hasPrefix("alloc-") {
         let path = "/machine/peripheral/" + id
         let host = try? await client.execute("qom-get", ["path": .string(path), "property": "host"]).stringValue
@@ -171,7 +179,7 @@ public actor QEMUHypervisor: Hypervisor {
             rootPort: bus.flatMap { $0.split(separator: "/").dropLast().last.map(String.init) }))
       }
     }
-    return devices
+    return PluggedDeviceScan(devices: devices, unread: unread)
   }
 
   // MARK: Connections

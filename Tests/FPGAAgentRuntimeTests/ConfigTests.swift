@@ -138,6 +138,36 @@ import ArgumentParser
     #expect(throws: (any Error).self) { _ = try ConfigOptions.parse(["--hypervisor", "xen"]) }
   }
 
+  /// The libvirt opt-in and filters: from a file, the environment and `--set`; an empty pattern is
+  /// refused, naming the key.
+  @Test func libvirtPauseAndDomainFilters() throws {
+    var config = AgentConfig()
+    try ConfigLoader.apply(
+      yaml: """
+        hypervisor: libvirt
+        libvirt:
+          qemu_monitor_pause: true
+          domains: [instance-*, "vm-[ab]"]
+          metadata_namespace: https://example.org/fpga
+        """, source: "agent.yaml", to: &config)
+    #expect(config.libvirt.qemuMonitorPause && config.libvirt.domains == ["instance-*", "vm-[ab]"])
+    #expect(config.libvirt.metadataNamespace == "https://example.org/fpga")
+    try config.validate()
+    try ConfigLoader.apply(
+      environment: ["FPGA_AGENT_LIBVIRT_DOMAINS": "a-*, b", "FPGA_AGENT_LIBVIRT_QEMU_MONITOR_PAUSE": "false"],
+      to: &config)
+    #expect(config.libvirt.domains == ["a-*", "b"] && !config.libvirt.qemuMonitorPause)
+    let set = try ConfigOptions.parse(["--set", "libvirt.domains=x, y-*", "--set", "hypervisor=libvirt"])
+    #expect(try set.resolve(environment: [:]).config.libvirt.domains == ["x", "y-*"])
+    do {
+      _ = try ConfigOptions.parse(["--set", "libvirt.domains=x,", "--set", "hypervisor=libvirt"])
+        .resolve(environment: [:])
+      Issue.record("an empty pattern was accepted")
+    } catch let error as ConfigError {
+      #expect(error.problems.contains { $0.hasPrefix("libvirt.domains has an empty pattern") })
+    }
+  }
+
   /// `KUBECONFIG` is honoured (its first file); a context needs a kubeconfig.
   @Test func kubeconfigFromTheStandardVariable() throws {
     var config = AgentConfig()

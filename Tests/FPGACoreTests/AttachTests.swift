@@ -29,7 +29,15 @@ final class RecordingHypervisor: Hypervisor {
     if let error = failDetach.withLock({ $0 }) { throw error }
   }
 
-  func pluggedDevices() async -> [PluggedDevice] { [] }
+  /// Devices found plugged, and VMs whose devices cannot be read, for `scanPluggedDevices`.
+  let plugged = Mutex<[PluggedDevice]>([])
+  let unread = Mutex<Set<String>>([])
+
+  func pluggedDevices() async -> [PluggedDevice] { plugged.withLock { $0 } }
+
+  func scanPluggedDevices() async -> PluggedDeviceScan {
+    PluggedDeviceScan(devices: plugged.withLock { $0 }, unread: unread.withLock { $0 })
+  }
 
   func pause(deviceID: String, in vm: String) async throws(AgentError) {
     calls.withLock { $0.append("pause \(deviceID) \(vm)") }
@@ -50,6 +58,23 @@ final class RecordingHypervisor: Hypervisor {
       nodeID: "n", platform: SimulatedPlatform(node: node), clock: StillClock(), hypervisor: hypervisor)
     try await engine.rescan()
     return (engine, node)
+  }
+
+  /// A VM listed as running whose devices could not be read (libvirtd restarting between the
+  /// two listings, a QMP socket that stopped answering) keeps its attachments; one read without
+  /// the device loses it.
+  @Test func reconcileKeepsTheAttachmentsOfAVMWhoseDevicesCouldNotBeRead() async throws {
+    let hypervisor = RecordingHypervisor()
+    let (engine, _) = try await engine(hypervisor)
+    let allocation = try await engine.allocate(AllocateRequest(owner: "o")).allocation
+    _ = try await engine.attach(AttachRequest(allocationID: allocation.id, vm: "vm1"))
+    hypervisor.unread.withLock { $0 = ["vm1"] }
+    #expect(await engine.reconcile().isEmpty)
+    #expect(try await engine.snapshot().allocations.first { $0.id == allocation.id }?.attached == true)
+    hypervisor.unread.withLock { $0 = [] }
+    let found = await engine.reconcile()
+    #expect(found.count == 1 && found[0].contains("which does not have device \(allocation.id): now unattached"))
+    #expect(try await engine.snapshot().allocations.first { $0.id == allocation.id }?.attached == false)
   }
 
   @Test func attachBindsTheVFToVFIOFirst() async throws {

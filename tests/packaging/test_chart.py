@@ -53,6 +53,10 @@ VALUE_SETS = {
     },
     # VMs managed by the node's libvirt.
     "libvirt": {"hypervisor": {"libvirt": {"enabled": True}}},
+    # ... with VFIO pause through libvirt and only the tagged domains of some names.
+    "libvirt-pause-filtered": {"hypervisor": {"libvirt": {
+        "enabled": True, "qemuMonitorPause": True, "domains": ["instance-*", "vm-[ab]"],
+        "metadataNamespace": "https://fpga-agent.example/serve"}}},
     "insecure-no-device-plugin": {
         "server": {"listen": "0.0.0.0:50051", "insecure": True},
         "devicePlugin": {"enabled": False},
@@ -82,6 +86,8 @@ BAD_VALUES = [
     ({"hypervisor": {"libvirt": {"enabled": "yes"}}}, "/hypervisor/libvirt/enabled"),
     ({"hypervisor": {"libvirt": {"uri": "system"}}}, "/hypervisor/libvirt/uri"),
     ({"hypervisor": {"libvirt": {"socketDir": "run/libvirt"}}}, "/hypervisor/libvirt/socketDir"),
+    ({"hypervisor": {"libvirt": {"qemuMonitorPause": "on"}}}, "/hypervisor/libvirt/qemuMonitorPause"),
+    ({"hypervisor": {"libvirt": {"domains": [""]}}}, "/hypervisor/libvirt/domains/0"),
     ({"hypervisor": {"qmp": {}}}, "qmp"),
     ({"probes": {"liveness": {"periodSeconds": 10, "exec": {}}}}, "/probes"),
     ({"resources": {"limits": {"memory": "lots"}}}, "/resources/limits/memory"),
@@ -367,6 +373,13 @@ def test_libvirt_values(helm, chart):
     assert config["libvirt"] == {"uri": "qemu+ssh://hv/system"}
     mounts, volumes = libvirt_mounts(docs)
     assert mounts[0]["mountPath"] == "/var/run/libvirt" and volumes[0]["hostPath"]["path"] == "/var/run/libvirt"
+    # VFIO pause through libvirt (opt-in) and the domain filters reach the configuration.
+    docs, _ = render(chart, {"hypervisor": {"libvirt": {
+        "enabled": True, "qemuMonitorPause": True, "domains": ["instance-*"],
+        "metadataNamespace": "https://fpga-agent.example/serve"}}})
+    config = yaml.safe_load(kind(docs, "ConfigMap")[0]["data"]["fpga-agent.yaml"])
+    assert config["libvirt"] == {"uri": "qemu:///system", "qemu_monitor_pause": True, "domains": ["instance-*"],
+                                 "metadata_namespace": "https://fpga-agent.example/serve"}
     # Disabled: nothing of libvirt, whatever its other values.
     for values in ({}, {"hypervisor": {"libvirt": {"enabled": False, "uri": "qemu+ssh://hv/system"}}}):
         docs, _ = render(chart, values)

@@ -2,7 +2,9 @@
 # QEMU driver and cpu_map, see libvirt_files() in test_real_kernel.py) manages a nested QEMU (L2)
 # as the domain l2 (TCG, q35, pcie-root + 2 pcie-root-ports, no disk, started paused); the agent
 # (Linux platform, hypervisor libvirt, qemu:///system) attaches the NVMe VF 0000:01:00.1 to it,
-# detaches it, reconfigures the PF under it, and recovers from a crash mid-re-layout.
+# detaches it, reconfigures the PF under it, and recovers from a crash mid-re-layout. Then a
+# second domain, l2p, run by the QEMU built with qemu/vfio-pause (PAUSE_QEMU), holds the VF while
+# the agent, opted in to libvirt.qemu_monitor_pause, reconfigures the PF with strategy pause.
 # libvirt's configuration is written here, for this minimal guest (no systemd, no cgroups, no
 # D-Bus, busybox): root, no security driver, no cgroup controllers, no namespaces.
 A=AGENT_BIN/fpga-agent
@@ -15,18 +17,18 @@ step() { echo; echo "== $*"; }
 run() { "$@"; echo "RC=$?"; }
 now() { cut -d' ' -f1 /proc/uptime; }
 group_of() { basename "$(readlink /sys/bus/pci/devices/$1/iommu_group)"; }
-l2_pid() { cat /run/libvirt/qemu/l2.pid 2>/dev/null; }
-vfio_fds() { ls -l /proc/$(l2_pid)/fd 2>/dev/null | grep -c /dev/vfio/; }
-vfio_links() { ls -l /proc/$(l2_pid)/fd 2>/dev/null | grep /dev/vfio/ | sed 's/.*-> /fd -> /'; }
-hostdevs() { # the live XML's hostdev elements, one line each: alias and source address
-  $V dumpxml l2 | tr -d '\n' | sed 's/<hostdev /\n<hostdev /g; s/<\/hostdev>/<\/hostdev>\n/g' | grep '^<hostdev ' \
+l2_pid() { cat /run/libvirt/qemu/${1:-l2}.pid 2>/dev/null; }
+vfio_fds() { ls -l /proc/$(l2_pid $1)/fd 2>/dev/null | grep -c /dev/vfio/; }
+vfio_links() { ls -l /proc/$(l2_pid $1)/fd 2>/dev/null | grep /dev/vfio/ | sed 's/.*-> /fd -> /'; }
+hostdevs() { # [DOMAIN]: the live XML's hostdev elements, one line each: alias and source address
+  $V dumpxml ${1:-l2} | tr -d '\n' | sed 's/<hostdev /\n<hostdev /g; s/<\/hostdev>/<\/hostdev>\n/g' | grep '^<hostdev ' \
     | sed 's/  */ /g' | sed 's/^/HOSTDEV /'
 }
-pci_tree() { # the vfio-pci devices in QEMU's PCI device tree with the bus they are on, one line
+pci_tree() { # [DOMAIN]: the vfio-pci devices in QEMU's PCI device tree with the bus they are on, one line
   # each (HMP info qtree, through libvirt: only this test's checks use the monitor, which libvirt
   # marks as custom-monitor taint; a domain started paused never ran its firmware, so its root
   # ports have no bus numbers and `info pci` lists nothing behind them)
-  $V qemu-monitor-command --hmp l2 'info qtree' | tr -d '\r' | awk '
+  $V qemu-monitor-command --hmp ${1:-l2} 'info qtree' | tr -d '\r' | awk '
     /bus: /{bus=$2}
     /dev: vfio-pci/{dev=$0; sub(/^ */, "", dev); want=1; next}
     want && /host = /{print "QTREE bus " bus ": " dev ", host " $3; want=0}'
@@ -210,10 +212,75 @@ definition
 run $C $S detach $ALLOC --wait 60
 echo "detached: hostdevs in the definition: $(definition | grep -c DEFINITION), live: $(hostdevs | grep -c HOSTDEV)"
 
-step "end"
+step "pause through libvirt: l2p run by the patched QEMU"
+sed "s#<name>l2</name>#<name>l2p</name>#; s#/usr/bin/qemu-system-x86_64#PAUSE_QEMU#; s#</qemu:commandline>#<qemu:arg value='-L'/><qemu:arg value='/usr/share/seabios'/><qemu:arg value='-L'/><qemu:arg value='/usr/share/qemu'/></qemu:commandline>#" \
+  /tmp/l2.xml > /tmp/l2p.xml
+run $V create /tmp/l2p.xml --paused
+echo "L2P pid $(l2_pid l2p)"
+[ -n "$(l2_pid l2p)" ] || tail -20 /var/log/libvirt/qemu/l2p.log
+kill -TERM $AGENT; wait $AGENT
+printf '  qemu_monitor_pause: true\n' >> /tmp/agent.yaml
+start_agent agent-pause
+run $C $S vms
 run $C $S release $ALLOC
+PALLOC=$($C $S allocate --owner nested --vm l2p | sed -n 's/^allocated \(alloc-[0-9a-f]*\):.*/\1/p')
+echo "pause allocation: $PALLOC"
+run $C $S attach $PALLOC l2p
+hostdevs l2p
+pci_tree l2p
+echo "vfio fds of L2P before: $(vfio_fds l2p)"
+# QEMU's own events as libvirt relays them (x-vfio-pause's VFIO_DEVICE_PAUSED / _RESUMED)
+$V qemu-monitor-event l2p --loop --timestamp > /tmp/qemu-events.log 2>&1 &
+QEVENTS=$!
+# libvirt's events for this section in a log of their own (DEVICE_REMOVED must not appear)
+kill $EVENTS
+$V event --all --loop --timestamp > /tmp/events-pause.log 2>&1 &
+EVENTS=$!
+sleep 1
+run $C $S reconfigure $PF 3 --strategy pause --dry-run
+run $C $S reconfigure $PF 3 --strategy pause
+echo "sriov_numvfs=$(cat /sys/bus/pci/devices/$PF/sriov_numvfs)"
+echo "driver of $VF: $(basename "$(readlink /sys/bus/pci/devices/$VF/driver)")"
+echo "group of $VF: $(group_of $VF)"
+hostdevs l2p
+pci_tree l2p
+echo "vfio fds of L2P after: $(vfio_fds l2p)"
+vfio_links l2p
+run $C $S inventory
+wait_until 30 grep -q VFIO_DEVICE_RESUMED /tmp/qemu-events.log
+kill $QEVENTS
+echo "QEVENTS-BEGIN"; grep -a VFIO_DEVICE /tmp/qemu-events.log; echo "QEVENTS-END"
+echo "EVENTS-BEGIN"; cat /tmp/events-pause.log; echo "EVENTS-END"
+echo "taints of l2p: $(grep -o 'is tainted: [a-z-]*' /var/log/libvirt/qemu/l2p.log | sed 's/is tainted: //' | sort -u | tr '\n' ' ')"
+
+step "libvirtd restarted while l2p holds the VF"
+kill $EVENTS
+kill -TERM "$(pidof libvirtd)"
+wait_until 60 sh -c '! pidof libvirtd'
+echo "libvirtd stopped: $(pidof libvirtd || echo gone)"
+wait_until 120 sh -c "$C $S vms | grep -q '^l2p  *unreachable'"
+run $C $S vms
+$C $S inventory | grep "^$PALLOC" | sed 's/^/WHILE-DOWN /'
+echo "L2P pid while libvirtd is down: $(l2_pid l2p), vfio fds: $(vfio_fds l2p)"
+run libvirtd -d
+wait_until 300 libvirtd_answers
+wait_until 120 sh -c "$C $S vms | grep -q '^l2p  *paused'"
+run $C $S vms
+$C $S inventory | grep "^$PALLOC" | sed 's/^/AFTER-RESTART /'
+hostdevs l2p
+$V event --all --loop --timestamp > /tmp/events-after.log 2>&1 &
+EVENTS=$!
+sleep 1
+run $C $S detach $PALLOC --wait 60
+wait_until 30 grep -q device-removed /tmp/events-after.log
+echo "EVENTS-AFTER-BEGIN"; cat /tmp/events-after.log; echo "EVENTS-AFTER-END"
+echo "after detach: hostdevs in l2p: $(hostdevs l2p | grep -c HOSTDEV), vfio fds of L2P: $(vfio_fds l2p)"
+run $V destroy l2p
+
+step "end"
+run $C $S release $PALLOC
 kill -TERM $AGENT; wait $AGENT; echo "AGENT-EXIT=$?"
-tail -5 /tmp/agent-persistent.log
+tail -5 /tmp/agent-pause.log
 kill $EVENTS
 run $V destroy l2
 echo "libvirtd warnings and errors:"; tail -20 /var/log/libvirt/libvirtd.log

@@ -13,9 +13,13 @@ QEMU (L2) as the domain `l2` (TCG, q35, two pcie-root-ports, no disk, started pa
 - reconfigures the PF 2 -> 3 with detach-reattach while the domain holds the VF, which ends back
   in the domain (the new VF's group);
 - crashes after the write of 0 of a reconfiguration 3 -> 2 and, restarted on the same state,
-  rolls it forward against libvirt's view: the VF back in the domain.
+  rolls it forward against libvirt's view: the VF back in the domain;
+- opted in to `libvirt.qemu_monitor_pause`, reconfigures the PF 2 -> 3 with strategy pause while
+  a second domain, `l2p`, run by the QEMU built with qemu/vfio-pause, holds the VF: QEMU's
+  VFIO_DEVICE_PAUSED and _RESUMED relayed by libvirt, no DEVICE_REMOVED, the same hostdev on the
+  same root port, L2 on the new VF's group, libvirt's custom-monitor taint on the domain.
 
-About 2.5 minutes. Needs libvirt on this host (scripts/install-test-deps installs it as root);
+About 4 minutes. Needs the patched QEMU (scripts/build-qemu-vfio-pause, cached) and libvirt on this host (scripts/install-test-deps installs it as root);
 skipped without it, failed under CI=true.
 """
 import os
@@ -24,6 +28,7 @@ import re
 import pytest
 
 from test_real_kernel import NESTED_QEMU_FILES, libvirt_files, require_qemu, run_scenario, section
+from test_vfio_pause import patched_qemu
 
 VF = "0000:01:00.1"
 IN_CI = os.environ.get("CI") == "true"
@@ -40,8 +45,11 @@ def nested():
         if IN_CI:
             pytest.fail(message)
         pytest.skip(message)
-    # libvirt's libraries make the initramfs about 60 MB bigger; libvirtd and L2 need the memory.
-    return run_scenario("guest-libvirt.sh", [*files, *NESTED_QEMU_FILES], env_extra={"MEM": "1536"})
+    qemu = patched_qemu()
+    # libvirt's libraries and the second QEMU make the initramfs bigger; libvirtd and two L2s need
+    # the memory.
+    return run_scenario("guest-libvirt.sh", [*files, *NESTED_QEMU_FILES, qemu], env_extra={"MEM": "2048"},
+                        replace={"PAUSE_QEMU": qemu})
 
 
 def hostdevs(text):
@@ -59,9 +67,13 @@ def hostdevs(text):
 def in_qemu(text, alloc):
     """True when QEMU's device tree (the QTREE lines) has exactly the VF's vfio-pci device, under
     the agent's alias, on one of the domain's root ports."""
-    lines = [l for l in text.splitlines() if l.startswith("QTREE ")]
+    lines = qtree(text)
     return len(lines) == 1 and re.fullmatch(
         r'QTREE bus pci\.[12]: dev: vfio-pci, id "ua-' + alloc + r'", host "0000:01:00\.1"', lines[0]) is not None
+
+
+def qtree(text):
+    return [l for l in text.splitlines() if l.startswith("QTREE ")]
 
 
 def allocation(output):
@@ -164,6 +176,59 @@ def test_persistent_attach_puts_the_vf_in_the_domains_definition_and_takes_it_ou
     assert f"DEFINITION <alias name='ua-{alloc}'/>" in text
     assert "detached: hostdevs in the definition: 0, live: 0" in text, text
     assert text.count("RC=0") >= 3, text
+
+
+def test_pause_through_libvirt_keeps_the_vf_in_the_domain_across_the_re_layout(nested):
+    text = section(nested, "pause through libvirt")
+    alloc = re.search(r"pause allocation: (alloc-[0-9a-f]+)", text).group(1)
+    assert f"is device {alloc} in VM l2p, root port pci.1" in text, text
+    assert "L2P pid " in text and re.search(r"L2P pid \d+", text), text
+    rows = {l.split()[0]: l.split() for l in text.splitlines() if l.startswith(("l2 ", "l2p "))}
+    # fpgactl vms: the patched QEMU answers query-commands with the pause commands, Debian's not
+    assert rows["l2p"][3] == "yes" and rows["l2"][3] == "no", rows
+    before, after = text.split("reconfiguring 0000:01:00.0 to 3 VFs", 1)[1].split("sriov_numvfs=3", 1)
+    steps = [f"[succeeded] pause device {alloc}", "[succeeded] write 0", "[succeeded] write 3",
+             f"[succeeded] bind VF {VF} to vfio-pci", f"[succeeded] resume device {alloc}", "[succeeded] commit"]
+    for step in steps:
+        assert step in before, (step, before)
+    assert "detach" not in before and "[failed]" not in before, before
+    assert "kept-paused" in text, text
+    # The same hostdev (alias, source), on the same root port in QEMU, now on the new VF's group.
+    assert hostdevs(after) == [(f"ua-{alloc}", ("0x01", "0x00", "0x1"))], after
+    assert qtree(after) == qtree(text.split("vfio fds of L2P before", 1)[0]), text
+    assert in_qemu(after.split("vfio fds of L2P after", 1)[0], alloc), after
+    group = re.search(r"group of 0000:01:00.1: (\d+)", text).group(1)
+    assert f"fd -> /dev/vfio/{group}" in after and "vfio fds of L2P after: 2" in after, after
+    # How the device went through the re-layout, on fpgactl inventory.
+    assert re.search(alloc + r"\s.*\spaused \(op-[0-9a-f]+\)", after), after  # LAST RE-LAYOUT
+    # QEMU's events, relayed by libvirt; libvirt saw no unplug.
+    qevents = text[text.index("QEVENTS-BEGIN"):text.index("QEVENTS-END")]
+    assert re.search(r"VFIO_DEVICE_PAUSED.*ua-" + alloc, qevents), qevents
+    assert re.search(r"VFIO_DEVICE_RESUMED.*ua-" + alloc, qevents), qevents
+    events = text[text.index("EVENTS-BEGIN"):text.index("EVENTS-END")]
+    assert "device-removed" not in events, events
+    # What the opt-in costs: libvirt marked the domain.
+    assert "custom-monitor" in re.search(r"taints of l2p: (.*)", text).group(1).split(), text
+
+
+def test_a_libvirtd_restart_while_the_domain_holds_the_vf_loses_nothing(nested):
+    text = section(nested, "libvirtd restarted while l2p holds the VF")
+    alloc = re.search(r"pause allocation: (alloc-[0-9a-f]+)", nested).group(1)
+    assert "libvirtd stopped: gone" in text, text
+    down = next(l for l in text.splitlines() if l.startswith("l2p "))
+    assert down.split()[1] == "unreachable", down
+    # While libvirtd is away the allocation stays attached to the domain, whose QEMU runs on.
+    assert re.search(r"WHILE-DOWN " + alloc + r"\s.*\sl2p\s.*\syes\s", text), text
+    assert re.search(r"L2P pid while libvirtd is down: \d+, vfio fds: 2", text), text
+    after = text.split("libvirtd -d", 1)[1]
+    back = next(l for l in after.splitlines() if l.startswith("l2p "))
+    assert back.split()[1:3] == ["paused", "1/2"], back
+    assert re.search(r"AFTER-RESTART " + alloc + r"\s.*\sl2p\s.*\syes\s", text), text
+    assert hostdevs(after) == [(f"ua-{alloc}", ("0x01", "0x00", "0x1"))], after
+    # The new connection carries libvirt's events: the paused-then-resumed device unplugs normally.
+    events = text[text.index("EVENTS-AFTER-BEGIN"):text.index("EVENTS-AFTER-END")]
+    assert re.search(r"device-removed.*'l2p'.*ua-" + alloc, events), events
+    assert "after detach: hostdevs in l2p: 0, vfio fds of L2P: 0" in text, text
 
 
 def test_the_agent_ends_cleanly(nested):

@@ -133,7 +133,11 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{- fail "hypervisor.libvirt.enabled needs platform: linux (a simulated node has no VFs for libvirt's domains)" -}}
 {{- end -}}
 {{- $_ := set $config "hypervisor" "libvirt" -}}
-{{- $_ := set $config "libvirt" (dict "uri" .Values.hypervisor.libvirt.uri) -}}
+{{- $libvirt := dict "uri" .Values.hypervisor.libvirt.uri -}}
+{{- if .Values.hypervisor.libvirt.qemuMonitorPause }}{{ $_ := set $libvirt "qemu_monitor_pause" true }}{{ end -}}
+{{- with .Values.hypervisor.libvirt.domains }}{{ $_ := set $libvirt "domains" . }}{{ end -}}
+{{- with .Values.hypervisor.libvirt.metadataNamespace }}{{ $_ := set $libvirt "metadata_namespace" . }}{{ end -}}
+{{- $_ := set $config "libvirt" $libvirt -}}
 {{- end -}}
 {{- if .Values.orchestrator.address -}}
 {{- $o := dict "address" .Values.orchestrator.address -}}
