@@ -341,15 +341,15 @@ public enum ConfigKeys {
       ),
       .custom(
         "libvirt.domains", \.libvirt.domains, type: "list", env: "FPGA_AGENT_LIBVIRT_DOMAINS", default: "every domain",
-        "with `hypervisor: libvirt`, serve only the domains whose name matches one of these shell patterns (`fnmatch`: `vm-*`, `tenant-[ab]-?`); the others are not listed and cannot be attached to. As text (environment, `--set`): patterns separated by `,`",
+        "with `hypervisor: libvirt`, serve only the domains whose name matches one of these shell patterns (`fnmatch`: `vm-*`, `tenant-[ab]-?`); the others are not listed and cannot be attached to. As text (environment, `--set`): patterns separated by `,` (empty: every domain)",
         read: { reader, value, path in
           let items = (value as? [Any]) ?? [value]
           return items.enumerated().compactMap { reader.string($1, "\(path)[\($0)]") }
         },
         parse: { text, config in
-          config.libvirt.domains = text.split(separator: ",", omittingEmptySubsequences: false).map {
-            String($0).trimmingCharacters(in: .whitespaces)
-          }
+          // Empty text: every domain.
+          config.libvirt.domains = text.split(separator: ",").map { String($0).trimmingCharacters(in: .whitespaces) }
+            .filter { !$0.isEmpty }
           return nil
         },
         show: { $0.joined(separator: ", ") }),

@@ -193,6 +193,12 @@ package final class AgentMetrics: Sendable {
         name: "fpga_hypervisor_reconnects_total", labels: labels,
         help: "Connections to the hypervisor reopened since the start (libvirtd restarted, keepalive expired)."
       ).increment(by: Int64(connection.reconnects))
+      state.gauge(
+        name: "fpga_hypervisor_qemu_monitor_pause", labels: labels,
+        help:
+          "1 when VFIO devices are paused through libvirt's QEMU monitor passthrough (libvirt.qemu_monitor_pause; "
+          + "libvirt marks each running domain tainted: custom-monitor), 0 otherwise."
+      ).set(connection.monitorPause ? 1.0 : 0.0)
     }
     for (resource, registration) in kubelet.withLock({ $0 }).sorted(by: { $0.key < $1.key }) {
       state.gauge(

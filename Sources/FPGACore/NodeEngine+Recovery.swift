@@ -40,7 +40,7 @@ extension NodeEngine {
               "allocation \(allocation.id) is plugged into VM \(found.vm) at \(fixed.rootPort ?? "?"): record updated")
             edits.append(.update(fixed))
           }
-        } else if hostRebooted, let vm = allocation.vm, !reachable.contains(vm) {
+        } else if hostRebooted, let vm = allocation.vm, !reachable.contains(vm), !scan.unread.contains(vm) {
           var fixed = allocation
           fixed.attached = false
           fixed.detaching = false

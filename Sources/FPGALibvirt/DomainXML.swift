@@ -52,11 +52,11 @@ struct DomainDescription: Hashable, Sendable {
     name = root.child("name")?.text ?? ""
     id = root["id"].flatMap { Int($0) }
     emulator = root.child("devices")?.child("emulator")?.text
-    // <metadata><fpga:agent xmlns:fpga='URI'/></metadata>: each element declares its namespace.
+    // <metadata><fpga:agent xmlns:fpga='URI'/></metadata>: libvirt writes each element with the
+    // declaration of its own prefix; other declarations on it do not make it that namespace's.
     for element in root.child("metadata")?.children ?? [] {
-      for (attribute, value) in element.attributes where attribute == "xmlns" || attribute.hasPrefix("xmlns:") {
-        metadataNamespaces.insert(value)
-      }
+      let prefix = element.name.split(separator: ":", maxSplits: 1).dropLast().first.map { "xmlns:" + $0 } ?? "xmlns"
+      if let namespace = element[prefix] { metadataNamespaces.insert(namespace) }
     }
     rootPorts = []
     occupiedBuses = []

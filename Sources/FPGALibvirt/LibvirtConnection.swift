@@ -63,9 +63,13 @@ final class LibvirtConnection: Sendable {
     var opens = 0
   }
 
-  init(library: LibvirtLibrary, uri: String) {
+  /// Whether this connection registers for domain events (the monitor connection does not).
+  private let events: Bool
+
+  init(library: LibvirtLibrary, uri: String, events: Bool = true) {
     self.library = library
     self.uri = uri
+    self.events = events
     (changes, changed) = AsyncStream.makeStream(of: Void.self, bufferingPolicy: .bufferingNewest(1))
     (closes, closed) = AsyncStream.makeStream(of: Void.self, bufferingPolicy: .bufferingNewest(1))
     LibvirtEventLoop.start(library)
@@ -213,7 +217,7 @@ final class LibvirtConnection: Sendable {
       // METADATA_CHANGE: a domain tagged or untagged for `libvirt.metadata_namespace`.
       (23, unsafeBitCast(LibvirtCallbacks.metadata, to: UnsafeRawPointer.self)),
     ]
-    for (id, callback) in events {
+    for (id, callback) in self.events ? events : [] {
       let opaque = Unmanaged.passRetained(self).toOpaque()
       let registered = library.connectDomainEventRegisterAny(
         connection, nil, id, callback, opaque, LibvirtCallbacks.release)

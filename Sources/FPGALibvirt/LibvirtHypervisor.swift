@@ -52,14 +52,29 @@ public actor LibvirtHypervisor: Hypervisor {
   }
   private let settings: Settings
   private let connection: LibvirtConnection
-  /// With `monitorPause`: libvirt's QEMU library.
-  private let qemu: LibvirtQEMULibrary?
+  /// With `monitorPause`: libvirt's QEMU library, and a connection of its own for monitor
+  /// commands (libvirt runs one call at a time per connection here, and a monitor command waits
+  /// for the domain's job lock and QEMU's answer: a busy domain must not hold up the rest).
+  private let qemu: (library: LibvirtQEMULibrary, connection: LibvirtConnection)?
   private let filter: DomainFilter
   /// The last VMs seen while connected: shown `unreachable` while the connection is down.
   private var lastSeen: [VirtualMachineInfo] = []
-  /// Whether each running domain's QEMU has the pause commands, by name and libvirt id (a
-  /// restarted domain has a new id, and maybe a new emulator): asked once per start.
-  private var pauseCapable: [DomainKey: Bool] = [:]
+  /// Listings started: only the newest one to finish writes `lastSeen` (listings overlap
+  /// across their awaits).
+  private var listings = 0
+  /// What each running domain's QEMU said of the pause commands, by name and libvirt id (a
+  /// restarted domain has a new id, and maybe a new emulator): asked once per start; a failed
+  /// question is asked again after `retryUnknownPause`. Forgotten when the connection is
+  /// reopened (libvirtd restarted: ids may be reused).
+  private var pauseCapable: [DomainKey: PauseCapability] = [:]
+  private var pauseCapableOpens = 0
+  private static let retryUnknownPause: Duration = .seconds(30)
+
+  private enum PauseCapability: Sendable {
+    case capable, incapable
+    /// libvirt or QEMU could not be asked (a busy or starting domain): why, and when.
+    case unknown(String, ContinuousClock.Instant)
+  }
   /// Root ports with an attach in progress, per VM.
   private var reserved: [String: Set<String>] = [:]
 
@@ -68,7 +83,10 @@ public actor LibvirtHypervisor: Hypervisor {
     let library: LibvirtLibrary
     do {
       library = try LibvirtLibrary.shared()
-      qemu = settings.monitorPause ? try LibvirtQEMULibrary.shared() : nil
+      qemu =
+        settings.monitorPause
+        ? (try LibvirtQEMULibrary.shared(), LibvirtConnection(library: library, uri: settings.uri, events: false))
+        : nil
     } catch {
       throw AgentError(.failedPrecondition, error.description)
     }
@@ -92,13 +110,15 @@ public actor LibvirtHypervisor: Hypervisor {
     public var reconnects: Int
     /// Why the last attempt failed or the connection was lost, while it is down.
     public var lastFailure: String?
+    /// VFIO pause through the QEMU monitor passthrough is on (`monitorPause`).
+    public var monitorPause: Bool
   }
 
   public nonisolated var connectionStatus: ConnectionStatus {
     let connected = connection.isOpen
     return ConnectionStatus(
       uri: settings.uri, connected: connected, reconnects: max(connection.opens - 1, 0),
-      lastFailure: connected ? nil : connection.lastFailure)
+      lastFailure: connected ? nil : connection.lastFailure, monitorPause: settings.monitorPause)
   }
 
   /// What the VM list shows as the endpoint of each VM.
@@ -141,6 +161,8 @@ public actor LibvirtHypervisor: Hypervisor {
   public func machines() async -> [VirtualMachineInfo] {
     switch await connection.activeDomains() {
     case .success(let domains):
+      listings += 1
+      let listing = listings
       var seen: [VirtualMachineInfo] = []
       var running = Set<DomainKey>()
       for domain in domains {
@@ -149,13 +171,14 @@ public actor LibvirtHypervisor: Hypervisor {
         var vm = info(domain, description)
         if let id = description?.id, Self.isActive(domain.state) {
           running.insert(DomainKey(name: domain.name, id: id))
-          vm.vfioPause = await canPause(domain.name, id: id)
+          if case .capable = await pauseCapability(domain.name, id: id) { vm.vfioPause = true }
         }
         seen.append(vm)
       }
+      guard listing == listings else { return seen }  // a newer listing started meanwhile: it decides
       pauseCapable = pauseCapable.filter { running.contains($0.key) }
       lastSeen = seen
-      return lastSeen
+      return seen
     case .failure(let failure):
       let reason = message(failure)
       return lastSeen.map {
@@ -312,7 +335,10 @@ public actor LibvirtHypervisor: Hypervisor {
         unread.insert(domain.name)
         continue
       }
-      guard filter.admits(name: domain.name, metadataNamespaces: description.metadataNamespaces) else { continue }
+      guard filter.admits(name: domain.name, metadataNamespaces: description.metadataNamespaces) else {
+        unread.insert(domain.name)  // not served: what it holds is not the agent's to judge
+        continue
+      }
       for device in description.hostDevices {
         guard let id = device.alias.flatMap(DomainXML.deviceID(alias:)) else { continue }
         devices.append(
@@ -352,18 +378,39 @@ public actor LibvirtHypervisor: Hypervisor {
     case .success(let found): domain = found
     case .failure(let failure): throw map(failure, vm: vm, doing: "the \(command) of \(deviceID)")
     }
-    let description = try? DomainDescription(xml: domain.xml)
-    guard Self.isActive(domain.state), let id = description?.id else {
+    guard Self.isActive(domain.state) else {
       throw AgentError(.failedPrecondition, "VM \(vm) is not running (libvirt domain state \(domain.state))")
     }
-    guard await canPause(vm, id: id) else {
+    let description: DomainDescription
+    do {
+      description = try DomainDescription(xml: domain.xml)
+    } catch {
+      throw AgentError(.internal, "libvirt's live XML of VM \(vm) could not be read: \(error)")
+    }
+    guard let id = description.id else {
+      throw AgentError(.internal, "libvirt's live XML of running VM \(vm) has no domain id")
+    }
+    // A new pause only in a domain the agent serves; a resume always (the device is paused).
+    if command == settings.pauseCommands.first,
+      !filter.admits(name: vm, metadataNamespaces: description.metadataNamespaces)
+    {
       throw AgentError(
         .failedPrecondition,
-        "the QEMU of libvirt VM \(vm) (\(description?.emulator ?? "its emulator")) has no \(command) command: it "
+        "libvirt domain \(vm) is not served by this agent (\(filter.description)): change the domain or the filter")
+    }
+    switch await pauseCapability(vm, id: id) {
+    case .capable: break
+    case .incapable:
+      throw AgentError(
+        .failedPrecondition,
+        "the QEMU of libvirt VM \(vm) (\(description.emulator ?? "its emulator")) has no \(command) command: it "
           + "is not built with qemu/vfio-pause; use the detach-reattach strategy")
+    case .unknown(let reason, _):
+      throw AgentError(
+        .unavailable, "the QEMU of libvirt VM \(vm) could not be asked for its commands (\(reason)); retry")
     }
     let text = MonitorQMP.command(command, id: DomainXML.alias(deviceID: deviceID))
-    let sent = await connection.withDomain(vm) { library, domain in qemu.command(library, domain, text) }
+    let sent = await qemu.connection.withDomain(vm) { library, domain in qemu.library.command(library, domain, text) }
     switch sent {
     case .failure(let failure):
       throw map(failure, vm: vm, doing: "the \(command) of \(deviceID)")
@@ -382,25 +429,39 @@ public actor LibvirtHypervisor: Hypervisor {
   }
 
   /// Whether the QEMU of running domain `name` (libvirt id `id`) has both pause commands: asked
-  /// with `query-commands` once per start when `monitorPause` is on, else false. A domain whose
-  /// monitor cannot answer is not pause-capable (asked again at its next start).
-  private func canPause(_ name: String, id: Int) async -> Bool {
-    guard let qemu, settings.pauseCommands.count == 2 else { return false }
-    let key = DomainKey(name: name, id: id)
-    if let known = pauseCapable[key] { return known }
-    let query = MonitorQMP.command("query-commands")
-    let reply = await connection.withDomain(name) { library, domain in qemu.command(library, domain, query) }
-    let capable: Bool
-    switch reply {
-    case .failure(.disconnected):
-      return false  // not known: asked again once connected
-    case .failure:
-      capable = false
-    case .success(let text):
-      capable = (try? MonitorQMP.commandNames(text)).map { Set(settings.pauseCommands).isSubset(of: $0) } ?? false
+  /// with `query-commands` once per start when `monitorPause` is on (else `incapable`). A
+  /// question libvirt or QEMU could not answer is `unknown`, asked again after a while.
+  private func pauseCapability(_ name: String, id: Int) async -> PauseCapability {
+    guard let qemu, settings.pauseCommands.count == 2 else { return .incapable }
+    let opens = connection.opens
+    if opens != pauseCapableOpens {
+      pauseCapable = [:]
+      pauseCapableOpens = opens
     }
-    pauseCapable[key] = capable
-    return capable
+    let key = DomainKey(name: name, id: id)
+    if let known = pauseCapable[key] {
+      switch known {
+      case .capable, .incapable: return known
+      case .unknown(_, let at) where ContinuousClock.now - at < Self.retryUnknownPause: return known
+      case .unknown: break
+      }
+    }
+    let query = MonitorQMP.command("query-commands")
+    let reply = await qemu.connection.withDomain(name) { library, domain in qemu.library.command(library, domain, query)
+    }
+    let answer: PauseCapability
+    switch reply {
+    case .failure(let failure):
+      answer = .unknown(message(failure), .now)
+    case .success(let text):
+      do {
+        answer = Set(settings.pauseCommands).isSubset(of: try MonitorQMP.commandNames(text)) ? .capable : .incapable
+      } catch {
+        answer = .unknown("its reply to query-commands could not be read: \(error)", .now)
+      }
+    }
+    pauseCapable[key] = answer
+    return answer
   }
 
   // MARK: Helpers

@@ -64,6 +64,10 @@ import Testing
     #expect(domain.id == 3)
     #expect(domain.emulator == "/opt/qemu-vfio-pause/bin/qemu-system-x86_64")
     #expect(domain.metadataNamespaces == ["https://example.org/fpga-agent", "https://example.org/x"])
+    // An element is in its own prefix's namespace only, whatever else it declares.
+    let other = try DomainDescription(
+      xml: "<domain><name>d</name><metadata><o:x xmlns:o='A' xmlns:fpga='B'/><plain xmlns='C'/></metadata></domain>")
+    #expect(other.metadataNamespaces == ["A", "C"])
     // An inactive domain has no id; a domain without <metadata> no namespaces.
     let inactive = try DomainDescription(xml: LibvirtSamples.withHostdev)
     #expect(inactive.id == nil)

@@ -179,6 +179,10 @@ class Agent:
         return samples.get(("fpga_hypervisor_connected", labels)), \
             samples.get(("fpga_hypervisor_reconnects_total", labels))
 
+    def monitor_pause(self):
+        """fpga_hypervisor_qemu_monitor_pause for libvirt at URI."""
+        return self.metrics().get(("fpga_hypervisor_qemu_monitor_pause", (("backend", "libvirt"), ("uri", URI))))
+
 
 def free_port():
     with socket.socket() as s:
@@ -442,13 +446,13 @@ def pausable(libvirtd):
             virsh("destroy", PAUSABLE, check=False)
 
 
-def run_configured_agent(config_text):
+def run_configured_agent(config_text, http=False):
     """An agent (libvirt backend, periodic rescans off: libvirt's events only) with CONFIG_TEXT as
     its configuration file."""
     directory = tempfile.mkdtemp(prefix="fpga-libvirt-configured-")
     config = Path(directory) / "agent.yaml"
     config.write_text("hypervisor: libvirt\nrescan_interval_seconds: 0\n" + config_text)
-    agent = start_agent(directory, flags=("--config", str(config)))
+    agent = start_agent(directory, flags=("--config", str(config)), http=http)
     wait_healthy(agent)
     return agent
 
@@ -474,9 +478,10 @@ def test_monitor_pause_is_opt_in_finds_the_patched_qemu_and_libvirt_marks_the_ta
     wait_for(lambda: {PERSISTENT, PAUSABLE} <= set(agent.vms()), "the domains listed by the default agent")
     assert pause_column(agent)[PAUSABLE] == "no"
     assert "custom-monitor" not in taints(PAUSABLE) | taints(PERSISTENT)
+    assert agent.monitor_pause() == 0
     opted = run_configured_agent(
         f"qemu:\n  pause_commands: [x-vfio-pause, x-vfio-resume]\n"
-        f"libvirt:\n  qemu_monitor_pause: true\n  domains: ['{PAUSABLE}', '{PREFIX}-p']\n")
+        f"libvirt:\n  qemu_monitor_pause: true\n  domains: ['{PAUSABLE}', '{PREFIX}-p']\n", http=True)
     try:
         columns = wait_for(lambda: (lambda c: c if {PAUSABLE, PERSISTENT} <= set(c) else None)(pause_column(opted)),
                            "both domains listed by the opted-in agent")
@@ -487,6 +492,8 @@ def test_monitor_pause_is_opt_in_finds_the_patched_qemu_and_libvirt_marks_the_ta
         # What the opt-in costs, as libvirt logs it (once per domain start).
         assert "custom-monitor" in taints(PAUSABLE) and "custom-monitor" in taints(PERSISTENT)
         assert "custom-monitor" not in taints(TRANSIENT)
+        # /metrics says the opt-in is on.
+        assert opted.monitor_pause() == 1
         # The node's own capability: every VM it serves must be able to pause.
         assert "VFIO pause no" in opted.ctl("status").stdout
     finally:

@@ -41,6 +41,11 @@ wait_until() { # SECONDS COMMAND...: polls until COMMAND succeeds or SECONDS of 
     sleep 0.2
   done
 }
+taints() { grep -o 'is tainted: [a-z-]*' /var/log/libvirt/qemu/$1.log | sed 's/is tainted: //' | sort -u | tr '\n' ' '; }
+libvirt_listening() { # LOG: sets a metadata element of l2p, true once `virsh event` logged a change
+  $V metadata l2p https://fpga-agent.example/probe --key probe --set "<probe at='$(now)'/>" --live > /dev/null
+  grep -q metadata-change "$1"
+}
 libvirtd_answers() { # also ends the wait (status 0) when libvirtd has gone
   pidof libvirtd > /dev/null || { echo "libvirtd is not running"; return 0; }
   timeout 60 $V version > /dev/null 2>&1
@@ -222,6 +227,8 @@ kill -TERM $AGENT; wait $AGENT
 printf '  qemu_monitor_pause: true\n' >> /tmp/agent.yaml
 start_agent agent-pause
 run $C $S vms
+# before any monitor command of this script: the agent's query-commands alone
+echo "taints of l2p after the agent's listing: $(taints l2p)"
 run $C $S release $ALLOC
 PALLOC=$($C $S allocate --owner nested --vm l2p | sed -n 's/^allocated \(alloc-[0-9a-f]*\):.*/\1/p')
 echo "pause allocation: $PALLOC"
@@ -229,14 +236,25 @@ run $C $S attach $PALLOC l2p
 hostdevs l2p
 pci_tree l2p
 echo "vfio fds of L2P before: $(vfio_fds l2p)"
-# QEMU's own events as libvirt relays them (x-vfio-pause's VFIO_DEVICE_PAUSED / _RESUMED)
+# QEMU's own events as libvirt relays them (x-vfio-pause's VFIO_DEVICE_PAUSED / _RESUMED), and
+# libvirt's events for this section in a log of their own (DEVICE_REMOVED must not appear)
 $V qemu-monitor-event l2p --loop --timestamp > /tmp/qemu-events.log 2>&1 &
 QEVENTS=$!
-# libvirt's events for this section in a log of their own (DEVICE_REMOVED must not appear)
 kill $EVENTS
 $V event --all --loop --timestamp > /tmp/events-pause.log 2>&1 &
 EVENTS=$!
-sleep 1
+# Both listeners proven to listen before the re-layout: the test's own pause and resume of the
+# device through libvirt (QEMU's events), a metadata change (libvirt's)
+qemu_listening() {
+  for command in x-vfio-pause x-vfio-resume; do
+    $V qemu-monitor-command l2p "{\"execute\":\"$command\",\"arguments\":{\"id\":\"ua-$PALLOC\"}}" > /dev/null
+  done
+  grep -q VFIO_DEVICE_RESUMED /tmp/qemu-events.log
+}
+wait_until 60 qemu_listening
+wait_until 60 libvirt_listening /tmp/events-pause.log
+QMARK=$(wc -l < /tmp/qemu-events.log)
+echo "listening: $QMARK QEMU events, $(grep -c metadata-change /tmp/events-pause.log) metadata changes"
 run $C $S reconfigure $PF 3 --strategy pause --dry-run
 run $C $S reconfigure $PF 3 --strategy pause
 echo "sriov_numvfs=$(cat /sys/bus/pci/devices/$PF/sriov_numvfs)"
@@ -249,9 +267,8 @@ vfio_links l2p
 run $C $S inventory
 wait_until 30 grep -q VFIO_DEVICE_RESUMED /tmp/qemu-events.log
 kill $QEVENTS
-echo "QEVENTS-BEGIN"; grep -a VFIO_DEVICE /tmp/qemu-events.log; echo "QEVENTS-END"
+echo "QEVENTS-BEGIN"; tail -n +$((QMARK + 1)) /tmp/qemu-events.log | grep -a VFIO_DEVICE; echo "QEVENTS-END"
 echo "EVENTS-BEGIN"; cat /tmp/events-pause.log; echo "EVENTS-END"
-echo "taints of l2p: $(grep -o 'is tainted: [a-z-]*' /var/log/libvirt/qemu/l2p.log | sed 's/is tainted: //' | sort -u | tr '\n' ' ')"
 
 step "libvirtd restarted while l2p holds the VF"
 kill $EVENTS
@@ -270,7 +287,7 @@ $C $S inventory | grep "^$PALLOC" | sed 's/^/AFTER-RESTART /'
 hostdevs l2p
 $V event --all --loop --timestamp > /tmp/events-after.log 2>&1 &
 EVENTS=$!
-sleep 1
+wait_until 60 libvirt_listening /tmp/events-after.log
 run $C $S detach $PALLOC --wait 60
 wait_until 30 grep -q device-removed /tmp/events-after.log
 echo "EVENTS-AFTER-BEGIN"; cat /tmp/events-after.log; echo "EVENTS-AFTER-END"
