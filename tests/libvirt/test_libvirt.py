@@ -7,8 +7,13 @@ off, a libvirtd restart (VMs unreachable, then back, events again; `fpga_hypervi
 0 then 1 and `fpga_hypervisor_reconnects_total` grown, scraped from the agent's /metrics), the
 precise error of an attach on this host (no VFIO: libvirt refuses the passthrough) and its entry
 in the audit trail, the flags `--hypervisor` and `--libvirt-uri`, and the start on a host
-without libvirt.so.0. Not covered here: a real VF attached and detached (DEVICE_REMOVED), which
-needs the nested real-kernel guest.
+without libvirt.so.0. VFIO pause through libvirt (`libvirt.qemu_monitor_pause`): a third,
+transient domain run by the QEMU built with qemu/vfio-pause; only the opted-in agent asks
+`query-commands` (PAUSE yes there, no for Debian's QEMU), only it makes libvirt log the
+`custom-monitor` taint, and /metrics says so. The filters: `libvirt.domains` leaves a domain out;
+`libvirt.metadata_namespace` serves only the tagged domain, refuses an attach to another naming
+what it serves, and takes in a domain tagged at run time (METADATA_CHANGE, rescans off). Not
+covered here: a real VF attached, detached or paused, which needs the nested real-kernel guest.
 
 Needs root (libvirtd, qemu:///system); skipped with a message otherwise, failed under CI=true."""
 import json
