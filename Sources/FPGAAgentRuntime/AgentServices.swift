@@ -302,7 +302,34 @@ struct HypervisorEventsService: Service {
   func run() async throws {
     let logger = logger
     await withDiscardingTaskGroup { group in
-      group.addTask { await hypervisor.maintainConnection() }
+      let uri = hypervisor.connectionStatus.uri
+      group.addTask {
+        await hypervisor.maintainConnection { event in
+          switch event {
+          case .connected(let reconnects):
+            if reconnects == 0 {
+              logger.info("connected to libvirt", metadata: ["fpga.libvirt.uri": "\(uri)"])
+            } else {
+              logger.notice(
+                "reconnected to libvirt: its VMs are reachable again",
+                metadata: ["fpga.libvirt.uri": "\(uri)", "fpga.libvirt.reconnects": "\(reconnects)"])
+            }
+          case .lost(let reason):
+            logger.warning(
+              "lost the connection to libvirt: its VMs are unreachable until the agent reconnects",
+              metadata: ["fpga.libvirt.uri": "\(uri)", "fpga.error": "\(reason)"])
+          case .failed(let reason, let repeated):
+            // The first failure in a row and every new reason; the rest at debug level.
+            if !repeated {
+              logger.warning(
+                "cannot connect to libvirt; retrying with backoff",
+                metadata: ["fpga.libvirt.uri": "\(uri)", "fpga.error": "\(reason)"])
+            } else {
+              logger.debug("still cannot connect to libvirt", metadata: ["fpga.error": "\(reason)"])
+            }
+          }
+        }
+      }
       for await _ in hypervisor.changes.cancelOnGracefulShutdown() {
         do {
           let before = await engine.revision

@@ -52,6 +52,8 @@ public protocol Hypervisor: Sendable {
   var passesThroughVFIO: Bool { get }
   /// Which VMs this backend knows, for the message of a request naming another.
   var whichVMs: String { get }
+  /// Why the backend cannot reach its VMs now (libvirtd unreachable), for the node's problems.
+  var connectionProblem: String? { get }
   /// Every configured VM with its state now.
   func machines() async -> [VirtualMachineInfo]
   /// Plugs `vf` into a free hot-pluggable root port of `vm` as device `deviceID`; returns the port.
@@ -72,6 +74,7 @@ public protocol Hypervisor: Sendable {
 
 extension Hypervisor {
   public var whichVMs: String { "the VMs configured with --qmp-socket NAME=PATH or --qmp-dir DIR" }
+  public var connectionProblem: String? { nil }
 
   public func scanPluggedDevices() async -> PluggedDeviceScan {
     PluggedDeviceScan(devices: await pluggedDevices(), unread: [])

@@ -62,6 +62,29 @@ extension NodeEngine {
           edits.append(.update(fixed))
         }
       }
+      // An attach the VMM did but the agent did not record (it stopped between the VMM's answer
+      // and its commit): the device is in the VM, so the allocation is attached.
+      for allocation in state.allocations.values.sorted(by: { $0.id < $1.id })
+      where !allocation.attached && operations.reconfiguring[allocation.pf] == nil
+        && !gate.reservations.isHeld(.allocation(allocation.id))
+        && !edits.contains(where: { if case .remove(let gone) = $0 { gone.id == allocation.id } else { false } })
+      {
+        guard
+          let found = plugged.first(where: {
+            $0.deviceID == allocation.id && ($0.host == nil || $0.host == allocation.vf)
+          })
+        else { continue }
+        var fixed = allocation
+        fixed.attached = true
+        fixed.detaching = false
+        fixed.vm = found.vm
+        fixed.deviceID = found.deviceID
+        fixed.rootPort = found.rootPort
+        noteDiscrepancy(
+          "allocation \(allocation.id) was recorded as not attached, but VM \(found.vm) holds it as device "
+            + "\(found.deviceID) at \(found.rootPort ?? "?") (an attach the agent did not record): now attached")
+        edits.append(.update(fixed))
+      }
     }
     if hostRebooted, hypervisor == nil {
       for allocation in state.allocations.values.sorted(by: { $0.id < $1.id })

@@ -185,6 +185,7 @@ public actor NodeEngine {
     var found = capabilities
     found.problems += scanProblems
     found.problems += healthProblems()
+    if let problem = hypervisor?.connectionProblem { found.problems.append(problem) }
     // An SR-IOV PF without a driver cannot change its VF count (the kernel answers ENOENT).
     for address in state.pfAddresses {
       guard let pf = state.pf(address), pf.driver == nil, pf.totalVFs > 0 else { continue }

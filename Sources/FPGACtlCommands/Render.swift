@@ -262,7 +262,11 @@ enum Render {
 
   static func vms(_ inventory: Fpga_Agent_V1_Inventory) -> [String] {
     guard !inventory.vms.isEmpty else {
-      return ["no VMs are configured (start the agent with --qmp-socket NAME=PATH or --qmp-dir DIR)"]
+      return [
+        "no VMs: with QMP, start the agent with --qmp-socket NAME=PATH or --qmp-dir DIR; with libvirt, no running "
+          + "or paused domain is admitted by libvirt.domains / libvirt.metadata_namespace, or libvirtd is unreachable "
+          + "(`fpgactl status` lists it among the problems)"
+      ]
     }
     let attached = Dictionary(grouping: inventory.allocations.filter(\.attached), by: \.vm)
     // The backend: VMs reached through libvirt carry `libvirt:URI` where QMP VMs have their socket.

@@ -33,6 +33,9 @@ struct DomainDescription: Hashable, Sendable {
   var occupiedBuses: Set<Int>
   var hostDevices: [HostDevice]
 
+  /// Root ports a device can be hot-plugged into (without `hotplug='off'`).
+  var hotPluggableRootPorts: Int { rootPorts.filter(\.hotPluggable).count }
+
   /// Hot-pluggable root ports with nothing on their bus, in bus order.
   var freeRootPorts: [RootPort] {
     rootPorts.filter { $0.hotPluggable && !occupiedBuses.contains($0.bus) }.sorted { $0.bus < $1.bus }

@@ -47,6 +47,13 @@ public actor LibvirtHypervisor: Hypervisor {
 
   public nonisolated let passesThroughVFIO = true
 
+  public nonisolated var connectionProblem: String? {
+    let status = connectionStatus
+    guard !status.connected, status.opens > 0 || status.lastFailure != nil else { return nil }
+    return (status.lastFailure ?? "libvirt at \(settings.uri) is unreachable")
+      + "; its VMs are unreachable until the agent reconnects"
+  }
+
   public nonisolated var whichVMs: String {
     "the running and paused libvirt domains at \(settings.uri)" + (filter.isEmpty ? "" : " (\(filter.description))")
   }
@@ -112,13 +119,16 @@ public actor LibvirtHypervisor: Hypervisor {
     public var lastFailure: String?
     /// VFIO pause through the QEMU monitor passthrough is on (`monitorPause`).
     public var monitorPause: Bool
+    /// Connections opened since the start.
+    public var opens: Int
   }
 
   public nonisolated var connectionStatus: ConnectionStatus {
     let connected = connection.isOpen
     return ConnectionStatus(
       uri: settings.uri, connected: connected, reconnects: max(connection.opens - 1, 0),
-      lastFailure: connected ? nil : connection.lastFailure, monitorPause: settings.monitorPause)
+      lastFailure: connected ? nil : connection.lastFailure, monitorPause: settings.monitorPause,
+      opens: connection.opens)
   }
 
   /// What the VM list shows as the endpoint of each VM.
@@ -131,19 +141,44 @@ public actor LibvirtHypervisor: Hypervisor {
   /// one rescan covers a burst.
   public nonisolated var changes: AsyncStream<Void> { connection.changes }
 
+  /// What happened to the connection, for the agent's log.
+  public enum ConnectionEvent: Sendable, Hashable {
+    /// Opened: the first time (`reconnects` 0) or again after a loss.
+    case connected(reconnects: Int)
+    /// libvirtd closed it, or keepalive expired: libvirt's reason.
+    case lost(String)
+    /// An attempt to open it failed: libvirt's reason, and whether the attempt before failed
+    /// for the same reason.
+    case failed(String, repeated: Bool)
+  }
+
   /// Keeps the connection open: reconnects after libvirtd closes it, with a doubling backoff
-  /// (jittered) capped at `maximumBackoff`. Returns when the calling task is cancelled.
-  public nonisolated func maintainConnection() async {
+  /// (jittered) capped at `maximumBackoff`, and says what happens to `report`. Returns when the
+  /// calling task is cancelled.
+  public nonisolated func maintainConnection(report: @escaping @Sendable (ConnectionEvent) -> Void = { _ in }) async {
     var delay = settings.initialBackoff
     var closes = connection.closes.makeAsyncIterator()
+    var reportedOpen = false
+    var lastFailure: String?
     while !Task.isCancelled {
       if connection.isOpen {
+        if !reportedOpen { report(.connected(reconnects: max(connection.opens - 1, 0))) }
+        reportedOpen = true
+        lastFailure = nil
         delay = settings.initialBackoff
         guard await closes.next() != nil else { return }  // cancelled
+        if !connection.isOpen {
+          report(.lost(connection.lastFailure ?? "the connection to libvirt at \(settings.uri) was closed"))
+          reportedOpen = false
+        }
         continue
       }
-      if case .success = await connection.connect() {
-        delay = settings.initialBackoff
+      reportedOpen = false
+      if case .failure(let failure) = await connection.connect() {
+        let reason = message(failure)
+        report(.failed(reason, repeated: reason == lastFailure))
+        lastFailure = reason
+      } else {
         continue
       }
       let jittered = delay * Double.random(in: 0.5...1.0)
@@ -212,9 +247,17 @@ public actor LibvirtHypervisor: Hypervisor {
         name: domain.name, state: .other, qemuStatus: status, qmpSocket: where_,
         error: "libvirt's live XML of domain \(domain.name) could not be read")
     }
+    guard (try? Validate.vmName(domain.name)) != nil else {
+      // Listed, so the operator sees why nothing can be plugged into it.
+      return VirtualMachineInfo(
+        name: domain.name, state: .other, qemuStatus: status, qmpSocket: where_,
+        rootPorts: description.hotPluggableRootPorts, freeRootPorts: 0,
+        error: "the agent serves VM names of 1-64 of A-Z a-z 0-9 . _ -: rename the domain, or leave it out with "
+          + "libvirt.domains")
+    }
     return VirtualMachineInfo(
       name: domain.name, state: state, qemuStatus: status, qmpSocket: where_,
-      rootPorts: description.rootPorts.count, freeRootPorts: description.freeRootPorts.count, vfioPause: false)
+      rootPorts: description.hotPluggableRootPorts, freeRootPorts: description.freeRootPorts.count, vfioPause: false)
   }
 
   public func attach(vf: PCIAddress, to vm: String, deviceID: String) async throws(AgentError) -> String {
@@ -228,9 +271,11 @@ public actor LibvirtHypervisor: Hypervisor {
     }
     let free = description.freeRootPorts
     guard let port = free.first(where: { !(reserved[vm]?.contains($0.alias) ?? false) }) else {
+      let fixed = description.rootPorts.filter { !$0.hotPluggable }.count
       throw AgentError(
         .resourceExhausted,
-        "VM \(vm) has no free hot-pluggable root port (\(description.rootPorts.count) ports, all occupied): add "
+        "VM \(vm) has no free hot-pluggable root port (\(description.rootPorts.count - fixed) hot-pluggable, all "
+          + "occupied or being attached to" + (fixed > 0 ? "; \(fixed) more with hotplug='off'" : "") + "): add "
           + "empty <controller type='pci' model='pcie-root-port'/> elements to the domain")
     }
     reserved[vm, default: []].insert(port.alias)
@@ -489,7 +534,7 @@ public actor LibvirtHypervisor: Hypervisor {
     return description
   }
 
-  private func message(_ failure: LibvirtFailure) -> String {
+  private nonisolated func message(_ failure: LibvirtFailure) -> String {
     switch failure {
     case .disconnected(let reason): reason
     case .libvirt(let error): error.message
@@ -520,6 +565,9 @@ public actor LibvirtHypervisor: Hypervisor {
         .unavailable, "libvirt at \(uri) did not complete \(doing) in VM \(vm): \(error.message)", cause: cause)
     case LibvirtError.resourceBusy, LibvirtError.operationAborted:
       return AgentError(.aborted, "libvirt could not do \(doing) in VM \(vm) now: \(error.message)", cause: cause)
+    case LibvirtError.noSupport:
+      return AgentError(
+        .unimplemented, "libvirt at \(uri) does not support \(doing) in VM \(vm): \(error.message)", cause: cause)
     case LibvirtError.xmlError, LibvirtError.xmlDetail, LibvirtError.invalidArgument:
       return AgentError(
         .internal, "libvirt rejected the agent's request for \(doing) in VM \(vm): \(error.message)", cause: cause)

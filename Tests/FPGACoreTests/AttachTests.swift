@@ -77,6 +77,24 @@ final class RecordingHypervisor: Hypervisor {
     #expect(try await engine.snapshot().allocations.first { $0.id == allocation.id }?.attached == false)
   }
 
+  /// The agent stopped after the VMM plugged the device and before the attach was recorded:
+  /// at the next start the device in the VM makes the allocation attached, so its VF is never
+  /// handed out while a VM holds it.
+  @Test func reconcileAdoptsAnAttachTheAgentDidNotRecord() async throws {
+    let hypervisor = RecordingHypervisor()
+    let (engine, _) = try await engine(hypervisor)
+    let allocation = try await engine.allocate(AllocateRequest(owner: "o")).allocation
+    hypervisor.plugged.withLock {
+      $0 = [PluggedDevice(vm: "vm2", deviceID: allocation.id, host: allocation.vf, rootPort: "rp2")]
+    }
+    let found = await engine.reconcile()
+    #expect(found.count == 1 && found[0].contains("VM vm2 holds it as device \(allocation.id) at rp2"))
+    let adopted = try #require(try await engine.snapshot().allocations.first { $0.id == allocation.id })
+    #expect(adopted.attached && adopted.vm == "vm2" && adopted.rootPort == "rp2")
+    // Released now, the VF would be handed out again while vm2 holds it: the agent refuses.
+    await #expect(throws: AgentError.self) { _ = try await engine.release(ReleaseRequest(allocationID: allocation.id)) }
+  }
+
   @Test func attachBindsTheVFToVFIOFirst() async throws {
     let hypervisor = RecordingHypervisor()
     let (engine, node) = try await engine(hypervisor)

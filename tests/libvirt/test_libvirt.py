@@ -289,6 +289,9 @@ def test_a_libvirtd_restart_makes_the_vms_unreachable_then_brings_them_back(agen
     vms = wait_for(unreachable, "the VMs to become unreachable")
     assert "libvirt at qemu:///system is unreachable" in vms[PERSISTENT][2] \
         or "connection to libvirt at qemu:///system was lost" in vms[PERSISTENT][2], vms
+    # The node's problems say so while it lasts.
+    status = agent.ctl("status").stdout
+    assert "its VMs are unreachable until the agent reconnects" in status, status
     start_libvirtd()  # the domains' QEMUs kept running: libvirtd reconnects to them
 
     def back():
@@ -299,6 +302,11 @@ def test_a_libvirtd_restart_makes_the_vms_unreachable_then_brings_them_back(agen
     connected, reconnects = wait_for(lambda: (h := agent.hypervisor())[0] == 1 and h,
                                      "fpga_hypervisor_connected 1 after libvirtd is back")
     assert reconnects > reconnects_before, (reconnects_before, reconnects)
+    # The log says what happened, with libvirt's reason.
+    log = agent.log()
+    assert "lost the connection to libvirt: its VMs are unreachable until the agent reconnects" in log, log[-3000:]
+    assert "reconnected to libvirt: its VMs are reachable again" in log, log[-3000:]
+    assert "its VMs are unreachable" not in agent.ctl("status").stdout
     # The new connection carries events again.
     virsh("destroy", PERSISTENT)
     wait_for(lambda: PERSISTENT not in agent.vms(), "an event on the new connection")
@@ -528,3 +536,36 @@ def test_the_metadata_filter_serves_only_tagged_domains_and_refuses_others_preci
     finally:
         virsh("metadata", PERSISTENT, NAMESPACE, "--remove", "--live", check=False)
         stop(served)
+
+
+def test_a_wrong_uri_is_reported_in_the_log_and_the_nodes_problems(libvirtd):
+    with tempfile.TemporaryDirectory(prefix="fpga-libvirt-uri-") as directory:
+        agent = start_agent(directory, flags=("--hypervisor", "libvirt", "--libvirt-uri", "qemu:///nonexistent"))
+        try:
+            wait_healthy(agent)
+            log = wait_for(lambda: (lambda t: t if "cannot connect to libvirt" in t else None)(agent.log()),
+                           "the failed connection in the log")
+            # libvirt's own reason, which names the fix.
+            assert "unexpected qemu URI path '/nonexistent', try qemu:///system" in log, log
+            status = agent.ctl("status").stdout
+            assert "libvirt at qemu:///nonexistent is unreachable" in status, status
+            vms = agent.ctl("vms")
+            assert vms.returncode == 0 and "libvirtd is unreachable" in vms.stdout, vms
+        finally:
+            agent.process.send_signal(signal.SIGTERM)
+            agent.process.wait(timeout=60)
+
+
+def test_a_domain_whose_name_the_agent_cannot_serve_is_listed_with_the_reason(agent, libvirtd):
+    name = PREFIX + "-ünï"
+    xml = Path(libvirtd) / "unicode.xml"
+    xml.write_text(domain_xml(name, usb=False))
+    virsh("create", "--paused", str(xml))
+    try:
+        vms = wait_for(lambda: (lambda v: v if name in v else None)(agent.vms()), "the domain listed")
+        state, ports, why = vms[name]
+        assert state == "other" and ports == "0/2", vms[name]
+        assert why == "the agent serves VM names of 1-64 of A-Z a-z 0-9 . _ -: rename the domain, or leave it out " \
+                      "with libvirt.domains", why
+    finally:
+        virsh("destroy", name, check=False)
