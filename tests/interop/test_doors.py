@@ -33,14 +33,17 @@ class CommandingOrchestrator:
         class Servicer(orpc.OrchestratorServicer):
             def Connect(self, request_iterator, context):
                 def read():
-                    for message in request_iterator:
-                        if message.HasField("hello"):
-                            orchestrator.outbox.put(opb.OrchestratorMessage(welcome=opb.Welcome(epoch=1)))
-                            orchestrator.welcomed.set()
-                        elif message.HasField("result"):
-                            with orchestrator.changed:
-                                orchestrator.results[message.result.command_id] = message.result
-                                orchestrator.changed.notify_all()
+                    try:
+                        for message in request_iterator:
+                            if message.HasField("hello"):
+                                orchestrator.outbox.put(opb.OrchestratorMessage(welcome=opb.Welcome(epoch=1)))
+                                orchestrator.welcomed.set()
+                            elif message.HasField("result"):
+                                with orchestrator.changed:
+                                    orchestrator.results[message.result.command_id] = message.result
+                                    orchestrator.changed.notify_all()
+                    except grpc.RpcError:
+                        pass  # the agent (or the test's end) closed the stream
                     orchestrator.outbox.put(None)
 
                 threading.Thread(target=read, daemon=True).start()
