@@ -34,17 +34,6 @@ public actor LibvirtHypervisor: Hypervisor {
     public init() {}
   }
 
-  /// Loads libvirt (`libvirt.so.0`, and `libvirt-qemu.so.0` with `monitorPause`): the message
-  /// says what to install when one is missing.
-  public static func loadLibrary(monitorPause: Bool = false) throws(AgentError) {
-    do {
-      _ = try LibvirtLibrary.shared()
-      if monitorPause { _ = try LibvirtQEMULibrary.shared() }
-    } catch {
-      throw AgentError(.failedPrecondition, error.description)
-    }
-  }
-
   public nonisolated let passesThroughVFIO = true
 
   public nonisolated var connectionProblem: String? {
@@ -85,7 +74,8 @@ public actor LibvirtHypervisor: Hypervisor {
   /// Root ports with an attach in progress, per VM.
   private var reserved: [String: Set<String>] = [:]
 
-  /// Fails when libvirt's library cannot be loaded (`loadLibrary`'s message).
+  /// Fails when libvirt's library (`libvirt.so.0`, and `libvirt-qemu.so.0` with `monitorPause`)
+  /// cannot be loaded: the message says what to install.
   public init(settings: Settings) throws(AgentError) {
     let library: LibvirtLibrary
     do {
@@ -137,8 +127,8 @@ public actor LibvirtHypervisor: Hypervisor {
   // MARK: Events and the connection
 
   /// Yields when libvirt reports a change (a domain started, stopped, paused, resumed, defined,
-  /// undefined, its metadata changed; a device added or removed) or the connection was lost or regained. Coalesced:
-  /// one rescan covers a burst.
+  /// undefined, its metadata changed; a device added or removed) or the connection was lost or
+  /// regained. Coalesced: one rescan covers a burst.
   public nonisolated var changes: AsyncStream<Void> { connection.changes }
 
   /// What happened to the connection, for the agent's log.
@@ -418,30 +408,13 @@ public actor LibvirtHypervisor: Hypervisor {
     guard settings.pauseCommands.count == 2, let command else {
       throw AgentError(.failedPrecondition, "qemu.pause_commands must name a pause and a resume command")
     }
-    let domain: DomainSnapshot
-    switch await connection.domain(vm) {
-    case .success(let found): domain = found
-    case .failure(let failure): throw map(failure, vm: vm, doing: "the \(command) of \(deviceID)")
-    }
-    guard Self.isActive(domain.state) else {
-      throw AgentError(.failedPrecondition, "VM \(vm) is not running (libvirt domain state \(domain.state))")
-    }
-    let description: DomainDescription
-    do {
-      description = try DomainDescription(xml: domain.xml)
-    } catch {
-      throw AgentError(.internal, "libvirt's live XML of VM \(vm) could not be read: \(error)")
-    }
+    // A new pause only in a domain the agent serves; a resume always (the device is paused).
+    let description =
+      command == settings.pauseCommands.first
+      ? try await liveDescription(vm, doing: "the \(command) of \(deviceID)")
+      : try await runningDescription(vm, doing: "the \(command) of \(deviceID)")
     guard let id = description.id else {
       throw AgentError(.internal, "libvirt's live XML of running VM \(vm) has no domain id")
-    }
-    // A new pause only in a domain the agent serves; a resume always (the device is paused).
-    if command == settings.pauseCommands.first,
-      !filter.admits(name: vm, metadataNamespaces: description.metadataNamespaces)
-    {
-      throw AgentError(
-        .failedPrecondition,
-        "libvirt domain \(vm) is not served by this agent (\(filter.description)): change the domain or the filter")
     }
     switch await pauseCapability(vm, id: id) {
     case .capable: break
@@ -511,7 +484,19 @@ public actor LibvirtHypervisor: Hypervisor {
 
   // MARK: Helpers
 
+  /// The live XML of running domain `vm`, which the filters admit.
   private func liveDescription(_ vm: String, doing: String) async throws(AgentError) -> DomainDescription {
+    let description = try await runningDescription(vm, doing: doing)
+    guard filter.admits(name: vm, metadataNamespaces: description.metadataNamespaces) else {
+      throw AgentError(
+        .failedPrecondition,
+        "libvirt domain \(vm) is not served by this agent (\(filter.description)): change the domain or the filter")
+    }
+    return description
+  }
+
+  /// The live XML of running domain `vm`, whatever the filters say.
+  private func runningDescription(_ vm: String, doing: String) async throws(AgentError) -> DomainDescription {
     let domain: DomainSnapshot
     switch await connection.domain(vm) {
     case .success(let found): domain = found
@@ -520,18 +505,11 @@ public actor LibvirtHypervisor: Hypervisor {
     guard Self.isActive(domain.state) else {
       throw AgentError(.failedPrecondition, "VM \(vm) is not running (libvirt domain state \(domain.state))")
     }
-    let description: DomainDescription
     do {
-      description = try DomainDescription(xml: domain.xml)
+      return try DomainDescription(xml: domain.xml)
     } catch {
       throw AgentError(.internal, "libvirt's live XML of VM \(vm) could not be read: \(error)")
     }
-    guard filter.admits(name: vm, metadataNamespaces: description.metadataNamespaces) else {
-      throw AgentError(
-        .failedPrecondition,
-        "libvirt domain \(vm) is not served by this agent (\(filter.description)): change the domain or the filter")
-    }
-    return description
   }
 
   private nonisolated func message(_ failure: LibvirtFailure) -> String {
